@@ -1,0 +1,9 @@
+//! mesh agent library: the data plane loader and map access, shared by the
+//! `mesh-agent` daemon, `meshctl` and the tests.
+
+pub mod dataplane;
+pub mod iface;
+pub mod logging;
+
+/// Where the agent pins its maps and links (one directory per agent).
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";

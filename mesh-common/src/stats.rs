@@ -1,0 +1,88 @@
+//! Packet counters: one per-CPU `u64` slot per [`Stat`].
+//!
+//! Every packet a program sees bumps exactly one *verdict* counter (what the
+//! program returned) and exactly one *path* counter (why). `meshctl stats`
+//! prints both, so an operator can tell why a packet took the path it did.
+
+/// Index of a counter in the [`crate::maps::STATS`] per-CPU array.
+///
+/// The discriminants are the array indices and are part of the user/kernel
+/// ABI: append new counters, never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    // XDP verdicts on the underlay NIC.
+    XdpAborted = 0,
+    XdpDrop = 1,
+    XdpPass = 2,
+    XdpTx = 3,
+    XdpRedirect = 4,
+    // XDP paths: why a frame got its verdict.
+    /// Frame too short for the headers its EtherType announces.
+    XdpTruncated = 5,
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
+    XdpNotIpv4 = 6,
+    /// IPv4 with an invalid header (version != 4, IHL < 5, total length too small).
+    XdpBadIpv4 = 7,
+    /// IPv4 fragment other than the first: no L4 header to look at.
+    XdpFragment = 8,
+    /// IPv4, neither TCP nor UDP.
+    XdpOtherL4 = 9,
+    /// TCP/UDP not addressed to anything mesh handles.
+    XdpNotMesh = 10,
+    /// UDP to the VXLAN port.
+    XdpVxlan = 11,
+}
+
+impl Stat {
+    /// Every counter, in index order.
+    pub const ALL: [Stat; 12] = [
+        Stat::XdpAborted,
+        Stat::XdpDrop,
+        Stat::XdpPass,
+        Stat::XdpTx,
+        Stat::XdpRedirect,
+        Stat::XdpTruncated,
+        Stat::XdpNotIpv4,
+        Stat::XdpBadIpv4,
+        Stat::XdpFragment,
+        Stat::XdpOtherL4,
+        Stat::XdpNotMesh,
+        Stat::XdpVxlan,
+    ];
+
+    /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::XdpAborted => "xdp_aborted",
+            Stat::XdpDrop => "xdp_drop",
+            Stat::XdpPass => "xdp_pass",
+            Stat::XdpTx => "xdp_tx",
+            Stat::XdpRedirect => "xdp_redirect",
+            Stat::XdpTruncated => "xdp_truncated",
+            Stat::XdpNotIpv4 => "xdp_not_ipv4",
+            Stat::XdpBadIpv4 => "xdp_bad_ipv4",
+            Stat::XdpFragment => "xdp_fragment",
+            Stat::XdpOtherL4 => "xdp_other_l4",
+            Stat::XdpNotMesh => "xdp_not_mesh",
+            Stat::XdpVxlan => "xdp_vxlan",
+        }
+    }
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// Number of slots in the stats array (room to grow without an ABI break).
+pub const STATS_SLOTS: u32 = 64;
+
+const _: () = assert!((Stat::ALL.len() as u32) <= STATS_SLOTS);
+const _: () = {
+    // ALL is in index order with no gaps.
+    let mut i = 0;
+    while i < Stat::ALL.len() {
+        assert!(Stat::ALL[i] as usize == i);
+        i += 1;
+    }
+};

@@ -1,0 +1,91 @@
+//! Packet headers and bounds-checked access.
+//!
+//! Header structs are `#[repr(C)]` views of the wire format; multi-byte
+//! fields are kept as network-order byte arrays or `_be` integers so that no
+//! field is ever read in the wrong byte order by accident.
+
+use core::mem::size_of;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPV4_MIN_HLEN: usize = 20;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto_be: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and IHL in 32-bit words (low nibble).
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len_be: u16,
+    pub id_be: u16,
+    /// Flags (3 high bits) and fragment offset.
+    pub frag_be: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum_be: u16,
+    pub src_be: u32,
+    pub dst_be: u32,
+}
+
+impl Ipv4Hdr {
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.vihl >> 4
+    }
+    /// Header length in bytes (20..=60).
+    #[inline(always)]
+    pub fn header_len(&self) -> usize {
+        ((self.vihl & 0x0f) as usize) * 4
+    }
+    /// Fragment offset in 8-byte units; non-zero for every fragment but the first.
+    #[inline(always)]
+    pub fn frag_offset(&self) -> u16 {
+        u16::from_be(self.frag_be) & 0x1fff
+    }
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub len_be: u16,
+    pub csum_be: u16,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub seq_be: u32,
+    pub ack_be: u32,
+    /// Data offset (high nibble) and reserved bits.
+    pub doff: u8,
+    pub flags: u8,
+    pub window_be: u16,
+    pub csum_be: u16,
+    pub urg_be: u16,
+}
+
+const _: () = assert!(size_of::<EthHdr>() == ETH_HLEN);
+const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN);
+const _: () = assert!(size_of::<UdpHdr>() == 8);
+const _: () = assert!(size_of::<TcpHdr>() == 20);
+
+/// A `T` at `offset` bytes into the packet `[start, end)`, or `None` when the
+/// packet is too short. Every header access goes through here.
+#[inline(always)]
+pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
+    let at = start + offset;
+    if at + size_of::<T>() > end {
+        return None;
+    }
+    Some(at as *const T)
+}

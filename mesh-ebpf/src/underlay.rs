@@ -1,0 +1,83 @@
+//! XDP on the underlay NIC.
+//!
+//! Today it classifies every frame (Ethernet / IPv4 / TCP or UDP / VXLAN),
+//! counts the path it took and passes it to the stack. VXLAN decapsulation
+//! and the routing mesh hook in at the `XdpVxlan` and `XdpNotMesh` points.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use mesh_common::{stats::Stat, tunnel::VXLAN_PORT};
+
+use crate::{
+    parse::{
+        ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Hdr, TcpHdr,
+        UdpHdr, ptr_at,
+    },
+    stats::bump,
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let (verdict, path) = classify(ctx);
+    bump(path);
+    bump(match verdict {
+        xdp_action::XDP_DROP => Stat::XdpDrop,
+        xdp_action::XDP_PASS => Stat::XdpPass,
+        xdp_action::XDP_TX => Stat::XdpTx,
+        xdp_action::XDP_REDIRECT => Stat::XdpRedirect,
+        _ => Stat::XdpAborted,
+    });
+    verdict
+}
+
+/// The verdict for one frame and the counter saying why.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> (u32, Stat) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let pass = xdp_action::XDP_PASS;
+
+    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+        return (pass, Stat::XdpTruncated);
+    };
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    if u16::from_be(unsafe { (*eth).proto_be }) != ETH_P_IP {
+        return (pass, Stat::XdpNotIpv4);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
+        return (pass, Stat::XdpTruncated);
+    };
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    let ihl = ip.header_len();
+    let tot_len = u16::from_be(ip.tot_len_be) as usize;
+    if ip.version() != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl {
+        return (pass, Stat::XdpBadIpv4);
+    }
+    // Ethernet may pad short frames, so the frame can be longer than the
+    // datagram, never shorter.
+    if start + ETH_HLEN + tot_len > end {
+        return (pass, Stat::XdpTruncated);
+    }
+    if ip.frag_offset() != 0 {
+        return (pass, Stat::XdpFragment);
+    }
+    let l4 = ETH_HLEN + ihl;
+    match ip.proto {
+        IPPROTO_UDP => {
+            let Some(udp) = ptr_at::<UdpHdr>(start, end, l4) else {
+                return (pass, Stat::XdpTruncated);
+            };
+            // SAFETY: as above.
+            if u16::from_be(unsafe { (*udp).dport_be }) == VXLAN_PORT {
+                return (pass, Stat::XdpVxlan);
+            }
+            (pass, Stat::XdpNotMesh)
+        }
+        IPPROTO_TCP => {
+            if ptr_at::<TcpHdr>(start, end, l4).is_none() {
+                return (pass, Stat::XdpTruncated);
+            }
+            (pass, Stat::XdpNotMesh)
+        }
+        _ => (pass, Stat::XdpOtherL4),
+    }
+}

@@ -1,0 +1,278 @@
+//! The packet-test harness: run a data-plane program on one packet through
+//! BPF_PROG_TEST_RUN and compare the verdict, the whole output packet and
+//! the counters against a fixture.
+//!
+//! Fixtures are plain tables; the same tables, run with `repeat`, are the
+//! per-packet cost benchmark (`cargo xtask bench`).
+
+use std::{fmt, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use mesh_agent::dataplane;
+use mesh_common::{maps, stats::Stat};
+
+/// A program's return value, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    XdpAborted,
+    XdpDrop,
+    XdpPass,
+    XdpTx,
+    XdpRedirect,
+}
+
+impl Verdict {
+    pub const fn code(self) -> u32 {
+        match self {
+            Verdict::XdpAborted => 0,
+            Verdict::XdpDrop => 1,
+            Verdict::XdpPass => 2,
+            Verdict::XdpTx => 3,
+            Verdict::XdpRedirect => 4,
+        }
+    }
+}
+
+/// What the output packet must be.
+#[derive(Clone, Debug)]
+pub enum Want {
+    /// Byte for byte the input.
+    Unchanged,
+    /// Byte for byte this packet.
+    Packet(Vec<u8>),
+}
+
+/// One row of a packet-test table.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    pub name: &'static str,
+    pub input: Vec<u8>,
+    pub verdict: Verdict,
+    pub output: Want,
+    /// Counters this packet must add to, and by how much. Every counter not
+    /// listed must stay unchanged.
+    pub counters: Vec<(Stat, u64)>,
+}
+
+/// What one test run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub code: u32,
+    pub output: Vec<u8>,
+    /// Mean time per run as measured by the kernel.
+    pub duration: Duration,
+}
+
+/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+const ETH_HLEN: usize = 14;
+/// Room for the program to grow a packet (encapsulation).
+const OUT_HEADROOM: usize = 256;
+
+/// The data plane, loaded into the kernel for testing (maps private to this
+/// harness: nothing is pinned or attached).
+pub struct Harness {
+    ebpf: Ebpf,
+}
+
+impl Harness {
+    /// Loads the embedded eBPF object and verifies its programs.
+    ///
+    /// Panics with the reason when that is impossible (not root, no BPF).
+    pub fn new() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!(
+                "packet tests load eBPF programs and need root (CAP_BPF, CAP_NET_ADMIN): \
+                 run them with `cargo xtask test` as root"
+            );
+        }
+        let mut ebpf = dataplane::load().unwrap_or_else(|e| panic!("loading the data plane: {e}"));
+        dataplane::xdp_underlay(&mut ebpf)
+            .unwrap_or_else(|e| panic!("verifying the XDP underlay program: {e:?}"));
+        Harness { ebpf }
+    }
+
+    /// Every counter, summed over CPUs, in [`Stat::ALL`] order.
+    pub fn counters(&self) -> Vec<u64> {
+        let map = self.ebpf.map(maps::STATS).expect("stats map present");
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).expect("stats map is a per-CPU array");
+        dataplane::stats::read(&map)
+            .expect("reading stats")
+            .into_iter()
+            .map(|c| c.value)
+            .collect()
+    }
+
+    /// Runs the XDP underlay program on `input`, `repeat` times.
+    ///
+    /// BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header,
+    /// but takes an `xdp_md` whose `data_end` ends the linear part early
+    /// (the rest becomes a fragment, invisible to a program without frags
+    /// support). Short frames are padded to 14 bytes with `data_end` at
+    /// their real length, so the program sees exactly `input`; the padding
+    /// is cut from the output again.
+    pub fn run_xdp(&mut self, input: &[u8], repeat: u32) -> Run {
+        let prog = dataplane::xdp_underlay(&mut self.ebpf).expect("XDP program loaded");
+        let pad = ETH_HLEN.saturating_sub(input.len());
+        let mut data_in = input.to_vec();
+        data_in.resize(input.len() + pad, 0);
+        let md = XdpMd {
+            data_end: input.len() as u32,
+            ..Default::default()
+        };
+        let mut data_out = vec![0u8; data_in.len() + OUT_HEADROOM];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&data_in),
+                data_out: Some(&mut data_out),
+                ctx_in: (pad > 0).then_some(as_bytes(&md)),
+                repeat,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN ({} byte packet): {e:?}", input.len()));
+        data_out.truncate((res.data_size_out as usize).saturating_sub(pad));
+        Run {
+            code: res.return_value,
+            output: data_out,
+            duration: res.duration,
+        }
+    }
+
+    /// Runs every fixture through the XDP underlay program and panics with
+    /// a report of every mismatch.
+    pub fn check_xdp(&mut self, fixtures: &[Fixture]) {
+        let mut failures = Vec::new();
+        for f in fixtures {
+            let before = self.counters();
+            let run = self.run_xdp(&f.input, 1);
+            let after = self.counters();
+            failures.extend(mismatches(f, &run, &before, &after));
+        }
+        if !failures.is_empty() {
+            panic!(
+                "{} of {} fixtures failed:\n{}",
+                failures
+                    .iter()
+                    .map(|m: &Mismatch| m.fixture)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+                fixtures.len(),
+                failures
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+
+    /// Runs each fixture `repeat` times and prints the kernel-measured
+    /// cost per packet. Returns (fixture, ns/packet).
+    pub fn bench_xdp(
+        &mut self,
+        title: &str,
+        fixtures: &[Fixture],
+        repeat: u32,
+    ) -> Vec<(&'static str, f64)> {
+        println!("{title}: ns/packet over {repeat} runs (BPF_PROG_TEST_RUN, JIT)");
+        let mut rows = Vec::new();
+        for f in fixtures {
+            let run = self.run_xdp(&f.input, repeat);
+            let ns = run.duration.as_nanos() as f64;
+            println!("  {:<44} {:>8.1} ns/packet", f.name, ns);
+            rows.push((f.name, ns));
+        }
+        rows
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One way a fixture's run differed from its expectation.
+pub struct Mismatch {
+    pub fixture: &'static str,
+    pub what: String,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "  [{}] {}", self.fixture, self.what)
+    }
+}
+
+fn mismatches(f: &Fixture, run: &Run, before: &[u64], after: &[u64]) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let mut miss = |what: String| {
+        out.push(Mismatch {
+            fixture: f.name,
+            what,
+        })
+    };
+    if run.code != f.verdict.code() {
+        miss(format!(
+            "verdict: want {:?} ({}), got {}",
+            f.verdict,
+            f.verdict.code(),
+            run.code
+        ));
+    }
+    let want = match &f.output {
+        Want::Unchanged => &f.input,
+        Want::Packet(p) => p,
+    };
+    if &run.output != want {
+        miss(format!(
+            "output packet differs:\n      want {}\n      got  {}",
+            hex(want),
+            hex(&run.output)
+        ));
+    }
+    for stat in Stat::ALL {
+        let i = stat as usize;
+        let delta = after[i] - before[i];
+        let want = f
+            .counters
+            .iter()
+            .find(|(s, _)| *s == stat)
+            .map_or(0, |(_, n)| *n);
+        if delta != want {
+            miss(format!(
+                "counter {}: want +{want}, got +{delta}",
+                stat.name()
+            ));
+        }
+    }
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+fn as_bytes(md: &XdpMd) -> &[u8] {
+    // SAFETY: XdpMd is repr(C), plain u32s, no padding.
+    unsafe { std::slice::from_raw_parts((md as *const XdpMd).cast(), size_of::<XdpMd>()) }
+}

@@ -1,0 +1,10 @@
+//! Test support for mesh: packet builders and the packet-test harness
+//! (BPF_PROG_TEST_RUN through aya), shared by the packet tests, the
+//! benchmarks and, later, the lab tests.
+//!
+//! Packet tests need root (CAP_BPF, CAP_NET_ADMIN). They fail, never skip,
+//! without it: CI runs as root, so a skip there would hide a broken data plane.
+
+pub mod fixtures;
+pub mod harness;
+pub mod pkt;

@@ -1,0 +1,126 @@
+//! Packet builders for fixtures. Built with etherparse, so lengths and
+//! checksums come from an implementation independent of the data plane's.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, PacketBuilder};
+
+pub const MAC_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const MAC_PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const TTL: u8 = 64;
+
+/// Ethernet / IPv4 / UDP.
+pub fn udp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv4(src.0.octets(), dst.0.octets(), TTL)
+        .udp(src.1, dst.1);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, payload);
+    write_out(r, out)
+}
+
+/// Ethernet / IPv4 / TCP with the given flags set (a builder closure picks them).
+pub fn tcp4(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    seq: u32,
+    flags: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv4(src.0.octets(), dst.0.octets(), TTL)
+        .tcp(src.1, dst.1, seq, 64240);
+    let mut out = Vec::new();
+    let r = flags(b).write(&mut out, payload);
+    write_out(r, out)
+}
+
+/// Ethernet / IPv4 with `options` (a multiple of 4 bytes, at most 40) / UDP.
+pub fn udp4_with_options(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, TTL, IpNumber::UDP, src.0.octets(), dst.0.octets())
+        .expect("valid IPv4 header");
+    ip.options = options
+        .try_into()
+        .expect("IPv4 options: a multiple of 4, at most 40 bytes");
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .udp(src.1, dst.1);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, payload);
+    write_out(r, out)
+}
+
+/// Ethernet / IPv4 / ICMP echo request.
+pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4_echo_request(id, seq);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, b"ping");
+    write_out(r, out)
+}
+
+/// Ethernet / IPv6 / UDP.
+pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv6(src, dst, TTL)
+        .udp(sport, dport);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, payload);
+    write_out(r, out)
+}
+
+/// An ARP request (EtherType 0x0806), padded to the Ethernet minimum.
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&MAC_PEER);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&MAC_PEER);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f.resize(60, 0);
+    f
+}
+
+/// A VXLAN frame (RFC 7348): outer Ethernet / IPv4 / UDP to 4789 / VXLAN
+/// header with `vni`, carrying `inner` (an Ethernet frame).
+pub fn vxlan4(
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    sport: u16,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + inner.len());
+    payload.extend_from_slice(&[0x08, 0, 0, 0]); // flags: I (VNI valid)
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    udp4((outer_src, sport), (outer_dst, 4789), &payload)
+}
+
+/// Sets bytes `at..at+bytes.len()` of `frame` (for hand-made malformations).
+pub fn patch(mut frame: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
+    frame[at..at + bytes.len()].copy_from_slice(bytes);
+    frame
+}
+
+/// The first `len` bytes of `frame`.
+pub fn truncate(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
+    frame.truncate(len);
+    frame
+}
+
+fn write_out(r: Result<(), etherparse::err::packet::BuildWriteError>, out: Vec<u8>) -> Vec<u8> {
+    r.expect("fixture packet builds");
+    out
+}

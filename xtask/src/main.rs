@@ -1,0 +1,111 @@
+//! Project chores: `cargo xtask <command>`.
+//!
+//! setup  installs what a fresh Debian bookworm root machine lacks (idempotent)
+//! test   setup, lint, packet benchmark, then every test (the CI command)
+//! bench  the packet benchmark
+//! lint   rustfmt and clippy
+//! lab    the demo (`lab demo`)
+
+mod cmd;
+mod demo;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "mesh project chores")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages, bpf-linker, bpffs, cargo-nextest.
+    Setup,
+    /// Setup, lint, benchmark and run every test: what CI runs.
+    Test {
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Per-packet cost of the data-plane programs (BPF_PROG_TEST_RUN).
+    Bench {
+        /// Runs per fixture.
+        #[arg(long, default_value_t = 100_000)]
+        repeat: u32,
+    },
+    /// rustfmt --check and clippy -D warnings.
+    Lint,
+    /// The lab.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Bring the data plane up in throwaway namespaces, send traffic and
+    /// show what the kernel counted.
+    Demo,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { no_lint } => {
+            setup::run()?;
+            if !no_lint {
+                lint()?;
+            }
+            bench(10_000)?;
+            // Last, so its summary closes the output.
+            cmd::cargo(&["nextest", "run", "--no-fail-fast"])
+        }
+        Cmd::Bench { repeat } => {
+            setup::run()?;
+            bench(repeat)
+        }
+        Cmd::Lint => lint(),
+        Cmd::Lab { cmd: LabCmd::Demo } => {
+            setup::run()?;
+            demo::run()
+        }
+    }
+}
+
+fn lint() -> Result<()> {
+    cmd::cargo(&["fmt", "--all", "--", "--check"])?;
+    // Default members only: mesh-ebpf cannot build for the host target.
+    cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+}
+
+/// The benchmark runs in the dev profile: the kernel JIT-compiles the
+/// programs, so the host build's optimisation level does not change the
+/// figures, and the test build is reused.
+fn bench(repeat: u32) -> Result<()> {
+    cmd::Cmd::new("cargo")
+        .args([
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "mesh-tests",
+            "--bench",
+            "packet",
+        ])
+        .env("MESH_BENCH_REPEAT", repeat.to_string())
+        .run()
+}
