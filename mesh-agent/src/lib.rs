@@ -4,6 +4,7 @@
 pub mod dataplane;
 pub mod iface;
 pub mod logging;
+pub mod maglev;
 
 /// Where the agent pins its maps and links (one directory per agent).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";

@@ -1,4 +1,24 @@
-//! Map names (as pinned under the bpffs directory) and sizes.
+//! Map names (as pinned under the bpffs directory) and default sizes.
+//! Sizes are the object's defaults; the loader may override them.
 
 /// Per-CPU packet counters, indexed by [`crate::stats::Stat`].
 pub const STATS: &str = "MESH_STATS";
+/// `ServiceKey -> Service`.
+pub const SERVICES: &str = "MESH_SERVICES";
+/// Array of maps, indexed by service id: each inner map is a Maglev ring.
+pub const MAGLEV: &str = "MESH_MAGLEV";
+/// Array `backend id -> Backend`.
+pub const BACKENDS: &str = "MESH_BACKENDS";
+/// LRU hash `CtKey -> CtEntry`.
+pub const CONNTRACK: &str = "MESH_CT";
+/// Per-CPU array `service id -> ServiceStats`.
+pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
+
+/// Services (and service ids: 0..MAX_SERVICES).
+pub const MAX_SERVICES: u32 = 16_384;
+/// Backend ids 1..MAX_BACKENDS (0 = none).
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Conntrack entries (two per flow).
+pub const CT_ENTRIES: u32 = 262_144;
+/// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in size.
+pub const BPF_F_INNER_MAP: u32 = 0x1000;

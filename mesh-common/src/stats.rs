@@ -32,11 +32,46 @@ pub enum Stat {
     XdpNotMesh = 10,
     /// UDP to the VXLAN port.
     XdpVxlan = 11,
+
+    // TC verdicts on container veths (both directions).
+    TcOk = 12,
+    TcShot = 13,
+    TcRedirect = 14,
+    // TC paths.
+    /// Not IPv4, or IPv4 that cannot be parsed (truncated, bad header).
+    TcNotIpv4 = 15,
+    TcMalformed = 16,
+    /// IPv4 fragment other than the first: cannot be balanced (no ports).
+    TcFragment = 17,
+    /// Leaving a container, not to a service VIP:port: untouched.
+    TcNotService = 18,
+    /// Entering a container, no reverse NAT entry: untouched.
+    TcNoReverse = 19,
+    // Load balancing.
+    /// A new flow picked a backend from the Maglev ring.
+    LbNewFlow = 20,
+    /// A packet of a tracked flow.
+    LbCtHit = 21,
+    /// A tracked flow whose backend is gone got a new one.
+    LbReselect = 22,
+    /// Drop: the service has no active backend.
+    LbNoBackend = 23,
+    /// A TCP packet without SYN and without a conntrack entry: the entry was
+    /// evicted from the LRU (or never existed). Balanced as a new flow.
+    LbCtMissMidFlow = 24,
+    /// Drop: the conntrack entry could not be written.
+    LbCtWriteFail = 25,
+    /// Drop: a packet rewrite (NAT, checksum, MAC) failed.
+    NatRewriteFail = 26,
+    /// A reply translated back to the VIP.
+    NatReverse = 27,
+    /// An ICMP error about a balanced flow translated back (inner header too).
+    NatIcmpError = 28,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Stat; 12] = [
+    pub const ALL: [Stat; 29] = [
         Stat::XdpAborted,
         Stat::XdpDrop,
         Stat::XdpPass,
@@ -49,6 +84,23 @@ impl Stat {
         Stat::XdpOtherL4,
         Stat::XdpNotMesh,
         Stat::XdpVxlan,
+        Stat::TcOk,
+        Stat::TcShot,
+        Stat::TcRedirect,
+        Stat::TcNotIpv4,
+        Stat::TcMalformed,
+        Stat::TcFragment,
+        Stat::TcNotService,
+        Stat::TcNoReverse,
+        Stat::LbNewFlow,
+        Stat::LbCtHit,
+        Stat::LbReselect,
+        Stat::LbNoBackend,
+        Stat::LbCtMissMidFlow,
+        Stat::LbCtWriteFail,
+        Stat::NatRewriteFail,
+        Stat::NatReverse,
+        Stat::NatIcmpError,
     ];
 
     /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
@@ -66,6 +118,23 @@ impl Stat {
             Stat::XdpOtherL4 => "xdp_other_l4",
             Stat::XdpNotMesh => "xdp_not_mesh",
             Stat::XdpVxlan => "xdp_vxlan",
+            Stat::TcOk => "tc_ok",
+            Stat::TcShot => "tc_shot",
+            Stat::TcRedirect => "tc_redirect",
+            Stat::TcNotIpv4 => "tc_not_ipv4",
+            Stat::TcMalformed => "tc_malformed",
+            Stat::TcFragment => "tc_fragment",
+            Stat::TcNotService => "tc_not_service",
+            Stat::TcNoReverse => "tc_no_reverse",
+            Stat::LbNewFlow => "lb_new_flow",
+            Stat::LbCtHit => "lb_ct_hit",
+            Stat::LbReselect => "lb_reselect",
+            Stat::LbNoBackend => "lb_no_backend",
+            Stat::LbCtMissMidFlow => "lb_ct_miss_mid_flow",
+            Stat::LbCtWriteFail => "lb_ct_write_fail",
+            Stat::NatRewriteFail => "nat_rewrite_fail",
+            Stat::NatReverse => "nat_reverse",
+            Stat::NatIcmpError => "nat_icmp_error",
         }
     }
 

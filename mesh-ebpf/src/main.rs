@@ -2,18 +2,40 @@
 #![no_std]
 #![no_main]
 
+mod csum;
+mod ct;
+mod lb;
 mod maps;
+mod nat;
 mod parse;
 mod stats;
 mod underlay;
+mod veth;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// XDP on the underlay NIC: VXLAN decapsulation and the routing mesh
 /// (so far: parse, classify and count; every frame is passed).
 #[xdp]
 pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
     underlay::run(&ctx)
+}
+
+/// TC ingress on a container's host-side veth: packets leaving the
+/// container (service load balancing, DNAT).
+#[classifier]
+pub fn mesh_tc_from_container(ctx: TcContext) -> i32 {
+    veth::from_container(&ctx)
+}
+
+/// TC egress on a container's host-side veth: packets entering the
+/// container (reverse NAT).
+#[classifier]
+pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
+    veth::to_container(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,9 +1,45 @@
 //! Every map of the data plane. User space finds them by these names
 //! (constants in `mesh_common::maps`) and pins them under its bpffs directory.
+//! Map values are written by the agent; the kernel writes only conntrack and
+//! counters.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use mesh_common::stats::STATS_SLOTS;
+use aya_ebpf::{
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    ct::{CtEntry, CtKey},
+    lb::{Backend, Service, ServiceKey, ServiceStats},
+    maps::{BPF_F_INNER_MAP, CT_ENTRIES, MAX_BACKENDS, MAX_SERVICES},
+    stats::STATS_SLOTS,
+};
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
 #[map(name = "MESH_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// VIP:port/proto -> service.
+#[map(name = "MESH_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Backend id -> backend (id 0 is never used).
+#[map(name = "MESH_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Conntrack: forward and reverse entry of every balanced flow.
+#[map(name = "MESH_CT")]
+pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_ENTRIES, 0);
+
+/// Per-service counters, indexed by service id.
+#[map(name = "MESH_SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// The inner map of [`MESH_MAGLEV`]: slot 0 = ring size M, 1..=M = backend
+/// ids. BPF_F_INNER_MAP lets every service's ring have its own size.
+pub type Ring = BtfArray<u32, 1, { BPF_F_INNER_MAP as usize }>;
+
+/// Service id -> that service's Maglev ring. Replacing a ring is one update
+/// of this outer slot, so the kernel never sees half a table.
+#[btf_map]
+pub static MESH_MAGLEV: ArrayOfMaps<Ring, { MAX_SERVICES as usize }> = ArrayOfMaps::new();

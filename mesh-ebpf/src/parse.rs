@@ -89,3 +89,26 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
     }
     Some(at as *const T)
 }
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub csum_be: u16,
+    pub rest_be: u32,
+}
+const _: () = assert!(size_of::<IcmpHdr>() == 8);
+
+/// Offsets of checksum fields, relative to their header.
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SRC_OFF: usize = 12;
+pub const IP_DST_OFF: usize = 16;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+pub const L4_SPORT_OFF: usize = 0;
+pub const L4_DPORT_OFF: usize = 2;
+pub const ICMP_CSUM_OFF: usize = 2;

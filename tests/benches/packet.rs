@@ -10,5 +10,5 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(100_000);
     let mut h = Harness::new();
-    h.bench_xdp("xdp underlay", &fixtures::xdp_underlay::fixtures(), repeat);
+    h.bench("xdp underlay", &fixtures::xdp_underlay::fixtures(), repeat);
 }

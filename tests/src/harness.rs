@@ -12,7 +12,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
-use mesh_agent::dataplane;
+use mesh_agent::dataplane::{self, lb::LbMaps, progs};
 use mesh_common::{maps, stats::Stat};
 
 /// A program's return value, by name.
@@ -23,6 +23,9 @@ pub enum Verdict {
     XdpPass,
     XdpTx,
     XdpRedirect,
+    TcOk,
+    TcShot,
+    TcRedirect,
 }
 
 impl Verdict {
@@ -33,6 +36,9 @@ impl Verdict {
             Verdict::XdpPass => 2,
             Verdict::XdpTx => 3,
             Verdict::XdpRedirect => 4,
+            Verdict::TcOk => 0,
+            Verdict::TcShot => 2,
+            Verdict::TcRedirect => 7,
         }
     }
 }
@@ -46,10 +52,23 @@ pub enum Want {
     Packet(Vec<u8>),
 }
 
-/// One row of a packet-test table.
+/// The program a fixture runs through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    /// XDP on the underlay NIC.
+    XdpUnderlay,
+    /// TC ingress on a container veth: packets leaving the container.
+    TcFromContainer,
+    /// TC egress on a container veth: packets entering the container.
+    TcToContainer,
+}
+
+/// One row of a packet-test table. Rows run in order against the same maps,
+/// so conntrack state carries from a request to its reply.
 #[derive(Clone, Debug)]
 pub struct Fixture {
     pub name: &'static str,
+    pub prog: Prog,
     pub input: Vec<u8>,
     pub verdict: Verdict,
     pub output: Want,
@@ -87,6 +106,8 @@ const OUT_HEADROOM: usize = 256;
 /// harness: nothing is pinned or attached).
 pub struct Harness {
     ebpf: Ebpf,
+    /// The load-balancing maps, for fixtures to install services.
+    pub lb: LbMaps,
 }
 
 impl Harness {
@@ -101,10 +122,15 @@ impl Harness {
                  run them with `cargo xtask test` as root"
             );
         }
-        let mut ebpf = dataplane::load().unwrap_or_else(|e| panic!("loading the data plane: {e}"));
+        let mut ebpf =
+            dataplane::load().unwrap_or_else(|e| panic!("loading the data plane: {e:?}"));
         dataplane::xdp_underlay(&mut ebpf)
             .unwrap_or_else(|e| panic!("verifying the XDP underlay program: {e:?}"));
-        Harness { ebpf }
+        for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
+            dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
+        }
+        let lb = LbMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("load-balancing maps: {e}"));
+        Harness { ebpf, lb }
     }
 
     /// Every counter, summed over CPUs, in [`Stat::ALL`] order.
@@ -119,15 +145,22 @@ impl Harness {
             .collect()
     }
 
-    /// Runs the XDP underlay program on `input`, `repeat` times.
-    ///
-    /// BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header,
+    /// Runs `prog` on `input`, `repeat` times.
+    pub fn run(&mut self, prog: Prog, input: &[u8], repeat: u32) -> Run {
+        match prog {
+            Prog::XdpUnderlay => self.run_xdp(input, repeat),
+            Prog::TcFromContainer => self.run_tc(progs::TC_FROM_CONTAINER, input, repeat),
+            Prog::TcToContainer => self.run_tc(progs::TC_TO_CONTAINER, input, repeat),
+        }
+    }
+
+    /// XDP: BPF_PROG_TEST_RUN refuses input shorter than an Ethernet header,
     /// but takes an `xdp_md` whose `data_end` ends the linear part early
     /// (the rest becomes a fragment, invisible to a program without frags
     /// support). Short frames are padded to 14 bytes with `data_end` at
     /// their real length, so the program sees exactly `input`; the padding
     /// is cut from the output again.
-    pub fn run_xdp(&mut self, input: &[u8], repeat: u32) -> Run {
+    fn run_xdp(&mut self, input: &[u8], repeat: u32) -> Run {
         let prog = dataplane::xdp_underlay(&mut self.ebpf).expect("XDP program loaded");
         let pad = ETH_HLEN.saturating_sub(input.len());
         let mut data_in = input.to_vec();
@@ -154,24 +187,46 @@ impl Harness {
         }
     }
 
-    /// Runs every fixture through the XDP underlay program and panics with
-    /// a report of every mismatch.
-    pub fn check_xdp(&mut self, fixtures: &[Fixture]) {
+    /// TC (skb): the kernel needs at least an Ethernet header.
+    fn run_tc(&mut self, name: &'static str, input: &[u8], repeat: u32) -> Run {
+        assert!(
+            input.len() >= ETH_HLEN,
+            "TC test runs need a full Ethernet header"
+        );
+        let prog = dataplane::tc(&mut self.ebpf, name).expect("TC program loaded");
+        let mut data_out = vec![0u8; input.len() + OUT_HEADROOM];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut data_out),
+                repeat,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {name} ({} bytes): {e:?}", input.len()));
+        data_out.truncate(res.data_size_out as usize);
+        Run {
+            code: res.return_value,
+            output: data_out,
+            duration: res.duration,
+        }
+    }
+
+    /// Runs every fixture, in order, and panics with a report of every
+    /// mismatch.
+    pub fn check(&mut self, fixtures: &[Fixture]) {
         let mut failures = Vec::new();
         for f in fixtures {
             let before = self.counters();
-            let run = self.run_xdp(&f.input, 1);
+            let run = self.run(f.prog, &f.input, 1);
             let after = self.counters();
             failures.extend(mismatches(f, &run, &before, &after));
         }
         if !failures.is_empty() {
+            let failed: std::collections::BTreeSet<_> =
+                failures.iter().map(|m| m.fixture).collect();
             panic!(
                 "{} of {} fixtures failed:\n{}",
-                failures
-                    .iter()
-                    .map(|m: &Mismatch| m.fixture)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len(),
+                failed.len(),
                 fixtures.len(),
                 failures
                     .iter()
@@ -184,7 +239,7 @@ impl Harness {
 
     /// Runs each fixture `repeat` times and prints the kernel-measured
     /// cost per packet. Returns (fixture, ns/packet).
-    pub fn bench_xdp(
+    pub fn bench(
         &mut self,
         title: &str,
         fixtures: &[Fixture],
@@ -193,9 +248,9 @@ impl Harness {
         println!("{title}: ns/packet over {repeat} runs (BPF_PROG_TEST_RUN, JIT)");
         let mut rows = Vec::new();
         for f in fixtures {
-            let run = self.run_xdp(&f.input, repeat);
+            let run = self.run(f.prog, &f.input, repeat);
             let ns = run.duration.as_nanos() as f64;
-            println!("  {:<44} {:>8.1} ns/packet", f.name, ns);
+            println!("  {:<52} {:>8.1} ns/packet", f.name, ns);
             rows.push((f.name, ns));
         }
         rows

@@ -4,7 +4,7 @@ use mesh_tests::{fixtures::xdp_underlay::fixtures, harness::Harness};
 
 #[test]
 fn underlay_fixtures() {
-    Harness::new().check_xdp(&fixtures());
+    Harness::new().check(&fixtures());
 }
 
 #[test]
@@ -12,7 +12,7 @@ fn counters_accumulate_over_packets() {
     let mut h = Harness::new();
     let fixtures = fixtures();
     for _ in 0..3 {
-        h.check_xdp(&fixtures);
+        h.check(&fixtures);
     }
     let pass = h.counters()[mesh_common::stats::Stat::XdpPass as usize];
     assert_eq!(

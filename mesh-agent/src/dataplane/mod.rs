@@ -1,8 +1,12 @@
-//! The eBPF data plane: the embedded object, loading it, and reading its maps.
+//! The eBPF data plane: the embedded object, loading it, and its maps.
 
+pub mod lb;
 pub mod stats;
 
-use aya::{Ebpf, EbpfLoader};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
 
 /// The eBPF object built by build.rs from `mesh-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
@@ -11,6 +15,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub mod progs {
     /// XDP on the underlay NIC.
     pub const XDP_UNDERLAY: &str = "mesh_xdp_underlay";
+    /// TC ingress on a container's host-side veth (leaving the container).
+    pub const TC_FROM_CONTAINER: &str = "mesh_tc_from_container";
+    /// TC egress on a container's host-side veth (entering the container).
+    pub const TC_TO_CONTAINER: &str = "mesh_tc_to_container";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -19,12 +27,11 @@ pub enum LoadError {
     Ebpf(#[from] aya::EbpfError),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("map {0} is missing from the eBPF object")]
-    MissingMap(&'static str),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
-        source: aya::programs::ProgramError,
+        #[source]
+        source: ProgramError,
     },
 }
 
@@ -34,17 +41,36 @@ pub fn load() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(OBJECT)?)
 }
 
-/// Loads (verifies) the XDP underlay program and returns it.
-pub fn xdp_underlay(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, LoadError> {
+/// The XDP underlay program, verified.
+pub fn xdp_underlay(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     let name = progs::XDP_UNDERLAY;
-    let prog: &mut aya::programs::Xdp = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })?;
+    let prog: &mut Xdp = program(ebpf, name)?;
     if prog.fd().is_err() {
         prog.load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
     Ok(prog)
+}
+
+/// A TC program (one of the `progs::TC_*`), verified.
+pub fn tc<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(prog)
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
 }

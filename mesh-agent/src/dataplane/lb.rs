@@ -1,0 +1,162 @@
+//! The load-balancing maps as user space sees them: services, backends,
+//! Maglev rings, conntrack and per-service counters.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, of_maps::ArrayOfMaps},
+};
+use mesh_common::{
+    ct::{CtEntry, CtKey},
+    lb::{Backend, Service, ServiceKey, ServiceStats},
+    maps::{self, BPF_F_INNER_MAP},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning map {name}: {source}")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Handles to every load-balancing map.
+pub struct LbMaps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub service_stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+/// Every map name of [`LbMaps`], for pinning.
+pub const NAMES: [&str; 5] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::MAGLEV,
+    maps::CONNTRACK,
+    maps::SERVICE_STATS,
+];
+
+impl LbMaps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing(name)))
+    }
+
+    /// Opens the maps an agent pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        Self::build(|name| {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    fn build(
+        mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
+        Ok(LbMaps {
+            services: get(maps::SERVICES)?
+                .try_into()
+                .map_err(map_err(maps::SERVICES))?,
+            backends: get(maps::BACKENDS)?
+                .try_into()
+                .map_err(map_err(maps::BACKENDS))?,
+            maglev: get(maps::MAGLEV)?
+                .try_into()
+                .map_err(map_err(maps::MAGLEV))?,
+            conntrack: get(maps::CONNTRACK)?
+                .try_into()
+                .map_err(map_err(maps::CONNTRACK))?,
+            service_stats: get(maps::SERVICE_STATS)?
+                .try_into()
+                .map_err(map_err(maps::SERVICE_STATS))?,
+        })
+    }
+
+    pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapsError> {
+        self.services
+            .insert(key, svc, 0)
+            .map_err(map_err(maps::SERVICES))
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        self.services.remove(key).map_err(map_err(maps::SERVICES))
+    }
+
+    pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapsError> {
+        self.backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
+    }
+
+    /// Frees a backend id: flows still tracked to it get a new backend.
+    pub fn clear_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.set_backend(id, &Backend::default())
+    }
+
+    /// Replaces a service's Maglev ring (backend ids, one per slot) in one
+    /// step: a new inner map is filled, then swapped into the outer slot.
+    /// The kernel frees the old ring once no program uses it.
+    pub fn set_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), MapsError> {
+        let name = maps::MAGLEV;
+        let len = u32::try_from(ring.len()).map_err(|_| MapsError::Map {
+            name,
+            source: MapError::OutOfBounds {
+                index: u32::MAX,
+                max_entries: u32::MAX,
+            },
+        })?;
+        let mut inner: Array<MapData, u32> =
+            Array::create(len + 1, BPF_F_INNER_MAP).map_err(map_err(name))?;
+        inner.set(0, len, 0).map_err(map_err(name))?;
+        for (slot, id) in ring.iter().enumerate() {
+            inner.set(slot as u32 + 1, id, 0).map_err(map_err(name))?;
+        }
+        self.maglev
+            .set(service_id, &inner, 0)
+            .map_err(map_err(name))
+    }
+
+    /// A service's ring as the kernel has it (backend id per slot).
+    pub fn ring(&self, service_id: u32) -> Result<Vec<u32>, MapsError> {
+        let name = maps::MAGLEV;
+        let inner = match self.maglev.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(Vec::new()),
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        let len = inner.get(&0, 0).map_err(map_err(name))?;
+        (1..=len)
+            .map(|slot| inner.get(&slot, 0).map_err(map_err(name)))
+            .collect()
+    }
+
+    /// Per-service counters summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, MapsError> {
+        let per_cpu = self
+            .service_stats
+            .get(&service_id, 0)
+            .map_err(map_err(maps::SERVICE_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
+    }
+}

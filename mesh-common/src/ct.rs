@@ -1,0 +1,72 @@
+//! Connection tracking.
+//!
+//! Every balanced flow has two entries in one LRU hash:
+//! - forward, keyed by the client's tuple (client -> VIP), giving the backend;
+//! - reverse, keyed by the backend's reply tuple (backend -> client), giving
+//!   the VIP:port to restore (reverse NAT, also of ICMP errors).
+//!
+//! There is no idle timeout in the kernel: an entry lives until the LRU needs
+//! its room (counted) or the agent's GC removes a closed or long-dead flow,
+//! so an idle TCP connection is never cut earlier than the kernel's own
+//! conntrack would cut it.
+
+/// Direction of a [`CtKey`].
+pub mod dir {
+    /// Client -> VIP, as the client sent it.
+    pub const FORWARD: u8 = 0;
+    /// Backend -> client, as the backend replies.
+    pub const REVERSE: u8 = 1;
+}
+
+/// The full 5-tuple plus direction. Build it from `Default` so the padding
+/// is always zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `dir::*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Forward: the backend chosen. Reverse: the same backend.
+    pub backend_id: u32,
+    /// Service id (counters, `meshctl conntrack` filter).
+    pub service_id: u32,
+    /// Forward: backend ip/port the flow is NATed to (checked against the
+    /// backends map, so a reused backend id never captures an old flow).
+    /// Reverse: the VIP/port to restore.
+    pub nat_ip_be: u32,
+    pub nat_port_be: u16,
+    /// TCP flags seen in this direction, OR-ed.
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    /// bpf_ktime_get_ns of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// TCP flag bits as in the header.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields, explicit padding.
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+}

@@ -1,0 +1,107 @@
+//! Service load balancing: services, backends, Maglev rings.
+//!
+//! A service is `VIP:port/proto`. Its backends are numbered by the agent
+//! (ids 1.., 0 = none). Each service has a Maglev ring: an array whose slot 0
+//! holds the ring size M (a prime) and slots 1..=M hold backend ids. The
+//! kernel picks `ring[1 + flow_hash % M]`: one hash, one array lookup.
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Backend id meaning "no backend".
+pub const NO_BACKEND: u32 = 0;
+
+/// Key of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index of this service's ring in the Maglev map-of-maps and of its
+    /// counters in the per-service stats array.
+    pub id: u32,
+    /// `SERVICE_F_*` flags.
+    pub flags: u32,
+}
+
+/// Backend states (a `u8` in [`Backend`]).
+pub mod backend_state {
+    /// Takes new flows (it is in the Maglev ring).
+    pub const ACTIVE: u8 = 1;
+    /// No new flows (not in the ring); existing flows continue.
+    pub const DRAINING: u8 = 2;
+}
+
+/// Value of the backends array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub ip_be: u32,
+    pub port_be: u16,
+    /// `backend_state::*`; 0 = slot unused.
+    pub state: u8,
+    pub _pad: u8,
+    /// Host-side veth of a local backend (redirect target); 0 = let the
+    /// stack route it.
+    pub ifindex: u32,
+    /// The backend's MAC, for a local redirect.
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 2],
+}
+
+/// Per-service counters (per-CPU, indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Largest Maglev ring (a prime). Bounds kernel memory per service.
+pub const MAGLEV_MAX_RING: u32 = 65_521;
+/// Slots per backend the ring aims for, at least.
+pub const MAGLEV_SLOTS_PER_BACKEND: u32 = 100;
+
+/// The flow hash the Maglev pick uses: the 5-tuple, mixed so every input bit
+/// reaches every output bit. Shared by kernel and user space, so tests and
+/// `meshctl` can say which backend a flow gets.
+#[inline(always)]
+pub fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let a = mix64(((src_be as u64) << 32) | dst_be as u64);
+    let b = mix64(((sport_be as u64) << 32) | ((dport_be as u64) << 8) | proto as u64);
+    mix64(a ^ b.rotate_left(17)) as u32
+}
+
+/// The 64-bit finalizer of SplitMix64.
+#[inline(always)]
+const fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), only integer fields, explicit padding: every bit
+    // pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+}
