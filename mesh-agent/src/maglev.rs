@@ -115,7 +115,9 @@ mod tests {
         for n in [1usize, 2, 3, 10, 100, 500, 655, 1000, 100_000] {
             let m = ring_size(n);
             assert!(
-                (2..m).take_while(|d| d * d <= m).all(|d| m % d != 0),
+                (2..m)
+                    .take_while(|d| d * d <= m)
+                    .all(|d| !m.is_multiple_of(d)),
                 "{m} is prime"
             );
             assert!(m <= MAGLEV_MAX_RING);
