@@ -29,6 +29,20 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The verdict counter every packet with this verdict bumps.
+    pub const fn stat(self) -> Stat {
+        match self {
+            Verdict::XdpAborted => Stat::XdpAborted,
+            Verdict::XdpDrop => Stat::XdpDrop,
+            Verdict::XdpPass => Stat::XdpPass,
+            Verdict::XdpTx => Stat::XdpTx,
+            Verdict::XdpRedirect => Stat::XdpRedirect,
+            Verdict::TcOk => Stat::TcOk,
+            Verdict::TcShot => Stat::TcShot,
+            Verdict::TcRedirect => Stat::TcRedirect,
+        }
+    }
+
     pub const fn code(self) -> u32 {
         match self {
             Verdict::XdpAborted => 0,
@@ -72,8 +86,8 @@ pub struct Fixture {
     pub input: Vec<u8>,
     pub verdict: Verdict,
     pub output: Want,
-    /// Counters this packet must add to, and by how much. Every counter not
-    /// listed must stay unchanged.
+    /// Path counters this packet must add to, and by how much. The verdict's
+    /// own counter must go up by one; every other counter must stay unchanged.
     pub counters: Vec<(Stat, u64)>,
 }
 
@@ -305,11 +319,12 @@ fn mismatches(f: &Fixture, run: &Run, before: &[u64], after: &[u64]) -> Vec<Mism
     for stat in Stat::ALL {
         let i = stat as usize;
         let delta = after[i] - before[i];
-        let want = f
+        let listed = f
             .counters
             .iter()
             .find(|(s, _)| *s == stat)
             .map_or(0, |(_, n)| *n);
+        let want = listed + u64::from(stat == f.verdict.stat());
         if delta != want {
             miss(format!(
                 "counter {}: want +{want}, got +{delta}",

@@ -124,3 +124,30 @@ fn write_out(r: Result<(), etherparse::err::packet::BuildWriteError>, out: Vec<u
     r.expect("fixture packet builds");
     out
 }
+
+/// Sets the Ethernet destination and source of `frame`.
+pub fn macs(mut frame: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    frame
+}
+
+/// Ethernet / IPv4 / ICMP port unreachable quoting `quoted` (an IPv4 packet
+/// without its Ethernet header), as a host's stack sends it.
+pub fn icmp4_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ));
+    let mut out = Vec::new();
+    let r = b.write(&mut out, quoted);
+    write_out(r, out)
+}
+
+/// Sets the UDP checksum of an Ethernet/IPv4(no options)/UDP frame to 0
+/// ("no checksum").
+pub fn udp_no_checksum(frame: Vec<u8>) -> Vec<u8> {
+    patch(frame, 14 + 20 + 6, &[0, 0])
+}
