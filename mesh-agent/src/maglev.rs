@@ -82,6 +82,16 @@ pub fn build(backends: &[Identity]) -> Vec<usize> {
     ring
 }
 
+/// The ring as the kernel stores it: a backend id per slot, for backends
+/// given as `(id, identity)`.
+pub fn build_ids(backends: &[(u32, Identity)]) -> Vec<u32> {
+    let identities: Vec<Identity> = backends.iter().map(|(_, i)| *i).collect();
+    build(&identities)
+        .into_iter()
+        .map(|i| backends[i].0)
+        .collect()
+}
+
 /// SplitMix64's finalizer: a stable hash (std's hashers may change between
 /// Rust releases, and every node must agree).
 fn mix64(mut z: u64) -> u64 {

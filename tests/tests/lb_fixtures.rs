@@ -22,3 +22,147 @@ fn connection_lifecycle_fixtures() {
         ServiceStats::default()
     );
 }
+
+mod lifecycle {
+    use std::{collections::HashMap, net::Ipv4Addr};
+
+    use mesh_agent::maglev::{self, Identity};
+    use mesh_common::{
+        lb::{PROTO_TCP, Service, ServiceKey, backend_state},
+        stats::Stat,
+    };
+    use mesh_tests::{
+        fixtures::lb::{CLIENT, backend},
+        harness::{Harness, Prog},
+        pkt,
+    };
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 1, 1);
+    const SERVICE: u32 = 7;
+    const BACKENDS: [Ipv4Addr; 3] = [
+        Ipv4Addr::new(10, 42, 0, 21),
+        Ipv4Addr::new(10, 42, 0, 22),
+        Ipv4Addr::new(10, 42, 0, 23),
+    ];
+
+    /// Programs the service with backend ids 1..=3 in `states` (0 = removed);
+    /// only ACTIVE ones are in the ring.
+    fn program(h: &mut Harness, states: [u8; 3]) {
+        let mut in_ring = Vec::new();
+        for (i, ip) in BACKENDS.iter().enumerate() {
+            let id = i as u32 + 1;
+            let mut b = backend(*ip, 8080, 0, [0; 6]);
+            b.state = states[i];
+            if states[i] == 0 {
+                h.lb.clear_backend(id).expect("clear backend");
+                continue;
+            }
+            h.lb.set_backend(id, &b).expect("set backend");
+            if states[i] == backend_state::ACTIVE {
+                in_ring.push((
+                    id,
+                    Identity {
+                        ip: *ip,
+                        port: 8080,
+                    },
+                ));
+            }
+        }
+        h.lb.set_ring(SERVICE, &maglev::build_ids(&in_ring))
+            .expect("ring");
+        let key = ServiceKey {
+            vip_be: u32::from(VIP).to_be(),
+            port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            ..ServiceKey::default()
+        };
+        h.lb.set_service(
+            &key,
+            &Service {
+                id: SERVICE,
+                flags: 0,
+            },
+        )
+        .expect("service");
+    }
+
+    /// Sends one segment of the flow from `sport` and returns the backend
+    /// address it was translated to.
+    fn send(h: &mut Harness, sport: u16, syn: bool) -> Ipv4Addr {
+        let frame = pkt::tcp4(
+            (CLIENT, sport),
+            (VIP, 80),
+            1,
+            |b| if syn { b.syn() } else { b.ack(1) },
+            b"",
+        );
+        let run = h.run(Prog::TcFromContainer, &frame, 1);
+        assert_eq!(run.code, 0, "sport {sport}: TC_ACT_OK");
+        let ip = etherparse::SlicedPacket::from_ethernet(&run.output).expect("output parses");
+        match ip.net {
+            Some(etherparse::NetSlice::Ipv4(v4)) => v4.header().destination_addr(),
+            other => panic!("sport {sport}: not IPv4 out: {other:?}"),
+        }
+    }
+
+    fn share(flows: &HashMap<u16, Ipv4Addr>) -> Vec<(Ipv4Addr, usize)> {
+        BACKENDS
+            .iter()
+            .map(|b| (*b, flows.values().filter(|x| *x == b).count()))
+            .collect()
+    }
+
+    #[test]
+    fn flows_keep_their_backend_drain_and_removal() {
+        use backend_state::{ACTIVE, DRAINING};
+        let mut h = Harness::new();
+        program(&mut h, [ACTIVE, ACTIVE, ACTIVE]);
+        let old: HashMap<u16, Ipv4Addr> = (10_000..10_300)
+            .map(|p| (p, send(&mut h, p, true)))
+            .collect();
+        let spread = share(&old);
+        println!("300 new flows over 3 backends: {spread:?}");
+        assert!(
+            spread.iter().all(|(_, n)| *n >= 70),
+            "roughly even: {spread:?}"
+        );
+
+        // Drain backend 3: its flows continue, new flows avoid it.
+        program(&mut h, [ACTIVE, ACTIVE, DRAINING]);
+        for (&p, &b) in &old {
+            assert_eq!(
+                send(&mut h, p, false),
+                b,
+                "flow {p} stays on {b} while 3 drains"
+            );
+        }
+        let new: HashMap<u16, Ipv4Addr> = (20_000..20_300)
+            .map(|p| (p, send(&mut h, p, true)))
+            .collect();
+        assert_eq!(
+            share(&new)[2].1,
+            0,
+            "no new flow reaches the draining backend: {:?}",
+            share(&new)
+        );
+
+        // Remove backend 2: its flows move, everyone else's stay.
+        let before = h.counters()[Stat::LbReselect as usize];
+        program(&mut h, [ACTIVE, 0, DRAINING]);
+        let mut moved = 0;
+        for (&p, &b) in &old {
+            let now = send(&mut h, p, false);
+            if b == BACKENDS[1] {
+                assert_eq!(
+                    now, BACKENDS[0],
+                    "flow {p} of the removed backend re-balanced to the only active one"
+                );
+                moved += 1;
+            } else {
+                assert_eq!(now, b, "flow {p} stays on {b}");
+            }
+        }
+        let reselected = h.counters()[Stat::LbReselect as usize] - before;
+        assert_eq!(reselected, moved, "every moved flow counted as reselected");
+    }
+}
