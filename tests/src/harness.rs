@@ -147,6 +147,11 @@ impl Harness {
         Harness { ebpf, lb }
     }
 
+    /// The loaded object, e.g. to attach its programs.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// Every counter, summed over CPUs, in [`Stat::ALL`] order.
     pub fn counters(&self) -> Vec<u64> {
         let map = self.ebpf.map(maps::STATS).expect("stats map present");

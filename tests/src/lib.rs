@@ -7,4 +7,7 @@
 
 pub mod fixtures;
 pub mod harness;
+pub mod lblab;
+pub mod netns;
 pub mod pkt;
+pub mod servers;

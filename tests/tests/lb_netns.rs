@@ -1,0 +1,217 @@
+//! Service load balancing with real sockets in network namespaces (needs
+//! root): the client only ever talks to the VIP; the TC programs balance,
+//! translate and deliver. Every loop is bounded in count and time.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use mesh_common::lb::backend_state::{ACTIVE, DRAINING};
+use mesh_tests::lblab::{LbLab, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// No test loop may run longer than this.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn vip_tcp() -> SocketAddr {
+    SocketAddr::from((VIP, VIP_TCP_PORT))
+}
+
+fn vip_udp() -> SocketAddr {
+    SocketAddr::from((VIP, VIP_UDP_PORT))
+}
+
+/// A connection to the VIP and the name its backend greeted it with.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    backend: String,
+}
+
+impl Conn {
+    /// Must run inside the client namespace.
+    fn open() -> Result<Self, String> {
+        let s =
+            TcpStream::connect_timeout(&vip_tcp(), TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+        let peer = s.peer_addr().map_err(|e| e.to_string())?;
+        if peer != vip_tcp() {
+            return Err(format!("peer is {peer}, not the VIP"));
+        }
+        s.set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let writer = s.try_clone().map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(s);
+        let backend = read_line(&mut reader)?;
+        Ok(Conn {
+            writer,
+            reader,
+            backend,
+        })
+    }
+
+    /// One request/response on the open connection: the backend's name.
+    fn ping(&mut self) -> Result<String, String> {
+        self.writer
+            .write_all(b"ping\n")
+            .map_err(|e| format!("write: {e}"))?;
+        read_line(&mut self.reader)
+    }
+}
+
+fn read_line(r: &mut BufReader<TcpStream>) -> Result<String, String> {
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => Err("connection closed".into()),
+        Ok(_) => Ok(line.trim().to_owned()),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
+/// One UDP request from a fresh socket (a fresh source port, so a new
+/// flow); retried on the same socket (the same flow) if lost.
+fn udp_request() -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        s.send_to(b"who", vip_udp())
+            .map_err(|e| format!("send: {e}"))?;
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            if from != vip_udp() {
+                return Err(format!("answer from {from}, not the VIP"));
+            }
+            return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    Err("no answer after 3 tries".into())
+}
+
+fn tally(names: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for n in names {
+        *t.entry(n).or_default() += 1;
+    }
+    t
+}
+
+fn assert_even(what: &str, t: &BTreeMap<String, usize>, backends: &[String], total: usize) {
+    let ideal = total as f64 / backends.len() as f64;
+    println!("{what}: {total} over {} backends: {t:?}", backends.len());
+    for b in backends {
+        let n = *t.get(b).unwrap_or(&0) as f64;
+        assert!(
+            (n - ideal).abs() <= ideal * 0.10,
+            "{what}: {b} got {n}, want {ideal:.0} +- 10%: {t:?}"
+        );
+    }
+}
+
+#[test]
+fn connections_spread_evenly_and_only_see_the_vip() {
+    let mut lab = LbLab::new(3);
+    lab.program(&[ACTIVE, ACTIVE, ACTIVE]);
+    let names = lab.backend_names();
+
+    let (tcp, udp) = lab.client.run(|| {
+        let start = Instant::now();
+        let mut tcp = Vec::new();
+        for i in 0..3000 {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "TCP loop over its deadline at {i}"
+            );
+            let c = Conn::open().unwrap_or_else(|e| panic!("TCP connection {i}: {e}"));
+            tcp.push(c.backend);
+        }
+        let tcp_time = start.elapsed();
+        let mut udp = Vec::new();
+        for i in 0..3000 {
+            assert!(
+                start.elapsed() < 2 * DEADLINE,
+                "UDP loop over its deadline at {i}"
+            );
+            udp.push(udp_request().unwrap_or_else(|e| panic!("UDP request {i}: {e}")));
+        }
+        println!(
+            "3000 TCP connections in {tcp_time:?}, 3000 UDP requests in {:?}",
+            start.elapsed() - tcp_time
+        );
+        (tcp, udp)
+    });
+    assert_even("TCP", &tally(tcp), &names, 3000);
+    assert_even("UDP", &tally(udp), &names, 3000);
+}
+
+/// Opens `n` connections in the client namespace.
+fn open_many(lab: &LbLab, n: usize) -> Vec<Conn> {
+    lab.client.run(|| {
+        (0..n)
+            .map(|i| Conn::open().unwrap_or_else(|e| panic!("connection {i}: {e}")))
+            .collect()
+    })
+}
+
+fn new_connection_backends(lab: &LbLab, n: usize) -> BTreeMap<String, usize> {
+    tally(open_many(lab, n).into_iter().map(|c| c.backend))
+}
+
+#[test]
+fn long_lived_connections_survive_backend_removal() {
+    let mut lab = LbLab::new(3);
+    lab.program(&[ACTIVE, ACTIVE, ACTIVE]);
+    let mut conns = open_many(&lab, 100);
+    for c in conns.iter_mut() {
+        assert_eq!(c.ping().expect("ping before removal"), c.backend);
+    }
+    let on_b3 = conns.iter().filter(|c| c.backend == "b3").count();
+    assert!(on_b3 > 0, "some connections on b3");
+
+    // Remove b3 from the service.
+    lab.program(&[ACTIVE, ACTIVE, 0]);
+    let mut alive = 0;
+    for c in conns.iter_mut().filter(|c| c.backend != "b3") {
+        let backend = c.backend.clone();
+        assert_eq!(
+            c.ping()
+                .unwrap_or_else(|e| panic!("connection on {backend} after removal: {e}")),
+            backend
+        );
+        alive += 1;
+    }
+    println!("b3 removed: {alive} connections on b1/b2 still exchanging, {on_b3} were on b3");
+    let fresh = new_connection_backends(&lab, 300);
+    println!("300 new connections after removal: {fresh:?}");
+    assert!(
+        !fresh.contains_key("b3"),
+        "no new connection reaches the removed backend: {fresh:?}"
+    );
+}
+
+#[test]
+fn draining_backend_keeps_its_connections_and_gets_no_new_ones() {
+    let mut lab = LbLab::new(3);
+    lab.program(&[ACTIVE, ACTIVE, ACTIVE]);
+    let mut conns = open_many(&lab, 100);
+    let on_b3 = conns.iter().filter(|c| c.backend == "b3").count();
+    assert!(on_b3 > 0, "some connections on b3");
+
+    lab.program(&[ACTIVE, ACTIVE, DRAINING]);
+    for c in conns.iter_mut() {
+        let backend = c.backend.clone();
+        assert_eq!(
+            c.ping()
+                .unwrap_or_else(|e| panic!("connection on {backend} while b3 drains: {e}")),
+            backend
+        );
+    }
+    let fresh = new_connection_backends(&lab, 300);
+    println!("b3 draining: all 100 connections ({on_b3} on b3) alive; 300 new: {fresh:?}");
+    assert!(
+        !fresh.contains_key("b3"),
+        "no new connection reaches the draining backend: {fresh:?}"
+    );
+}
