@@ -1,6 +1,7 @@
 //! mesh agent library: the data plane loader and map access, shared by the
 //! `mesh-agent` daemon, `meshctl` and the tests.
 
+pub mod ctl;
 pub mod dataplane;
 pub mod iface;
 pub mod logging;

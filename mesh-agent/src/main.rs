@@ -9,7 +9,6 @@ use mesh_agent::{
     DEFAULT_BPFFS_DIR, dataplane, iface,
     logging::{self, LogFormat},
 };
-use mesh_common::maps;
 use tracing::info;
 
 #[derive(Debug, Parser)]

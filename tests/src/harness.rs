@@ -129,6 +129,16 @@ impl Harness {
     ///
     /// Panics with the reason when that is impossible (not root, no BPF).
     pub fn new() -> Self {
+        Self::load(None)
+    }
+
+    /// As [`Harness::new`], with every map pinned under `dir` (as the agent
+    /// pins them), so meshctl can read them.
+    pub fn pinned(dir: &std::path::Path) -> Self {
+        Self::load(Some(dir))
+    }
+
+    fn load(pin_dir: Option<&std::path::Path>) -> Self {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             panic!(
@@ -142,6 +152,9 @@ impl Harness {
             .unwrap_or_else(|e| panic!("verifying the XDP underlay program: {e:?}"));
         for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
             dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
+        }
+        if let Some(dir) = pin_dir {
+            dataplane::pin_maps(&ebpf, dir).unwrap_or_else(|e| panic!("pinning maps: {e}"));
         }
         let lb = LbMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("load-balancing maps: {e}"));
         Harness { ebpf, lb }

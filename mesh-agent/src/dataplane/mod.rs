@@ -41,6 +41,51 @@ pub fn load() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(OBJECT)?)
 }
 
+/// Every map name, for pinning: the counters and the load-balancing maps.
+pub fn map_names() -> impl Iterator<Item = &'static str> {
+    std::iter::once(mesh_common::maps::STATS).chain(lb::NAMES)
+}
+
+/// Pins every map under `dir` (created if missing), replacing stale pins.
+pub fn pin_maps(ebpf: &Ebpf, dir: &std::path::Path) -> Result<(), PinError> {
+    std::fs::create_dir_all(dir).map_err(|source| PinError::Dir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    for name in map_names() {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| PinError::Dir {
+                dir: path.clone(),
+                source,
+            })?;
+        }
+        ebpf.map(name)
+            .ok_or(PinError::Missing(name))?
+            .pin(&path)
+            .map_err(|source| PinError::Pin { name, source })?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{dir}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
+    Dir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("pinning {name}: {source}")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
 /// The XDP underlay program, verified.
 pub fn xdp_underlay(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     let name = progs::XDP_UNDERLAY;
