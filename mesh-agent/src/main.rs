@@ -47,28 +47,16 @@ async fn main() -> Result<()> {
         .with_context(|| format!("attaching XDP to {}", args.underlay_iface))?;
     info!(iface = %args.underlay_iface, ifindex, "XDP attached to the underlay NIC");
 
-    std::fs::create_dir_all(&args.bpffs_dir).with_context(|| {
-        format!(
-            "creating {} (is bpffs mounted at /sys/fs/bpf?)",
-            args.bpffs_dir.display()
-        )
-    })?;
-    let pin = args.bpffs_dir.join(maps::STATS);
-    // A pin left by an earlier run of this agent is replaced (adopting live
-    // maps across restarts comes with the reconciler).
-    if pin.exists() {
-        std::fs::remove_file(&pin)
-            .with_context(|| format!("removing stale pin {}", pin.display()))?;
-    }
-    ebpf.map(maps::STATS)
-        .context("stats map missing from the object")?
-        .pin(&pin)
-        .with_context(|| format!("pinning {}", pin.display()))?;
-    info!(path = %pin.display(), "maps pinned");
+    // Pins left by an earlier run are replaced (adopting live maps across
+    // restarts comes with the reconciler).
+    dataplane::pin_maps(&ebpf, &args.bpffs_dir).context("pinning maps")?;
+    info!(dir = %args.bpffs_dir.display(), "maps pinned");
 
     wait_for_shutdown().await?;
     info!("shutting down: detaching XDP, removing pins");
-    let _ = std::fs::remove_file(&pin);
+    for name in dataplane::map_names() {
+        let _ = std::fs::remove_file(args.bpffs_dir.join(name));
+    }
     Ok(())
 }
 
