@@ -16,9 +16,15 @@ pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
 
 /// Services (and service ids: 0..MAX_SERVICES).
 pub const MAX_SERVICES: u32 = 16_384;
-/// Backend ids 1..MAX_BACKENDS (0 = none).
-pub const MAX_BACKENDS: u32 = 65_536;
+/// Backend ids 1..MAX_BACKENDS (0 = none): room for 10,000 services with
+/// 10 backends each and then some.
+pub const MAX_BACKENDS: u32 = 131_072;
 /// Conntrack entries (two per flow).
 pub const CT_ENTRIES: u32 = 262_144;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in size.
 pub const BPF_F_INNER_MAP: u32 = 0x1000;
+/// `BPF_F_MMAPABLE`: user space writes a whole ring with one memcpy.
+pub const BPF_F_MMAPABLE: u32 = 0x400;
+/// Flags of every Maglev ring (the inner maps of [`MAGLEV`]); the template
+/// in the object and every real ring must have the same.
+pub const RING_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use mesh_common::{
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
-    maps::{BPF_F_INNER_MAP, CT_ENTRIES, MAX_BACKENDS, MAX_SERVICES},
+    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_SERVICES, RING_FLAGS},
     stats::STATS_SLOTS,
 };
 
@@ -36,8 +36,9 @@ pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_ENTR
 pub static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// The inner map of [`MESH_MAGLEV`]: slot 0 = ring size M, 1..=M = backend
-/// ids. BPF_F_INNER_MAP lets every service's ring have its own size.
-pub type Ring = BtfArray<u32, 1, { BPF_F_INNER_MAP as usize }>;
+/// ids. BPF_F_INNER_MAP lets every service's ring have its own size;
+/// BPF_F_MMAPABLE lets user space fill it with one copy.
+pub type Ring = BtfArray<u32, 1, { RING_FLAGS as usize }>;
 
 /// Service id -> that service's Maglev ring. Replacing a ring is one update
 /// of this outer slot, so the kernel never sees half a table.

@@ -166,3 +166,23 @@ mod lifecycle {
         assert_eq!(reselected, moved, "every moved flow counted as reselected");
     }
 }
+
+#[test]
+fn rings_round_trip_through_the_kernel() {
+    let mut h = Harness::new();
+    for ring in [
+        vec![],
+        vec![9],
+        (1..=1021).collect::<Vec<u32>>(),
+        vec![7; 65_521],
+    ] {
+        h.lb.set_ring(3, &ring).expect("set ring");
+        assert_eq!(
+            h.lb.ring(3).expect("read ring"),
+            ring,
+            "ring of {} slots",
+            ring.len()
+        );
+    }
+    assert_eq!(h.lb.ring(4).expect("unset ring"), Vec::<u32>::new());
+}

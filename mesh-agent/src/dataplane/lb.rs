@@ -10,7 +10,7 @@ use aya::{
 use mesh_common::{
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
-    maps::{self, BPF_F_INNER_MAP},
+    maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +23,11 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
-    #[error("pinning map {name}: {source}")]
-    Pin {
-        name: &'static str,
+    #[error("creating the Maglev ring of service {service_id}: {source}")]
+    Ring {
+        service_id: u32,
         #[source]
-        source: aya::pin::PinError,
+        source: std::io::Error,
     },
 }
 
@@ -39,7 +39,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
 pub struct LbMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
-    pub maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    pub maglev: ArrayOfMaps<MapData, MapData>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
 }
@@ -109,23 +109,14 @@ impl LbMaps {
     }
 
     /// Replaces a service's Maglev ring (backend ids, one per slot) in one
-    /// step: a new inner map is filled, then swapped into the outer slot.
+    /// step: a new ring map is filled, then swapped into the outer slot.
     /// The kernel frees the old ring once no program uses it.
     pub fn set_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), MapsError> {
         let name = maps::MAGLEV;
-        let len = u32::try_from(ring.len()).map_err(|_| MapsError::Map {
-            name,
-            source: MapError::OutOfBounds {
-                index: u32::MAX,
-                max_entries: u32::MAX,
-            },
+        let inner = super::ring::create(ring).map_err(|e| MapsError::Ring {
+            service_id,
+            source: e,
         })?;
-        let mut inner: Array<MapData, u32> =
-            Array::create(len + 1, BPF_F_INNER_MAP).map_err(map_err(name))?;
-        inner.set(0, len, 0).map_err(map_err(name))?;
-        for (slot, id) in ring.iter().enumerate() {
-            inner.set(slot as u32 + 1, id, 0).map_err(map_err(name))?;
-        }
         self.maglev
             .set(service_id, &inner, 0)
             .map_err(map_err(name))
@@ -134,8 +125,8 @@ impl LbMaps {
     /// A service's ring as the kernel has it (backend id per slot).
     pub fn ring(&self, service_id: u32) -> Result<Vec<u32>, MapsError> {
         let name = maps::MAGLEV;
-        let inner = match self.maglev.get(&service_id, 0) {
-            Ok(inner) => inner,
+        let inner: Array<MapData, u32> = match self.maglev.get(&service_id, 0) {
+            Ok(inner) => Array::try_from(Map::Array(inner)).map_err(map_err(name))?,
             Err(MapError::KeyNotFound) => return Ok(Vec::new()),
             Err(e) => return Err(map_err(name)(e)),
         };
