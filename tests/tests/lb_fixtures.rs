@@ -186,3 +186,15 @@ fn rings_round_trip_through_the_kernel() {
     }
     assert_eq!(h.lb.ring(4).expect("unset ring"), Vec::<u32>::new());
 }
+
+#[test]
+fn rings_set_in_one_batch() {
+    let mut h = Harness::new();
+    let rings: Vec<(u32, Vec<u32>)> = (1..=300).map(|id| (id, vec![id; 1021])).collect();
+    let t = std::time::Instant::now();
+    h.lb.set_rings(&rings).expect("batch");
+    println!("300 rings in one batch: {:?}", t.elapsed());
+    for (id, ring) in &rings {
+        assert_eq!(&h.lb.ring(*id).expect("read"), ring);
+    }
+}

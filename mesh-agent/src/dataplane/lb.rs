@@ -40,6 +40,9 @@ pub struct LbMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
     pub maglev: ArrayOfMaps<MapData, MapData>,
+    /// A second handle to the outer Maglev map, for batch updates (aya's
+    /// ArrayOfMaps does not lend out its own).
+    maglev_map: MapData,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
 }
@@ -70,6 +73,14 @@ impl LbMaps {
     fn build(
         mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
+        let maglev = get(maps::MAGLEV)?;
+        let maglev_map = match &maglev {
+            Map::ArrayOfMaps(data) => data
+                .info()
+                .and_then(|info| MapData::from_id(info.id()))
+                .map_err(map_err(maps::MAGLEV))?,
+            _ => return Err(MapsError::Missing(maps::MAGLEV)),
+        };
         Ok(LbMaps {
             services: get(maps::SERVICES)?
                 .try_into()
@@ -77,9 +88,8 @@ impl LbMaps {
             backends: get(maps::BACKENDS)?
                 .try_into()
                 .map_err(map_err(maps::BACKENDS))?,
-            maglev: get(maps::MAGLEV)?
-                .try_into()
-                .map_err(map_err(maps::MAGLEV))?,
+            maglev: maglev.try_into().map_err(map_err(maps::MAGLEV))?,
+            maglev_map,
             conntrack: get(maps::CONNTRACK)?
                 .try_into()
                 .map_err(map_err(maps::CONNTRACK))?,
@@ -120,6 +130,27 @@ impl LbMaps {
         self.maglev
             .set(service_id, &inner, 0)
             .map_err(map_err(name))
+    }
+
+    /// Replaces many services' rings at once (start-up, bulk changes): one
+    /// batch update of the outer map instead of one update per ring.
+    pub fn set_rings(&mut self, rings: &[(u32, Vec<u32>)]) -> Result<(), MapsError> {
+        let mut made = Vec::with_capacity(rings.len());
+        for (service_id, ring) in rings {
+            let service_id = *service_id;
+            let inner = super::ring::create(ring)
+                .map_err(|source| MapsError::Ring { service_id, source })?;
+            made.push((service_id, inner));
+        }
+        // A batch of one slot still waits once; chunks keep the key/value
+        // arrays modest.
+        for chunk in made.chunks(4096) {
+            super::ring::set_batch(&self.maglev_map, chunk).map_err(|source| MapsError::Ring {
+                service_id: chunk[0].0,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// A service's ring as the kernel has it (backend id per slot).
