@@ -4,8 +4,10 @@
 pub mod ctl;
 pub mod dataplane;
 pub mod iface;
+pub mod labels;
 pub mod logging;
 pub mod maglev;
+pub mod vip;
 
 /// Where the agent pins its maps and links (one directory per agent).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
