@@ -7,6 +7,7 @@ pub mod iface;
 pub mod labels;
 pub mod logging;
 pub mod maglev;
+pub mod reconcile;
 pub mod vip;
 
 /// Where the agent pins its maps and links (one directory per agent).

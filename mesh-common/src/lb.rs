@@ -56,6 +56,9 @@ pub struct Backend {
     /// The backend's MAC, for a local redirect.
     pub mac: [u8; 6],
     pub _pad2: [u8; 2],
+    /// The service this backend belongs to (user space bookkeeping; lets a
+    /// restarted agent rebuild its state from the pinned maps).
+    pub service_id: u32,
 }
 
 /// Per-service counters (per-CPU, indexed by service id).
@@ -93,7 +96,7 @@ const fn mix64(mut z: u64) -> u64 {
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Service>() == 8);
-const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
 
 #[cfg(feature = "user")]

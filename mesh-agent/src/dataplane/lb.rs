@@ -182,3 +182,55 @@ impl LbMaps {
             }))
     }
 }
+
+impl crate::reconcile::LbWriter for LbMaps {
+    type Error = MapsError;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        match LbMaps::remove_service(self, key) {
+            // Already gone is what we wanted.
+            Err(MapsError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapsError> {
+        LbMaps::set_backend(self, id, b)
+    }
+    fn clear_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        LbMaps::clear_backend(self, id)
+    }
+    fn set_rings(&mut self, rings: &[(u32, Vec<u32>)]) -> Result<(), MapsError> {
+        LbMaps::set_rings(self, rings)
+    }
+    fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapsError> {
+        LbMaps::set_service(self, key, svc)
+    }
+}
+
+impl LbMaps {
+    /// What the kernel has: services, backends in use, and non-empty rings.
+    /// A restarted agent starts from this, so nothing is flushed.
+    pub fn read_actual(&self) -> Result<crate::reconcile::Actual, MapsError> {
+        use crate::reconcile::{Actual, SvcAddr};
+        let mut actual = Actual::default();
+        for item in self.services.iter() {
+            let (k, s) = item.map_err(map_err(maps::SERVICES))?;
+            actual.services.insert(SvcAddr::from_key(&k), s.id);
+        }
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(map_err(maps::BACKENDS))?;
+            if b.state != 0 {
+                actual.backends.insert(id as u32, b);
+            }
+        }
+        for id in 0..self.maglev.len() {
+            let ring = self.ring(id)?;
+            if !ring.is_empty() {
+                actual.rings.insert(id, ring);
+            }
+        }
+        Ok(actual)
+    }
+}
