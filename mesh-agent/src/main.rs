@@ -1,29 +1,67 @@
-//! mesh-agent: loads the mesh data plane, attaches it and keeps its maps.
+//! mesh-agent: turns the containers Docker runs into what the kernel
+//! forwards. Runs as one privileged agent per host.
 
-use std::path::PathBuf;
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
-use aya::programs::XdpMode;
 use clap::Parser;
 use mesh_agent::{
-    DEFAULT_BPFFS_DIR, dataplane, iface,
+    DEFAULT_BPFFS_DIR,
+    agent::{Agent, Settings, Shared},
+    api,
+    dataplane::{self, lb::LbMaps, progs},
+    iface,
     logging::{self, LogFormat},
+    metrics,
+    vip::Cidr,
 };
-use tracing::info;
+use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "mesh-agent",
     version,
-    about = "mesh node agent: eBPF overlay and service load balancer"
+    about = "mesh node agent: eBPF service load balancer and overlay for Docker"
 )]
 struct Args {
-    /// The underlay NIC: XDP attaches here.
+    /// Docker engine socket.
+    #[arg(
+        long,
+        env = "MESH_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    docker_socket: PathBuf,
+    /// This node's subnet of the cluster CIDR: the `mesh` network's subnet.
+    #[arg(long, env = "MESH_NODE_SUBNET", default_value = "10.42.0.0/24")]
+    node_subnet: Cidr,
+    /// Where service VIPs come from.
+    #[arg(long, env = "MESH_VIP_CIDR", default_value = "10.43.0.0/16")]
+    vip_cidr: Cidr,
+    /// Linux bridge name of the `mesh` network.
+    #[arg(long, env = "MESH_BRIDGE", default_value = "mesh0", value_parser = parse_iface)]
+    bridge: String,
+    /// MTU of the `mesh` network (leaves 50 bytes for VXLAN on a 1500 underlay).
+    #[arg(long, env = "MESH_MTU", default_value_t = 1450)]
+    mtu: u32,
+    /// The underlay NIC: XDP attaches here (optional on a single host).
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
-    underlay_iface: String,
-    /// bpffs directory for this agent's pinned maps.
+    underlay_iface: Option<String>,
+    /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
+    /// Directory for the agent's own small state (VIP assignments).
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/run/mesh")]
+    state_dir: PathBuf,
+    /// Control socket (meshctl status).
+    #[arg(long, env = "MESH_API_SOCKET", default_value = mesh_agent::DEFAULT_API_SOCKET)]
+    api_socket: PathBuf,
+    /// Prometheus /metrics address.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -36,31 +74,107 @@ fn parse_iface(s: &str) -> Result<String, String> {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);
-
-    let ifindex = iface::index(&args.underlay_iface)?;
-    let mut ebpf = dataplane::load().context("loading the data plane")?;
-    let prog = dataplane::xdp_underlay(&mut ebpf).context("verifying the XDP program")?;
-    prog.attach_to_if_index(ifindex, XdpMode::default())
-        .with_context(|| format!("attaching XDP to {}", args.underlay_iface))?;
-    info!(iface = %args.underlay_iface, ifindex, "XDP attached to the underlay NIC");
-
-    // Pins left by an earlier run are replaced (adopting live maps across
-    // restarts comes with the reconciler).
-    dataplane::pin_maps(&ebpf, &args.bpffs_dir).context("pinning maps")?;
-    info!(dir = %args.bpffs_dir.display(), "maps pinned");
-
-    wait_for_shutdown().await?;
-    info!("shutting down: detaching XDP, removing pins");
-    for name in dataplane::map_names() {
-        let _ = std::fs::remove_file(args.bpffs_dir.join(name));
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if !args.vip_cidr.contains(args.vip_cidr.base) || args.vip_cidr.contains(args.node_subnet.base)
+    {
+        anyhow::bail!(
+            "--vip-cidr {} overlaps --node-subnet {}",
+            args.vip_cidr,
+            args.node_subnet
+        );
+    }
+    let mut ebpf = dataplane::load_pinned(&args.bpffs_dir).context(
+        "loading the data plane (if an older, incompatible version pinned its maps, remove the bpffs directory)",
+    )?;
+    for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
+        dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
+    }
+    if let Some(iface) = &args.underlay_iface {
+        attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
+    }
+    let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
+    info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    {
+        let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.status.version = env!("CARGO_PKG_VERSION").to_string();
+        sh.status.node.subnet = args.node_subnet.to_string();
+        sh.status.node.vip_cidr = args.vip_cidr.to_string();
+        sh.status.node.bpffs_dir = args.bpffs_dir.display().to_string();
+        sh.status.docker.socket = args.docker_socket.display().to_string();
+    }
+    let api_path = args.api_socket.clone();
+    let api_shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = api::serve(&api_path, api_shared).await {
+            error!(path = %api_path.display(), error = %e, "control socket failed");
+        }
+    });
+    let (addr, dir, m_shared) = (args.metrics_addr, args.bpffs_dir.clone(), shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, dir, m_shared).await {
+            error!(%addr, error = %e, "metrics endpoint failed");
+        }
+    });
+    info!(api = %args.api_socket.display(), metrics = %args.metrics_addr, "serving");
+
+    let settings = Settings {
+        docker_socket: args.docker_socket,
+        node_subnet: args.node_subnet,
+        vip_cidr: args.vip_cidr,
+        bridge: args.bridge,
+        mtu: args.mtu,
+        bpffs_dir: args.bpffs_dir,
+        state_dir: args.state_dir,
+    };
+    let mut agent = Agent::new(settings, ebpf, lb, shared)?;
+    tokio::select! {
+        r = agent.run() => r,
+        r = shutdown() => {
+            // Maps and links stay pinned: traffic keeps flowing until the
+            // next agent adopts them.
+            info!("stopping; the data plane stays in place");
+            r
+        }
+    }
+}
+
+fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path) -> Result<()> {
+    let ifindex = iface::index(iface_name)?;
+    let pin = dir.join("links").join(format!("xdp_{ifindex}"));
+    if pin.exists() {
+        info!(iface = iface_name, "XDP already attached (adopted)");
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir.join("links"))?;
+    let prog = dataplane::xdp_underlay(ebpf).context("verifying the XDP program")?;
+    let id = prog
+        .attach_to_if_index(ifindex, aya::programs::XdpMode::default())
+        .with_context(|| format!("attaching XDP to {iface_name}"))?;
+    let link = prog.take_link(id)?;
+    let fd: aya::programs::links::FdLink = link.try_into().context("XDP link")?;
+    fd.pin(&pin).context("pinning the XDP link")?;
+    info!(
+        iface = iface_name,
+        ifindex, "XDP attached to the underlay NIC"
+    );
     Ok(())
 }
 
-async fn wait_for_shutdown() -> Result<()> {
+async fn shutdown() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {

@@ -83,9 +83,9 @@ fn hash(name: &str) -> u64 {
 /// = older, e.g. the earliest container creation time), keeping the VIPs in
 /// `current` of services that still exist. Services that cannot get one
 /// (the CIDR is full) are left out.
-pub fn assign(
+pub fn assign<A: Ord>(
     cidr: Cidr,
-    services: &BTreeMap<String, i64>,
+    services: &BTreeMap<String, A>,
     current: &BTreeMap<String, Ipv4Addr>,
 ) -> BTreeMap<String, Ipv4Addr> {
     let mut out = BTreeMap::new();
@@ -95,7 +95,7 @@ pub fn assign(
             out.insert(name.clone(), *vip);
         }
     }
-    let mut by_age: Vec<(&i64, &String)> = services.iter().map(|(n, a)| (a, n)).collect();
+    let mut by_age: Vec<(&A, &String)> = services.iter().map(|(n, a)| (a, n)).collect();
     by_age.sort();
     for (_, name) in by_age {
         if out.contains_key(name) {

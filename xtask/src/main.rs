@@ -71,8 +71,12 @@ fn run(cli: Cli) -> Result<()> {
                 lint()?;
             }
             bench(10_000)?;
+            let whoami = build_whoami()?;
             // Last, so its summary closes the output.
-            cmd::cargo(&["nextest", "run", "--no-fail-fast"])
+            cmd::Cmd::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["nextest", "run", "--no-fail-fast"])
+                .env("MESH_WHOAMI", whoami)
+                .run()
         }
         Cmd::Bench { repeat } => {
             setup::run()?;
@@ -90,6 +94,28 @@ fn lint() -> Result<()> {
     cmd::cargo(&["fmt", "--all", "--", "--check"])?;
     // Default members only: mesh-ebpf cannot build for the host target.
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+}
+
+/// The static whoami test binary (runs in FROM scratch images).
+fn build_whoami() -> Result<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cmd::root().join("target"))
+        .join("static");
+    cmd::Cmd::new("cargo")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "mesh-whoami",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .args([std::ffi::OsStr::new("--target-dir"), target.as_os_str()])
+        .run()?;
+    Ok(target.join("x86_64-unknown-linux-gnu/release/whoami"))
 }
 
 /// The benchmark runs in the dev profile: the kernel JIT-compiles the

@@ -22,6 +22,8 @@ const APT: &[(&str, &str)] = &[
     ),
     ("iproute2", "ip netns / veth for packet and lab tests"),
     ("iputils-ping", "ping in tests and the demo"),
+    ("docker.io", "the Docker engine for agent and lab tests"),
+    ("tar", "building local test images"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

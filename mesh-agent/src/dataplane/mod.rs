@@ -24,6 +24,12 @@ pub mod progs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error("{dir}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
+    Dir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("loading the eBPF object: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("program {0} is missing from the eBPF object")]
@@ -40,6 +46,23 @@ pub enum LoadError {
 /// verified or attached).
 pub fn load() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(OBJECT)?)
+}
+
+/// Loads the object with every map pinned under `dir`: maps an earlier run
+/// pinned there are reused as they are (nothing is flushed), missing ones
+/// are created and pinned.
+pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
+    std::fs::create_dir_all(dir).map_err(|source| LoadError::Dir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let paths: Vec<(&'static str, std::path::PathBuf)> =
+        map_names().map(|n| (n, dir.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(OBJECT)?)
 }
 
 /// Every map name, for pinning: the counters and the load-balancing maps.

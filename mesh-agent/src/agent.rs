@@ -1,0 +1,464 @@
+//! The agent: Docker's containers -> desired state -> reconciled kernel maps.
+//!
+//! One task owns the data plane and the Docker connection. It lists the
+//! mesh containers at start, then follows Docker's events; after every
+//! batch of events it rebuilds the desired state and reconciles. A failed
+//! write is retried after a short delay; a lost Docker connection is
+//! re-established and followed by a full resync.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::Ebpf;
+use bollard::{Docker, system::EventsOptions};
+use futures_util::StreamExt;
+use mesh_common::lb::backend_state;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    dataplane::lb::LbMaps,
+    docker::{self, Container, Health},
+    labels::{self, ServiceLabels},
+    reconcile::{self, Actual, Desired, DesiredBackend, SvcAddr},
+    status::{Samples, ServiceStatus, Skipped, Status},
+    veth::{self, Attachments},
+    vip::{self, Cidr},
+};
+
+/// Settings the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub docker_socket: PathBuf,
+    pub node_subnet: Cidr,
+    pub vip_cidr: Cidr,
+    pub bridge: String,
+    pub mtu: u32,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// State shared with the control socket and /metrics.
+#[derive(Default)]
+pub struct Shared {
+    pub status: Status,
+    pub latency: Samples,
+    pub reconcile_seconds: Samples,
+    /// Service id -> (name, VIP:port/proto), for /metrics labels.
+    pub service_names: BTreeMap<u32, (String, String)>,
+}
+
+pub struct Agent {
+    settings: Settings,
+    ebpf: Ebpf,
+    lb: LbMaps,
+    attachments: Attachments,
+    actual: Actual,
+    containers: BTreeMap<String, Container>,
+    /// Containers being stopped: no new flows, existing ones continue.
+    draining: BTreeSet<String>,
+    /// Host-side veth per container id.
+    ifindex: HashMap<String, u32>,
+    vips: BTreeMap<String, Ipv4Addr>,
+    shared: Arc<Mutex<Shared>>,
+    /// Event times (ns since the epoch) waiting for their map writes.
+    pending_events: Vec<i64>,
+    retry: bool,
+}
+
+impl Agent {
+    pub fn new(
+        settings: Settings,
+        ebpf: Ebpf,
+        lb: LbMaps,
+        shared: Arc<Mutex<Shared>>,
+    ) -> anyhow::Result<Self> {
+        let actual = lb.read_actual()?;
+        if !actual.services.is_empty() {
+            info!(
+                services = actual.services.len(),
+                backends = actual.backends.len(),
+                "adopted the maps left by an earlier run"
+            );
+        }
+        let attachments = Attachments::new(&settings.bpffs_dir)?;
+        let vips = load_vips(&settings.state_dir);
+        Ok(Agent {
+            settings,
+            ebpf,
+            lb,
+            attachments,
+            actual,
+            containers: BTreeMap::new(),
+            draining: BTreeSet::new(),
+            ifindex: HashMap::new(),
+            vips,
+            shared,
+            pending_events: Vec::new(),
+            retry: false,
+        })
+    }
+
+    /// Runs until the process is told to stop. Never returns an error for
+    /// Docker trouble: it waits for Docker and carries on.
+    pub async fn run(&mut self) -> anyhow::Result<()> {
+        loop {
+            let d = docker::connect(&self.settings.docker_socket).await;
+            self.set_docker(true);
+            if let Err(e) = docker::ensure_network(
+                &d,
+                self.settings.node_subnet,
+                &self.settings.bridge,
+                self.settings.mtu,
+            )
+            .await
+            {
+                if matches!(e, docker::DockerError::Conflict { .. }) {
+                    return Err(e.into());
+                }
+                warn!(error = %e, "could not set up the mesh network; retrying");
+                self.set_docker(false);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Follow events from before the listing, so nothing falls between.
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            match docker::list_mesh(&d).await {
+                Ok(list) => {
+                    self.containers = list.into_iter().map(|c| (c.id.clone(), c)).collect();
+                    self.draining.retain(|id| self.containers.contains_key(id));
+                    info!(
+                        containers = self.containers.len(),
+                        "listed the mesh containers"
+                    );
+                    self.reconcile();
+                }
+                Err(e) => {
+                    warn!(error = %e, "listing containers failed; reconnecting");
+                    self.set_docker(false);
+                    continue;
+                }
+            }
+            self.follow(&d, since).await;
+            self.set_docker(false);
+            warn!("lost the Docker event stream; reconnecting");
+        }
+    }
+
+    async fn follow(&mut self, d: &Docker, since: u64) {
+        let opts = EventsOptions::<String> {
+            since: Some(since.to_string()),
+            until: None,
+            filters: HashMap::from([(
+                "type".to_string(),
+                vec!["container".to_string(), "network".to_string()],
+            )]),
+        };
+        let mut events = d.events(Some(opts));
+        let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.next() => {
+                    let Some(Ok(ev)) = ev else { return };
+                    self.on_event(d, ev).await;
+                    // Take whatever else is already queued before reconciling.
+                    while let Some(Some(Ok(ev))) = futures_util::FutureExt::now_or_never(events.next()) {
+                        self.on_event(d, ev).await;
+                    }
+                    self.reconcile();
+                }
+                _ = retry_tick.tick(), if self.retry => self.reconcile(),
+            }
+        }
+    }
+
+    async fn on_event(&mut self, d: &Docker, ev: bollard::models::EventMessage) {
+        let action = ev.action.clone().unwrap_or_default();
+        let attrs = ev
+            .actor
+            .as_ref()
+            .and_then(|a| a.attributes.clone())
+            .unwrap_or_default();
+        let id = match ev.typ {
+            Some(bollard::models::EventMessageTypeEnum::CONTAINER) => {
+                let relevant = matches!(
+                    action.as_str(),
+                    "start" | "restart" | "die" | "kill" | "stop" | "destroy" | "pause" | "unpause"
+                ) || action.starts_with("health_status");
+                if !relevant {
+                    return;
+                }
+                ev.actor.and_then(|a| a.id)
+            }
+            Some(bollard::models::EventMessageTypeEnum::NETWORK) => {
+                if attrs.get("name").map(String::as_str) != Some(docker::NETWORK) {
+                    return;
+                }
+                attrs.get("container").cloned()
+            }
+            _ => None,
+        };
+        let Some(id) = id else { return };
+        debug!(%action, container = %id, "docker event");
+        if let Some(t) = ev.time_nano {
+            self.pending_events.push(t);
+        }
+        match action.as_str() {
+            // `docker stop` sends a signal first: drain at once.
+            "kill" | "stop" | "die" | "pause" => {
+                self.draining.insert(id.clone());
+            }
+            "start" | "restart" | "unpause" => {
+                self.draining.remove(&id);
+                self.ifindex.remove(&id);
+            }
+            _ => {}
+        }
+        match docker::inspect(d, &id).await {
+            Ok(Some(c)) if c.running && c.mesh.is_some() => {
+                self.containers.insert(id, c);
+            }
+            Ok(_) => {
+                self.containers.remove(&id);
+                self.draining.remove(&id);
+                self.ifindex.remove(&id);
+            }
+            Err(e) => warn!(container = %id, error = %e, "inspect failed; keeping what we knew"),
+        }
+    }
+
+    /// Desired state from the containers, the services' VIPs, and status rows.
+    fn desired(&mut self) -> (Desired, Vec<ServiceStatus>, Vec<Skipped>, BTreeSet<u32>) {
+        let mut skipped = Vec::new();
+        let mut live_ifindex = BTreeSet::new();
+        let mut members: Vec<(&Container, ServiceLabels, u32, u8)> = Vec::new();
+        let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
+        for c in self.containers.values() {
+            let Some((_, mac)) = c.mesh else { continue };
+            let ifindex = match self.ifindex.get(&c.id) {
+                Some(i) => *i,
+                None => match veth::host_ifindex(c.pid, mac) {
+                    Ok(i) => {
+                        self.ifindex.insert(c.id.clone(), i);
+                        i
+                    }
+                    Err(e) => {
+                        skipped.push(Skipped {
+                            container: c.name.clone(),
+                            error: format!("its veth: {e}"),
+                        });
+                        continue;
+                    }
+                },
+            };
+            live_ifindex.insert(ifindex);
+            let svc = match labels::parse(&c.labels) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    skipped.push(Skipped {
+                        container: c.name.clone(),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let state = if self.draining.contains(&c.id) {
+                backend_state::DRAINING
+            } else if matches!(c.health, Health::None | Health::Healthy) {
+                backend_state::ACTIVE
+            } else {
+                *waiting.entry(svc.service.clone()).or_default() += 1;
+                continue;
+            };
+            members.push((c, svc, ifindex, state));
+        }
+
+        // VIPs: by service age (its oldest container), sticky.
+        let mut ages: BTreeMap<String, String> = BTreeMap::new();
+        for (c, s, _, _) in &members {
+            let age = ages
+                .entry(s.service.clone())
+                .or_insert_with(|| c.created.clone());
+            if c.created < *age {
+                *age = c.created.clone();
+            }
+        }
+        for name in waiting.keys() {
+            ages.entry(name.clone()).or_insert_with(|| "9999".into());
+        }
+        let vips = vip::assign(self.settings.vip_cidr, &ages, &self.vips);
+        if vips != self.vips {
+            self.vips = vips.clone();
+            save_vips(&self.settings.state_dir, &self.vips);
+        }
+
+        let mut desired = Desired::new();
+        let mut rows: BTreeMap<String, ServiceStatus> = BTreeMap::new();
+        for (c, s, ifindex, state) in &members {
+            let Some(vip) = vips.get(&s.service) else {
+                skipped.push(Skipped {
+                    container: c.name.clone(),
+                    error: format!("no free VIP in {}", self.settings.vip_cidr),
+                });
+                continue;
+            };
+            let Some((ip, mac)) = c.mesh else { continue };
+            let row = rows
+                .entry(s.service.clone())
+                .or_insert_with(|| ServiceStatus {
+                    name: s.service.clone(),
+                    vip: vip.to_string(),
+                    ..ServiceStatus::default()
+                });
+            if *state == backend_state::ACTIVE {
+                row.active += 1
+            } else {
+                row.draining += 1
+            }
+            for p in &s.ports {
+                let port = format!("{}/{} -> {}", p.vip_port, p.proto, p.container_port);
+                if !row.ports.contains(&port) {
+                    row.ports.push(port);
+                }
+                let addr = SvcAddr {
+                    vip: *vip,
+                    port: p.vip_port,
+                    proto: p.proto.number(),
+                };
+                desired.entry(addr).or_default().insert(
+                    (ip, p.container_port),
+                    DesiredBackend {
+                        state: *state,
+                        ifindex: *ifindex,
+                        mac,
+                    },
+                );
+            }
+        }
+        for (name, n) in waiting {
+            let vip = vips.get(&name).map(|v| v.to_string()).unwrap_or_default();
+            rows.entry(name.clone())
+                .or_insert_with(|| ServiceStatus {
+                    name,
+                    vip,
+                    ..ServiceStatus::default()
+                })
+                .waiting += n;
+        }
+        (desired, rows.into_values().collect(), skipped, live_ifindex)
+    }
+
+    /// One reconcile pass: attach to new veths, write the minimal map
+    /// changes, publish status.
+    pub fn reconcile(&mut self) {
+        let start = Instant::now();
+        let (desired, services, skipped, live) = self.desired();
+        for &ifindex in &live {
+            if let Err(e) = self.attachments.ensure(&mut self.ebpf, ifindex) {
+                warn!(ifindex, error = %e, "could not attach the TC programs");
+            }
+        }
+        self.attachments.sweep(&live);
+        let plan = reconcile::plan(&desired, &self.actual);
+        let result = reconcile::apply(&plan, &mut self.lb, &mut self.actual);
+        let elapsed = start.elapsed().as_secs_f64();
+        for s in &skipped {
+            debug!(container = %s.container, error = %s.error, "container skipped");
+        }
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.reconcile_seconds.add(elapsed);
+        sh.status.reconcile.passes += 1;
+        sh.status.reconcile.last_ms = elapsed * 1e3;
+        match &result {
+            Ok(()) => {
+                self.retry = false;
+                sh.status.reconcile.writes += plan.writes() as u64;
+                sh.status.reconcile.last_error = None;
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i64)
+                    .unwrap_or(0);
+                for t in self.pending_events.drain(..) {
+                    sh.latency.add((now - t).max(0) as f64 / 1e6);
+                }
+                if !plan.is_empty() {
+                    info!(
+                        writes = plan.writes(),
+                        ms = format!("{:.2}", elapsed * 1e3),
+                        "reconciled"
+                    );
+                }
+            }
+            Err(e) => {
+                self.retry = true;
+                error!(error = %e, "reconcile failed; retrying in 1 s");
+                sh.status.reconcile.last_error = Some(e.to_string());
+            }
+        }
+        for s in &skipped {
+            if !sh.status.skipped.contains(s) {
+                warn!(container = %s.container, error = %s.error, "container skipped");
+            }
+        }
+        sh.status.services = services;
+        sh.status.skipped = skipped;
+        sh.status.docker.containers = self.containers.len();
+        sh.status.event_to_map_ms = sh.latency.summary();
+        sh.service_names = self
+            .actual
+            .services
+            .iter()
+            .map(|(addr, id)| {
+                let name = self
+                    .vips
+                    .iter()
+                    .find(|(_, v)| **v == addr.vip)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default();
+                let proto = if addr.proto == mesh_common::lb::PROTO_UDP {
+                    "udp"
+                } else {
+                    "tcp"
+                };
+                (*id, (name, format!("{}:{}/{proto}", addr.vip, addr.port)))
+            })
+            .collect();
+    }
+
+    fn set_docker(&self, connected: bool) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.status.docker.connected = connected;
+    }
+}
+
+fn vips_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("vips.json")
+}
+
+/// VIPs assigned by an earlier run (so a restart never moves one).
+fn load_vips(dir: &std::path::Path) -> BTreeMap<String, Ipv4Addr> {
+    std::fs::read_to_string(vips_file(dir))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save_vips(dir: &std::path::Path, vips: &BTreeMap<String, Ipv4Addr>) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("vips.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(vips)?)?;
+        std::fs::rename(tmp, vips_file(dir))
+    };
+    if let Err(e) = write() {
+        warn!(dir = %dir.display(), error = %e, "could not save the VIP assignments");
+    }
+}

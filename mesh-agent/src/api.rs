@@ -1,0 +1,65 @@
+//! The control socket (default /run/mesh/agent.sock). A client connects,
+//! sends one line with a command ("status"), and reads one JSON document
+//! until EOF. Unknown commands get `{"error": ...}`.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::warn;
+
+use crate::agent::Shared;
+
+/// Binds the socket (replacing a stale one) and serves it forever.
+pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    loop {
+        let (conn, _) = listener.accept().await?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(conn, shared).await {
+                warn!(error = %e, "control socket client");
+            }
+        });
+    }
+}
+
+async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
+    let (r, mut w) = conn.into_split();
+    let mut line = String::new();
+    // Bounded: one short line, within 5 s.
+    let mut reader = BufReader::new(r.take(256));
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let body = match line.trim() {
+        "status" | "" => {
+            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec_pretty(&sh.status)?
+        }
+        other => serde_json::to_vec(
+            &serde_json::json!({ "error": format!("unknown command {other:?}") }),
+        )?,
+    };
+    w.write_all(&body).await?;
+    w.shutdown().await
+}
+
+/// Asks the agent at `path` for `command`; the raw JSON answer.
+pub fn ask(path: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

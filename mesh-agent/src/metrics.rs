@@ -1,0 +1,155 @@
+//! Prometheus metrics over plain HTTP/1.0 (`GET /metrics`), read from the
+//! pinned maps at scrape time plus the agent's own figures.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use mesh_common::{lb::ServiceStats, maps, stats::Stat};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::warn;
+
+use crate::{agent::Shared, dataplane::stats};
+
+/// Counters that mean a packet was dropped, and why.
+const DROPS: [Stat; 5] = [
+    Stat::XdpDrop,
+    Stat::LbNoBackend,
+    Stat::LbCtWriteFail,
+    Stat::NatRewriteFail,
+    Stat::TcShot,
+];
+
+pub async fn serve(
+    addr: SocketAddr,
+    bpffs_dir: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let (dir, shared) = (bpffs_dir.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
+                    ("200 OK", render(&dir, &shared))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
+            let head = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if let Err(e) = async {
+                conn.write_all(head.as_bytes()).await?;
+                conn.write_all(body.as_bytes()).await?;
+                conn.shutdown().await
+            }
+            .await
+            {
+                warn!(error = %e, "metrics client");
+            }
+        });
+    }
+}
+
+fn open<V: aya::Pod>(dir: &std::path::Path, name: &str) -> Option<PerCpuArray<MapData, V>> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    PerCpuArray::try_from(Map::PerCpuArray(data)).ok()
+}
+
+/// The exposition text.
+pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
+    let mut out = String::new();
+    if let Some(map) = open::<u64>(dir, maps::STATS)
+        && let Ok(counters) = stats::read(&map)
+    {
+        out.push_str(
+            "# HELP mesh_datapath_packets_total Packets by the path they took in the data plane.\n",
+        );
+        out.push_str("# TYPE mesh_datapath_packets_total counter\n");
+        for c in &counters {
+            let _ = writeln!(
+                out,
+                "mesh_datapath_packets_total{{counter=\"{}\"}} {}",
+                c.name, c.value
+            );
+        }
+        out.push_str("# HELP mesh_drops_total Packets dropped, by reason.\n# TYPE mesh_drops_total counter\n");
+        for s in DROPS {
+            let v = counters
+                .iter()
+                .find(|c| c.name == s.name())
+                .map_or(0, |c| c.value);
+            let _ = writeln!(out, "mesh_drops_total{{reason=\"{}\"}} {v}", s.name());
+        }
+    }
+    let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(map) = open::<ServiceStats>(dir, maps::SERVICE_STATS) {
+        out.push_str("# HELP mesh_service_packets_total Packets to and from a service VIP.\n# TYPE mesh_service_packets_total counter\n");
+        let mut bytes = String::new();
+        let mut flows = String::new();
+        for (id, (name, addr)) in &sh.service_names {
+            let Ok(per_cpu) = map.get(id, 0) else {
+                continue;
+            };
+            let s = per_cpu
+                .iter()
+                .fold(ServiceStats::default(), |a, s| ServiceStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                    new_flows: a.new_flows + s.new_flows,
+                });
+            let labels = format!("service=\"{name}\",address=\"{addr}\"");
+            let _ = writeln!(out, "mesh_service_packets_total{{{labels}}} {}", s.packets);
+            let _ = writeln!(bytes, "mesh_service_bytes_total{{{labels}}} {}", s.bytes);
+            let _ = writeln!(
+                flows,
+                "mesh_service_new_flows_total{{{labels}}} {}",
+                s.new_flows
+            );
+        }
+        out.push_str("# TYPE mesh_service_bytes_total counter\n");
+        out.push_str(&bytes);
+        out.push_str("# TYPE mesh_service_new_flows_total counter\n");
+        out.push_str(&flows);
+    }
+    summary(
+        &mut out,
+        "mesh_reconcile_duration_seconds",
+        "Time of one reconcile pass.",
+        &sh.reconcile_seconds,
+        1.0,
+    );
+    summary(
+        &mut out,
+        "mesh_docker_event_to_map_seconds",
+        "From a Docker event to its map writes.",
+        &sh.latency,
+        1e-3,
+    );
+    out
+}
+
+fn summary(out: &mut String, name: &str, help: &str, s: &crate::status::Samples, scale: f64) {
+    let q = s.summary();
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    let _ = writeln!(out, "{name}{{quantile=\"0.5\"}} {}", q.p50 * scale);
+    let _ = writeln!(out, "{name}{{quantile=\"0.99\"}} {}", q.p99 * scale);
+    let _ = writeln!(out, "{name}_sum {}", s.sum * scale);
+    let _ = writeln!(out, "{name}_count {}", s.count);
+}

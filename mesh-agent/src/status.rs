@@ -1,0 +1,104 @@
+//! What the agent reports about itself (`meshctl status`, the control
+//! socket): shared between the agent and meshctl.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub node: Node,
+    pub docker: DockerState,
+    pub services: Vec<ServiceStatus>,
+    /// Containers left out because of their labels (or their veth), and why.
+    pub skipped: Vec<Skipped>,
+    pub reconcile: ReconcileStatus,
+    pub event_to_map_ms: Latency,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Node {
+    pub subnet: String,
+    pub vip_cidr: String,
+    pub bpffs_dir: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DockerState {
+    pub socket: String,
+    pub connected: bool,
+    pub containers: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    /// "80/tcp -> 8080" per port mapping seen on its containers.
+    pub ports: Vec<String>,
+    pub active: usize,
+    pub draining: usize,
+    /// Containers of the service that are not backends yet (unhealthy,
+    /// health check starting).
+    pub waiting: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    pub container: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReconcileStatus {
+    pub passes: u64,
+    pub writes: u64,
+    pub last_ms: f64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The last N latency samples, for quantiles.
+#[derive(Debug, Default)]
+pub struct Samples {
+    values: std::collections::VecDeque<f64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Samples {
+    const KEEP: usize = 4096;
+
+    pub fn add(&mut self, v: f64) {
+        if self.values.len() == Self::KEEP {
+            self.values.pop_front();
+        }
+        self.values.push_back(v);
+        self.count += 1;
+        self.sum += v;
+    }
+
+    pub fn summary(&self) -> Latency {
+        let mut v: Vec<f64> = self.values.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v[((v.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        Latency {
+            samples: self.count,
+            p50: q(0.5),
+            p99: q(0.99),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}

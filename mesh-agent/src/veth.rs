@@ -1,0 +1,170 @@
+//! Container veths: which host-side interface belongs to a container, and
+//! keeping the TC programs attached to it (links pinned in bpffs, so they
+//! outlive the agent process).
+
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        TcAttachType,
+        links::{FdLink, LinkError},
+    },
+};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{self, progs};
+
+/// The host-side ifindex of the container interface with `mac`, found
+/// through the container's own sysfs (`/proc/PID/root/sys/class/net`):
+/// a veth's `iflink` is its peer's ifindex.
+pub fn host_ifindex(pid: u32, mac: [u8; 6]) -> io::Result<u32> {
+    let want = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let dir = PathBuf::from(format!("/proc/{pid}/root/sys/class/net"));
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let addr = std::fs::read_to_string(path.join("address")).unwrap_or_default();
+        if addr.trim() == want {
+            let iflink = std::fs::read_to_string(path.join("iflink"))?;
+            return iflink
+                .trim()
+                .parse()
+                .map_err(|_| io::Error::other(format!("bad iflink in {}", path.display())));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no interface with MAC {want} in {}", dir.display()),
+    ))
+}
+
+/// The name of interface `ifindex` in this network namespace.
+pub fn if_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// TC attachments to container veths, pinned under `<bpffs>/links`.
+pub struct Attachments {
+    dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("interface {0} does not exist")]
+    NoInterface(u32),
+    #[error("attaching to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning the link of {iface}: {msg}")]
+    Pin { iface: String, msg: String },
+    #[error("{0}")]
+    Load(#[from] dataplane::LoadError),
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+}
+
+impl Attachments {
+    pub fn new(bpffs_dir: &Path) -> Result<Self, AttachError> {
+        let dir = bpffs_dir.join("links");
+        std::fs::create_dir_all(&dir).map_err(|e| AttachError::Io(dir.clone(), e))?;
+        Ok(Attachments { dir })
+    }
+
+    fn pin_path(&self, ifindex: u32, at: TcAttachType) -> PathBuf {
+        let dir = if matches!(at, TcAttachType::Ingress) {
+            "in"
+        } else {
+            "out"
+        };
+        self.dir.join(format!("tc_{ifindex}_{dir}"))
+    }
+
+    /// Makes sure both TC programs are attached to `ifindex`. Links pinned
+    /// by an earlier agent run are kept as they are (adopted).
+    pub fn ensure(&self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        let iface = if_name(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
+        let mut attached = false;
+        for (name, at) in [
+            (progs::TC_FROM_CONTAINER, TcAttachType::Ingress),
+            (progs::TC_TO_CONTAINER, TcAttachType::Egress),
+        ] {
+            let pin = self.pin_path(ifindex, at);
+            if pin.exists() {
+                continue;
+            }
+            let prog = dataplane::tc(ebpf, name)?;
+            let id = prog
+                .attach(&iface, at)
+                .map_err(|source| AttachError::Attach {
+                    iface: iface.clone(),
+                    source,
+                })?;
+            let link = prog.take_link(id).map_err(|source| AttachError::Attach {
+                iface: iface.clone(),
+                source,
+            })?;
+            let fd: FdLink = link.try_into().map_err(|e: LinkError| AttachError::Pin {
+                iface: iface.clone(),
+                msg: e.to_string(),
+            })?;
+            // The pinned link keeps the program attached after we exit.
+            fd.pin(&pin).map_err(|e| AttachError::Pin {
+                iface: iface.clone(),
+                msg: e.to_string(),
+            })?;
+            attached = true;
+        }
+        if attached {
+            info!(iface, ifindex, "TC programs attached");
+        } else {
+            debug!(iface, ifindex, "TC programs already attached (adopted)");
+        }
+        Ok(attached)
+    }
+
+    /// Unpins links of veths not in `live` (their containers are gone).
+    pub fn sweep(&self, live: &BTreeSet<u32>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ifindex: Option<u32> = name
+                .strip_prefix("tc_")
+                .and_then(|r| r.split('_').next())
+                .and_then(|i| i.parse().ok());
+            if let Some(ifindex) = ifindex
+                && !live.contains(&ifindex)
+            {
+                if let Err(err) = std::fs::remove_file(e.path()) {
+                    warn!(path = %e.path().display(), %err, "could not remove a stale link pin");
+                } else {
+                    debug!(ifindex, "stale link pin removed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Docker engines and mesh agents for the agent tests, each in a network
+//! namespace of its own (Debian's dockerd, started here with private data,
+//! exec and socket paths; see ../shared/TOOLCHAIN.md). Images are built
+//! locally: the static whoami binary, imported FROM scratch.
+//!
+//! Everything started here is stopped and removed on drop.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::status::Status;
+
+use crate::netns::{Netns, unique};
+
+/// The test image: /whoami (entrypoint), static.
+pub const WHOAMI_IMAGE: &str = "mesh-whoami:test";
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .expect("workspace root")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The static whoami binary (MESH_WHOAMI, or built once here).
+pub fn whoami_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESH_WHOAMI") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace())
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "mesh-whoami",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir().join("static"))
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building whoami: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target_dir().join("static/x86_64-unknown-linux-gnu/release/whoami")
+    })
+    .clone()
+}
+
+/// A binary of this workspace (built by the test run: cargo builds the bins
+/// of the packages it tests).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join(name))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests through cargo (cargo xtask test)",
+        bin.display()
+    );
+    bin
+}
+
+/// A Docker engine in a namespace of its own.
+pub struct Engine {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    daemon: Child,
+}
+
+impl Engine {
+    pub fn start() -> Self {
+        let tag = unique("mdk");
+        let ns = Netns::new(&tag);
+        let dir = PathBuf::from("/tmp").join(&tag);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("engine dir");
+        let socket = dir.join("docker.sock");
+        let log = fs::File::create(dir.join("dockerd.log")).expect("log file");
+        let daemon = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", ns.name))
+            .arg("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("x"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args([
+                "--bip",
+                "172.30.0.1/24",
+                "--cgroup-parent",
+                &tag,
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("dockerd starts (apt-get install docker.io)");
+        let engine = Engine {
+            ns,
+            dir,
+            socket,
+            daemon,
+        };
+        let start = Instant::now();
+        while !engine
+            .docker(&["info", "--format", "{{.ServerVersion}}"])
+            .status
+            .success()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "dockerd did not come up: {}",
+                fs::read_to_string(engine.dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        engine
+    }
+
+    /// `docker -H <this engine> args...`
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("docker client runs")
+    }
+
+    /// As [`Engine::docker`], panicking with stderr on failure; stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Imports the whoami image (FROM scratch, /whoami as entrypoint).
+    pub fn import_whoami(&self) {
+        let root = self.dir.join("img");
+        fs::create_dir_all(root.join("tmp")).expect("image root");
+        fs::copy(whoami_bin(), root.join("whoami")).expect("copy whoami");
+        let tar = self.dir.join("whoami.tar");
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(ok.success(), "tar");
+        self.docker_ok(&[
+            "import",
+            "--change",
+            "ENTRYPOINT [\"/whoami\"]",
+            tar.to_str().expect("utf-8 path"),
+            WHOAMI_IMAGE,
+        ]);
+    }
+
+    /// Runs a whoami container on the mesh network; returns its id.
+    pub fn run_whoami(&self, name: &str, labels: &[&str], extra: &[&str]) -> String {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            "mesh",
+        ];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        args.extend(extra);
+        args.extend([WHOAMI_IMAGE, "serve", "--tcp", "80", "--udp", "80"]);
+        self.docker_ok(&args)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let ids = self.docker(&["ps", "-aq"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.docker(&["rm", "-f", id]);
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while self.daemon.try_wait().ok().flatten().is_none()
+            && start.elapsed() < Duration::from_secs(15)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A mesh-agent process in an engine's namespace, started as a user would.
+pub struct Agent {
+    pub api_socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    ns: String,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(engine: &Engine, extra: &[&str]) -> Self {
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(engine.dir.file_name().expect("tag"));
+        let mut args: Vec<String> = vec![
+            "--docker-socket".into(),
+            engine.socket.display().to_string(),
+            "--bpffs-dir".into(),
+            bpffs_dir.display().to_string(),
+            "--state-dir".into(),
+            engine.dir.join("state").display().to_string(),
+            "--api-socket".into(),
+            engine.dir.join("agent.sock").display().to_string(),
+            "--metrics-addr".into(),
+            "127.0.0.1:9464".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = Agent {
+            api_socket: engine.dir.join("agent.sock"),
+            bpffs_dir,
+            log: engine.dir.join("agent.log"),
+            args,
+            ns: engine.ns.name.clone(),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .arg(workspace_bin("mesh-agent"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("mesh-agent starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// The agent's status, if it answers.
+    pub fn status(&self) -> Option<Status> {
+        let raw = mesh_agent::api::ask(&self.api_socket, "status").ok()?;
+        serde_json::from_str(&raw).ok()
+    }
+
+    /// Waits (bounded) until `f` holds for the agent's status.
+    pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&Status) -> bool) -> Status {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status()
+                && f(&s)
+            {
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "agent: {what} not reached in {timeout:?}; status {:?}\nlog:\n{}",
+                self.status(),
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        // Unpinning the links detaches the programs; the maps go with them.
+        let _ = fs::remove_dir_all(&self.bpffs_dir);
+    }
+}

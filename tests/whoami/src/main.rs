@@ -1,0 +1,231 @@
+//! whoami: a test server that answers with its name, and a bounded client.
+//!
+//! ```text
+//! whoami serve [--tcp PORT]... [--udp PORT]... [--name NAME] [--term-delay-ms MS]
+//!     TCP: writes "<name>\n" on accept, then answers each line read with "<name>\n".
+//!     UDP: answers each datagram with "<name>". Name: --name, else /etc/hostname.
+//!     On SIGTERM it keeps serving for --term-delay-ms (default 0), then exits 0.
+//! whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS]
+//!     N requests (default 1), one new connection / socket each; prints
+//!     "<unix-ms> ok <name>" or "<unix-ms> err <why>" per request, then
+//!     "total N ok K err E"; exits 1 if any failed.
+//! whoami health | sick | well
+//!     health check: exit 1 while /tmp/sick exists; sick/well create/remove it.
+//! ```
+//! Every loop is bounded by count and timeouts.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket},
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("ask") => return ask(&args[1..]),
+        Some("health") => {
+            return if std::path::Path::new("/tmp/sick").exists() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        Some("sick") => std::fs::write("/tmp/sick", b"sick").map_err(|e| e.to_string()),
+        Some("well") => std::fs::remove_file("/tmp/sick").or(Ok(())),
+        _ => Err("usage: whoami serve|ask|health|sick|well (see the source)".into()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("whoami: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+        .collect()
+}
+
+fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String> {
+    match flag(args, name).last() {
+        Some(v) => v.parse().map_err(|_| format!("{name} {v:?}: not a number")),
+        None => Ok(default),
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let name = match flag(args, "--name").last() {
+        Some(n) => n.to_string(),
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "whoami".into()),
+    };
+    let term_delay = Duration::from_millis(num(args, "--term-delay-ms", 0u64)?);
+    // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    }
+    for p in flag(args, "--tcp") {
+        let l = TcpListener::bind((
+            "0.0.0.0",
+            p.parse::<u16>().map_err(|_| format!("--tcp {p:?}"))?,
+        ))
+        .map_err(|e| format!("tcp {p}: {e}"))?;
+        let name = name.clone();
+        thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || tcp_conn(conn, &name));
+            }
+        });
+    }
+    for p in flag(args, "--udp") {
+        let s = UdpSocket::bind((
+            "0.0.0.0",
+            p.parse::<u16>().map_err(|_| format!("--udp {p:?}"))?,
+        ))
+        .map_err(|e| format!("udp {p}: {e}"))?;
+        let name = name.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(name.as_bytes(), from);
+            }
+        });
+    }
+    println!("whoami {name} serving");
+    while !TERM.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "whoami {name}: SIGTERM, serving {} ms more",
+        term_delay.as_millis()
+    );
+    thread::sleep(term_delay);
+    Ok(())
+}
+
+fn tcp_conn(conn: TcpStream, name: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut w) = conn.try_clone() else { return };
+    if writeln!(w, "{name}").is_err() {
+        return;
+    }
+    for line in BufReader::new(conn).lines() {
+        if line.is_err() || writeln!(w, "{name}").is_err() {
+            return;
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn ask(args: &[String]) -> ExitCode {
+    let (Some(proto), Some(target)) = (args.first(), args.get(1)) else {
+        eprintln!(
+            "usage: whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS]"
+        );
+        return ExitCode::FAILURE;
+    };
+    let parsed = (|| -> Result<(SocketAddr, u64, u64, u64), String> {
+        let addr = target
+            .to_socket_addrs()
+            .map_err(|e| format!("{target}: {e}"))?
+            .next()
+            .ok_or("no address")?;
+        Ok((
+            addr,
+            num(args, "--count", 1u64)?,
+            num(args, "--interval-ms", 0u64)?,
+            num(args, "--timeout-ms", 2000u64)?,
+        ))
+    })();
+    let (addr, count, interval, timeout) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("whoami: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let count = count.min(1_000_000);
+    let timeout = Duration::from_millis(timeout.clamp(1, 60_000));
+    let (mut ok, mut err) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    for _ in 0..count {
+        let r = if proto == "udp" {
+            ask_udp(addr, timeout)
+        } else {
+            ask_tcp(addr, timeout)
+        };
+        match r {
+            Ok(name) => {
+                ok += 1;
+                let _ = writeln!(out, "{} ok {name}", now_ms());
+            }
+            Err(e) => {
+                err += 1;
+                let _ = writeln!(out, "{} err {e}", now_ms());
+            }
+        }
+        if interval > 0 {
+            thread::sleep(Duration::from_millis(interval));
+        }
+    }
+    let _ = writeln!(out, "total {count} ok {ok} err {err}");
+    if err == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn ask_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    if s.peer_addr().map_err(|e| e.to_string())? != addr {
+        return Err("peer is not the address asked".into());
+    }
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s.take(256))
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    match line.trim() {
+        "" => Err("closed without an answer".into()),
+        name => Ok(name.to_string()),
+    }
+}
+
+fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.send_to(b"who", addr).map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 256];
+    let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+    if from != addr {
+        return Err(format!("answer from {from}, not {addr}"));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
