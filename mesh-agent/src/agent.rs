@@ -108,7 +108,6 @@ impl Agent {
     pub async fn run(&mut self) -> anyhow::Result<()> {
         loop {
             let d = docker::connect(&self.settings.docker_socket).await;
-            self.set_docker(true);
             if let Err(e) = docker::ensure_network(
                 &d,
                 self.settings.node_subnet,
@@ -125,6 +124,8 @@ impl Agent {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            // Connected, with the mesh network in place.
+            self.set_docker(true);
             // Follow events from before the listing, so nothing falls between.
             let since = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -167,19 +168,22 @@ impl Agent {
             tokio::select! {
                 ev = events.next() => {
                     let Some(Ok(ev)) = ev else { return };
-                    self.on_event(d, ev).await;
+                    let mut changed = self.on_event(d, ev).await;
                     // Take whatever else is already queued before reconciling.
                     while let Some(Some(Ok(ev))) = futures_util::FutureExt::now_or_never(events.next()) {
-                        self.on_event(d, ev).await;
+                        changed |= self.on_event(d, ev).await;
                     }
-                    self.reconcile();
+                    if changed {
+                        self.reconcile();
+                    }
                 }
                 _ = retry_tick.tick(), if self.retry => self.reconcile(),
             }
         }
     }
 
-    async fn on_event(&mut self, d: &Docker, ev: bollard::models::EventMessage) {
+    /// Updates what we know from one event; whether it may change anything.
+    async fn on_event(&mut self, d: &Docker, ev: bollard::models::EventMessage) -> bool {
         let action = ev.action.clone().unwrap_or_default();
         let attrs = ev
             .actor
@@ -193,19 +197,19 @@ impl Agent {
                     "start" | "restart" | "die" | "kill" | "stop" | "destroy" | "pause" | "unpause"
                 ) || action.starts_with("health_status");
                 if !relevant {
-                    return;
+                    return false;
                 }
                 ev.actor.and_then(|a| a.id)
             }
             Some(bollard::models::EventMessageTypeEnum::NETWORK) => {
                 if attrs.get("name").map(String::as_str) != Some(docker::NETWORK) {
-                    return;
+                    return false;
                 }
                 attrs.get("container").cloned()
             }
             _ => None,
         };
-        let Some(id) = id else { return };
+        let Some(id) = id else { return false };
         debug!(%action, container = %id, "docker event");
         if let Some(t) = ev.time_nano {
             self.pending_events.push(t);
@@ -232,6 +236,7 @@ impl Agent {
             }
             Err(e) => warn!(container = %id, error = %e, "inspect failed; keeping what we knew"),
         }
+        true
     }
 
     /// Desired state from the containers, the services' VIPs, and status rows.

@@ -170,11 +170,20 @@ impl Engine {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// Imports the whoami image (FROM scratch, /whoami as entrypoint).
+    /// Imports the whoami image (FROM scratch: /whoami as entrypoint, and a
+    /// static busybox as /bin/sh).
     pub fn import_whoami(&self) {
         let root = self.dir.join("img");
         fs::create_dir_all(root.join("tmp")).expect("image root");
+        fs::create_dir_all(root.join("bin")).expect("image root");
         fs::copy(whoami_bin(), root.join("whoami")).expect("copy whoami");
+        // A shell (Docker runs health checks with /bin/sh -c) and tools:
+        // Debian's static busybox.
+        fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("busybox-static is installed (cargo xtask setup)");
+        for tool in ["sh", "nslookup", "cat", "sleep", "ip"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
+        }
         let tar = self.dir.join("whoami.tar");
         let ok = Command::new("tar")
             .arg("-C")

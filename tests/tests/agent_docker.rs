@@ -96,3 +96,293 @@ fn docker_labelled_containers_share_a_vip_that_survives_restart() {
         "{names:?} {errors:?}"
     );
 }
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Starts `whoami ask` in the client in the background.
+fn ask_in_background(
+    engine: &Engine,
+    target: &str,
+    count: u32,
+    interval_ms: u32,
+) -> std::process::Child {
+    std::process::Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{}", engine.socket.display()))
+        .args(["exec", "client", "/whoami", "ask", "tcp", target])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+            "--timeout-ms",
+            "2000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker exec")
+}
+
+/// (unix ms, Ok(name) | Err(line)) per request of a finished `ask`.
+fn results(child: std::process::Child) -> Vec<(u128, Result<String, String>)> {
+    let out = child.wait_with_output().expect("ask finishes");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let t: u128 = f.next()?.parse().ok()?;
+            match (f.next()?, f.next().unwrap_or("")) {
+                ("ok", name) => Some((t, Ok(name.to_string()))),
+                ("err", _) => Some((t, Err(l.to_string()))),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn start_three() -> (Engine, Agent, String) {
+    let engine = Engine::start();
+    engine.import_whoami();
+    let agent = Agent::start(&engine, &[]);
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    for n in ["w1", "w2", "w3"] {
+        let id = engine.run_whoami(n, &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"], &[]);
+        assert!(!id.is_empty());
+    }
+    engine.run_whoami("client", &[], &[]);
+    let vip = whoami_vip(&agent, 3);
+    (engine, agent, vip)
+}
+
+#[test]
+fn docker_stop_drains_at_once_and_start_brings_it_back() {
+    let engine = Engine::start();
+    engine.import_whoami();
+    let agent = Agent::start(&engine, &[]);
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    for n in ["w1", "w2", "w3"] {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            n,
+            "--hostname",
+            n,
+            "--network",
+            "mesh",
+        ];
+        args.extend([
+            "--label",
+            "mesh.service=whoami",
+            "--label",
+            "mesh.port=80/tcp",
+        ]);
+        args.extend([
+            mesh_tests::dockerlab::WHOAMI_IMAGE,
+            "serve",
+            "--tcp",
+            "80",
+            "--term-delay-ms",
+            "3000",
+        ]);
+        engine.docker_ok(&args);
+    }
+    engine.run_whoami("client", &[], &[]);
+    let vip = whoami_vip(&agent, 3);
+    let target = format!("{vip}:80");
+
+    let loop1 = ask_in_background(&engine, &target, 800, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    let stop_at = now_ms();
+    engine.docker_ok(&["stop", "w2"]);
+    let stopped_at = now_ms();
+    let r1 = results(loop1);
+    let late: Vec<_> = r1
+        .iter()
+        .filter(|(t, r)| *t > stop_at + 1000 && r.as_deref() == Ok("w2"))
+        .collect();
+    let errors: Vec<_> = r1.iter().filter(|(_, r)| r.is_err()).collect();
+    println!(
+        "docker stop w2 took {} ms (w2 kept serving 3 s after SIGTERM); {} requests, {} answered by w2 more than 1 s after the stop, {} failed",
+        stopped_at - stop_at,
+        r1.len(),
+        late.len(),
+        errors.len()
+    );
+    assert!(
+        late.is_empty(),
+        "new requests reached the stopping container: {late:?}"
+    );
+    assert!(
+        errors.is_empty(),
+        "requests failed while w2 stopped: {errors:?}"
+    );
+
+    engine.docker_ok(&["start", "w2"]);
+    let started_at = now_ms();
+    let r2 = results(ask_in_background(&engine, &target, 300, 10));
+    let first_w2 = r2
+        .iter()
+        .find(|(_, r)| r.as_deref() == Ok("w2"))
+        .map(|(t, _)| *t);
+    let back_after = first_w2.map(|t| t.saturating_sub(started_at));
+    println!("docker start w2: first request answered by w2 after {back_after:?} ms");
+    assert!(
+        back_after.is_some_and(|ms| ms <= 1000),
+        "w2 back within 1 s: {back_after:?}"
+    );
+    assert!(
+        r2.iter().all(|(_, r)| r.is_ok()),
+        "no failures after the start"
+    );
+
+    let st = agent.status().expect("status");
+    println!(
+        "event-to-map latency over {} events: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        st.event_to_map_ms.samples,
+        st.event_to_map_ms.p50,
+        st.event_to_map_ms.p99,
+        st.event_to_map_ms.max
+    );
+}
+
+#[test]
+fn docker_agent_kill9_loses_no_request_and_adopts_what_changed() {
+    let (engine, mut agent, vip) = start_three();
+    let target = format!("{vip}:80");
+
+    // A continuous loop of 2,000 requests; the agent dies in the middle and
+    // comes back 2 s later.
+    let client = ask_in_background(&engine, &target, 2000, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.restart();
+    let r = results(client);
+    let failed: Vec<_> = r.iter().filter(|(_, x)| x.is_err()).collect();
+    println!(
+        "{} requests across a kill -9 and restart of the agent: {} failed",
+        r.len(),
+        failed.len()
+    );
+    assert_eq!(r.len(), 2000);
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // A container removed while the agent is down is gone after the restart.
+    agent.wait_for("restarted agent has reconciled", WAIT, |s| {
+        s.reconcile.passes > 0 && s.docker.connected
+    });
+    agent.kill9();
+    let w3_ip = engine.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.mesh.IPAddress}}",
+        "w3",
+    ]);
+    engine.docker_ok(&["rm", "-f", "w3"]);
+    agent.restart();
+    whoami_vip(&agent, 2);
+    let lb = mesh_agent::dataplane::lb::LbMaps::from_pins(&agent.bpffs_dir).expect("pinned maps");
+    let actual = lb.read_actual().expect("read maps");
+    let ips: Vec<String> = actual
+        .backends
+        .values()
+        .map(|b| std::net::Ipv4Addr::from(u32::from_be(b.ip_be)).to_string())
+        .collect();
+    println!("backends in the kernel after the restart: {ips:?} (w3 was {w3_ip})");
+    assert!(!ips.contains(&w3_ip), "w3 is gone from the maps");
+    assert_eq!(ips.len(), 4, "w1 and w2, TCP and UDP");
+    let (names, errors) = ask(&engine, "tcp", &target, 50, 0);
+    assert!(
+        errors.is_empty() && names.len() == 2,
+        "{names:?} {errors:?}"
+    );
+}
+
+#[test]
+fn docker_bad_labels_are_reported_and_harm_nothing_else() {
+    let (engine, agent, vip) = start_three();
+    engine.run_whoami("bad-port", &["mesh.service=whoami", "mesh.port=70000"], &[]);
+    engine.run_whoami(
+        "bad-proto",
+        &["mesh.service=other", "mesh.port=80/sctp"],
+        &[],
+    );
+    engine.run_whoami(
+        "bad-name",
+        &["mesh.service=not_a_name", "mesh.port=80"],
+        &[],
+    );
+    let st = agent.wait_for("three skipped containers", WAIT, |s| s.skipped.len() == 3);
+    for s in &st.skipped {
+        println!("skipped {}: {}", s.container, s.error);
+    }
+    let why = |c: &str| {
+        st.skipped
+            .iter()
+            .find(|s| s.container == c)
+            .map(|s| s.error.clone())
+            .unwrap_or_default()
+    };
+    assert!(why("bad-port").contains("outside 1-65535"));
+    assert!(why("bad-proto").contains("unknown protocol"));
+    assert!(why("bad-name").contains("not a DNS label"));
+    assert!(
+        agent.log_text().contains("outside 1-65535"),
+        "the log says why too"
+    );
+    let svc = st
+        .services
+        .iter()
+        .find(|s| s.name == "whoami")
+        .expect("whoami");
+    assert_eq!(
+        (svc.active, svc.vip.as_str()),
+        (3, vip.as_str()),
+        "whoami untouched"
+    );
+    assert!(!st.services.iter().any(|s| s.name == "other"));
+    let (names, errors) = ask(&engine, "tcp", &format!("{vip}:80"), 60, 0);
+    assert!(
+        errors.is_empty() && names.len() == 3,
+        "{names:?} {errors:?}"
+    );
+}
+
+#[test]
+fn docker_health_checks_gate_backends() {
+    let (engine, agent, vip) = start_three();
+    engine.run_whoami(
+        "h1",
+        &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"],
+        &[
+            "--health-cmd",
+            "/whoami health",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            "--health-timeout",
+            "1s",
+        ],
+    );
+    whoami_vip(&agent, 4);
+    engine.docker_ok(&["exec", "h1", "/whoami", "sick"]);
+    agent.wait_for("unhealthy h1 out", WAIT, |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "whoami" && x.active == 3 && x.waiting == 1)
+    });
+    let (names, _) = ask(&engine, "tcp", &format!("{vip}:80"), 60, 0);
+    assert!(
+        !names.contains_key("h1"),
+        "no request reaches an unhealthy container: {names:?}"
+    );
+    engine.docker_ok(&["exec", "h1", "/whoami", "well"]);
+    whoami_vip(&agent, 4);
+}

@@ -24,6 +24,7 @@ const APT: &[(&str, &str)] = &[
     ("iputils-ping", "ping in tests and the demo"),
     ("docker.io", "the Docker engine for agent and lab tests"),
     ("tar", "building local test images"),
+    ("busybox-static", "a shell and tools inside the test images"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
