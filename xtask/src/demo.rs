@@ -17,6 +17,7 @@ const PEER: &str = "mesh-demo-peer";
 const NODE_IP: &str = "192.168.254.1";
 const PEER_IP: &str = "192.168.254.2";
 const PIN_DIR: &str = "/sys/fs/bpf/mesh-demo";
+const RUN_DIR: &str = "/run/mesh-demo";
 
 pub fn run() -> Result<()> {
     crate::cmd::cargo(&["build", "--quiet", "-p", "mesh-agent", "--bins"])?;
@@ -54,6 +55,20 @@ fn demo(bin: &std::path::Path) -> Result<()> {
     );
     let mut agent = in_ns(NODE, bin.join("mesh-agent"))
         .args(["--underlay-iface", "eth0", "--bpffs-dir", PIN_DIR])
+        // Its own paths, so a real agent on this host is never touched; no
+        // Docker engine in this demo (the agent waits for one and says so).
+        .args([
+            "--state-dir",
+            RUN_DIR,
+            "--api-socket",
+            "/run/mesh-demo/agent.sock",
+        ])
+        .args([
+            "--docker-socket",
+            "/run/mesh-demo/docker.sock",
+            "--metrics-addr",
+            "127.0.0.1:9465",
+        ])
         .spawn()?;
     let pinned = PathBuf::from(PIN_DIR).join(mesh_common::maps::STATS);
     let mut waited = 0;
@@ -72,7 +87,9 @@ fn demo(bin: &std::path::Path) -> Result<()> {
     // SAFETY: kill(2) with a pid we spawned.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     let status = agent.wait()?;
-    println!("== 5. mesh-agent stopped ({status}); namespaces and pins removed");
+    println!(
+        "== 5. mesh-agent stopped ({status}); the data plane stays until its pins go: removing namespaces and pins"
+    );
     outcome
 }
 
@@ -104,7 +121,9 @@ fn cleanup() {
     for ns in [NODE, PEER] {
         let _ = Cmd::new("ip").args(["netns", "del", ns]).ok();
     }
+    // Unpinning the links detaches the programs.
     let _ = std::fs::remove_dir_all(PIN_DIR);
+    let _ = std::fs::remove_dir_all(RUN_DIR);
 }
 
 fn target_dir() -> PathBuf {
