@@ -211,13 +211,27 @@ impl Agent {
         };
         let Some(id) = id else { return false };
         debug!(%action, container = %id, "docker event");
-        if let Some(t) = ev.time_nano {
+        let changed = self.apply_event(d, &action, id).await;
+        if changed && let Some(t) = ev.time_nano {
             self.pending_events.push(t);
         }
-        match action.as_str() {
-            // `docker stop` sends a signal first: drain at once.
-            "kill" | "stop" | "die" | "pause" => {
-                self.draining.insert(id.clone());
+        changed
+    }
+
+    async fn apply_event(&mut self, d: &Docker, action: &str, id: String) -> bool {
+        match action {
+            // `docker stop` sends a signal first: drain at once. The event
+            // says all we need; an inspect now would wait for the stop.
+            "kill" | "stop" | "pause" => {
+                if !self.containers.contains_key(&id) {
+                    return false;
+                }
+                return self.draining.insert(id);
+            }
+            "die" | "destroy" => {
+                self.draining.remove(&id);
+                self.ifindex.remove(&id);
+                return self.containers.remove(&id).is_some();
             }
             "start" | "restart" | "unpause" => {
                 self.draining.remove(&id);

@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
@@ -66,22 +66,28 @@ pub fn whoami_bin() -> PathBuf {
     .clone()
 }
 
-/// A binary of this workspace (built by the test run: cargo builds the bins
-/// of the packages it tests).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join(name))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests through cargo (cargo xtask test)",
-        bin.display()
-    );
-    bin
+/// The workspace's `mesh-agent` binary. Test runners build test binaries,
+/// not other packages' binaries, so it is built here (once per test
+/// process; a no-op when it is up to date) unless MESH_AGENT_BIN names one.
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace())
+            .args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"])
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building mesh-agent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target_dir().join("debug/mesh-agent")
+    })
+    .clone()
 }
 
 /// A Docker engine in a namespace of its own.
@@ -290,7 +296,7 @@ impl Agent {
             .expect("agent log");
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg(workspace_bin("mesh-agent"))
+            .arg(agent_bin())
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -298,6 +304,20 @@ impl Agent {
             .spawn()
             .expect("mesh-agent starts");
         self.child = Some(child);
+    }
+
+    /// Waits (bounded) for the agent to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL, as a crash would.

@@ -87,6 +87,57 @@ fn docker_labelled_containers_share_a_vip_that_survives_restart() {
         );
     }
 
+    // What users look at: meshctl status and /metrics.
+    let table = mesh_agent::ctl::execute(&mesh_agent::ctl::Args {
+        bpffs_dir: agent.bpffs_dir.clone(),
+        json: false,
+        cmd: mesh_agent::ctl::Cmd::Status {
+            api_socket: agent.api_socket.clone(),
+        },
+    })
+    .expect("meshctl status");
+    println!("{table}");
+    assert!(table.contains("docker:  connected"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("whoami") && l.contains(&vip) && l.contains("80/tcp -> 80")),
+        "{table}"
+    );
+    let metrics = engine.ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    });
+    for want in [
+        "HTTP/1.0 200 OK",
+        "mesh_service_packets_total{service=\"whoami\"",
+        "mesh_service_new_flows_total{service=\"whoami\"",
+        "mesh_drops_total{reason=\"lb_no_backend\"} 0",
+        "mesh_datapath_packets_total{counter=\"lb_new_flow\"}",
+        "mesh_reconcile_duration_seconds_count",
+        "mesh_docker_event_to_map_seconds{quantile=\"0.99\"}",
+    ] {
+        assert!(metrics.contains(want), "/metrics has {want}:\n{metrics}");
+    }
+    let flows_line = metrics
+        .lines()
+        .find(|l| l.starts_with("mesh_service_new_flows_total") && l.contains("/tcp"))
+        .expect("tcp flows");
+    let flows: u64 = flows_line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(
+        flows >= 300,
+        "300 TCP connections counted as new flows: {flows_line}"
+    );
+
     agent.restart();
     let again = whoami_vip(&agent, 3);
     assert_eq!(again, vip, "the VIP is the same after an agent restart");
@@ -385,4 +436,27 @@ fn docker_health_checks_gate_backends() {
     );
     engine.docker_ok(&["exec", "h1", "/whoami", "well"]);
     whoami_vip(&agent, 4);
+}
+
+#[test]
+fn docker_agent_refuses_a_conflicting_mesh_network() {
+    let engine = Engine::start();
+    engine.docker_ok(&["network", "create", "--subnet", "10.99.0.0/24", "mesh"]);
+    let mut agent = Agent::start(&engine, &[]);
+    let status = agent.wait_exit(WAIT).expect("the agent exits");
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("already exists") && log.contains("10.99.0.0/24"),
+        "{log}"
+    );
+    // The user's network is untouched.
+    let subnet = engine.docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        "mesh",
+    ]);
+    assert_eq!(subnet, "10.99.0.0/24");
 }

@@ -72,10 +72,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             bench(10_000)?;
             let whoami = build_whoami()?;
+            // The tests start the agent as a user would: build it first
+            // (test runners build only test binaries).
+            cmd::cargo(&["build", "-q", "-p", "mesh-agent", "--bins"])?;
+            let agent = target_dir().join("debug/mesh-agent");
             // Last, so its summary closes the output.
             cmd::Cmd::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .args(["nextest", "run", "--no-fail-fast"])
                 .env("MESH_WHOAMI", whoami)
+                .env("MESH_AGENT_BIN", agent)
                 .run()
         }
         Cmd::Bench { repeat } => {
@@ -96,12 +101,15 @@ fn lint() -> Result<()> {
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
 }
 
-/// The static whoami test binary (runs in FROM scratch images).
-fn build_whoami() -> Result<std::path::PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| cmd::root().join("target"))
-        .join("static");
+}
+
+/// The static whoami test binary (runs in FROM scratch images).
+fn build_whoami() -> Result<std::path::PathBuf> {
+    let target = target_dir().join("static");
     cmd::Cmd::new("cargo")
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .args([
