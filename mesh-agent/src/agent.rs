@@ -40,6 +40,9 @@ pub struct Settings {
     pub mtu: u32,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// DNS: where to listen (None: the mesh gateway address, port 53) and
+    /// how to answer; None disables the server.
+    pub dns: Option<(Option<std::net::SocketAddr>, crate::dns::DnsConfig)>,
 }
 
 /// State shared with the control socket and /metrics.
@@ -50,6 +53,7 @@ pub struct Shared {
     pub reconcile_seconds: Samples,
     /// Service id -> (name, VIP:port/proto), for /metrics labels.
     pub service_names: BTreeMap<u32, (String, String)>,
+    pub dns: Option<Arc<crate::dns::DnsStats>>,
 }
 
 pub struct Agent {
@@ -68,6 +72,9 @@ pub struct Agent {
     /// Event times (ns since the epoch) waiting for their map writes.
     pending_events: Vec<i64>,
     retry: bool,
+    /// What DNS answers; replaced after every pass.
+    zone: Arc<std::sync::RwLock<crate::dns::Zone>>,
+    dns_started: bool,
 }
 
 impl Agent {
@@ -100,6 +107,8 @@ impl Agent {
             shared,
             pending_events: Vec::new(),
             retry: false,
+            zone: Arc::default(),
+            dns_started: false,
         })
     }
 
@@ -125,6 +134,7 @@ impl Agent {
                 continue;
             }
             // Connected, with the mesh network in place.
+            self.start_dns();
             self.set_docker(true);
             // Follow events from before the listing, so nothing falls between.
             let since = SystemTime::now()
@@ -321,6 +331,7 @@ impl Agent {
 
         let mut desired = Desired::new();
         let mut rows: BTreeMap<String, ServiceStatus> = BTreeMap::new();
+        let mut zone = crate::dns::Zone::new();
         for (c, s, ifindex, state) in &members {
             let Some(vip) = vips.get(&s.service) else {
                 skipped.push(Skipped {
@@ -337,10 +348,18 @@ impl Agent {
                     vip: vip.to_string(),
                     ..ServiceStatus::default()
                 });
+            let entry = zone.entry(s.service.clone()).or_default();
+            entry.vip = Some(*vip);
             if *state == backend_state::ACTIVE {
-                row.active += 1
+                row.active += 1;
+                entry.tasks.push(ip);
             } else {
-                row.draining += 1
+                row.draining += 1;
+            }
+            for p in &s.ports {
+                if !entry.ports.contains(&(p.vip_port, p.proto)) {
+                    entry.ports.push((p.vip_port, p.proto));
+                }
             }
             for p in &s.ports {
                 let port = format!("{}/{} -> {}", p.vip_port, p.proto, p.container_port);
@@ -363,6 +382,7 @@ impl Agent {
             }
         }
         for (name, n) in waiting {
+            zone.entry(name.clone()).or_default().vip = vips.get(&name).copied();
             let vip = vips.get(&name).map(|v| v.to_string()).unwrap_or_default();
             rows.entry(name.clone())
                 .or_insert_with(|| ServiceStatus {
@@ -372,6 +392,11 @@ impl Agent {
                 })
                 .waiting += n;
         }
+        for z in zone.values_mut() {
+            z.tasks.sort();
+            z.ports.sort();
+        }
+        *self.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
         (desired, rows.into_values().collect(), skipped, live_ifindex)
     }
 
@@ -450,6 +475,33 @@ impl Agent {
                 (*id, (name, format!("{}:{}/{proto}", addr.vip, addr.port)))
             })
             .collect();
+    }
+
+    /// Starts the DNS server once the mesh network (and so the gateway
+    /// address) exists.
+    fn start_dns(&mut self) {
+        let Some((listen, cfg)) = self.settings.dns.clone() else {
+            return;
+        };
+        if self.dns_started {
+            return;
+        }
+        let gateway = Ipv4Addr::from(u32::from(self.settings.node_subnet.base) + 1);
+        let addr = listen.unwrap_or_else(|| std::net::SocketAddr::from((gateway, 53)));
+        let stats = Arc::new(crate::dns::DnsStats::default());
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).dns = Some(stats.clone());
+        let handler = Arc::new(crate::dns::Handler::new(
+            self.zone.clone(),
+            cfg.clone(),
+            stats,
+        ));
+        info!(%addr, domain = %cfg.domain, upstreams = ?cfg.upstreams, "DNS serving");
+        tokio::spawn(async move {
+            if let Err(e) = crate::dns::serve(addr, handler).await {
+                error!(%addr, error = %e, "DNS server stopped");
+            }
+        });
+        self.dns_started = true;
     }
 
     fn set_docker(&self, connected: bool) {

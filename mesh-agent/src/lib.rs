@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod ctl;
 pub mod dataplane;
+pub mod dns;
 pub mod docker;
 pub mod iface;
 pub mod labels;

@@ -62,6 +62,25 @@ struct Args {
     /// Prometheus /metrics address.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
+    /// DNS: listen address (default: this node's mesh gateway, port 53).
+    #[arg(long, env = "MESH_DNS_LISTEN")]
+    dns_listen: Option<SocketAddr>,
+    /// DNS: the mesh domain (NAME.<domain>, tasks.NAME.<domain>).
+    #[arg(long, env = "MESH_DNS_DOMAIN", default_value = "mesh")]
+    dns_domain: String,
+    /// DNS: TTL of NAME -> VIP answers (the VIP is stable).
+    #[arg(long, env = "MESH_DNS_VIP_TTL", default_value_t = 60)]
+    dns_vip_ttl: u32,
+    /// DNS: TTL of tasks.NAME answers (backends come and go).
+    #[arg(long, env = "MESH_DNS_TASKS_TTL", default_value_t = 5)]
+    dns_tasks_ttl: u32,
+    /// DNS: upstream resolvers for other names (default: the nameservers in
+    /// /etc/resolv.conf).
+    #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',')]
+    dns_upstream: Vec<SocketAddr>,
+    /// Do not serve DNS.
+    #[arg(long, env = "MESH_NO_DNS")]
+    no_dns: bool,
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -131,6 +150,30 @@ async fn run(args: Args) -> Result<()> {
     });
     info!(api = %args.api_socket.display(), metrics = %args.metrics_addr, "serving");
 
+    let domain = args.dns_domain.trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty()
+        || domain
+            .split('.')
+            .any(|l| mesh_agent::labels::service_name(l).is_err())
+    {
+        anyhow::bail!("--dns-domain {:?} is not a domain name", args.dns_domain);
+    }
+    let gateway = std::net::Ipv4Addr::from(u32::from(args.node_subnet.base) + 1);
+    let upstreams = if args.dns_upstream.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        mesh_agent::dns::upstreams_from_resolv_conf(&text, gateway.into())
+    } else {
+        args.dns_upstream.clone()
+    };
+    let dns = (!args.no_dns).then(|| {
+        let cfg = mesh_agent::dns::DnsConfig {
+            domain,
+            vip_ttl: args.dns_vip_ttl,
+            tasks_ttl: args.dns_tasks_ttl,
+            upstreams,
+        };
+        (args.dns_listen, cfg)
+    });
     let settings = Settings {
         docker_socket: args.docker_socket,
         node_subnet: args.node_subnet,
@@ -139,6 +182,7 @@ async fn run(args: Args) -> Result<()> {
         mtu: args.mtu,
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
+        dns,
     };
     let mut agent = Agent::new(settings, ebpf, lb, shared)?;
     tokio::select! {

@@ -128,6 +128,21 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
         out.push_str("# TYPE mesh_service_new_flows_total counter\n");
         out.push_str(&flows);
     }
+    if let Some(dns) = &sh.dns {
+        out.push_str("# HELP mesh_dns_queries_total DNS queries by type and result.\n# TYPE mesh_dns_queries_total counter\n");
+        for ((qtype, result), n) in dns.queries.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "mesh_dns_queries_total{{type=\"{qtype}\",result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP mesh_dns_malformed_total DNS packets dropped as malformed.\n# TYPE mesh_dns_malformed_total counter\n");
+        let _ = writeln!(
+            out,
+            "mesh_dns_malformed_total {}",
+            dns.malformed.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     summary(
         &mut out,
         "mesh_reconcile_duration_seconds",

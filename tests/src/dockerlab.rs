@@ -126,6 +126,9 @@ impl Engine {
                 "--log-level",
                 "warn",
             ])
+            // Containers' embedded resolver forwards what it does not know
+            // to the agent's DNS on the mesh gateway (10.42.0.0/24's .1).
+            .args(["--dns", "10.42.0.1"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -206,6 +209,44 @@ impl Engine {
             "ENTRYPOINT [\"/whoami\"]",
             tar.to_str().expect("utf-8 path"),
             WHOAMI_IMAGE,
+        ]);
+    }
+
+    /// Imports `mesh-glibc:test`: the host's getent with its shared
+    /// libraries, a glibc DNS client (`getent hosts NAME`).
+    pub fn import_glibc_client(&self) {
+        let root = self.dir.join("glibc");
+        let ldd = Command::new("ldd")
+            .arg("/usr/bin/getent")
+            .output()
+            .expect("ldd");
+        let mut files = vec![PathBuf::from("/usr/bin/getent")];
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                files.push(PathBuf::from(p));
+            }
+        }
+        for f in &files {
+            let dst = root.join(f.strip_prefix("/").expect("absolute"));
+            fs::create_dir_all(dst.parent().expect("parent")).expect("dir");
+            fs::copy(f, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+        }
+        fs::create_dir_all(root.join("etc")).expect("etc");
+        fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").expect("nsswitch");
+        let tar = self.dir.join("glibc.tar");
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(ok.success(), "tar");
+        self.docker_ok(&[
+            "import",
+            tar.to_str().expect("utf-8 path"),
+            "mesh-glibc:test",
         ]);
     }
 

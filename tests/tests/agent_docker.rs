@@ -460,3 +460,124 @@ fn docker_agent_refuses_a_conflicting_mesh_network() {
     ]);
     assert_eq!(subnet, "10.99.0.0/24");
 }
+
+/// `nslookup NAME` (busybox) in the client container: the addresses answered.
+fn nslookup(engine: &Engine, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["exec", "client", "nslookup"];
+    a.extend(args);
+    let out = String::from_utf8_lossy(&engine.docker(&a).stdout).to_string();
+    // busybox prints the server first ("Server:", "Address: 127.0.0.11:53"),
+    // then one "Address: IP" (or "... service = PRIO WEIGHT PORT TARGET")
+    // per answer.
+    out.split("\n\n")
+        .skip(1)
+        .flat_map(|block| block.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|l| {
+            let srv = l.split_once("service = ").map(|(_, v)| v.to_owned());
+            l.strip_prefix("Address: ").map(str::to_owned).or(srv)
+        })
+        .collect()
+}
+
+fn ip_of(engine: &Engine, name: &str) -> String {
+    engine.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.mesh.IPAddress}}",
+        name,
+    ])
+}
+
+#[test]
+fn docker_containers_resolve_service_names_with_no_extra_flags() {
+    let engine = Engine::start();
+    engine.import_whoami();
+    engine.import_glibc_client();
+    // The upstream resolver for other names: a fake one in the engine's namespace.
+    let _upstream = engine
+        .ns
+        .spawn(|| mesh_tests::dnslab::fake_upstream("127.0.0.2:53"));
+    let agent = Agent::start(&engine, &["--dns-upstream", "127.0.0.2:53"]);
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    for n in ["w1", "w2"] {
+        engine.run_whoami(n, &["mesh.service=whoami", "mesh.port=80/tcp,53/udp"], &[]);
+    }
+    engine.run_whoami("client", &[], &[]);
+    let vip = whoami_vip(&agent, 2);
+
+    let first = nslookup(&engine, &["whoami"]);
+    assert_eq!(
+        first,
+        std::slice::from_ref(&vip),
+        "NAME -> VIP from a plain container"
+    );
+    assert_eq!(
+        nslookup(&engine, &["whoami.mesh"]),
+        std::slice::from_ref(&vip)
+    );
+    let mut tasks = nslookup(&engine, &["tasks.whoami"]);
+    tasks.sort();
+    let mut want = vec![ip_of(&engine, "w1"), ip_of(&engine, "w2")];
+    want.sort();
+    assert_eq!(tasks, want, "tasks.NAME -> every backend");
+    let srv = nslookup(&engine, &["-type=SRV", "_whoami._tcp.mesh"]);
+    assert_eq!(srv, ["0 0 80 whoami.mesh"], "SRV lists the port");
+    assert_eq!(
+        nslookup(&engine, &["upstream.example"]),
+        [mesh_tests::dnslab::UPSTREAM_ANSWER.to_string()],
+        "forwarded"
+    );
+
+    // A glibc client (getaddrinfo through nsswitch) in a plain container.
+    let getent = engine.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "mesh",
+        "mesh-glibc:test",
+        "/usr/bin/getent",
+        "hosts",
+        "whoami",
+    ]);
+    assert!(getent.starts_with(&vip), "getent hosts whoami: {getent:?}");
+
+    // From the host, with dig, on the agent's address.
+    let dig = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", engine.ns.name))
+        .args(["dig", "@10.42.0.1", "+short", "+time=2", "whoami.mesh"])
+        .output()
+        .expect("dig");
+    assert_eq!(
+        String::from_utf8_lossy(&dig.stdout).trim(),
+        vip,
+        "dig from the host"
+    );
+
+    // Scale up and down: tasks follows within a second.
+    engine.run_whoami(
+        "w3",
+        &["mesh.service=whoami", "mesh.port=80/tcp,53/udp"],
+        &[],
+    );
+    let w3 = ip_of(&engine, "w3");
+    let start = std::time::Instant::now();
+    while !nslookup(&engine, &["tasks.whoami"]).contains(&w3) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "w3 appears in tasks.whoami"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "w3 in tasks.whoami {:?} after docker run returned",
+        start.elapsed()
+    );
+    let w1 = ip_of(&engine, "w1");
+    engine.docker_ok(&["stop", "-t", "1", "w1"]);
+    let mut tasks = nslookup(&engine, &["tasks.whoami"]);
+    tasks.sort();
+    let mut want = vec![ip_of(&engine, "w2"), w3];
+    want.sort();
+    assert_eq!(tasks, want, "after docker stop w1 ({w1})");
+    assert_eq!(nslookup(&engine, &["whoami"]), [vip], "the VIP stays");
+}

@@ -30,7 +30,8 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Per-packet cost of the data-plane programs (BPF_PROG_TEST_RUN).
+    /// Per-packet cost of the data-plane programs (BPF_PROG_TEST_RUN) and
+    /// DNS queries per second.
     Bench {
         /// Runs per fixture.
         #[arg(long, default_value_t = 100_000)]
@@ -131,15 +132,7 @@ fn build_whoami() -> Result<std::path::PathBuf> {
 /// figures, and the test build is reused.
 fn bench(repeat: u32) -> Result<()> {
     cmd::Cmd::new("cargo")
-        .args([
-            "bench",
-            "--profile",
-            "dev",
-            "-p",
-            "mesh-tests",
-            "--bench",
-            "packet",
-        ])
+        .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
         .env("MESH_BENCH_REPEAT", repeat.to_string())
         .run()
 }

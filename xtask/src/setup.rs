@@ -25,6 +25,7 @@ const APT: &[(&str, &str)] = &[
     ("docker.io", "the Docker engine for agent and lab tests"),
     ("tar", "building local test images"),
     ("busybox-static", "a shell and tools inside the test images"),
+    ("dnsutils", "dig, a real DNS client for the DNS tests"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,139 @@
+//! The agent's DNS server, run for tests inside a network namespace the
+//! test creates (its loopback only), with a fake upstream resolver in the
+//! same namespace.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    sync::{Arc, RwLock},
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::{RData, Record, rdata::A},
+};
+use mesh_agent::{
+    dns::{DnsConfig, DnsStats, Handler, Zone, ZoneService, serve},
+    labels::Proto,
+};
+
+use crate::netns::{Netns, unique};
+
+/// The address the fake upstream answers for `upstream.example.`
+pub const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const SERVER: &str = "127.0.0.1:53";
+
+pub struct DnsLab {
+    pub ns: Netns,
+    pub zone: Arc<RwLock<Zone>>,
+    pub stats: Arc<DnsStats>,
+    _threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DnsLab {
+    /// The server on 127.0.0.1:53 and the upstream on 127.0.0.2:53, in a new
+    /// namespace; `zone` as the agent would publish it.
+    pub fn start(zone: Zone) -> Self {
+        let ns = Netns::new(&unique("mdns"));
+        ns.ip(&["addr", "add", "127.0.0.2/8", "dev", "lo"]);
+        let zone = Arc::new(RwLock::new(zone));
+        let stats = Arc::new(DnsStats::default());
+        let cfg = DnsConfig {
+            domain: "mesh".into(),
+            vip_ttl: 60,
+            tasks_ttl: 5,
+            upstreams: vec!["127.0.0.2:53".parse().expect("addr")],
+        };
+        let handler = Arc::new(Handler::new(zone.clone(), cfg, stats.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let addr: SocketAddr = SERVER.parse().expect("addr");
+                let serving = serve(addr, handler);
+                let _ = tx.send(());
+                let _ = serving.await;
+            });
+        });
+        let upstream = ns.spawn(|| fake_upstream("127.0.0.2:53"));
+        rx.recv().expect("server thread started");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        DnsLab {
+            ns,
+            zone,
+            stats,
+            _threads: vec![server, upstream],
+        }
+    }
+
+    /// `dig` in the namespace; its short output lines.
+    pub fn dig(&self, args: &[&str]) -> Vec<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns.name))
+            .args(["dig", "@127.0.0.1", "+time=2", "+tries=1"])
+            .args(args)
+            .output()
+            .expect("dig runs (apt-get install dnsutils)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A zone with `service` at `vip`, `tasks` backends and the given ports.
+pub fn zone_of(service: &str, vip: Ipv4Addr, tasks: usize, ports: &[(u16, Proto)]) -> Zone {
+    let tasks = (0..tasks)
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 42, 0, 10)) + i as u32))
+        .collect();
+    Zone::from([(
+        service.to_string(),
+        ZoneService {
+            vip: Some(vip),
+            ports: ports.to_vec(),
+            tasks,
+        },
+    )])
+}
+
+/// Answers `upstream.example.` A with UPSTREAM_ANSWER (other types: no
+/// data), everything else
+/// NXDOMAIN, on `addr` (in the caller's namespace). Stops after 60 s
+/// without a query.
+pub fn fake_upstream(addr: &str) {
+    let sock = std::net::UdpSocket::bind(addr).expect("bind upstream");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        let Ok(q) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let mut r = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+        r.metadata.recursion_available = true;
+        r.queries = q.queries.clone();
+        match q.queries.first() {
+            Some(query)
+                if query
+                    .name()
+                    .to_ascii()
+                    .eq_ignore_ascii_case("upstream.example.") =>
+            {
+                if query.query_type() == hickory_proto::rr::RecordType::A {
+                    r.answers.push(Record::from_rdata(
+                        query.name().clone(),
+                        30,
+                        RData::A(A(UPSTREAM_ANSWER)),
+                    ));
+                }
+            }
+            _ => r.metadata.response_code = ResponseCode::NXDomain,
+        }
+        if let Ok(bytes) = r.to_vec() {
+            let _ = sock.send_to(&bytes, from);
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The agent's DNS server with real clients (dig over UDP and TCP) in a
+//! namespace this test creates (needs root).
+
+use std::net::Ipv4Addr;
+
+use mesh_agent::{dns::ZoneService, labels::Proto};
+use mesh_tests::dnslab::{DnsLab, SERVER, UPSTREAM_ANSWER, zone_of};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
+
+fn status_line(out: &[String]) -> String {
+    out.iter()
+        .find(|l| l.contains("status:"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn names_tasks_srv_and_forwarding() {
+    let lab = DnsLab::start(zone_of(
+        "whoami",
+        VIP,
+        3,
+        &[(80, Proto::Tcp), (53, Proto::Udp)],
+    ));
+    assert_eq!(lab.dig(&["+short", "whoami"]), ["10.43.0.10"]);
+    assert_eq!(
+        lab.dig(&["+short", "WhoAmI.MESH"]),
+        ["10.43.0.10"],
+        "case-insensitive"
+    );
+    let mut tasks = lab.dig(&["+short", "tasks.whoami"]);
+    tasks.sort();
+    assert_eq!(tasks, ["10.42.0.10", "10.42.0.11", "10.42.0.12"]);
+    assert_eq!(
+        lab.dig(&["+short", "-t", "SRV", "_whoami._tcp.mesh"]),
+        ["0 0 80 whoami.mesh."]
+    );
+    assert_eq!(
+        lab.dig(&["+short", "-t", "SRV", "_whoami._udp"]),
+        ["0 0 53 whoami.mesh."]
+    );
+
+    let aaaa = lab.dig(&["-t", "AAAA", "whoami.mesh"]);
+    assert!(
+        status_line(&aaaa).contains("NOERROR") && aaaa.iter().any(|l| l.contains("ANSWER: 0")),
+        "{aaaa:?}"
+    );
+    let ttl_line = lab.dig(&["+noall", "+answer", "whoami"]).join("\n");
+    assert!(ttl_line.contains("\t60\t"), "VIP TTL 60: {ttl_line}");
+    let tasks_ttl = lab.dig(&["+noall", "+answer", "tasks.whoami"]).join("\n");
+    assert!(tasks_ttl.contains("\t5\t"), "tasks TTL 5: {tasks_ttl}");
+    for unknown in ["nosuch", "nosuch.mesh", "tasks.nosuch", "a.b.mesh"] {
+        assert!(
+            status_line(&lab.dig(&[unknown])).contains("NXDOMAIN"),
+            "{unknown}"
+        );
+    }
+
+    // Other names go to the upstream resolver.
+    assert_eq!(
+        lab.dig(&["+short", "upstream.example"]),
+        [UPSTREAM_ANSWER.to_string()]
+    );
+    assert!(status_line(&lab.dig(&["other.example"])).contains("NXDOMAIN"));
+
+    // The reconciler replaces the zone: the next query sees it.
+    lab.zone.write().expect("zone").insert(
+        "web".into(),
+        ZoneService {
+            vip: Some(Ipv4Addr::new(10, 43, 0, 20)),
+            ports: vec![],
+            tasks: vec![],
+        },
+    );
+    assert_eq!(lab.dig(&["+short", "web"]), ["10.43.0.20"]);
+    assert!(
+        lab.dig(&["+short", "tasks.web"]).is_empty(),
+        "a service with no live task: no answer"
+    );
+}
+
+#[test]
+fn a_hundred_tasks_truncate_over_udp_and_are_complete_over_tcp() {
+    let lab = DnsLab::start(zone_of("big", VIP, 100, &[(80, Proto::Tcp)]));
+    for udp in [
+        &["+notcp", "+ignore", "+noedns"][..],
+        &["+notcp", "+ignore", "+bufsize=1232"][..],
+    ] {
+        let mut args = udp.to_vec();
+        args.push("tasks.big");
+        let out = lab.dig(&args);
+        let flags = out
+            .iter()
+            .find(|l| l.contains("flags:"))
+            .cloned()
+            .unwrap_or_default();
+        println!("UDP {udp:?}: {flags}");
+        assert!(flags.contains(" tc"), "truncated over UDP: {out:?}");
+    }
+    let tcp = lab.dig(&["+tcp", "+short", "tasks.big"]);
+    assert_eq!(tcp.len(), 100, "complete over TCP");
+    // A client that falls back to TCP by itself gets everything.
+    assert_eq!(lab.dig(&["+short", "tasks.big"]).len(), 100);
+}
+
+/// xorshift: random-looking bytes without a dependency.
+fn noise(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
+#[test]
+fn malformed_queries_are_dropped_counted_and_harm_nothing() {
+    let lab = DnsLab::start(zone_of("whoami", VIP, 1, &[]));
+    let valid = {
+        use hickory_proto::{
+            op::{Message, MessageType, OpCode, Query},
+            rr::{Name, RecordType},
+        };
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.queries.push(Query::query(
+            Name::from_ascii("whoami.").expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encode")
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut bad: Vec<Vec<u8>> = (0..300).map(|i| noise(&mut seed, i % 600)).collect();
+    bad.push(Vec::new());
+    bad.push(valid[..5].to_vec()); // a cut header
+    bad.push(valid[..14].to_vec()); // a cut question
+    // 300 one-byte labels: a name far over 255 bytes.
+    let mut huge = valid[..12].to_vec();
+    for _ in 0..300 {
+        huge.extend_from_slice(&[1, b'a']);
+    }
+    huge.extend_from_slice(&[0, 0, 1, 0, 1]);
+    bad.push(huge);
+    let mut response = valid.clone();
+    response[2] |= 0x80; // QR: a response, not a query
+    bad.push(response);
+    let sent = bad.len();
+    lab.ns.run(|| {
+        use std::io::Write;
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // Paced, so the loopback socket buffer never overflows: every
+        // packet must reach the server and be accounted for.
+        for (i, b) in bad.iter().enumerate() {
+            let _ = s.send_to(b, SERVER);
+            if i % 10 == 9 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        // Garbage over TCP too: a length prefix with nothing behind it, and noise.
+        for b in [&[0xff, 0xff, 1, 2][..], &noise(&mut seed, 100)] {
+            if let Ok(mut t) = std::net::TcpStream::connect(SERVER) {
+                let _ = t.write_all(b);
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let malformed = lab
+        .stats
+        .malformed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let answered: u64 = lab.stats.queries.lock().expect("stats").values().sum();
+    println!(
+        "{sent} malformed UDP packets sent, {malformed} counted as malformed, {answered} parsed as queries: {:?}",
+        lab.stats.queries.lock().expect("stats")
+    );
+    assert_eq!(
+        malformed + answered,
+        sent as u64,
+        "every packet is either dropped as malformed (counted) or answered"
+    );
+    assert!(malformed as usize >= sent - 5, "nearly all are malformed");
+    assert_eq!(
+        lab.dig(&["+short", "whoami"]),
+        ["10.43.0.10"],
+        "still serving"
+    );
+    assert_eq!(
+        lab.dig(&["+tcp", "+short", "whoami"]),
+        ["10.43.0.10"],
+        "still serving over TCP"
+    );
+}
