@@ -371,6 +371,28 @@ async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> Result<Message, Stri
     Message::from_vec(&buf).map_err(|e| e.to_string())
 }
 
+/// Encodes a response in at most `max` bytes: records that do not fit are
+/// left out and the TC flag set.
+fn encode<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    max: u16,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let mut bytes = Vec::with_capacity(512);
+    let mut enc = BinEncoder::new(&mut bytes);
+    enc.set_max_size(max);
+    let info = response
+        .destructive_emit(&mut enc)
+        .map_err(|e| NetError::from(e.to_string()))?;
+    Ok((info, bytes))
+}
+
 /// Sends responses over UDP, truncated (TC) to what the client can take.
 #[derive(Clone)]
 struct UdpResponder {
@@ -392,12 +414,7 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut enc = BinEncoder::new(&mut bytes);
-        enc.set_max_size(self.max);
-        let info = response
-            .destructive_emit(&mut enc)
-            .map_err(|e| NetError::from(e.to_string()))?;
+        let (info, bytes) = encode(response, self.max)?;
         self.sock.send_to(&bytes, self.dst).await?;
         Ok(info)
     }
@@ -422,12 +439,7 @@ impl ResponseHandler for TcpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut enc = BinEncoder::new(&mut bytes);
-        enc.set_max_size(u16::MAX);
-        let info = response
-            .destructive_emit(&mut enc)
-            .map_err(|e| NetError::from(e.to_string()))?;
+        let (info, bytes) = encode(response, u16::MAX)?;
         let mut out = self.out.lock().await;
         out.write_all(&(bytes.len() as u16).to_be_bytes()).await?;
         out.write_all(&bytes).await?;

@@ -37,31 +37,21 @@ fn target_dir() -> PathBuf {
 pub fn whoami_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MESH_WHOAMI") {
-            return PathBuf::from(p);
-        }
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace())
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "mesh-whoami",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-            ])
-            .arg("--target-dir")
-            .arg(target_dir().join("static"))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building whoami: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        target_dir().join("static/x86_64-unknown-linux-gnu/release/whoami")
+        let target = target_dir().join("static");
+        let args = [
+            "-p",
+            "mesh-whoami",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ];
+        let target_arg = ["--target-dir", target.to_str().expect("utf-8 target dir")];
+        built(
+            "MESH_WHOAMI",
+            &[&args[..], &target_arg[..]].concat(),
+            Some("-C target-feature=+crt-static"),
+        )
+        .unwrap_or_else(|| target.join("x86_64-unknown-linux-gnu/release/whoami"))
     })
     .clone()
 }
@@ -72,22 +62,37 @@ pub fn whoami_bin() -> PathBuf {
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
-            return PathBuf::from(p);
-        }
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace())
-            .args(["build", "-q", "-p", "mesh-agent", "--bin", "mesh-agent"])
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building mesh-agent: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        target_dir().join("debug/mesh-agent")
+        built(
+            "MESH_AGENT_BIN",
+            &["-p", "mesh-agent", "--bin", "mesh-agent"],
+            None,
+        )
+        .unwrap_or_else(|| target_dir().join("debug/mesh-agent"))
     })
     .clone()
+}
+
+/// The path in `env` if set; otherwise runs `cargo build -q ARGS` (with
+/// RUSTFLAGS when given) and returns None for the caller's default path.
+fn built(env: &str, args: &[&str], rustflags: Option<&str>) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace())
+        .args(["build", "-q"])
+        .args(args);
+    if let Some(flags) = rustflags {
+        cmd.env("RUSTFLAGS", flags);
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo build {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    None
 }
 
 /// A Docker engine in a namespace of its own.
