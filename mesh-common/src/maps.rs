@@ -14,11 +14,18 @@ pub const CONNTRACK: &str = "MESH_CT";
 /// Per-CPU array `service id -> ServiceStats`.
 pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
 
+/// Array of one `LocalNode`: this node's overlay settings.
+pub const LOCAL_NODE: &str = "MESH_LOCAL_NODE";
+/// Hash `/24 (network order) -> Node`: the other nodes.
+pub const NODES: &str = "MESH_NODES";
+
 /// Services (and service ids: 0..MAX_SERVICES).
 pub const MAX_SERVICES: u32 = 16_384;
 /// Backend ids 1..MAX_BACKENDS (0 = none): room for 10,000 services with
 /// 10 backends each and then some.
 pub const MAX_BACKENDS: u32 = 131_072;
+/// Nodes in a cluster.
+pub const MAX_NODES: u32 = 1024;
 /// Conntrack entries (two per flow).
 pub const CT_ENTRIES: u32 = 262_144;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in size.

@@ -67,11 +67,22 @@ pub enum Stat {
     NatReverse = 27,
     /// An ICMP error about a balanced flow translated back (inner header too).
     NatIcmpError = 28,
+    // Overlay.
+    /// Leaving a container for another node: VXLAN-encapsulated.
+    TunnelEncap = 29,
+    /// Drop: for another node's /24, but no such node is known.
+    TunnelNoNode = 30,
+    /// Drop: encapsulation failed (no room, MTU).
+    TunnelEncapFail = 31,
+    /// XDP: VXLAN for a local container, decapsulated and passed up.
+    XdpDecap = 32,
+    /// XDP: VXLAN with another VNI, or not for this node: passed untouched.
+    XdpVxlanForeign = 33,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Stat; 29] = [
+    pub const ALL: [Stat; 34] = [
         Stat::XdpAborted,
         Stat::XdpDrop,
         Stat::XdpPass,
@@ -101,6 +112,11 @@ impl Stat {
         Stat::NatRewriteFail,
         Stat::NatReverse,
         Stat::NatIcmpError,
+        Stat::TunnelEncap,
+        Stat::TunnelNoNode,
+        Stat::TunnelEncapFail,
+        Stat::XdpDecap,
+        Stat::XdpVxlanForeign,
     ];
 
     /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
@@ -135,6 +151,11 @@ impl Stat {
             Stat::NatRewriteFail => "nat_rewrite_fail",
             Stat::NatReverse => "nat_reverse",
             Stat::NatIcmpError => "nat_icmp_error",
+            Stat::TunnelEncap => "tunnel_encap",
+            Stat::TunnelNoNode => "tunnel_no_node",
+            Stat::TunnelEncapFail => "tunnel_encap_fail",
+            Stat::XdpDecap => "xdp_decap",
+            Stat::XdpVxlanForeign => "xdp_vxlan_foreign",
         }
     }
 

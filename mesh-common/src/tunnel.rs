@@ -1,4 +1,65 @@
-//! VXLAN overlay constants (RFC 7348).
+//! The VXLAN overlay (RFC 7348): constants, the node table and this node's
+//! own settings.
+//!
+//! Every node owns one /24 of the cluster CIDR; a container address names
+//! its node. Traffic from a local container to another node's /24 (or to a
+//! backend there) is encapsulated: outer Ethernet / IPv4 / UDP 4789 /
+//! VXLAN (the cluster VNI) / the original frame.
 
 /// IANA-assigned VXLAN UDP destination port.
 pub const VXLAN_PORT: u16 = 4789;
+/// VXLAN header length.
+pub const VXLAN_HLEN: usize = 8;
+/// Bytes added in front of a frame: outer Ethernet, IPv4 (no options), UDP, VXLAN.
+pub const ENCAP_LEN: usize = 14 + 20 + 8 + VXLAN_HLEN;
+/// VXLAN flags byte: I (the VNI is valid).
+pub const VXLAN_FLAG_I: u8 = 0x08;
+/// Outer UDP source ports come from the inner flow hash, in this range, so
+/// ECMP in the underlay spreads flows (RFC 7348 section 5).
+pub const SPORT_BASE: u16 = 49152;
+pub const SPORT_MASK: u16 = 0x3fff;
+
+/// Prefix length of a node's subnet.
+pub const NODE_PREFIX: u8 = 24;
+pub const NODE_MASK: u32 = 0xffff_ff00;
+
+/// A remote node, keyed by its /24 (network order, host bits zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Its underlay address.
+    pub underlay_ip_be: u32,
+    /// Next-hop MAC on the underlay for it (its NIC on a shared L2).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// This node, slot 0 of the config array (written by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalNode {
+    /// This node's /24 (network order).
+    pub subnet_be: u32,
+    /// The cluster CIDR and its mask (network order): only addresses in it
+    /// are tunnelled.
+    pub cluster_be: u32,
+    pub cluster_mask_be: u32,
+    pub underlay_ip_be: u32,
+    pub underlay_ifindex: u32,
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    pub underlay_mac: [u8; 6],
+    /// 1 once the agent has written this slot; the overlay is off until then.
+    pub enabled: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Node>() == 12);
+const _: () = assert!(core::mem::size_of::<LocalNode>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields, explicit padding.
+    unsafe impl aya::Pod for super::Node {}
+    unsafe impl aya::Pod for super::LocalNode {}
+}

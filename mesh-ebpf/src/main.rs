@@ -9,6 +9,7 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod tunnel;
 mod underlay;
 mod veth;
 

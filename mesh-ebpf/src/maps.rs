@@ -11,8 +11,9 @@ use aya_ebpf::{
 use mesh_common::{
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
-    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_SERVICES, RING_FLAGS},
+    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_NODES, MAX_SERVICES, RING_FLAGS},
     stats::STATS_SLOTS,
+    tunnel::{LocalNode, Node},
 };
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
@@ -44,3 +45,11 @@ pub type Ring = BtfArray<u32, 1, { RING_FLAGS as usize }>;
 /// of this outer slot, so the kernel never sees half a table.
 #[btf_map]
 pub static MESH_MAGLEV: ArrayOfMaps<Ring, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
+
+/// This node's overlay settings (slot 0).
+#[map(name = "MESH_LOCAL_NODE")]
+pub static LOCAL_NODE: Array<LocalNode> = Array::with_max_entries(1, 0);
+
+/// The other nodes, by /24.
+#[map(name = "MESH_NODES")]
+pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{dir, tcp_flag},
-    lb::{ServiceKey, ServiceStats},
+    lb::{ServiceKey, ServiceStats, flow_hash},
     stats::Stat,
 };
 
@@ -28,12 +28,37 @@ use crate::{
         IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
     },
     stats::bump,
+    tunnel,
 };
 
 /// Packets leaving the container.
 #[inline(always)]
 pub fn from_container(ctx: &TcContext) -> i32 {
     finish(try_from_container(ctx))
+}
+
+/// Sends a packet leaving a container on its way: to another node through
+/// the tunnel, or (this node, outside the cluster, overlay off) to the
+/// stack. `path`, if any, is counted when it stays here.
+#[inline(always)]
+fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<i32, Stat> {
+    let here = || {
+        if let Some(p) = path {
+            bump(p);
+        }
+        Ok(TC_ACT_OK)
+    };
+    let Some(local) = tunnel::local() else {
+        return here();
+    };
+    match tunnel::route(&local, dst_be)? {
+        tunnel::Route::Here => here(),
+        tunnel::Route::Remote(node) => {
+            let v = tunnel::encap(ctx, &local, &node, hash)?;
+            bump(Stat::TunnelEncap);
+            Ok(v)
+        }
+    }
 }
 
 /// Packets entering the container.
@@ -118,7 +143,8 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
         Err(path) => return pass(path),
     };
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        return pass(Stat::TcNotService);
+        let hash = flow_hash(ip.src_be, ip.dst_be, 0, 0, ip.proto);
+        return deliver(ctx, ip.dst_be, hash, Some(Stat::TcNotService));
     }
     let Ok((sport_be, dport_be, tcp_flags)) = ports(ctx, ip.l4_off, ip.proto) else {
         return pass(Stat::TcMalformed);
@@ -131,7 +157,8 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
     };
     // SAFETY: map values are plain data; the agent replaces them atomically.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return pass(Stat::TcNotService);
+        let hash = flow_hash(ip.src_be, ip.dst_be, sport_be, dport_be, ip.proto);
+        return deliver(ctx, ip.dst_be, hash, Some(Stat::TcNotService));
     };
     let t = Tuple {
         src_be: ip.src_be,
@@ -183,7 +210,9 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
     count_service(svc.id, ctx.len(), new_flow);
 
     if backend.ifindex == 0 {
-        return Ok(TC_ACT_OK);
+        // Not a local veth: another node's (tunnelled) or the stack's.
+        let hash = flow_hash(t.src_be, t.dst_be, t.sport_be, t.dport_be, t.proto);
+        return deliver(ctx, backend.ip_be, hash, None);
     }
     // Local backend: deliver straight to its veth, as the gateway would.
     let gw_mac: [u8; 6] = ctx.load(0).map_err(|_| Stat::NatRewriteFail)?;
