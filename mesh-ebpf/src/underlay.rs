@@ -4,8 +4,12 @@
 //! counts the path it took and passes it to the stack. VXLAN decapsulation
 //! and the routing mesh hook in at the `XdpVxlan` and `XdpNotMesh` points.
 
+use aya_ebpf::helpers::bpf_xdp_adjust_head;
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use mesh_common::{stats::Stat, tunnel::VXLAN_PORT};
+use mesh_common::{
+    stats::Stat,
+    tunnel::{NODE_MASK, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT},
+};
 
 use crate::{
     parse::{
@@ -13,6 +17,7 @@ use crate::{
         UdpHdr, ptr_at,
     },
     stats::bump,
+    tunnel,
 };
 
 #[inline(always)]
@@ -68,7 +73,7 @@ fn classify(ctx: &XdpContext) -> (u32, Stat) {
             };
             // SAFETY: as above.
             if u16::from_be(unsafe { (*udp).dport_be }) == VXLAN_PORT {
-                return (pass, Stat::XdpVxlan);
+                return vxlan(ctx, l4 + 8);
             }
             (pass, Stat::XdpNotMesh)
         }
@@ -80,4 +85,53 @@ fn classify(ctx: &XdpContext) -> (u32, Stat) {
         }
         _ => (pass, Stat::XdpOtherL4),
     }
+}
+
+/// VXLAN whose header starts at `vx`: decapsulated and passed up when it
+/// carries the cluster VNI and a packet for this node's /24, so the stack
+/// delivers the inner packet to the container (and its veth's TC egress
+/// program does the reverse NAT). Anything else passes untouched.
+#[inline(always)]
+fn vxlan(ctx: &XdpContext, vx: usize) -> (u32, Stat) {
+    let pass = xdp_action::XDP_PASS;
+    let Some(local) = tunnel::local() else {
+        return (pass, Stat::XdpVxlan);
+    };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(h) = ptr_at::<[u8; VXLAN_HLEN]>(start, end, vx) else {
+        return (pass, Stat::XdpTruncated);
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let h = unsafe { *h };
+    let vni = u32::from_be_bytes([0, h[4], h[5], h[6]]);
+    if h[0] & VXLAN_FLAG_I == 0 || vni != local.vni {
+        return (pass, Stat::XdpVxlanForeign);
+    }
+    let inner = vx + VXLAN_HLEN;
+    let Some(eth) = ptr_at::<EthHdr>(start, end, inner) else {
+        return (pass, Stat::XdpTruncated);
+    };
+    // SAFETY: as above.
+    if u16::from_be(unsafe { (*eth).proto_be }) != ETH_P_IP {
+        return (pass, Stat::XdpVxlanForeign);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, inner + ETH_HLEN) else {
+        return (pass, Stat::XdpTruncated);
+    };
+    // SAFETY: as above.
+    if unsafe { (*ip).dst_be } & NODE_MASK.to_be() != local.subnet_be {
+        return (pass, Stat::XdpVxlanForeign);
+    }
+    // SAFETY: ctx is the program's context; `inner` is within the packet.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner as i32) } != 0 {
+        return (pass, Stat::XdpVxlanForeign);
+    }
+    // Packet pointers are stale after adjust_head: read them again.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
+        return (xdp_action::XDP_DROP, Stat::XdpTruncated);
+    };
+    // SAFETY: checked just above; the frame is ours to rewrite.
+    unsafe { (*eth.cast_mut()).dst = local.underlay_mac };
+    (pass, Stat::XdpDecap)
 }

@@ -12,7 +12,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
-use mesh_agent::dataplane::{self, lb::LbMaps, progs};
+use mesh_agent::dataplane::{self, lb::LbMaps, overlay::OverlayMaps, progs};
 use mesh_common::{maps, stats::Stat};
 
 /// A program's return value, by name.
@@ -122,6 +122,8 @@ pub struct Harness {
     ebpf: Ebpf,
     /// The load-balancing maps, for fixtures to install services.
     pub lb: LbMaps,
+    /// The overlay maps (off until a fixture sets the local node).
+    pub overlay: OverlayMaps,
 }
 
 impl Harness {
@@ -157,7 +159,8 @@ impl Harness {
             dataplane::pin_maps(&ebpf, dir).unwrap_or_else(|e| panic!("pinning maps: {e}"));
         }
         let lb = LbMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("load-balancing maps: {e}"));
-        Harness { ebpf, lb }
+        let overlay = OverlayMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("overlay maps: {e}"));
+        Harness { ebpf, lb, overlay }
     }
 
     /// The loaded object, e.g. to attach its programs.

@@ -151,3 +151,30 @@ pub fn icmp4_port_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Ve
 pub fn udp_no_checksum(frame: Vec<u8>) -> Vec<u8> {
     patch(frame, 14 + 20 + 6, &[0, 0])
 }
+
+/// A VXLAN frame exactly as the data plane builds one: outer Ethernet
+/// `src_mac -> dst_mac`, IPv4 (TTL 64, id 0, no DF) `src -> dst`, UDP
+/// `sport -> 4789` with checksum 0, VXLAN with `vni`, then `inner`.
+pub fn vxlan_frame(
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+    sport: u16,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + inner.len());
+    payload.extend_from_slice(&[0x08, 0, 0, 0]);
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::UDP, src.octets(), dst.octets())
+        .expect("valid IPv4 header");
+    ip.dont_fragment = false;
+    ip.identification = 0;
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ip(IpHeaders::Ipv4(ip, Ipv4Extensions::default()))
+        .udp(sport, 4789);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, &payload);
+    let out = write_out(r, out);
+    patch(out, 14 + 20 + 6, &[0, 0])
+}

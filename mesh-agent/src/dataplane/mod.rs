@@ -1,6 +1,7 @@
 //! The eBPF data plane: the embedded object, loading it, and its maps.
 
 pub mod lb;
+pub mod overlay;
 mod ring;
 pub mod stats;
 
@@ -67,7 +68,13 @@ pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
 
 /// Every map name, for pinning: the counters and the load-balancing maps.
 pub fn map_names() -> impl Iterator<Item = &'static str> {
-    std::iter::once(mesh_common::maps::STATS).chain(lb::NAMES)
+    [
+        mesh_common::maps::STATS,
+        mesh_common::maps::LOCAL_NODE,
+        mesh_common::maps::NODES,
+    ]
+    .into_iter()
+    .chain(lb::NAMES)
 }
 
 /// Pins every map under `dir` (created if missing), replacing stale pins.

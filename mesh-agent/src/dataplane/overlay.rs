@@ -1,0 +1,54 @@
+//! The overlay maps: this node's settings and the other nodes.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError},
+};
+use mesh_common::{
+    maps,
+    tunnel::{LocalNode, Node},
+};
+
+use super::lb::MapsError;
+
+pub struct OverlayMaps {
+    pub local: Array<MapData, LocalNode>,
+    pub nodes: HashMap<MapData, u32, Node>,
+}
+
+fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+impl OverlayMaps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let local = ebpf
+            .take_map(maps::LOCAL_NODE)
+            .ok_or(MapsError::Missing(maps::LOCAL_NODE))?;
+        let nodes = ebpf
+            .take_map(maps::NODES)
+            .ok_or(MapsError::Missing(maps::NODES))?;
+        Ok(OverlayMaps {
+            local: local.try_into().map_err(err(maps::LOCAL_NODE))?,
+            nodes: nodes.try_into().map_err(err(maps::NODES))?,
+        })
+    }
+
+    /// This node's settings; `enabled` set turns the overlay on.
+    pub fn set_local(&mut self, l: &LocalNode) -> Result<(), MapsError> {
+        self.local.set(0, l, 0).map_err(err(maps::LOCAL_NODE))
+    }
+
+    /// Another node, by its /24 (`subnet_be`: network order, host bits 0).
+    pub fn set_node(&mut self, subnet_be: u32, n: &Node) -> Result<(), MapsError> {
+        self.nodes.insert(subnet_be, n, 0).map_err(err(maps::NODES))
+    }
+
+    pub fn remove_node(&mut self, subnet_be: u32) -> Result<(), MapsError> {
+        match self.nodes.remove(&subnet_be) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::NODES)(e)),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Packet tests of the overlay (needs root).
+
+use mesh_tests::{fixtures::overlay, harness::Harness};
+
+#[test]
+fn encapsulation_and_decapsulation_fixtures() {
+    let mut h = Harness::new();
+    overlay::install(&mut h.overlay, &mut h.lb);
+    h.check(&overlay::fixtures());
+}
