@@ -11,5 +11,6 @@ pub mod fixtures;
 pub mod harness;
 pub mod lblab;
 pub mod netns;
+pub mod overlaylab;
 pub mod pkt;
 pub mod servers;

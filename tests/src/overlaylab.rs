@@ -1,0 +1,164 @@
+//! Two nodes in network namespaces, joined by an underlay link, each with a
+//! bridge (its `mesh` network, 10.42.N.0/24) and one container; each node
+//! runs its own data plane (XDP on the underlay NIC, TC on the container's
+//! veth) with the overlay maps written the way the agent will write them.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TcAttachType, XdpMode};
+use mesh_agent::dataplane::{self, progs};
+use mesh_common::tunnel::{LocalNode, Node};
+
+use crate::{
+    harness::Harness,
+    netns::{Netns, unique},
+};
+
+pub const VNI: u32 = 4242;
+
+pub struct NodeNs {
+    pub n: u8,
+    pub harness: Harness,
+    pub container: Netns,
+    pub node: Netns,
+    pub underlay_ip: Ipv4Addr,
+    pub underlay_mac: [u8; 6],
+    pub underlay_ifindex: u32,
+}
+
+impl NodeNs {
+    /// The container's address: 10.42.N.2.
+    pub fn container_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 42, self.n, 2)
+    }
+}
+
+pub struct OverlayLab {
+    pub nodes: Vec<NodeNs>,
+}
+
+fn mac(v: serde_json::Value) -> [u8; 6] {
+    let s = v.as_str().expect("mac string");
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(p, 16).expect("hex");
+    }
+    m
+}
+
+impl OverlayLab {
+    /// Nodes 1 and 2, underlay 192.168.77.N on a veth pair.
+    pub fn new() -> Self {
+        let node_ns: Vec<Netns> = (1..=2)
+            .map(|n| Netns::new(&unique(&format!("mon{n}"))))
+            .collect();
+        node_ns[0].ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "eth0",
+            "netns",
+            &node_ns[1].name,
+        ]);
+        let mut nodes = Vec::new();
+        for (i, node) in node_ns.into_iter().enumerate() {
+            let n = i as u8 + 1;
+            let underlay_ip = Ipv4Addr::new(192, 168, 77, n);
+            node.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"]);
+            node.ip(&["link", "set", "eth0", "up"]);
+            node.ip(&["link", "add", "br0", "type", "bridge"]);
+            node.ip(&["addr", "add", &format!("10.42.{n}.1/24"), "dev", "br0"]);
+            node.ip(&["link", "set", "br0", "up"]);
+            node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward"));
+            let container = Netns::new(&unique(&format!("moc{n}")));
+            node.ip(&[
+                "link",
+                "add",
+                "vc0",
+                "type",
+                "veth",
+                "peer",
+                "eth0",
+                "netns",
+                &container.name,
+            ]);
+            node.ip(&["link", "set", "vc0", "master", "br0", "up"]);
+            container.ip(&["addr", "add", &format!("10.42.{n}.2/24"), "dev", "eth0"]);
+            // The mesh network's MTU leaves room for the 50-byte VXLAN header.
+            container.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
+            container.ip(&["route", "add", "default", "via", &format!("10.42.{n}.1")]);
+            let underlay_mac = mac(node.link_field("eth0", "address"));
+            let underlay_ifindex = node
+                .link_field("eth0", "ifindex")
+                .as_u64()
+                .expect("ifindex") as u32;
+            let mut harness = Harness::new();
+            node.run(|| {
+                let ebpf = harness.ebpf_mut();
+                dataplane::xdp_underlay(ebpf)
+                    .expect("xdp")
+                    .attach("eth0", XdpMode::default())
+                    .expect("attach XDP to the underlay");
+                for (name, at) in [
+                    (progs::TC_FROM_CONTAINER, TcAttachType::Ingress),
+                    (progs::TC_TO_CONTAINER, TcAttachType::Egress),
+                ] {
+                    dataplane::tc(ebpf, name)
+                        .expect("tc")
+                        .attach("vc0", at)
+                        .expect("attach TC");
+                }
+            });
+            nodes.push(NodeNs {
+                n,
+                harness,
+                container,
+                node,
+                underlay_ip,
+                underlay_mac,
+                underlay_ifindex,
+            });
+        }
+        // Each node knows itself and the other, as gossip will tell it.
+        for i in 0..nodes.len() {
+            let (me, other) = (i, 1 - i);
+            let local = LocalNode {
+                subnet_be: u32::from(Ipv4Addr::new(10, 42, nodes[me].n, 0)).to_be(),
+                cluster_be: u32::from(Ipv4Addr::new(10, 42, 0, 0)).to_be(),
+                cluster_mask_be: 0xffff_0000u32.to_be(),
+                underlay_ip_be: u32::from(nodes[me].underlay_ip).to_be(),
+                underlay_ifindex: nodes[me].underlay_ifindex,
+                vni: VNI,
+                underlay_mac: nodes[me].underlay_mac,
+                enabled: 1,
+                ..LocalNode::default()
+            };
+            let peer = Node {
+                underlay_ip_be: u32::from(nodes[other].underlay_ip).to_be(),
+                mac: nodes[other].underlay_mac,
+                ..Node::default()
+            };
+            let subnet = u32::from(Ipv4Addr::new(10, 42, nodes[other].n, 0)).to_be();
+            nodes[me]
+                .harness
+                .overlay
+                .set_local(&local)
+                .expect("local node");
+            nodes[me]
+                .harness
+                .overlay
+                .set_node(subnet, &peer)
+                .expect("peer node");
+        }
+        OverlayLab { nodes }
+    }
+}
+
+impl Default for OverlayLab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
