@@ -7,6 +7,7 @@ pub mod ctl;
 pub mod dataplane;
 pub mod dns;
 pub mod docker;
+pub mod gossip;
 pub mod iface;
 pub mod labels;
 pub mod logging;

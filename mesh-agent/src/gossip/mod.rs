@@ -1,0 +1,74 @@
+//! Cluster membership by gossip (chitchat: versioned per-node key-values,
+//! phi-accrual failure detection), sealed with the cluster key.
+
+pub mod transport;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
+use transport::{ClusterKey, GossipStats, Sealed};
+
+/// How this node gossips.
+#[derive(Clone)]
+pub struct GossipConfig {
+    /// Unique across the cluster (default: the host name).
+    pub node_id: String,
+    pub listen: SocketAddr,
+    /// The address peers use to reach this node.
+    pub advertise: SocketAddr,
+    /// `HOST:PORT` of nodes to join through.
+    pub seeds: Vec<String>,
+    pub key: ClusterKey,
+    pub cluster_id: String,
+    pub interval: Duration,
+    /// About how long a silent node stays in the live set. The failure
+    /// detector (phi accrual, threshold 8) declares a node dead after about
+    /// `8 x ln 10 x` its mean heartbeat interval, so the gossip interval is
+    /// derived from this.
+    pub dead_after: Duration,
+}
+
+impl GossipConfig {
+    /// Gossip interval for a wanted detection time (see `dead_after`).
+    pub fn interval_for(dead_after: Duration) -> Duration {
+        (dead_after.mul_f64(1.0 / (8.0 * std::f64::consts::LN_10) * 0.8))
+            .clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+}
+
+/// Starts gossiping with `kvs` as this node's first key-values. The
+/// generation id is the start time, so a restarted agent is a new
+/// generation of the same node: peers keep the old one (and its
+/// endpoints) until it times out, by which time the new one has published.
+pub async fn start(
+    cfg: GossipConfig,
+    kvs: Vec<(String, String)>,
+    stats: Arc<GossipStats>,
+) -> anyhow::Result<ChitchatHandle> {
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let config = ChitchatConfig {
+        chitchat_id: ChitchatId::new(cfg.node_id.clone(), generation, cfg.advertise),
+        cluster_id: cfg.cluster_id.clone(),
+        gossip_interval: cfg.interval,
+        listen_addr: cfg.listen,
+        seed_nodes: cfg.seeds.clone(),
+        failure_detector_config: FailureDetectorConfig::new(
+            8.0,
+            1_000,
+            cfg.dead_after.max(Duration::from_secs(1)) * 2,
+            cfg.interval,
+            Duration::from_secs(60),
+        ),
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+    };
+    let transport = Sealed {
+        key: cfg.key,
+        stats,
+    };
+    spawn_chitchat(config, kvs, &transport).await
+}
