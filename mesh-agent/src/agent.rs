@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     dataplane::lb::LbMaps,
     docker::{self, Container, Health},
+    gossip::peers::Endpoint,
     labels::{self, ServiceLabels},
     reconcile::{self, Actual, Desired, DesiredBackend, SvcAddr},
     status::{Samples, ServiceStatus, Skipped, Status},
@@ -43,6 +44,28 @@ pub struct Settings {
     /// DNS: where to listen (None: the mesh gateway address, port 53) and
     /// how to answer; None disables the server.
     pub dns: Option<(Option<std::net::SocketAddr>, crate::dns::DnsConfig)>,
+    /// Many hosts: gossip and the overlay; None on a single host.
+    pub cluster: Option<Cluster>,
+}
+
+/// This node in a cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub node_id: String,
+    pub handle: Arc<chitchat::ChitchatHandle>,
+    pub live: tokio::sync::watch::Receiver<BTreeMap<chitchat::ChitchatId, chitchat::NodeState>>,
+    /// This node's overlay settings, written to the kernel at start.
+    pub local: mesh_common::tunnel::LocalNode,
+    pub cluster_cidr: Cidr,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("cluster_cidr", &self.cluster_cidr)
+            .finish()
+    }
 }
 
 /// State shared with the control socket and /metrics.
@@ -75,6 +98,13 @@ pub struct Agent {
     /// What DNS answers; replaced after every pass.
     zone: Arc<std::sync::RwLock<crate::dns::Zone>>,
     dns_started: bool,
+    overlay: crate::dataplane::overlay::OverlayMaps,
+    /// Live peers from gossip.
+    peers: BTreeMap<String, crate::gossip::peers::Peer>,
+    /// Node table entries written to the kernel.
+    nodes_written: BTreeMap<u32, mesh_common::tunnel::Node>,
+    /// Our endpoints as last published in gossip.
+    published: String,
 }
 
 impl Agent {
@@ -82,6 +112,7 @@ impl Agent {
         settings: Settings,
         ebpf: Ebpf,
         lb: LbMaps,
+        overlay: crate::dataplane::overlay::OverlayMaps,
         shared: Arc<Mutex<Shared>>,
     ) -> anyhow::Result<Self> {
         let actual = lb.read_actual()?;
@@ -109,6 +140,10 @@ impl Agent {
             retry: false,
             zone: Arc::default(),
             dns_started: false,
+            overlay,
+            peers: BTreeMap::new(),
+            nodes_written: BTreeMap::new(),
+            published: String::new(),
         })
     }
 
@@ -135,6 +170,10 @@ impl Agent {
             }
             // Connected, with the mesh network in place.
             self.start_dns();
+            if let Some(c) = &self.settings.cluster {
+                self.overlay.set_local(&c.local)?;
+                self.sync_peers();
+            }
             self.set_docker(true);
             // Follow events from before the listing, so nothing falls between.
             let since = SystemTime::now()
@@ -174,8 +213,15 @@ impl Agent {
         };
         let mut events = d.events(Some(opts));
         let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut live = self.settings.cluster.as_ref().map(|c| c.live.clone());
         loop {
             tokio::select! {
+                r = async { match live.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => {
+                    if r.is_ok() {
+                        self.sync_peers();
+                        self.reconcile();
+                    }
+                }
                 ev = events.next() => {
                     let Some(Ok(ev)) = ev else { return };
                     let mut changed = self.on_event(d, ev).await;
@@ -264,7 +310,16 @@ impl Agent {
     }
 
     /// Desired state from the containers, the services' VIPs, and status rows.
-    fn desired(&mut self) -> (Desired, Vec<ServiceStatus>, Vec<Skipped>, BTreeSet<u32>) {
+    #[allow(clippy::type_complexity)]
+    fn desired(
+        &mut self,
+    ) -> (
+        Desired,
+        Vec<ServiceStatus>,
+        Vec<Skipped>,
+        BTreeSet<u32>,
+        Vec<Endpoint>,
+    ) {
         let mut skipped = Vec::new();
         let mut live_ifindex = BTreeSet::new();
         let mut members: Vec<(&Container, ServiceLabels, u32, u8)> = Vec::new();
@@ -310,14 +365,38 @@ impl Agent {
             members.push((c, svc, ifindex, state));
         }
 
-        // VIPs: by service age (its oldest container), sticky.
+        // Every backend: this node's (with its veth) and the peers' (reached
+        // through the tunnel).
+        let mut all: Vec<(Endpoint, Option<(u32, [u8; 6], String)>)> = Vec::new();
+        let mut local_eps = Vec::new();
+        for (c, s, ifindex, state) in &members {
+            let Some((ip, mac)) = c.mesh else { continue };
+            let ep = Endpoint {
+                service: s.service.clone(),
+                created: c.created.clone(),
+                ip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| (p.vip_port, p.container_port, p.proto))
+                    .collect(),
+                state: *state,
+            };
+            local_eps.push(ep.clone());
+            all.push((ep, Some((*ifindex, mac, c.name.clone()))));
+        }
+        for p in self.peers.values() {
+            all.extend(p.endpoints.iter().map(|e| (e.clone(), None)));
+        }
+
+        // VIPs: by service age (its oldest container anywhere), sticky.
         let mut ages: BTreeMap<String, String> = BTreeMap::new();
-        for (c, s, _, _) in &members {
+        for (e, _) in &all {
             let age = ages
-                .entry(s.service.clone())
-                .or_insert_with(|| c.created.clone());
-            if c.created < *age {
-                *age = c.created.clone();
+                .entry(e.service.clone())
+                .or_insert_with(|| e.created.clone());
+            if e.created < *age {
+                *age = e.created.clone();
             }
         }
         for name in waiting.keys() {
@@ -332,50 +411,50 @@ impl Agent {
         let mut desired = Desired::new();
         let mut rows: BTreeMap<String, ServiceStatus> = BTreeMap::new();
         let mut zone = crate::dns::Zone::new();
-        for (c, s, ifindex, state) in &members {
-            let Some(vip) = vips.get(&s.service) else {
-                skipped.push(Skipped {
-                    container: c.name.clone(),
-                    error: format!("no free VIP in {}", self.settings.vip_cidr),
-                });
+        for (e, local) in &all {
+            let Some(vip) = vips.get(&e.service) else {
+                if let Some((_, _, name)) = local {
+                    skipped.push(Skipped {
+                        container: name.clone(),
+                        error: format!("no free VIP in {}", self.settings.vip_cidr),
+                    });
+                }
                 continue;
             };
-            let Some((ip, mac)) = c.mesh else { continue };
             let row = rows
-                .entry(s.service.clone())
+                .entry(e.service.clone())
                 .or_insert_with(|| ServiceStatus {
-                    name: s.service.clone(),
+                    name: e.service.clone(),
                     vip: vip.to_string(),
                     ..ServiceStatus::default()
                 });
-            let entry = zone.entry(s.service.clone()).or_default();
+            let entry = zone.entry(e.service.clone()).or_default();
             entry.vip = Some(*vip);
-            if *state == backend_state::ACTIVE {
+            if e.state == backend_state::ACTIVE {
                 row.active += 1;
-                entry.tasks.push(ip);
+                entry.tasks.push(e.ip);
             } else {
                 row.draining += 1;
             }
-            for p in &s.ports {
-                if !entry.ports.contains(&(p.vip_port, p.proto)) {
-                    entry.ports.push((p.vip_port, p.proto));
+            let (ifindex, mac) = local.as_ref().map_or((0, [0; 6]), |(i, m, _)| (*i, *m));
+            for &(vip_port, container_port, proto) in &e.ports {
+                if !entry.ports.contains(&(vip_port, proto)) {
+                    entry.ports.push((vip_port, proto));
                 }
-            }
-            for p in &s.ports {
-                let port = format!("{}/{} -> {}", p.vip_port, p.proto, p.container_port);
+                let port = format!("{vip_port}/{proto} -> {container_port}");
                 if !row.ports.contains(&port) {
                     row.ports.push(port);
                 }
                 let addr = SvcAddr {
                     vip: *vip,
-                    port: p.vip_port,
-                    proto: p.proto.number(),
+                    port: vip_port,
+                    proto: proto.number(),
                 };
                 desired.entry(addr).or_default().insert(
-                    (ip, p.container_port),
+                    (e.ip, container_port),
                     DesiredBackend {
-                        state: *state,
-                        ifindex: *ifindex,
+                        state: e.state,
+                        ifindex,
                         mac,
                     },
                 );
@@ -397,20 +476,27 @@ impl Agent {
             z.ports.sort();
         }
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
-        (desired, rows.into_values().collect(), skipped, live_ifindex)
+        (
+            desired,
+            rows.into_values().collect(),
+            skipped,
+            live_ifindex,
+            local_eps,
+        )
     }
 
     /// One reconcile pass: attach to new veths, write the minimal map
     /// changes, publish status.
     pub fn reconcile(&mut self) {
         let start = Instant::now();
-        let (desired, services, skipped, live) = self.desired();
+        let (desired, services, skipped, live, local_eps) = self.desired();
         for &ifindex in &live {
             if let Err(e) = self.attachments.ensure(&mut self.ebpf, ifindex) {
                 warn!(ifindex, error = %e, "could not attach the TC programs");
             }
         }
         self.attachments.sweep(&live);
+        self.publish(&local_eps);
         let plan = reconcile::plan(&desired, &self.actual);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.actual);
         let elapsed = start.elapsed().as_secs_f64();
@@ -502,6 +588,76 @@ impl Agent {
             }
         });
         self.dns_started = true;
+    }
+
+    /// Reads the live peers from gossip and writes the node table.
+    fn sync_peers(&mut self) {
+        let Some(c) = &self.settings.cluster else {
+            return;
+        };
+        self.peers = crate::gossip::peers::from_states(&c.node_id, &c.live.borrow());
+        let mut want = BTreeMap::new();
+        for p in self.peers.values() {
+            if let (Some(ip), Some(mac), Some(claim)) = (p.underlay, p.mac, &p.subnet) {
+                let subnet = crate::gossip::subnet::subnet(c.cluster_cidr, claim.index);
+                if subnet.base == self.settings.node_subnet.base {
+                    warn!(%subnet, node = %claim.node, "a peer claims our subnet; ignoring it");
+                    continue;
+                }
+                let node = mesh_common::tunnel::Node {
+                    underlay_ip_be: u32::from(ip).to_be(),
+                    mac,
+                    ..Default::default()
+                };
+                want.insert(u32::from(subnet.base).to_be(), node);
+            }
+        }
+        for (k, n) in &want {
+            if self.nodes_written.get(k) != Some(n) {
+                match self.overlay.set_node(*k, n) {
+                    Ok(()) => {
+                        info!(subnet = %Ipv4Addr::from(u32::from_be(*k)), underlay = %Ipv4Addr::from(u32::from_be(n.underlay_ip_be)), "node joined");
+                        self.nodes_written.insert(*k, *n);
+                    }
+                    Err(e) => warn!(error = %e, "writing the node table"),
+                }
+            }
+        }
+        let gone: Vec<u32> = self
+            .nodes_written
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            match self.overlay.remove_node(k) {
+                Ok(()) => {
+                    info!(subnet = %Ipv4Addr::from(u32::from_be(k)), "node left");
+                    self.nodes_written.remove(&k);
+                }
+                Err(e) => warn!(error = %e, "writing the node table"),
+            }
+        }
+    }
+
+    /// Publishes this node's endpoints in gossip when they changed.
+    fn publish(&mut self, endpoints: &[crate::gossip::peers::Endpoint]) {
+        let Some(c) = &self.settings.cluster else {
+            return;
+        };
+        let json = serde_json::to_string(endpoints).unwrap_or_default();
+        if json == self.published {
+            return;
+        }
+        let chitchat = c.handle.chitchat();
+        let Ok(mut g) = chitchat.try_lock() else {
+            // Busy gossiping: the retry tick tries again.
+            self.retry = true;
+            return;
+        };
+        g.self_node_state()
+            .set(crate::gossip::peers::KEY_ENDPOINTS, &json);
+        self.published = json;
     }
 
     fn set_docker(&self, connected: bool) {

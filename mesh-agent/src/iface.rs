@@ -39,6 +39,42 @@ pub fn index(name: &str) -> Result<u32, IfaceError> {
     }
 }
 
+/// The first IPv4 address of interface `name`.
+pub fn ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        let addr = ifa.ifa_addr;
+        // SAFETY: ifa_name is a NUL-terminated string; addr checked for null
+        // and family before the cast.
+        let this = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy() == name;
+        if this && !addr.is_null() && unsafe { (*addr).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(addr as *const libc::sockaddr_in) };
+            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    found
+}
+
+/// The MAC address of interface `name` (from sysfs).
+pub fn mac(name: &str) -> Option<[u8; 6]> {
+    validate(name).ok()?;
+    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    crate::docker::parse_mac(s.trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

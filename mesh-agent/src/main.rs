@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_agent::{
     DEFAULT_BPFFS_DIR,
-    agent::{Agent, Settings, Shared},
+    agent::{Agent, Cluster, Settings, Shared},
     api,
     dataplane::{self, lb::LbMaps, progs},
     iface,
@@ -35,9 +35,36 @@ struct Args {
         default_value = "/var/run/docker.sock"
     )]
     docker_socket: PathBuf,
-    /// This node's subnet of the cluster CIDR: the `mesh` network's subnet.
-    #[arg(long, env = "MESH_NODE_SUBNET", default_value = "10.42.0.0/24")]
-    node_subnet: Cidr,
+    /// This node's /24 of the cluster CIDR (the `mesh` network's subnet).
+    /// Default: claimed through gossip in a cluster, 10.42.0.0/24 alone.
+    #[arg(long, env = "MESH_NODE_SUBNET")]
+    node_subnet: Option<Cidr>,
+    /// The cluster CIDR: every node gets a /24 of it.
+    #[arg(long, env = "MESH_CLUSTER_CIDR", default_value = "10.42.0.0/16")]
+    cluster_cidr: Cidr,
+    /// The cluster key (32 bytes, or 64 hex digits): turns on gossip and the
+    /// overlay; every gossip message is sealed with it.
+    #[arg(long, env = "MESH_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// Nodes to join through (HOST:PORT), repeatable.
+    #[arg(long, env = "MESH_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    node_name: Option<String>,
+    /// Gossip listen address.
+    #[arg(long, env = "MESH_GOSSIP_LISTEN", default_value = "0.0.0.0:7946")]
+    gossip_listen: SocketAddr,
+    /// The underlay address peers reach this node at (default: the
+    /// underlay NIC's IPv4).
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    advertise_addr: Option<std::net::Ipv4Addr>,
+    /// VXLAN network identifier of the cluster (24 bits).
+    #[arg(long, env = "MESH_VNI", default_value_t = 4242, value_parser = clap::value_parser!(u32).range(1..16_777_216))]
+    vni: u32,
+    /// Seconds after which a silent node's endpoints are removed everywhere.
+    #[arg(long, env = "MESH_DEAD_AFTER", default_value_t = 5.0)]
+    dead_after: f64,
     /// Where service VIPs come from.
     #[arg(long, env = "MESH_VIP_CIDR", default_value = "10.43.0.0/16")]
     vip_cidr: Cidr,
@@ -106,12 +133,13 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    if !args.vip_cidr.contains(args.vip_cidr.base) || args.vip_cidr.contains(args.node_subnet.base)
+    if args.vip_cidr.contains(args.cluster_cidr.base)
+        || args.cluster_cidr.contains(args.vip_cidr.base)
     {
         anyhow::bail!(
-            "--vip-cidr {} overlaps --node-subnet {}",
+            "--vip-cidr {} overlaps --cluster-cidr {}",
             args.vip_cidr,
-            args.node_subnet
+            args.cluster_cidr
         );
     }
     let mut ebpf = dataplane::load_pinned(&args.bpffs_dir).context(
@@ -124,13 +152,17 @@ async fn run(args: Args) -> Result<()> {
         attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
     }
     let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
+    let overlay =
+        mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
+    let (node_subnet, cluster) = cluster_setup(&args).await?;
+    info!(subnet = %node_subnet, clustered = cluster.is_some(), "this node's subnet");
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     {
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.version = env!("CARGO_PKG_VERSION").to_string();
-        sh.status.node.subnet = args.node_subnet.to_string();
+        sh.status.node.subnet = node_subnet.to_string();
         sh.status.node.vip_cidr = args.vip_cidr.to_string();
         sh.status.node.bpffs_dir = args.bpffs_dir.display().to_string();
         sh.status.docker.socket = args.docker_socket.display().to_string();
@@ -158,7 +190,7 @@ async fn run(args: Args) -> Result<()> {
     {
         anyhow::bail!("--dns-domain {:?} is not a domain name", args.dns_domain);
     }
-    let gateway = std::net::Ipv4Addr::from(u32::from(args.node_subnet.base) + 1);
+    let gateway = std::net::Ipv4Addr::from(u32::from(node_subnet.base) + 1);
     let upstreams = if args.dns_upstream.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         mesh_agent::dns::upstreams_from_resolv_conf(&text, gateway.into())
@@ -176,15 +208,16 @@ async fn run(args: Args) -> Result<()> {
     });
     let settings = Settings {
         docker_socket: args.docker_socket,
-        node_subnet: args.node_subnet,
+        node_subnet,
         vip_cidr: args.vip_cidr,
         bridge: args.bridge,
         mtu: args.mtu,
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
         dns,
+        cluster,
     };
-    let mut agent = Agent::new(settings, ebpf, lb, shared)?;
+    let mut agent = Agent::new(settings, ebpf, lb, overlay, shared)?;
     tokio::select! {
         r = agent.run() => r,
         r = shutdown() => {
@@ -193,6 +226,162 @@ async fn run(args: Args) -> Result<()> {
             info!("stopping; the data plane stays in place");
             r
         }
+    }
+}
+
+/// Alone: the given subnet or 10.42.0.0/24. In a cluster: start gossip and
+/// claim a /24 (kept across restarts in the state dir).
+async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
+    use mesh_agent::gossip::{self, GossipConfig, peers, subnet, transport};
+    let Some(key_file) = &args.cluster_key_file else {
+        let s = args.node_subnet.unwrap_or_else(|| Cidr {
+            base: std::net::Ipv4Addr::new(10, 42, 0, 0),
+            prefix: 24,
+        });
+        return Ok((s, None));
+    };
+    let iface_name = args
+        .underlay_iface
+        .as_deref()
+        .context("a cluster (--cluster-key-file) needs --underlay-iface: the overlay runs on it")?;
+    let bytes =
+        std::fs::read(key_file).with_context(|| format!("reading {}", key_file.display()))?;
+    let key = transport::ClusterKey::from_file_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
+    let ip = args
+        .advertise_addr
+        .or_else(|| iface::ipv4(iface_name))
+        .with_context(|| format!("{iface_name} has no IPv4 address: pass --advertise-addr"))?;
+    let mac = iface::mac(iface_name).with_context(|| format!("reading the MAC of {iface_name}"))?;
+    let node_id = args.node_name.clone().unwrap_or_else(hostname);
+    let dead_after = std::time::Duration::from_secs_f64(args.dead_after.clamp(1.0, 600.0));
+    let interval = GossipConfig::interval_for(dead_after);
+    let cfg = GossipConfig {
+        node_id: node_id.clone(),
+        listen: args.gossip_listen,
+        advertise: SocketAddr::new(ip.into(), args.gossip_listen.port()),
+        seeds: args.join.clone(),
+        key,
+        cluster_id: "mesh".into(),
+        interval,
+        dead_after,
+    };
+    let mac_text = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let kvs = vec![
+        (peers::KEY_UNDERLAY.to_string(), ip.to_string()),
+        (peers::KEY_MAC.to_string(), mac_text),
+    ];
+    let stats = Arc::new(transport::GossipStats::default());
+    let handle = gossip::start(cfg, kvs, stats).await?;
+    info!(node = %node_id, %ip, seeds = ?args.join, "gossiping");
+
+    let claim_file = args.state_dir.join("subnet");
+    let previous = std::fs::read_to_string(&claim_file)
+        .ok()
+        .and_then(|v| subnet::decode(&node_id, v.trim()));
+    let mut mine = match args.node_subnet {
+        Some(s) => Some(subnet::Claim {
+            node: node_id.clone(),
+            index: subnet::index_of(args.cluster_cidr, s).with_context(|| {
+                format!(
+                    "--node-subnet {s} is not a /24 of --cluster-cidr {}",
+                    args.cluster_cidr
+                )
+            })?,
+            since_ms: 0,
+        }),
+        None => previous,
+    };
+    // Claim, then let the claim stand unchallenged for a while: nodes that
+    // start at the same instant see each other's claims and settle apart.
+    let settle = (interval * 8).max(std::time::Duration::from_secs(2));
+    let mut published: Option<subnet::Claim> = None;
+    let mut stable_since = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let me = node_id.clone();
+        let peers: Vec<subnet::Claim> = handle
+            .with_chitchat(|c| {
+                c.live_nodes()
+                    .filter(|id| *id.node_id != *me)
+                    .filter_map(|id| {
+                        c.node_state(id)
+                            .and_then(|s| s.get(peers::KEY_SUBNET))
+                            .and_then(|v| subnet::decode(&id.node_id, v))
+                    })
+                    .collect()
+            })
+            .await;
+        let pick = subnet::choose(args.cluster_cidr, &node_id, mine.as_ref(), &peers)
+            .with_context(|| format!("no free /24 left in {}", args.cluster_cidr))?;
+        if mine.as_ref().map(|m| m.index) != Some(pick) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            mine = Some(subnet::Claim {
+                node: node_id.clone(),
+                index: pick,
+                since_ms: now,
+            });
+        }
+        if published != mine {
+            let value = mine.as_ref().map(subnet::encode).unwrap_or_default();
+            handle
+                .with_chitchat(|c| c.self_node_state().set(peers::KEY_SUBNET, &value))
+                .await;
+            published = mine.clone();
+            stable_since = std::time::Instant::now();
+        }
+        if stable_since.elapsed() >= settle {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "could not settle a subnet claim in 2 minutes"
+        );
+        tokio::time::sleep(interval).await;
+    }
+    let claim = mine.context("no claim")?;
+    std::fs::create_dir_all(&args.state_dir).ok();
+    let _ = std::fs::write(&claim_file, subnet::encode(&claim));
+    let node_subnet = subnet::subnet(args.cluster_cidr, claim.index);
+    let ifindex = iface::index(iface_name)?;
+    let local = mesh_common::tunnel::LocalNode {
+        subnet_be: u32::from(node_subnet.base).to_be(),
+        cluster_be: u32::from(args.cluster_cidr.base).to_be(),
+        cluster_mask_be: (u32::MAX << (32 - args.cluster_cidr.prefix)).to_be(),
+        underlay_ip_be: u32::from(ip).to_be(),
+        underlay_ifindex: ifindex,
+        vni: args.vni,
+        underlay_mac: mac,
+        enabled: 1,
+        ..Default::default()
+    };
+    let live = handle.chitchat().lock().await.live_nodes_watcher();
+    let cluster = Cluster {
+        node_id,
+        handle: Arc::new(handle),
+        live,
+        local,
+        cluster_cidr: args.cluster_cidr,
+    };
+    Ok((node_subnet, Some(cluster)))
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if r == 0 && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "mesh-node".into()
     }
 }
 
