@@ -172,6 +172,7 @@ impl Agent {
             self.start_dns();
             if let Some(c) = &self.settings.cluster {
                 self.overlay.set_local(&c.local)?;
+                allow_cluster_forwarding(c.cluster_cidr);
                 self.sync_peers();
             }
             self.set_docker(true);
@@ -663,6 +664,40 @@ impl Agent {
     fn set_docker(&self, connected: bool) {
         let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.docker.connected = connected;
+    }
+}
+
+/// Traffic between containers of different nodes arrives decapsulated and
+/// is forwarded into the mesh bridge; Docker's FORWARD rules drop new
+/// connections into its bridges unless DOCKER-USER (the chain Docker keeps
+/// for its users) accepts them. Idempotent.
+fn allow_cluster_forwarding(cluster: Cidr) {
+    let c = cluster.to_string();
+    let rule = [
+        "DOCKER-USER",
+        "-s",
+        c.as_str(),
+        "-d",
+        c.as_str(),
+        "-j",
+        "ACCEPT",
+    ];
+    let run = |op: &str| {
+        std::process::Command::new("iptables")
+            .args(["-w", op])
+            .args(rule)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if run("-C") {
+        return;
+    }
+    if run("-I") {
+        info!(cidr = %c, "accepting forwarded cluster traffic (iptables DOCKER-USER)");
+    } else {
+        warn!(cidr = %c, "could not add the DOCKER-USER accept rule: cross-node connections may be dropped by Docker's FORWARD rules");
     }
 }
 

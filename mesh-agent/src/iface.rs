@@ -68,11 +68,34 @@ pub fn ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     found
 }
 
-/// The MAC address of interface `name` (from sysfs).
+/// The MAC address of interface `name`, asked of the kernel for this
+/// network namespace (sysfs may show another namespace's interfaces).
 pub fn mac(name: &str) -> Option<[u8; 6]> {
     validate(name).ok()?;
-    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
-    crate::docker::parse_mac(s.trim())
+    // SAFETY: a plain socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we pass.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: closing the socket we opened.
+    unsafe { libc::close(fd) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: after a successful SIOCGIFHWADDR the union holds ifru_hwaddr.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Some(mac)
 }
 
 #[cfg(test)]

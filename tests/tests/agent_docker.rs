@@ -581,3 +581,133 @@ fn docker_containers_resolve_service_names_with_no_extra_flags() {
     assert_eq!(tasks, want, "after docker stop w1 ({w1})");
     assert_eq!(nslookup(&engine, &["whoami"]), [vip], "the VIP stays");
 }
+
+/// Joins two engines' namespaces with an underlay link `ul0`,
+/// 192.168.90.1 and .2.
+fn link_underlay(a: &Engine, b: &Engine) {
+    a.ns.ip(&[
+        "link", "add", "ul0", "type", "veth", "peer", "ul0", "netns", &b.ns.name,
+    ]);
+    for (e, ip) in [(a, "192.168.90.1/24"), (b, "192.168.90.2/24")] {
+        e.ns.ip(&["addr", "add", ip, "dev", "ul0"]);
+        e.ns.ip(&["link", "set", "ul0", "up"]);
+    }
+}
+
+#[test]
+fn docker_two_nodes_share_services_over_the_overlay() {
+    let (e1, e2) = (Engine::start(), Engine::start());
+    link_underlay(&e1, &e2);
+    let key = e1.dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d911017c592\n",
+    )
+    .expect("key");
+    let key = key.to_str().expect("utf-8").to_string();
+    let cluster = |name: &'static str| {
+        vec![
+            "--cluster-key-file",
+            Box::leak(key.clone().into_boxed_str()),
+            "--underlay-iface",
+            "ul0",
+            "--node-name",
+            name,
+            "--join",
+            "192.168.90.1:7946",
+            "--join",
+            "192.168.90.2:7946",
+        ]
+    };
+    let a1 = Agent::start(&e1, &cluster("n1"));
+    let a2 = Agent::start(&e2, &cluster("n2"));
+    let s1 = a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);
+    let s2 = a2.wait_for("n2 connected", WAIT, |s| s.docker.connected);
+    println!("node subnets: n1 {}, n2 {}", s1.node.subnet, s2.node.subnet);
+    assert_ne!(s1.node.subnet, s2.node.subnet, "conflict-free /24s");
+
+    e2.import_whoami();
+    e1.import_whoami();
+    let started = std::time::Instant::now();
+    e2.run_whoami(
+        "w1",
+        &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"],
+        &[],
+    );
+    let st = a1.wait_for("n1 learns w1 on n2", WAIT, |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "whoami" && x.active == 1)
+    });
+    println!(
+        "docker run on n2 -> backend in n1's maps: {:?}",
+        started.elapsed()
+    );
+    e2.run_whoami(
+        "w2",
+        &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"],
+        &[],
+    );
+    e1.run_whoami("client", &[], &[]);
+    let vip = a1
+        .wait_for("n1 sees both replicas", WAIT, |s| {
+            s.services
+                .iter()
+                .any(|x| x.name == "whoami" && x.active == 2)
+        })
+        .services
+        .iter()
+        .find(|x| x.name == "whoami")
+        .map(|x| x.vip.clone())
+        .expect("whoami");
+    assert_eq!(st.services[0].vip, vip, "the VIP stays as replicas come");
+    let vip2 = a2.wait_for("n2 agrees", WAIT, |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "whoami" && x.active == 2)
+    });
+    assert_eq!(
+        vip2.services
+            .iter()
+            .find(|x| x.name == "whoami")
+            .map(|x| x.vip.clone()),
+        Some(vip.clone()),
+        "same VIP on every node"
+    );
+
+    // From a client on the node without whoami, over the VIP.
+    for proto in ["tcp", "udp"] {
+        let (names, errors) = ask(&e1, proto, &format!("{vip}:80"), 300, 0);
+        println!("{proto} from n1 to the VIP, replicas on n2: {names:?}");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(names.len(), 2, "both replicas reached");
+        assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
+    }
+    // Container to container by IP, across nodes.
+    let w1 = e2.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.mesh.IPAddress}}",
+        "w1",
+    ]);
+    let (names, errors) = ask(&e1, "tcp", &format!("{w1}:80"), 5, 0);
+    assert!(
+        errors.is_empty() && names.get("w1") == Some(&5),
+        "{names:?} {errors:?}"
+    );
+
+    // Node 2 is cut off: its backends leave node 1's maps within 5 s.
+    let cut = std::time::Instant::now();
+    e1.ns.ip(&["link", "set", "ul0", "down"]);
+    a1.wait_for("n2's backends gone from n1", Duration::from_secs(10), |s| {
+        !s.services
+            .iter()
+            .any(|x| x.name == "whoami" && x.active > 0)
+    });
+    let gone = cut.elapsed();
+    println!("n2 cut off: its backends left n1's maps after {gone:?}");
+    assert!(
+        gone <= Duration::from_secs(5) + Duration::from_millis(500),
+        "within 5 s (status polled every 50 ms)"
+    );
+}
