@@ -105,6 +105,10 @@ pub struct Agent {
     nodes_written: BTreeMap<u32, mesh_common::tunnel::Node>,
     /// Our endpoints as last published in gossip.
     published: String,
+    /// This node's containers as the kernel should have them (for delivery
+    /// of decapsulated traffic), and as written.
+    eps_want: BTreeMap<u32, mesh_common::tunnel::LocalEndpoint>,
+    eps_written: BTreeMap<u32, mesh_common::tunnel::LocalEndpoint>,
 }
 
 impl Agent {
@@ -144,6 +148,8 @@ impl Agent {
             peers: BTreeMap::new(),
             nodes_written: BTreeMap::new(),
             published: String::new(),
+            eps_want: BTreeMap::new(),
+            eps_written: BTreeMap::new(),
         })
     }
 
@@ -172,7 +178,6 @@ impl Agent {
             self.start_dns();
             if let Some(c) = &self.settings.cluster {
                 self.overlay.set_local(&c.local)?;
-                allow_cluster_forwarding(c.cluster_cidr);
                 self.sync_peers();
             }
             self.set_docker(true);
@@ -325,6 +330,7 @@ impl Agent {
         let mut live_ifindex = BTreeSet::new();
         let mut members: Vec<(&Container, ServiceLabels, u32, u8)> = Vec::new();
         let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
+        let mut eps = BTreeMap::new();
         for c in self.containers.values() {
             let Some((_, mac)) = c.mesh else { continue };
             let ifindex = match self.ifindex.get(&c.id) {
@@ -344,6 +350,15 @@ impl Agent {
                 },
             };
             live_ifindex.insert(ifindex);
+            let (ip, _) = c.mesh.unwrap_or((Ipv4Addr::UNSPECIFIED, mac));
+            eps.insert(
+                u32::from(ip).to_be(),
+                mesh_common::tunnel::LocalEndpoint {
+                    ifindex,
+                    mac,
+                    ..Default::default()
+                },
+            );
             let svc = match labels::parse(&c.labels) {
                 Ok(Some(s)) => s,
                 Ok(None) => continue,
@@ -477,6 +492,7 @@ impl Agent {
             z.ports.sort();
         }
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = zone;
+        self.eps_want = eps;
         (
             desired,
             rows.into_values().collect(),
@@ -498,6 +514,7 @@ impl Agent {
         }
         self.attachments.sweep(&live);
         self.publish(&local_eps);
+        self.write_local_eps();
         let plan = reconcile::plan(&desired, &self.actual);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.actual);
         let elapsed = start.elapsed().as_secs_f64();
@@ -641,6 +658,37 @@ impl Agent {
         }
     }
 
+    /// Writes this node's containers for the underlay's delivery program.
+    fn write_local_eps(&mut self) {
+        for (ip, ep) in &self.eps_want {
+            if self.eps_written.get(ip) != Some(ep) {
+                match self.overlay.set_local_ep(*ip, ep) {
+                    Ok(()) => {
+                        self.eps_written.insert(*ip, *ep);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "writing the local endpoint table");
+                        self.retry = true;
+                    }
+                }
+            }
+        }
+        let gone: Vec<u32> = self
+            .eps_written
+            .keys()
+            .filter(|k| !self.eps_want.contains_key(k))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.overlay.remove_local_ep(ip) {
+                Ok(()) => {
+                    self.eps_written.remove(&ip);
+                }
+                Err(e) => warn!(error = %e, "writing the local endpoint table"),
+            }
+        }
+    }
+
     /// Publishes this node's endpoints in gossip when they changed.
     fn publish(&mut self, endpoints: &[crate::gossip::peers::Endpoint]) {
         let Some(c) = &self.settings.cluster else {
@@ -664,40 +712,6 @@ impl Agent {
     fn set_docker(&self, connected: bool) {
         let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.docker.connected = connected;
-    }
-}
-
-/// Traffic between containers of different nodes arrives decapsulated and
-/// is forwarded into the mesh bridge; Docker's FORWARD rules drop new
-/// connections into its bridges unless DOCKER-USER (the chain Docker keeps
-/// for its users) accepts them. Idempotent.
-fn allow_cluster_forwarding(cluster: Cidr) {
-    let c = cluster.to_string();
-    let rule = [
-        "DOCKER-USER",
-        "-s",
-        c.as_str(),
-        "-d",
-        c.as_str(),
-        "-j",
-        "ACCEPT",
-    ];
-    let run = |op: &str| {
-        std::process::Command::new("iptables")
-            .args(["-w", op])
-            .args(rule)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if run("-C") {
-        return;
-    }
-    if run("-I") {
-        info!(cidr = %c, "accepting forwarded cluster traffic (iptables DOCKER-USER)");
-    } else {
-        warn!(cidr = %c, "could not add the DOCKER-USER accept rule: cross-node connections may be dropped by Docker's FORWARD rules");
     }
 }
 

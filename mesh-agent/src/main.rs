@@ -400,9 +400,19 @@ fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path
     let link = prog.take_link(id)?;
     let fd: aya::programs::links::FdLink = link.try_into().context("XDP link")?;
     fd.pin(&pin).context("pinning the XDP link")?;
+    let tc_pin = dir.join("links").join(format!("tc_underlay_{ifindex}"));
+    if !tc_pin.exists() {
+        let tc = dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
+            .context("verifying the underlay TC program")?;
+        let id = tc
+            .attach(iface_name, aya::programs::TcAttachType::Ingress)
+            .with_context(|| format!("attaching TC to {iface_name}"))?;
+        let fd: aya::programs::links::FdLink = tc.take_link(id)?.try_into().context("TC link")?;
+        fd.pin(&tc_pin).context("pinning the underlay TC link")?;
+    }
     info!(
         iface = iface_name,
-        ifindex, "XDP attached to the underlay NIC"
+        ifindex, "XDP and TC attached to the underlay NIC"
     );
     Ok(())
 }

@@ -19,6 +19,11 @@ pub const LOCAL_NODE: &str = "MESH_LOCAL_NODE";
 /// Hash `/24 (network order) -> Node`: the other nodes.
 pub const NODES: &str = "MESH_NODES";
 
+/// Hash `container IP (network order) -> LocalEndpoint`: this node's containers.
+pub const LOCAL_EPS: &str = "MESH_LOCAL_EPS";
+/// Containers on one node.
+pub const MAX_LOCAL_EPS: u32 = 4096;
+
 /// Services (and service ids: 0..MAX_SERVICES).
 pub const MAX_SERVICES: u32 = 16_384;
 /// Backend ids 1..MAX_BACKENDS (0 = none): room for 10,000 services with

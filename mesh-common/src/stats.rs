@@ -78,11 +78,15 @@ pub enum Stat {
     XdpDecap = 32,
     /// XDP: VXLAN with another VNI, or not for this node: passed untouched.
     XdpVxlanForeign = 33,
+    /// TC on the underlay: a decapsulated packet handed to its container's veth.
+    TunnelDeliver = 34,
+    /// TC on the underlay: not for a local container, left to the stack.
+    TunnelPass = 35,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Stat; 34] = [
+    pub const ALL: [Stat; 36] = [
         Stat::XdpAborted,
         Stat::XdpDrop,
         Stat::XdpPass,
@@ -117,6 +121,8 @@ impl Stat {
         Stat::TunnelEncapFail,
         Stat::XdpDecap,
         Stat::XdpVxlanForeign,
+        Stat::TunnelDeliver,
+        Stat::TunnelPass,
     ];
 
     /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
@@ -156,6 +162,8 @@ impl Stat {
             Stat::TunnelEncapFail => "tunnel_encap_fail",
             Stat::XdpDecap => "xdp_decap",
             Stat::XdpVxlanForeign => "xdp_vxlan_foreign",
+            Stat::TunnelDeliver => "tunnel_deliver",
+            Stat::TunnelPass => "tunnel_pass",
         }
     }
 

@@ -54,6 +54,18 @@ pub struct LocalNode {
     pub _pad: u8,
 }
 
+/// A container on this node (by its address): where decapsulated traffic
+/// for it goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// Its host-side veth.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 12);
 const _: () = assert!(core::mem::size_of::<LocalNode>() == 32);
 
@@ -62,4 +74,5 @@ mod pod {
     // SAFETY: repr(C), integer fields, explicit padding.
     unsafe impl aya::Pod for super::Node {}
     unsafe impl aya::Pod for super::LocalNode {}
+    unsafe impl aya::Pod for super::LocalEndpoint {}
 }

@@ -39,6 +39,13 @@ pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
     veth::to_container(&ctx)
 }
 
+/// TC ingress on the underlay NIC: decapsulated packets for local
+/// containers go straight to their veths.
+#[classifier]
+pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
+    tunnel::underlay_ingress(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

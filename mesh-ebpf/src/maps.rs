@@ -11,9 +11,9 @@ use aya_ebpf::{
 use mesh_common::{
     ct::{CtEntry, CtKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
-    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_NODES, MAX_SERVICES, RING_FLAGS},
+    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES, MAX_SERVICES, RING_FLAGS},
     stats::STATS_SLOTS,
-    tunnel::{LocalNode, Node},
+    tunnel::{LocalEndpoint, LocalNode, Node},
 };
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
@@ -53,3 +53,7 @@ pub static LOCAL_NODE: Array<LocalNode> = Array::with_max_entries(1, 0);
 /// The other nodes, by /24.
 #[map(name = "MESH_NODES")]
 pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// This node's containers, by address.
+#[map(name = "MESH_LOCAL_EPS")]
+pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MAX_LOCAL_EPS, 0);

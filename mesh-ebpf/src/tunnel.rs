@@ -16,8 +16,9 @@ use mesh_common::{
 };
 
 use crate::{
-    maps::{LOCAL_NODE, NODES},
-    parse::{ETH_HLEN, IPPROTO_UDP},
+    maps::{LOCAL_EPS, LOCAL_NODE, NODES},
+    parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr},
+    stats::bump,
 };
 
 /// This node's settings, when the agent has enabled the overlay.
@@ -114,4 +115,42 @@ fn ipv4_csum(h: &[u8; 64]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
+/// packet for a container on this node goes straight to its veth (as the
+/// bridge would deliver it), so forwarding never depends on the host's
+/// FORWARD chain. Everything else is left to the stack.
+#[inline(always)]
+pub fn underlay_ingress(ctx: &TcContext) -> i32 {
+    use aya_ebpf::bindings::TC_ACT_OK;
+    let deliver = || -> Option<i32> {
+        let local = local()?;
+        let eth: EthHdr = ctx.load(0).ok()?;
+        if u16::from_be(eth.proto_be) != ETH_P_IP {
+            return None;
+        }
+        let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
+        if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+            return None;
+        }
+        // SAFETY: plain data written by the agent.
+        let ep = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied()?;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&ep.mac);
+        macs[6..].copy_from_slice(&local.underlay_mac);
+        ctx.store(0, &macs, 0).ok()?;
+        // SAFETY: plain helper call.
+        Some(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+    };
+    match deliver() {
+        Some(v) => {
+            bump(Stat::TunnelDeliver);
+            v
+        }
+        None => {
+            bump(Stat::TunnelPass);
+            TC_ACT_OK
+        }
+    }
 }

@@ -152,7 +152,11 @@ impl Harness {
             dataplane::load().unwrap_or_else(|e| panic!("loading the data plane: {e:?}"));
         dataplane::xdp_underlay(&mut ebpf)
             .unwrap_or_else(|e| panic!("verifying the XDP underlay program: {e:?}"));
-        for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
+        for name in [
+            progs::TC_FROM_CONTAINER,
+            progs::TC_TO_CONTAINER,
+            progs::TC_UNDERLAY_IN,
+        ] {
             dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
         }
         if let Some(dir) = pin_dir {

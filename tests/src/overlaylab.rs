@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TcAttachType, XdpMode};
 use mesh_agent::dataplane::{self, progs};
-use mesh_common::tunnel::{LocalNode, Node};
+use mesh_common::tunnel::{LocalEndpoint, LocalNode, Node};
 
 use crate::{
     harness::Harness,
@@ -72,7 +72,8 @@ impl OverlayLab {
             node.ip(&["link", "add", "br0", "type", "bridge"]);
             node.ip(&["addr", "add", &format!("10.42.{n}.1/24"), "dev", "br0"]);
             node.ip(&["link", "set", "br0", "up"]);
-            node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward"));
+            // No ip_forward: decapsulated traffic must reach containers without
+            // the host forwarding anything (the underlay TC program delivers it).
             let container = Netns::new(&unique(&format!("moc{n}")));
             node.ip(&[
                 "link",
@@ -102,6 +103,10 @@ impl OverlayLab {
                     .expect("xdp")
                     .attach("eth0", XdpMode::default())
                     .expect("attach XDP to the underlay");
+                dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
+                    .expect("tc")
+                    .attach("eth0", TcAttachType::Ingress)
+                    .expect("attach TC to the underlay");
                 for (name, at) in [
                     (progs::TC_FROM_CONTAINER, TcAttachType::Ingress),
                     (progs::TC_TO_CONTAINER, TcAttachType::Egress),
@@ -112,6 +117,20 @@ impl OverlayLab {
                         .expect("attach TC");
                 }
             });
+            let vc0 = node.link_field("vc0", "ifindex").as_u64().expect("ifindex") as u32;
+            let c_mac = mac(container.link_field("eth0", "address"));
+            let c_ip = u32::from(Ipv4Addr::new(10, 42, n, 2)).to_be();
+            harness
+                .overlay
+                .set_local_ep(
+                    c_ip,
+                    &LocalEndpoint {
+                        ifindex: vc0,
+                        mac: c_mac,
+                        ..LocalEndpoint::default()
+                    },
+                )
+                .expect("local endpoint");
             nodes.push(NodeNs {
                 n,
                 harness,

@@ -21,6 +21,8 @@ pub mod progs {
     pub const TC_FROM_CONTAINER: &str = "mesh_tc_from_container";
     /// TC egress on a container's host-side veth (entering the container).
     pub const TC_TO_CONTAINER: &str = "mesh_tc_to_container";
+    /// TC ingress on the underlay NIC (decapsulated traffic to local containers).
+    pub const TC_UNDERLAY_IN: &str = "mesh_tc_underlay_in";
 }
 
 #[derive(Debug, thiserror::Error)]

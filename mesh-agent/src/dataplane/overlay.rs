@@ -6,7 +6,7 @@ use aya::{
 };
 use mesh_common::{
     maps,
-    tunnel::{LocalNode, Node},
+    tunnel::{LocalEndpoint, LocalNode, Node},
 };
 
 use super::lb::MapsError;
@@ -14,6 +14,7 @@ use super::lb::MapsError;
 pub struct OverlayMaps {
     pub local: Array<MapData, LocalNode>,
     pub nodes: HashMap<MapData, u32, Node>,
+    pub local_eps: HashMap<MapData, u32, LocalEndpoint>,
 }
 
 fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -29,9 +30,13 @@ impl OverlayMaps {
         let nodes = ebpf
             .take_map(maps::NODES)
             .ok_or(MapsError::Missing(maps::NODES))?;
+        let eps = ebpf
+            .take_map(maps::LOCAL_EPS)
+            .ok_or(MapsError::Missing(maps::LOCAL_EPS))?;
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE))?,
             nodes: nodes.try_into().map_err(err(maps::NODES))?,
+            local_eps: eps.try_into().map_err(err(maps::LOCAL_EPS))?,
         })
     }
 
@@ -49,6 +54,20 @@ impl OverlayMaps {
         match self.nodes.remove(&subnet_be) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(err(maps::NODES)(e)),
+        }
+    }
+
+    /// A container on this node (by address, network order).
+    pub fn set_local_ep(&mut self, ip_be: u32, ep: &LocalEndpoint) -> Result<(), MapsError> {
+        self.local_eps
+            .insert(ip_be, ep, 0)
+            .map_err(err(maps::LOCAL_EPS))
+    }
+
+    pub fn remove_local_ep(&mut self, ip_be: u32) -> Result<(), MapsError> {
+        match self.local_eps.remove(&ip_be) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(maps::LOCAL_EPS)(e)),
         }
     }
 }
