@@ -72,11 +72,6 @@ impl Cmd {
             .status()
             .is_ok_and(|s| s.success())
     }
-    pub fn spawn(mut self) -> Result<std::process::Child> {
-        let what = self.describe();
-        eprintln!("+ {what} &");
-        self.0.spawn().with_context(|| format!("starting `{what}`"))
-    }
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {

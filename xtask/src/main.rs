@@ -7,7 +7,7 @@
 //! lab    the demo (`lab demo`)
 
 mod cmd;
-mod demo;
+mod lab;
 mod setup;
 
 use anyhow::Result;
@@ -48,8 +48,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum LabCmd {
-    /// Bring the data plane up in throwaway namespaces, send traffic and
-    /// show what the kernel counted.
+    /// N nodes (namespaces on one underlay bridge), each with its own
+    /// Docker engine and a mesh agent container.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Run a command in a node's namespace (DOCKER_HOST set to its engine).
+    Exec {
+        /// n1, n2, ...
+        node: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Containers and `meshctl status` of every node.
+    Status,
+    /// Remove everything the lab made.
+    Down,
+    /// Three nodes, whoami scaled over two of them, a client on the third,
+    /// requests rotating over the replicas, meshctl on every node.
     Demo,
 }
 
@@ -89,9 +106,19 @@ fn run(cli: Cli) -> Result<()> {
             bench(repeat)
         }
         Cmd::Lint => lint(),
-        Cmd::Lab { cmd: LabCmd::Demo } => {
+        Cmd::Lab { cmd } => {
+            match &cmd {
+                LabCmd::Exec { node, cmd } => return lab::exec(node, cmd),
+                LabCmd::Status => return lab::status(),
+                LabCmd::Down => return lab::down(),
+                _ => {}
+            }
             setup::run()?;
-            demo::run()
+            let bins = lab::build(&build_whoami()?)?;
+            match cmd {
+                LabCmd::Up { nodes } => lab::up(nodes, &bins),
+                _ => lab::demo(&bins),
+            }
         }
     }
 }
