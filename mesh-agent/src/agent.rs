@@ -57,6 +57,7 @@ pub struct Cluster {
     /// This node's overlay settings, written to the kernel at start.
     pub local: mesh_common::tunnel::LocalNode,
     pub cluster_cidr: Cidr,
+    pub stats: Arc<crate::gossip::transport::GossipStats>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -77,6 +78,7 @@ pub struct Shared {
     /// Service id -> (name, VIP:port/proto), for /metrics labels.
     pub service_names: BTreeMap<u32, (String, String)>,
     pub dns: Option<Arc<crate::dns::DnsStats>>,
+    pub gossip: Option<Arc<crate::gossip::transport::GossipStats>>,
 }
 
 pub struct Agent {
@@ -614,6 +616,11 @@ impl Agent {
             return;
         };
         self.peers = crate::gossip::peers::from_states(&c.node_id, &c.live.borrow());
+        {
+            let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            sh.status.node.name = c.node_id.clone();
+            sh.status.node.peers = self.peers.keys().cloned().collect();
+        }
         let mut want = BTreeMap::new();
         for p in self.peers.values() {
             if let (Some(ip), Some(mac), Some(claim)) = (p.underlay, p.mac, &p.subnet) {

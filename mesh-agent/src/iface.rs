@@ -98,6 +98,27 @@ pub fn mac(name: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+/// The MTU of interface `name` in this network namespace.
+pub fn mtu(name: &str) -> Option<u32> {
+    validate(name).ok()?;
+    // SAFETY: a plain socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU fills ifru_mtu of the ifreq we pass.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
+    // SAFETY: closing the socket we opened.
+    unsafe { libc::close(fd) };
+    // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
+    (r == 0).then(|| unsafe { req.ifr_ifru.ifru_mtu } as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,15 +154,14 @@ async fn run(args: Args) -> Result<()> {
     let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
     let overlay =
         mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
-    let (node_subnet, cluster) = cluster_setup(&args).await?;
-    info!(subnet = %node_subnet, clustered = cluster.is_some(), "this node's subnet");
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
 
+    // The control socket and /metrics answer from the start, while the
+    // node still settles its subnet and waits for Docker.
     let shared = Arc::new(Mutex::new(Shared::default()));
     {
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.version = env!("CARGO_PKG_VERSION").to_string();
-        sh.status.node.subnet = node_subnet.to_string();
         sh.status.node.vip_cidr = args.vip_cidr.to_string();
         sh.status.node.bpffs_dir = args.bpffs_dir.display().to_string();
         sh.status.docker.socket = args.docker_socket.display().to_string();
@@ -181,6 +180,14 @@ async fn run(args: Args) -> Result<()> {
         }
     });
     info!(api = %args.api_socket.display(), metrics = %args.metrics_addr, "serving");
+
+    let (node_subnet, cluster) = cluster_setup(&args).await?;
+    info!(subnet = %node_subnet, clustered = cluster.is_some(), "this node's subnet");
+    {
+        let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.status.node.subnet = node_subnet.to_string();
+        sh.gossip = cluster.as_ref().map(|c| c.stats.clone());
+    }
 
     let domain = args.dns_domain.trim_matches('.').to_ascii_lowercase();
     if domain.is_empty()
@@ -253,6 +260,17 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         .or_else(|| iface::ipv4(iface_name))
         .with_context(|| format!("{iface_name} has no IPv4 address: pass --advertise-addr"))?;
     let mac = iface::mac(iface_name).with_context(|| format!("reading the MAC of {iface_name}"))?;
+    // VXLAN adds 50 bytes: the mesh network's MTU must leave room for them.
+    let underlay_mtu =
+        iface::mtu(iface_name).with_context(|| format!("reading the MTU of {iface_name}"))?;
+    let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
+    if args.mtu + overhead > underlay_mtu {
+        anyhow::bail!(
+            "--mtu {} plus the {overhead}-byte VXLAN header exceeds {iface_name}'s MTU {underlay_mtu}: use --mtu {} or less",
+            args.mtu,
+            underlay_mtu.saturating_sub(overhead)
+        );
+    }
     let node_id = args.node_name.clone().unwrap_or_else(hostname);
     let dead_after = std::time::Duration::from_secs_f64(args.dead_after.clamp(1.0, 600.0));
     let interval = GossipConfig::interval_for(dead_after);
@@ -276,7 +294,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         (peers::KEY_MAC.to_string(), mac_text),
     ];
     let stats = Arc::new(transport::GossipStats::default());
-    let handle = gossip::start(cfg, kvs, stats).await?;
+    let handle = gossip::start(cfg, kvs, stats.clone()).await?;
     info!(node = %node_id, %ip, seeds = ?args.join, "gossiping");
 
     let claim_file = args.state_dir.join("subnet");
@@ -298,7 +316,14 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
     };
     // Claim, then let the claim stand unchallenged for a while: nodes that
     // start at the same instant see each other's claims and settle apart.
-    let settle = (interval * 8).max(std::time::Duration::from_secs(2));
+    // A claim this node already held (a restart, or --node-subnet) only
+    // needs checking against the peers; a new one must stand a while.
+    let settled_before = mine.is_some();
+    let settle = if settled_before {
+        interval * 2
+    } else {
+        (interval * 8).max(std::time::Duration::from_secs(2))
+    };
     let mut published: Option<subnet::Claim> = None;
     let mut stable_since = std::time::Instant::now();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -369,6 +394,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         live,
         local,
         cluster_cidr: args.cluster_cidr,
+        stats,
     };
     Ok((node_subnet, Some(cluster)))
 }

@@ -128,6 +128,33 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
         out.push_str("# TYPE mesh_service_new_flows_total counter\n");
         out.push_str(&flows);
     }
+    if let Some(g) = &sh.gossip {
+        use std::sync::atomic::Ordering::Relaxed;
+        out.push_str("# HELP mesh_gossip_datagrams_total Gossip datagrams received and sent.\n# TYPE mesh_gossip_datagrams_total counter\n");
+        let _ = writeln!(
+            out,
+            "mesh_gossip_datagrams_total{{direction=\"received\"}} {}",
+            g.received.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "mesh_gossip_datagrams_total{{direction=\"sent\"}} {}",
+            g.sent.load(Relaxed)
+        );
+        out.push_str("# HELP mesh_gossip_dropped_total Gossip datagrams dropped, by reason.\n# TYPE mesh_gossip_dropped_total counter\n");
+        for (reason, v) in [
+            ("garbage", &g.garbage),
+            ("bad_auth", &g.bad_auth),
+            ("undecodable", &g.undecodable),
+            ("oversize", &g.oversize),
+        ] {
+            let _ = writeln!(
+                out,
+                "mesh_gossip_dropped_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
     if let Some(dns) = &sh.dns {
         out.push_str("# HELP mesh_dns_queries_total DNS queries by type and result.\n# TYPE mesh_dns_queries_total counter\n");
         for ((qtype, result), n) in dns.queries.lock().unwrap_or_else(|p| p.into_inner()).iter() {

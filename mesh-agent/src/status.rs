@@ -17,6 +17,11 @@ pub struct Status {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Node {
+    /// This node's name in the cluster and the live peers (empty alone).
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub peers: Vec<String>,
     pub subnet: String,
     pub vip_cidr: String,
     pub bpffs_dir: String,

@@ -195,7 +195,7 @@ impl Engine {
         // Debian's static busybox.
         fs::copy("/bin/busybox", root.join("bin/busybox"))
             .expect("busybox-static is installed (cargo xtask setup)");
-        for tool in ["sh", "nslookup", "cat", "sleep", "ip"] {
+        for tool in ["sh", "nslookup", "cat", "sleep", "ip", "ping"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
         }
         let tar = self.dir.join("whoami.tar");
@@ -415,4 +415,76 @@ impl Drop for Agent {
         // Unpinning the links detaches the programs; the maps go with them.
         let _ = fs::remove_dir_all(&self.bpffs_dir);
     }
+}
+
+/// An underlay for several engines: a bridge in a namespace of its own;
+/// each engine joins with `ul0` = 192.168.91.N/24.
+pub struct Underlay {
+    pub ns: Netns,
+}
+
+impl Underlay {
+    pub fn new() -> Self {
+        let ns = Netns::new(&unique("mul"));
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Underlay { ns }
+    }
+
+    /// Connects `engine` as node `n`.
+    pub fn attach(&self, engine: &Engine, n: u8) {
+        let port = format!("p{n}");
+        self.ns.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "ul0",
+            "netns",
+            &engine.ns.name,
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
+        engine
+            .ns
+            .ip(&["addr", "add", &format!("192.168.91.{n}/24"), "dev", "ul0"]);
+        engine.ns.ip(&["link", "set", "ul0", "up"]);
+    }
+
+    /// Cuts node `n` off the underlay (or reconnects it).
+    pub fn set_link(&self, n: u8, up: bool) {
+        self.ns.ip(&[
+            "link",
+            "set",
+            &format!("p{n}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Default for Underlay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Agent flags for node `name` of a cluster on an [`Underlay`].
+pub fn cluster_flags(key_file: &std::path::Path, name: &str, seeds: &[u8]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--cluster-key-file",
+        key_file.to_str().expect("utf-8"),
+        "--underlay-iface",
+        "ul0",
+        "--node-name",
+        name,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for s in seeds {
+        v.push("--join".into());
+        v.push(format!("192.168.91.{s}:7946"));
+    }
+    v
 }

@@ -9,6 +9,11 @@
 //!     N requests (default 1), one new connection / socket each; prints
 //!     "<unix-ms> ok <name>" or "<unix-ms> err <why>" per request, then
 //!     "total N ok K err E"; exits 1 if any failed.
+//! whoami sink PORT
+//!     accepts one TCP connection, reads it to the end (60 s idle cap) and
+//!     prints "received N bytes checksum C".
+//! whoami blast HOST:PORT BYTES
+//!     sends BYTES of a fixed pattern and prints "sent N bytes checksum C".
 //! whoami health | sick | well
 //!     health check: exit 1 while /tmp/sick exists; sick/well create/remove it.
 //! ```
@@ -34,6 +39,8 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("ask") => return ask(&args[1..]),
+        Some("sink") => sink(&args[1..]),
+        Some("blast") => blast(&args[1..]),
         Some("health") => {
             return if std::path::Path::new("/tmp/sick").exists() {
                 ExitCode::FAILURE
@@ -228,4 +235,76 @@ fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
         return Err(format!("answer from {from}, not {addr}"));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// FNV-1a over a stream, fed chunk by chunk.
+struct Checksum(u64);
+
+impl Checksum {
+    fn new() -> Self {
+        Checksum(0xcbf2_9ce4_8422_2325)
+    }
+    fn feed(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+fn sink(args: &[String]) -> Result<(), String> {
+    let port: u16 = args
+        .first()
+        .and_then(|p| p.parse().ok())
+        .ok_or("usage: whoami sink PORT")?;
+    let l = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind {port}: {e}"))?;
+    println!("sink listening on {port}");
+    let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let (mut n, mut sum) = (0u64, Checksum::new());
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let k = s
+            .read(&mut buf)
+            .map_err(|e| format!("read after {n} bytes: {e}"))?;
+        if k == 0 {
+            break;
+        }
+        sum.feed(&buf[..k]);
+        n += k as u64;
+    }
+    println!("received {n} bytes checksum {:016x}", sum.0);
+    Ok(())
+}
+
+fn blast(args: &[String]) -> Result<(), String> {
+    let (Some(target), Some(bytes)) = (
+        args.first(),
+        args.get(1).and_then(|b| b.parse::<u64>().ok()),
+    ) else {
+        return Err("usage: whoami blast HOST:PORT BYTES".into());
+    };
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let chunk: Vec<u8> = (0..1u32 << 16)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let (mut sent, mut sum) = (0u64, Checksum::new());
+    while sent < bytes {
+        let k = ((bytes - sent) as usize).min(chunk.len());
+        s.write_all(&chunk[..k])
+            .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+        sum.feed(&chunk[..k]);
+        sent += k as u64;
+    }
+    println!("sent {sent} bytes checksum {:016x}", sum.0);
+    Ok(())
 }

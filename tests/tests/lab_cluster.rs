@@ -1,0 +1,387 @@
+//! Three Docker hosts on one underlay, each with its agent (needs root):
+//! the many-host acceptance of the overlay work. Every loop is bounded.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE, cluster_flags};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ask(
+    e: &Engine,
+    proto: &str,
+    target: &str,
+    count: u32,
+    interval_ms: u32,
+) -> (BTreeMap<String, usize>, usize) {
+    let out = e.docker(&[
+        "exec",
+        "client",
+        "/whoami",
+        "ask",
+        proto,
+        target,
+        "--count",
+        &count.to_string(),
+        "--interval-ms",
+        &interval_ms.to_string(),
+        "--timeout-ms",
+        "2000",
+    ]);
+    let mut names = BTreeMap::new();
+    let mut failed = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.splitn(3, ' ').collect();
+        match f.get(1) {
+            Some(&"ok") => {
+                *names
+                    .entry(f.get(2).unwrap_or(&"").to_string())
+                    .or_default() += 1
+            }
+            Some(&"err") => failed += 1,
+            _ => {}
+        }
+    }
+    (names, failed)
+}
+
+fn whoami(agent: &Agent, active: usize) -> String {
+    agent
+        .wait_for(&format!("{active} whoami replicas"), WAIT, |s| {
+            s.services
+                .iter()
+                .any(|x| x.name == "whoami" && x.active == active)
+        })
+        .services
+        .iter()
+        .find(|x| x.name == "whoami")
+        .map(|x| x.vip.clone())
+        .expect("whoami")
+}
+
+fn ip_of(e: &Engine, c: &str) -> String {
+    e.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.mesh.IPAddress}}",
+        c,
+    ])
+}
+
+fn quantile(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+#[test]
+fn lab_three_hosts_services_overlay_failures_and_keys() {
+    let underlay = Underlay::new();
+    let engines: Vec<Engine> = (0..3).map(|_| Engine::start()).collect();
+    for (i, e) in engines.iter().enumerate() {
+        underlay.attach(e, i as u8 + 1);
+        e.import_whoami();
+    }
+    let key = engines[0].dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .expect("key");
+    let agents: Vec<Agent> = (1..=3u8)
+        .map(|n| {
+            let flags = cluster_flags(&key, &format!("n{n}"), &[1, 2]);
+            let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+            Agent::start(&engines[n as usize - 1], &refs)
+        })
+        .collect();
+    for a in &agents {
+        a.wait_for("two peers", WAIT, |s| {
+            s.docker.connected && s.node.peers.len() == 2
+        });
+    }
+    let subnets: Vec<String> = agents
+        .iter()
+        .map(|a| a.status().expect("status").node.subnet)
+        .collect();
+    println!("node subnets: {subnets:?}");
+    assert_eq!(
+        subnets
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "conflict-free"
+    );
+
+    // whoami scaled 1 -> 2 -> 3 on nodes 1 and 2; the client is on node 3.
+    let (e1, e2, e3) = (&engines[0], &engines[1], &engines[2]);
+    e3.run_whoami("client", &[], &[]);
+    let labels = ["mesh.service=whoami", "mesh.port=80/tcp,80/udp"];
+    let mut vip = String::new();
+    for (i, (e, name)) in [(e1, "w1"), (e2, "w2"), (e1, "w3")].into_iter().enumerate() {
+        e.run_whoami(name, &labels, &[]);
+        let v = whoami(&agents[2], i + 1);
+        if !vip.is_empty() {
+            assert_eq!(v, vip, "the VIP stays the same while scaling");
+        }
+        vip = v;
+    }
+    let target = format!("{vip}:80");
+    for proto in ["tcp", "udp"] {
+        let (names, failed) = ask(e3, proto, &target, 300, 0);
+        println!("{proto}: 300 requests from node 3 to the VIP: {names:?}");
+        assert_eq!(failed, 0);
+        assert_eq!(names.len(), 3, "all replicas");
+        assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
+    }
+
+    // Container to container by IP across nodes, both ways: ICMP, TCP, UDP.
+    let (w1, client) = (ip_of(e1, "w1"), ip_of(e3, "client"));
+    for (e, from, to) in [(e3, "client", w1.as_str()), (e1, "w1", client.as_str())] {
+        let ping = e.docker(&["exec", from, "ping", "-c", "2", "-W", "2", to]);
+        assert!(
+            ping.status.success(),
+            "ping {from} -> {to}: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+    }
+    let (names, failed) = ask(e3, "tcp", &format!("{w1}:80"), 5, 0);
+    assert!(
+        failed == 0 && names.get("w1") == Some(&5),
+        "TCP client -> w1"
+    );
+    let (names, failed) = ask(e3, "udp", &format!("{w1}:80"), 5, 0);
+    assert!(
+        failed == 0 && names.get("w1") == Some(&5),
+        "UDP client -> w1"
+    );
+    for proto in ["tcp", "udp"] {
+        let back = e1.docker(&[
+            "exec",
+            "w1",
+            "/whoami",
+            "ask",
+            proto,
+            &format!("{client}:80"),
+            "--count",
+            "3",
+        ]);
+        assert!(
+            back.status.success(),
+            "{proto} w1 -> client: {}",
+            String::from_utf8_lossy(&back.stdout)
+        );
+    }
+
+    // 200 MB from node 3 to node 1, compared end to end.
+    e1.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "sink",
+        "--network",
+        "mesh",
+        WHOAMI_IMAGE,
+        "sink",
+        "9000",
+    ]);
+    let sink_ip = ip_of(e1, "sink");
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let sent = e3.docker_ok(&[
+        "exec",
+        "client",
+        "/whoami",
+        "blast",
+        &format!("{sink_ip}:9000"),
+        "200000000",
+    ]);
+    let waited = Instant::now();
+    while e1.docker_ok(&["inspect", "-f", "{{.State.Running}}", "sink"]) == "true"
+        && waited.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let received = e1.docker_ok(&["logs", "sink"]);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "200 MB across nodes in {secs:.1} s ({:.0} MB/s): {sent} / {}",
+        200.0 / secs,
+        received.lines().last().unwrap_or("")
+    );
+    let sum = |s: &str| s.split_whitespace().last().map(str::to_owned);
+    assert!(received.contains("received 200000000 bytes"), "{received}");
+    assert_eq!(
+        sum(&sent),
+        sum(received.lines().last().unwrap_or("")),
+        "checksums match"
+    );
+
+    // Time from `docker run` on node 1 to the backend in node 3's maps.
+    let mut lat = Vec::new();
+    for i in 0..5 {
+        let name = format!("x{i}");
+        let t = Instant::now();
+        e1.run_whoami(&name, &labels, &[]);
+        whoami(&agents[2], 4 + i);
+        lat.push(t.elapsed());
+    }
+    let (p50, p99) = (quantile(&mut lat, 0.5), quantile(&mut lat, 0.99));
+    println!(
+        "docker run on node 1 -> backend in node 3's maps: median {p50:?}, p99 {p99:?} (5 runs, docker run included)"
+    );
+    for i in 0..5 {
+        e1.docker_ok(&["rm", "-f", &format!("x{i}")]);
+    }
+    whoami(&agents[2], 3);
+
+    // Node 2 is cut off during a loop of requests.
+    let client_loop = std::process::Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{}", e3.socket.display()))
+        .args([
+            "exec",
+            "client",
+            "/whoami",
+            "ask",
+            "tcp",
+            &target,
+            "--count",
+            "1500",
+            "--interval-ms",
+            "5",
+            "--timeout-ms",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("loop");
+    std::thread::sleep(Duration::from_secs(2));
+    let cut = Instant::now();
+    underlay.set_link(2, false);
+    agents[2].wait_for("w2 gone from node 3", Duration::from_secs(15), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "whoami" && x.active == 2)
+    });
+    let gone = cut.elapsed();
+    let out = client_loop.wait_with_output().expect("loop ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ok = text.lines().filter(|l| l.contains(" ok ")).count();
+    let total = text
+        .lines()
+        .filter(|l| l.contains(" ok ") || l.contains(" err "))
+        .count();
+    println!(
+        "node 2 cut off: its backend left node 3's maps after {gone:?}; during the cut {ok}/{total} requests succeeded ({:.2}%)",
+        ok as f64 * 100.0 / total as f64
+    );
+    assert!(
+        gone <= Duration::from_secs(5) + Duration::from_millis(500),
+        "within 5 s"
+    );
+    assert!(ok * 100 >= total * 99, "at least 99% during the cut");
+    let (names, failed) = ask(e3, "tcp", &target, 100, 0);
+    assert_eq!(failed, 0, "100% after the cut: {names:?}");
+
+    // Node 2 comes back: re-added everywhere.
+    underlay.set_link(2, true);
+    let back = Instant::now();
+    whoami(&agents[2], 3);
+    println!(
+        "node 2 reconnected: its backend is back in node 3's maps after {:?}",
+        back.elapsed()
+    );
+
+    // An agent restart shorter than the failure-detection time withdraws
+    // nothing anywhere: node 3 keeps node 1's two backends throughout.
+    let mut agents = agents;
+    agents[0].restart();
+    let restart = Instant::now();
+    let mut lowest = usize::MAX;
+    while restart.elapsed() < Duration::from_secs(8) {
+        if let Some(st) = agents[2].status() {
+            let active = st
+                .services
+                .iter()
+                .find(|x| x.name == "whoami")
+                .map_or(0, |x| x.active);
+            lowest = lowest.min(active);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agents[0].wait_for("restarted node 1 rejoined", WAIT, |s| {
+        s.node.peers.len() == 2
+    });
+    println!("node 1's agent restarted: node 3 saw at least {lowest} of 3 backends throughout");
+    assert_eq!(lowest, 3, "no backend withdrawn by a quick restart");
+
+    // A node with the wrong key never joins; garbage at the gossip port is
+    // counted; nothing crashes.
+    let e4 = Engine::start();
+    underlay.attach(&e4, 4);
+    let bad_key = e4.dir.join("wrong.key");
+    std::fs::write(
+        &bad_key,
+        "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n",
+    )
+    .expect("key");
+    let flags = cluster_flags(&bad_key, "intruder", &[1]);
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let intruder = Agent::start(&e4, &refs);
+    // Garbage from a host on the underlay (node 4's address).
+    e4.ns.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..100u32 {
+            let junk: Vec<u8> = (0..(i % 200)).map(|j| (j * 7 + i) as u8).collect();
+            let _ = s.send_to(&junk, "192.168.91.1:7946");
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let st1 = agents[0].status().expect("node 1 answers");
+    assert!(
+        !st1.node.peers.iter().any(|p| p == "intruder"),
+        "the wrong key never joins: {:?}",
+        st1.node.peers
+    );
+    let st4 = intruder.wait_for("the intruder runs", WAIT, |s| !s.node.subnet.is_empty());
+    assert!(
+        st4.node.peers.is_empty(),
+        "the intruder learns nothing: {:?}",
+        st4.node.peers
+    );
+    let metrics = engines[0].ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("req");
+        let mut b = String::new();
+        s.read_to_string(&mut b).expect("resp");
+        b
+    });
+    let dropped: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_gossip_dropped_total"))
+        .collect();
+    println!("node 1 gossip drops: {dropped:?}");
+    let count = |reason: &str| -> u64 {
+        dropped
+            .iter()
+            .find(|l| l.contains(reason))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("bad_auth") > 0,
+        "the intruder's datagrams are rejected"
+    );
+    assert!(
+        count("garbage") + count("bad_auth") >= 100,
+        "garbage counted"
+    );
+    let (_, failed) = ask(e3, "tcp", &target, 30, 0);
+    assert_eq!(failed, 0, "still serving");
+}
