@@ -115,8 +115,11 @@ pub fn mtu(name: &str) -> Option<u32> {
     let r = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
     // SAFETY: closing the socket we opened.
     unsafe { libc::close(fd) };
+    if r != 0 {
+        return None;
+    }
     // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
-    (r == 0).then(|| unsafe { req.ifr_ifru.ifru_mtu } as u32)
+    Some(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
 #[cfg(test)]
