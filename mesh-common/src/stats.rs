@@ -82,11 +82,14 @@ pub enum Stat {
     TunnelDeliver = 34,
     /// TC on the underlay: not for a local container, left to the stack.
     TunnelPass = 35,
+    /// A new direct flow reused the tuple of a finished VIP flow: the stale
+    /// reverse-NAT entry was dropped so the replies are not translated.
+    LbStaleReverse = 36,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Stat; 36] = [
+    pub const ALL: [Stat; 37] = [
         Stat::XdpAborted,
         Stat::XdpDrop,
         Stat::XdpPass,
@@ -123,6 +126,7 @@ impl Stat {
         Stat::XdpVxlanForeign,
         Stat::TunnelDeliver,
         Stat::TunnelPass,
+        Stat::LbStaleReverse,
     ];
 
     /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
@@ -164,6 +168,7 @@ impl Stat {
             Stat::XdpVxlanForeign => "xdp_vxlan_foreign",
             Stat::TunnelDeliver => "tunnel_deliver",
             Stat::TunnelPass => "tunnel_pass",
+            Stat::LbStaleReverse => "lb_stale_reverse",
         }
     }
 

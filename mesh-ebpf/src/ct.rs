@@ -88,3 +88,23 @@ pub fn create(
     };
     CT.insert(&reply.key(dir::REVERSE), &rev, 0)
 }
+
+/// A new direct flow (not to a VIP) from `t`: if a finished VIP flow left a
+/// reverse entry for the same tuple, drop it, or the replies of this flow
+/// would be rewritten to come from the VIP. A client cannot have both at
+/// once (the backend would see one connection), so the new flow wins.
+#[inline(always)]
+pub fn supersede_reverse(t: &Tuple) -> bool {
+    let reply = Tuple {
+        src_be: t.dst_be,
+        dst_be: t.src_be,
+        sport_be: t.dport_be,
+        dport_be: t.sport_be,
+        proto: t.proto,
+    };
+    let key = reply.key(dir::REVERSE);
+    if lookup(&key).is_some() {
+        return CT.remove(&key).is_ok();
+    }
+    false
+}

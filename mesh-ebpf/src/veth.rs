@@ -157,6 +157,21 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
     };
     // SAFETY: map values are plain data; the agent replaces them atomically.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+        // A new direct flow: only a TCP SYN (without ACK) or any UDP
+        // packet can start one; both are cheap to check against stale
+        // reverse entries.
+        let opens =
+            ip.proto == IPPROTO_UDP || tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+        let direct = Tuple {
+            src_be: ip.src_be,
+            dst_be: ip.dst_be,
+            sport_be,
+            dport_be,
+            proto: ip.proto,
+        };
+        if opens && ct::supersede_reverse(&direct) {
+            bump(Stat::LbStaleReverse);
+        }
         let hash = flow_hash(ip.src_be, ip.dst_be, sport_be, dport_be, ip.proto);
         return deliver(ctx, ip.dst_be, hash, Some(Stat::TcNotService));
     };
