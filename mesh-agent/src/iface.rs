@@ -68,9 +68,9 @@ pub fn ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     found
 }
 
-/// The MAC address of interface `name`, asked of the kernel for this
-/// network namespace (sysfs may show another namespace's interfaces).
-pub fn mac(name: &str) -> Option<[u8; 6]> {
+/// Runs an interface ioctl (`SIOCGIF*`) for `name` on a throwaway socket;
+/// the filled request on success. Answers for this network namespace.
+fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Option<libc::ifreq> {
     validate(name).ok()?;
     // SAFETY: a plain socket for the ioctl, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -82,14 +82,18 @@ pub fn mac(name: &str) -> Option<[u8; 6]> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
-    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we pass.
-    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: SIOCGIF* requests fill the ifreq we pass.
+    let r = unsafe { libc::ioctl(fd, request, &mut req) };
     // SAFETY: closing the socket we opened.
     unsafe { libc::close(fd) };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: after a successful SIOCGIFHWADDR the union holds ifru_hwaddr.
+    (r == 0).then_some(req)
+}
+
+/// The MAC address of interface `name` (sysfs may show another
+/// namespace's interfaces; the ioctl does not).
+pub fn mac(name: &str) -> Option<[u8; 6]> {
+    let req = ifreq_ioctl(name, libc::SIOCGIFHWADDR)?;
+    // SAFETY: after SIOCGIFHWADDR the union holds ifru_hwaddr.
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
     let mut mac = [0u8; 6];
     for (m, d) in mac.iter_mut().zip(data.iter()) {
@@ -100,25 +104,8 @@ pub fn mac(name: &str) -> Option<[u8; 6]> {
 
 /// The MTU of interface `name` in this network namespace.
 pub fn mtu(name: &str) -> Option<u32> {
-    validate(name).ok()?;
-    // SAFETY: a plain socket for the ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: ifreq is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: SIOCGIFMTU fills ifru_mtu of the ifreq we pass.
-    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
-    // SAFETY: closing the socket we opened.
-    unsafe { libc::close(fd) };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
+    let req = ifreq_ioctl(name, libc::SIOCGIFMTU)?;
+    // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
     Some(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
