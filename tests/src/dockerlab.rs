@@ -6,6 +6,7 @@
 //! Everything started here is stopped and removed on drop.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
@@ -198,23 +199,68 @@ impl Engine {
         for tool in ["sh", "nslookup", "cat", "sleep", "ip", "ping"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
         }
-        let tar = self.dir.join("whoami.tar");
+        self.import_tree(&root, WHOAMI_IMAGE, Some("/whoami"));
+    }
+
+    /// Imports the directory tree `root` as `image` (FROM scratch).
+    fn import_tree(&self, root: &std::path::Path, image: &str, entrypoint: Option<&str>) {
+        let tar = self
+            .dir
+            .join(format!("{}.tar", image.replace([':', '/'], "_")));
         let ok = Command::new("tar")
             .arg("-C")
-            .arg(&root)
+            .arg(root)
             .arg("-cf")
             .arg(&tar)
             .arg(".")
             .status()
             .expect("tar");
         assert!(ok.success(), "tar");
-        self.docker_ok(&[
-            "import",
-            "--change",
-            "ENTRYPOINT [\"/whoami\"]",
-            tar.to_str().expect("utf-8 path"),
-            WHOAMI_IMAGE,
+        let change = entrypoint.map(|e| format!("ENTRYPOINT [\"{e}\"]"));
+        let mut args = vec!["import"];
+        if let Some(c) = &change {
+            args.extend(["--change", c.as_str()]);
+        }
+        args.extend([tar.to_str().expect("utf-8 path"), image]);
+        self.docker_ok(&args);
+    }
+
+    /// Runs `whoami ask PROTO TARGET` in the container named `client`
+    /// (bounded: `count` requests, 2 s timeout each): answers by backend
+    /// name, and the lines of the requests that failed.
+    pub fn ask(
+        &self,
+        proto: &str,
+        target: &str,
+        count: u32,
+        interval_ms: u32,
+    ) -> (BTreeMap<String, usize>, Vec<String>) {
+        let out = self.docker(&[
+            "exec",
+            "client",
+            "/whoami",
+            "ask",
+            proto,
+            target,
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+            "--timeout-ms",
+            "2000",
         ]);
+        let mut names = BTreeMap::new();
+        let mut errors = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut f = line.splitn(3, ' ');
+            let (_, kind, rest) = (f.next(), f.next(), f.next().unwrap_or(""));
+            match kind {
+                Some("ok") => *names.entry(rest.to_string()).or_default() += 1,
+                Some("err") => errors.push(line.to_string()),
+                _ => {}
+            }
+        }
+        (names, errors)
     }
 
     /// Imports `mesh-glibc:test`: the host's getent with its shared
@@ -238,21 +284,7 @@ impl Engine {
         }
         fs::create_dir_all(root.join("etc")).expect("etc");
         fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").expect("nsswitch");
-        let tar = self.dir.join("glibc.tar");
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .expect("tar");
-        assert!(ok.success(), "tar");
-        self.docker_ok(&[
-            "import",
-            tar.to_str().expect("utf-8 path"),
-            "mesh-glibc:test",
-        ]);
+        self.import_tree(&root, "mesh-glibc:test", None);
     }
 
     /// Runs a whoami container on the mesh network; returns its id.

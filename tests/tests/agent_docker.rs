@@ -2,49 +2,11 @@
 //! become backends of a VIP, balanced in the kernel. Each test starts its
 //! own dockerd in its own network namespace.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use mesh_tests::dockerlab::{Agent, Engine};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Runs `whoami ask` in the client container; the answers by backend name,
-/// and the failures.
-fn ask(
-    engine: &Engine,
-    proto: &str,
-    target: &str,
-    count: u32,
-    interval_ms: u32,
-) -> (BTreeMap<String, usize>, Vec<String>) {
-    let out = engine.docker(&[
-        "exec",
-        "client",
-        "/whoami",
-        "ask",
-        proto,
-        target,
-        "--count",
-        &count.to_string(),
-        "--interval-ms",
-        &interval_ms.to_string(),
-        "--timeout-ms",
-        "2000",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut names = BTreeMap::new();
-    let mut errors = Vec::new();
-    for line in text.lines() {
-        let mut f = line.splitn(3, ' ');
-        let (_, kind, rest) = (f.next(), f.next(), f.next().unwrap_or(""));
-        match kind {
-            Some("ok") => *names.entry(rest.to_string()).or_default() += 1,
-            Some("err") => errors.push(line.to_string()),
-            _ => {}
-        }
-    }
-    (names, errors)
-}
 
 fn whoami_vip(agent: &Agent, active: usize) -> String {
     let st = agent.wait_for(
@@ -77,7 +39,7 @@ fn docker_labelled_containers_share_a_vip_that_survives_restart() {
     println!("whoami VIP {vip}");
 
     for proto in ["tcp", "udp"] {
-        let (names, errors) = ask(&engine, proto, &format!("{vip}:80"), 300, 0);
+        let (names, errors) = engine.ask(proto, &format!("{vip}:80"), 300, 0);
         println!("{proto}: 300 requests: {names:?}");
         assert!(errors.is_empty(), "{proto} failures: {errors:?}");
         assert_eq!(
@@ -141,7 +103,7 @@ fn docker_labelled_containers_share_a_vip_that_survives_restart() {
     agent.restart();
     let again = whoami_vip(&agent, 3);
     assert_eq!(again, vip, "the VIP is the same after an agent restart");
-    let (names, errors) = ask(&engine, "tcp", &format!("{vip}:80"), 30, 0);
+    let (names, errors) = engine.ask("tcp", &format!("{vip}:80"), 30, 0);
     assert!(
         errors.is_empty() && names.len() == 3,
         "{names:?} {errors:?}"
@@ -348,7 +310,7 @@ fn docker_agent_kill9_loses_no_request_and_adopts_what_changed() {
     println!("backends in the kernel after the restart: {ips:?} (w3 was {w3_ip})");
     assert!(!ips.contains(&w3_ip), "w3 is gone from the maps");
     assert_eq!(ips.len(), 4, "w1 and w2, TCP and UDP");
-    let (names, errors) = ask(&engine, "tcp", &target, 50, 0);
+    let (names, errors) = engine.ask("tcp", &target, 50, 0);
     assert!(
         errors.is_empty() && names.len() == 2,
         "{names:?} {errors:?}"
@@ -398,7 +360,7 @@ fn docker_bad_labels_are_reported_and_harm_nothing_else() {
         "whoami untouched"
     );
     assert!(!st.services.iter().any(|s| s.name == "other"));
-    let (names, errors) = ask(&engine, "tcp", &format!("{vip}:80"), 60, 0);
+    let (names, errors) = engine.ask("tcp", &format!("{vip}:80"), 60, 0);
     assert!(
         errors.is_empty() && names.len() == 3,
         "{names:?} {errors:?}"
@@ -429,7 +391,7 @@ fn docker_health_checks_gate_backends() {
             .iter()
             .any(|x| x.name == "whoami" && x.active == 3 && x.waiting == 1)
     });
-    let (names, _) = ask(&engine, "tcp", &format!("{vip}:80"), 60, 0);
+    let (names, _) = engine.ask("tcp", &format!("{vip}:80"), 60, 0);
     assert!(
         !names.contains_key("h1"),
         "no request reaches an unhealthy container: {names:?}"
@@ -677,7 +639,7 @@ fn docker_two_nodes_share_services_over_the_overlay() {
 
     // From a client on the node without whoami, over the VIP.
     for proto in ["tcp", "udp"] {
-        let (names, errors) = ask(&e1, proto, &format!("{vip}:80"), 300, 0);
+        let (names, errors) = e1.ask(proto, &format!("{vip}:80"), 300, 0);
         println!("{proto} from n1 to the VIP, replicas on n2: {names:?}");
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(names.len(), 2, "both replicas reached");
@@ -690,7 +652,7 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         "{{.NetworkSettings.Networks.mesh.IPAddress}}",
         "w1",
     ]);
-    let (names, errors) = ask(&e1, "tcp", &format!("{w1}:80"), 5, 0);
+    let (names, errors) = e1.ask("tcp", &format!("{w1}:80"), 5, 0);
     assert!(
         errors.is_empty() && names.get("w1") == Some(&5),
         "{names:?} {errors:?}"

@@ -1,52 +1,11 @@
 //! Three Docker hosts on one underlay, each with its agent (needs root):
 //! the many-host acceptance of the overlay work. Every loop is bounded.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE, cluster_flags};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn ask(
-    e: &Engine,
-    proto: &str,
-    target: &str,
-    count: u32,
-    interval_ms: u32,
-) -> (BTreeMap<String, usize>, usize) {
-    let out = e.docker(&[
-        "exec",
-        "client",
-        "/whoami",
-        "ask",
-        proto,
-        target,
-        "--count",
-        &count.to_string(),
-        "--interval-ms",
-        &interval_ms.to_string(),
-        "--timeout-ms",
-        "2000",
-    ]);
-    let mut names = BTreeMap::new();
-    let mut failed = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<&str> = line.splitn(3, ' ').collect();
-        match f.get(1) {
-            Some(&"ok") => {
-                *names
-                    .entry(f.get(2).unwrap_or(&"").to_string())
-                    .or_default() += 1
-            }
-            Some(&"err") => failed += 1,
-            _ => {}
-        }
-    }
-    (names, failed)
-}
 
 fn whoami(agent: &Agent, active: usize) -> String {
     agent
@@ -131,9 +90,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     }
     let target = format!("{vip}:80");
     for proto in ["tcp", "udp"] {
-        let (names, failed) = ask(e3, proto, &target, 300, 0);
+        let (names, errors) = e3.ask(proto, &target, 300, 0);
         println!("{proto}: 300 requests from node 3 to the VIP: {names:?}");
-        assert_eq!(failed, 0);
+        assert_eq!(errors.len(), 0);
         assert_eq!(names.len(), 3, "all replicas");
         assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
     }
@@ -148,14 +107,14 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             String::from_utf8_lossy(&ping.stdout)
         );
     }
-    let (names, failed) = ask(e3, "tcp", &format!("{w1}:80"), 5, 0);
+    let (names, errors) = e3.ask("tcp", &format!("{w1}:80"), 5, 0);
     assert!(
-        failed == 0 && names.get("w1") == Some(&5),
+        errors.is_empty() && names.get("w1") == Some(&5),
         "TCP client -> w1"
     );
-    let (names, failed) = ask(e3, "udp", &format!("{w1}:80"), 5, 0);
+    let (names, errors) = e3.ask("udp", &format!("{w1}:80"), 5, 0);
     assert!(
-        failed == 0 && names.get("w1") == Some(&5),
+        errors.is_empty() && names.get("w1") == Some(&5),
         "UDP client -> w1"
     );
     for proto in ["tcp", "udp"] {
@@ -284,8 +243,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "within 5 s"
     );
     assert!(ok * 100 >= total * 99, "at least 99% during the cut");
-    let (names, failed) = ask(e3, "tcp", &target, 100, 0);
-    assert_eq!(failed, 0, "100% after the cut: {names:?}");
+    let (names, errors) = e3.ask("tcp", &target, 100, 0);
+    assert_eq!(errors.len(), 0, "100% after the cut: {names:?}");
 
     // Node 2 comes back: re-added everywhere.
     underlay.set_link(2, true);
@@ -382,6 +341,6 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         count("garbage") + count("bad_auth") >= 100,
         "garbage counted"
     );
-    let (_, failed) = ask(e3, "tcp", &target, 30, 0);
-    assert_eq!(failed, 0, "still serving");
+    let (_, errors) = e3.ask("tcp", &target, 30, 0);
+    assert_eq!(errors.len(), 0, "still serving");
 }
