@@ -11,6 +11,8 @@ use bollard::{
 };
 use tracing::{info, warn};
 
+use mesh_common::mac::Mac;
+
 use crate::vip::Cidr;
 
 /// The Docker network every mesh container joins.
@@ -200,7 +202,7 @@ fn from_inspect(c: ContainerInspectResponse) -> Container {
         .and_then(|mut n| n.remove(NETWORK))
         .and_then(|ep| {
             let ip: Ipv4Addr = ep.ip_address?.parse().ok()?;
-            let mac = parse_mac(&ep.mac_address?)?;
+            let mac = ep.mac_address?.parse::<Mac>().ok()?.0;
             Some((ip, mac))
         });
     Container {
@@ -217,13 +219,4 @@ fn from_inspect(c: ContainerInspectResponse) -> Container {
         mesh,
         health,
     }
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }

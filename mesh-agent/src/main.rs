@@ -284,11 +284,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         interval,
         dead_after,
     };
-    let mac_text = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac_text = mesh_common::mac::Mac(mac).to_string();
     let kvs = vec![
         (peers::KEY_UNDERLAY.to_string(), ip.to_string()),
         (peers::KEY_MAC.to_string(), mac_text),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use mesh_common::{lb::ServiceStats, maps, stats::Stat};
+use mesh_common::{lb::ServiceStats, maps, stats::Class};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -18,15 +18,6 @@ use tokio::{
 use tracing::warn;
 
 use crate::{agent::Shared, dataplane::stats};
-
-/// Counters that mean a packet was dropped, and why.
-const DROPS: [Stat; 5] = [
-    Stat::XdpDrop,
-    Stat::LbNoBackend,
-    Stat::LbCtWriteFail,
-    Stat::NatRewriteFail,
-    Stat::TcShot,
-];
 
 pub async fn serve(
     addr: SocketAddr,
@@ -75,31 +66,13 @@ fn open<V: aya::Pod>(dir: &std::path::Path, name: &str) -> Option<PerCpuArray<Ma
 /// The exposition text.
 pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
     let mut out = String::new();
-    if let Some(map) = open::<u64>(dir, maps::STATS)
-        && let Ok(counters) = stats::read(&map)
+    if let Some(map) = open::<u64>(dir, maps::STATS.name)
+        && let Ok(readings) = stats::read(&map)
     {
-        out.push_str(
-            "# HELP mesh_datapath_packets_total Packets by the path they took in the data plane.\n",
-        );
-        out.push_str("# TYPE mesh_datapath_packets_total counter\n");
-        for c in &counters {
-            let _ = writeln!(
-                out,
-                "mesh_datapath_packets_total{{counter=\"{}\"}} {}",
-                c.name, c.value
-            );
-        }
-        out.push_str("# HELP mesh_drops_total Packets dropped, by reason.\n# TYPE mesh_drops_total counter\n");
-        for s in DROPS {
-            let v = counters
-                .iter()
-                .find(|c| c.name == s.name())
-                .map_or(0, |c| c.value);
-            let _ = writeln!(out, "mesh_drops_total{{reason=\"{}\"}} {v}", s.name());
-        }
+        datapath(&mut out, &readings);
     }
     let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(map) = open::<ServiceStats>(dir, maps::SERVICE_STATS) {
+    if let Some(map) = open::<ServiceStats>(dir, maps::SERVICE_STATS.name) {
         out.push_str("# HELP mesh_service_packets_total Packets to and from a service VIP.\n# TYPE mesh_service_packets_total counter\n");
         let mut bytes = String::new();
         let mut flows = String::new();
@@ -187,6 +160,32 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
     out
 }
 
+/// The data-path counters: every counter of the table by name, and the
+/// drop-class ones again as drop reasons.
+pub fn datapath(out: &mut String, readings: &[stats::Reading]) {
+    out.push_str(
+        "# HELP mesh_datapath_packets_total Packets by the path they took in the data plane.\n",
+    );
+    out.push_str("# TYPE mesh_datapath_packets_total counter\n");
+    for r in readings {
+        let _ = writeln!(
+            out,
+            "mesh_datapath_packets_total{{counter=\"{}\"}} {}",
+            r.counter.name, r.value
+        );
+    }
+    out.push_str(
+        "# HELP mesh_drops_total Packets dropped, by reason.\n# TYPE mesh_drops_total counter\n",
+    );
+    for r in readings.iter().filter(|r| r.counter.class == Class::Drop) {
+        let _ = writeln!(
+            out,
+            "mesh_drops_total{{reason=\"{}\"}} {}",
+            r.counter.name, r.value
+        );
+    }
+}
+
 fn summary(out: &mut String, name: &str, help: &str, s: &crate::status::Samples, scale: f64) {
     let q = s.summary();
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
@@ -194,4 +193,44 @@ fn summary(out: &mut String, name: &str, help: &str, s: &crate::status::Samples,
     let _ = writeln!(out, "{name}{{quantile=\"0.99\"}} {}", q.p99 * scale);
     let _ = writeln!(out, "{name}_sum {}", s.sum * scale);
     let _ = writeln!(out, "{name}_count {}", s.count);
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_common::stats::{COUNTERS, Class};
+
+    use super::*;
+
+    /// Every drop reason of the counter table is a `mesh_drops_total`
+    /// series, and every counter a `mesh_datapath_packets_total` one.
+    #[test]
+    fn every_drop_reason_is_exported() {
+        let readings: Vec<stats::Reading> = COUNTERS
+            .iter()
+            .enumerate()
+            .map(|(i, counter)| stats::Reading {
+                counter,
+                value: 1000 + i as u64,
+            })
+            .collect();
+        let mut out = String::new();
+        datapath(&mut out, &readings);
+        let drops: Vec<_> = COUNTERS.iter().filter(|c| c.class == Class::Drop).collect();
+        assert!(drops.len() >= 5, "the table has drop reasons");
+        for (i, c) in COUNTERS.iter().enumerate() {
+            let series = format!(
+                "mesh_datapath_packets_total{{counter=\"{}\"}} {}\n",
+                c.name,
+                1000 + i
+            );
+            assert!(out.contains(&series), "{series} missing from:\n{out}");
+            let drop = format!("mesh_drops_total{{reason=\"{}\"}} {}\n", c.name, 1000 + i);
+            assert_eq!(
+                out.contains(&drop),
+                c.class == Class::Drop,
+                "{}: drop series present iff it is a drop reason:\n{out}",
+                c.name
+            );
+        }
+    }
 }

@@ -24,11 +24,7 @@ use crate::dataplane::{self, progs};
 /// through the container's own sysfs (`/proc/PID/root/sys/class/net`):
 /// a veth's `iflink` is its peer's ifindex.
 pub fn host_ifindex(pid: u32, mac: [u8; 6]) -> io::Result<u32> {
-    let want = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let want = mesh_common::mac::Mac(mac).to_string();
     let dir = PathBuf::from(format!("/proc/{pid}/root/sys/class/net"));
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();

@@ -7,6 +7,7 @@
 
 pub mod ct;
 pub mod lb;
+pub mod mac;
 pub mod maps;
 pub mod stats;
 pub mod tunnel;

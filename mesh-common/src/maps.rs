@@ -1,28 +1,58 @@
-//! Map names (as pinned under the bpffs directory) and default sizes.
-//! Sizes are the object's defaults; the loader may override them.
+//! The inventory of the data plane's maps: one row per map, from which the
+//! agent's loader pins, a restarted agent adopts, `meshctl maps` lists and
+//! the inventory test checks the object. Adding a map is its `#[map]` in
+//! mesh-ebpf/src/maps.rs plus one row in [`ALL`]; the test fails when the
+//! object has a map this table does not name (or names one it lacks).
+//!
+//! Every map is pinned (under the agent's `--bpffs-dir`): a map that is not
+//! would be recreated empty by a restarted agent while the programs it
+//! adopted (pinned links) still read the old one.
 
-/// Per-CPU packet counters, indexed by [`crate::stats::Stat`].
-pub const STATS: &str = "MESH_STATS";
-/// `ServiceKey -> Service`.
-pub const SERVICES: &str = "MESH_SERVICES";
-/// Array of maps, indexed by service id: each inner map is a Maglev ring.
-pub const MAGLEV: &str = "MESH_MAGLEV";
-/// Array `backend id -> Backend`.
-pub const BACKENDS: &str = "MESH_BACKENDS";
-/// LRU hash `CtKey -> CtEntry`.
-pub const CONNTRACK: &str = "MESH_CT";
-/// Per-CPU array `service id -> ServiceStats`.
-pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
+/// What kind of BPF map a row is (checked against the object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Array,
+    Hash,
+    LruHash,
+    PerCpuArray,
+    ArrayOfMaps,
+}
 
-/// Array of one `LocalNode`: this node's overlay settings.
-pub const LOCAL_NODE: &str = "MESH_LOCAL_NODE";
-/// Hash `/24 (network order) -> Node`: the other nodes.
-pub const NODES: &str = "MESH_NODES";
+impl MapKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapKind::Array => "array",
+            MapKind::Hash => "hash",
+            MapKind::LruHash => "lru_hash",
+            MapKind::PerCpuArray => "percpu_array",
+            MapKind::ArrayOfMaps => "array_of_maps",
+        }
+    }
+}
 
-/// Hash `container IP (network order) -> LocalEndpoint`: this node's containers.
-pub const LOCAL_EPS: &str = "MESH_LOCAL_EPS";
-/// Containers on one node.
-pub const MAX_LOCAL_EPS: u32 = 4096;
+/// Who writes a map's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// The agent writes, the kernel only reads.
+    Agent,
+    /// The kernel writes (conntrack, counters); user space reads.
+    Kernel,
+}
+
+/// One map of the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDef {
+    /// Its name in the object, and its pin's file name.
+    pub name: &'static str,
+    pub kind: MapKind,
+    /// The object's default size.
+    pub max_entries: u32,
+    /// Pinned under the bpffs directory (adopted by a restarted agent).
+    pub pinned: bool,
+    pub writer: Writer,
+    /// Key -> value, for `meshctl maps` and the docs.
+    pub what: &'static str,
+}
 
 /// Services (and service ids: 0..MAX_SERVICES).
 pub const MAX_SERVICES: u32 = 16_384;
@@ -31,8 +61,122 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_BACKENDS: u32 = 131_072;
 /// Nodes in a cluster.
 pub const MAX_NODES: u32 = 1024;
+/// Containers on one node.
+pub const MAX_LOCAL_EPS: u32 = 4096;
 /// Conntrack entries (two per flow).
 pub const CT_ENTRIES: u32 = 262_144;
+
+const fn def(
+    name: &'static str,
+    kind: MapKind,
+    max_entries: u32,
+    writer: Writer,
+    what: &'static str,
+) -> MapDef {
+    MapDef {
+        name,
+        kind,
+        max_entries,
+        pinned: true,
+        writer,
+        what,
+    }
+}
+
+use MapKind::{Array, ArrayOfMaps, Hash, LruHash, PerCpuArray};
+use Writer::{Agent, Kernel};
+
+/// Per-CPU packet counters, indexed by [`crate::stats::Stat`].
+pub const STATS: MapDef = def(
+    "MESH_STATS",
+    PerCpuArray,
+    crate::stats::STATS_SLOTS,
+    Kernel,
+    "Stat index -> packets",
+);
+/// `ServiceKey -> Service`.
+pub const SERVICES: MapDef = def(
+    "MESH_SERVICES",
+    Hash,
+    MAX_SERVICES,
+    Agent,
+    "ServiceKey{vip, port, proto} -> Service{id, flags}",
+);
+/// Array of maps, indexed by service id: each inner map is a Maglev ring.
+pub const MAGLEV: MapDef = def(
+    "MESH_MAGLEV",
+    ArrayOfMaps,
+    MAX_SERVICES,
+    Agent,
+    "service id -> ring [M, backend id x M]",
+);
+/// Array `backend id -> Backend`.
+pub const BACKENDS: MapDef = def(
+    "MESH_BACKENDS",
+    Array,
+    MAX_BACKENDS,
+    Agent,
+    "backend id -> Backend{ip, port, state, ifindex, mac}",
+);
+/// LRU hash `CtKey -> CtEntry`.
+pub const CONNTRACK: MapDef = def(
+    "MESH_CT",
+    LruHash,
+    CT_ENTRIES,
+    Kernel,
+    "CtKey{5-tuple, dir} -> CtEntry{backend, service, nat ip/port, flags, last seen}",
+);
+/// Per-CPU array `service id -> ServiceStats`.
+pub const SERVICE_STATS: MapDef = def(
+    "MESH_SVC_STATS",
+    PerCpuArray,
+    MAX_SERVICES,
+    Kernel,
+    "service id -> packets, bytes, new flows",
+);
+/// Array of one `LocalNode`: this node's overlay settings.
+pub const LOCAL_NODE: MapDef = def(
+    "MESH_LOCAL_NODE",
+    Array,
+    1,
+    Agent,
+    "0 -> LocalNode{subnet, cluster, underlay ip/ifindex/mac, vni, enabled}",
+);
+/// Hash `/24 (network order) -> Node`: the other nodes.
+pub const NODES: MapDef = def(
+    "MESH_NODES",
+    Hash,
+    MAX_NODES,
+    Agent,
+    "node /24 -> Node{underlay ip, mac}",
+);
+/// Hash `container IP (network order) -> LocalEndpoint`: this node's containers.
+pub const LOCAL_EPS: MapDef = def(
+    "MESH_LOCAL_EPS",
+    Hash,
+    MAX_LOCAL_EPS,
+    Agent,
+    "container ip -> LocalEndpoint{ifindex, mac}",
+);
+
+/// Every map of the object, in the order `meshctl maps` lists them.
+pub const ALL: [MapDef; 9] = [
+    STATS,
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    CONNTRACK,
+    SERVICE_STATS,
+    LOCAL_NODE,
+    NODES,
+    LOCAL_EPS,
+];
+
+/// The row of map `name`, if the inventory has one.
+pub fn by_name(name: &str) -> Option<&'static MapDef> {
+    ALL.iter().find(|d| d.name.as_bytes() == name.as_bytes())
+}
+
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in size.
 pub const BPF_F_INNER_MAP: u32 = 0x1000;
 /// `BPF_F_MMAPABLE`: user space writes a whole ring with one memcpy.
@@ -40,3 +184,23 @@ pub const BPF_F_MMAPABLE: u32 = 0x400;
 /// Flags of every Maglev ring (the inner maps of [`MAGLEV`]); the template
 /// in the object and every real ring must have the same.
 pub const RING_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+
+const _: () = {
+    // Names are unique.
+    let mut i = 0;
+    while i < ALL.len() {
+        let mut j = i + 1;
+        while j < ALL.len() {
+            let (a, b) = (ALL[i].name.as_bytes(), ALL[j].name.as_bytes());
+            let mut same = a.len() == b.len();
+            let mut k = 0;
+            while same && k < a.len() {
+                same = a[k] == b[k];
+                k += 1;
+            }
+            assert!(!same, "two maps with one name");
+            j += 1;
+        }
+        i += 1;
+    }
+};

@@ -1,175 +1,110 @@
 //! Packet counters: one per-CPU `u64` slot per [`Stat`].
 //!
 //! Every packet a program sees bumps exactly one *verdict* counter (what the
-//! program returned) and exactly one *path* counter (why). `meshctl stats`
-//! prints both, so an operator can tell why a packet took the path it did.
+//! program returned) and exactly one *path* counter (why). A *drop* counter
+//! says why a packet was dropped; it is bumped beside the drop verdict.
+//! `meshctl stats` prints them all and `/metrics` exports them, the drop
+//! class also as `mesh_drops_total{reason}`.
+//!
+//! [`COUNTERS`] is the one table: the enum, the names, the classes and the
+//! help texts all come from it. Adding a counter is one row, appended:
+//! the discriminants are the array indices and part of the user/kernel ABI.
 
-/// Index of a counter in the [`crate::maps::STATS`] per-CPU array.
-///
-/// The discriminants are the array indices and are part of the user/kernel
-/// ABI: append new counters, never renumber.
-#[repr(u32)]
+/// What a counter counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    // XDP verdicts on the underlay NIC.
-    XdpAborted = 0,
-    XdpDrop = 1,
-    XdpPass = 2,
-    XdpTx = 3,
-    XdpRedirect = 4,
-    // XDP paths: why a frame got its verdict.
-    /// Frame too short for the headers its EtherType announces.
-    XdpTruncated = 5,
-    /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
-    XdpNotIpv4 = 6,
-    /// IPv4 with an invalid header (version != 4, IHL < 5, total length too small).
-    XdpBadIpv4 = 7,
-    /// IPv4 fragment other than the first: no L4 header to look at.
-    XdpFragment = 8,
-    /// IPv4, neither TCP nor UDP.
-    XdpOtherL4 = 9,
-    /// TCP/UDP not addressed to anything mesh handles.
-    XdpNotMesh = 10,
-    /// UDP to the VXLAN port.
-    XdpVxlan = 11,
+pub enum Class {
+    /// A program's return value (one per packet per program).
+    Verdict,
+    /// The path a packet took (one per packet per program).
+    Path,
+    /// Why a packet was dropped (with a drop verdict).
+    Drop,
+}
 
-    // TC verdicts on container veths (both directions).
-    TcOk = 12,
-    TcShot = 13,
-    TcRedirect = 14,
-    // TC paths.
-    /// Not IPv4, or IPv4 that cannot be parsed (truncated, bad header).
-    TcNotIpv4 = 15,
-    TcMalformed = 16,
-    /// IPv4 fragment other than the first: cannot be balanced (no ports).
-    TcFragment = 17,
-    /// Leaving a container, not to a service VIP:port: untouched.
-    TcNotService = 18,
-    /// Entering a container, no reverse NAT entry: untouched.
-    TcNoReverse = 19,
-    // Load balancing.
-    /// A new flow picked a backend from the Maglev ring.
-    LbNewFlow = 20,
-    /// A packet of a tracked flow.
-    LbCtHit = 21,
-    /// A tracked flow whose backend is gone got a new one.
-    LbReselect = 22,
-    /// Drop: the service has no active backend.
-    LbNoBackend = 23,
-    /// A TCP packet without SYN and without a conntrack entry: the entry was
-    /// evicted from the LRU (or never existed). Balanced as a new flow.
-    LbCtMissMidFlow = 24,
-    /// Drop: the conntrack entry could not be written.
-    LbCtWriteFail = 25,
-    /// Drop: a packet rewrite (NAT, checksum, MAC) failed.
-    NatRewriteFail = 26,
-    /// A reply translated back to the VIP.
-    NatReverse = 27,
-    /// An ICMP error about a balanced flow translated back (inner header too).
-    NatIcmpError = 28,
-    // Overlay.
-    /// Leaving a container for another node: VXLAN-encapsulated.
-    TunnelEncap = 29,
-    /// Drop: for another node's /24, but no such node is known.
-    TunnelNoNode = 30,
-    /// Drop: encapsulation failed (no room, MTU).
-    TunnelEncapFail = 31,
-    /// XDP: VXLAN for a local container, decapsulated and passed up.
-    XdpDecap = 32,
-    /// XDP: VXLAN with another VNI, or not for this node: passed untouched.
-    XdpVxlanForeign = 33,
-    /// TC on the underlay: a decapsulated packet handed to its container's veth.
-    TunnelDeliver = 34,
-    /// TC on the underlay: not for a local container, left to the stack.
-    TunnelPass = 35,
-    /// A new direct flow reused the tuple of a finished VIP flow: the stale
-    /// reverse-NAT entry was dropped so the replies are not translated.
-    LbStaleReverse = 36,
+impl Class {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Class::Verdict => "verdict",
+            Class::Path => "path",
+            Class::Drop => "drop",
+        }
+    }
+}
+
+/// One row of the counter table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub stat: Stat,
+    /// Stable, greppable name (`meshctl stats`, `/metrics`).
+    pub name: &'static str,
+    pub class: Class,
+    pub help: &'static str,
+}
+
+macro_rules! counters {
+    ($($variant:ident = $index:literal, $name:literal, $class:ident, $help:literal;)*) => {
+        /// Index of a counter in the [`crate::maps::STATS`] per-CPU array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $(#[doc = $help] $variant = $index,)*
+        }
+
+        /// Every counter, in index order.
+        pub const COUNTERS: &[Counter] = &[
+            $(Counter { stat: Stat::$variant, name: $name, class: Class::$class, help: $help },)*
+        ];
+    };
+}
+
+counters! {
+    XdpAborted = 0, "xdp_aborted", Verdict, "XDP returned XDP_ABORTED.";
+    XdpDrop = 1, "xdp_drop", Verdict, "XDP returned XDP_DROP.";
+    XdpPass = 2, "xdp_pass", Verdict, "XDP returned XDP_PASS.";
+    XdpTx = 3, "xdp_tx", Verdict, "XDP returned XDP_TX.";
+    XdpRedirect = 4, "xdp_redirect", Verdict, "XDP returned XDP_REDIRECT.";
+    XdpTruncated = 5, "xdp_truncated", Path, "Frame too short for the headers it announces.";
+    XdpNotIpv4 = 6, "xdp_not_ipv4", Path, "Not IPv4 (ARP, IPv6, VLAN, ...): not ours.";
+    XdpBadIpv4 = 7, "xdp_bad_ipv4", Path, "IPv4 with an invalid header (version, IHL, total length).";
+    XdpFragment = 8, "xdp_fragment", Path, "IPv4 fragment other than the first: no L4 header.";
+    XdpOtherL4 = 9, "xdp_other_l4", Path, "IPv4, neither TCP nor UDP.";
+    XdpNotMesh = 10, "xdp_not_mesh", Path, "TCP/UDP not addressed to anything mesh handles.";
+    XdpVxlan = 11, "xdp_vxlan", Path, "UDP to the VXLAN port while the overlay is off.";
+    TcOk = 12, "tc_ok", Verdict, "TC returned TC_ACT_OK.";
+    TcShot = 13, "tc_shot", Verdict, "TC returned TC_ACT_SHOT.";
+    TcRedirect = 14, "tc_redirect", Verdict, "TC returned TC_ACT_REDIRECT.";
+    TcNotIpv4 = 15, "tc_not_ipv4", Path, "Not IPv4: passed untouched.";
+    TcMalformed = 16, "tc_malformed", Path, "IPv4 that cannot be parsed (truncated, bad header): passed untouched.";
+    TcFragment = 17, "tc_fragment", Path, "IPv4 fragment other than the first: cannot be balanced (no ports).";
+    TcNotService = 18, "tc_not_service", Path, "Leaving a container, not to a service VIP:port.";
+    TcNoReverse = 19, "tc_no_reverse", Path, "Entering a container, no reverse NAT entry: untouched.";
+    LbNewFlow = 20, "lb_new_flow", Path, "A new flow picked a backend from the Maglev ring.";
+    LbCtHit = 21, "lb_ct_hit", Path, "A packet of a tracked flow.";
+    LbReselect = 22, "lb_reselect", Path, "A tracked flow whose backend is gone got a new one.";
+    LbNoBackend = 23, "lb_no_backend", Drop, "The service has no active backend.";
+    LbCtMissMidFlow = 24, "lb_ct_miss_mid_flow", Path, "A TCP packet without SYN and without a conntrack entry (evicted): balanced as a new flow.";
+    LbCtWriteFail = 25, "lb_ct_write_fail", Drop, "The conntrack entry could not be written.";
+    NatRewriteFail = 26, "nat_rewrite_fail", Drop, "A packet rewrite (NAT, checksum, MAC) failed.";
+    NatReverse = 27, "nat_reverse", Path, "A reply translated back to the VIP.";
+    NatIcmpError = 28, "nat_icmp_error", Path, "An ICMP error about a balanced flow translated back (inner header too).";
+    TunnelEncap = 29, "tunnel_encap", Path, "Leaving a container for another node: VXLAN-encapsulated.";
+    TunnelNoNode = 30, "tunnel_no_node", Drop, "For another node's /24, but no such node is known.";
+    TunnelEncapFail = 31, "tunnel_encap_fail", Drop, "Encapsulation failed (no room, MTU).";
+    XdpDecap = 32, "xdp_decap", Path, "VXLAN for a local container, decapsulated and passed up.";
+    XdpVxlanForeign = 33, "xdp_vxlan_foreign", Path, "VXLAN with another VNI, or not for this node: passed untouched.";
+    TunnelDeliver = 34, "tunnel_deliver", Path, "Underlay TC: a decapsulated packet handed to its container's veth.";
+    TunnelPass = 35, "tunnel_pass", Path, "Underlay TC: not for a local container, left to the stack.";
+    LbStaleReverse = 36, "lb_stale_reverse", Path, "A new direct flow reused a finished VIP flow's tuple: its stale reverse-NAT entry was dropped.";
 }
 
 impl Stat {
-    /// Every counter, in index order.
-    pub const ALL: [Stat; 37] = [
-        Stat::XdpAborted,
-        Stat::XdpDrop,
-        Stat::XdpPass,
-        Stat::XdpTx,
-        Stat::XdpRedirect,
-        Stat::XdpTruncated,
-        Stat::XdpNotIpv4,
-        Stat::XdpBadIpv4,
-        Stat::XdpFragment,
-        Stat::XdpOtherL4,
-        Stat::XdpNotMesh,
-        Stat::XdpVxlan,
-        Stat::TcOk,
-        Stat::TcShot,
-        Stat::TcRedirect,
-        Stat::TcNotIpv4,
-        Stat::TcMalformed,
-        Stat::TcFragment,
-        Stat::TcNotService,
-        Stat::TcNoReverse,
-        Stat::LbNewFlow,
-        Stat::LbCtHit,
-        Stat::LbReselect,
-        Stat::LbNoBackend,
-        Stat::LbCtMissMidFlow,
-        Stat::LbCtWriteFail,
-        Stat::NatRewriteFail,
-        Stat::NatReverse,
-        Stat::NatIcmpError,
-        Stat::TunnelEncap,
-        Stat::TunnelNoNode,
-        Stat::TunnelEncapFail,
-        Stat::XdpDecap,
-        Stat::XdpVxlanForeign,
-        Stat::TunnelDeliver,
-        Stat::TunnelPass,
-        Stat::LbStaleReverse,
-    ];
-
     /// Stable, greppable name, used by `meshctl stats` and `/metrics`.
     pub const fn name(self) -> &'static str {
-        match self {
-            Stat::XdpAborted => "xdp_aborted",
-            Stat::XdpDrop => "xdp_drop",
-            Stat::XdpPass => "xdp_pass",
-            Stat::XdpTx => "xdp_tx",
-            Stat::XdpRedirect => "xdp_redirect",
-            Stat::XdpTruncated => "xdp_truncated",
-            Stat::XdpNotIpv4 => "xdp_not_ipv4",
-            Stat::XdpBadIpv4 => "xdp_bad_ipv4",
-            Stat::XdpFragment => "xdp_fragment",
-            Stat::XdpOtherL4 => "xdp_other_l4",
-            Stat::XdpNotMesh => "xdp_not_mesh",
-            Stat::XdpVxlan => "xdp_vxlan",
-            Stat::TcOk => "tc_ok",
-            Stat::TcShot => "tc_shot",
-            Stat::TcRedirect => "tc_redirect",
-            Stat::TcNotIpv4 => "tc_not_ipv4",
-            Stat::TcMalformed => "tc_malformed",
-            Stat::TcFragment => "tc_fragment",
-            Stat::TcNotService => "tc_not_service",
-            Stat::TcNoReverse => "tc_no_reverse",
-            Stat::LbNewFlow => "lb_new_flow",
-            Stat::LbCtHit => "lb_ct_hit",
-            Stat::LbReselect => "lb_reselect",
-            Stat::LbNoBackend => "lb_no_backend",
-            Stat::LbCtMissMidFlow => "lb_ct_miss_mid_flow",
-            Stat::LbCtWriteFail => "lb_ct_write_fail",
-            Stat::NatRewriteFail => "nat_rewrite_fail",
-            Stat::NatReverse => "nat_reverse",
-            Stat::NatIcmpError => "nat_icmp_error",
-            Stat::TunnelEncap => "tunnel_encap",
-            Stat::TunnelNoNode => "tunnel_no_node",
-            Stat::TunnelEncapFail => "tunnel_encap_fail",
-            Stat::XdpDecap => "xdp_decap",
-            Stat::XdpVxlanForeign => "xdp_vxlan_foreign",
-            Stat::TunnelDeliver => "tunnel_deliver",
-            Stat::TunnelPass => "tunnel_pass",
-            Stat::LbStaleReverse => "lb_stale_reverse",
-        }
+        COUNTERS[self as usize].name
+    }
+
+    pub const fn class(self) -> Class {
+        COUNTERS[self as usize].class
     }
 
     pub const fn index(self) -> u32 {
@@ -180,12 +115,12 @@ impl Stat {
 /// Number of slots in the stats array (room to grow without an ABI break).
 pub const STATS_SLOTS: u32 = 64;
 
-const _: () = assert!((Stat::ALL.len() as u32) <= STATS_SLOTS);
+const _: () = assert!((COUNTERS.len() as u32) <= STATS_SLOTS);
 const _: () = {
-    // ALL is in index order with no gaps.
+    // The table is in index order with no gaps.
     let mut i = 0;
-    while i < Stat::ALL.len() {
-        assert!(Stat::ALL[i] as usize == i);
+    while i < COUNTERS.len() {
+        assert!(COUNTERS[i].stat as usize == i);
         i += 1;
     }
 };

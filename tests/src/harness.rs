@@ -172,9 +172,9 @@ impl Harness {
         &mut self.ebpf
     }
 
-    /// Every counter, summed over CPUs, in [`Stat::ALL`] order.
+    /// Every counter, summed over CPUs, in table order.
     pub fn counters(&self) -> Vec<u64> {
-        let map = self.ebpf.map(maps::STATS).expect("stats map present");
+        let map = self.ebpf.map(maps::STATS.name).expect("stats map present");
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).expect("stats map is a per-CPU array");
         dataplane::stats::read(&map)
@@ -341,7 +341,7 @@ fn mismatches(f: &Fixture, run: &Run, before: &[u64], after: &[u64]) -> Vec<Mism
             hex(&run.output)
         ));
     }
-    for stat in Stat::ALL {
+    for stat in mesh_common::stats::COUNTERS.iter().map(|c| c.stat) {
         let i = stat as usize;
         let delta = after[i] - before[i];
         let listed = f

@@ -195,9 +195,5 @@ fn container(host: &Netns, i: usize, ip: Ipv4Addr) -> Netns {
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    for (i, part) in s.split(':').enumerate().take(6) {
-        mac[i] = u8::from_str_radix(part, 16).expect("hex MAC");
-    }
-    mac
+    s.parse::<mesh_common::mac::Mac>().expect("a MAC address").0
 }

@@ -47,15 +47,6 @@ pub struct LbMaps {
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
 }
 
-/// Every map name of [`LbMaps`], for pinning.
-pub const NAMES: [&str; 5] = [
-    maps::SERVICES,
-    maps::BACKENDS,
-    maps::MAGLEV,
-    maps::CONNTRACK,
-    maps::SERVICE_STATS,
-];
-
 impl LbMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
@@ -73,44 +64,48 @@ impl LbMaps {
     fn build(
         mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
-        let maglev = get(maps::MAGLEV)?;
+        let maglev = get(maps::MAGLEV.name)?;
         let maglev_map = match &maglev {
             Map::ArrayOfMaps(data) => data
                 .info()
                 .and_then(|info| MapData::from_id(info.id()))
-                .map_err(map_err(maps::MAGLEV))?,
-            _ => return Err(MapsError::Missing(maps::MAGLEV)),
+                .map_err(map_err(maps::MAGLEV.name))?,
+            _ => return Err(MapsError::Missing(maps::MAGLEV.name)),
         };
         Ok(LbMaps {
-            services: get(maps::SERVICES)?
+            services: get(maps::SERVICES.name)?
                 .try_into()
-                .map_err(map_err(maps::SERVICES))?,
-            backends: get(maps::BACKENDS)?
+                .map_err(map_err(maps::SERVICES.name))?,
+            backends: get(maps::BACKENDS.name)?
                 .try_into()
-                .map_err(map_err(maps::BACKENDS))?,
-            maglev: maglev.try_into().map_err(map_err(maps::MAGLEV))?,
+                .map_err(map_err(maps::BACKENDS.name))?,
+            maglev: maglev.try_into().map_err(map_err(maps::MAGLEV.name))?,
             maglev_map,
-            conntrack: get(maps::CONNTRACK)?
+            conntrack: get(maps::CONNTRACK.name)?
                 .try_into()
-                .map_err(map_err(maps::CONNTRACK))?,
-            service_stats: get(maps::SERVICE_STATS)?
+                .map_err(map_err(maps::CONNTRACK.name))?,
+            service_stats: get(maps::SERVICE_STATS.name)?
                 .try_into()
-                .map_err(map_err(maps::SERVICE_STATS))?,
+                .map_err(map_err(maps::SERVICE_STATS.name))?,
         })
     }
 
     pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), MapsError> {
         self.services
             .insert(key, svc, 0)
-            .map_err(map_err(maps::SERVICES))
+            .map_err(map_err(maps::SERVICES.name))
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
-        self.services.remove(key).map_err(map_err(maps::SERVICES))
+        self.services
+            .remove(key)
+            .map_err(map_err(maps::SERVICES.name))
     }
 
     pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapsError> {
-        self.backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))
+        self.backends
+            .set(id, b, 0)
+            .map_err(map_err(maps::BACKENDS.name))
     }
 
     /// Frees a backend id: flows still tracked to it get a new backend.
@@ -122,7 +117,7 @@ impl LbMaps {
     /// step: a new ring map is filled, then swapped into the outer slot.
     /// The kernel frees the old ring once no program uses it.
     pub fn set_ring(&mut self, service_id: u32, ring: &[u32]) -> Result<(), MapsError> {
-        let name = maps::MAGLEV;
+        let name = maps::MAGLEV.name;
         let inner = super::ring::create(ring).map_err(|e| MapsError::Ring {
             service_id,
             source: e,
@@ -155,7 +150,7 @@ impl LbMaps {
 
     /// A service's ring as the kernel has it (backend id per slot).
     pub fn ring(&self, service_id: u32) -> Result<Vec<u32>, MapsError> {
-        let name = maps::MAGLEV;
+        let name = maps::MAGLEV.name;
         let inner: Array<MapData, u32> = match self.maglev.get(&service_id, 0) {
             Ok(inner) => Array::try_from(Map::Array(inner)).map_err(map_err(name))?,
             Err(MapError::KeyNotFound) => return Ok(Vec::new()),
@@ -172,7 +167,7 @@ impl LbMaps {
         let per_cpu = self
             .service_stats
             .get(&service_id, 0)
-            .map_err(map_err(maps::SERVICE_STATS))?;
+            .map_err(map_err(maps::SERVICE_STATS.name))?;
         Ok(per_cpu
             .iter()
             .fold(ServiceStats::default(), |a, s| ServiceStats {
@@ -216,11 +211,11 @@ impl LbMaps {
         use crate::reconcile::{Actual, SvcAddr};
         let mut actual = Actual::default();
         for item in self.services.iter() {
-            let (k, s) = item.map_err(map_err(maps::SERVICES))?;
+            let (k, s) = item.map_err(map_err(maps::SERVICES.name))?;
             actual.services.insert(SvcAddr::from_key(&k), s.id);
         }
         for (id, b) in self.backends.iter().enumerate() {
-            let b = b.map_err(map_err(maps::BACKENDS))?;
+            let b = b.map_err(map_err(maps::BACKENDS.name))?;
             if b.state != 0 {
                 actual.backends.insert(id as u32, b);
             }

@@ -5,6 +5,8 @@ pub mod overlay;
 mod ring;
 pub mod stats;
 
+use mesh_common::maps::{MapDef, MapKind};
+
 use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, Xdp},
@@ -51,7 +53,8 @@ pub fn load() -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new().load(OBJECT)?)
 }
 
-/// Loads the object with every map pinned under `dir`: maps an earlier run
+/// Loads the object with every pinned map of the inventory
+/// ([`mesh_common::maps::ALL`]) pinned under `dir`: maps an earlier run
 /// pinned there are reused as they are (nothing is flushed), missing ones
 /// are created and pinned.
 pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
@@ -60,7 +63,7 @@ pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
         source,
     })?;
     let paths: Vec<(&'static str, std::path::PathBuf)> =
-        map_names().map(|n| (n, dir.join(n))).collect();
+        pinned_maps().map(|d| (d.name, dir.join(d.name))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -68,24 +71,20 @@ pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
     Ok(loader.load(OBJECT)?)
 }
 
-/// Every map name, for pinning: the counters and the load-balancing maps.
-pub fn map_names() -> impl Iterator<Item = &'static str> {
-    [
-        mesh_common::maps::STATS,
-        mesh_common::maps::LOCAL_NODE,
-        mesh_common::maps::NODES,
-    ]
-    .into_iter()
-    .chain(lb::NAMES)
+/// The inventory's maps that are pinned.
+pub fn pinned_maps() -> impl Iterator<Item = &'static MapDef> {
+    mesh_common::maps::ALL.iter().filter(|d| d.pinned)
 }
 
-/// Pins every map under `dir` (created if missing), replacing stale pins.
+/// Pins every pinned map of the inventory under `dir` (created if
+/// missing), replacing stale pins. For an object loaded with [`load`].
 pub fn pin_maps(ebpf: &Ebpf, dir: &std::path::Path) -> Result<(), PinError> {
     std::fs::create_dir_all(dir).map_err(|source| PinError::Dir {
         dir: dir.to_owned(),
         source,
     })?;
-    for name in map_names() {
+    for def in pinned_maps() {
+        let name = def.name;
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| PinError::Dir {
@@ -117,6 +116,87 @@ pub enum PinError {
         #[source]
         source: aya::pin::PinError,
     },
+}
+
+/// A map of the object checked against the inventory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InventoryError {
+    /// The object has a map the inventory does not name.
+    Unlisted(String),
+    /// The inventory names a map the object lacks.
+    Absent(&'static str),
+    /// The object's map has another kind than the inventory says.
+    Kind {
+        name: &'static str,
+        want: MapKind,
+        got: String,
+    },
+}
+
+impl std::fmt::Display for InventoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InventoryError::Unlisted(n) => write!(
+                f,
+                "map {n} is in the object but not in mesh_common::maps::ALL (add its row)"
+            ),
+            InventoryError::Absent(n) => {
+                write!(f, "map {n} is in the inventory but not in the object")
+            }
+            InventoryError::Kind { name, want, got } => {
+                write!(
+                    f,
+                    "map {name}: the inventory says {}, the object has {got}",
+                    want.name()
+                )
+            }
+        }
+    }
+}
+
+/// Every disagreement between the object's maps (`(name, kind)`, as aya
+/// reports them) and the inventory. Data sections (`.rodata`, `.bss`,
+/// `.data`: load-time globals) are not maps of the data plane.
+pub fn check_inventory<'a>(
+    object: impl IntoIterator<Item = (&'a str, &'a aya::maps::Map)>,
+) -> Vec<InventoryError> {
+    let mut errors = Vec::new();
+    let mut seen = Vec::new();
+    for (name, map) in object {
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(def) = mesh_common::maps::by_name(name) else {
+            errors.push(InventoryError::Unlisted(name.to_owned()));
+            continue;
+        };
+        seen.push(def.name);
+        let ok = matches!(
+            (def.kind, map),
+            (MapKind::Array, aya::maps::Map::Array(_))
+                | (MapKind::Hash, aya::maps::Map::HashMap(_))
+                | (MapKind::LruHash, aya::maps::Map::LruHashMap(_))
+                | (MapKind::PerCpuArray, aya::maps::Map::PerCpuArray(_))
+                | (MapKind::ArrayOfMaps, aya::maps::Map::ArrayOfMaps(_))
+        );
+        if !ok {
+            errors.push(InventoryError::Kind {
+                name: def.name,
+                want: def.kind,
+                got: format!("{map:?}")
+                    .split('(')
+                    .next()
+                    .unwrap_or("?")
+                    .to_owned(),
+            });
+        }
+    }
+    for def in &mesh_common::maps::ALL {
+        if !seen.contains(&def.name) {
+            errors.push(InventoryError::Absent(def.name));
+        }
+    }
+    errors
 }
 
 /// The XDP underlay program, verified.

@@ -1,25 +1,25 @@
 //! Reading the per-CPU packet counters.
 
 use aya::maps::{MapData, PerCpuArray};
-use mesh_common::stats::Stat;
+use mesh_common::stats::{COUNTERS, Counter};
 
 /// One counter, summed over all CPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Counter {
-    pub name: &'static str,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    pub counter: &'static Counter,
     pub value: u64,
 }
 
-/// All counters, summed over CPUs, in [`Stat::ALL`] order.
+/// All counters, summed over CPUs, in table ([`COUNTERS`]) order.
 pub fn read<T: std::borrow::Borrow<MapData>>(
     map: &PerCpuArray<T, u64>,
-) -> Result<Vec<Counter>, aya::maps::MapError> {
-    Stat::ALL
+) -> Result<Vec<Reading>, aya::maps::MapError> {
+    COUNTERS
         .iter()
-        .map(|stat| {
-            let per_cpu = map.get(&stat.index(), 0)?;
-            Ok(Counter {
-                name: stat.name(),
+        .map(|counter| {
+            let per_cpu = map.get(&counter.stat.index(), 0)?;
+            Ok(Reading {
+                counter,
                 value: per_cpu.iter().sum(),
             })
         })

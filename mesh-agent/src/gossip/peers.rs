@@ -56,8 +56,11 @@ pub fn from_states(
         if let Some(ip) = state.get(KEY_UNDERLAY).and_then(|v| v.parse().ok()) {
             p.underlay = Some(ip);
         }
-        if let Some(mac) = state.get(KEY_MAC).and_then(crate::docker::parse_mac) {
-            p.mac = Some(mac);
+        if let Some(mac) = state
+            .get(KEY_MAC)
+            .and_then(|v| v.parse::<mesh_common::mac::Mac>().ok())
+        {
+            p.mac = Some(mac.0);
         }
         if let Some(c) = state
             .get(KEY_SUBNET)

@@ -1,0 +1,227 @@
+//! meshctl: what the kernel is doing, read straight from the maps the agent
+//! pinned. Every view renders as a table for people or JSON for scripts.
+
+mod backends;
+mod conntrack;
+mod maglev;
+mod maps;
+mod services;
+mod stats;
+mod status;
+mod table;
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapError;
+use clap::{Parser, Subcommand};
+use mesh_common::lb::{PROTO_TCP, PROTO_UDP, ServiceKey};
+
+use self::table::render;
+pub use self::{
+    backends::{BackendRow, backends},
+    conntrack::{CtRow, conntrack},
+    maglev::{MaglevRow, maglev},
+    maps::{MapRow, maps},
+    services::{ServiceRow, services},
+    stats::StatRow,
+};
+use crate::{
+    DEFAULT_BPFFS_DIR,
+    dataplane::lb::{LbMaps, MapsError},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Inspect the mesh data plane (reads the maps pinned by mesh-agent)"
+)]
+pub struct Args {
+    /// bpffs directory where the agent pinned its maps.
+    #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR, global = true)]
+    pub bpffs_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// The agent's own view: node, Docker connection, services with VIPs and
+    /// endpoint counts, containers skipped and why (asks the control socket).
+    Status {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Services: VIP:port/proto, ring size, backends in the ring, traffic.
+    Services,
+    /// Backends: id, address, state, local veth.
+    Backends,
+    /// A service's Maglev ring: slots and share per backend.
+    Maglev {
+        /// The service, as VIP:PORT/PROTO (e.g. 10.43.0.10:80/tcp).
+        service: String,
+    },
+    /// Tracked flows: client, service, backend, TCP flags, idle time.
+    Conntrack {
+        /// Only flows of this service (VIP:PORT/PROTO).
+        #[arg(long)]
+        service: Option<String>,
+        /// Show reverse (reply-direction) entries too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Every map of the data plane: pinned or not, id, size, memory.
+    Maps,
+    /// Packet counters: verdicts and the path each packet took.
+    Stats {
+        /// Show counters that are zero too.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0} does not exist: is mesh-agent running on this host, with the same --bpffs-dir?")]
+    NotPinned(PathBuf),
+    #[error("permission denied opening {0}: meshctl reads kernel maps and needs root (or CAP_BPF)")]
+    Permission(PathBuf),
+    #[error("{0}")]
+    Maps(#[from] MapsError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the agent at {path}: {source} (is mesh-agent running? --api-socket)")]
+    Agent {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs one command and returns what to print.
+pub fn execute(args: &Args) -> Result<String, CtlError> {
+    let dir = &args.bpffs_dir;
+    match &args.cmd {
+        Cmd::Status { api_socket } => status::status_view(api_socket, args.json),
+        Cmd::Stats { all } => stats::stats_view(dir, *all, args.json),
+        Cmd::Maps => render(args.json, &maps(dir)?),
+        Cmd::Services => {
+            let lb = open_lb(dir)?;
+            render(args.json, &services(&lb)?)
+        }
+        Cmd::Backends => {
+            let lb = open_lb(dir)?;
+            render(args.json, &backends(&lb)?)
+        }
+        Cmd::Maglev { service } => {
+            let key = parse_service(service)?;
+            let lb = open_lb(dir)?;
+            render(args.json, &maglev(&lb, &key)?)
+        }
+        Cmd::Conntrack { service, all } => {
+            let key = service.as_deref().map(parse_service).transpose()?;
+            let lb = open_lb(dir)?;
+            render(args.json, &conntrack(&lb, key.as_ref(), *all)?)
+        }
+    }
+}
+
+/// Opens the pinned load-balancing maps, explaining the usual failures.
+fn open_lb(dir: &Path) -> Result<LbMaps, CtlError> {
+    LbMaps::from_pins(dir).map_err(|e| match &e {
+        MapsError::Map { name, source } => {
+            explain(&dir.join(name), source).unwrap_or(CtlError::Maps(e))
+        }
+        _ => CtlError::Maps(e),
+    })
+}
+
+pub(super) fn explain(path: &Path, e: &MapError) -> Option<CtlError> {
+    let MapError::SyscallError(s) = e else {
+        return None;
+    };
+    match s.io_error.kind() {
+        io::ErrorKind::NotFound => Some(CtlError::NotPinned(path.to_owned())),
+        io::ErrorKind::PermissionDenied => Some(CtlError::Permission(path.to_owned())),
+        _ => None,
+    }
+}
+
+/// Parses `VIP:PORT/PROTO` (proto tcp or udp).
+pub fn parse_service(s: &str) -> Result<ServiceKey, CtlError> {
+    let bad = || {
+        CtlError::Usage(format!(
+            "{s:?} is not VIP:PORT/PROTO (e.g. 10.43.0.10:80/tcp)"
+        ))
+    };
+    let (addr, proto) = s.split_once('/').ok_or_else(bad)?;
+    let addr: SocketAddrV4 = addr.parse().map_err(|_| bad())?;
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        _ => return Err(bad()),
+    };
+    Ok(ServiceKey {
+        vip_be: u32::from(*addr.ip()).to_be(),
+        port_be: addr.port().to_be(),
+        proto,
+        ..ServiceKey::default()
+    })
+}
+
+pub(super) fn proto_name(p: u8) -> String {
+    match p {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        other => format!("proto{other}"),
+    }
+}
+
+pub(super) fn addr(ip_be: u32, port_be: u16) -> String {
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(u32::from_be(ip_be)),
+        u16::from_be(port_be)
+    )
+}
+
+pub(super) fn service_name(k: &ServiceKey) -> String {
+    format!("{}/{}", addr(k.vip_be, k.port_be), proto_name(k.proto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_syntax() {
+        let k = parse_service("10.43.0.10:80/tcp").expect("valid");
+        assert_eq!(
+            (u32::from_be(k.vip_be), u16::from_be(k.port_be), k.proto),
+            (0x0a2b000a, 80, PROTO_TCP)
+        );
+        assert_eq!(
+            parse_service("10.43.0.10:53/UDP").expect("valid").proto,
+            PROTO_UDP
+        );
+        for bad in [
+            "",
+            "10.43.0.10",
+            "10.43.0.10:80",
+            "10.43.0.10:80/sctp",
+            "x:80/tcp",
+            "10.43.0.10:99999/tcp",
+            "/tcp",
+        ] {
+            assert!(parse_service(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+}
