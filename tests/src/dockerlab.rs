@@ -15,11 +15,11 @@ use std::{
 };
 
 use mesh_agent::status::Status;
+use mesh_lab as lab;
 
 use crate::netns::{Netns, unique};
 
-/// The test image: /whoami (entrypoint), static.
-pub const WHOAMI_IMAGE: &str = "mesh-whoami:test";
+pub use lab::image::WHOAMI_IMAGE;
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,18 +57,14 @@ pub fn whoami_bin() -> PathBuf {
     .clone()
 }
 
-/// The workspace's `mesh-agent` binary. Test runners build test binaries,
+/// The workspace's `mesh-agent` binary (`meshctl` beside it). Test runners build test binaries,
 /// not other packages' binaries, so it is built here (once per test
 /// process; a no-op when it is up to date) unless MESH_AGENT_BIN names one.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        built(
-            "MESH_AGENT_BIN",
-            &["-p", "mesh-agent", "--bin", "mesh-agent"],
-            None,
-        )
-        .unwrap_or_else(|| target_dir().join("debug/mesh-agent"))
+        built("MESH_AGENT_BIN", &["-p", "mesh-agent", "--bins"], None)
+            .unwrap_or_else(|| target_dir().join("debug/mesh-agent"))
     })
     .clone()
 }
@@ -96,12 +92,13 @@ fn built(env: &str, args: &[&str], rustflags: Option<&str>) -> Option<PathBuf> {
     None
 }
 
-/// A Docker engine in a namespace of its own.
+/// A Docker engine in a namespace of its own (the lab library's engine,
+/// with panicking helpers for tests). Stopped and removed on drop.
 pub struct Engine {
+    inner: lab::engine::Engine,
     pub ns: Netns,
     pub dir: PathBuf,
     pub socket: PathBuf,
-    daemon: Child,
 }
 
 impl Engine {
@@ -110,67 +107,36 @@ impl Engine {
         let ns = Netns::new(&tag);
         let dir = PathBuf::from("/tmp").join(&tag);
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("engine dir");
-        let socket = dir.join("docker.sock");
-        let log = fs::File::create(dir.join("dockerd.log")).expect("log file");
-        let daemon = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", ns.name))
-            .arg("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("data"))
-            .arg("--exec-root")
-            .arg(dir.join("x"))
-            .arg("-H")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--pidfile")
-            .arg(dir.join("docker.pid"))
-            .args([
-                "--bip",
-                "172.30.0.1/24",
-                "--cgroup-parent",
-                &tag,
-                "--log-level",
-                "warn",
-            ])
+        let inner = lab::engine::Engine::start(lab::engine::EngineSpec {
+            ns: tag,
+            dir: dir.clone(),
+            data_root: dir.join("data"),
             // Containers' embedded resolver forwards what it does not know
             // to the agent's DNS on the mesh gateway (10.42.0.0/24's .1).
-            .args(["--dns", "10.42.0.1"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("dockerd starts (apt-get install docker.io)");
-        let engine = Engine {
+            dns: Some("10.42.0.1".into()),
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let socket = inner.socket.clone();
+        Engine {
+            inner,
             ns,
             dir,
             socket,
-            daemon,
-        };
-        let start = Instant::now();
-        while !engine
-            .docker(&["info", "--format", "{{.ServerVersion}}"])
-            .status
-            .success()
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "dockerd did not come up: {}",
-                fs::read_to_string(engine.dir.join("dockerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
         }
-        engine
+    }
+
+    /// The lab library's engine.
+    pub fn lab(&self) -> &lab::engine::Engine {
+        &self.inner
     }
 
     /// `docker -H <this engine> args...`
     pub fn docker(&self, args: &[&str]) -> Output {
-        Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.socket.display()))
+        self.inner
+            .docker()
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("docker client runs")
+            .raw()
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// As [`Engine::docker`], panicking with stderr on failure; stdout.
@@ -185,44 +151,29 @@ impl Engine {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// Imports the whoami image (FROM scratch: /whoami as entrypoint, and a
-    /// static busybox as /bin/sh).
+    /// Imports the whoami image (the lab's: /whoami as entrypoint, a static
+    /// busybox as /bin/sh and tools).
     pub fn import_whoami(&self) {
-        let root = self.dir.join("img");
-        fs::create_dir_all(root.join("tmp")).expect("image root");
-        fs::create_dir_all(root.join("bin")).expect("image root");
-        fs::copy(whoami_bin(), root.join("whoami")).expect("copy whoami");
-        // A shell (Docker runs health checks with /bin/sh -c) and tools:
-        // Debian's static busybox.
-        fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .expect("busybox-static is installed (cargo xtask setup)");
-        for tool in ["sh", "nslookup", "cat", "sleep", "ip", "ping"] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
-        }
+        let root = lab::image::whoami_tree(&whoami_bin(), &self.dir.join("img"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
         self.import_tree(&root, WHOAMI_IMAGE, Some("/whoami"));
+    }
+
+    /// Imports the agent image (the lab's and the README's), built from
+    /// the workspace's binaries.
+    pub fn import_agent(&self) {
+        let bin = agent_bin();
+        let dir = bin.parent().expect("bin dir");
+        let root =
+            lab::image::agent_tree(dir, &self.dir.join("img")).unwrap_or_else(|e| panic!("{e:#}"));
+        self.import_tree(&root, lab::image::AGENT_IMAGE, Some("/mesh-agent"));
     }
 
     /// Imports the directory tree `root` as `image` (FROM scratch).
     fn import_tree(&self, root: &std::path::Path, image: &str, entrypoint: Option<&str>) {
-        let tar = self
-            .dir
-            .join(format!("{}.tar", image.replace([':', '/'], "_")));
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .expect("tar");
-        assert!(ok.success(), "tar");
-        let change = entrypoint.map(|e| format!("ENTRYPOINT [\"{e}\"]"));
-        let mut args = vec!["import"];
-        if let Some(c) = &change {
-            args.extend(["--change", c.as_str()]);
-        }
-        args.extend([tar.to_str().expect("utf-8 path"), image]);
-        self.docker_ok(&args);
+        self.inner
+            .import(root, image, entrypoint)
+            .unwrap_or_else(|e| panic!("importing {image}: {e:#}"));
     }
 
     /// Runs `whoami ask PROTO TARGET` in the container named `client`
@@ -308,37 +259,33 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let ids = self.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker(&["rm", "-f", id]);
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        while self.daemon.try_wait().ok().flatten().is_none()
-            && start.elapsed() < Duration::from_secs(15)
-        {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// How an [`Agent`] runs.
+enum Run {
+    /// A process in the engine's namespace (single-host tests: kill -9,
+    /// exit codes).
+    Process {
+        args: Vec<String>,
+        ns: String,
+        child: Option<Child>,
+    },
+    /// The agent container, exactly as the lab and the README run it.
+    Container {
+        spec: lab::agent::AgentSpec,
+        docker_host: String,
+    },
 }
 
-/// A mesh-agent process in an engine's namespace, started as a user would.
+/// A mesh agent on an engine, started as a user would.
 pub struct Agent {
     pub api_socket: PathBuf,
     pub bpffs_dir: PathBuf,
     pub log: PathBuf,
-    args: Vec<String>,
-    ns: String,
-    child: Option<Child>,
+    run: Run,
 }
 
 impl Agent {
+    /// The agent as a process, with the engine's socket, private pins, state
+    /// and control socket, and `extra` flags.
     pub fn start(engine: &Engine, extra: &[&str]) -> Self {
         let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(engine.dir.file_name().expect("tag"));
         let mut args: Vec<String> = vec![
@@ -358,37 +305,83 @@ impl Agent {
             api_socket: engine.dir.join("agent.sock"),
             bpffs_dir,
             log: engine.dir.join("agent.log"),
-            args,
-            ns: engine.ns.name.clone(),
-            child: None,
+            run: Run::Process {
+                args,
+                ns: engine.ns.name.clone(),
+                child: None,
+            },
         };
         a.spawn();
         a
     }
 
+    /// The agent container on `engine` (its image imported first), with
+    /// the cluster key mounted at [`lab::agent::KEY_PATH`] when given, and
+    /// `flags`.
+    pub fn in_container(engine: &Engine, key: Option<&std::path::Path>, flags: &[String]) -> Self {
+        engine.import_agent();
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(engine.dir.file_name().expect("tag"));
+        let mut flags = flags.to_vec();
+        flags.extend(["--metrics-addr".into(), "127.0.0.1:9464".into()]);
+        let spec = lab::agent::AgentSpec {
+            bpffs_dir: bpffs_dir.display().to_string(),
+            state_dir: engine.dir.join("state"),
+            key_file: key.map(ToOwned::to_owned),
+            flags,
+        };
+        lab::agent::start(engine.lab(), &spec).unwrap_or_else(|e| panic!("{e:#}"));
+        Agent {
+            api_socket: spec.api_socket(),
+            bpffs_dir,
+            log: engine.dir.join("agent.log"),
+            run: Run::Container {
+                spec,
+                docker_host: format!("unix://{}", engine.socket.display()),
+            },
+        }
+    }
+
     fn spawn(&mut self) {
+        let Run::Process { args, ns, child } = &mut self.run else {
+            return;
+        };
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .arg(agent_bin())
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("mesh-agent starts");
-        self.child = Some(child);
+        *child = Some(
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{ns}"))
+                .arg(agent_bin())
+                .args(args.iter())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("mesh-agent starts"),
+        );
     }
 
-    /// Waits (bounded) for the agent to exit by itself.
+    /// `docker ARGS` against the agent container's engine.
+    fn docker(&self, args: &[&str]) -> Option<Output> {
+        let Run::Container { docker_host, .. } = &self.run else {
+            return None;
+        };
+        Command::new("docker")
+            .arg("-H")
+            .arg(docker_host)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+    }
+
+    /// Waits (bounded) for the agent process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if let Some(c) = self.child.as_mut()
+            if let Run::Process { child: Some(c), .. } = &mut self.run
                 && let Ok(Some(status)) = c.try_wait()
             {
                 return Some(status);
@@ -400,15 +393,35 @@ impl Agent {
 
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match &mut self.run {
+            Run::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            Run::Container { .. } => {
+                let _ = self.docker(&["kill", "-s", "KILL", lab::agent::NAME]);
+            }
         }
     }
 
+    /// A process is killed and started again; the container is restarted
+    /// the way a user would (`docker restart mesh-agent`).
     pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
+        match &self.run {
+            Run::Process { .. } => {
+                self.kill9();
+                self.spawn();
+            }
+            Run::Container { .. } => {
+                let out = self.docker(&["restart", lab::agent::NAME]);
+                assert!(
+                    out.is_some_and(|o| o.status.success()),
+                    "docker restart mesh-agent"
+                );
+            }
+        }
     }
 
     /// The agent's status, if it answers.
@@ -430,68 +443,68 @@ impl Agent {
                 start.elapsed() < timeout,
                 "agent: {what} not reached in {timeout:?}; status {:?}\nlog:\n{}",
                 self.status(),
-                fs::read_to_string(&self.log).unwrap_or_default()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        match &self.run {
+            Run::Process { .. } => fs::read_to_string(&self.log).unwrap_or_default(),
+            Run::Container { .. } => self
+                .docker(&["logs", lab::agent::NAME])
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default(),
+        }
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.kill9();
+        match &self.run {
+            Run::Process { .. } => self.kill9(),
+            Run::Container { spec, .. } => {
+                let _ = self.docker(&["rm", "-f", lab::agent::NAME]);
+                let _ = fs::remove_dir_all(&spec.state_dir);
+            }
+        }
         // Unpinning the links detaches the programs; the maps go with them.
         let _ = fs::remove_dir_all(&self.bpffs_dir);
     }
 }
 
-/// An underlay for several engines: a bridge in a namespace of its own;
-/// each engine joins with `ul0` = 192.168.91.N/24.
+/// An underlay for several engines: the lab's bridge in a namespace of its
+/// own; engine N joins with `eth0` = 192.168.91.N/24.
 pub struct Underlay {
-    pub ns: Netns,
+    inner: lab::underlay::Underlay,
 }
 
 impl Underlay {
     pub fn new() -> Self {
-        let ns = Netns::new(&unique("mul"));
-        ns.ip(&["link", "add", "br0", "type", "bridge"]);
-        ns.ip(&["link", "set", "br0", "up"]);
-        Underlay { ns }
+        let inner = lab::underlay::Underlay::new(&unique("mul"), "192.168.91")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Underlay { inner }
     }
 
     /// Connects `engine` as node `n`.
     pub fn attach(&self, engine: &Engine, n: u8) {
-        let port = format!("p{n}");
-        self.ns.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "ul0",
-            "netns",
-            &engine.ns.name,
-        ]);
-        self.ns.ip(&["link", "set", &port, "master", "br0", "up"]);
-        engine
-            .ns
-            .ip(&["addr", "add", &format!("192.168.91.{n}/24"), "dev", "ul0"]);
-        engine.ns.ip(&["link", "set", "ul0", "up"]);
+        self.inner
+            .attach(engine.lab(), n)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// Cuts node `n` off the underlay (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) {
-        self.ns.ip(&[
-            "link",
-            "set",
-            &format!("p{n}"),
-            if up { "up" } else { "down" },
-        ]);
+        self.inner
+            .set_link(n, up)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
@@ -501,13 +514,14 @@ impl Default for Underlay {
     }
 }
 
-/// Agent flags for node `name` of a cluster on an [`Underlay`].
-pub fn cluster_flags(key_file: &std::path::Path, name: &str, seeds: &[u8]) -> Vec<String> {
+/// Agent flags for node `name` of a cluster on an [`Underlay`], for the
+/// agent container (the key mounted at its usual place).
+pub fn cluster_flags(name: &str, seeds: &[u8]) -> Vec<String> {
     let mut v: Vec<String> = [
         "--cluster-key-file",
-        key_file.to_str().expect("utf-8"),
+        lab::agent::KEY_PATH,
         "--underlay-iface",
-        "ul0",
+        lab::underlay::IFACE,
         "--node-name",
         name,
     ]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::dockerlab::{Agent, Engine};
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, cluster_flags};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -544,45 +544,20 @@ fn docker_containers_resolve_service_names_with_no_extra_flags() {
     assert_eq!(nslookup(&engine, &["whoami"]), [vip], "the VIP stays");
 }
 
-/// Joins two engines' namespaces with an underlay link `ul0`,
-/// 192.168.90.1 and .2.
-fn link_underlay(a: &Engine, b: &Engine) {
-    a.ns.ip(&[
-        "link", "add", "ul0", "type", "veth", "peer", "ul0", "netns", &b.ns.name,
-    ]);
-    for (e, ip) in [(a, "192.168.90.1/24"), (b, "192.168.90.2/24")] {
-        e.ns.ip(&["addr", "add", ip, "dev", "ul0"]);
-        e.ns.ip(&["link", "set", "ul0", "up"]);
-    }
-}
-
 #[test]
 fn docker_two_nodes_share_services_over_the_overlay() {
+    let underlay = Underlay::new();
     let (e1, e2) = (Engine::start(), Engine::start());
-    link_underlay(&e1, &e2);
+    underlay.attach(&e1, 1);
+    underlay.attach(&e2, 2);
     let key = e1.dir.join("cluster.key");
     std::fs::write(
         &key,
         "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d911017c592\n",
     )
     .expect("key");
-    let key = key.to_str().expect("utf-8").to_string();
-    let cluster = |name: &'static str| {
-        vec![
-            "--cluster-key-file",
-            Box::leak(key.clone().into_boxed_str()),
-            "--underlay-iface",
-            "ul0",
-            "--node-name",
-            name,
-            "--join",
-            "192.168.90.1:7946",
-            "--join",
-            "192.168.90.2:7946",
-        ]
-    };
-    let a1 = Agent::start(&e1, &cluster("n1"));
-    let a2 = Agent::start(&e2, &cluster("n2"));
+    let a1 = Agent::in_container(&e1, Some(&key), &cluster_flags("n1", &[1, 2]));
+    let a2 = Agent::in_container(&e2, Some(&key), &cluster_flags("n2", &[1, 2]));
     let s1 = a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);
     let s2 = a2.wait_for("n2 connected", WAIT, |s| s.docker.connected);
     println!("node subnets: n1 {}, n2 {}", s1.node.subnet, s2.node.subnet);
@@ -660,7 +635,7 @@ fn docker_two_nodes_share_services_over_the_overlay() {
 
     // Node 2 is cut off: its backends leave node 1's maps within 5 s.
     let cut = std::time::Instant::now();
-    e1.ns.ip(&["link", "set", "ul0", "down"]);
+    underlay.set_link(2, false);
     a1.wait_for("n2's backends gone from n1", Duration::from_secs(10), |s| {
         !s.services
             .iter()

@@ -1,5 +1,6 @@
-//! Three Docker hosts on one underlay, each with its agent (needs root):
-//! the many-host acceptance of the overlay work. Every loop is bounded.
+//! Three Docker hosts on one underlay, each with its agent run as the
+//! container the lab and the README run (needs root): the many-host
+//! acceptance of the overlay work. Every loop is bounded.
 
 use std::time::{Duration, Instant};
 
@@ -51,9 +52,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     .expect("key");
     let agents: Vec<Agent> = (1..=3u8)
         .map(|n| {
-            let flags = cluster_flags(&key, &format!("n{n}"), &[1, 2]);
-            let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-            Agent::start(&engines[n as usize - 1], &refs)
+            let flags = cluster_flags(&format!("n{n}"), &[1, 2]);
+            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
         })
         .collect();
     for a in &agents {
@@ -278,6 +278,32 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     println!("node 1's agent restarted: node 3 saw at least {lowest} of 3 backends throughout");
     assert_eq!(lowest, 3, "no backend withdrawn by a quick restart");
 
+    // After the restart, a new replica on node 1 is reachable from the
+    // other nodes by its IP and through the VIP: the restarted agent writes
+    // the very maps its adopted programs read (every map is pinned).
+    e1.run_whoami("w4", &labels, &[]);
+    whoami(&agents[2], 4);
+    let w4 = ip_of(e1, "w4");
+    for (e, from) in [(e3, "client"), (e2, "w2")] {
+        let ping = e.docker(&["exec", from, "ping", "-c", "3", "-W", "2", &w4]);
+        assert!(
+            ping.status.success(),
+            "ping {from} -> w4 {w4} after node 1's agent restarted: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+    }
+    for proto in ["tcp", "udp"] {
+        let (names, errors) = e3.ask(proto, &format!("{w4}:80"), 20, 0);
+        assert!(
+            errors.is_empty() && names.get("w4") == Some(&20),
+            "{proto} client -> w4 after the restart: {names:?} {errors:?}"
+        );
+        let (names, errors) = e3.ask(proto, &target, 200, 0);
+        println!("{proto}: 200 requests to the VIP after node 1's restart and w4: {names:?}");
+        assert!(errors.is_empty(), "100% through the VIP: {errors:?}");
+        assert!(names.contains_key("w4"), "w4 takes its share: {names:?}");
+    }
+
     // A node with the wrong key never joins; garbage at the gossip port is
     // counted; nothing crashes.
     let e4 = Engine::start();
@@ -288,9 +314,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n",
     )
     .expect("key");
-    let flags = cluster_flags(&bad_key, "intruder", &[1]);
-    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let intruder = Agent::start(&e4, &refs);
+    let intruder = Agent::in_container(&e4, Some(&bad_key), &cluster_flags("intruder", &[1]));
     // Garbage from a host on the underlay (node 4's address).
     e4.ns.run(|| {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");

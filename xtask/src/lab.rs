@@ -1,53 +1,53 @@
 //! The lab: N nodes as network namespaces on one underlay bridge, each with
 //! its own Docker engine and a mesh agent started as a user would start it
-//! (a container with host network and PID, bpffs and the Docker socket
-//! mounted, the cluster key, --join).
-//!
-//! The agent container gets the capabilities it uses, not --privileged
-//! (which also asks for capabilities a host may not grant).
+//! (the container `mesh_lab::agent` defines: host network and PID, bpffs and
+//! the Docker socket mounted, the cluster key, --join). The same library
+//! builds the multi-host tests.
 //!
 //! Everything lives in namespaces and directories this lab creates:
-//! `meshlab-u` (the underlay bridge `lab0`, 192.168.100.0/24),
-//! `meshlab-nN` (node N: `eth0` = 192.168.100.N), `/run/meshlab/nN`,
-//! `/var/lib/meshlab/nN`, `/sys/fs/bpf/meshlab-nN`.
+//! `meshlab-u` (the underlay bridge, 192.168.100.0/24), `meshlab-nN` (node
+//! N: `eth0` = 192.168.100.N), `/run/meshlab/nN`, `/var/lib/meshlab/nN`,
+//! `/sys/fs/bpf/meshlab-nN`.
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-
-use crate::cmd::{Cmd, root};
+use mesh_lab::{
+    agent::{self, AgentSpec},
+    cmd::{Cmd, target_dir},
+    engine::{Engine, EngineSpec},
+    image::{self, AGENT_IMAGE, WHOAMI_IMAGE},
+    underlay::{self, Underlay},
+};
 
 const UNDERLAY_NS: &str = "meshlab-u";
+const PREFIX: &str = "192.168.100";
 const RUN: &str = "/run/meshlab";
 const LIB: &str = "/var/lib/meshlab";
-pub const AGENT_IMAGE: &str = "mesh-agent:lab";
-pub const WHOAMI_IMAGE: &str = "mesh-whoami:lab";
-
-pub fn node_ns(n: usize) -> String {
-    format!("meshlab-n{n}")
-}
 
 fn node_ip(n: usize) -> String {
-    format!("192.168.100.{n}")
+    format!("{PREFIX}.{n}")
 }
 
-fn run_dir(n: usize) -> PathBuf {
-    PathBuf::from(RUN).join(format!("n{n}"))
+fn spec(n: usize) -> EngineSpec {
+    EngineSpec {
+        ns: format!("meshlab-n{n}"),
+        dir: PathBuf::from(RUN).join(format!("n{n}")),
+        data_root: PathBuf::from(LIB).join(format!("n{n}")),
+        // Containers' embedded resolver forwards to the agent's DNS on the
+        // node's own address.
+        dns: Some(node_ip(n)),
+    }
 }
 
-fn socket(n: usize) -> PathBuf {
-    run_dir(n).join("docker.sock")
-}
-
-/// `docker` against node N's engine.
-pub fn docker(n: usize) -> Cmd {
-    Cmd::new("docker").args([format!("--host=unix://{}", socket(n).display())])
+/// Node N's engine, as an earlier `lab up` left it.
+fn engine(n: usize) -> Engine {
+    Engine::adopt(spec(n))
 }
 
 /// How many nodes the lab has (from its run directory).
@@ -62,55 +62,50 @@ pub fn nodes() -> Vec<usize> {
     v
 }
 
-fn ns_exists(name: &str) -> bool {
-    Path::new("/var/run/netns").join(name).exists()
-}
-
-fn engine_up(n: usize) -> bool {
-    docker(n)
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .ok()
-}
-
-fn agent_running(n: usize) -> bool {
-    docker(n)
-        .args(["inspect", "-f", "{{.State.Running}}", "mesh-agent"])
-        .output()
-        .is_ok_and(|o| o.trim() == "true")
-}
-
 /// Brings the lab up with `count` nodes; a lab already up with that many
 /// healthy nodes is left as it is; anything else (a crashed run) is torn
 /// down first.
-pub fn up(count: usize, bins: &Bins) -> Result<()> {
+pub fn up(count: usize, images: &Images) -> Result<()> {
     if !(1..=20).contains(&count) {
         bail!("--nodes must be 1 to 20");
     }
     if nodes() == (1..=count).collect::<Vec<_>>()
-        && (1..=count).all(|n| engine_up(n) && agent_running(n))
+        && (1..=count).all(|n| {
+            let e = engine(n);
+            e.up() && agent::running(&e)
+        })
     {
         println!("lab: already up with {count} nodes");
         return Ok(());
     }
     down()?;
     fs::create_dir_all(RUN)?;
-    ip(&["netns", "add", UNDERLAY_NS])?;
-    ip(&["-n", UNDERLAY_NS, "link", "set", "lo", "up"])?;
-    ip(&["-n", UNDERLAY_NS, "link", "add", "lab0", "type", "bridge"])?;
-    ip(&["-n", UNDERLAY_NS, "link", "set", "lab0", "up"])?;
-    let key = random_key()?;
-    fs::write(PathBuf::from(RUN).join("cluster.key"), format!("{key}\n"))?;
-    for n in 1..=count {
-        node(n, bins)?;
-    }
+    let underlay = Underlay::new(UNDERLAY_NS, PREFIX)?.keep();
+    let key = PathBuf::from(RUN).join("cluster.key");
+    fs::write(&key, format!("{}\n", mesh_lab::random_key()?))?;
     let join: Vec<String> = (1..=count.min(3))
         .map(|n| format!("{}:7946", node_ip(n)))
         .collect();
+    let mut engines = Vec::new();
     for n in 1..=count {
-        start_agent(n, &join)?;
+        let e = Engine::start(spec(n))
+            .with_context(|| format!("node {n}"))?
+            .keep();
+        underlay.attach(&e, n as u8)?;
+        e.import(&images.agent, AGENT_IMAGE, Some("/mesh-agent"))?;
+        e.import(&images.whoami, WHOAMI_IMAGE, Some("/whoami"))?;
+        println!(
+            "lab: node {n} up ({}, engine {})",
+            node_ip(n),
+            e.socket.display()
+        );
+        engines.push(e);
     }
-    for n in 1..=count {
-        wait_agent(n)?;
+    for (i, e) in engines.iter().enumerate() {
+        agent::start(e, &agent_spec(i + 1, &key, &join))?;
+    }
+    for (i, e) in engines.iter().enumerate() {
+        wait_agent(i + 1, e)?;
     }
     println!("\nlab: {count} nodes up. Reach them with:");
     for n in 1..=count {
@@ -124,191 +119,38 @@ pub fn up(count: usize, bins: &Bins) -> Result<()> {
     Ok(())
 }
 
-fn node(n: usize, bins: &Bins) -> Result<()> {
-    let ns = node_ns(n);
-    let dir = run_dir(n);
-    fs::create_dir_all(&dir)?;
-    let lib = PathBuf::from(LIB).join(format!("n{n}"));
-    fs::create_dir_all(&lib)?;
-    ip(&["netns", "add", &ns])?;
-    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-    let port = format!("n{n}");
-    ip(&[
-        "link",
-        "add",
-        &port,
-        "netns",
-        UNDERLAY_NS,
-        "type",
-        "veth",
-        "peer",
-        "eth0",
-        "netns",
-        &ns,
-    ])?;
-    ip(&[
-        "-n",
-        UNDERLAY_NS,
-        "link",
-        "set",
-        &port,
-        "master",
-        "lab0",
-        "up",
-    ])?;
-    ip(&[
-        "-n",
-        &ns,
-        "addr",
-        "add",
-        &format!("{}/24", node_ip(n)),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-    let log = fs::File::create(dir.join("dockerd.log"))?;
-    // nsenter, not `ip netns exec`: that remounts /sys and hides the
-    // cgroup mounts dockerd needs.
-    let child = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{ns}"))
-        .arg("dockerd")
-        .arg("--data-root")
-        .arg(&lib)
-        .arg("--exec-root")
-        .arg(dir.join("x"))
-        .arg(format!("--host=unix://{}", socket(n).display()))
-        .arg("--pidfile")
-        .arg(dir.join("docker.pid"))
-        .args([
-            "--bip",
-            "172.30.0.1/24",
-            "--cgroup-parent",
-            &ns,
-            "--log-level",
-            "warn",
-        ])
-        // Containers' embedded resolver forwards to the agent's DNS on the
-        // node's own address.
-        .args(["--dns", &node_ip(n)])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting dockerd (apt-get install docker.io)")?;
-    drop(child);
-    let start = Instant::now();
-    while !engine_up(n) {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "node {n}: dockerd did not come up; see {}",
-                dir.join("dockerd.log").display()
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    import(n, &bins.agent_root, AGENT_IMAGE, "[\"/mesh-agent\"]")?;
-    import(n, &bins.whoami_root, WHOAMI_IMAGE, "[\"/whoami\"]")?;
-    println!(
-        "lab: node {n} up ({}, engine {})",
-        node_ip(n),
-        socket(n).display()
-    );
-    Ok(())
-}
-
-fn import(n: usize, rootfs: &Path, image: &str, entrypoint: &str) -> Result<()> {
-    let tar = run_dir(n).join(format!("{}.tar", image.replace(':', "_")));
-    Cmd::new("tar")
-        .args(["-C"])
-        .args([rootfs])
-        .args(["-cf"])
-        .args([&tar])
-        .args(["."])
-        .output()?;
-    docker(n)
-        .args(["import", "--change", &format!("ENTRYPOINT {entrypoint}")])
-        .args([tar.as_os_str()])
-        .args([image])
-        .output()
-        .map(drop)
-}
-
-fn start_agent(n: usize, join: &[String]) -> Result<()> {
-    let bpffs = format!("/sys/fs/bpf/{}", node_ns(n));
-    let mut args: Vec<String> = [
-        "run",
-        "-d",
-        "--name",
-        "mesh-agent",
-        "--restart",
-        "unless-stopped",
-        "--network",
-        "host",
-        "--pid",
-        "host",
-        // Exactly what the agent uses, rather than --privileged: load and
-        // attach eBPF (SYS_ADMIN, which Docker 20.10 needs in place of BPF
-        // and PERFMON, and NET_ADMIN), read containers' /proc/PID/root
-        // (SYS_PTRACE, DAC_READ_SEARCH), raw sockets (NET_RAW).
-        "--cap-add",
-        "NET_ADMIN",
-        "--cap-add",
-        "SYS_ADMIN",
-        "--cap-add",
-        "SYS_PTRACE",
-        "--cap-add",
-        "DAC_READ_SEARCH",
-        "--cap-add",
-        "NET_RAW",
-        "--security-opt",
-        "seccomp=unconfined",
-        "--security-opt",
-        "apparmor=unconfined",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for v in [
-        format!("{}:/var/run/docker.sock", socket(n).display()),
-        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
-        format!("{RUN}/cluster.key:/etc/mesh/cluster.key:ro"),
-        format!("{}/state:/run/mesh", run_dir(n).display()),
-    ] {
-        args.push("-v".into());
-        args.push(v);
-    }
-    // In the environment, so `docker exec mesh-agent /meshctl ...` finds
-    // the same pins as the agent.
-    args.push("-e".into());
-    args.push(format!("MESH_BPFFS_DIR={bpffs}"));
-    args.push(AGENT_IMAGE.into());
-    for a in [
+fn agent_spec(n: usize, key: &Path, join: &[String]) -> AgentSpec {
+    let mut flags: Vec<String> = [
         "--underlay-iface",
-        "eth0",
+        underlay::IFACE,
         "--cluster-key-file",
-        "/etc/mesh/cluster.key",
+        agent::KEY_PATH,
         "--node-name",
         &format!("n{n}"),
         "--dns-listen",
         &format!("{}:53", node_ip(n)),
         "--metrics-addr",
         &format!("{}:9464", node_ip(n)),
-    ] {
-        args.push(a.to_string());
-    }
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     for j in join {
-        args.push("--join".into());
-        args.push(j.clone());
+        flags.push("--join".into());
+        flags.push(j.clone());
     }
-    docker(n).args(&args).output().map(drop)
+    AgentSpec {
+        bpffs_dir: format!("/sys/fs/bpf/meshlab-n{n}"),
+        state_dir: spec(n).dir.join("state"),
+        key_file: Some(key.to_owned()),
+        flags,
+    }
 }
 
-fn wait_agent(n: usize) -> Result<()> {
+fn wait_agent(n: usize, e: &Engine) -> Result<()> {
     let start = Instant::now();
     loop {
-        let st = docker(n)
-            .args(["exec", "mesh-agent", "/meshctl", "status", "--json"])
-            .output();
+        let st = agent::meshctl(e, &["status", "--json"]);
         if st
             .as_deref()
             .is_ok_and(|s| s.contains("\"connected\": true"))
@@ -316,11 +158,10 @@ fn wait_agent(n: usize) -> Result<()> {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(90) {
-            let logs = docker(n)
-                .args(["logs", "--tail", "30", "mesh-agent"])
-                .output()
-                .unwrap_or_default();
-            bail!("node {n}: the agent did not come up:\n{logs}");
+            bail!(
+                "node {n}: the agent did not come up:\n{}",
+                agent::logs(e, 30)
+            );
         }
         thread::sleep(Duration::from_millis(300));
     }
@@ -329,32 +170,16 @@ fn wait_agent(n: usize) -> Result<()> {
 /// Removes everything the lab made; fine to run when nothing is there.
 pub fn down() -> Result<()> {
     for n in nodes() {
-        if engine_up(n) {
-            let ids = docker(n).args(["ps", "-aq"]).output().unwrap_or_default();
-            for id in ids.split_whitespace() {
-                let _ = docker(n).args(["rm", "-f", id]).ok();
-            }
-        }
-        if let Ok(pid) = fs::read_to_string(run_dir(n).join("docker.pid"))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-        {
-            // SAFETY: signalling the dockerd this lab started.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let start = Instant::now();
-            while Path::new(&format!("/proc/{pid}")).exists()
-                && start.elapsed() < Duration::from_secs(20)
-            {
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/{}", node_ns(n)));
+        engine(n).stop();
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/meshlab-n{n}"));
     }
     for n in 1..=20 {
-        if ns_exists(&node_ns(n)) {
-            let _ = Cmd::new("ip").args(["netns", "del", &node_ns(n)]).ok();
+        let ns = format!("meshlab-n{n}");
+        if Path::new("/var/run/netns").join(&ns).exists() {
+            let _ = Cmd::new("ip").args(["netns", "del", &ns]).ok();
         }
     }
-    if ns_exists(UNDERLAY_NS) {
+    if Path::new("/var/run/netns").join(UNDERLAY_NS).exists() {
         let _ = Cmd::new("ip").args(["netns", "del", UNDERLAY_NS]).ok();
     }
     let _ = fs::remove_dir_all(RUN);
@@ -368,17 +193,18 @@ pub fn exec(node: &str, cmd: &[String]) -> Result<()> {
         .trim_start_matches('n')
         .parse()
         .with_context(|| format!("{node:?} is not a node (n1, n2, ...)"))?;
-    if !ns_exists(&node_ns(n)) {
+    let e = engine(n);
+    if !Path::new("/var/run/netns").join(&e.spec.ns).exists() {
         bail!("node {node} does not exist: cargo xtask lab up");
     }
     let Some((program, rest)) = cmd.split_first() else {
         bail!("nothing to run: lab exec n1 -- CMD")
     };
     Cmd::new("nsenter")
-        .args([format!("--net=/var/run/netns/{}", node_ns(n))])
+        .args([format!("--net=/var/run/netns/{}", e.spec.ns)])
         .args(["--", program])
         .args(rest)
-        .env("DOCKER_HOST", format!("unix://{}", socket(n).display()))
+        .env("DOCKER_HOST", format!("unix://{}", e.socket.display()))
         .run()
 }
 
@@ -390,13 +216,14 @@ pub fn status() -> Result<()> {
     }
     for n in ns {
         println!("== node n{n} ({})", node_ip(n));
-        if !engine_up(n) {
+        let e = engine(n);
+        if !e.up() {
             println!("engine: DOWN");
             continue;
         }
         println!(
             "{}",
-            docker(n)
+            e.docker()
                 .args([
                     "ps",
                     "--format",
@@ -405,10 +232,7 @@ pub fn status() -> Result<()> {
                 .output()
                 .unwrap_or_default()
         );
-        match docker(n)
-            .args(["exec", "mesh-agent", "/meshctl", "status"])
-            .output()
-        {
+        match agent::meshctl(&e, &["status"]) {
             Ok(s) => println!("{s}"),
             Err(e) => println!("agent: not answering ({e})"),
         }
@@ -416,76 +240,33 @@ pub fn status() -> Result<()> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    Cmd::new("ip").args(args).output().map(drop)
+/// The image trees the lab imports.
+pub struct Images {
+    pub agent: PathBuf,
+    pub whoami: PathBuf,
 }
 
-fn random_key() -> Result<String> {
-    let mut f = fs::File::open("/dev/urandom")?;
-    let mut k = [0u8; 32];
-    std::io::Read::read_exact(&mut f, &mut k)?;
-    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Root filesystems of the lab images.
-pub struct Bins {
-    pub agent_root: PathBuf,
-    pub whoami_root: PathBuf,
-}
-
-/// Builds the agent (with meshctl) and the whoami image trees: binaries
-/// plus the shared libraries they load (`ldd`), and busybox for a shell.
-pub fn build(whoami: &Path) -> Result<Bins> {
-    crate::cmd::cargo(&["build", "-q", "-p", "mesh-agent", "--bins"])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let images = target.join("lab-images");
-    let _ = fs::remove_dir_all(&images);
-    let agent_root = images.join("agent");
-    for bin in ["mesh-agent", "meshctl"] {
-        copy_with_libs(&target.join("debug").join(bin), &agent_root, bin)?;
-    }
-    fs::create_dir_all(agent_root.join("run/mesh"))?;
-    fs::create_dir_all(agent_root.join("etc"))?;
-    fs::create_dir_all(agent_root.join("tmp"))?;
-    let whoami_root = images.join("whoami");
-    fs::create_dir_all(whoami_root.join("bin"))?;
-    fs::create_dir_all(whoami_root.join("tmp"))?;
-    fs::copy(whoami, whoami_root.join("whoami"))?;
-    fs::copy("/bin/busybox", whoami_root.join("bin/busybox"))
-        .context("busybox-static (cargo xtask setup)")?;
-    for tool in [
-        "sh", "nslookup", "cat", "sleep", "ping", "wget", "md5sum", "head", "dd", "nc",
-    ] {
-        std::os::unix::fs::symlink("busybox", whoami_root.join("bin").join(tool))?;
-    }
-    Ok(Bins {
-        agent_root,
-        whoami_root,
+/// Builds the agent (with meshctl) and the whoami image trees.
+pub fn build(whoami: &Path) -> Result<Images> {
+    mesh_lab::cmd::cargo(&["build", "-q", "-p", "mesh-agent", "--bins"])?;
+    let target = target_dir();
+    let out = target.join("lab-images");
+    Ok(Images {
+        agent: image::agent_tree(&target.join("debug"), &out)?,
+        whoami: image::whoami_tree(whoami, &out)?,
     })
 }
 
-fn copy_with_libs(bin: &Path, root: &Path, name: &str) -> Result<()> {
-    fs::create_dir_all(root)?;
-    fs::copy(bin, root.join(name)).with_context(|| format!("copying {}", bin.display()))?;
-    let out = Cmd::new("ldd").args([bin.as_os_str()]).output()?;
-    for lib in out
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-    {
-        let dst = root.join(lib.trim_start_matches('/'));
-        fs::create_dir_all(dst.parent().context("lib path")?)?;
-        fs::copy(lib, &dst).with_context(|| format!("copying {lib}"))?;
-    }
-    Ok(())
+/// `docker` against node N's engine.
+fn docker(n: usize) -> Cmd {
+    engine(n).docker()
 }
 
 /// The demo: three nodes, whoami scaled 1 -> 2 -> 3 over nodes 1 and 2, a
 /// client on node 3 (no whoami there), requests rotating over the replicas,
 /// and what meshctl shows on each node. Leaves the lab up.
-pub fn demo(bins: &Bins) -> Result<()> {
-    up(3, bins)?;
+pub fn demo(images: &Images) -> Result<()> {
+    up(3, images)?;
     println!("\n== whoami replicas on nodes 1 and 2; a client on node 3");
     for (n, name) in [(1, "whoami-1"), (2, "whoami-2"), (1, "whoami-3")] {
         let _ = docker(n).args(["rm", "-f", name]).ok();

@@ -6,12 +6,12 @@
 //! lint   rustfmt and clippy
 //! lab    the demo (`lab demo`)
 
-mod cmd;
 mod lab;
 mod setup;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use mesh_lab::cmd::{self, target_dir};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "mesh project chores")]
@@ -114,10 +114,10 @@ fn run(cli: Cli) -> Result<()> {
                 _ => {}
             }
             setup::run()?;
-            let bins = lab::build(&build_whoami()?)?;
+            let images = lab::build(&build_whoami()?)?;
             match cmd {
-                LabCmd::Up { nodes } => lab::up(nodes, &bins),
-                _ => lab::demo(&bins),
+                LabCmd::Up { nodes } => lab::up(nodes, &images),
+                _ => lab::demo(&images),
             }
         }
     }
@@ -127,12 +127,6 @@ fn lint() -> Result<()> {
     cmd::cargo(&["fmt", "--all", "--", "--check"])?;
     // Default members only: mesh-ebpf cannot build for the host target.
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
-}
-
-fn target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| cmd::root().join("target"))
 }
 
 /// The static whoami test binary (runs in FROM scratch images).

@@ -6,7 +6,7 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cmd::Cmd;
+use mesh_lab::cmd::Cmd;
 
 /// Debian packages, and why.
 const APT: &[(&str, &str)] = &[

@@ -1,9 +1,10 @@
-//! Running commands, loudly.
+//! Running commands: echoed (`run`) or quiet (`output`, `ok`), failing
+//! with the command line, its status and its stderr.
 
 use std::{
     ffi::OsStr,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -63,6 +64,14 @@ impl Cmd {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+    /// Runs quietly and returns everything, whatever the exit status.
+    pub fn raw(mut self) -> Result<Output> {
+        let what = self.describe();
+        self.0
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("starting `{what}`"))
+    }
     /// Runs quietly; whether it succeeded.
     pub fn ok(mut self) -> bool {
         self.0
@@ -83,7 +92,20 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 /// The workspace root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .map(PathBuf::from)
         .unwrap_or_default()
+}
+
+/// The cargo target directory (CARGO_TARGET_DIR or `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// `ip ARGS`, quietly.
+pub fn ip(args: &[&str]) -> Result<()> {
+    Cmd::new("ip").args(args).output().map(drop)
 }

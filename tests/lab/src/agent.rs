@@ -1,0 +1,136 @@
+//! The agent as a container: the one definition of how it runs on a Docker
+//! host (the README's `docker run`, the lab's nodes, the multi-host tests).
+//!
+//! Host network and PID namespaces; exactly the capabilities it uses rather
+//! than --privileged (which also asks for capabilities a host may not
+//! grant): SYS_ADMIN (load and attach eBPF; Docker 20.10 knows no BPF or
+//! PERFMON), NET_ADMIN, SYS_PTRACE and DAC_READ_SEARCH (containers'
+//! /proc/PID/root), NET_RAW. bpffs and the Docker socket are mounted, the
+//! state dir persists at /run/mesh (VIPs, subnet claim, control socket), the
+//! cluster key is read-only.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::{engine::Engine, image::AGENT_IMAGE};
+
+/// The container's name.
+pub const NAME: &str = "mesh-agent";
+/// Where the cluster key is mounted inside.
+pub const KEY_PATH: &str = "/etc/mesh/cluster.key";
+
+/// One agent container.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    /// Its bpffs directory (set as MESH_BPFFS_DIR, so `docker exec
+    /// mesh-agent /meshctl ...` reads the same pins).
+    pub bpffs_dir: String,
+    /// Host directory mounted at /run/mesh (state and control socket).
+    pub state_dir: PathBuf,
+    /// Host file mounted read-only at [`KEY_PATH`].
+    pub key_file: Option<PathBuf>,
+    /// The agent's own flags.
+    pub flags: Vec<String>,
+}
+
+impl AgentSpec {
+    /// The control socket, as seen from the host.
+    pub fn api_socket(&self) -> PathBuf {
+        self.state_dir.join("agent.sock")
+    }
+}
+
+/// `docker run` arguments for the agent on `engine`.
+pub fn run_args(engine: &Engine, spec: &AgentSpec) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "-d",
+        "--name",
+        NAME,
+        "--restart",
+        "unless-stopped",
+        "--network",
+        "host",
+        "--pid",
+        "host",
+        "--cap-add",
+        "NET_ADMIN",
+        "--cap-add",
+        "SYS_ADMIN",
+        "--cap-add",
+        "SYS_PTRACE",
+        "--cap-add",
+        "DAC_READ_SEARCH",
+        "--cap-add",
+        "NET_RAW",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut volumes = vec![
+        format!("{}:/var/run/docker.sock", engine.socket.display()),
+        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        format!("{}:/run/mesh", spec.state_dir.display()),
+    ];
+    if let Some(k) = &spec.key_file {
+        volumes.push(format!("{}:{KEY_PATH}:ro", k.display()));
+    }
+    for v in volumes {
+        args.push("-v".into());
+        args.push(v);
+    }
+    args.push("-e".into());
+    args.push(format!("MESH_BPFFS_DIR={}", spec.bpffs_dir));
+    args.push(AGENT_IMAGE.into());
+    args.extend(spec.flags.iter().cloned());
+    args
+}
+
+/// Starts the agent container on `engine`.
+pub fn start(engine: &Engine, spec: &AgentSpec) -> Result<()> {
+    std::fs::create_dir_all(&spec.state_dir)?;
+    engine
+        .docker()
+        .args(run_args(engine, spec))
+        .output()
+        .map(drop)
+}
+
+/// Whether the agent container runs.
+pub fn running(engine: &Engine) -> bool {
+    engine
+        .docker()
+        .args(["inspect", "-f", "{{.State.Running}}", NAME])
+        .output()
+        .is_ok_and(|o| o.trim() == "true")
+}
+
+/// `meshctl ARGS` inside the agent container.
+pub fn meshctl(engine: &Engine, args: &[&str]) -> Result<String> {
+    engine
+        .docker()
+        .args(["exec", NAME, "/meshctl"])
+        .args(args)
+        .output()
+}
+
+/// The agent's last log lines.
+pub fn logs(engine: &Engine, tail: usize) -> String {
+    engine
+        .docker()
+        .args(["logs", "--tail", &tail.to_string(), NAME])
+        .raw()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default()
+}
