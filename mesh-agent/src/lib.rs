@@ -1,10 +1,12 @@
 //! mesh agent library: the data plane loader and map access, shared by the
 //! `mesh-agent` daemon, `meshctl` and the tests.
 
-pub mod agent;
 pub mod api;
+pub mod cluster;
 pub mod ctl;
+pub mod daemon;
 pub mod dataplane;
+pub mod desired;
 pub mod dns;
 pub mod docker;
 pub mod gossip;

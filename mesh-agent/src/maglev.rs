@@ -92,14 +92,7 @@ pub fn build_ids(backends: &[(u32, Identity)]) -> Vec<u32> {
         .collect()
 }
 
-/// SplitMix64's finalizer: a stable hash (std's hashers may change between
-/// Rust releases, and every node must agree).
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use mesh_common::hash::mix64;
 
 #[cfg(test)]
 mod tests {

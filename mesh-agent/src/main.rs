@@ -10,9 +10,9 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_agent::{
-    DEFAULT_BPFFS_DIR,
-    agent::{Agent, Cluster, Settings, Shared},
-    api,
+    DEFAULT_BPFFS_DIR, api,
+    cluster::{self, Cluster, JoinConfig},
+    daemon::{Daemon, Settings, Shared},
     dataplane::{self, lb::LbMaps, progs},
     iface,
     logging::{self, LogFormat},
@@ -187,6 +187,9 @@ async fn run(args: Args) -> Result<()> {
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.node.subnet = node_subnet.to_string();
         sh.gossip = cluster.as_ref().map(|c| c.stats.clone());
+        if let Some(c) = &cluster {
+            sh.status.node.name = c.node_id.clone();
+        }
     }
 
     let domain = args.dns_domain.trim_matches('.').to_ascii_lowercase();
@@ -222,11 +225,10 @@ async fn run(args: Args) -> Result<()> {
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
         dns,
-        cluster,
     };
-    let mut agent = Agent::new(settings, ebpf, lb, overlay, shared)?;
+    let mut daemon = Daemon::new(settings, cluster, ebpf, lb, overlay, shared)?;
     tokio::select! {
-        r = agent.run() => r,
+        r = daemon.run() => r,
         r = shutdown() => {
             // Maps and links stay pinned: traffic keeps flowing until the
             // next agent adopts them.
@@ -239,172 +241,33 @@ async fn run(args: Args) -> Result<()> {
 /// Alone: the given subnet or 10.42.0.0/24. In a cluster: start gossip and
 /// claim a /24 (kept across restarts in the state dir).
 async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
-    use mesh_agent::gossip::{self, GossipConfig, peers, subnet, transport};
     let Some(key_file) = &args.cluster_key_file else {
-        let s = args.node_subnet.unwrap_or_else(|| Cidr {
+        let s = args.node_subnet.unwrap_or(Cidr {
             base: std::net::Ipv4Addr::new(10, 42, 0, 0),
             prefix: 24,
         });
         return Ok((s, None));
     };
-    let iface_name = args
+    let underlay_iface = args
         .underlay_iface
-        .as_deref()
+        .clone()
         .context("a cluster (--cluster-key-file) needs --underlay-iface: the overlay runs on it")?;
-    let bytes =
-        std::fs::read(key_file).with_context(|| format!("reading {}", key_file.display()))?;
-    let key = transport::ClusterKey::from_file_bytes(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
-    let ip = args
-        .advertise_addr
-        .or_else(|| iface::ipv4(iface_name))
-        .with_context(|| format!("{iface_name} has no IPv4 address: pass --advertise-addr"))?;
-    let mac = iface::mac(iface_name).with_context(|| format!("reading the MAC of {iface_name}"))?;
-    // VXLAN adds 50 bytes: the mesh network's MTU must leave room for them.
-    let underlay_mtu =
-        iface::mtu(iface_name).with_context(|| format!("reading the MTU of {iface_name}"))?;
-    let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
-    if args.mtu + overhead > underlay_mtu {
-        anyhow::bail!(
-            "--mtu {} plus the {overhead}-byte VXLAN header exceeds {iface_name}'s MTU {underlay_mtu}: use --mtu {} or less",
-            args.mtu,
-            underlay_mtu.saturating_sub(overhead)
-        );
-    }
-    let node_id = args.node_name.clone().unwrap_or_else(hostname);
-    let dead_after = std::time::Duration::from_secs_f64(args.dead_after.clamp(1.0, 600.0));
-    let interval = GossipConfig::interval_for(dead_after);
-    let cfg = GossipConfig {
-        node_id: node_id.clone(),
-        listen: args.gossip_listen,
-        advertise: SocketAddr::new(ip.into(), args.gossip_listen.port()),
-        seeds: args.join.clone(),
-        key,
-        cluster_id: "mesh".into(),
-        interval,
-        dead_after,
-    };
-    let mac_text = mesh_common::mac::Mac(mac).to_string();
-    let kvs = vec![
-        (peers::KEY_UNDERLAY.to_string(), ip.to_string()),
-        (peers::KEY_MAC.to_string(), mac_text),
-    ];
-    let stats = Arc::new(transport::GossipStats::default());
-    let handle = gossip::start(cfg, kvs, stats.clone()).await?;
-    info!(node = %node_id, %ip, seeds = ?args.join, "gossiping");
-
-    let claim_file = args.state_dir.join("subnet");
-    let previous = std::fs::read_to_string(&claim_file)
-        .ok()
-        .and_then(|v| subnet::decode(&node_id, v.trim()));
-    let mut mine = match args.node_subnet {
-        Some(s) => Some(subnet::Claim {
-            node: node_id.clone(),
-            index: subnet::index_of(args.cluster_cidr, s).with_context(|| {
-                format!(
-                    "--node-subnet {s} is not a /24 of --cluster-cidr {}",
-                    args.cluster_cidr
-                )
-            })?,
-            since_ms: 0,
-        }),
-        None => previous,
-    };
-    // Claim, then let the claim stand unchallenged for a while: nodes that
-    // start at the same instant see each other's claims and settle apart.
-    // A claim this node already held (a restart, or --node-subnet) only
-    // needs checking against the peers; a new one must stand a while.
-    let settled_before = mine.is_some();
-    let settle = if settled_before {
-        interval * 2
-    } else {
-        (interval * 8).max(std::time::Duration::from_secs(2))
-    };
-    let mut published: Option<subnet::Claim> = None;
-    let mut stable_since = std::time::Instant::now();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let me = node_id.clone();
-        let peers: Vec<subnet::Claim> = handle
-            .with_chitchat(|c| {
-                c.live_nodes()
-                    .filter(|id| *id.node_id != *me)
-                    .filter_map(|id| {
-                        c.node_state(id)
-                            .and_then(|s| s.get(peers::KEY_SUBNET))
-                            .and_then(|v| subnet::decode(&id.node_id, v))
-                    })
-                    .collect()
-            })
-            .await;
-        let pick = subnet::choose(args.cluster_cidr, &node_id, mine.as_ref(), &peers)
-            .with_context(|| format!("no free /24 left in {}", args.cluster_cidr))?;
-        if mine.as_ref().map(|m| m.index) != Some(pick) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            mine = Some(subnet::Claim {
-                node: node_id.clone(),
-                index: pick,
-                since_ms: now,
-            });
-        }
-        if published != mine {
-            let value = mine.as_ref().map(subnet::encode).unwrap_or_default();
-            handle
-                .with_chitchat(|c| c.self_node_state().set(peers::KEY_SUBNET, &value))
-                .await;
-            published = mine.clone();
-            stable_since = std::time::Instant::now();
-        }
-        if stable_since.elapsed() >= settle {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "could not settle a subnet claim in 2 minutes"
-        );
-        tokio::time::sleep(interval).await;
-    }
-    let claim = mine.context("no claim")?;
-    std::fs::create_dir_all(&args.state_dir).ok();
-    let _ = std::fs::write(&claim_file, subnet::encode(&claim));
-    let node_subnet = subnet::subnet(args.cluster_cidr, claim.index);
-    let ifindex = iface::index(iface_name)?;
-    let local = mesh_common::tunnel::LocalNode {
-        subnet_be: u32::from(node_subnet.base).to_be(),
-        cluster_be: u32::from(args.cluster_cidr.base).to_be(),
-        cluster_mask_be: (u32::MAX << (32 - args.cluster_cidr.prefix)).to_be(),
-        underlay_ip_be: u32::from(ip).to_be(),
-        underlay_ifindex: ifindex,
-        vni: args.vni,
-        underlay_mac: mac,
-        enabled: 1,
-        ..Default::default()
-    };
-    let live = handle.chitchat().lock().await.live_nodes_watcher();
-    let cluster = Cluster {
-        node_id,
-        handle: Arc::new(handle),
-        live,
-        local,
+    let cfg = JoinConfig {
+        key_file: key_file.clone(),
+        underlay_iface,
+        advertise_addr: args.advertise_addr,
+        node_name: args.node_name.clone(),
+        gossip_listen: args.gossip_listen,
+        join: args.join.clone(),
+        dead_after: std::time::Duration::from_secs_f64(args.dead_after.clamp(1.0, 600.0)),
+        mtu: args.mtu,
+        node_subnet: args.node_subnet,
         cluster_cidr: args.cluster_cidr,
-        stats,
+        vni: args.vni,
+        state_dir: args.state_dir.clone(),
     };
-    Ok((node_subnet, Some(cluster)))
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    if r == 0 && end > 0 {
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "mesh-node".into()
-    }
+    let (subnet, cluster) = cluster::join(&cfg).await?;
+    Ok((subnet, Some(cluster)))
 }
 
 fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path) -> Result<()> {

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::{agent::Shared, dataplane::stats};
+use crate::{daemon::Shared, dataplane::stats};
 
 pub async fn serve(
     addr: SocketAddr,

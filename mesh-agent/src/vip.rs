@@ -66,17 +66,9 @@ impl Cidr {
     }
 }
 
-/// FNV-1a over the name, finished with SplitMix64: stable forever.
+/// A stable hash of the name, the same on every node forever.
 fn hash(name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    mesh_common::hash::name(name.as_bytes())
 }
 
 /// Assigns a VIP to every service in `services` (name -> age key, smaller

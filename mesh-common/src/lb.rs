@@ -5,6 +5,8 @@
 //! holds the ring size M (a prime) and slots 1..=M hold backend ids. The
 //! kernel picks `ring[1 + flow_hash % M]`: one hash, one array lookup.
 
+use crate::hash::mix64;
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -83,15 +85,6 @@ pub fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: 
     let a = mix64(((src_be as u64) << 32) | dst_be as u64);
     let b = mix64(((sport_be as u64) << 32) | ((dport_be as u64) << 8) | proto as u64);
     mix64(a ^ b.rotate_left(17)) as u32
-}
-
-/// The 64-bit finalizer of SplitMix64.
-#[inline(always)]
-const fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod hash;
 pub mod lb;
 pub mod mac;
 pub mod maps;

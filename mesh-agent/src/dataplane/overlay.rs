@@ -1,7 +1,9 @@
 //! The overlay maps: this node's settings and the other nodes.
 
+use std::collections::BTreeMap;
+
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{Array, HashMap, MapData, MapError},
 };
 use mesh_common::{
@@ -10,6 +12,7 @@ use mesh_common::{
 };
 
 use super::lb::MapsError;
+use crate::reconcile::table::KeyedWriter;
 
 pub struct OverlayMaps {
     pub local: Array<MapData, LocalNode>,
@@ -47,29 +50,39 @@ impl OverlayMaps {
 
     /// Another node, by its /24 (`subnet_be`: network order, host bits 0).
     pub fn set_node(&mut self, subnet_be: u32, n: &Node) -> Result<(), MapsError> {
-        self.nodes
-            .insert(subnet_be, n, 0)
-            .map_err(err(maps::NODES.name))
-    }
-
-    pub fn remove_node(&mut self, subnet_be: u32) -> Result<(), MapsError> {
-        match self.nodes.remove(&subnet_be) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(maps::NODES.name)(e)),
-        }
+        KeyedWriter::set(&mut self.nodes, &subnet_be, n).map_err(err(maps::NODES.name))
     }
 
     /// A container on this node (by address, network order).
     pub fn set_local_ep(&mut self, ip_be: u32, ep: &LocalEndpoint) -> Result<(), MapsError> {
-        self.local_eps
-            .insert(ip_be, ep, 0)
-            .map_err(err(maps::LOCAL_EPS.name))
+        KeyedWriter::set(&mut self.local_eps, &ip_be, ep).map_err(err(maps::LOCAL_EPS.name))
     }
 
-    pub fn remove_local_ep(&mut self, ip_be: u32) -> Result<(), MapsError> {
-        match self.local_eps.remove(&ip_be) {
+    /// The node table as the kernel has it (a restarted agent starts here).
+    pub fn read_nodes(&self) -> Result<BTreeMap<u32, Node>, MapsError> {
+        read_all(&self.nodes).map_err(err(maps::NODES.name))
+    }
+
+    /// The local endpoints as the kernel has them.
+    pub fn read_local_eps(&self) -> Result<BTreeMap<u32, LocalEndpoint>, MapsError> {
+        read_all(&self.local_eps).map_err(err(maps::LOCAL_EPS.name))
+    }
+}
+
+fn read_all<K: Pod + Ord, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<BTreeMap<K, V>, MapError> {
+    m.iter().collect()
+}
+
+/// Agent-written hash maps are keyed tables for the generic reconciler.
+impl<K: Pod + Ord, V: Pod> KeyedWriter<K, V> for HashMap<MapData, K, V> {
+    type Error = MapError;
+    fn set(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+    fn remove(&mut self, key: &K) -> Result<(), MapError> {
+        match HashMap::remove(self, key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(maps::LOCAL_EPS.name)(e)),
+            Err(e) => Err(e),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Cluster membership by gossip (chitchat: versioned per-node key-values,
 //! phi-accrual failure detection), sealed with the cluster key.
 
+pub mod membership;
 pub mod peers;
 pub mod subnet;
 pub mod transport;

@@ -48,12 +48,7 @@ pub fn index_of(cluster: Cidr, s: Cidr) -> Option<u32> {
 }
 
 fn preferred(node: &str, n: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    1 + (h % n as u64) as u32
+    1 + (mesh_common::hash::fnv1a(node.as_bytes()) % n as u64) as u32
 }
 
 /// Whether `a` beats `b` for the same /24.

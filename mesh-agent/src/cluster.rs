@@ -1,0 +1,202 @@
+//! Joining a cluster: start the sealed gossip, settle this node's /24
+//! claim, and describe this node for the overlay. What follows (peers,
+//! endpoints) goes through [`Membership`].
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use mesh_common::{mac::Mac, tunnel::LocalNode};
+use tracing::info;
+
+use crate::{
+    gossip::{
+        self, GossipConfig,
+        membership::{self, Membership},
+        peers, subnet,
+        transport::{ClusterKey, GossipStats},
+    },
+    iface,
+    vip::Cidr,
+};
+
+/// How this node joins (from the agent's flags).
+pub struct JoinConfig {
+    pub key_file: PathBuf,
+    pub underlay_iface: String,
+    pub advertise_addr: Option<Ipv4Addr>,
+    pub node_name: Option<String>,
+    pub gossip_listen: SocketAddr,
+    pub join: Vec<String>,
+    pub dead_after: Duration,
+    /// The mesh network's MTU (checked against the underlay's).
+    pub mtu: u32,
+    /// A /24 given on the command line instead of a claimed one.
+    pub node_subnet: Option<Cidr>,
+    pub cluster_cidr: Cidr,
+    pub vni: u32,
+    pub state_dir: PathBuf,
+}
+
+/// This node in a cluster.
+pub struct Cluster {
+    pub node_id: String,
+    pub membership: Box<dyn Membership>,
+    /// This node's overlay settings, written to the kernel at start.
+    pub local: LocalNode,
+    pub cluster_cidr: Cidr,
+    pub stats: Arc<GossipStats>,
+}
+
+/// Starts gossip and settles a /24; returns it with the cluster.
+pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
+    let iface_name = cfg.underlay_iface.as_str();
+    let bytes = std::fs::read(&cfg.key_file)
+        .with_context(|| format!("reading {}", cfg.key_file.display()))?;
+    let key = ClusterKey::from_file_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.key_file.display()))?;
+    let ip = cfg
+        .advertise_addr
+        .or_else(|| iface::ipv4(iface_name))
+        .with_context(|| format!("{iface_name} has no IPv4 address: pass --advertise-addr"))?;
+    let mac = iface::mac(iface_name).with_context(|| format!("reading the MAC of {iface_name}"))?;
+    // VXLAN adds 50 bytes: the mesh network's MTU must leave room for them.
+    let underlay_mtu =
+        iface::mtu(iface_name).with_context(|| format!("reading the MTU of {iface_name}"))?;
+    let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
+    if cfg.mtu + overhead > underlay_mtu {
+        anyhow::bail!(
+            "--mtu {} plus the {overhead}-byte VXLAN header exceeds {iface_name}'s MTU {underlay_mtu}: use --mtu {} or less",
+            cfg.mtu,
+            underlay_mtu.saturating_sub(overhead)
+        );
+    }
+    let node_id = cfg.node_name.clone().unwrap_or_else(hostname);
+    let interval = GossipConfig::interval_for(cfg.dead_after);
+    let gossip_cfg = GossipConfig {
+        node_id: node_id.clone(),
+        listen: cfg.gossip_listen,
+        advertise: SocketAddr::new(ip.into(), cfg.gossip_listen.port()),
+        seeds: cfg.join.clone(),
+        key,
+        cluster_id: "mesh".into(),
+        interval,
+        dead_after: cfg.dead_after,
+    };
+    let kvs = vec![
+        (peers::KEY_UNDERLAY.to_string(), ip.to_string()),
+        (peers::KEY_MAC.to_string(), Mac(mac).to_string()),
+    ];
+    let stats = Arc::new(GossipStats::default());
+    let handle = gossip::start(gossip_cfg, kvs, stats.clone()).await?;
+    info!(node = %node_id, %ip, seeds = ?cfg.join, "gossiping");
+    let membership = membership::Chitchat::new(node_id.clone(), handle).await;
+
+    let claim_file = cfg.state_dir.join("subnet");
+    let previous = std::fs::read_to_string(&claim_file)
+        .ok()
+        .and_then(|v| subnet::decode(&node_id, v.trim()));
+    let mine = match cfg.node_subnet {
+        Some(s) => Some(subnet::Claim {
+            node: node_id.clone(),
+            index: subnet::index_of(cfg.cluster_cidr, s).with_context(|| {
+                format!(
+                    "--node-subnet {s} is not a /24 of --cluster-cidr {}",
+                    cfg.cluster_cidr
+                )
+            })?,
+            since_ms: 0,
+        }),
+        None => previous,
+    };
+    let claim = settle_claim(&membership, &node_id, cfg.cluster_cidr, mine, interval).await?;
+    std::fs::create_dir_all(&cfg.state_dir).ok();
+    let _ = std::fs::write(&claim_file, subnet::encode(&claim));
+    let node_subnet = subnet::subnet(cfg.cluster_cidr, claim.index);
+    let local = LocalNode {
+        subnet_be: u32::from(node_subnet.base).to_be(),
+        cluster_be: u32::from(cfg.cluster_cidr.base).to_be(),
+        cluster_mask_be: (u32::MAX << (32 - cfg.cluster_cidr.prefix)).to_be(),
+        underlay_ip_be: u32::from(ip).to_be(),
+        underlay_ifindex: iface::index(iface_name)?,
+        vni: cfg.vni,
+        underlay_mac: mac,
+        enabled: 1,
+        ..Default::default()
+    };
+    let cluster = Cluster {
+        node_id,
+        membership: Box::new(membership),
+        local,
+        cluster_cidr: cfg.cluster_cidr,
+        stats,
+    };
+    Ok((node_subnet, cluster))
+}
+
+/// Claims a /24, then lets the claim stand unchallenged for a while: nodes
+/// that start at the same instant see each other's claims and settle
+/// apart. A claim this node already held (a restart, or --node-subnet)
+/// only needs checking against the peers; a new one must stand longer.
+async fn settle_claim(
+    m: &dyn Membership,
+    node_id: &str,
+    cluster: Cidr,
+    mut mine: Option<subnet::Claim>,
+    interval: Duration,
+) -> Result<subnet::Claim> {
+    let settle = if mine.is_some() {
+        interval * 2
+    } else {
+        (interval * 8).max(Duration::from_secs(2))
+    };
+    let mut published: Option<subnet::Claim> = None;
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let claims: Vec<subnet::Claim> = m.peers().into_values().filter_map(|p| p.subnet).collect();
+        let pick = subnet::choose(cluster, node_id, mine.as_ref(), &claims)
+            .with_context(|| format!("no free /24 left in {cluster}"))?;
+        if mine.as_ref().map(|c| c.index) != Some(pick) {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            mine = Some(subnet::Claim {
+                node: node_id.to_owned(),
+                index: pick,
+                since_ms: now,
+            });
+        }
+        if published != mine {
+            let value = mine.as_ref().map(subnet::encode).unwrap_or_default();
+            m.set(peers::KEY_SUBNET, &value).await;
+            published = mine.clone();
+            stable_since = Instant::now();
+        }
+        if stable_since.elapsed() >= settle {
+            return mine.context("no claim");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "could not settle a subnet claim in 2 minutes"
+        );
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if r == 0 && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "mesh-node".into()
+    }
+}

@@ -1,0 +1,100 @@
+//! Docker events to what the daemon knows about containers.
+
+use std::collections::HashMap;
+
+use bollard::{
+    Docker,
+    models::{EventMessage, EventMessageTypeEnum},
+    system::EventsOptions,
+};
+use tracing::{debug, warn};
+
+use super::Daemon;
+use crate::docker;
+
+/// Container and `mesh` network events since `since` (seconds).
+pub(super) fn options(since: u64) -> EventsOptions<String> {
+    EventsOptions::<String> {
+        since: Some(since.to_string()),
+        until: None,
+        filters: HashMap::from([(
+            "type".to_string(),
+            vec!["container".to_string(), "network".to_string()],
+        )]),
+    }
+}
+
+impl Daemon {
+    /// Updates what we know from one event; whether it may change anything.
+    pub(super) async fn on_event(&mut self, d: &Docker, ev: EventMessage) -> bool {
+        let action = ev.action.clone().unwrap_or_default();
+        let attrs = ev
+            .actor
+            .as_ref()
+            .and_then(|a| a.attributes.clone())
+            .unwrap_or_default();
+        let id = match ev.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => {
+                let relevant = matches!(
+                    action.as_str(),
+                    "start" | "restart" | "die" | "kill" | "stop" | "destroy" | "pause" | "unpause"
+                ) || action.starts_with("health_status");
+                if !relevant {
+                    return false;
+                }
+                ev.actor.and_then(|a| a.id)
+            }
+            Some(EventMessageTypeEnum::NETWORK) => {
+                if attrs.get("name").map(String::as_str) != Some(docker::NETWORK) {
+                    return false;
+                }
+                attrs.get("container").cloned()
+            }
+            _ => None,
+        };
+        let Some(id) = id else { return false };
+        debug!(%action, container = %id, "docker event");
+        let changed = self.apply_event(d, &action, id).await;
+        if changed && let Some(t) = ev.time_nano {
+            self.pending_events.push(t);
+        }
+        changed
+    }
+
+    async fn apply_event(&mut self, d: &Docker, action: &str, id: String) -> bool {
+        let v = &mut self.docker;
+        match action {
+            // `docker stop` sends a signal first: drain at once. The event
+            // says all we need; an inspect now would wait for the stop.
+            "kill" | "stop" | "pause" => {
+                if !v.containers.contains_key(&id) {
+                    return false;
+                }
+                return v.draining.insert(id);
+            }
+            "die" | "destroy" => {
+                v.draining.remove(&id);
+                v.veths.remove(&id);
+                return v.containers.remove(&id).is_some();
+            }
+            "start" | "restart" | "unpause" => {
+                v.draining.remove(&id);
+                v.veths.remove(&id);
+            }
+            _ => {}
+        }
+        match docker::inspect(d, &id).await {
+            Ok(Some(c)) if c.running && c.mesh.is_some() => {
+                self.docker.containers.insert(id, c);
+            }
+            Ok(_) => {
+                let v = &mut self.docker;
+                v.containers.remove(&id);
+                v.draining.remove(&id);
+                v.veths.remove(&id);
+            }
+            Err(e) => warn!(container = %id, error = %e, "inspect failed; keeping what we knew"),
+        }
+        true
+    }
+}

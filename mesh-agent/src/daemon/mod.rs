@@ -1,0 +1,244 @@
+//! The daemon: owns the tasks around the pure core ([`crate::desired`]).
+//!
+//! One task owns the data plane, the Docker connection and membership: it
+//! lists the mesh containers at start, then follows Docker's events and
+//! membership changes; after every batch it runs one pass (`pass.rs`):
+//! desired state, minimal map writes, DNS zone, gossip, status. Periodic
+//! jobs (the retry of a failed pass; room for a conntrack sweep) run on
+//! the same loop. DNS, the control socket and /metrics are tasks of their
+//! own that read what this one shares.
+
+mod events;
+mod pass;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aya::Ebpf;
+use mesh_common::tunnel::{LocalEndpoint, Node};
+use tracing::{info, warn};
+
+use crate::{
+    cluster::Cluster,
+    dataplane::{lb::LbMaps, overlay::OverlayMaps},
+    dns::{DnsConfig, DnsStats, Zone},
+    docker::{self, Container},
+    gossip::transport::GossipStats,
+    reconcile::Actual,
+    status::{Samples, Status},
+    veth::Attachments,
+    vip::Cidr,
+};
+
+/// Settings the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub docker_socket: PathBuf,
+    pub node_subnet: Cidr,
+    pub vip_cidr: Cidr,
+    pub bridge: String,
+    pub mtu: u32,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// DNS: where to listen (None: the mesh gateway address, port 53) and
+    /// how to answer; None disables the server.
+    pub dns: Option<(Option<SocketAddr>, DnsConfig)>,
+}
+
+/// State shared with the control socket and /metrics.
+#[derive(Default)]
+pub struct Shared {
+    pub status: Status,
+    pub latency: Samples,
+    pub reconcile_seconds: Samples,
+    /// Service id -> (name, VIP:port/proto), for /metrics labels.
+    pub service_names: BTreeMap<u32, (String, String)>,
+    pub dns: Option<Arc<DnsStats>>,
+    pub gossip: Option<Arc<GossipStats>>,
+}
+
+/// What Docker told us: the inputs of the desired state that come from it.
+#[derive(Default)]
+struct DockerView {
+    containers: BTreeMap<String, Container>,
+    /// Containers being stopped: no new flows, existing ones continue.
+    draining: BTreeSet<String>,
+    /// Host-side veth per container id, or why it was not found.
+    veths: BTreeMap<String, Result<u32, String>>,
+}
+
+/// What was successfully written, per table (the reconcilers' "actual").
+#[derive(Default)]
+struct Written {
+    lb: Actual,
+    nodes: BTreeMap<u32, Node>,
+    local_eps: BTreeMap<u32, LocalEndpoint>,
+    /// Our endpoints as last published in gossip.
+    published: String,
+}
+
+pub struct Daemon {
+    settings: Settings,
+    cluster: Option<Cluster>,
+    ebpf: Ebpf,
+    lb: LbMaps,
+    overlay: OverlayMaps,
+    attachments: Attachments,
+    docker: DockerView,
+    written: Written,
+    vips: BTreeMap<String, Ipv4Addr>,
+    shared: Arc<Mutex<Shared>>,
+    /// What DNS answers; replaced by every pass.
+    zone: Arc<std::sync::RwLock<Zone>>,
+    dns_started: bool,
+    /// Event times (ns since the epoch) waiting for their map writes.
+    pending_events: Vec<i64>,
+    /// A pass left something unwritten: the retry tick runs another.
+    retry: bool,
+}
+
+impl Daemon {
+    pub fn new(
+        settings: Settings,
+        cluster: Option<Cluster>,
+        ebpf: Ebpf,
+        lb: LbMaps,
+        overlay: OverlayMaps,
+        shared: Arc<Mutex<Shared>>,
+    ) -> anyhow::Result<Self> {
+        let actual = lb.read_actual()?;
+        if !actual.services.is_empty() {
+            info!(
+                services = actual.services.len(),
+                backends = actual.backends.len(),
+                "adopted the maps left by an earlier run"
+            );
+        }
+        let written = Written {
+            lb: actual,
+            nodes: overlay.read_nodes()?,
+            local_eps: overlay.read_local_eps()?,
+            published: String::new(),
+        };
+        let attachments = Attachments::new(&settings.bpffs_dir)?;
+        let vips = pass::load_vips(&settings.state_dir);
+        Ok(Daemon {
+            settings,
+            cluster,
+            ebpf,
+            lb,
+            overlay,
+            attachments,
+            docker: DockerView::default(),
+            written,
+            vips,
+            shared,
+            zone: Arc::default(),
+            dns_started: false,
+            pending_events: Vec::new(),
+            retry: false,
+        })
+    }
+
+    /// Runs until the process is told to stop. Never returns an error for
+    /// Docker trouble: it waits for Docker and carries on.
+    pub async fn run(&mut self) -> anyhow::Result<()> {
+        loop {
+            let d = docker::connect(&self.settings.docker_socket).await;
+            if let Err(e) = docker::ensure_network(
+                &d,
+                self.settings.node_subnet,
+                &self.settings.bridge,
+                self.settings.mtu,
+            )
+            .await
+            {
+                if matches!(e, docker::DockerError::Conflict { .. }) {
+                    return Err(e.into());
+                }
+                warn!(error = %e, "could not set up the mesh network; retrying");
+                self.set_docker(false);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Connected, with the mesh network in place.
+            self.start_dns();
+            if let Some(c) = &self.cluster {
+                self.overlay.set_local(&c.local)?;
+            }
+            self.set_docker(true);
+            // Follow events from before the listing, so nothing falls between.
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            match docker::list_mesh(&d).await {
+                Ok(list) => {
+                    let v = &mut self.docker;
+                    v.containers = list.into_iter().map(|c| (c.id.clone(), c)).collect();
+                    v.draining.retain(|id| v.containers.contains_key(id));
+                    info!(
+                        containers = v.containers.len(),
+                        "listed the mesh containers"
+                    );
+                    self.pass();
+                }
+                Err(e) => {
+                    warn!(error = %e, "listing containers failed; reconnecting");
+                    self.set_docker(false);
+                    continue;
+                }
+            }
+            self.follow(&d, since).await;
+            self.set_docker(false);
+            warn!("lost the Docker event stream; reconnecting");
+        }
+    }
+
+    /// The loop: Docker events, membership changes, periodic jobs.
+    async fn follow(&mut self, d: &bollard::Docker, since: u64) {
+        use futures_util::StreamExt;
+        let mut events = d.events(Some(events::options(since)));
+        let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut watching = self.cluster.is_some();
+        loop {
+            tokio::select! {
+                alive = membership_changed(&mut self.cluster), if watching => {
+                    watching = alive;
+                    self.pass();
+                }
+                ev = events.next() => {
+                    let Some(Ok(ev)) = ev else { return };
+                    let mut changed = self.on_event(d, ev).await;
+                    // Take whatever else is already queued before the pass.
+                    while let Some(Some(Ok(ev))) = futures_util::FutureExt::now_or_never(events.next()) {
+                        changed |= self.on_event(d, ev).await;
+                    }
+                    if changed {
+                        self.pass();
+                    }
+                }
+                _ = retry_tick.tick(), if self.retry => self.pass(),
+            }
+        }
+    }
+
+    fn set_docker(&self, connected: bool) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.status.docker.connected = connected;
+    }
+}
+
+/// Resolves when membership changed (`false` once it stopped); never
+/// without a cluster.
+async fn membership_changed(cluster: &mut Option<Cluster>) -> bool {
+    match cluster {
+        Some(c) => c.membership.changed().await,
+        None => std::future::pending().await,
+    }
+}

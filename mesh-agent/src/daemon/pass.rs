@@ -1,0 +1,240 @@
+//! One pass: gather the inputs, compute the desired state (pure), write
+//! what differs from what was written, and publish status.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tracing::{debug, error, info, warn};
+
+use super::Daemon;
+use crate::{
+    desired::{self, Inputs, State},
+    gossip::peers::{self, Peer},
+    reconcile::{self, table},
+    veth,
+};
+
+impl Daemon {
+    /// One reconcile pass.
+    pub(super) fn pass(&mut self) {
+        let start = Instant::now();
+        self.resolve_veths();
+        let peers: BTreeMap<String, Peer> = self
+            .cluster
+            .as_ref()
+            .map(|c| c.membership.peers())
+            .unwrap_or_default();
+        let st = desired::compute(&Inputs {
+            containers: &self.docker.containers,
+            draining: &self.docker.draining,
+            veths: &self.docker.veths,
+            peers: &peers,
+            vips: &self.vips,
+            vip_cidr: self.settings.vip_cidr,
+        });
+        if st.vips != self.vips {
+            self.vips = st.vips.clone();
+            save_vips(&self.settings.state_dir, &self.vips);
+        }
+        *self.zone.write().unwrap_or_else(|p| p.into_inner()) = st.zone.clone();
+        for &ifindex in &st.veths {
+            if let Err(e) = self.attachments.ensure(&mut self.ebpf, ifindex) {
+                warn!(ifindex, error = %e, "could not attach the TC programs");
+            }
+        }
+        self.attachments.sweep(&st.veths);
+        let mut failed = Vec::new();
+        failed.extend(self.write_tables(&st, &peers));
+        self.publish(&st);
+        let plan = reconcile::plan(&st.lb, &self.written.lb);
+        let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
+        if let Err(e) = &result {
+            failed.push(e.to_string());
+        }
+        self.retry = !failed.is_empty();
+        self.report(&st, &peers, plan.writes(), &failed, start);
+    }
+
+    /// Finds the host-side veth of containers that have none yet.
+    fn resolve_veths(&mut self) {
+        let v = &mut self.docker;
+        for c in v.containers.values() {
+            let Some((_, mac)) = c.mesh else { continue };
+            if matches!(v.veths.get(&c.id), Some(Ok(_))) {
+                continue;
+            }
+            let found = veth::host_ifindex(c.pid, mac).map_err(|e| e.to_string());
+            v.veths.insert(c.id.clone(), found);
+        }
+        v.veths.retain(|id, _| v.containers.contains_key(id));
+    }
+
+    /// The node table and the local endpoints, through the keyed diff.
+    fn write_tables(&mut self, st: &State, peers: &BTreeMap<String, Peer>) -> Vec<String> {
+        let mut failed = Vec::new();
+        if let Some(c) = &self.cluster {
+            let (want, conflicts) =
+                desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);
+            for name in conflicts {
+                warn!(node = %name, "a peer claims our subnet; ignoring it");
+            }
+            let ops = table::plan(&want, &self.written.nodes);
+            for op in &ops {
+                match op {
+                    table::Op::Set(k, n) => {
+                        info!(subnet = %Ipv4Addr::from(u32::from_be(*k)), underlay = %Ipv4Addr::from(u32::from_be(n.underlay_ip_be)), "node joined")
+                    }
+                    table::Op::Remove(k) => {
+                        info!(subnet = %Ipv4Addr::from(u32::from_be(*k)), "node left")
+                    }
+                }
+            }
+            let errors = table::apply(&ops, &mut self.overlay.nodes, &mut self.written.nodes);
+            failed.extend(errors.iter().map(|e| format!("node table: {e}")));
+        }
+        let ops = table::plan(&st.local_eps, &self.written.local_eps);
+        let errors = table::apply(
+            &ops,
+            &mut self.overlay.local_eps,
+            &mut self.written.local_eps,
+        );
+        failed.extend(errors.iter().map(|e| format!("local endpoints: {e}")));
+        failed
+    }
+
+    /// Publishes this node's endpoints in gossip when they changed.
+    fn publish(&mut self, st: &State) {
+        let Some(c) = &self.cluster else { return };
+        let json = serde_json::to_string(&st.endpoints).unwrap_or_default();
+        if json == self.written.published {
+            return;
+        }
+        if c.membership.try_set(peers::KEY_ENDPOINTS, &json) {
+            self.written.published = json;
+        } else {
+            // Busy gossiping: the retry tick tries again.
+            self.retry = true;
+        }
+    }
+
+    /// Status, metrics labels, logs.
+    fn report(
+        &mut self,
+        st: &State,
+        peers: &BTreeMap<String, Peer>,
+        writes: usize,
+        failed: &[String],
+        start: Instant,
+    ) {
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.reconcile_seconds.add(elapsed);
+        let r = &mut sh.status.reconcile;
+        r.passes += 1;
+        r.last_ms = elapsed * 1e3;
+        if failed.is_empty() {
+            r.writes += writes as u64;
+            r.last_error = None;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            for t in self.pending_events.drain(..) {
+                sh.latency.add((now - t).max(0) as f64 / 1e6);
+            }
+            if writes > 0 {
+                info!(writes, ms = format!("{:.2}", elapsed * 1e3), "reconciled");
+            }
+        } else {
+            let e = failed.join("; ");
+            error!(error = %e, "reconcile failed; retrying in 1 s");
+            r.last_error = Some(e);
+        }
+        for s in &st.skipped {
+            if !sh.status.skipped.contains(s) {
+                warn!(container = %s.container, error = %s.error, "container skipped");
+            } else {
+                debug!(container = %s.container, error = %s.error, "container skipped");
+            }
+        }
+        sh.status.services = st.services.clone();
+        sh.status.skipped = st.skipped.clone();
+        sh.status.docker.containers = self.docker.containers.len();
+        sh.status.event_to_map_ms = sh.latency.summary();
+        if let Some(c) = &self.cluster {
+            sh.status.node.name = c.node_id.clone();
+            sh.status.node.peers = peers.keys().cloned().collect();
+        }
+        sh.service_names = self
+            .written
+            .lb
+            .services
+            .iter()
+            .map(|(addr, id)| {
+                let name = self
+                    .vips
+                    .iter()
+                    .find(|(_, v)| **v == addr.vip)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default();
+                (*id, (name, addr.to_string()))
+            })
+            .collect();
+    }
+
+    /// Starts the DNS server once the mesh network (and so the gateway
+    /// address) exists.
+    pub(super) fn start_dns(&mut self) {
+        let Some((listen, cfg)) = self.settings.dns.clone() else {
+            return;
+        };
+        if self.dns_started {
+            return;
+        }
+        let gateway = Ipv4Addr::from(u32::from(self.settings.node_subnet.base) + 1);
+        let addr = listen.unwrap_or_else(|| std::net::SocketAddr::from((gateway, 53)));
+        let stats = Arc::new(crate::dns::DnsStats::default());
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).dns = Some(stats.clone());
+        let handler = Arc::new(crate::dns::Handler::new(
+            self.zone.clone(),
+            cfg.clone(),
+            stats,
+        ));
+        info!(%addr, domain = %cfg.domain, upstreams = ?cfg.upstreams, "DNS serving");
+        tokio::spawn(async move {
+            if let Err(e) = crate::dns::serve(addr, handler).await {
+                error!(%addr, error = %e, "DNS server stopped");
+            }
+        });
+        self.dns_started = true;
+    }
+}
+
+fn vips_file(dir: &Path) -> PathBuf {
+    dir.join("vips.json")
+}
+
+/// VIPs assigned by an earlier run (so a restart never moves one).
+pub(super) fn load_vips(dir: &Path) -> BTreeMap<String, Ipv4Addr> {
+    std::fs::read_to_string(vips_file(dir))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save_vips(dir: &Path, vips: &BTreeMap<String, Ipv4Addr>) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("vips.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(vips)?)?;
+        std::fs::rename(tmp, vips_file(dir))
+    };
+    if let Err(e) = write() {
+        warn!(dir = %dir.display(), error = %e, "could not save the VIP assignments");
+    }
+}

@@ -1,0 +1,441 @@
+//! The agent's core, with no I/O: what Docker runs here, what the peers
+//! publish and the VIPs assigned so far -> everything this node should
+//! have: the load-balancing maps, the local endpoints, the node table, the
+//! DNS zone, the endpoints to publish and the status rows.
+//!
+//! The daemon gathers the inputs (Docker, gossip, /proc for veths) and
+//! writes the outputs (kernel maps, gossip, DNS, status); everything in
+//! between is here and unit-tested without a kernel or Docker.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use mesh_common::{
+    lb::backend_state,
+    tunnel::{LocalEndpoint, Node},
+};
+
+use crate::{
+    dns::Zone,
+    docker::{Container, Health},
+    gossip::{peers::Endpoint, peers::Peer, subnet},
+    labels,
+    reconcile::{Desired, DesiredBackend, SvcAddr},
+    status::{ServiceStatus, Skipped},
+    vip::{self, Cidr},
+};
+
+/// What the desired state is computed from.
+pub struct Inputs<'a> {
+    /// Running containers on the mesh network, by id.
+    pub containers: &'a BTreeMap<String, Container>,
+    /// Containers being stopped: no new flows, existing ones go on.
+    pub draining: &'a BTreeSet<String>,
+    /// Each container's host-side veth, or why it could not be found.
+    pub veths: &'a BTreeMap<String, Result<u32, String>>,
+    /// Live peers, from gossip.
+    pub peers: &'a BTreeMap<String, Peer>,
+    /// VIPs assigned so far: an assigned VIP never moves.
+    pub vips: &'a BTreeMap<String, Ipv4Addr>,
+    pub vip_cidr: Cidr,
+}
+
+/// Everything this node should have.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Services and their backends (local and remote).
+    pub lb: Desired,
+    /// This node's containers by address (network order): where
+    /// decapsulated traffic goes.
+    pub local_eps: BTreeMap<u32, LocalEndpoint>,
+    /// Host-side veths that get the TC programs.
+    pub veths: BTreeSet<u32>,
+    pub zone: Zone,
+    /// This node's backends, as published in gossip.
+    pub endpoints: Vec<Endpoint>,
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub services: Vec<ServiceStatus>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// A backend anywhere, and where it lives if it is here.
+struct Member {
+    ep: Endpoint,
+    /// Local: (veth, MAC, container name).
+    local: Option<(u32, [u8; 6], String)>,
+}
+
+pub fn compute(i: &Inputs) -> State {
+    let mut st = State::default();
+    let mut members = Vec::new();
+    // Services with containers that are not backends yet (health).
+    let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
+    for c in i.containers.values() {
+        let Some((ip, mac)) = c.mesh else { continue };
+        let ifindex = match i.veths.get(&c.id) {
+            Some(Ok(ifindex)) => *ifindex,
+            Some(Err(e)) => {
+                st.skipped.push(skip(c, format!("its veth: {e}")));
+                continue;
+            }
+            None => continue,
+        };
+        st.veths.insert(ifindex);
+        st.local_eps.insert(
+            u32::from(ip).to_be(),
+            LocalEndpoint {
+                ifindex,
+                mac,
+                ..Default::default()
+            },
+        );
+        let svc = match labels::parse(&c.labels) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                st.skipped.push(skip(c, e.to_string()));
+                continue;
+            }
+        };
+        let state = if i.draining.contains(&c.id) {
+            backend_state::DRAINING
+        } else if matches!(c.health, Health::None | Health::Healthy) {
+            backend_state::ACTIVE
+        } else {
+            *waiting.entry(svc.service.clone()).or_default() += 1;
+            continue;
+        };
+        let ep = Endpoint {
+            service: svc.service.clone(),
+            created: c.created.clone(),
+            ip,
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| (p.vip_port, p.container_port, p.proto))
+                .collect(),
+            state,
+        };
+        st.endpoints.push(ep.clone());
+        members.push(Member {
+            ep,
+            local: Some((ifindex, mac, c.name.clone())),
+        });
+    }
+    for p in i.peers.values() {
+        members.extend(p.endpoints.iter().map(|ep| Member {
+            ep: ep.clone(),
+            local: None,
+        }));
+    }
+
+    // VIPs: services claim in order of age (their oldest container
+    // anywhere); assigned ones stay.
+    let mut ages: BTreeMap<String, String> = BTreeMap::new();
+    for m in &members {
+        let age = ages
+            .entry(m.ep.service.clone())
+            .or_insert_with(|| m.ep.created.clone());
+        if m.ep.created < *age {
+            *age = m.ep.created.clone();
+        }
+    }
+    for name in waiting.keys() {
+        ages.entry(name.clone()).or_insert_with(|| "9999".into());
+    }
+    st.vips = vip::assign(i.vip_cidr, &ages, i.vips);
+
+    let mut rows: BTreeMap<String, ServiceStatus> = BTreeMap::new();
+    for m in &members {
+        let e = &m.ep;
+        let Some(vip) = st.vips.get(&e.service).copied() else {
+            if let Some((_, _, name)) = &m.local {
+                st.skipped.push(Skipped {
+                    container: name.clone(),
+                    error: format!("no free VIP in {}", i.vip_cidr),
+                });
+            }
+            continue;
+        };
+        let row = rows
+            .entry(e.service.clone())
+            .or_insert_with(|| ServiceStatus {
+                name: e.service.clone(),
+                vip: vip.to_string(),
+                ..ServiceStatus::default()
+            });
+        let zone = st.zone.entry(e.service.clone()).or_default();
+        zone.vip = Some(vip);
+        if e.state == backend_state::ACTIVE {
+            row.active += 1;
+            zone.tasks.push(e.ip);
+        } else {
+            row.draining += 1;
+        }
+        let (ifindex, mac) = m.local.as_ref().map_or((0, [0; 6]), |(i, m, _)| (*i, *m));
+        for &(vip_port, container_port, proto) in &e.ports {
+            if !zone.ports.contains(&(vip_port, proto)) {
+                zone.ports.push((vip_port, proto));
+            }
+            let port = format!("{vip_port}/{proto} -> {container_port}");
+            if !row.ports.contains(&port) {
+                row.ports.push(port);
+            }
+            let addr = SvcAddr {
+                vip,
+                port: vip_port,
+                proto: proto.number(),
+            };
+            st.lb.entry(addr).or_default().insert(
+                (e.ip, container_port),
+                DesiredBackend {
+                    state: e.state,
+                    ifindex,
+                    mac,
+                },
+            );
+        }
+    }
+    for (name, n) in waiting {
+        let vip = st.vips.get(&name).copied();
+        st.zone.entry(name.clone()).or_default().vip = vip;
+        rows.entry(name.clone())
+            .or_insert_with(|| ServiceStatus {
+                name,
+                vip: vip.map(|v| v.to_string()).unwrap_or_default(),
+                ..ServiceStatus::default()
+            })
+            .waiting += n;
+    }
+    for z in st.zone.values_mut() {
+        z.tasks.sort();
+        z.ports.sort();
+    }
+    st.services = rows.into_values().collect();
+    st
+}
+
+fn skip(c: &Container, error: String) -> Skipped {
+    Skipped {
+        container: c.name.clone(),
+        error,
+    }
+}
+
+/// The node table: every live peer with an address, a MAC and a claim, by
+/// its /24 (network order). A peer claiming this node's own /24 is left
+/// out and named in the second value.
+pub fn nodes(
+    peers: &BTreeMap<String, Peer>,
+    cluster: Cidr,
+    own: Cidr,
+) -> (BTreeMap<u32, Node>, Vec<String>) {
+    let mut table = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for (name, p) in peers {
+        let (Some(ip), Some(mac), Some(claim)) = (p.underlay, p.mac, &p.subnet) else {
+            continue;
+        };
+        let s = subnet::subnet(cluster, claim.index);
+        if s.base == own.base {
+            conflicts.push(name.clone());
+            continue;
+        }
+        table.insert(
+            u32::from(s.base).to_be(),
+            Node {
+                underlay_ip_be: u32::from(ip).to_be(),
+                mac,
+                ..Default::default()
+            },
+        );
+    }
+    (table, conflicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::labels::Proto;
+
+    const CIDR: Cidr = Cidr {
+        base: Ipv4Addr::new(10, 43, 0, 0),
+        prefix: 16,
+    };
+
+    fn container(id: &str, last: u8, labels: &[(&str, &str)], health: Health) -> Container {
+        Container {
+            id: id.into(),
+            name: format!("c-{id}"),
+            created: format!("2026-01-01T00:00:0{last}Z"),
+            running: true,
+            pid: 100 + last as u32,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+            mesh: Some((Ipv4Addr::new(10, 42, 1, last), [2, 0, 0, 0, 0, last])),
+            health,
+        }
+    }
+
+    const WEB: [(&str, &str); 2] = [("mesh.service", "web"), ("mesh.port", "80:8080/tcp")];
+
+    struct World {
+        containers: BTreeMap<String, Container>,
+        draining: BTreeSet<String>,
+        veths: BTreeMap<String, Result<u32, String>>,
+        peers: BTreeMap<String, Peer>,
+        vips: BTreeMap<String, Ipv4Addr>,
+    }
+
+    impl World {
+        fn new(cs: Vec<Container>) -> Self {
+            let veths = cs
+                .iter()
+                .map(|c| (c.id.clone(), Ok(c.pid + 1000)))
+                .collect();
+            World {
+                containers: cs.into_iter().map(|c| (c.id.clone(), c)).collect(),
+                draining: BTreeSet::new(),
+                veths,
+                peers: BTreeMap::new(),
+                vips: BTreeMap::new(),
+            }
+        }
+        fn compute(&self) -> State {
+            compute(&Inputs {
+                containers: &self.containers,
+                draining: &self.draining,
+                veths: &self.veths,
+                peers: &self.peers,
+                vips: &self.vips,
+                vip_cidr: CIDR,
+            })
+        }
+    }
+
+    #[test]
+    fn local_and_remote_backends_share_one_service() {
+        let mut w = World::new(vec![
+            container("a", 2, &WEB, Health::None),
+            container("b", 3, &[], Health::None),
+        ]);
+        w.peers.insert(
+            "n2".into(),
+            Peer {
+                endpoints: vec![Endpoint {
+                    service: "web".into(),
+                    created: "2026-01-01T00:00:01Z".into(),
+                    ip: Ipv4Addr::new(10, 42, 2, 7),
+                    ports: vec![(80, 8080, Proto::Tcp)],
+                    state: backend_state::ACTIVE,
+                }],
+                ..Peer::default()
+            },
+        );
+        let st = w.compute();
+        let vip = st.vips["web"];
+        assert!(CIDR.contains(vip));
+        let backends = &st.lb[&SvcAddr {
+            vip,
+            port: 80,
+            proto: 6,
+        }];
+        assert_eq!(backends.len(), 2);
+        let local = backends[&(Ipv4Addr::new(10, 42, 1, 2), 8080)];
+        assert_eq!((local.ifindex, local.state), (1102, backend_state::ACTIVE));
+        let remote = backends[&(Ipv4Addr::new(10, 42, 2, 7), 8080)];
+        assert_eq!(
+            remote.ifindex, 0,
+            "a remote backend goes through the tunnel"
+        );
+        // Every local container is an endpoint and gets the programs; only
+        // the labelled one is published.
+        assert_eq!(st.local_eps.len(), 2);
+        assert_eq!(st.veths, [1102, 1103].into());
+        assert_eq!(st.endpoints.len(), 1);
+        assert_eq!(st.zone["web"].tasks.len(), 2);
+        assert_eq!(st.zone["web"].ports, vec![(80, Proto::Tcp)]);
+        assert_eq!(
+            (st.services[0].active, st.services[0].ports.clone()),
+            (2, vec!["80/tcp -> 8080".to_string()])
+        );
+        // The same inputs, the same state (VIPs included).
+        w.vips = st.vips.clone();
+        assert_eq!(w.compute(), st);
+    }
+
+    #[test]
+    fn draining_unhealthy_bad_labels_and_missing_veths() {
+        let mut w = World::new(vec![
+            container("a", 2, &WEB, Health::None),
+            container("b", 3, &WEB, Health::Starting),
+            container("c", 4, &[("mesh.service", "Bad Name")], Health::None),
+            container("d", 5, &WEB, Health::Healthy),
+            container("e", 6, &WEB, Health::None),
+        ]);
+        w.draining.insert("d".into());
+        w.veths.insert("e".into(), Err("gone".into()));
+        let st = w.compute();
+        let row = &st.services[0];
+        assert_eq!(
+            (row.active, row.draining, row.waiting),
+            (1, 1, 1),
+            "{row:?}"
+        );
+        let skipped: Vec<&str> = st.skipped.iter().map(|s| s.container.as_str()).collect();
+        assert_eq!(skipped, ["c-c", "c-e"]);
+        assert!(st.skipped[1].error.contains("its veth: gone"));
+        assert_eq!(st.zone["web"].tasks, [Ipv4Addr::new(10, 42, 1, 2)]);
+        let backends = st.lb.values().next().expect("one service");
+        assert_eq!(
+            backends.len(),
+            2,
+            "active and draining; not the waiting one"
+        );
+    }
+
+    #[test]
+    fn node_table_skips_incomplete_peers_and_our_own_subnet() {
+        let cluster = Cidr {
+            base: Ipv4Addr::new(10, 42, 0, 0),
+            prefix: 16,
+        };
+        let own = subnet::subnet(cluster, 1);
+        let peer = |index: u32| Peer {
+            underlay: Some(Ipv4Addr::new(192, 168, 1, index as u8)),
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            subnet: Some(subnet::Claim {
+                node: "x".into(),
+                index,
+                since_ms: 0,
+            }),
+            endpoints: Vec::new(),
+        };
+        let peers: BTreeMap<String, Peer> = [
+            ("n2".to_string(), peer(2)),
+            ("thief".to_string(), peer(1)),
+            (
+                "half".to_string(),
+                Peer {
+                    mac: None,
+                    ..peer(3)
+                },
+            ),
+        ]
+        .into();
+        let (table, conflicts) = nodes(&peers, cluster, own);
+        assert_eq!(conflicts, ["thief"]);
+        assert_eq!(table.len(), 1);
+        let n2 = table[&u32::from(Ipv4Addr::new(10, 42, 2, 0)).to_be()];
+        assert_eq!(
+            n2.underlay_ip_be,
+            u32::from(Ipv4Addr::new(192, 168, 1, 2)).to_be()
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! Cluster membership as the daemon sees it: the live peers (decoded),
+//! this node's own keys, and a signal when something changed. Behind a
+//! trait, so the daemon and the subnet claim do not drive chitchat
+//! directly (and a test can stand in for it).
+
+use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
+
+use chitchat::{ChitchatHandle, ChitchatId, NodeState};
+use tokio::sync::watch;
+
+use super::peers::{self, Peer};
+
+/// What a node knows of its cluster.
+pub trait Membership: Send {
+    /// The live peers (this node left out), decoded.
+    fn peers(&self) -> BTreeMap<String, Peer>;
+    /// Sets one of this node's keys now if the gossip state is free;
+    /// `false` when it is busy (try again on the next tick).
+    fn try_set(&self, key: &str, value: &str) -> bool;
+    /// Sets one of this node's keys, waiting for the gossip state.
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+    /// Resolves when the live set or a peer's keys changed; `false` once
+    /// membership has stopped.
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+/// chitchat, sealed with the cluster key ([`super::start`]).
+pub struct Chitchat {
+    pub node_id: String,
+    pub handle: Arc<ChitchatHandle>,
+    live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+}
+
+impl Chitchat {
+    pub async fn new(node_id: String, handle: ChitchatHandle) -> Self {
+        let live = handle.chitchat().lock().await.live_nodes_watcher();
+        Chitchat {
+            node_id,
+            handle: Arc::new(handle),
+            live,
+        }
+    }
+}
+
+impl Membership for Chitchat {
+    fn peers(&self) -> BTreeMap<String, Peer> {
+        peers::from_states(&self.node_id, &self.live.borrow())
+    }
+
+    fn try_set(&self, key: &str, value: &str) -> bool {
+        let chitchat = self.handle.chitchat();
+        let Ok(mut g) = chitchat.try_lock() else {
+            return false;
+        };
+        g.self_node_state().set(key, value);
+        true
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            self.handle
+                .with_chitchat(|c| c.self_node_state().set(key, value))
+                .await;
+        })
+    }
+
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move { self.live.changed().await.is_ok() })
+    }
+}

@@ -1,0 +1,301 @@
+//! The reconciler: desired state (what Docker and the cluster say should
+//! be balanced) against actual state (what was successfully written to the
+//! kernel) gives the minimal map writes, applied in an order the data plane
+//! can never observe half-done.
+//!
+//! `actual` only ever records writes that succeeded, so a failed write
+//! leaves no phantom state: the next pass computes what is still missing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use mesh_common::lb::{Backend, Service, ServiceKey, backend_state};
+
+use crate::maglev::{self, Identity};
+
+pub mod fake;
+pub mod table;
+#[cfg(test)]
+mod tests;
+
+pub use fake::{FakeLb, FaultyLb, Injected};
+
+/// A service address: VIP, port, protocol number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcAddr {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl std::fmt::Display for SvcAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = if self.proto == mesh_common::lb::PROTO_UDP {
+            "udp"
+        } else {
+            "tcp"
+        };
+        write!(f, "{}:{}/{proto}", self.vip, self.port)
+    }
+}
+
+impl SvcAddr {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip_be: u32::from(self.vip).to_be(),
+            port_be: self.port.to_be(),
+            proto: self.proto,
+            ..ServiceKey::default()
+        }
+    }
+
+    pub fn from_key(k: &ServiceKey) -> Self {
+        SvcAddr {
+            vip: Ipv4Addr::from(u32::from_be(k.vip_be)),
+            port: u16::from_be(k.port_be),
+            proto: k.proto,
+        }
+    }
+}
+
+/// One backend as it should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    /// `backend_state::ACTIVE` or `DRAINING`.
+    pub state: u8,
+    /// Host-side veth of a local backend; 0 for the stack to route.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// Every service with its backends, keyed by backend (IP, port).
+pub type Desired = BTreeMap<SvcAddr, BTreeMap<(Ipv4Addr, u16), DesiredBackend>>;
+
+/// What the kernel has, as far as this agent knows: only successful writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Actual {
+    pub services: BTreeMap<SvcAddr, u32>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rings: BTreeMap<u32, Vec<u32>>,
+}
+
+/// The writes of one pass, in the order they are applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// 1. Services that went away (no new flows reach their ids).
+    pub remove_services: Vec<SvcAddr>,
+    /// 2. New and changed backends (before any ring names them).
+    pub set_backends: Vec<(u32, Backend)>,
+    /// 3. Changed rings, in one batch (after their backends exist).
+    pub set_rings: Vec<(u32, Vec<u32>)>,
+    /// 4. New services (after their ring exists).
+    pub add_services: Vec<(SvcAddr, u32)>,
+    /// 5. Backends no ring names any more.
+    pub clear_backends: Vec<u32>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self == &Plan::default()
+    }
+
+    /// Number of map writes (a ring batch counts its rings).
+    pub fn writes(&self) -> usize {
+        self.remove_services.len()
+            + self.set_backends.len()
+            + self.set_rings.len()
+            + self.add_services.len()
+            + self.clear_backends.len()
+    }
+}
+
+/// Where a plan is written: the kernel maps, or a fake in tests.
+pub trait LbWriter {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), Self::Error>;
+    fn clear_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn set_rings(&mut self, rings: &[(u32, Vec<u32>)]) -> Result<(), Self::Error>;
+    fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), Self::Error>;
+}
+
+/// Computes the writes that turn `actual` into `desired`.
+///
+/// Ids: a service or backend keeps its id for as long as it exists; new
+/// ones take the lowest id that `actual` does not hold, so an id freed in
+/// this pass is never handed out in the same pass (an old ring may still
+/// name it until the pass completes).
+pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
+    let mut p = Plan::default();
+    let mut used_svc: BTreeSet<u32> = actual.services.values().copied().collect();
+    used_svc.extend(
+        actual
+            .rings
+            .iter()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(id, _)| *id),
+    );
+    let mut used_be: BTreeSet<u32> = actual.backends.keys().copied().collect();
+    let mut next_svc = Allocator::default();
+    let mut next_be = Allocator::default();
+
+    // Backends by owner, as written.
+    let mut owned: BTreeMap<u32, BTreeMap<(Ipv4Addr, u16), u32>> = BTreeMap::new();
+    for (id, b) in &actual.backends {
+        let ident = (
+            Ipv4Addr::from(u32::from_be(b.ip_be)),
+            u16::from_be(b.port_be),
+        );
+        owned.entry(b.service_id).or_default().insert(ident, *id);
+    }
+
+    for (addr, sid) in &actual.services {
+        if !desired.contains_key(addr) {
+            p.remove_services.push(*addr);
+            if actual.rings.get(sid).is_some_and(|r| !r.is_empty()) {
+                p.set_rings.push((*sid, Vec::new()));
+            }
+            p.clear_backends
+                .extend(owned.get(sid).into_iter().flat_map(|m| m.values().copied()));
+        }
+    }
+
+    for (addr, backends) in desired {
+        let sid = match actual.services.get(addr) {
+            Some(id) => *id,
+            None => next_svc.take(&mut used_svc),
+        };
+        let mut existing = owned.remove(&sid).unwrap_or_default();
+        let mut members = Vec::new();
+        for (&(ip, port), want) in backends {
+            let id = existing
+                .remove(&(ip, port))
+                .unwrap_or_else(|| next_be.take(&mut used_be));
+            let b = Backend {
+                ip_be: u32::from(ip).to_be(),
+                port_be: port.to_be(),
+                state: want.state,
+                ifindex: want.ifindex,
+                mac: want.mac,
+                service_id: sid,
+                ..Backend::default()
+            };
+            if actual.backends.get(&id) != Some(&b) {
+                p.set_backends.push((id, b));
+            }
+            if want.state == backend_state::ACTIVE {
+                members.push((id, Identity { ip, port }));
+            }
+        }
+        let ring = maglev::build_ids(&members);
+        if ring_of(actual, sid) != ring.as_slice() {
+            p.set_rings.push((sid, ring));
+        }
+        if !actual.services.contains_key(addr) {
+            p.add_services.push((*addr, sid));
+        }
+        // What is left of this service's backends is gone.
+        p.clear_backends.extend(existing.into_values());
+    }
+    // Left over with no service at all (found when adopting pinned maps
+    // after a crash between writes): rings and backends of unowned ids.
+    let owners: BTreeSet<u32> = actual
+        .services
+        .values()
+        .chain(p.add_services.iter().map(|(_, id)| id))
+        .copied()
+        .collect();
+    for (sid, ring) in &actual.rings {
+        if !ring.is_empty() && !owners.contains(sid) && !p.set_rings.iter().any(|(s, _)| s == sid) {
+            p.set_rings.push((*sid, Vec::new()));
+        }
+    }
+    for (sid, rest) in owned {
+        if !owners.contains(&sid) {
+            p.clear_backends.extend(rest.into_values());
+        }
+    }
+    p.clear_backends.sort_unstable();
+    p.clear_backends.dedup();
+    p
+}
+
+/// A service's ring as written; none is the same as empty.
+fn ring_of(actual: &Actual, sid: u32) -> &[u32] {
+    actual.rings.get(&sid).map_or(&[], Vec::as_slice)
+}
+
+#[derive(Default)]
+struct Allocator {
+    next: u32,
+}
+
+impl Allocator {
+    /// The lowest id >= 1 not in `used`, marked used.
+    fn take(&mut self, used: &mut BTreeSet<u32>) -> u32 {
+        let mut id = self.next.max(1);
+        while used.contains(&id) {
+            id += 1;
+        }
+        used.insert(id);
+        self.next = id + 1;
+        id
+    }
+}
+
+/// Why a pass stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ApplyError {
+    pub what: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Writes `plan` in order, recording every successful write in `actual`.
+/// Stops at the first failure; what was not written is recomputed by the
+/// next pass.
+pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result<(), ApplyError> {
+    let fail = |what: String| {
+        move |e: W::Error| ApplyError {
+            what,
+            source: Box::new(e),
+        }
+    };
+    for addr in &plan.remove_services {
+        w.remove_service(&addr.key())
+            .map_err(fail(format!("removing service {addr:?}")))?;
+        actual.services.remove(addr);
+    }
+    for (id, b) in &plan.set_backends {
+        w.set_backend(*id, b)
+            .map_err(fail(format!("writing backend {id}")))?;
+        actual.backends.insert(*id, *b);
+    }
+    if !plan.set_rings.is_empty() {
+        w.set_rings(&plan.set_rings).map_err(fail(format!(
+            "writing {} Maglev rings",
+            plan.set_rings.len()
+        )))?;
+        for (sid, ring) in &plan.set_rings {
+            if ring.is_empty() {
+                actual.rings.remove(sid);
+            } else {
+                actual.rings.insert(*sid, ring.clone());
+            }
+        }
+    }
+    for (addr, sid) in &plan.add_services {
+        w.set_service(&addr.key(), &Service { id: *sid, flags: 0 })
+            .map_err(fail(format!("adding service {addr:?}")))?;
+        actual.services.insert(*addr, *sid);
+    }
+    for id in &plan.clear_backends {
+        w.clear_backend(*id)
+            .map_err(fail(format!("clearing backend {id}")))?;
+        actual.backends.remove(id);
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The load-balancing reconciler against FakeLb and FaultyLb.
+
+use super::*;
+use backend_state::{ACTIVE, DRAINING};
+
+const WEB: SvcAddr = SvcAddr {
+    vip: Ipv4Addr::new(10, 43, 0, 10),
+    port: 80,
+    proto: 6,
+};
+const DNS: SvcAddr = SvcAddr {
+    vip: Ipv4Addr::new(10, 43, 0, 20),
+    port: 53,
+    proto: 17,
+};
+
+type Row = ((Ipv4Addr, u16), DesiredBackend);
+
+fn be(last: u8, state: u8) -> Row {
+    (
+        (Ipv4Addr::new(10, 42, 0, last), 8080),
+        DesiredBackend {
+            state,
+            ifindex: last as u32,
+            mac: [2, 0, 0, 0, 0, last],
+        },
+    )
+}
+
+fn desired(services: &[(SvcAddr, &[Row])]) -> Desired {
+    services
+        .iter()
+        .map(|(a, bs)| (*a, bs.iter().copied().collect()))
+        .collect()
+}
+
+/// Plans and applies against a fake; returns the plan.
+fn pass(d: &Desired, actual: &mut Actual, fake: &mut FakeLb) -> Plan {
+    let p = plan(d, actual);
+    apply(&p, fake, actual).expect("fake writes succeed");
+    p
+}
+
+/// The fake's maps and `actual` agree (no phantom state).
+fn same(actual: &Actual, fake: &FakeLb) {
+    assert_eq!(actual.services, fake.services, "services");
+    assert_eq!(actual.backends, fake.backends, "backends");
+    assert_eq!(actual.rings, fake.rings, "rings");
+}
+
+fn ring_members(fake: &FakeLb, addr: SvcAddr) -> BTreeSet<Ipv4Addr> {
+    let sid = fake.services[&addr];
+    fake.rings
+        .get(&sid)
+        .into_iter()
+        .flatten()
+        .map(|id| Ipv4Addr::from(u32::from_be(fake.backends[id].ip_be)))
+        .collect()
+}
+
+#[test]
+fn from_nothing_then_nothing_to_do() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    let d = desired(&[
+        (WEB, &[be(11, ACTIVE), be(12, ACTIVE), be(13, ACTIVE)]),
+        (DNS, &[be(21, ACTIVE)]),
+    ]);
+    let p = pass(&d, &mut actual, &mut fake);
+    assert_eq!(
+        (
+            p.set_backends.len(),
+            p.set_rings.len(),
+            p.add_services.len()
+        ),
+        (4, 2, 2)
+    );
+    same(&actual, &fake);
+    assert_eq!(ring_members(&fake, WEB).len(), 3);
+    let writes = fake.writes;
+    assert!(plan(&d, &actual).is_empty(), "a second pass writes nothing");
+    assert_eq!(fake.writes, writes);
+}
+
+#[test]
+fn one_backend_leaves_minimal_writes() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE), be(12, ACTIVE), be(13, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    let ids_before = actual.backends.clone();
+    let p = pass(
+        &desired(&[(WEB, &[be(11, ACTIVE), be(12, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    assert_eq!(p.writes(), 2, "one ring and one clear: {p:?}");
+    assert!(p.set_backends.is_empty() && p.add_services.is_empty() && p.remove_services.is_empty());
+    same(&actual, &fake);
+    // Survivors keep their ids.
+    for (id, b) in &actual.backends {
+        assert_eq!(ids_before.get(id), Some(b));
+    }
+}
+
+#[test]
+fn draining_leaves_the_ring_but_keeps_the_backend() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE), be(12, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    let p = pass(
+        &desired(&[(WEB, &[be(11, ACTIVE), be(12, DRAINING)])]),
+        &mut actual,
+        &mut fake,
+    );
+    assert_eq!(
+        (
+            p.set_backends.len(),
+            p.set_rings.len(),
+            p.clear_backends.len()
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        ring_members(&fake, WEB),
+        [Ipv4Addr::new(10, 42, 0, 11)].into()
+    );
+    assert_eq!(
+        fake.backends.len(),
+        2,
+        "the draining backend stays for its flows"
+    );
+    same(&actual, &fake);
+}
+
+#[test]
+fn removed_service_is_cleaned_up_and_its_id_reused_later() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)]), (DNS, &[be(21, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    let dns_id = actual.services[&DNS];
+    let p = pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    assert_eq!(p.remove_services, vec![DNS]);
+    assert_eq!(p.clear_backends.len(), 1);
+    same(&actual, &fake);
+    assert_eq!(fake.services.len(), 1);
+    let other = SvcAddr { port: 443, ..WEB };
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)]), (other, &[be(31, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    assert_eq!(
+        actual.services[&other], dns_id,
+        "a freed service id is reused in a later pass"
+    );
+    same(&actual, &fake);
+}
+
+#[test]
+fn failed_writes_leave_no_phantom_state_and_are_retried() {
+    let d = desired(&[(WEB, &[be(11, ACTIVE), be(12, ACTIVE)])]);
+    for failing in ["set_backend", "set_rings", "set_service"] {
+        let mut actual = Actual::default();
+        let mut faulty = FaultyLb {
+            fail: Some(failing),
+            ..FaultyLb::default()
+        };
+        let p = plan(&d, &actual);
+        let e = apply(&p, &mut faulty, &mut actual).expect_err("injected failure");
+        assert!(e.to_string().contains("injected"), "{e}");
+        same(&actual, &faulty.inner);
+        assert!(
+            faulty.inner.services.is_empty(),
+            "{failing}: no service without its ring and backends"
+        );
+        faulty.fail = None;
+        let p = plan(&d, &actual);
+        apply(&p, &mut faulty, &mut actual).expect("retry succeeds");
+        same(&actual, &faulty.inner);
+        assert_eq!(
+            ring_members(&faulty.inner, WEB).len(),
+            2,
+            "{failing}: complete after retry"
+        );
+        assert!(plan(&d, &actual).is_empty());
+    }
+}
+
+#[test]
+fn a_freed_backend_id_is_not_reused_in_the_same_pass() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    let old_id = *actual.backends.keys().next().expect("one backend");
+    let p = plan(&desired(&[(WEB, &[be(12, ACTIVE)])]), &actual);
+    assert_eq!(p.clear_backends, vec![old_id]);
+    assert!(p.set_backends.iter().all(|(id, _)| *id != old_id), "{p:?}");
+}
+
+#[test]
+fn adoption_removes_what_went_stale() {
+    // A restarted agent reads the maps: a service whose containers died
+    // while it was down, plus a ring and a backend nobody owns.
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)]), (DNS, &[be(21, ACTIVE)])]),
+        &mut actual,
+        &mut fake,
+    );
+    fake.rings.insert(40, vec![7; 3]);
+    fake.backends.insert(
+        7,
+        Backend {
+            state: ACTIVE,
+            service_id: 40,
+            ..Backend::default()
+        },
+    );
+    let mut adopted = Actual {
+        services: fake.services.clone(),
+        backends: fake.backends.clone(),
+        rings: fake.rings.clone(),
+    };
+    let web_id = adopted.services[&WEB];
+    pass(
+        &desired(&[(WEB, &[be(11, ACTIVE)])]),
+        &mut adopted,
+        &mut fake,
+    );
+    same(&adopted, &fake);
+    assert_eq!(fake.services.keys().copied().collect::<Vec<_>>(), vec![WEB]);
+    assert_eq!(fake.services[&WEB], web_id, "adopted ids are kept");
+    assert_eq!(fake.rings.keys().copied().collect::<Vec<_>>(), vec![web_id]);
+    assert_eq!(fake.backends.len(), 1);
+}
