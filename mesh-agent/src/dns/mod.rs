@@ -1,0 +1,137 @@
+//! Service-name DNS: `NAME` -> VIP, `tasks.NAME` -> every backend, SRV for
+//! ports; every other name forwarded to the upstream resolvers.
+//!
+//! Names (case-insensitive; `<domain>` defaults to `mesh`):
+//!
+//! | query | answer |
+//! | --- | --- |
+//! | `NAME`, `NAME.<domain>` A | the VIP (TTL `--dns-vip-ttl`, 60 s) |
+//! | `tasks.NAME`, `tasks.NAME.<domain>` A | every live backend (TTL `--dns-tasks-ttl`, 5 s) |
+//! | `_NAME._tcp`, `_NAME._udp` (+ `.<domain>`) SRV | one record per VIP port: `0 0 PORT NAME.<domain>.` (RFC 2782 `_Service._Proto.Name`) |
+//! | a known name, another type (AAAA...) | NOERROR, no answer |
+//! | unknown single labels, `tasks.X`, anything under `<domain>` | NXDOMAIN |
+//! | everything else | forwarded upstream (UDP; TCP when the answer is truncated) |
+//!
+//! The zone is replaced by the reconciler after every pass; queries read
+//! the current one. Malformed packets are dropped and counted; answers too
+//! big for the client's UDP size are truncated (TC) and complete over TCP.
+//!
+//! Layout (hickory's server/zone split): `server.rs` runs the UDP and TCP
+//! loops and counts malformed packets, `zone.rs` answers from the zone,
+//! `forward.rs` asks the upstreams.
+
+mod forward;
+mod server;
+mod zone;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Mutex, atomic::AtomicU64},
+};
+
+use hickory_proto::rr::RecordType;
+
+use crate::labels::Proto;
+
+pub use self::{server::serve, zone::Handler};
+
+/// One service as DNS sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZoneService {
+    pub vip: Option<Ipv4Addr>,
+    /// VIP ports.
+    pub ports: Vec<(u16, Proto)>,
+    /// Live backends (active ones; draining and unhealthy are left out).
+    pub tasks: Vec<Ipv4Addr>,
+}
+
+/// Service name (lower case) -> what to answer.
+pub type Zone = BTreeMap<String, ZoneService>;
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// The mesh domain, without dots at the ends ("mesh").
+    pub domain: String,
+    pub vip_ttl: u32,
+    pub tasks_ttl: u32,
+    pub upstreams: Vec<SocketAddr>,
+}
+
+/// Query counters, for /metrics.
+#[derive(Default)]
+pub struct DnsStats {
+    /// (query type, result) -> count.
+    pub queries: Mutex<BTreeMap<(String, &'static str), u64>>,
+    pub malformed: AtomicU64,
+}
+
+impl DnsStats {
+    pub(super) fn count(&self, qtype: RecordType, result: &'static str) {
+        let mut q = self.queries.lock().unwrap_or_else(|p| p.into_inner());
+        *q.entry((qtype.to_string(), result)).or_default() += 1;
+    }
+}
+
+/// What a query name means.
+/// The nameservers in a resolv.conf, on port 53; `skip` (our own address)
+/// left out.
+pub fn upstreams_from_resolv_conf(text: &str, skip: std::net::IpAddr) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("nameserver")).then(|| f.next()).flatten()
+        })
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .filter(|ip| *ip != skip)
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        zone::{Target, classify},
+        *,
+    };
+
+    #[test]
+    fn names_map_to_targets() {
+        let d = "mesh";
+        assert_eq!(classify("whoami.", d), Target::Service("whoami".into()));
+        assert_eq!(
+            classify("whoami.mesh.", d),
+            Target::Service("whoami".into())
+        );
+        assert_eq!(classify("tasks.whoami.", d), Target::Tasks("whoami".into()));
+        assert_eq!(
+            classify("tasks.whoami.mesh", d),
+            Target::Tasks("whoami".into())
+        );
+        assert_eq!(
+            classify("_whoami._tcp.mesh.", d),
+            Target::Srv("whoami".into(), Proto::Tcp)
+        );
+        assert_eq!(
+            classify("_dns._udp.", d),
+            Target::Srv("dns".into(), Proto::Udp)
+        );
+        assert_eq!(classify("a.b.mesh.", d), Target::Unknown);
+        assert_eq!(classify("mesh.", d), Target::Unknown);
+        assert_eq!(classify("example.com.", d), Target::Forward);
+        assert_eq!(classify("tasks.example.com.", d), Target::Forward);
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# x\nnameserver 10.0.0.2\nnameserver 10.42.0.1\nsearch lan\nnameserver ::1\nnameserver bogus\n";
+        let got = upstreams_from_resolv_conf(text, "10.42.0.1".parse().expect("ip"));
+        assert_eq!(
+            got,
+            vec![
+                "10.0.0.2:53".parse().expect("addr"),
+                "[::1]:53".parse().expect("addr")
+            ]
+        );
+    }
+}

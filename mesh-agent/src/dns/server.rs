@@ -1,0 +1,169 @@
+//! The UDP and TCP loops: parse (malformed packets dropped and counted),
+//! hand to the zone handler, encode with truncation.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use hickory_proto::{rr::Record, serialize::binary::BinEncoder};
+use hickory_server::{
+    net::{NetError, xfer::Protocol},
+    server::{Request, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponse,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+use tracing::warn;
+
+use super::{DnsStats, zone::Handler};
+
+/// Encodes a response in at most `max` bytes: records that do not fit are
+/// left out and the TC flag set.
+fn encode<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    max: u16,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let mut bytes = Vec::with_capacity(512);
+    let mut enc = BinEncoder::new(&mut bytes);
+    enc.set_max_size(max);
+    let info = response
+        .destructive_emit(&mut enc)
+        .map_err(|e| NetError::from(e.to_string()))?;
+    Ok((info, bytes))
+}
+
+/// Sends responses over UDP, truncated (TC) to what the client can take.
+#[derive(Clone)]
+struct UdpResponder {
+    sock: Arc<UdpSocket>,
+    dst: SocketAddr,
+    max: u16,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode(response, self.max)?;
+        self.sock.send_to(&bytes, self.dst).await?;
+        Ok(info)
+    }
+}
+
+/// Sends responses over a TCP connection (2-byte length prefix).
+#[derive(Clone)]
+struct TcpResponder {
+    out: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode(response, u16::MAX)?;
+        let mut out = self.out.lock().await;
+        out.write_all(&(bytes.len() as u16).to_be_bytes()).await?;
+        out.write_all(&bytes).await?;
+        Ok(info)
+    }
+}
+
+/// Parses a query; `None` (counted) when it is malformed or not a query.
+fn parse(raw: Vec<u8>, src: SocketAddr, protocol: Protocol, stats: &DnsStats) -> Option<Request> {
+    match Request::from_bytes(raw, src, protocol) {
+        Ok(r) if r.metadata.message_type == hickory_proto::op::MessageType::Query => Some(r),
+        _ => {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Serves DNS on `addr` over UDP and TCP until the process ends.
+pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<()> {
+    let udp = Arc::new(UdpSocket::bind(addr).await?);
+    let tcp = TcpListener::bind(addr).await?;
+    let h = handler.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, src)) = tcp.accept().await else {
+                continue;
+            };
+            let h = h.clone();
+            tokio::spawn(async move { serve_tcp_conn(conn, src, h).await });
+        }
+    });
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, src) = match udp.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "DNS UDP receive");
+                continue;
+            }
+        };
+        let Some(req) = parse(buf[..n].to_vec(), src, Protocol::Udp, &handler.stats) else {
+            continue;
+        };
+        let responder = UdpResponder {
+            sock: udp.clone(),
+            dst: src,
+            max: req.max_payload(),
+        };
+        let h = handler.clone();
+        tokio::spawn(async move {
+            h.handle(&req, responder).await;
+        });
+    }
+}
+
+/// One TCP client: length-prefixed queries until EOF, an idle gap of
+/// 10 s, or a malformed query.
+async fn serve_tcp_conn(conn: TcpStream, src: SocketAddr, h: Arc<Handler>) {
+    let (mut r, w) = conn.into_split();
+    let out = Arc::new(tokio::sync::Mutex::new(w));
+    loop {
+        let read = async {
+            let len = r.read_u16().await? as usize;
+            let mut buf = vec![0u8; len];
+            r.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        };
+        let Ok(Ok(raw)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
+            return;
+        };
+        let Some(req) = parse(raw, src, Protocol::Tcp, &h.stats) else {
+            return;
+        };
+        h.handle(&req, TcpResponder { out: out.clone() }).await;
+    }
+}
