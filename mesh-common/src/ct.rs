@@ -5,10 +5,11 @@
 //! - reverse, keyed by the backend's reply tuple (backend -> client), giving
 //!   the VIP:port to restore (reverse NAT, also of ICMP errors).
 //!
-//! There is no idle timeout in the kernel: an entry lives until the LRU needs
-//! its room (counted) or the agent's GC removes a closed or long-dead flow,
-//! so an idle TCP connection is never cut earlier than the kernel's own
-//! conntrack would cut it.
+//! There is no idle timeout and, so far, no sweep: an entry lives until the
+//! LRU needs its room (a TCP packet that finds none is counted as
+//! `lb_ct_miss_mid_flow`), so an idle TCP connection is never cut earlier
+//! than the kernel's own conntrack would cut it. The daemon's loop has room
+//! for a periodic sweep of closed and long-dead flows (not built yet).
 
 /// Direction of a [`CtKey`].
 pub mod dir {

@@ -18,8 +18,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-/// XDP on the underlay NIC: VXLAN decapsulation and the routing mesh
-/// (so far: parse, classify and count; every frame is passed).
+/// XDP on the underlay NIC: classifies and counts every frame, and
+/// decapsulates VXLAN for this node's /24 (the routing mesh will hook in
+/// here too). Everything else passes untouched.
 #[xdp]
 pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
     underlay::run(&ctx)

@@ -1,8 +1,9 @@
 //! XDP on the underlay NIC.
 //!
-//! Today it classifies every frame (Ethernet / IPv4 / TCP or UDP / VXLAN),
-//! counts the path it took and passes it to the stack. VXLAN decapsulation
-//! and the routing mesh hook in at the `XdpVxlan` and `XdpNotMesh` points.
+//! It classifies every frame (Ethernet / IPv4 / TCP or UDP / VXLAN) and
+//! counts the path it took and its verdict. VXLAN with the cluster VNI for
+//! this node's /24 is decapsulated and passed up; everything else passes
+//! untouched. The routing mesh will hook in at the `XdpNotMesh` point.
 
 use aya_ebpf::helpers::bpf_xdp_adjust_head;
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
