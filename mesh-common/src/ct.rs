@@ -11,6 +11,61 @@
 //! than the kernel's own conntrack would cut it. The daemon's loop has room
 //! for a periodic sweep of closed and long-dead flows (not built yet).
 
+/// A flow's 5-tuple as it appears on the wire (addresses and ports in
+/// network order; ports 0 for protocols without them). Shared by the
+/// programs, the agent, meshctl and the tests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Tuple {
+    /// The other direction of the same flow.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Tuple {
+        Tuple {
+            src_be: self.dst_be,
+            dst_be: self.src_be,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The conntrack key of this tuple in `direction` (`dir::*`).
+    #[inline(always)]
+    pub const fn key(&self, direction: u8) -> CtKey {
+        CtKey {
+            src_be: self.src_be,
+            dst_be: self.dst_be,
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            dir: direction,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The flow hash (Maglev pick, tunnel source port).
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        crate::lb::flow_hash(
+            self.src_be,
+            self.dst_be,
+            self.sport_be,
+            self.dport_be,
+            self.proto,
+        )
+    }
+}
+
 /// Direction of a [`CtKey`].
 pub mod dir {
     /// Client -> VIP, as the client sent it.
@@ -63,6 +118,7 @@ pub mod tcp_flag {
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Tuple>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
 
 #[cfg(feature = "user")]

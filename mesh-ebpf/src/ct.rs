@@ -1,34 +1,9 @@
 //! Conntrack entries: lookup, creation, refresh.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::ct::{CtEntry, CtKey, dir};
+use mesh_common::ct::{CtEntry, CtKey, Tuple, dir};
 
 use crate::maps::CT;
-
-/// The 5-tuple of a packet as it appears on the wire (raw, network order).
-#[derive(Clone, Copy)]
-pub struct Tuple {
-    pub src_be: u32,
-    pub dst_be: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-}
-
-impl Tuple {
-    #[inline(always)]
-    pub fn key(&self, direction: u8) -> CtKey {
-        CtKey {
-            src_be: self.src_be,
-            dst_be: self.dst_be,
-            sport_be: self.sport_be,
-            dport_be: self.dport_be,
-            proto: self.proto,
-            dir: direction,
-            ..CtKey::default()
-        }
-    }
-}
 
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
@@ -70,12 +45,10 @@ pub fn create(
         ..CtEntry::default()
     };
     CT.insert(&client.key(dir::FORWARD), &fwd, 0)?;
-    let reply = Tuple {
-        src_be: backend_ip_be,
-        dst_be: client.src_be,
-        sport_be: backend_port_be,
-        dport_be: client.sport_be,
-        proto: client.proto,
+    let dnat = Tuple {
+        dst_be: backend_ip_be,
+        dport_be: backend_port_be,
+        ..*client
     };
     let rev = CtEntry {
         backend_id,
@@ -86,7 +59,7 @@ pub fn create(
         last_seen_ns: now,
         ..CtEntry::default()
     };
-    CT.insert(&reply.key(dir::REVERSE), &rev, 0)
+    CT.insert(&dnat.reversed().key(dir::REVERSE), &rev, 0)
 }
 
 /// A new direct flow (not to a VIP) from `t`: if a finished VIP flow left a
@@ -95,14 +68,7 @@ pub fn create(
 /// once (the backend would see one connection), so the new flow wins.
 #[inline(always)]
 pub fn supersede_reverse(t: &Tuple) -> bool {
-    let reply = Tuple {
-        src_be: t.dst_be,
-        dst_be: t.src_be,
-        sport_be: t.dport_be,
-        dport_be: t.sport_be,
-        proto: t.proto,
-    };
-    let key = reply.key(dir::REVERSE);
+    let key = t.reversed().key(dir::REVERSE);
     if lookup(&key).is_some() {
         return CT.remove(&key).is_ok();
     }

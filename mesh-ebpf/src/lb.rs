@@ -1,12 +1,12 @@
 //! Backend selection: the service's Maglev ring, checked against the
 //! backends map.
 
-use mesh_common::lb::{Backend, NO_BACKEND, backend_state, flow_hash};
-
-use crate::{
+use mesh_common::{
     ct::Tuple,
-    maps::{BACKENDS, MESH_MAGLEV},
+    lb::{Backend, NO_BACKEND, backend_state},
 };
+
+use crate::maps::{BACKENDS, MESH_MAGLEV};
 
 /// The backend Maglev gives this flow: `ring[1 + hash % ring[0]]`.
 /// `None` when the ring is empty or names no usable backend.
@@ -17,8 +17,7 @@ pub fn pick(service_id: u32, t: &Tuple) -> Option<(u32, Backend)> {
     if size == 0 {
         return None;
     }
-    let hash = flow_hash(t.src_be, t.dst_be, t.sport_be, t.dport_be, t.proto);
-    let id = *ring.get(1 + hash % size)?;
+    let id = *ring.get(1 + t.hash() % size)?;
     if id == NO_BACKEND {
         return None;
     }

@@ -4,6 +4,7 @@
 
 mod csum;
 mod ct;
+mod ctx;
 mod lb;
 mod maps;
 mod nat;
@@ -23,28 +24,28 @@ use aya_ebpf::{
 /// here too). Everything else passes untouched.
 #[xdp]
 pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
-    underlay::run(&ctx)
+    ctx::finish::<ctx::Xdp>(underlay::run(&ctx))
 }
 
 /// TC ingress on a container's host-side veth: packets leaving the
 /// container (service load balancing, DNAT).
 #[classifier]
 pub fn mesh_tc_from_container(ctx: TcContext) -> i32 {
-    veth::from_container(&ctx)
+    ctx::finish::<ctx::Tc>(veth::from_container(&ctx))
 }
 
 /// TC egress on a container's host-side veth: packets entering the
 /// container (reverse NAT).
 #[classifier]
 pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
-    veth::to_container(&ctx)
+    ctx::finish::<ctx::Tc>(veth::to_container(&ctx))
 }
 
 /// TC ingress on the underlay NIC: decapsulated packets for local
 /// containers go straight to their veths.
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
-    tunnel::underlay_ingress(&ctx)
+    ctx::finish::<ctx::Tc>(tunnel::underlay_ingress(&ctx))
 }
 
 #[cfg(not(test))]

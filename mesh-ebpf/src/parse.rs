@@ -1,10 +1,15 @@
-//! Packet headers and bounds-checked access.
+//! Packet headers, bounds-checked access, and the one parser both hooks use
+//! ([`ipv4`]: Ethernet / IPv4 / TCP or UDP to a [`Parsed`] view).
 //!
 //! Header structs are `#[repr(C)]` views of the wire format; multi-byte
 //! fields are kept as network-order byte arrays or `_be` integers so that no
 //! field is ever read in the wrong byte order by accident.
 
 use core::mem::size_of;
+
+use mesh_common::ct::Tuple;
+
+use crate::ctx::Packet;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -13,6 +18,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPV4_MIN_HLEN: usize = 20;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -20,6 +26,7 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     /// Version (high nibble) and IHL in 32-bit words (low nibble).
     pub vihl: u8,
@@ -53,6 +60,7 @@ impl Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct UdpHdr {
     pub sport_be: u16,
     pub dport_be: u16,
@@ -61,6 +69,7 @@ pub struct UdpHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct TcpHdr {
     pub sport_be: u16,
     pub dport_be: u16,
@@ -95,6 +104,7 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct IcmpHdr {
     pub kind: u8,
     pub code: u8,
@@ -112,3 +122,94 @@ pub const UDP_CSUM_OFF: usize = 6;
 pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
 pub const ICMP_CSUM_OFF: usize = 2;
+
+/// The VXLAN header (RFC 7348): flags (I = the VNI is valid), reserved,
+/// the 24-bit VNI and a reserved byte.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub _reserved: [u8; 3],
+    /// VNI << 8, network order.
+    pub vni_be: u32,
+}
+const _: () = assert!(size_of::<VxlanHdr>() == mesh_common::tunnel::VXLAN_HLEN);
+
+impl VxlanHdr {
+    #[inline(always)]
+    pub fn vni(&self) -> u32 {
+        u32::from_be(self.vni_be) >> 8
+    }
+}
+
+/// Why a frame is not a parseable IPv4 packet. Each hook counts these
+/// under its own path counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Shorter than the headers it announces.
+    Truncated,
+    /// Not IPv4 (ARP, IPv6, VLAN, ...).
+    NotIpv4,
+    /// IPv4 with an invalid header (version, IHL, total length).
+    BadIpv4,
+    /// A fragment other than the first: no L4 header.
+    Fragment,
+}
+
+/// An IPv4 packet as both hooks see it.
+#[derive(Clone, Copy)]
+pub struct Parsed {
+    /// Ports are 0 unless the protocol is TCP or UDP.
+    pub t: Tuple,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+/// Parses Ethernet / IPv4 and, for TCP and UDP, the whole L4 header.
+/// Ethernet may pad short frames, so the frame can be longer than the
+/// datagram, never shorter.
+#[inline(always)]
+pub fn ipv4<P: Packet>(p: &P) -> Result<Parsed, ParseError> {
+    let eth: EthHdr = p.load(0).ok_or(ParseError::Truncated)?;
+    if u16::from_be(eth.proto_be) != ETH_P_IP {
+        return Err(ParseError::NotIpv4);
+    }
+    let ip: Ipv4Hdr = p.load(ETH_HLEN).ok_or(ParseError::Truncated)?;
+    let ihl = ip.header_len();
+    let tot_len = u16::from_be(ip.tot_len_be) as usize;
+    if ip.version() != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl {
+        return Err(ParseError::BadIpv4);
+    }
+    if ETH_HLEN + tot_len > p.len() {
+        return Err(ParseError::Truncated);
+    }
+    if ip.frag_offset() != 0 {
+        return Err(ParseError::Fragment);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let mut t = Tuple {
+        src_be: ip.src_be,
+        dst_be: ip.dst_be,
+        proto: ip.proto,
+        ..Tuple::default()
+    };
+    let mut tcp_flags = 0;
+    match ip.proto {
+        IPPROTO_TCP => {
+            let tcp: TcpHdr = p.load(l4_off).ok_or(ParseError::Truncated)?;
+            (t.sport_be, t.dport_be, tcp_flags) = (tcp.sport_be, tcp.dport_be, tcp.flags);
+        }
+        IPPROTO_UDP => {
+            let udp: UdpHdr = p.load(l4_off).ok_or(ParseError::Truncated)?;
+            (t.sport_be, t.dport_be) = (udp.sport_be, udp.dport_be);
+        }
+        _ => {}
+    }
+    Ok(Parsed {
+        t,
+        l4_off,
+        tcp_flags,
+    })
+}

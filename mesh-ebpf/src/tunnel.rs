@@ -1,13 +1,6 @@
-//! The overlay: which node an address lives on, and VXLAN encapsulation.
+//! The overlay: which node an address lives on, VXLAN encapsulation (for
+//! either hook), and handing decapsulated packets to local containers.
 
-use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
-    helpers::bpf_redirect,
-    programs::TcContext,
-};
 use mesh_common::{
     stats::Stat,
     tunnel::{
@@ -16,9 +9,10 @@ use mesh_common::{
 };
 
 use crate::{
+    csum,
+    ctx::{Packet, Verdict},
     maps::{LOCAL_EPS, LOCAL_NODE, NODES},
-    parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr},
-    stats::bump,
+    parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
 };
 
 /// This node's settings, when the agent has enabled the overlay.
@@ -51,70 +45,75 @@ pub fn route(l: &LocalNode, dst_be: u32) -> Result<Route, Stat> {
     }
 }
 
-/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.
-const fn encap_l2(len: u64) -> u64 {
-    (len & 0xff) << 56
+/// Everything VXLAN puts in front of a frame, plus the inner Ethernet
+/// header it rewrites: outer Ethernet / IPv4 / UDP / VXLAN / inner Ethernet.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct Encap {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+    inner: EthHdr,
 }
+const _: () = assert!(core::mem::size_of::<Encap>() == ENCAP_LEN + ETH_HLEN);
 
 /// Wraps the whole frame in outer Ethernet / IPv4 / UDP / VXLAN for `node`
-/// and redirects it out of the underlay NIC. The flags tell the kernel it
-/// is a UDP tunnel with an inner Ethernet header, so GSO segments large
-/// TCP sends correctly.
+/// and sends it out of the underlay NIC. The UDP source port comes from
+/// the inner flow hash (ECMP spreads flows, RFC 7348 section 5).
 #[inline(always)]
-pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Result<i32, Stat> {
-    let inner_len = ctx.len() as usize;
-    let inner_eth: [u8; 12] = ctx.load(0).map_err(|_| Stat::TunnelEncapFail)?;
-    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
-        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
-        | encap_l2(ETH_HLEN as u64);
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Stat::TunnelEncapFail)?;
-
-    // [outer eth 14][outer IPv4 20][UDP 8][VXLAN 8][inner eth 14] = 64 bytes,
-    // written over the old Ethernet header and the 50 new bytes.
-    let mut h = [0u8; 64];
-    h[0..6].copy_from_slice(&node.mac);
-    h[6..12].copy_from_slice(&l.underlay_mac);
-    h[12] = 0x08; // IPv4
+pub fn encap<P: Packet>(
+    p: &P,
+    l: &LocalNode,
+    node: &Node,
+    flow_hash: u32,
+) -> Result<Verdict, Stat> {
+    let inner_len = p.len();
+    let inner_eth: EthHdr = p.load(0).ok_or(Stat::TunnelEncapFail)?;
+    p.grow_for_vxlan(ENCAP_LEN).ok_or(Stat::TunnelEncapFail)?;
     let ip_len = (inner_len + ENCAP_LEN - ETH_HLEN) as u16;
-    h[14] = 0x45;
-    h[16..18].copy_from_slice(&ip_len.to_be_bytes());
-    h[22] = 64; // TTL
-    h[23] = IPPROTO_UDP;
-    h[26..30].copy_from_slice(&l.underlay_ip_be.to_ne_bytes());
-    h[30..34].copy_from_slice(&node.underlay_ip_be.to_ne_bytes());
-    let csum = ipv4_csum(&h);
-    h[24..26].copy_from_slice(&csum.to_be_bytes());
-    let sport = SPORT_BASE | (flow_hash as u16 & SPORT_MASK);
-    h[34..36].copy_from_slice(&sport.to_be_bytes());
-    h[36..38].copy_from_slice(&VXLAN_PORT.to_be_bytes());
-    h[38..40].copy_from_slice(&((ip_len - 20).to_be_bytes()));
-    // UDP checksum 0: allowed for VXLAN over IPv4 (RFC 7348 section 5).
-    h[42] = VXLAN_FLAG_I;
-    h[46..49].copy_from_slice(&l.vni.to_be_bytes()[1..4]);
-    // The inner frame keeps the container's source MAC; its destination is
-    // the receiving node's NIC, so that node's stack takes it as its own.
-    h[50..56].copy_from_slice(&node.mac);
-    h[56..62].copy_from_slice(&inner_eth[6..12]);
-    h[62] = 0x08;
-    ctx.store(0, &h, 0).map_err(|_| Stat::TunnelEncapFail)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(l.underlay_ifindex, 0) } as i32)
-}
-
-/// The IPv4 header checksum of `h[14..34]`.
-#[inline(always)]
-fn ipv4_csum(h: &[u8; 64]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 14;
-    while i < 34 {
-        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    let mut ip = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len_be: ip_len.to_be(),
+        id_be: 0,
+        frag_be: 0,
+        ttl: 64,
+        proto: IPPROTO_UDP,
+        csum_be: 0,
+        src_be: l.underlay_ip_be,
+        dst_be: node.underlay_ip_be,
+    };
+    ip.csum_be = csum::ipv4_header(&ip);
+    let h = Encap {
+        eth: EthHdr {
+            dst: node.mac,
+            src: l.underlay_mac,
+            proto_be: ETH_P_IP.to_be(),
+        },
+        ip,
+        udp: UdpHdr {
+            sport_be: (SPORT_BASE | (flow_hash as u16 & SPORT_MASK)).to_be(),
+            dport_be: VXLAN_PORT.to_be(),
+            len_be: (ip_len - 20).to_be(),
+            // 0: no checksum, allowed for VXLAN over IPv4 (RFC 7348 section 5).
+            csum_be: 0,
+        },
+        vxlan: VxlanHdr {
+            flags: VXLAN_FLAG_I,
+            _reserved: [0; 3],
+            vni_be: (l.vni << 8).to_be(),
+        },
+        // The inner frame keeps the container's source MAC; its destination
+        // is the receiving node's NIC, so that node's stack takes it as its own.
+        inner: EthHdr {
+            dst: node.mac,
+            src: inner_eth.src,
+            proto_be: inner_eth.proto_be,
+        },
+    };
+    p.store(0, &h).ok_or(Stat::TunnelEncapFail)?;
+    Ok(Verdict::Redirect(l.underlay_ifindex))
 }
 
 /// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
@@ -122,35 +121,36 @@ fn ipv4_csum(h: &[u8; 64]) -> u16 {
 /// bridge would deliver it), so forwarding never depends on the host's
 /// FORWARD chain. Everything else is left to the stack.
 #[inline(always)]
-pub fn underlay_ingress(ctx: &TcContext) -> i32 {
-    use aya_ebpf::bindings::TC_ACT_OK;
-    let deliver = || -> Option<i32> {
+pub fn underlay_ingress<P: Packet>(p: &P) -> Result<Verdict, Stat> {
+    let deliver = || -> Option<u32> {
         let local = local()?;
-        let eth: EthHdr = ctx.load(0).ok()?;
+        let eth: EthHdr = p.load(0)?;
         if u16::from_be(eth.proto_be) != ETH_P_IP {
             return None;
         }
-        let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
+        let ip: Ipv4Hdr = p.load(ETH_HLEN)?;
         if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
             return None;
         }
         // SAFETY: plain data written by the agent.
         let ep = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied()?;
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&ep.mac);
-        macs[6..].copy_from_slice(&local.underlay_mac);
-        ctx.store(0, &macs, 0).ok()?;
-        // SAFETY: plain helper call.
-        Some(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+        set_macs(p, &ep.mac, &local.underlay_mac)?;
+        Some(ep.ifindex)
     };
     match deliver() {
-        Some(v) => {
-            bump(Stat::TunnelDeliver);
-            v
+        Some(ifindex) => {
+            crate::stats::bump(Stat::TunnelDeliver);
+            Ok(Verdict::Redirect(ifindex))
         }
-        None => {
-            bump(Stat::TunnelPass);
-            TC_ACT_OK
-        }
+        None => crate::ctx::pass(Stat::TunnelPass),
     }
+}
+
+/// Sets the frame's destination and source MACs.
+#[inline(always)]
+pub fn set_macs<P: Packet>(p: &P, dst: &[u8; 6], src: &[u8; 6]) -> Option<()> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
+    p.store(0, &macs)
 }

@@ -1,52 +1,53 @@
 //! TC on the host side of a container's veth.
 //!
 //! - ingress = packets leaving the container: service VIP:port -> conntrack
-//!   -> Maglev -> DNAT -> redirect to a local backend's veth;
+//!   -> Maglev -> DNAT -> a local backend's veth, or the tunnel;
 //! - egress = packets entering the container: reverse NAT of replies and of
 //!   ICMP errors about balanced flows.
 //!
 //! Every packet bumps one path counter and one verdict counter.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::bpf_redirect,
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use mesh_common::{
-    ct::{dir, tcp_flag},
-    lb::{ServiceKey, ServiceStats, flow_hash},
+    ct::{Tuple, dir, tcp_flag},
+    lb::{ServiceKey, ServiceStats},
     stats::Stat,
 };
 
 use crate::{
-    ct::{self, Tuple},
+    ct,
+    ctx::{Packet, Verdict, pass},
     lb,
     maps::{SERVICES, SVC_STATS},
     nat::{self, End},
     parse::{
-        ETH_HLEN, ETH_P_IP, EthHdr, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
+        self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError, Parsed,
     },
     stats::bump,
     tunnel,
 };
 
-/// Packets leaving the container.
+/// The path counter of a packet the parser gave up on (passed untouched).
 #[inline(always)]
-pub fn from_container(ctx: &TcContext) -> i32 {
-    finish(try_from_container(ctx))
+fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
+    pass(match e {
+        ParseError::NotIpv4 => Stat::TcNotIpv4,
+        ParseError::Fragment => Stat::TcFragment,
+        ParseError::Truncated | ParseError::BadIpv4 => Stat::TcMalformed,
+    })
 }
 
 /// Sends a packet leaving a container on its way: to another node through
 /// the tunnel, or (this node, outside the cluster, overlay off) to the
 /// stack. `path`, if any, is counted when it stays here.
 #[inline(always)]
-fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<i32, Stat> {
+fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
     let here = || {
-        if let Some(p) = path {
-            bump(p);
+        if let Some(s) = path {
+            bump(s);
         }
-        Ok(TC_ACT_OK)
+        Ok(Verdict::Pass)
     };
     let Some(local) = tunnel::local() else {
         return here();
@@ -54,105 +55,27 @@ fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Resul
     match tunnel::route(&local, dst_be)? {
         tunnel::Route::Here => here(),
         tunnel::Route::Remote(node) => {
-            let v = tunnel::encap(ctx, &local, &node, hash)?;
+            let v = tunnel::encap(p, &local, &node, hash)?;
             bump(Stat::TunnelEncap);
             Ok(v)
         }
     }
 }
 
-/// Packets entering the container.
-#[inline(always)]
-pub fn to_container(ctx: &TcContext) -> i32 {
-    finish(try_to_container(ctx))
-}
-
-/// Counts the verdict; a drop reason is counted too.
-#[inline(always)]
-fn finish(r: Result<i32, Stat>) -> i32 {
-    let verdict = match r {
-        Ok(v) => v,
-        Err(reason) => {
-            bump(reason);
-            TC_ACT_SHOT
-        }
+/// Packets leaving the container.
+pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
+    let pk = match parse::ipv4(ctx) {
+        Ok(pk) => pk,
+        Err(e) => return unparsed(e),
     };
-    bump(match verdict {
-        TC_ACT_OK => Stat::TcOk,
-        TC_ACT_REDIRECT => Stat::TcRedirect,
-        _ => Stat::TcShot,
-    });
-    verdict
-}
-
-/// Passes the packet untouched, counting why.
-#[inline(always)]
-fn pass(path: Stat) -> Result<i32, Stat> {
-    bump(path);
-    Ok(TC_ACT_OK)
-}
-
-/// The IPv4 header fields the programs need.
-struct Ip {
-    src_be: u32,
-    dst_be: u32,
-    proto: u8,
-    /// Offset of the L4 header.
-    l4_off: usize,
-}
-
-/// Parses Ethernet + IPv4; `Err` is the path counter of a packet that is
-/// not balanced IPv4 and passes untouched.
-#[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Ip, Stat> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| Stat::TcMalformed)?;
-    if u16::from_be(eth.proto_be) != ETH_P_IP {
-        return Err(Stat::TcNotIpv4);
+    let t = pk.t;
+    if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
+        return deliver(ctx, t.dst_be, t.hash(), Some(Stat::TcNotService));
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| Stat::TcMalformed)?;
-    let ihl = ip.header_len();
-    if ip.version() != 4 || ihl < IPV4_MIN_HLEN || (u16::from_be(ip.tot_len_be) as usize) < ihl {
-        return Err(Stat::TcMalformed);
-    }
-    if ip.frag_offset() != 0 {
-        return Err(Stat::TcFragment);
-    }
-    Ok(Ip {
-        src_be: ip.src_be,
-        dst_be: ip.dst_be,
-        proto: ip.proto,
-        l4_off: ETH_HLEN + ihl,
-    })
-}
-
-/// Ports (raw) and TCP flags of the L4 header at `off`.
-#[inline(always)]
-fn ports(ctx: &TcContext, off: usize, proto: u8) -> Result<(u16, u16, u8), i64> {
-    let p: [u16; 2] = ctx.load(off)?;
-    let flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(off + 13)?
-    } else {
-        0
-    };
-    Ok((p[0], p[1], flags))
-}
-
-fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
-    let ip = match parse_ipv4(ctx) {
-        Ok(ip) => ip,
-        Err(path) => return pass(path),
-    };
-    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        let hash = flow_hash(ip.src_be, ip.dst_be, 0, 0, ip.proto);
-        return deliver(ctx, ip.dst_be, hash, Some(Stat::TcNotService));
-    }
-    let Ok((sport_be, dport_be, tcp_flags)) = ports(ctx, ip.l4_off, ip.proto) else {
-        return pass(Stat::TcMalformed);
-    };
     let key = ServiceKey {
-        vip_be: ip.dst_be,
-        port_be: dport_be,
-        proto: ip.proto,
+        vip_be: t.dst_be,
+        port_be: t.dport_be,
+        proto: t.proto,
         ..ServiceKey::default()
     };
     // SAFETY: map values are plain data; the agent replaces them atomically.
@@ -160,27 +83,12 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
         // A new direct flow: only a TCP SYN (without ACK) or any UDP
         // packet can start one; both are cheap to check against stale
         // reverse entries.
-        let opens =
-            ip.proto == IPPROTO_UDP || tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-        let direct = Tuple {
-            src_be: ip.src_be,
-            dst_be: ip.dst_be,
-            sport_be,
-            dport_be,
-            proto: ip.proto,
-        };
-        if opens && ct::supersede_reverse(&direct) {
+        let opens = t.proto == IPPROTO_UDP
+            || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+        if opens && ct::supersede_reverse(&t) {
             bump(Stat::LbStaleReverse);
         }
-        let hash = flow_hash(ip.src_be, ip.dst_be, sport_be, dport_be, ip.proto);
-        return deliver(ctx, ip.dst_be, hash, Some(Stat::TcNotService));
-    };
-    let t = Tuple {
-        src_be: ip.src_be,
-        dst_be: ip.dst_be,
-        sport_be,
-        dport_be,
-        proto: ip.proto,
+        return deliver(ctx, t.dst_be, t.hash(), Some(Stat::TcNotService));
     };
 
     let mut new_flow = false;
@@ -191,19 +99,19 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
     });
     let backend = match tracked {
         Some((entry, b)) => {
-            ct::touch(entry, tcp_flags);
+            ct::touch(entry, pk.tcp_flags);
             bump(Stat::LbCtHit);
             b
         }
         None => {
             let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
-            ct::create(&t, id, svc.id, b.ip_be, b.port_be, tcp_flags)
+            ct::create(&t, id, svc.id, b.ip_be, b.port_be, pk.tcp_flags)
                 .map_err(|_| Stat::LbCtWriteFail)?;
             if existed {
                 bump(Stat::LbReselect);
             } else {
-                if ip.proto == IPPROTO_TCP && tcp_flags & tcp_flag::SYN == 0 {
+                if t.proto == IPPROTO_TCP && pk.tcp_flags & tcp_flag::SYN == 0 {
                     bump(Stat::LbCtMissMidFlow);
                 }
                 bump(Stat::LbNewFlow);
@@ -215,86 +123,74 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Stat> {
 
     nat::rewrite(
         ctx,
-        ip.l4_off,
-        ip.proto,
+        pk.l4_off,
+        t.proto,
         End::Dst,
-        (ip.dst_be, backend.ip_be),
-        (dport_be, backend.port_be),
+        (t.dst_be, backend.ip_be),
+        (t.dport_be, backend.port_be),
     )
-    .map_err(|_| Stat::NatRewriteFail)?;
-    count_service(svc.id, ctx.len(), new_flow);
+    .ok_or(Stat::NatRewriteFail)?;
+    count_service(svc.id, ctx.len() as u32, new_flow);
 
     if backend.ifindex == 0 {
         // Not a local veth: another node's (tunnelled) or the stack's.
-        let hash = flow_hash(t.src_be, t.dst_be, t.sport_be, t.dport_be, t.proto);
-        return deliver(ctx, backend.ip_be, hash, None);
+        return deliver(ctx, backend.ip_be, t.hash(), None);
     }
-    // Local backend: deliver straight to its veth, as the gateway would.
-    let gw_mac: [u8; 6] = ctx.load(0).map_err(|_| Stat::NatRewriteFail)?;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&backend.mac);
-    macs[6..].copy_from_slice(&gw_mac);
-    ctx.store(0, &macs, 0).map_err(|_| Stat::NatRewriteFail)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(backend.ifindex, 0) } as i32)
+    // Local backend: deliver straight to its veth, as the gateway would
+    // (source = the gateway MAC the container addressed).
+    let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+    tunnel::set_macs(ctx, &backend.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
+    Ok(Verdict::Redirect(backend.ifindex))
 }
 
-fn try_to_container(ctx: &TcContext) -> Result<i32, Stat> {
-    let ip = match parse_ipv4(ctx) {
-        Ok(ip) => ip,
-        Err(path) => return pass(path),
+/// Packets entering the container.
+pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
+    let pk = match parse::ipv4(ctx) {
+        Ok(pk) => pk,
+        Err(e) => return unparsed(e),
     };
-    match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => reverse_nat(ctx, &ip),
-        IPPROTO_ICMP => reverse_icmp_error(ctx, &ip),
+    match pk.t.proto {
+        IPPROTO_TCP | IPPROTO_UDP => reverse_nat(ctx, &pk),
+        IPPROTO_ICMP => reverse_icmp_error(ctx, &pk),
         _ => pass(Stat::TcNoReverse),
     }
 }
 
 /// A reply from a backend: its source becomes the VIP again.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, ip: &Ip) -> Result<i32, Stat> {
-    let Ok((sport_be, dport_be, tcp_flags)) = ports(ctx, ip.l4_off, ip.proto) else {
-        return pass(Stat::TcMalformed);
-    };
-    let reply = Tuple {
-        src_be: ip.src_be,
-        dst_be: ip.dst_be,
-        sport_be,
-        dport_be,
-        proto: ip.proto,
-    };
-    let Some(e) = ct::lookup(&reply.key(dir::REVERSE)) else {
+fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
+    let t = &pk.t;
+    let Some(e) = ct::lookup(&t.key(dir::REVERSE)) else {
         return pass(Stat::TcNoReverse);
     };
     // SAFETY: pointer from a successful lookup.
     let (vip, vport, svc) = unsafe { ((*e).nat_ip_be, (*e).nat_port_be, (*e).service_id) };
-    ct::touch(e, tcp_flags);
+    ct::touch(e, pk.tcp_flags);
     nat::rewrite(
-        ctx,
-        ip.l4_off,
-        ip.proto,
+        p,
+        pk.l4_off,
+        t.proto,
         End::Src,
-        (ip.src_be, vip),
-        (sport_be, vport),
+        (t.src_be, vip),
+        (t.sport_be, vport),
     )
-    .map_err(|_| Stat::NatRewriteFail)?;
-    count_service(svc, ctx.len(), false);
+    .ok_or(Stat::NatRewriteFail)?;
+    count_service(svc, p.len() as u32, false);
     pass(Stat::NatReverse)
 }
 
 /// An ICMP error (destination unreachable, time exceeded) quoting a packet
 /// the client sent to a backend: translated back to the VIP.
 #[inline(always)]
-fn reverse_icmp_error(ctx: &TcContext, ip: &Ip) -> Result<i32, Stat> {
-    let Ok(icmp) = ctx.load::<IcmpHdr>(ip.l4_off) else {
+fn reverse_icmp_error<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
+    let Some(icmp) = p.load::<IcmpHdr>(pk.l4_off) else {
         return pass(Stat::TcMalformed);
     };
     if icmp.kind != ICMP_DEST_UNREACH && icmp.kind != ICMP_TIME_EXCEEDED {
         return pass(Stat::TcNoReverse);
     }
-    let inner_ip_off = ip.l4_off + 8;
-    let Ok(inner) = ctx.load::<Ipv4Hdr>(inner_ip_off) else {
+    let inner_ip_off = pk.l4_off + 8;
+    let Some(inner) = p.load::<Ipv4Hdr>(inner_ip_off) else {
         return pass(Stat::TcMalformed);
     };
     let ihl = inner.header_len();
@@ -305,7 +201,8 @@ fn reverse_icmp_error(ctx: &TcContext, ip: &Ip) -> Result<i32, Stat> {
         return pass(Stat::TcNoReverse);
     }
     let inner_l4_off = inner_ip_off + ihl;
-    let Ok((sport_be, dport_be, _)) = ports(ctx, inner_l4_off, IPPROTO_UDP) else {
+    // An error quotes at least 8 bytes of the L4 header: the ports.
+    let Some(ports) = p.load::<[u16; 2]>(inner_l4_off) else {
         return pass(Stat::TcMalformed);
     };
     // The quoted packet went client -> backend; its reverse entry is keyed
@@ -313,32 +210,26 @@ fn reverse_icmp_error(ctx: &TcContext, ip: &Ip) -> Result<i32, Stat> {
     let quoted = Tuple {
         src_be: inner.src_be,
         dst_be: inner.dst_be,
-        sport_be,
-        dport_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
         proto: inner.proto,
+        ..Tuple::default()
     };
-    let reply = Tuple {
-        src_be: quoted.dst_be,
-        dst_be: quoted.src_be,
-        sport_be: quoted.dport_be,
-        dport_be: quoted.sport_be,
-        proto: quoted.proto,
-    };
-    let Some(e) = ct::lookup(&reply.key(dir::REVERSE)) else {
+    let Some(e) = ct::lookup(&quoted.reversed().key(dir::REVERSE)) else {
         return pass(Stat::TcNoReverse);
     };
     // SAFETY: pointer from a successful lookup.
     let (vip, vport) = unsafe { ((*e).nat_ip_be, (*e).nat_port_be) };
     nat::icmp_error(
-        ctx,
-        ip.l4_off,
+        p,
+        pk.l4_off,
         inner_ip_off,
         inner_l4_off,
         &quoted,
         (vip, vport),
-        ip.src_be,
+        pk.t.src_be,
     )
-    .map_err(|_| Stat::NatRewriteFail)?;
+    .ok_or(Stat::NatRewriteFail)?;
     pass(Stat::NatIcmpError)
 }
 

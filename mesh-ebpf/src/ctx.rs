@@ -1,0 +1,226 @@
+//! One packet interface for both hooks (cilium's overloadable skb/xdp
+//! helpers, without macros): the parser, NAT, checksums and encapsulation
+//! are written once over [`Packet`], which TC's `TcContext` and XDP's
+//! `XdpContext` implement; and one [`Verdict`] whose counting is the same
+//! for every program ([`finish`]).
+//!
+//! TC reads and writes through the skb helpers (they work on non-linear
+//! skbs and keep offloaded checksums right); XDP uses direct, bounds-checked
+//! packet access and RFC 1624 arithmetic for checksums.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+    },
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+use mesh_common::stats::Stat;
+
+use crate::{
+    csum::{self, BPF_F_MARK_MANGLED_0},
+    parse::{ETH_HLEN, ptr_at},
+    stats::bump,
+};
+
+/// A packet either hook sees. Offsets are from the start of the frame.
+pub trait Packet {
+    /// Length of the whole frame.
+    fn len(&self) -> usize;
+    /// A `T` at `off`, if the packet is long enough.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Writes `v` at `off`.
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Option<()>;
+    /// Updates the IPv4 header checksum at `csum_off` for a field that
+    /// changed from `from` to `to` (`size` 2 or 4 bytes).
+    fn l3_csum_replace(&self, csum_off: usize, from: u32, to: u32, size: u64) -> Option<()>;
+    /// Updates the TCP/UDP checksum at `csum_off`; `flags` as for
+    /// bpf_l4_csum_replace (size in the low bits, `BPF_F_PSEUDO_HDR`,
+    /// `BPF_F_MARK_MANGLED_0`).
+    fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()>;
+    /// Makes room for `len` bytes of VXLAN encapsulation right after the
+    /// Ethernet header (TC) or in front of the frame (XDP); either way a
+    /// write of `len + 14` bytes at offset 0 then lays out the outer headers
+    /// and the inner Ethernet header. Packet pointers are stale afterwards.
+    fn grow_for_vxlan(&self, len: usize) -> Option<()>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        TcContext::load(self, off).ok()
+    }
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Option<()> {
+        TcContext::store(self, off, v, 0).ok()
+    }
+    #[inline(always)]
+    fn l3_csum_replace(&self, csum_off: usize, from: u32, to: u32, size: u64) -> Option<()> {
+        TcContext::l3_csum_replace(self, csum_off, from as u64, to as u64, size).ok()
+    }
+    #[inline(always)]
+    fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()> {
+        TcContext::l4_csum_replace(self, csum_off, from as u64, to as u64, flags).ok()
+    }
+    #[inline(always)]
+    fn grow_for_vxlan(&self, len: usize) -> Option<()> {
+        // The flags tell the kernel it is a UDP tunnel with an inner
+        // Ethernet header, so GSO segments large TCP sends correctly.
+        let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+            | encap_l2(ETH_HLEN as u64);
+        self.adjust_room(len as i32, BPF_ADJ_ROOM_MAC, flags).ok()
+    }
+}
+
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.
+const fn encap_l2(len: u64) -> u64 {
+    (len & 0xff) << 56
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        let p = ptr_at::<T>(self.data(), self.data_end(), off)?;
+        // SAFETY: ptr_at checked that the T lies inside the packet.
+        Some(unsafe { p.read_unaligned() })
+    }
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Option<()> {
+        let p = ptr_at::<T>(self.data(), self.data_end(), off)?;
+        // SAFETY: as above; the frame is this program's to rewrite.
+        unsafe { p.cast_mut().write_unaligned(*v) };
+        Some(())
+    }
+    #[inline(always)]
+    fn l3_csum_replace(&self, csum_off: usize, from: u32, to: u32, size: u64) -> Option<()> {
+        let old: u16 = self.load(csum_off)?;
+        let new = if size == 2 {
+            csum::update16(old, from as u16, to as u16)
+        } else {
+            csum::update32(old, from, to)
+        };
+        self.store(csum_off, &new)
+    }
+    #[inline(always)]
+    fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()> {
+        // XDP frames carry complete checksums (no CHECKSUM_PARTIAL), so the
+        // pseudo-header flag changes nothing here.
+        let old: u16 = self.load(csum_off)?;
+        let mangled = flags & BPF_F_MARK_MANGLED_0 != 0;
+        if mangled && old == 0 {
+            return Some(());
+        }
+        let mut new = if flags & 0xf == 2 {
+            csum::update16(old, from as u16, to as u16)
+        } else {
+            csum::update32(old, from, to)
+        };
+        if mangled && new == 0 {
+            new = 0xffff;
+        }
+        self.store(csum_off, &new)
+    }
+    #[inline(always)]
+    fn grow_for_vxlan(&self, len: usize) -> Option<()> {
+        // SAFETY: ctx is the program's context.
+        (unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) } == 0).then_some(())
+    }
+}
+
+/// What a program does with a packet, the same for every hook.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// On to the stack, as it is now.
+    Pass,
+    /// Dropped (the reason is counted by whoever decided it).
+    Drop,
+    /// Out of interface `ifindex` (`bpf_redirect`).
+    Redirect(u32),
+}
+
+/// A hook's return codes and verdict counters.
+pub trait Hook {
+    type Code;
+    /// Carries out `v` and returns the hook's code and its verdict counter.
+    fn code(v: Verdict) -> (Self::Code, Stat);
+}
+
+pub struct Tc;
+
+impl Hook for Tc {
+    type Code = i32;
+    #[inline(always)]
+    fn code(v: Verdict) -> (i32, Stat) {
+        match v {
+            Verdict::Pass => (TC_ACT_OK, Stat::TcOk),
+            Verdict::Drop => (TC_ACT_SHOT, Stat::TcShot),
+            Verdict::Redirect(ifindex) => {
+                // SAFETY: plain helper call.
+                let r = unsafe { bpf_redirect(ifindex, 0) } as i32;
+                let stat = if r == TC_ACT_REDIRECT {
+                    Stat::TcRedirect
+                } else {
+                    Stat::TcShot
+                };
+                (r, stat)
+            }
+        }
+    }
+}
+
+pub struct Xdp;
+
+impl Hook for Xdp {
+    type Code = u32;
+    #[inline(always)]
+    fn code(v: Verdict) -> (u32, Stat) {
+        match v {
+            Verdict::Pass => (xdp_action::XDP_PASS, Stat::XdpPass),
+            Verdict::Drop => (xdp_action::XDP_DROP, Stat::XdpDrop),
+            Verdict::Redirect(ifindex) => {
+                // SAFETY: plain helper call.
+                let r = unsafe { bpf_redirect(ifindex, 0) } as u32;
+                let stat = if r == xdp_action::XDP_REDIRECT {
+                    Stat::XdpRedirect
+                } else {
+                    Stat::XdpAborted
+                };
+                (r, stat)
+            }
+        }
+    }
+}
+
+/// A program's result: `Ok` is a verdict, `Err` a drop reason. Counts the
+/// drop reason (if any) and the verdict, and returns the hook's code.
+#[inline(always)]
+pub fn finish<H: Hook>(r: Result<Verdict, Stat>) -> H::Code {
+    let v = match r {
+        Ok(v) => v,
+        Err(reason) => {
+            bump(reason);
+            Verdict::Drop
+        }
+    };
+    let (code, stat) = H::code(v);
+    bump(stat);
+    code
+}
+
+/// Passes the packet untouched, counting why.
+#[inline(always)]
+pub fn pass(path: Stat) -> Result<Verdict, Stat> {
+    bump(path);
+    Ok(Verdict::Pass)
+}
