@@ -10,13 +10,12 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use mesh_agent::{
-    DEFAULT_BPFFS_DIR, api,
+    DEFAULT_BPFFS_DIR,
     cluster::{self, Cluster, JoinConfig},
-    daemon::{Daemon, Settings, Shared},
+    daemon::{self, Daemon, Settings, Shared},
     dataplane::{self, lb::LbMaps, progs},
     iface,
     logging::{self, LogFormat},
-    metrics,
     vip::Cidr,
 };
 use tracing::{error, info};
@@ -166,20 +165,12 @@ async fn run(args: Args) -> Result<()> {
         sh.status.node.bpffs_dir = args.bpffs_dir.display().to_string();
         sh.status.docker.socket = args.docker_socket.display().to_string();
     }
-    let api_path = args.api_socket.clone();
-    let api_shared = shared.clone();
-    tokio::spawn(async move {
-        if let Err(e) = api::serve(&api_path, api_shared).await {
-            error!(path = %api_path.display(), error = %e, "control socket failed");
-        }
-    });
-    let (addr, dir, m_shared) = (args.metrics_addr, args.bpffs_dir.clone(), shared.clone());
-    tokio::spawn(async move {
-        if let Err(e) = metrics::serve(addr, dir, m_shared).await {
-            error!(%addr, error = %e, "metrics endpoint failed");
-        }
-    });
-    info!(api = %args.api_socket.display(), metrics = %args.metrics_addr, "serving");
+    daemon::serve_interfaces(
+        args.api_socket.clone(),
+        args.metrics_addr,
+        args.bpffs_dir.clone(),
+        shared.clone(),
+    );
 
     let (node_subnet, cluster) = cluster_setup(&args).await?;
     info!(subnet = %node_subnet, clustered = cluster.is_some(), "this node's subnet");

@@ -62,6 +62,28 @@ pub struct Shared {
     pub gossip: Option<Arc<GossipStats>>,
 }
 
+/// Starts the control socket and /metrics: they answer from the start,
+/// while the node still settles its subnet and waits for Docker.
+pub fn serve_interfaces(
+    api_socket: PathBuf,
+    metrics_addr: SocketAddr,
+    bpffs_dir: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+) {
+    info!(api = %api_socket.display(), metrics = %metrics_addr, "serving");
+    let api_shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::api::serve(&api_socket, api_shared).await {
+            tracing::error!(path = %api_socket.display(), error = %e, "control socket failed");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(metrics_addr, bpffs_dir, shared).await {
+            tracing::error!(addr = %metrics_addr, error = %e, "metrics endpoint failed");
+        }
+    });
+}
+
 /// What Docker told us: the inputs of the desired state that come from it.
 #[derive(Default)]
 struct DockerView {
