@@ -186,20 +186,9 @@ impl Engine {
         count: u32,
         interval_ms: u32,
     ) -> (BTreeMap<String, usize>, Vec<String>) {
-        let out = self.docker(&[
-            "exec",
-            "client",
-            "/whoami",
-            "ask",
-            proto,
-            target,
-            "--count",
-            &count.to_string(),
-            "--interval-ms",
-            &interval_ms.to_string(),
-            "--timeout-ms",
-            "2000",
-        ]);
+        let args = lab::whoami::ask_args("client", proto, target, count, interval_ms, 2000);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.docker(&args);
         let mut names = BTreeMap::new();
         let mut errors = Vec::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -238,23 +227,38 @@ impl Engine {
         self.import_tree(&root, "mesh-glibc:test", None);
     }
 
+    /// Starts `whoami ask` in the container named `client` in the
+    /// background (bounded: `count` requests, `timeout_ms` each); its
+    /// output is piped.
+    pub fn ask_in_background(
+        &self,
+        proto: &str,
+        target: &str,
+        count: u32,
+        interval_ms: u32,
+        timeout_ms: u32,
+    ) -> Child {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(lab::whoami::ask_args(
+                "client",
+                proto,
+                target,
+                count,
+                interval_ms,
+                timeout_ms,
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("docker exec")
+    }
+
     /// Runs a whoami container on the mesh network; returns its id.
     pub fn run_whoami(&self, name: &str, labels: &[&str], extra: &[&str]) -> String {
-        let mut args = vec![
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--hostname",
-            name,
-            "--network",
-            "mesh",
-        ];
-        for l in labels {
-            args.extend(["--label", l]);
-        }
-        args.extend(extra);
-        args.extend([WHOAMI_IMAGE, "serve", "--tcp", "80", "--udp", "80"]);
+        let args = lab::whoami::run_args(name, labels, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.docker_ok(&args)
     }
 }

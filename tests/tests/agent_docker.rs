@@ -117,30 +117,6 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// Starts `whoami ask` in the client in the background.
-fn ask_in_background(
-    engine: &Engine,
-    target: &str,
-    count: u32,
-    interval_ms: u32,
-) -> std::process::Child {
-    std::process::Command::new("docker")
-        .arg("-H")
-        .arg(format!("unix://{}", engine.socket.display()))
-        .args(["exec", "client", "/whoami", "ask", "tcp", target])
-        .args([
-            "--count",
-            &count.to_string(),
-            "--interval-ms",
-            &interval_ms.to_string(),
-            "--timeout-ms",
-            "2000",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("docker exec")
-}
-
 /// (unix ms, Ok(name) | Err(line)) per request of a finished `ask`.
 fn results(child: std::process::Child) -> Vec<(u128, Result<String, String>)> {
     let out = child.wait_with_output().expect("ask finishes");
@@ -209,7 +185,7 @@ fn docker_stop_drains_at_once_and_start_brings_it_back() {
     let vip = whoami_vip(&agent, 3);
     let target = format!("{vip}:80");
 
-    let loop1 = ask_in_background(&engine, &target, 800, 10);
+    let loop1 = engine.ask_in_background("tcp", &target, 800, 10, 2000);
     std::thread::sleep(Duration::from_secs(1));
     let stop_at = now_ms();
     engine.docker_ok(&["stop", "w2"]);
@@ -238,7 +214,7 @@ fn docker_stop_drains_at_once_and_start_brings_it_back() {
 
     engine.docker_ok(&["start", "w2"]);
     let started_at = now_ms();
-    let r2 = results(ask_in_background(&engine, &target, 300, 10));
+    let r2 = results(engine.ask_in_background("tcp", &target, 300, 10, 2000));
     let first_w2 = r2
         .iter()
         .find(|(_, r)| r.as_deref() == Ok("w2"))
@@ -271,7 +247,7 @@ fn docker_agent_kill9_loses_no_request_and_adopts_what_changed() {
 
     // A continuous loop of 2,000 requests; the agent dies in the middle and
     // comes back 2 s later.
-    let client = ask_in_background(&engine, &target, 2000, 4);
+    let client = engine.ask_in_background("tcp", &target, 2000, 4, 2000);
     std::thread::sleep(Duration::from_secs(2));
     agent.kill9();
     std::thread::sleep(Duration::from_secs(2));

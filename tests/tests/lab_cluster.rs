@@ -198,26 +198,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     whoami(&agents[2], 3);
 
     // Node 2 is cut off during a loop of requests.
-    let client_loop = std::process::Command::new("docker")
-        .arg("-H")
-        .arg(format!("unix://{}", e3.socket.display()))
-        .args([
-            "exec",
-            "client",
-            "/whoami",
-            "ask",
-            "tcp",
-            &target,
-            "--count",
-            "1500",
-            "--interval-ms",
-            "5",
-            "--timeout-ms",
-            "1000",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("loop");
+    let client_loop = e3.ask_in_background("tcp", &target, 1500, 5, 1000);
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
     underlay.set_link(2, false);

@@ -23,6 +23,7 @@ use mesh_lab::{
     engine::{Engine, EngineSpec},
     image::{self, AGENT_IMAGE, WHOAMI_IMAGE},
     underlay::{self, Underlay},
+    whoami,
 };
 
 const UNDERLAY_NS: &str = "meshlab-u";
@@ -292,23 +293,11 @@ pub fn demo(images: &Images) -> Result<()> {
         .enumerate()
     {
         docker(n)
-            .args([
-                "run",
-                "-d",
-                "--name",
+            .args(whoami::run_args(
                 name,
-                "--hostname",
-                name,
-                "--network",
-                "mesh",
-            ])
-            .args([
-                "--label",
-                "mesh.service=whoami",
-                "--label",
-                "mesh.port=80/tcp,80/udp",
-            ])
-            .args([WHOAMI_IMAGE, "serve", "--tcp", "80", "--udp", "80"])
+                &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"],
+                &[],
+            ))
             .output()?;
         vip = wait_replicas(3, i + 1)?;
         println!(
@@ -326,18 +315,7 @@ pub fn demo(images: &Images) -> Result<()> {
     );
     let target = format!("{vip}:80");
     let out = docker(3)
-        .args([
-            "exec",
-            "client",
-            "/whoami",
-            "ask",
-            "tcp",
-            &target,
-            "--count",
-            "12",
-            "--interval-ms",
-            "100",
-        ])
+        .args(whoami::ask_args("client", "tcp", &target, 12, 100, 2000))
         .output()
         .unwrap_or_else(|e| e.to_string());
     println!("{out}");

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod engine;
 pub mod image;
 pub mod underlay;
+pub mod whoami;
 
 /// A random 32-byte cluster key as 64 hex digits.
 pub fn random_key() -> anyhow::Result<String> {
