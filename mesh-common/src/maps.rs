@@ -159,8 +159,18 @@ pub const LOCAL_EPS: MapDef = def(
     "container ip -> LocalEndpoint{ifindex, mac}",
 );
 
+/// Hash `underlay IP (network order) -> its /24 (network order)`: the
+/// addresses VXLAN is accepted from.
+pub const PEERS: MapDef = def(
+    "MESH_PEERS",
+    Hash,
+    MAX_NODES,
+    Agent,
+    "node underlay ip -> its /24",
+);
+
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 9] = [
+pub const ALL: [MapDef; 10] = [
     STATS,
     SERVICES,
     BACKENDS,
@@ -169,6 +179,7 @@ pub const ALL: [MapDef; 9] = [
     SERVICE_STATS,
     LOCAL_NODE,
     NODES,
+    PEERS,
     LOCAL_EPS,
 ];
 

@@ -95,6 +95,12 @@ counters! {
     TunnelDeliver = 34, "tunnel_deliver", Path, "Underlay TC: a decapsulated packet handed to its container's veth.";
     TunnelPass = 35, "tunnel_pass", Path, "Underlay TC: not for a local container, left to the stack.";
     LbStaleReverse = 36, "lb_stale_reverse", Path, "A new direct flow reused a finished VIP flow's tuple: its stale reverse-NAT entry was dropped.";
+    TcSpoofed = 37, "tc_spoofed", Drop, "Leaving a container with a source address that is not its own.";
+    XdpVxlanUntrusted = 38, "xdp_vxlan_untrusted", Path, "VXLAN from an address that is not a cluster node's: passed untouched, to the host's firewall.";
+    XdpVxlanNotOurs = 39, "xdp_vxlan_not_ours", Path, "VXLAN whose outer destination is not this node's address: passed untouched.";
+    XdpVxlanBad = 40, "xdp_vxlan_bad", Path, "VXLAN with outer TTL 0 or a UDP length that disagrees with the IPv4 length: passed untouched.";
+    TunnelUnmarked = 41, "tunnel_unmarked", Path, "Underlay TC: a frame for a local container that this node did not decapsulate: left to the stack and its firewall.";
+    XdpMetaFail = 42, "xdp_meta_fail", Path, "XDP: no room to mark a decapsulated frame (driver without metadata): passed unmarked.";
 }
 
 impl Stat {

@@ -19,6 +19,11 @@ pub const VXLAN_FLAG_I: u8 = 0x08;
 pub const SPORT_BASE: u16 = 49152;
 pub const SPORT_MASK: u16 = 0x3fff;
 
+/// XDP metadata in front of a frame this node decapsulated, so the underlay
+/// TC program delivers to containers only what came through the tunnel
+/// (never a plain frame from the wire). Native byte order.
+pub const DECAP_MARK: u32 = 0x4d53_4831;
+
 /// Prefix length of a node's subnet.
 pub const NODE_PREFIX: u8 = 24;
 pub const NODE_MASK: u32 = 0xffff_ff00;

@@ -138,15 +138,39 @@ impl Packet for XdpContext {
     }
 }
 
-/// What a program does with a packet, the same for every hook.
+/// What a program does with a packet, the same for every hook. A plain
+/// struct rather than an enum with a payload: every field is always
+/// initialised, so no path hands the verifier an undefined register.
 #[derive(Clone, Copy)]
-pub enum Verdict {
+pub struct Verdict {
+    action: u32,
+    /// The redirect target (0 otherwise).
+    ifindex: u32,
+}
+
+const PASS: u32 = 0;
+const DROP: u32 = 1;
+const REDIRECT: u32 = 2;
+
+impl Verdict {
     /// On to the stack, as it is now.
-    Pass,
+    pub const PASS: Verdict = Verdict {
+        action: PASS,
+        ifindex: 0,
+    };
     /// Dropped (the reason is counted by whoever decided it).
-    Drop,
+    pub const DROP: Verdict = Verdict {
+        action: DROP,
+        ifindex: 0,
+    };
     /// Out of interface `ifindex` (`bpf_redirect`).
-    Redirect(u32),
+    #[inline(always)]
+    pub const fn redirect(ifindex: u32) -> Verdict {
+        Verdict {
+            action: REDIRECT,
+            ifindex,
+        }
+    }
 }
 
 /// A hook's return codes and verdict counters.
@@ -162,12 +186,11 @@ impl Hook for Tc {
     type Code = i32;
     #[inline(always)]
     fn code(v: Verdict) -> (i32, Stat) {
-        match v {
-            Verdict::Pass => (TC_ACT_OK, Stat::TcOk),
-            Verdict::Drop => (TC_ACT_SHOT, Stat::TcShot),
-            Verdict::Redirect(ifindex) => {
+        match v.action {
+            PASS => (TC_ACT_OK, Stat::TcOk),
+            REDIRECT => {
                 // SAFETY: plain helper call.
-                let r = unsafe { bpf_redirect(ifindex, 0) } as i32;
+                let r = unsafe { bpf_redirect(v.ifindex, 0) } as i32;
                 let stat = if r == TC_ACT_REDIRECT {
                     Stat::TcRedirect
                 } else {
@@ -175,6 +198,7 @@ impl Hook for Tc {
                 };
                 (r, stat)
             }
+            _ => (TC_ACT_SHOT, Stat::TcShot),
         }
     }
 }
@@ -185,12 +209,11 @@ impl Hook for Xdp {
     type Code = u32;
     #[inline(always)]
     fn code(v: Verdict) -> (u32, Stat) {
-        match v {
-            Verdict::Pass => (xdp_action::XDP_PASS, Stat::XdpPass),
-            Verdict::Drop => (xdp_action::XDP_DROP, Stat::XdpDrop),
-            Verdict::Redirect(ifindex) => {
+        match v.action {
+            PASS => (xdp_action::XDP_PASS, Stat::XdpPass),
+            REDIRECT => {
                 // SAFETY: plain helper call.
-                let r = unsafe { bpf_redirect(ifindex, 0) } as u32;
+                let r = unsafe { bpf_redirect(v.ifindex, 0) } as u32;
                 let stat = if r == xdp_action::XDP_REDIRECT {
                     Stat::XdpRedirect
                 } else {
@@ -198,6 +221,7 @@ impl Hook for Xdp {
                 };
                 (r, stat)
             }
+            _ => (xdp_action::XDP_DROP, Stat::XdpDrop),
         }
     }
 }
@@ -210,7 +234,7 @@ pub fn finish<H: Hook>(r: Result<Verdict, Stat>) -> H::Code {
         Ok(v) => v,
         Err(reason) => {
             bump(reason);
-            Verdict::Drop
+            Verdict::DROP
         }
     };
     let (code, stat) = H::code(v);
@@ -222,5 +246,5 @@ pub fn finish<H: Hook>(r: Result<Verdict, Stat>) -> H::Code {
 #[inline(always)]
 pub fn pass(path: Stat) -> Result<Verdict, Stat> {
     bump(path);
-    Ok(Verdict::Pass)
+    Ok(Verdict::PASS)
 }

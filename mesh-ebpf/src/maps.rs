@@ -57,3 +57,7 @@ pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
 /// This node's containers, by address.
 #[map(name = "MESH_LOCAL_EPS")]
 pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MAX_LOCAL_EPS, 0);
+
+/// The other nodes by underlay address: VXLAN is accepted only from these.
+#[map(name = "MESH_PEERS")]
+pub static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);

@@ -152,8 +152,6 @@ pub enum ParseError {
     NotIpv4,
     /// IPv4 with an invalid header (version, IHL, total length).
     BadIpv4,
-    /// A fragment other than the first: no L4 header.
-    Fragment,
 }
 
 /// An IPv4 packet as both hooks see it.
@@ -165,6 +163,12 @@ pub struct Parsed {
     pub l4_off: usize,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
+    /// A fragment other than the first: addresses only (no L4 header, so
+    /// the ports are 0).
+    pub fragment: bool,
+    pub ttl: u8,
+    /// The IPv4 total length.
+    pub ip_len: u16,
 }
 
 /// Parses Ethernet / IPv4 and, for TCP and UDP, the whole L4 header.
@@ -185,21 +189,28 @@ pub fn ipv4<P: Packet>(p: &P) -> Result<Parsed, ParseError> {
     if ETH_HLEN + tot_len > p.len() {
         return Err(ParseError::Truncated);
     }
-    if ip.frag_offset() != 0 {
-        return Err(ParseError::Fragment);
-    }
     let l4_off = ETH_HLEN + ihl;
-    let mut t = Tuple {
-        src_be: ip.src_be,
-        dst_be: ip.dst_be,
-        proto: ip.proto,
-        ..Tuple::default()
+    let mut pk = Parsed {
+        t: Tuple {
+            src_be: ip.src_be,
+            dst_be: ip.dst_be,
+            proto: ip.proto,
+            ..Tuple::default()
+        },
+        l4_off,
+        tcp_flags: 0,
+        fragment: ip.frag_offset() != 0,
+        ttl: ip.ttl,
+        ip_len: tot_len as u16,
     };
-    let mut tcp_flags = 0;
+    if pk.fragment {
+        return Ok(pk);
+    }
+    let t = &mut pk.t;
     match ip.proto {
         IPPROTO_TCP => {
             let tcp: TcpHdr = p.load(l4_off).ok_or(ParseError::Truncated)?;
-            (t.sport_be, t.dport_be, tcp_flags) = (tcp.sport_be, tcp.dport_be, tcp.flags);
+            (t.sport_be, t.dport_be, pk.tcp_flags) = (tcp.sport_be, tcp.dport_be, tcp.flags);
         }
         IPPROTO_UDP => {
             let udp: UdpHdr = p.load(l4_off).ok_or(ParseError::Truncated)?;
@@ -207,9 +218,5 @@ pub fn ipv4<P: Packet>(p: &P) -> Result<Parsed, ParseError> {
         }
         _ => {}
     }
-    Ok(Parsed {
-        t,
-        l4_off,
-        tcp_flags,
-    })
+    Ok(pk)
 }

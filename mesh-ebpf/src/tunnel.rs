@@ -1,16 +1,18 @@
 //! The overlay: which node an address lives on, VXLAN encapsulation (for
 //! either hook), and handing decapsulated packets to local containers.
 
+use aya_ebpf::programs::TcContext;
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I, VXLAN_PORT,
+        DECAP_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I,
+        VXLAN_PORT,
     },
 };
 
 use crate::{
     csum,
-    ctx::{Packet, Verdict},
+    ctx::{Packet, Verdict, pass},
     maps::{LOCAL_EPS, LOCAL_NODE, NODES},
     parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
 };
@@ -113,37 +115,56 @@ pub fn encap<P: Packet>(
         },
     };
     p.store(0, &h).ok_or(Stat::TunnelEncapFail)?;
-    Ok(Verdict::Redirect(l.underlay_ifindex))
+    Ok(Verdict::redirect(l.underlay_ifindex))
 }
 
 /// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
 /// packet for a container on this node goes straight to its veth (as the
 /// bridge would deliver it), so forwarding never depends on the host's
-/// FORWARD chain. Everything else is left to the stack.
+/// FORWARD chain, but only when XDP marked it as decapsulated here: a plain
+/// frame from the wire for a container is left to the stack and the
+/// host's firewall (`tunnel_unmarked`). Everything else is left to the stack.
 #[inline(always)]
-pub fn underlay_ingress<P: Packet>(p: &P) -> Result<Verdict, Stat> {
-    let deliver = || -> Option<u32> {
-        let local = local()?;
-        let eth: EthHdr = p.load(0)?;
-        if u16::from_be(eth.proto_be) != ETH_P_IP {
-            return None;
-        }
-        let ip: Ipv4Hdr = p.load(ETH_HLEN)?;
-        if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
-            return None;
-        }
-        // SAFETY: plain data written by the agent.
-        let ep = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied()?;
-        set_macs(p, &ep.mac, &local.underlay_mac)?;
-        Some(ep.ifindex)
+pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
+    let Some(local) = local() else {
+        return pass(Stat::TunnelPass);
     };
-    match deliver() {
-        Some(ifindex) => {
-            crate::stats::bump(Stat::TunnelDeliver);
-            Ok(Verdict::Redirect(ifindex))
-        }
-        None => crate::ctx::pass(Stat::TunnelPass),
+    let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
+        return pass(Stat::TunnelPass);
+    };
+    let Some(ip) = Packet::load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return pass(Stat::TunnelPass);
+    };
+    if u16::from_be(eth.proto_be) != ETH_P_IP || ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+        return pass(Stat::TunnelPass);
     }
+    // SAFETY: plain data written by the agent.
+    let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
+        return pass(Stat::TunnelPass);
+    };
+    if !decapsulated_here(ctx) {
+        return pass(Stat::TunnelUnmarked);
+    }
+    set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+    crate::stats::bump(Stat::TunnelDeliver);
+    Ok(Verdict::redirect(ep.ifindex))
+}
+
+/// Whether XDP left [`DECAP_MARK`] in front of this frame.
+#[inline(always)]
+fn decapsulated_here(ctx: &TcContext) -> bool {
+    // SAFETY: the context's own fields.
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
+    if meta + 4 > data {
+        return false;
+    }
+    // SAFETY: [meta, meta + 4) lies before data, checked just above.
+    unsafe { (meta as *const u32).read_unaligned() == DECAP_MARK }
 }
 
 /// Sets the frame's destination and source MACs.

@@ -6,17 +6,23 @@
 //! and passed up; everything else passes untouched. The routing mesh will
 //! hook in at the `XdpNotMesh` point.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    programs::XdpContext,
+};
 use mesh_common::{
     stats::Stat,
-    tunnel::{NODE_MASK, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT},
+    tunnel::{DECAP_MARK, NODE_MASK, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT},
 };
 
 use crate::{
     ctx::{Packet, Verdict, pass},
+    maps::PEERS,
     parse::{
-        self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ParseError, VxlanHdr,
+        self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ParseError, Parsed,
+        UdpHdr, VxlanHdr,
     },
+    stats::bump,
     tunnel,
 };
 
@@ -30,26 +36,45 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
                 ParseError::Truncated => Stat::XdpTruncated,
                 ParseError::NotIpv4 => Stat::XdpNotIpv4,
                 ParseError::BadIpv4 => Stat::XdpBadIpv4,
-                ParseError::Fragment => Stat::XdpFragment,
             });
         }
     };
+    if pk.fragment {
+        return pass(Stat::XdpFragment);
+    }
     match pk.t.proto {
-        IPPROTO_UDP if u16::from_be(pk.t.dport_be) == VXLAN_PORT => vxlan(ctx, pk.l4_off + 8),
+        IPPROTO_UDP if u16::from_be(pk.t.dport_be) == VXLAN_PORT => vxlan(ctx, &pk),
         IPPROTO_UDP | IPPROTO_TCP => pass(Stat::XdpNotMesh),
         _ => pass(Stat::XdpOtherL4),
     }
 }
 
-/// VXLAN whose header starts at `vx`: decapsulated and passed up when it
-/// carries the cluster VNI and a packet for this node's /24, so the stack
-/// (and the underlay TC program) delivers the inner packet to the
-/// container, whose veth's TC egress program does any reverse NAT.
+/// VXLAN: decapsulated and passed up only when it comes from a current
+/// cluster node to this node's address, is well formed, carries the
+/// cluster VNI and a packet for this node's /24. The decapsulated frame is
+/// marked (XDP metadata) so the underlay TC program hands it to the
+/// container; the container's veth egress program then does any reverse
+/// NAT. Anything else passes untouched, to the stack and the host's firewall.
 #[inline(always)]
-fn vxlan(ctx: &XdpContext, vx: usize) -> Result<Verdict, Stat> {
+fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
     let Some(local) = tunnel::local() else {
         return pass(Stat::XdpVxlan);
     };
+    if pk.t.dst_be != local.underlay_ip_be {
+        return pass(Stat::XdpVxlanNotOurs);
+    }
+    // SAFETY: plain data written by the agent.
+    if unsafe { PEERS.get(&pk.t.src_be) }.is_none() {
+        return pass(Stat::XdpVxlanUntrusted);
+    }
+    let Some(udp) = ctx.load::<UdpHdr>(pk.l4_off) else {
+        return pass(Stat::XdpTruncated);
+    };
+    let udp_len = u16::from_be(udp.len_be) as usize;
+    if pk.ttl == 0 || udp_len + pk.l4_off - ETH_HLEN != pk.ip_len as usize {
+        return pass(Stat::XdpVxlanBad);
+    }
+    let vx = pk.l4_off + 8;
     let Some(h) = ctx.load::<VxlanHdr>(vx) else {
         return pass(Stat::XdpTruncated);
     };
@@ -76,7 +101,26 @@ fn vxlan(ctx: &XdpContext, vx: usize) -> Result<Verdict, Stat> {
     // Packet pointers are stale after adjust_head: `store` reads them again.
     if ctx.store(0, &local.underlay_mac).is_none() {
         crate::stats::bump(Stat::XdpTruncated);
-        return Ok(Verdict::Drop);
+        return Ok(Verdict::DROP);
+    }
+    if !mark(ctx) {
+        bump(Stat::XdpMetaFail);
     }
     pass(Stat::XdpDecap)
+}
+
+/// Puts [`DECAP_MARK`] in the frame's metadata for the underlay TC program.
+#[inline(always)]
+fn mark(ctx: &XdpContext) -> bool {
+    // SAFETY: ctx is the program's context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return false;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + 4 > data {
+        return false;
+    }
+    // SAFETY: [meta, meta + 4) lies before data, checked just above.
+    unsafe { (meta as *mut u32).write_unaligned(DECAP_MARK) };
+    true
 }

@@ -18,7 +18,7 @@ use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     lb,
-    maps::{SERVICES, SVC_STATS},
+    maps::{LOCAL_EPS, SERVICES, SVC_STATS},
     nat::{self, End},
     parse::{
         self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -33,7 +33,6 @@ use crate::{
 fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
     pass(match e {
         ParseError::NotIpv4 => Stat::TcNotIpv4,
-        ParseError::Fragment => Stat::TcFragment,
         ParseError::Truncated | ParseError::BadIpv4 => Stat::TcMalformed,
     })
 }
@@ -47,7 +46,7 @@ fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Resu
         if let Some(s) = path {
             bump(s);
         }
-        Ok(Verdict::Pass)
+        Ok(Verdict::PASS)
     };
     let Some(local) = tunnel::local() else {
         return here();
@@ -62,12 +61,30 @@ fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Resu
     }
 }
 
+/// Whether `src_be` is the address of the container behind this veth (the
+/// agent writes every local container's address and veth). A container may
+/// hold NET_RAW (Docker grants it by default) and forge any source; these
+/// programs run before netfilter, so this check is the firewall's.
+#[inline(always)]
+fn own_source(ctx: &TcContext, src_be: u32) -> bool {
+    // SAFETY: the context's own field: the veth this program runs on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain data written by the agent.
+    unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex)
+}
+
 /// Packets leaving the container.
 pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
         Err(e) => return unparsed(e),
     };
+    if !own_source(ctx, pk.t.src_be) {
+        return Err(Stat::TcSpoofed);
+    }
+    if pk.fragment {
+        return pass(Stat::TcFragment);
+    }
     let t = pk.t;
     if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
         return deliver(ctx, t.dst_be, t.hash(), Some(Stat::TcNotService));
@@ -140,7 +157,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     // (source = the gateway MAC the container addressed).
     let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &backend.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
-    Ok(Verdict::Redirect(backend.ifindex))
+    Ok(Verdict::redirect(backend.ifindex))
 }
 
 /// Packets entering the container.
@@ -149,6 +166,9 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         Ok(pk) => pk,
         Err(e) => return unparsed(e),
     };
+    if pk.fragment {
+        return pass(Stat::TcFragment);
+    }
     match pk.t.proto {
         IPPROTO_TCP | IPPROTO_UDP => reverse_nat(ctx, &pk),
         IPPROTO_ICMP => reverse_icmp_error(ctx, &pk),

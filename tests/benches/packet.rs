@@ -22,7 +22,7 @@ fn main() {
     drop(h);
 
     let mut h = Harness::new();
-    lb::install(&mut h.lb);
+    lb::install(&mut h);
     h.bench(
         "tc load balancing, fixture table (rows run in order)",
         &lb::fixtures(),
@@ -40,7 +40,7 @@ fn main() {
     for n in [1u32, 1_000, 10_000] {
         let mut h = Harness::new();
         let t = Instant::now();
-        let (vip, backends) = lb::install_scale(&mut h.lb, n, 10);
+        let (vip, backends) = lb::install_scale(&mut h, n, 10);
         let setup = t.elapsed();
 
         // New flows: distinct source ports, one run each (Maglev pick and

@@ -113,6 +113,10 @@ struct XdpMd {
 }
 
 const ETH_HLEN: usize = 14;
+
+/// The interface a TC program sees under BPF_PROG_TEST_RUN: the test
+/// namespace's loopback.
+pub const TEST_IFINDEX: u32 = 1;
 /// Room for the program to grow a packet (encapsulation).
 const OUT_HEADROOM: usize = 256;
 
@@ -165,6 +169,19 @@ impl Harness {
         let lb = LbMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("load-balancing maps: {e}"));
         let overlay = OverlayMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("overlay maps: {e}"));
         Harness { ebpf, lb, overlay }
+    }
+
+    /// Registers `ip` as the container behind the veth TC programs run on
+    /// here (BPF_PROG_TEST_RUN runs them on the test namespace's loopback,
+    /// [`TEST_IFINDEX`]), so its packets pass the anti-spoofing check.
+    pub fn local_container(&mut self, ip: std::net::Ipv4Addr) {
+        let ep = mesh_common::tunnel::LocalEndpoint {
+            ifindex: TEST_IFINDEX,
+            ..Default::default()
+        };
+        self.overlay
+            .set_local_ep(u32::from(ip).to_be(), &ep)
+            .unwrap_or_else(|e| panic!("local endpoint {ip}: {e}"));
     }
 
     /// The loaded object, e.g. to attach its programs.

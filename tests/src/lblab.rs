@@ -82,6 +82,23 @@ impl LbLab {
             });
         }
         let mut harness = Harness::new();
+        // Every container's address and veth (anti-spoofing), as the agent
+        // writes them.
+        let client_ifindex = host.link_field("vc0", "ifindex").as_u64().expect("ifindex") as u32;
+        let client_mac = parse_mac(client.link_field("eth0", "address").as_str().expect("mac"));
+        for (ip, ifindex, mac) in std::iter::once((CLIENT, client_ifindex, client_mac))
+            .chain(backends.iter().map(|b| (b.ip, b.ifindex, b.mac)))
+        {
+            let ep = mesh_common::tunnel::LocalEndpoint {
+                ifindex,
+                mac,
+                ..Default::default()
+            };
+            harness
+                .overlay
+                .set_local_ep(u32::from(ip).to_be(), &ep)
+                .expect("local endpoint");
+        }
         let ifaces: Vec<String> = (0..=n).map(|i| format!("vc{i}")).collect();
         host.run(|| {
             for iface in &ifaces {

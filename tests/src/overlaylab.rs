@@ -171,6 +171,11 @@ impl OverlayLab {
                 .overlay
                 .set_node(subnet, &peer)
                 .expect("peer node");
+            nodes[me]
+                .harness
+                .overlay
+                .set_peer(peer.underlay_ip_be, subnet)
+                .expect("peer address");
         }
         OverlayLab { nodes }
     }

@@ -6,7 +6,7 @@ use mesh_tests::{fixtures::lb, harness::Harness};
 #[test]
 fn connection_lifecycle_fixtures() {
     let mut h = Harness::new();
-    lb::install(&mut h.lb);
+    lb::install(&mut h);
     let fixtures = lb::fixtures();
     h.check(&fixtures);
 
@@ -48,6 +48,7 @@ mod lifecycle {
     /// Programs the service with backend ids 1..=3 in `states` (0 = removed);
     /// only ACTIVE ones are in the ring.
     fn program(h: &mut Harness, states: [u8; 3]) {
+        h.local_container(CLIENT);
         let mut in_ring = Vec::new();
         for (i, ip) in BACKENDS.iter().enumerate() {
             let id = i as u32 + 1;

@@ -36,7 +36,7 @@ fn views_show_what_the_kernel_did() {
         std::process::id()
     )));
     let mut h = Harness::pinned(&dir.0);
-    lb::install(&mut h.lb);
+    lb::install(&mut h);
     h.check(&lb::fixtures());
 
     let services = json(&dir, Cmd::Services);

@@ -5,6 +5,6 @@ use mesh_tests::{fixtures::overlay, harness::Harness};
 #[test]
 fn encapsulation_and_decapsulation_fixtures() {
     let mut h = Harness::new();
-    overlay::install(&mut h.overlay, &mut h.lb);
+    overlay::install(&mut h);
     h.check(&overlay::fixtures());
 }

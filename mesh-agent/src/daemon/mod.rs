@@ -99,6 +99,7 @@ struct DockerView {
 struct Written {
     lb: Actual,
     nodes: BTreeMap<u32, Node>,
+    peers: BTreeMap<u32, u32>,
     local_eps: BTreeMap<u32, LocalEndpoint>,
     /// Our endpoints as last published in gossip.
     published: String,
@@ -144,6 +145,7 @@ impl Daemon {
         let written = Written {
             lb: actual,
             nodes: overlay.read_nodes()?,
+            peers: overlay.read_peers()?,
             local_eps: overlay.read_local_eps()?,
             published: String::new(),
         };

@@ -42,14 +42,15 @@ impl Daemon {
             save_vips(&self.settings.state_dir, &self.vips);
         }
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = st.zone.clone();
+        // The tables first: a container's packets are only accepted once
+        // its address and veth are in the kernel (anti-spoofing).
+        let mut failed = self.write_tables(&st, &peers);
         for &ifindex in &st.veths {
             if let Err(e) = self.attachments.ensure(&mut self.ebpf, ifindex) {
                 warn!(ifindex, error = %e, "could not attach the TC programs");
             }
         }
         self.attachments.sweep(&st.veths);
-        let mut failed = Vec::new();
-        failed.extend(self.write_tables(&st, &peers));
         self.publish(&st);
         let plan = reconcile::plan(&st.lb, &self.written.lb);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
@@ -96,6 +97,10 @@ impl Daemon {
             }
             let errors = table::apply(&ops, &mut self.overlay.nodes, &mut self.written.nodes);
             failed.extend(errors.iter().map(|e| format!("node table: {e}")));
+            let want = desired::peers(&want);
+            let ops = table::plan(&want, &self.written.peers);
+            let errors = table::apply(&ops, &mut self.overlay.peers, &mut self.written.peers);
+            failed.extend(errors.iter().map(|e| format!("peer table: {e}")));
         }
         let ops = table::plan(&st.local_eps, &self.written.local_eps);
         let errors = table::apply(

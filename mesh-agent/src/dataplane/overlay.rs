@@ -18,6 +18,9 @@ pub struct OverlayMaps {
     pub local: Array<MapData, LocalNode>,
     pub nodes: HashMap<MapData, u32, Node>,
     pub local_eps: HashMap<MapData, u32, LocalEndpoint>,
+    /// Underlay address -> /24 of every other node: VXLAN is accepted only
+    /// from these.
+    pub peers: HashMap<MapData, u32, u32>,
 }
 
 fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -27,20 +30,31 @@ fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
 impl OverlayMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let local = ebpf
-            .take_map(maps::LOCAL_NODE.name)
-            .ok_or(MapsError::Missing(maps::LOCAL_NODE.name))?;
-        let nodes = ebpf
-            .take_map(maps::NODES.name)
-            .ok_or(MapsError::Missing(maps::NODES.name))?;
-        let eps = ebpf
-            .take_map(maps::LOCAL_EPS.name)
-            .ok_or(MapsError::Missing(maps::LOCAL_EPS.name))?;
+        let mut take =
+            |def: &maps::MapDef| ebpf.take_map(def.name).ok_or(MapsError::Missing(def.name));
+        let (local, nodes, eps, peers) = (
+            take(&maps::LOCAL_NODE)?,
+            take(&maps::NODES)?,
+            take(&maps::LOCAL_EPS)?,
+            take(&maps::PEERS)?,
+        );
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE.name))?,
             nodes: nodes.try_into().map_err(err(maps::NODES.name))?,
             local_eps: eps.try_into().map_err(err(maps::LOCAL_EPS.name))?,
+            peers: peers.try_into().map_err(err(maps::PEERS.name))?,
         })
+    }
+
+    /// The accepted VXLAN sources as the kernel has them.
+    pub fn read_peers(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
+        read_all(&self.peers).map_err(err(maps::PEERS.name))
+    }
+
+    /// A node's underlay address (network order) as a VXLAN source, with
+    /// its /24.
+    pub fn set_peer(&mut self, ip_be: u32, subnet_be: u32) -> Result<(), MapsError> {
+        KeyedWriter::set(&mut self.peers, &ip_be, &subnet_be).map_err(err(maps::PEERS.name))
     }
 
     /// This node's settings; `enabled` set turns the overlay on.

@@ -255,5 +255,14 @@ pub fn nodes(
     (table, conflicts)
 }
 
+/// The VXLAN sources to accept: every node of the node table by its
+/// underlay address (network order), with its /24.
+pub fn peers(nodes: &BTreeMap<u32, Node>) -> BTreeMap<u32, u32> {
+    nodes
+        .iter()
+        .map(|(subnet, n)| (n.underlay_ip_be, *subnet))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;
