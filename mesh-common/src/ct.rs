@@ -104,10 +104,25 @@ pub struct CtEntry {
     pub nat_port_be: u16,
     /// TCP flags seen in this direction, OR-ed.
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
     /// bpf_ktime_get_ns of the last packet.
     pub last_seen_ns: u64,
 }
+
+/// A reverse entry of a hairpin flow (a backend reaching its own service):
+/// its replies go to [`HAIRPIN_IP`] and get the client (the backend itself)
+/// back as destination too.
+pub const CT_F_HAIRPIN: u8 = 1;
+
+/// The source a backend sees when it reaches its own service through the
+/// VIP and Maglev picks it (source == destination would be dropped by its
+/// kernel): a link-local address that is never routed off the host, so
+/// its replies come back through the veth, where they are translated.
+pub const HAIRPIN_IP: [u8; 4] = [169, 254, 42, 1];
+
+/// [`HAIRPIN_IP`] in network order, as packets carry it.
+pub const HAIRPIN_IP_BE: u32 = u32::from_ne_bytes(HAIRPIN_IP);
 
 /// TCP flag bits as in the header.
 pub mod tcp_flag {

@@ -101,6 +101,7 @@ counters! {
     XdpVxlanBad = 40, "xdp_vxlan_bad", Path, "VXLAN with outer TTL 0 or a UDP length that disagrees with the IPv4 length: passed untouched.";
     TunnelUnmarked = 41, "tunnel_unmarked", Path, "Underlay TC: a frame for a local container that this node did not decapsulate: left to the stack and its firewall.";
     XdpMetaFail = 42, "xdp_meta_fail", Path, "XDP: no room to mark a decapsulated frame (driver without metadata): passed unmarked.";
+    LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
 }
 
 impl Stat {

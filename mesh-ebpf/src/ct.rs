@@ -1,7 +1,7 @@
 //! Conntrack entries: lookup, creation, refresh.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::ct::{CtEntry, CtKey, Tuple, dir};
+use mesh_common::ct::{CT_F_HAIRPIN, CtEntry, CtKey, HAIRPIN_IP_BE, Tuple, dir};
 
 use crate::maps::CT;
 
@@ -24,7 +24,9 @@ pub fn touch(entry: *mut CtEntry, tcp_flags: u8) {
 /// Creates (or replaces) both entries of a balanced flow.
 ///
 /// `client` is the packet as the client sent it (to the VIP); the reverse
-/// entry is keyed by the backend's reply and restores the VIP.
+/// entry is keyed by the backend's reply and restores the VIP. A hairpin
+/// flow (the client is the backend) is also source-NATed to
+/// [`HAIRPIN_IP_BE`], so its replies are keyed to that address.
 #[inline(always)]
 pub fn create(
     client: &Tuple,
@@ -33,6 +35,7 @@ pub fn create(
     backend_ip_be: u32,
     backend_port_be: u16,
     tcp_flags: u8,
+    hairpin: bool,
 ) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let fwd = CtEntry {
@@ -46,6 +49,11 @@ pub fn create(
     };
     CT.insert(&client.key(dir::FORWARD), &fwd, 0)?;
     let dnat = Tuple {
+        src_be: if hairpin {
+            HAIRPIN_IP_BE
+        } else {
+            client.src_be
+        },
         dst_be: backend_ip_be,
         dport_be: backend_port_be,
         ..*client
@@ -56,6 +64,7 @@ pub fn create(
         nat_ip_be: client.dst_be,
         nat_port_be: client.dport_be,
         tcp_flags: 0,
+        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
         last_seen_ns: now,
         ..CtEntry::default()
     };

@@ -9,7 +9,7 @@
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
-    ct::{Tuple, dir, tcp_flag},
+    ct::{CT_F_HAIRPIN, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{ServiceKey, ServiceStats},
     stats::Stat,
 };
@@ -95,6 +95,9 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         proto: t.proto,
         ..ServiceKey::default()
     };
+    if t.dst_be == HAIRPIN_IP_BE {
+        return hairpin_reply(ctx, &pk);
+    }
     // SAFETY: map values are plain data; the agent replaces them atomically.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         // A new direct flow: only a TCP SYN (without ACK) or any UDP
@@ -123,7 +126,8 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         None => {
             let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
-            ct::create(&t, id, svc.id, b.ip_be, b.port_be, pk.tcp_flags)
+            let hairpin = b.ip_be == t.src_be;
+            ct::create(&t, id, svc.id, b.ip_be, b.port_be, pk.tcp_flags, hairpin)
                 .map_err(|_| Stat::LbCtWriteFail)?;
             if existed {
                 bump(Stat::LbReselect);
@@ -147,6 +151,21 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         (t.dport_be, backend.port_be),
     )
     .ok_or(Stat::NatRewriteFail)?;
+    if backend.ip_be == t.src_be {
+        // Hairpin: the caller is the backend. Source == destination would
+        // be dropped by its kernel, so the source becomes the hairpin
+        // address (port kept); the reply comes back through this veth.
+        nat::rewrite(
+            ctx,
+            pk.l4_off,
+            t.proto,
+            End::Src,
+            (t.src_be, HAIRPIN_IP_BE),
+            (t.sport_be, t.sport_be),
+        )
+        .ok_or(Stat::NatRewriteFail)?;
+        bump(Stat::LbHairpin);
+    }
     count_service(svc.id, ctx.len() as u32, new_flow);
 
     if backend.ifindex == 0 {
@@ -158,6 +177,41 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &backend.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
     Ok(Verdict::redirect(backend.ifindex))
+}
+
+/// A backend's reply in a hairpin flow (to the hairpin address): from the
+/// VIP again, to the client (the backend itself), straight back into the
+/// container through this veth.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+    let t = &pk.t;
+    let Some(e) = ct::lookup(&t.key(dir::REVERSE)) else {
+        return pass(Stat::TcNoReverse);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let (vip, vport, svc, flags) = unsafe {
+        (
+            (*e).nat_ip_be,
+            (*e).nat_port_be,
+            (*e).service_id,
+            (*e).flags,
+        )
+    };
+    if flags & CT_F_HAIRPIN == 0 {
+        return pass(Stat::TcNoReverse);
+    }
+    ct::touch(e, pk.tcp_flags);
+    let rewrite = |end, ip, port| nat::rewrite(ctx, pk.l4_off, t.proto, end, ip, port);
+    rewrite(End::Src, (t.src_be, vip), (t.sport_be, vport)).ok_or(Stat::NatRewriteFail)?;
+    rewrite(End::Dst, (t.dst_be, t.src_be), (t.dport_be, t.dport_be))
+        .ok_or(Stat::NatRewriteFail)?;
+    // Back where it came from: the gateway's MAC becomes the source.
+    let macs: [[u8; 6]; 2] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+    tunnel::set_macs(ctx, &macs[1], &macs[0]).ok_or(Stat::NatRewriteFail)?;
+    count_service(svc, ctx.len() as u32, false);
+    bump(Stat::NatReverse);
+    // SAFETY: the context's own field: this veth.
+    Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
 }
 
 /// Packets entering the container.

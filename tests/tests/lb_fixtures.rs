@@ -199,3 +199,10 @@ fn rings_set_in_one_batch() {
         assert_eq!(&h.lb.ring(*id).expect("read"), ring);
     }
 }
+
+#[test]
+fn hairpin_fixtures() {
+    let mut h = Harness::new();
+    lb::install_hairpin(&mut h);
+    h.check(&lb::hairpin_fixtures());
+}

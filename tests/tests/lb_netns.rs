@@ -215,3 +215,33 @@ fn draining_backend_keeps_its_connections_and_gets_no_new_ones() {
         "no new connection reaches the draining backend: {fresh:?}"
     );
 }
+
+/// A backend calling its own service through the VIP: whenever Maglev picks
+/// the caller itself, the flow hairpins (source NAT to the hairpin address)
+/// and still works, over TCP and UDP.
+#[test]
+fn a_backend_reaches_its_own_service_through_the_vip() {
+    let mut lab = LbLab::new(3);
+    lab.program(&[ACTIVE, ACTIVE, ACTIVE]);
+    let before = lab.harness.counters()[mesh_common::stats::Stat::LbHairpin as usize];
+    let start = Instant::now();
+    let (tcp, udp): (Vec<_>, Vec<_>) = lab.backends[0].ns.run(|| {
+        let tcp = (0..100).map(|_| Conn::open().map(|c| c.backend)).collect();
+        let udp = (0..100).map(|_| udp_request()).collect();
+        (tcp, udp)
+    });
+    assert!(start.elapsed() < DEADLINE);
+    let hairpinned = lab.harness.counters()[mesh_common::stats::Stat::LbHairpin as usize] - before;
+    for (proto, results) in [("tcp", tcp), ("udp", udp)] {
+        let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        let names = tally(results.iter().filter_map(|r| r.as_ref().ok()).cloned());
+        println!("{proto}: 100 requests from b1 to its own VIP: {names:?}, errors {errors:?}");
+        assert!(errors.is_empty(), "{proto}: 100/100 succeed: {errors:?}");
+        assert!(
+            names.get("b1").is_some_and(|n| *n > 0),
+            "{proto}: some reached b1 itself (hairpin): {names:?}"
+        );
+    }
+    println!("hairpinned packets: {hairpinned}");
+    assert!(hairpinned > 0);
+}
