@@ -97,6 +97,24 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
     }
 
+    // A replica calling its own service (hairpin when Maglev picks itself).
+    for proto in ["tcp", "udp"] {
+        let args = mesh_lab::whoami::ask_args("w1", proto, &target, 60, 0, 2000);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = e1.docker_ok(&args);
+        let ok = out
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
+            .count();
+        let itself = out.lines().filter(|l| l.ends_with(" ok w1")).count();
+        println!("{proto}: w1 -> its own VIP: {ok}/60 answered, {itself} by w1 itself");
+        assert_eq!(
+            ok, 60,
+            "{proto}: every request from a replica to its own VIP: {out}"
+        );
+        assert!(itself > 0, "{proto}: w1 reached itself (hairpin)");
+    }
+
     // Container to container by IP across nodes, both ways: ICMP, TCP, UDP.
     let (w1, client) = (ip_of(e1, "w1"), ip_of(e3, "client"));
     for (e, from, to) in [(e3, "client", w1.as_str()), (e1, "w1", client.as_str())] {
