@@ -132,6 +132,30 @@ pub mod tcp_flag {
     pub const ACK: u8 = 0x10;
 }
 
+/// A fragmented datagram, as its fragments carry it: addresses, IPv4 id
+/// and protocol (network order). Only the first fragment has ports, so it
+/// records its translation here for the others.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the first fragment of a datagram got: the address that replaces
+/// the destination (to a VIP) or the source (a reply), and the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub nat_ip_be: u32,
+    pub backend_id: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Tuple>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
@@ -141,4 +165,6 @@ mod pod {
     // SAFETY: repr(C), integer fields, explicit padding.
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }

@@ -65,6 +65,8 @@ pub const MAX_NODES: u32 = 1024;
 pub const MAX_LOCAL_EPS: u32 = 4096;
 /// Conntrack entries (two per flow).
 pub const CT_ENTRIES: u32 = 262_144;
+/// Fragmented datagrams in flight.
+pub const FRAG_ENTRIES: u32 = 8192;
 
 const fn def(
     name: &'static str,
@@ -126,6 +128,15 @@ pub const CONNTRACK: MapDef = def(
     Kernel,
     "CtKey{5-tuple, dir} -> CtEntry{backend, service, nat ip/port, flags, last seen}",
 );
+/// LRU hash `FragKey -> FragEntry`: the translation of a fragmented
+/// datagram's first fragment, for the others.
+pub const FRAGS: MapDef = def(
+    "MESH_FRAGS",
+    LruHash,
+    FRAG_ENTRIES,
+    Kernel,
+    "FragKey{src, dst, ip id, proto} -> FragEntry{nat ip, backend}",
+);
 /// Per-CPU array `service id -> ServiceStats`.
 pub const SERVICE_STATS: MapDef = def(
     "MESH_SVC_STATS",
@@ -170,12 +181,13 @@ pub const PEERS: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 10] = [
+pub const ALL: [MapDef; 11] = [
     STATS,
     SERVICES,
     BACKENDS,
     MAGLEV,
     CONNTRACK,
+    FRAGS,
     SERVICE_STATS,
     LOCAL_NODE,
     NODES,

@@ -75,7 +75,7 @@ counters! {
     TcRedirect = 14, "tc_redirect", Verdict, "TC returned TC_ACT_REDIRECT.";
     TcNotIpv4 = 15, "tc_not_ipv4", Path, "Not IPv4: passed untouched.";
     TcMalformed = 16, "tc_malformed", Path, "IPv4 that cannot be parsed (truncated, bad header): passed untouched.";
-    TcFragment = 17, "tc_fragment", Path, "IPv4 fragment other than the first: cannot be balanced (no ports).";
+    TcFragment = 17, "tc_fragment", Path, "IPv4 fragment other than the first of an untranslated datagram: routed by address alone.";
     TcNotService = 18, "tc_not_service", Path, "Leaving a container, not to a service VIP:port.";
     TcNoReverse = 19, "tc_no_reverse", Path, "Entering a container, no reverse NAT entry: untouched.";
     LbNewFlow = 20, "lb_new_flow", Path, "A new flow picked a backend from the Maglev ring.";
@@ -102,6 +102,7 @@ counters! {
     TunnelUnmarked = 41, "tunnel_unmarked", Path, "Underlay TC: a frame for a local container that this node did not decapsulate: left to the stack and its firewall.";
     XdpMetaFail = 42, "xdp_meta_fail", Path, "XDP: no room to mark a decapsulated frame (driver without metadata): passed unmarked.";
     LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
+    NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";
 }
 
 impl Stat {

@@ -36,3 +36,12 @@ pub fn current(id: u32, ip_be: u32, port_be: u16) -> Option<Backend> {
     let alive = b.state == backend_state::ACTIVE || b.state == backend_state::DRAINING;
     (alive && b.ip_be == ip_be && b.port_be == port_be).then_some(b)
 }
+
+/// Backend `id` if it still exists at address `ip_be` (any port, active or
+/// draining): where a fragment's first fragment went.
+#[inline(always)]
+pub fn current_any(id: u32, ip_be: u32) -> Option<Backend> {
+    let b = *BACKENDS.get(id)?;
+    let alive = b.state == backend_state::ACTIVE || b.state == backend_state::DRAINING;
+    (alive && b.ip_be == ip_be).then_some(b)
+}

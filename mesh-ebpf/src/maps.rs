@@ -9,9 +9,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    ct::{CtEntry, CtKey},
+    ct::{CtEntry, CtKey, FragEntry, FragKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
-    maps::{CT_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES, MAX_SERVICES, RING_FLAGS},
+    maps::{
+        CT_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES, MAX_SERVICES, RING_FLAGS,
+    },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
 };
@@ -61,3 +63,7 @@ pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MA
 /// The other nodes by underlay address: VXLAN is accepted only from these.
 #[map(name = "MESH_PEERS")]
 pub static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// Fragmented datagrams: the first fragment's translation, for the others.
+#[map(name = "MESH_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);

@@ -7,7 +7,7 @@
 
 use core::mem::size_of;
 
-use mesh_common::ct::Tuple;
+use mesh_common::ct::{FragKey, Tuple};
 
 use crate::ctx::Packet;
 
@@ -51,6 +51,11 @@ impl Ipv4Hdr {
     #[inline(always)]
     pub fn header_len(&self) -> usize {
         ((self.vihl & 0x0f) as usize) * 4
+    }
+    /// More fragments follow (the MF flag).
+    #[inline(always)]
+    pub fn more_fragments(&self) -> bool {
+        u16::from_be(self.frag_be) & 0x2000 != 0
     }
     /// Fragment offset in 8-byte units; non-zero for every fragment but the first.
     #[inline(always)]
@@ -166,6 +171,10 @@ pub struct Parsed {
     /// A fragment other than the first: addresses only (no L4 header, so
     /// the ports are 0).
     pub fragment: bool,
+    /// Part of a fragmented datagram (the first fragment included).
+    pub fragmented: bool,
+    /// The IPv4 id (network order): what ties fragments together.
+    pub id_be: u16,
     pub ttl: u8,
     /// The IPv4 total length.
     pub ip_len: u16,
@@ -200,6 +209,8 @@ pub fn ipv4<P: Packet>(p: &P) -> Result<Parsed, ParseError> {
         l4_off,
         tcp_flags: 0,
         fragment: ip.frag_offset() != 0,
+        fragmented: ip.frag_offset() != 0 || ip.more_fragments(),
+        id_be: ip.id_be,
         ttl: ip.ttl,
         ip_len: tot_len as u16,
     };
@@ -219,4 +230,35 @@ pub fn ipv4<P: Packet>(p: &P) -> Result<Parsed, ParseError> {
         _ => {}
     }
     Ok(pk)
+}
+
+impl Parsed {
+    /// The flow hash for routing: the addresses alone for a fragmented
+    /// datagram, so all of its fragments take one path (one outer UDP
+    /// source port), the whole 5-tuple otherwise.
+    #[inline(always)]
+    pub fn route_hash(&self) -> u32 {
+        if self.fragmented {
+            Tuple {
+                sport_be: 0,
+                dport_be: 0,
+                ..self.t
+            }
+            .hash()
+        } else {
+            self.t.hash()
+        }
+    }
+
+    /// This datagram's key among fragments.
+    #[inline(always)]
+    pub fn frag_key(&self) -> FragKey {
+        FragKey {
+            src_be: self.t.src_be,
+            dst_be: self.t.dst_be,
+            id_be: self.id_be,
+            proto: self.t.proto,
+            _pad: 0,
+        }
+    }
 }

@@ -9,7 +9,7 @@
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
-    ct::{CT_F_HAIRPIN, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
+    ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{ServiceKey, ServiceStats},
     stats::Stat,
 };
@@ -18,11 +18,12 @@ use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     lb,
-    maps::{LOCAL_EPS, SERVICES, SVC_STATS},
+    maps::{FRAGS, LOCAL_EPS, SERVICES, SVC_STATS},
     nat::{self, End},
     parse::{
-        self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError, Parsed,
+        self, ETH_HLEN, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError,
+        Parsed,
     },
     stats::bump,
     tunnel,
@@ -83,11 +84,11 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         return Err(Stat::TcSpoofed);
     }
     if pk.fragment {
-        return pass(Stat::TcFragment);
+        return fragment_out(ctx, &pk);
     }
     let t = pk.t;
     if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
-        return deliver(ctx, t.dst_be, t.hash(), Some(Stat::TcNotService));
+        return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
     }
     let key = ServiceKey {
         vip_be: t.dst_be,
@@ -108,7 +109,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         if opens && ct::supersede_reverse(&t) {
             bump(Stat::LbStaleReverse);
         }
-        return deliver(ctx, t.dst_be, t.hash(), Some(Stat::TcNotService));
+        return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
     };
 
     let mut new_flow = false;
@@ -117,11 +118,12 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         let (id, nat_ip, nat_port) = unsafe { ((*e).backend_id, (*e).nat_ip_be, (*e).nat_port_be) };
         lb::current(id, nat_ip, nat_port).map(|b| (e, b))
     });
-    let backend = match tracked {
+    let (backend_id, backend) = match tracked {
         Some((entry, b)) => {
             ct::touch(entry, pk.tcp_flags);
             bump(Stat::LbCtHit);
-            b
+            // SAFETY: pointer from a successful lookup.
+            (unsafe { (*entry).backend_id }, b)
         }
         None => {
             let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
@@ -138,7 +140,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
                 bump(Stat::LbNewFlow);
                 new_flow = true;
             }
-            b
+            (id, b)
         }
     };
 
@@ -167,16 +169,67 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         bump(Stat::LbHairpin);
     }
     count_service(svc.id, ctx.len() as u32, new_flow);
+    if pk.fragmented {
+        // The first fragment: the others follow its translation.
+        let f = FragEntry {
+            nat_ip_be: backend.ip_be,
+            backend_id,
+        };
+        let _ = FRAGS.insert(&pk.frag_key(), &f, 0);
+    }
 
     if backend.ifindex == 0 {
         // Not a local veth: another node's (tunnelled) or the stack's.
-        return deliver(ctx, backend.ip_be, t.hash(), None);
+        return deliver(ctx, backend.ip_be, pk.route_hash(), None);
     }
     // Local backend: deliver straight to its veth, as the gateway would
     // (source = the gateway MAC the container addressed).
     let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &backend.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
     Ok(Verdict::redirect(backend.ifindex))
+}
+
+/// A fragment other than the first, leaving a container: translated as its
+/// datagram's first fragment was (the destination address; the first
+/// fragment's L4 checksum already covers the change), then routed by
+/// address like any packet (to a local backend, through the tunnel, or to
+/// the stack).
+#[inline(always)]
+fn fragment_out(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+    // SAFETY: plain data written by this program.
+    let Some(f) = unsafe { FRAGS.get(&pk.frag_key()) }.copied() else {
+        return deliver(ctx, pk.t.dst_be, pk.route_hash(), Some(Stat::TcFragment));
+    };
+    set_address(ctx, IP_DST_OFF, pk.t.dst_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
+    bump(Stat::NatFragment);
+    if let Some(b) = lb::current_any(f.backend_id, f.nat_ip_be)
+        && b.ifindex != 0
+    {
+        let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+        tunnel::set_macs(ctx, &b.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
+        return Ok(Verdict::redirect(b.ifindex));
+    }
+    deliver(ctx, f.nat_ip_be, pk.route_hash(), None)
+}
+
+/// A fragment other than the first, entering a container: from the VIP
+/// again if its datagram's first fragment was a translated reply.
+#[inline(always)]
+fn fragment_in(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+    // SAFETY: plain data written by this program.
+    let Some(f) = unsafe { FRAGS.get(&pk.frag_key()) }.copied() else {
+        return pass(Stat::TcFragment);
+    };
+    set_address(ctx, IP_SRC_OFF, pk.t.src_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
+    pass(Stat::NatFragment)
+}
+
+/// Rewrites the IPv4 address at `field` (`IP_SRC_OFF`/`IP_DST_OFF`) and the
+/// header checksum.
+#[inline(always)]
+fn set_address<P: Packet>(p: &P, field: usize, old: u32, new: u32) -> Option<()> {
+    p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old, new, 4)?;
+    p.store(ETH_HLEN + field, &new)
 }
 
 /// A backend's reply in a hairpin flow (to the hairpin address): from the
@@ -221,7 +274,7 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         Err(e) => return unparsed(e),
     };
     if pk.fragment {
-        return pass(Stat::TcFragment);
+        return fragment_in(ctx, &pk);
     }
     match pk.t.proto {
         IPPROTO_TCP | IPPROTO_UDP => reverse_nat(ctx, &pk),
@@ -238,8 +291,22 @@ fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
         return pass(Stat::TcNoReverse);
     };
     // SAFETY: pointer from a successful lookup.
-    let (vip, vport, svc) = unsafe { ((*e).nat_ip_be, (*e).nat_port_be, (*e).service_id) };
+    let (vip, vport, svc, backend_id) = unsafe {
+        (
+            (*e).nat_ip_be,
+            (*e).nat_port_be,
+            (*e).service_id,
+            (*e).backend_id,
+        )
+    };
     ct::touch(e, pk.tcp_flags);
+    if pk.fragmented {
+        let f = FragEntry {
+            nat_ip_be: vip,
+            backend_id,
+        };
+        let _ = FRAGS.insert(&pk.frag_key(), &f, 0);
+    }
     nat::rewrite(
         p,
         pk.l4_off,

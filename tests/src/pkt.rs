@@ -178,3 +178,37 @@ pub fn vxlan_frame(
     let out = write_out(r, out);
     patch(out, 14 + 20 + 6, &[0, 0])
 }
+
+/// Splits an Ethernet / IPv4 (no options) frame into IPv4 fragments whose
+/// payloads are `chunk` bytes (a multiple of 8; the last one shorter), all
+/// with IPv4 id `id`, each with its own header checksum.
+pub fn fragments(frame: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
+    assert!(
+        chunk.is_multiple_of(8) && chunk > 0,
+        "fragment payloads are multiples of 8"
+    );
+    let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    let last = pieces.len() - 1;
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut h = ip.to_vec();
+            h[2..4].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            let offset = (i * chunk / 8) as u16 | if i < last { 0x2000 } else { 0 };
+            h[6..8].copy_from_slice(&offset.to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let mut sum: u32 = h
+                .chunks(2)
+                .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            [eth, &h[..], piece].concat()
+        })
+        .collect()
+}

@@ -206,3 +206,10 @@ fn hairpin_fixtures() {
     lb::install_hairpin(&mut h);
     h.check(&lb::hairpin_fixtures());
 }
+
+#[test]
+fn fragment_fixtures() {
+    let mut h = Harness::new();
+    lb::install(&mut h);
+    h.check(&lb::fragment_fixtures());
+}

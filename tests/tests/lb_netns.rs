@@ -245,3 +245,46 @@ fn a_backend_reaches_its_own_service_through_the_vip() {
     println!("hairpinned packets: {hairpinned}");
     assert!(hairpinned > 0);
 }
+
+/// 4,000-byte UDP datagrams to the VIP (three IPv4 fragments each on a
+/// 1500-byte link): every one reaches a backend whole (the backend answers
+/// only a datagram it could reassemble), over several backends.
+#[test]
+fn a_datagram_larger_than_the_mtu_reaches_a_vip_backend_whole() {
+    let mut lab = LbLab::new(3);
+    lab.program(&[ACTIVE, ACTIVE, ACTIVE]);
+    let big = vec![0x5a_u8; 4000];
+    let results: Vec<Result<String, String>> = lab.client.run(|| {
+        (0..30)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 64];
+                for _ in 0..3 {
+                    s.send_to(&big, vip_udp()).map_err(|e| e.to_string())?;
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        assert_eq!(from, vip_udp(), "answered from the VIP");
+                        return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    }
+                }
+                Err("no answer".to_string())
+            })
+            .collect()
+    });
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let names = tally(results.iter().filter_map(|r| r.as_ref().ok()).cloned());
+    let frags = lab.harness.counters()[mesh_common::stats::Stat::NatFragment as usize];
+    println!(
+        "30 datagrams of 4000 bytes to the VIP: {names:?}; {frags} later fragments translated"
+    );
+    assert!(
+        errors.is_empty(),
+        "every datagram arrives whole: {errors:?}"
+    );
+    assert!(names.len() >= 2, "over several backends: {names:?}");
+    assert!(
+        frags >= 60,
+        "two later fragments per datagram were translated"
+    );
+}
