@@ -261,25 +261,30 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
     Ok((subnet, Some(cluster)))
 }
 
+/// XDP and the underlay TC program on the underlay NIC, pinned; links an
+/// earlier run pinned are adopted and switched to this build's programs if
+/// they run others.
 fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path) -> Result<()> {
     let ifindex = iface::index(iface_name)?;
-    let pin = dir.join("links").join(format!("xdp_{ifindex}"));
-    if pin.exists() {
-        info!(iface = iface_name, "XDP already attached (adopted)");
-        return Ok(());
-    }
     std::fs::create_dir_all(dir.join("links"))?;
+    let xdp_pin = dir.join("links").join(format!("xdp_{ifindex}"));
     let prog = dataplane::xdp_underlay(ebpf).context("verifying the XDP program")?;
-    let id = prog
-        .attach_to_if_index(ifindex, aya::programs::XdpMode::default())
-        .with_context(|| format!("attaching XDP to {iface_name}"))?;
-    let link = prog.take_link(id)?;
-    let fd: aya::programs::links::FdLink = link.try_into().context("XDP link")?;
-    fd.pin(&pin).context("pinning the XDP link")?;
+    if xdp_pin.exists() {
+        dataplane::links::upgrade_xdp(&xdp_pin, prog)?;
+    } else {
+        let id = prog
+            .attach_to_if_index(ifindex, aya::programs::XdpMode::default())
+            .with_context(|| format!("attaching XDP to {iface_name}"))?;
+        let fd: aya::programs::links::FdLink =
+            prog.take_link(id)?.try_into().context("XDP link")?;
+        fd.pin(&xdp_pin).context("pinning the XDP link")?;
+    }
     let tc_pin = dir.join("links").join(format!("tc_underlay_{ifindex}"));
-    if !tc_pin.exists() {
-        let tc = dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
-            .context("verifying the underlay TC program")?;
+    let tc =
+        dataplane::tc(ebpf, progs::TC_UNDERLAY_IN).context("verifying the underlay TC program")?;
+    if tc_pin.exists() {
+        dataplane::links::upgrade_tc(&tc_pin, tc)?;
+    } else {
         let id = tc
             .attach(iface_name, aya::programs::TcAttachType::Ingress)
             .with_context(|| format!("attaching TC to {iface_name}"))?;
@@ -288,7 +293,7 @@ fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path
     }
     info!(
         iface = iface_name,
-        ifindex, "XDP and TC attached to the underlay NIC"
+        ifindex, "XDP and TC on the underlay NIC"
     );
     Ok(())
 }

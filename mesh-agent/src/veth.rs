@@ -62,6 +62,8 @@ pub fn if_name(ifindex: u32) -> Option<String> {
 /// TC attachments to container veths, pinned under `<bpffs>/links`.
 pub struct Attachments {
     dir: PathBuf,
+    /// Pins adopted and checked for this build's program in this run.
+    checked: BTreeSet<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,8 @@ pub enum AttachError {
     Pin { iface: String, msg: String },
     #[error("{0}")]
     Load(#[from] dataplane::LoadError),
+    #[error("{0}")]
+    Upgrade(#[from] dataplane::links::UpgradeError),
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
 }
@@ -86,7 +90,10 @@ impl Attachments {
     pub fn new(bpffs_dir: &Path) -> Result<Self, AttachError> {
         let dir = bpffs_dir.join("links");
         std::fs::create_dir_all(&dir).map_err(|e| AttachError::Io(dir.clone(), e))?;
-        Ok(Attachments { dir })
+        Ok(Attachments {
+            dir,
+            checked: BTreeSet::new(),
+        })
     }
 
     fn pin_path(&self, ifindex: u32, at: TcAttachType) -> PathBuf {
@@ -100,7 +107,7 @@ impl Attachments {
 
     /// Makes sure both TC programs are attached to `ifindex`. Links pinned
     /// by an earlier agent run are kept as they are (adopted).
-    pub fn ensure(&self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+    pub fn ensure(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
         let iface = if_name(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
         let mut attached = false;
         for (name, at) in [
@@ -109,6 +116,12 @@ impl Attachments {
         ] {
             let pin = self.pin_path(ifindex, at);
             if pin.exists() {
+                // Adopted from an earlier run: once per run, make sure it
+                // runs this build's program.
+                if self.checked.insert(pin.clone()) {
+                    let prog = dataplane::tc(ebpf, name)?;
+                    dataplane::links::upgrade_tc(&pin, prog)?;
+                }
                 continue;
             }
             let prog = dataplane::tc(ebpf, name)?;

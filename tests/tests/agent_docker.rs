@@ -624,3 +624,99 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         "within 5 s (status polled every 50 ms)"
     );
 }
+
+/// The program a pinned link runs, by tag.
+fn running_tag(pin: &std::path::Path) -> u64 {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let link = FdLink::from(PinnedLink::from_pin(pin).expect("pinned link"));
+    let id = link.info().expect("link info").program_id();
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+        .expect("the link's program is loaded")
+}
+
+/// An upgrade: the pinned container links run another program (standing in
+/// for an older build: here the egress program, which passes direct traffic
+/// but balances nothing); the restarted agent finds the tags differ and
+/// switches every link to its own program in one step, while direct
+/// requests keep flowing; then the VIP balances again.
+#[test]
+fn docker_an_upgrade_switches_pinned_programs_under_traffic() {
+    use aya::programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    };
+    use mesh_agent::dataplane::{self, progs};
+    let (engine, mut agent, vip) = start_three();
+    let ingress_pins = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n.starts_with("tc_") && n.ends_with("_in") && !n.contains("underlay")
+            })
+            .collect()
+    };
+    // Every container's veth has its programs (the client's too) first.
+    let start = std::time::Instant::now();
+    while ingress_pins(&agent.bpffs_dir).len() < 4 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.kill9();
+    let mut object = dataplane::load().expect("the object");
+    let ours = dataplane::tc(&mut object, progs::TC_FROM_CONTAINER)
+        .expect("program")
+        .info()
+        .expect("info")
+        .tag();
+    let pins = ingress_pins(&agent.bpffs_dir);
+    assert_eq!(pins.len(), 4, "w1, w2, w3 and the client: {pins:?}");
+    let old = dataplane::tc(&mut object, progs::TC_TO_CONTAINER).expect("program");
+    for pin in &pins {
+        let link = FdLink::from(PinnedLink::from_pin(pin).expect("pin"));
+        let link = SchedClassifierLink::try_from(link).expect("a tcx link");
+        let id = old.attach_to_link(link).expect("switch to the old program");
+        drop(old.take_link(id).expect("link"));
+        assert_ne!(running_tag(pin), ours, "the old build runs");
+    }
+
+    let w1 = ip_of(&engine, "w1");
+    let loop_ = engine.ask_in_background("tcp", &format!("{w1}:80"), 1500, 4, 2000);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.restart();
+    agent.wait_for("the upgraded agent reconciled", WAIT, |s| {
+        s.reconcile.passes > 0 && s.docker.connected
+    });
+    let r = results(loop_);
+    let failed: Vec<_> = r.iter().filter(|(_, x)| x.is_err()).collect();
+    println!(
+        "{} direct requests across the upgrade: {} failed",
+        r.len(),
+        failed.len()
+    );
+    assert_eq!(r.len(), 1500);
+    assert!(failed.is_empty(), "{failed:?}");
+    for pin in &pins {
+        assert_eq!(
+            running_tag(pin),
+            ours,
+            "{}: this build's program",
+            pin.display()
+        );
+    }
+    let switched = agent
+        .log_text()
+        .matches("pinned link switched to this build's program")
+        .count();
+    assert_eq!(switched, 4, "one switch per link:\n{}", agent.log_text());
+    let (names, errors) = engine.ask("tcp", &format!("{vip}:80"), 60, 0);
+    assert!(
+        errors.is_empty() && names.len() == 3,
+        "{names:?} {errors:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The eBPF data plane: the embedded object, loading it, and its maps.
 
 pub mod lb;
+pub mod links;
 pub mod overlay;
 mod ring;
 pub mod stats;
