@@ -59,6 +59,26 @@ fn views_show_what_the_kernel_did() {
         .expect("empty listed");
     assert_eq!(empty["backends_in_ring"].as_u64(), Some(0));
 
+    // Every map of the inventory, pinned, with its kernel id and size.
+    let maps = json(&dir, Cmd::Maps);
+    let names: Vec<&str> = maps.iter().filter_map(|m| m["name"].as_str()).collect();
+    let inventory: Vec<&str> = mesh_common::maps::ALL.iter().map(|d| d.name).collect();
+    assert_eq!(names, inventory);
+    for m in &maps {
+        assert!(m["id"].as_u64().is_some(), "pinned: {m}");
+        assert!(m["memlock"].as_u64().is_some_and(|b| b > 0), "memory: {m}");
+    }
+    let ct = maps
+        .iter()
+        .find(|m| m["name"] == "MESH_CT")
+        .expect("conntrack listed");
+    assert_eq!(ct["max_entries"].as_u64(), Some(262_144));
+    let table = ctl(&dir, false, Cmd::Maps).expect("meshctl maps");
+    assert!(
+        table.contains("MESH_LOCAL_EPS") && !table.contains("NOT PINNED"),
+        "{table}"
+    );
+
     let backends = json(&dir, Cmd::Backends);
     let addrs: Vec<&str> = backends
         .iter()
