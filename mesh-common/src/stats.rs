@@ -103,6 +103,7 @@ counters! {
     XdpMetaFail = 42, "xdp_meta_fail", Path, "XDP: no room to mark a decapsulated frame (driver without metadata): passed unmarked.";
     LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
     NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";
+    LbReverseRestored = 45, "lb_reverse_restored", Path, "A tracked flow idle for over a second had lost its reverse entry (LRU): restored.";
 }
 
 impl Stat {

@@ -120,17 +120,33 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     });
     let (backend_id, backend) = match tracked {
         Some((entry, b)) => {
-            ct::touch(entry, pk.tcp_flags);
+            let idle = ct::touch(entry, pk.tcp_flags);
             bump(Stat::LbCtHit);
             // SAFETY: pointer from a successful lookup.
-            (unsafe { (*entry).backend_id }, b)
+            let id = unsafe { (*entry).backend_id };
+            let to = ct::Balanced {
+                backend_id: id,
+                service_id: svc.id,
+                ip_be: b.ip_be,
+                port_be: b.port_be,
+                hairpin: b.ip_be == t.src_be,
+            };
+            if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to) {
+                bump(Stat::LbReverseRestored);
+            }
+            (id, b)
         }
         None => {
             let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
-            let hairpin = b.ip_be == t.src_be;
-            ct::create(&t, id, svc.id, b.ip_be, b.port_be, pk.tcp_flags, hairpin)
-                .map_err(|_| Stat::LbCtWriteFail)?;
+            let to = ct::Balanced {
+                backend_id: id,
+                service_id: svc.id,
+                ip_be: b.ip_be,
+                port_be: b.port_be,
+                hairpin: b.ip_be == t.src_be,
+            };
+            ct::create(&t, &to, pk.tcp_flags).map_err(|_| Stat::LbCtWriteFail)?;
             if existed {
                 bump(Stat::LbReselect);
             } else {

@@ -213,3 +213,96 @@ fn fragment_fixtures() {
     lb::install(&mut h);
     h.check(&lb::fragment_fixtures());
 }
+
+/// The LRU evicted an idle flow's reverse entry alone: its replies would
+/// reach the client from the backend's address. The flow's next packet
+/// (idle for over a second) restores it, and replies are the VIP's again.
+#[test]
+fn an_evicted_reverse_entry_is_restored_by_the_flow() {
+    use std::net::Ipv4Addr;
+
+    use mesh_common::{
+        ct::{Tuple, dir},
+        lb::PROTO_TCP,
+        stats::Stat,
+    };
+    use mesh_tests::{harness::Prog, pkt};
+
+    let mut h = Harness::new();
+    lb::install(&mut h);
+    let (client, vip) = ((lb::CLIENT, 41000), (lb::WEB_VIP, lb::WEB_PORT));
+    let backend = (lb::WEB_BACKEND, lb::WEB_BACKEND_PORT);
+    let out = |f| pkt::macs(f, lb::GW_MAC, lb::CLIENT_MAC);
+    let reply = || {
+        pkt::macs(
+            pkt::tcp4(backend, client, 9, |b| b.ack(2), b"r"),
+            lb::CLIENT_MAC,
+            lb::WEB_BACKEND_MAC,
+        )
+    };
+    let src_of = |frame: &[u8]| Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(client, vip, 1, |b| b.syn(), b"")),
+        1,
+    );
+    assert_eq!(
+        src_of(&h.run(Prog::TcToContainer, &reply(), 1).output),
+        lb::WEB_VIP
+    );
+
+    // Evict the reverse entry and age the flow by two seconds.
+    let be = |ip: Ipv4Addr| u32::from(ip).to_be();
+    let fwd = Tuple {
+        src_be: be(client.0),
+        dst_be: be(vip.0),
+        sport_be: client.1.to_be(),
+        dport_be: vip.1.to_be(),
+        proto: PROTO_TCP,
+        ..Tuple::default()
+    };
+    let rev = Tuple {
+        src_be: be(backend.0),
+        dst_be: be(client.0),
+        sport_be: backend.1.to_be(),
+        dport_be: client.1.to_be(),
+        proto: PROTO_TCP,
+        ..Tuple::default()
+    };
+    h.lb.conntrack
+        .remove(&rev.key(dir::REVERSE))
+        .expect("evict the reverse entry");
+    let mut entry =
+        h.lb.conntrack
+            .get(&fwd.key(dir::FORWARD), 0)
+            .expect("forward entry");
+    entry.last_seen_ns = entry.last_seen_ns.saturating_sub(2_000_000_000);
+    h.lb.conntrack
+        .insert(fwd.key(dir::FORWARD), entry, 0)
+        .expect("age the flow");
+    assert_eq!(
+        src_of(&h.run(Prog::TcToContainer, &reply(), 1).output),
+        lb::WEB_BACKEND,
+        "without its reverse entry, a reply is not translated"
+    );
+
+    let before = h.counters()[Stat::LbReverseRestored as usize];
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(client, vip, 2, |b| b.ack(10), b"")),
+        1,
+    );
+    assert_eq!(h.counters()[Stat::LbReverseRestored as usize] - before, 1);
+    assert_eq!(
+        src_of(&h.run(Prog::TcToContainer, &reply(), 1).output),
+        lb::WEB_VIP,
+        "restored: replies come from the VIP again"
+    );
+    // A busy flow does not look (and finds it there anyway).
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(client, vip, 3, |b| b.ack(10), b"")),
+        1,
+    );
+    assert_eq!(h.counters()[Stat::LbReverseRestored as usize] - before, 1);
+}
