@@ -10,6 +10,16 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CT.get_ptr_mut(key)
 }
 
+/// The reverse entry keyed by `t` (a reply as it arrives), refreshed with
+/// its TCP flags: a copy of it.
+#[inline(always)]
+pub fn reply_entry(t: &Tuple, tcp_flags: u8) -> Option<CtEntry> {
+    let e = lookup(&t.key(dir::REVERSE))?;
+    touch(e, tcp_flags);
+    // SAFETY: pointer from a successful lookup.
+    Some(unsafe { *e })
+}
+
 /// A tracked flow idle for longer than this checks that its reverse entry
 /// is still there (the LRU may have evicted it alone).
 pub const RESTORE_AFTER_NS: u64 = 1_000_000_000;

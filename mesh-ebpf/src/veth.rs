@@ -254,22 +254,10 @@ fn set_address<P: Packet>(p: &P, field: usize, old: u32, new: u32) -> Option<()>
 #[inline(always)]
 fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     let t = &pk.t;
-    let Some(e) = ct::lookup(&t.key(dir::REVERSE)) else {
+    let Some(e) = ct::reply_entry(t, pk.tcp_flags).filter(|e| e.flags & CT_F_HAIRPIN != 0) else {
         return pass(Stat::TcNoReverse);
     };
-    // SAFETY: pointer from a successful lookup.
-    let (vip, vport, svc, flags) = unsafe {
-        (
-            (*e).nat_ip_be,
-            (*e).nat_port_be,
-            (*e).service_id,
-            (*e).flags,
-        )
-    };
-    if flags & CT_F_HAIRPIN == 0 {
-        return pass(Stat::TcNoReverse);
-    }
-    ct::touch(e, pk.tcp_flags);
+    let (vip, vport, svc) = (e.nat_ip_be, e.nat_port_be, e.service_id);
     let rewrite = |end, ip, port| nat::rewrite(ctx, pk.l4_off, t.proto, end, ip, port);
     rewrite(End::Src, (t.src_be, vip), (t.sport_be, vport)).ok_or(Stat::NatRewriteFail)?;
     rewrite(End::Dst, (t.dst_be, t.src_be), (t.dport_be, t.dport_be))
@@ -303,19 +291,10 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
 #[inline(always)]
 fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
     let t = &pk.t;
-    let Some(e) = ct::lookup(&t.key(dir::REVERSE)) else {
+    let Some(e) = ct::reply_entry(t, pk.tcp_flags) else {
         return pass(Stat::TcNoReverse);
     };
-    // SAFETY: pointer from a successful lookup.
-    let (vip, vport, svc, backend_id) = unsafe {
-        (
-            (*e).nat_ip_be,
-            (*e).nat_port_be,
-            (*e).service_id,
-            (*e).backend_id,
-        )
-    };
-    ct::touch(e, pk.tcp_flags);
+    let (vip, vport, svc, backend_id) = (e.nat_ip_be, e.nat_port_be, e.service_id, e.backend_id);
     if pk.fragmented {
         let f = FragEntry {
             nat_ip_be: vip,
