@@ -1,7 +1,10 @@
 //! Conntrack entries: lookup, creation, refresh.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mesh_common::ct::{CT_F_HAIRPIN, CtEntry, CtKey, HAIRPIN_IP_BE, Tuple, dir};
+use mesh_common::{
+    ct::{CT_F_HAIRPIN, CtEntry, CtKey, HAIRPIN_IP_BE, Tuple, dir},
+    lb::Backend,
+};
 
 use crate::maps::CT;
 
@@ -49,6 +52,20 @@ pub struct Balanced {
     /// The client is the backend itself (its source is NATed to
     /// [`HAIRPIN_IP_BE`]).
     pub hairpin: bool,
+}
+
+impl Balanced {
+    /// `client`'s flow to backend `backend_id` of service `service_id`.
+    #[inline(always)]
+    pub fn new(client: &Tuple, backend_id: u32, service_id: u32, b: &Backend) -> Self {
+        Balanced {
+            backend_id,
+            service_id,
+            ip_be: b.ip_be,
+            port_be: b.port_be,
+            hairpin: b.ip_be == client.src_be,
+        }
+    }
 }
 
 /// The reverse entry of `client`'s flow: keyed by the backend's reply,

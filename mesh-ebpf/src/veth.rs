@@ -124,13 +124,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
             bump(Stat::LbCtHit);
             // SAFETY: pointer from a successful lookup.
             let id = unsafe { (*entry).backend_id };
-            let to = ct::Balanced {
-                backend_id: id,
-                service_id: svc.id,
-                ip_be: b.ip_be,
-                port_be: b.port_be,
-                hairpin: b.ip_be == t.src_be,
-            };
+            let to = ct::Balanced::new(&t, id, svc.id, &b);
             if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to) {
                 bump(Stat::LbReverseRestored);
             }
@@ -139,13 +133,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         None => {
             let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
-            let to = ct::Balanced {
-                backend_id: id,
-                service_id: svc.id,
-                ip_be: b.ip_be,
-                port_be: b.port_be,
-                hairpin: b.ip_be == t.src_be,
-            };
+            let to = ct::Balanced::new(&t, id, svc.id, &b);
             ct::create(&t, &to, pk.tcp_flags).map_err(|_| Stat::LbCtWriteFail)?;
             if existed {
                 bump(Stat::LbReselect);
