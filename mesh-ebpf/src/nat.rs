@@ -18,6 +18,15 @@ pub enum End {
     Dst,
 }
 
+/// Rewrites the IPv4 address at `field` (`IP_SRC_OFF` or `IP_DST_OFF`) and
+/// the header checksum; the L4 checksum is the caller's (a later fragment
+/// has none, its first fragment's covers the whole datagram).
+#[inline(always)]
+pub fn rewrite_address<P: Packet>(p: &P, field: usize, old: u32, new: u32) -> Option<()> {
+    p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old, new, 4)?;
+    p.store(ETH_HLEN + field, &new)
+}
+
 /// Rewrites one end's address and port of a TCP/UDP packet and fixes the
 /// IPv4 and L4 checksums. A UDP checksum of 0 (none) stays 0.
 #[inline(always)]
@@ -40,8 +49,7 @@ pub fn rewrite<P: Packet>(
     };
     if old_ip != new_ip {
         p.l4_csum_replace(csum_off, old_ip, new_ip, BPF_F_PSEUDO_HDR | mangled | 4)?;
-        p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_ip, new_ip, 4)?;
-        p.store(ETH_HLEN + ip_off, &new_ip)?;
+        rewrite_address(p, ip_off, old_ip, new_ip)?;
     }
     if old_port != new_port {
         p.l4_csum_replace(csum_off, old_port as u32, new_port as u32, mangled | 2)?;
@@ -101,8 +109,7 @@ pub fn icmp_error<P: Packet>(
 
     // Outer source, when the backend itself reports the error.
     if outer_src == backend_ip {
-        p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, backend_ip, vip, 4)?;
-        p.store(ETH_HLEN + IP_SRC_OFF, &vip)?;
+        rewrite_address(p, IP_SRC_OFF, backend_ip, vip)?;
     }
     Some(())
 }

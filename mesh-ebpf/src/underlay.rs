@@ -100,7 +100,7 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
     }
     // Packet pointers are stale after adjust_head: `store` reads them again.
     if ctx.store(0, &local.underlay_mac).is_none() {
-        crate::stats::bump(Stat::XdpTruncated);
+        bump(Stat::XdpTruncated);
         return Ok(Verdict::DROP);
     }
     if !mark(ctx) {

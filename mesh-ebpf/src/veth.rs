@@ -10,7 +10,7 @@
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
-    lb::{ServiceKey, ServiceStats},
+    lb::{Backend, ServiceKey, ServiceStats},
     stats::Stat,
 };
 
@@ -21,9 +21,8 @@ use crate::{
     maps::{FRAGS, LOCAL_EPS, SERVICES, SVC_STATS},
     nat::{self, End},
     parse::{
-        self, ETH_HLEN, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError,
-        Parsed,
+        self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError, Parsed,
     },
     stats::bump,
     tunnel,
@@ -113,12 +112,13 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     };
 
     let mut new_flow = false;
-    let tracked = ct::lookup(&t.key(dir::FORWARD)).and_then(|e| {
+    let fwd = ct::lookup(&t.key(dir::FORWARD));
+    let tracked = fwd.and_then(|e| {
         // SAFETY: pointer from a successful lookup.
         let (id, nat_ip, nat_port) = unsafe { ((*e).backend_id, (*e).nat_ip_be, (*e).nat_port_be) };
         lb::current(id, nat_ip, nat_port).map(|b| (e, b))
     });
-    let (backend_id, backend) = match tracked {
+    let (backend_id, backend, hairpin) = match tracked {
         Some((entry, b)) => {
             let idle = ct::touch(entry, pk.tcp_flags);
             bump(Stat::LbCtHit);
@@ -128,10 +128,10 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
             if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to) {
                 bump(Stat::LbReverseRestored);
             }
-            (id, b)
+            (id, b, to.hairpin)
         }
         None => {
-            let existed = ct::lookup(&t.key(dir::FORWARD)).is_some();
+            let existed = fwd.is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
             let to = ct::Balanced::new(&t, id, svc.id, &b);
             ct::create(&t, &to, pk.tcp_flags).map_err(|_| Stat::LbCtWriteFail)?;
@@ -144,7 +144,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
                 bump(Stat::LbNewFlow);
                 new_flow = true;
             }
-            (id, b)
+            (id, b, to.hairpin)
         }
     };
 
@@ -157,7 +157,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         (t.dport_be, backend.port_be),
     )
     .ok_or(Stat::NatRewriteFail)?;
-    if backend.ip_be == t.src_be {
+    if hairpin {
         // Hairpin: the caller is the backend. Source == destination would
         // be dropped by its kernel, so the source becomes the hairpin
         // address (port kept); the reply comes back through this veth.
@@ -173,24 +173,14 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         bump(Stat::LbHairpin);
     }
     count_service(svc.id, ctx.len() as u32, new_flow);
-    if pk.fragmented {
-        // The first fragment: the others follow its translation.
-        let f = FragEntry {
-            nat_ip_be: backend.ip_be,
-            backend_id,
-        };
-        let _ = FRAGS.insert(&pk.frag_key(), &f, 0);
-    }
+    remember_fragments(&pk, backend.ip_be, backend_id);
 
     if backend.ifindex == 0 {
         // Not a local veth: another node's (tunnelled) or the stack's.
         return deliver(ctx, backend.ip_be, pk.route_hash(), None);
     }
-    // Local backend: deliver straight to its veth, as the gateway would
-    // (source = the gateway MAC the container addressed).
-    let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
-    tunnel::set_macs(ctx, &backend.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
-    Ok(Verdict::redirect(backend.ifindex))
+    // Local backend: straight to its veth.
+    to_local(ctx, &backend)
 }
 
 /// A fragment other than the first, leaving a container: translated as its
@@ -204,14 +194,12 @@ fn fragment_out(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     let Some(f) = unsafe { FRAGS.get(&pk.frag_key()) }.copied() else {
         return deliver(ctx, pk.t.dst_be, pk.route_hash(), Some(Stat::TcFragment));
     };
-    set_address(ctx, IP_DST_OFF, pk.t.dst_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
+    nat::rewrite_address(ctx, IP_DST_OFF, pk.t.dst_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
     bump(Stat::NatFragment);
     if let Some(b) = lb::current_any(f.backend_id, f.nat_ip_be)
         && b.ifindex != 0
     {
-        let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
-        tunnel::set_macs(ctx, &b.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
-        return Ok(Verdict::redirect(b.ifindex));
+        return to_local(ctx, &b);
     }
     deliver(ctx, f.nat_ip_be, pk.route_hash(), None)
 }
@@ -224,16 +212,30 @@ fn fragment_in(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     let Some(f) = unsafe { FRAGS.get(&pk.frag_key()) }.copied() else {
         return pass(Stat::TcFragment);
     };
-    set_address(ctx, IP_SRC_OFF, pk.t.src_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
+    nat::rewrite_address(ctx, IP_SRC_OFF, pk.t.src_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
     pass(Stat::NatFragment)
 }
 
-/// Rewrites the IPv4 address at `field` (`IP_SRC_OFF`/`IP_DST_OFF`) and the
-/// header checksum.
+/// Hands a translated packet to a local backend's veth, as the gateway
+/// would (source = the gateway MAC the container addressed).
 #[inline(always)]
-fn set_address<P: Packet>(p: &P, field: usize, old: u32, new: u32) -> Option<()> {
-    p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old, new, 4)?;
-    p.store(ETH_HLEN + field, &new)
+fn to_local(ctx: &TcContext, b: &Backend) -> Result<Verdict, Stat> {
+    let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+    tunnel::set_macs(ctx, &b.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
+    Ok(Verdict::redirect(b.ifindex))
+}
+
+/// The first fragment of a datagram was translated to `nat_ip_be` (backend
+/// `backend_id`): its later fragments follow.
+#[inline(always)]
+fn remember_fragments(pk: &Parsed, nat_ip_be: u32, backend_id: u32) {
+    if pk.fragmented {
+        let f = FragEntry {
+            nat_ip_be,
+            backend_id,
+        };
+        let _ = FRAGS.insert(&pk.frag_key(), &f, 0);
+    }
 }
 
 /// A backend's reply in a hairpin flow (to the hairpin address): from the
@@ -283,13 +285,7 @@ fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
         return pass(Stat::TcNoReverse);
     };
     let (vip, vport, svc, backend_id) = (e.nat_ip_be, e.nat_port_be, e.service_id, e.backend_id);
-    if pk.fragmented {
-        let f = FragEntry {
-            nat_ip_be: vip,
-            backend_id,
-        };
-        let _ = FRAGS.insert(&pk.frag_key(), &f, 0);
-    }
+    remember_fragments(pk, vip, backend_id);
     nat::rewrite(
         p,
         pk.l4_off,

@@ -261,14 +261,13 @@ fn an_evicted_reverse_entry_is_restored_by_the_flow() {
         proto: PROTO_TCP,
         ..Tuple::default()
     };
+    // The backend's reply: the translated flow, reversed.
     let rev = Tuple {
-        src_be: be(backend.0),
-        dst_be: be(client.0),
-        sport_be: backend.1.to_be(),
-        dport_be: client.1.to_be(),
-        proto: PROTO_TCP,
-        ..Tuple::default()
-    };
+        dst_be: be(backend.0),
+        dport_be: backend.1.to_be(),
+        ..fwd
+    }
+    .reversed();
     h.lb.conntrack
         .remove(&rev.key(dir::REVERSE))
         .expect("evict the reverse entry");
