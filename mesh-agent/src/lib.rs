@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod conntrack;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;

@@ -18,7 +18,7 @@ use mesh_agent::{
     logging::{self, LogFormat},
     vip::Cidr,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +110,66 @@ struct Args {
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(flatten)]
+    conntrack: ConntrackArgs,
+}
+
+/// Conntrack sizes and timeouts (docs/architecture.md, "Conntrack lifetime").
+#[derive(Debug, clap::Args)]
+struct ConntrackArgs {
+    /// Entries of the confirmed-flow table (two per flow).
+    #[arg(long, env = "MESH_CT_ENTRIES", default_value_t = mesh_common::maps::CT_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    ct_entries: u32,
+    /// Entries of the new-flow table (two per flow): what a flood of flows
+    /// that never complete can fill.
+    #[arg(long, env = "MESH_CT_NEW_ENTRIES", default_value_t = mesh_common::maps::CT_NEW_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    ct_new_entries: u32,
+    /// Seconds an established TCP connection may stay idle.
+    #[arg(long, env = "MESH_CT_TCP_TIMEOUT", default_value_t = 6 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_tcp_timeout: u64,
+    /// Seconds a TCP flow may wait for its handshake to complete.
+    #[arg(long, env = "MESH_CT_TCP_NEW_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_tcp_new_timeout: u64,
+    /// Seconds a closed TCP flow (FIN both ways, RST) is kept.
+    #[arg(long, env = "MESH_CT_TCP_CLOSED_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_tcp_closed_timeout: u64,
+    /// Seconds a UDP flow may stay idle.
+    #[arg(long, env = "MESH_CT_UDP_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_udp_timeout: u64,
+    /// Seconds between two conntrack sweeps.
+    #[arg(long, env = "MESH_CT_SWEEP_INTERVAL", default_value_t = 5.0)]
+    ct_sweep_interval: f64,
+}
+
+impl ConntrackArgs {
+    fn timeouts(&self) -> mesh_agent::conntrack::Timeouts {
+        use std::time::Duration;
+        mesh_agent::conntrack::Timeouts {
+            tcp_established: Duration::from_secs(self.ct_tcp_timeout),
+            tcp_new: Duration::from_secs(self.ct_tcp_new_timeout),
+            tcp_closed: Duration::from_secs(self.ct_tcp_closed_timeout),
+            udp: Duration::from_secs(self.ct_udp_timeout),
+        }
+    }
+
+    fn sizes(&self) -> [(&'static str, u32); 2] {
+        [
+            (mesh_common::maps::CONNTRACK.name, self.ct_entries),
+            (mesh_common::maps::CONNTRACK_NEW.name, self.ct_new_entries),
+        ]
+    }
+
+    fn sweep_interval(&self) -> Result<std::time::Duration> {
+        std::time::Duration::try_from_secs_f64(self.ct_sweep_interval)
+            .ok()
+            .filter(|d| *d >= std::time::Duration::from_millis(100))
+            .with_context(|| {
+                format!(
+                    "--ct-sweep-interval {}: give seconds, at least 0.1",
+                    self.ct_sweep_interval
+                )
+            })
+    }
 }
 
 fn parse_iface(s: &str) -> Result<String, String> {
@@ -141,9 +201,17 @@ async fn run(args: Args) -> Result<()> {
             args.cluster_cidr
         );
     }
-    let mut ebpf = dataplane::load_pinned(&args.bpffs_dir).context(
-        "loading the data plane (if an older, incompatible version pinned its maps, remove the bpffs directory)",
-    )?;
+    let sweep_interval = args.conntrack.sweep_interval()?;
+    let (mut ebpf, retired) = dataplane::load_pinned(&args.bpffs_dir, &args.conntrack.sizes())
+        .context("loading the data plane")?;
+    for r in &retired {
+        warn!(
+            map = r.name,
+            pinned = %r.pinned,
+            ours = %r.ours,
+            "a pinned map had another layout than this build's: created anew"
+        );
+    }
     for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }
@@ -154,6 +222,11 @@ async fn run(args: Args) -> Result<()> {
     let overlay =
         mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
+    let sweeper =
+        mesh_agent::conntrack::sweep::Sweeper::open(&args.bpffs_dir, args.conntrack.timeouts())
+            .context("conntrack sweep")?;
+    let sweep_stats = mesh_agent::conntrack::sweep::spawn(sweeper, sweep_interval)
+        .context("starting the conntrack sweep")?;
 
     // The control socket and /metrics answer from the start, while the
     // node still settles its subnet and waits for Docker.
@@ -164,6 +237,7 @@ async fn run(args: Args) -> Result<()> {
         sh.status.node.vip_cidr = args.vip_cidr.to_string();
         sh.status.node.bpffs_dir = args.bpffs_dir.display().to_string();
         sh.status.docker.socket = args.docker_socket.display().to_string();
+        sh.sweep = Some(sweep_stats);
     }
     daemon::serve_interfaces(
         args.api_socket.clone(),

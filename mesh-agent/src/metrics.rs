@@ -128,6 +128,9 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             );
         }
     }
+    if let Some(sw) = &sh.sweep {
+        conntrack_sweep(&mut out, sw);
+    }
     if let Some(dns) = &sh.dns {
         out.push_str("# HELP mesh_dns_queries_total DNS queries by type and result.\n# TYPE mesh_dns_queries_total counter\n");
         for ((qtype, result), n) in dns.queries.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -184,6 +187,67 @@ pub fn datapath(out: &mut String, readings: &[stats::Reading]) {
             r.counter.name, r.value
         );
     }
+}
+
+/// The conntrack sweep's work and the tables' fill.
+pub fn conntrack_sweep(out: &mut String, sw: &crate::conntrack::sweep::SweepStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use crate::conntrack::FlowState;
+    let mut series = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    series(
+        "mesh_conntrack_entries",
+        "gauge",
+        "Conntrack entries at the last sweep (two per flow), by table.",
+        &[
+            ("{table=\"confirmed\"}".into(), sw.entries[0].load(Relaxed)),
+            ("{table=\"new\"}".into(), sw.entries[1].load(Relaxed)),
+        ],
+    );
+    let expired: Vec<(String, u64)> = FlowState::ALL
+        .iter()
+        .zip(&sw.expired)
+        .map(|(s, v)| (format!("{{state=\"{}\"}}", s.name()), v.load(Relaxed)))
+        .collect();
+    series(
+        "mesh_conntrack_expired_total",
+        "counter",
+        "Flows removed by the sweep after their state's timeout, by state.",
+        &expired,
+    );
+    series(
+        "mesh_conntrack_sweep_deleted_total",
+        "counter",
+        "Conntrack entries the sweep deleted.",
+        &[(String::new(), sw.deleted.load(Relaxed))],
+    );
+    series(
+        "mesh_conntrack_sweeps_total",
+        "counter",
+        "Conntrack sweeps run.",
+        &[(String::new(), sw.runs.load(Relaxed))],
+    );
+    series(
+        "mesh_conntrack_sweep_errors_total",
+        "counter",
+        "Conntrack sweeps that failed.",
+        &[(String::new(), sw.errors.load(Relaxed))],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mesh_conntrack_sweep_seconds Time of the last sweep.\n# TYPE mesh_conntrack_sweep_seconds gauge\nmesh_conntrack_sweep_seconds {}",
+        sw.last_micros.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP mesh_conntrack_sweep_seconds_total Time spent sweeping.\n# TYPE mesh_conntrack_sweep_seconds_total counter\nmesh_conntrack_sweep_seconds_total {}",
+        sw.total_micros.load(Relaxed) as f64 / 1e6
+    );
 }
 
 fn summary(out: &mut String, name: &str, help: &str, s: &crate::status::Samples, scale: f64) {

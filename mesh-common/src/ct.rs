@@ -1,15 +1,21 @@
 //! Connection tracking.
 //!
-//! Every balanced flow has two entries in one LRU hash:
+//! Every balanced flow has two entries:
 //! - forward, keyed by the client's tuple (client -> VIP), giving the backend;
 //! - reverse, keyed by the backend's reply tuple (backend -> client), giving
 //!   the VIP:port to restore (reverse NAT, also of ICMP errors).
 //!
-//! There is no idle timeout and, so far, no sweep: an entry lives until the
-//! LRU needs its room (a TCP packet that finds none is counted as
-//! `lb_ct_miss_mid_flow`), so an idle TCP connection is never cut earlier
-//! than the kernel's own conntrack would cut it. The daemon's loop has room
-//! for a periodic sweep of closed and long-dead flows (not built yet).
+//! The pair lives in one of two LRU hashes (netfilter's "assured" idea, as
+//! separate tables): a new flow starts in `MESH_CT_NEW`; it moves to
+//! `MESH_CT` at the client's first packet after the backend answered (TCP:
+//! an ACK without SYN or RST once the backend sent ACK without RST, so a
+//! completed handshake or a live connection; UDP: once a reply came). A
+//! flood of flows that never complete (SYNs, unanswered datagrams, a
+//! spoofer's ACKs) churns only `MESH_CT_NEW` and cannot evict confirmed
+//! flows. The kernel never expires an entry; the agent's sweep removes
+//! pairs whose flow is over or idle past its state's timeout (user space,
+//! `mesh_agent::conntrack`), and a tracked flow idle for over a second
+//! recreates its reverse entry if the LRU evicted it alone.
 
 /// A flow's 5-tuple as it appears on the wire (addresses and ports in
 /// network order; ports 0 for protocols without them). Shared by the
@@ -53,6 +59,25 @@ impl Tuple {
         }
     }
 
+    /// The reply tuple of this client tuple once it is DNATed to
+    /// `ip_be:port_be` (a backend): from the backend to the client, or to
+    /// [`HAIRPIN_IP_BE`] when the backend is the client itself (hairpin).
+    #[inline(always)]
+    pub const fn reply_from(&self, ip_be: u32, port_be: u16) -> Tuple {
+        Tuple {
+            src_be: ip_be,
+            dst_be: if ip_be == self.src_be {
+                HAIRPIN_IP_BE
+            } else {
+                self.src_be
+            },
+            sport_be: port_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
     /// The flow hash (Maglev pick, tunnel source port).
     #[inline(always)]
     pub fn hash(&self) -> u32 {
@@ -77,7 +102,7 @@ pub mod dir {
 /// The full 5-tuple plus direction. Build it from `Default` so the padding
 /// is always zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CtKey {
     pub src_be: u32,
     pub dst_be: u32,
@@ -87,6 +112,29 @@ pub struct CtKey {
     /// `dir::*`.
     pub dir: u8,
     pub _pad: [u8; 2],
+}
+
+impl CtKey {
+    /// The tuple this key was built from.
+    #[inline(always)]
+    pub const fn tuple(&self) -> Tuple {
+        Tuple {
+            src_be: self.src_be,
+            dst_be: self.dst_be,
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The reverse key of a forward entry (`self` with entry `e`).
+    #[inline(always)]
+    pub const fn reverse_of(&self, e: &CtEntry) -> CtKey {
+        self.tuple()
+            .reply_from(e.nat_ip_be, e.nat_port_be)
+            .key(dir::REVERSE)
+    }
 }
 
 /// A conntrack entry.
@@ -102,18 +150,23 @@ pub struct CtEntry {
     /// Reverse: the VIP/port to restore.
     pub nat_ip_be: u32,
     pub nat_port_be: u16,
-    /// TCP flags seen in this direction, OR-ed.
+    /// TCP flags seen in this direction, OR-ed (a SYN starts over: a new
+    /// connection on the same tuple).
     pub tcp_flags: u8,
     /// `CT_F_*`.
     pub flags: u8,
     /// bpf_ktime_get_ns of the last packet.
     pub last_seen_ns: u64,
+    /// bpf_ktime_get_ns when the flow was balanced.
+    pub created_ns: u64,
 }
 
 /// A reverse entry of a hairpin flow (a backend reaching its own service):
 /// its replies go to [`HAIRPIN_IP`] and get the client (the backend itself)
 /// back as destination too.
 pub const CT_F_HAIRPIN: u8 = 1;
+/// A reverse entry whose direction carried a packet (the backend answered).
+pub const CT_F_REPLIED: u8 = 2;
 
 /// The source a backend sees when it reaches its own service through the
 /// VIP and Maglev picks it (source == destination would be dropped by its
@@ -158,7 +211,7 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Tuple>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {

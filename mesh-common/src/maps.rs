@@ -63,8 +63,11 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_NODES: u32 = 1024;
 /// Containers on one node.
 pub const MAX_LOCAL_EPS: u32 = 4096;
-/// Conntrack entries (two per flow).
+/// Conntrack entries of confirmed flows (two per flow).
 pub const CT_ENTRIES: u32 = 262_144;
+/// Conntrack entries of flows not confirmed yet (two per flow): what a
+/// flood of new flows can fill, apart from the confirmed ones.
+pub const CT_NEW_ENTRIES: u32 = 65_536;
 /// Fragmented datagrams in flight.
 pub const FRAG_ENTRIES: u32 = 8192;
 
@@ -120,13 +123,21 @@ pub const BACKENDS: MapDef = def(
     Agent,
     "backend id -> Backend{ip, port, state, ifindex, mac}",
 );
-/// LRU hash `CtKey -> CtEntry`.
+/// LRU hash `CtKey -> CtEntry`: confirmed flows.
 pub const CONNTRACK: MapDef = def(
     "MESH_CT",
     LruHash,
     CT_ENTRIES,
     Kernel,
-    "CtKey{5-tuple, dir} -> CtEntry{backend, service, nat ip/port, flags, last seen}",
+    "CtKey{5-tuple, dir} -> CtEntry{backend, service, nat ip/port, flags, last seen, created}: confirmed flows",
+);
+/// LRU hash `CtKey -> CtEntry`: flows not confirmed yet.
+pub const CONNTRACK_NEW: MapDef = def(
+    "MESH_CT_NEW",
+    LruHash,
+    CT_NEW_ENTRIES,
+    Kernel,
+    "as MESH_CT: new flows until the backend answered and the client went on",
 );
 /// LRU hash `FragKey -> FragEntry`: the translation of a fragmented
 /// datagram's first fragment, for the others.
@@ -181,12 +192,13 @@ pub const PEERS: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 11] = [
+pub const ALL: [MapDef; 12] = [
     STATS,
     SERVICES,
     BACKENDS,
     MAGLEV,
     CONNTRACK,
+    CONNTRACK_NEW,
     FRAGS,
     SERVICE_STATS,
     LOCAL_NODE,

@@ -104,6 +104,7 @@ counters! {
     LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
     NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";
     LbReverseRestored = 45, "lb_reverse_restored", Path, "A tracked flow idle for over a second had lost its reverse entry (LRU): restored.";
+    LbCtConfirmed = 46, "lb_ct_confirmed", Path, "A new flow's client went on after its backend answered: its pair moved to the confirmed table.";
 }
 
 impl Stat {

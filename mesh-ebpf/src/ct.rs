@@ -1,44 +1,83 @@
-//! Conntrack entries: lookup, creation, refresh.
+//! Conntrack entries: lookup in both tables, creation, confirmation,
+//! refresh (the tables and their rules: `mesh_common::ct`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use mesh_common::{
-    ct::{CT_F_HAIRPIN, CtEntry, CtKey, HAIRPIN_IP_BE, Tuple, dir},
+    ct::{CT_F_HAIRPIN, CT_F_REPLIED, CtEntry, CtKey, Tuple, dir, tcp_flag},
     lb::Backend,
 };
 
-use crate::maps::CT;
+use crate::{
+    maps::{CT, CT_NEW},
+    parse::IPPROTO_TCP,
+};
+
+/// An entry found in one of the two tables.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub entry: *mut CtEntry,
+    /// In `MESH_CT_NEW` (the flow is not confirmed yet).
+    pub new: bool,
+}
 
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CT.get_ptr_mut(key)
+fn table(new: bool) -> &'static LruHashMap<CtKey, CtEntry> {
+    if new { &CT_NEW } else { &CT }
+}
+
+/// The entry under `key`: confirmed flows first (the common case costs
+/// one lookup), then new ones.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<Found> {
+    if let Some(entry) = CT.get_ptr_mut(key) {
+        return Some(Found { entry, new: false });
+    }
+    CT_NEW
+        .get_ptr_mut(key)
+        .map(|entry| Found { entry, new: true })
 }
 
 /// The reverse entry keyed by `t` (a reply as it arrives), refreshed with
-/// its TCP flags: a copy of it.
+/// its TCP flags and marked as answered: a copy of it.
 #[inline(always)]
 pub fn reply_entry(t: &Tuple, tcp_flags: u8) -> Option<CtEntry> {
-    let e = lookup(&t.key(dir::REVERSE))?;
-    touch(e, tcp_flags);
-    // SAFETY: pointer from a successful lookup.
-    Some(unsafe { *e })
+    let f = lookup(&t.key(dir::REVERSE))?;
+    touch(f.entry, tcp_flags);
+    // SAFETY: pointer from a successful lookup; see `touch`.
+    unsafe {
+        if (*f.entry).flags & CT_F_REPLIED == 0 {
+            (*f.entry).flags |= CT_F_REPLIED;
+        }
+        Some(*f.entry)
+    }
 }
 
 /// A tracked flow idle for longer than this checks that its reverse entry
 /// is still there (the LRU may have evicted it alone).
 pub const RESTORE_AFTER_NS: u64 = 1_000_000_000;
 
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
 /// Updates last-seen and the TCP flags of an existing entry; how long it
-/// had been idle (ns).
+/// had been idle (ns). A SYN starts the flags over: a new connection on
+/// the same tuple (after a close), whose state must not look closed.
 #[inline(always)]
 pub fn touch(entry: *mut CtEntry, tcp_flags: u8) -> u64 {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     // SAFETY: `entry` came from a lookup in this program run; concurrent
     // writers only ever store the same kind of values (racy but benign).
     unsafe {
         let idle = now.saturating_sub((*entry).last_seen_ns);
         (*entry).last_seen_ns = now;
-        (*entry).tcp_flags |= tcp_flags;
+        if tcp_flags & tcp_flag::SYN != 0 {
+            (*entry).tcp_flags = tcp_flags;
+        } else {
+            (*entry).tcp_flags |= tcp_flags;
+        }
         idle
     }
 }
@@ -50,7 +89,7 @@ pub struct Balanced {
     pub ip_be: u32,
     pub port_be: u16,
     /// The client is the backend itself (its source is NATed to
-    /// [`HAIRPIN_IP_BE`]).
+    /// `HAIRPIN_IP_BE`).
     pub hairpin: bool,
 }
 
@@ -72,16 +111,6 @@ impl Balanced {
 /// restoring the VIP.
 #[inline(always)]
 fn reverse(client: &Tuple, to: &Balanced, now: u64) -> (CtKey, CtEntry) {
-    let dnat = Tuple {
-        src_be: if to.hairpin {
-            HAIRPIN_IP_BE
-        } else {
-            client.src_be
-        },
-        dst_be: to.ip_be,
-        dport_be: to.port_be,
-        ..*client
-    };
     let rev = CtEntry {
         backend_id: to.backend_id,
         service_id: to.service_id,
@@ -90,39 +119,75 @@ fn reverse(client: &Tuple, to: &Balanced, now: u64) -> (CtKey, CtEntry) {
         tcp_flags: 0,
         flags: if to.hairpin { CT_F_HAIRPIN } else { 0 },
         last_seen_ns: now,
-        ..CtEntry::default()
+        created_ns: now,
     };
-    (dnat.reversed().key(dir::REVERSE), rev)
+    let key = client.reply_from(to.ip_be, to.port_be).key(dir::REVERSE);
+    (key, rev)
 }
 
 /// Creates (or replaces) both entries of a balanced flow. `client` is the
-/// packet as the client sent it (to the VIP).
+/// packet as the client sent it (to the VIP). A new flow goes to the new
+/// table; a tracked flow that needs another backend stays in its table.
 #[inline(always)]
-pub fn create(client: &Tuple, to: &Balanced, tcp_flags: u8) -> Result<(), i32> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn create(client: &Tuple, to: &Balanced, tcp_flags: u8, new: bool) -> Result<(), i32> {
+    let now = now();
     let fwd = CtEntry {
         backend_id: to.backend_id,
         service_id: to.service_id,
         nat_ip_be: to.ip_be,
         nat_port_be: to.port_be,
         tcp_flags,
+        flags: 0,
         last_seen_ns: now,
-        ..CtEntry::default()
+        created_ns: now,
     };
-    CT.insert(&client.key(dir::FORWARD), &fwd, 0)?;
+    let t = table(new);
+    t.insert(&client.key(dir::FORWARD), &fwd, 0)?;
     let (key, rev) = reverse(client, to, now);
-    CT.insert(&key, &rev, 0)
+    t.insert(&key, &rev, 0)
 }
 
-/// Recreates a tracked flow's reverse entry if the LRU evicted it (its
-/// replies would otherwise reach the client from the backend's address,
-/// and the client would reset the connection); whether it did.
+/// Moves a new flow's pair to the confirmed table when this packet of the
+/// client (`tcp_flags`) comes after the backend answered: TCP, an ACK
+/// without SYN or RST once the backend sent ACK without RST (a completed
+/// handshake, or a live connection picked up mid-flow); UDP, once a reply
+/// came. Whether it moved.
 #[inline(always)]
-pub fn restore_reverse(client: &Tuple, to: &Balanced) -> bool {
-    // SAFETY: plain helper call.
-    let (key, rev) = reverse(client, to, unsafe { bpf_ktime_get_ns() });
-    lookup(&key).is_none() && CT.insert(&key, &rev, 0).is_ok()
+pub fn confirm(client: &Tuple, fwd: *mut CtEntry, to: &Balanced, tcp_flags: u8) -> bool {
+    let rkey = client.reply_from(to.ip_be, to.port_be).key(dir::REVERSE);
+    let Some(rev) = CT_NEW.get_ptr_mut(&rkey) else {
+        return false;
+    };
+    // SAFETY: pointers from successful lookups in this run.
+    let (f, r) = unsafe { (*fwd, *rev) };
+    let answered = if client.proto == IPPROTO_TCP {
+        tcp_flags & (tcp_flag::SYN | tcp_flag::RST) == 0
+            && tcp_flags & tcp_flag::ACK != 0
+            && r.tcp_flags & (tcp_flag::ACK | tcp_flag::RST) == tcp_flag::ACK
+    } else {
+        r.flags & CT_F_REPLIED != 0
+    };
+    if !answered {
+        return false;
+    }
+    let fkey = client.key(dir::FORWARD);
+    if CT.insert(&fkey, &f, 0).is_err() || CT.insert(&rkey, &r, 0).is_err() {
+        return false;
+    }
+    let _ = CT_NEW.remove(&fkey);
+    let _ = CT_NEW.remove(&rkey);
+    true
+}
+
+/// Recreates a tracked flow's reverse entry (in its table) if the LRU
+/// evicted it (its replies would otherwise reach the client from the
+/// backend's address, and the client would reset the connection); whether
+/// it did.
+#[inline(always)]
+pub fn restore_reverse(client: &Tuple, to: &Balanced, new: bool) -> bool {
+    let (key, rev) = reverse(client, to, now());
+    let t = table(new);
+    t.get_ptr(&key).is_none() && t.insert(&key, &rev, 0).is_ok()
 }
 
 /// A new direct flow (not to a VIP) from `t`: if a finished VIP flow left a
@@ -132,8 +197,8 @@ pub fn restore_reverse(client: &Tuple, to: &Balanced) -> bool {
 #[inline(always)]
 pub fn supersede_reverse(t: &Tuple) -> bool {
     let key = t.reversed().key(dir::REVERSE);
-    if lookup(&key).is_some() {
-        return CT.remove(&key).is_ok();
+    match lookup(&key) {
+        Some(f) => table(f.new).remove(&key).is_ok(),
+        None => false,
     }
-    false
 }

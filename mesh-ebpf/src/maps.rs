@@ -12,7 +12,8 @@ use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
     lb::{Backend, Service, ServiceKey, ServiceStats},
     maps::{
-        CT_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES, MAX_SERVICES, RING_FLAGS,
+        CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES,
+        MAX_SERVICES, RING_FLAGS,
     },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
@@ -30,9 +31,13 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MA
 #[map(name = "MESH_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Conntrack: forward and reverse entry of every balanced flow.
+/// Conntrack: forward and reverse entry of every confirmed flow.
 #[map(name = "MESH_CT")]
 pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_ENTRIES, 0);
+
+/// Conntrack: flows not confirmed yet (see `mesh_common::ct`).
+#[map(name = "MESH_CT_NEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_NEW_ENTRIES, 0);
 
 /// Per-service counters, indexed by service id.
 #[map(name = "MESH_SVC_STATS")]

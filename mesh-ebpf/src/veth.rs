@@ -113,29 +113,38 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
 
     let mut new_flow = false;
     let fwd = ct::lookup(&t.key(dir::FORWARD));
-    let tracked = fwd.and_then(|e| {
+    let tracked = fwd.and_then(|f| {
         // SAFETY: pointer from a successful lookup.
-        let (id, nat_ip, nat_port) = unsafe { ((*e).backend_id, (*e).nat_ip_be, (*e).nat_port_be) };
-        lb::current(id, nat_ip, nat_port).map(|b| (e, b))
+        let (id, nat_ip, nat_port) = unsafe {
+            (
+                (*f.entry).backend_id,
+                (*f.entry).nat_ip_be,
+                (*f.entry).nat_port_be,
+            )
+        };
+        lb::current(id, nat_ip, nat_port).map(|b| (f, b))
     });
     let (backend_id, backend, hairpin) = match tracked {
-        Some((entry, b)) => {
-            let idle = ct::touch(entry, pk.tcp_flags);
+        Some((f, b)) => {
+            let idle = ct::touch(f.entry, pk.tcp_flags);
             bump(Stat::LbCtHit);
             // SAFETY: pointer from a successful lookup.
-            let id = unsafe { (*entry).backend_id };
+            let id = unsafe { (*f.entry).backend_id };
             let to = ct::Balanced::new(&t, id, svc.id, &b);
-            if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to) {
+            if f.new && ct::confirm(&t, f.entry, &to, pk.tcp_flags) {
+                bump(Stat::LbCtConfirmed);
+            } else if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to, f.new) {
                 bump(Stat::LbReverseRestored);
             }
             (id, b, to.hairpin)
         }
         None => {
-            let existed = fwd.is_some();
             let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
             let to = ct::Balanced::new(&t, id, svc.id, &b);
-            ct::create(&t, &to, pk.tcp_flags).map_err(|_| Stat::LbCtWriteFail)?;
-            if existed {
+            // A tracked flow whose backend is gone keeps its table.
+            let new = fwd.is_none_or(|f| f.new);
+            ct::create(&t, &to, pk.tcp_flags, new).map_err(|_| Stat::LbCtWriteFail)?;
+            if fwd.is_some() {
                 bump(Stat::LbReselect);
             } else {
                 if t.proto == IPPROTO_TCP && pk.tcp_flags & tcp_flag::SYN == 0 {
@@ -335,11 +344,11 @@ fn reverse_icmp_error<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
         proto: inner.proto,
         ..Tuple::default()
     };
-    let Some(e) = ct::lookup(&quoted.reversed().key(dir::REVERSE)) else {
+    let Some(f) = ct::lookup(&quoted.reversed().key(dir::REVERSE)) else {
         return pass(Stat::TcNoReverse);
     };
     // SAFETY: pointer from a successful lookup.
-    let (vip, vport) = unsafe { ((*e).nat_ip_be, (*e).nat_port_be) };
+    let (vip, vport) = unsafe { ((*f.entry).nat_ip_be, (*f.entry).nat_port_be) };
     nat::icmp_error(
         p,
         pk.l4_off,

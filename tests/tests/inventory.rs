@@ -22,8 +22,12 @@ fn every_map_of_the_object_is_in_the_inventory_and_pinned() {
         "/sys/fs/bpf/mesh-inventory-{}",
         std::process::id()
     )));
-    let ebpf = dataplane::load_pinned(&dir.0)
+    let (ebpf, retired) = dataplane::load_pinned(&dir.0, &[])
         .unwrap_or_else(|e| panic!("loading the object (root and bpffs needed): {e}"));
+    assert!(
+        retired.is_empty(),
+        "a fresh directory has no pins: {retired:?}"
+    );
     let errors = dataplane::check_inventory(ebpf.maps());
     assert!(
         errors.is_empty(),
@@ -85,5 +89,76 @@ fn the_check_catches_drift() {
             }
         )),
         "{errors:?}"
+    );
+}
+
+/// Upgrades across a layout change: a pinned map whose shape is not this
+/// build's (another size here, another type below) is retired and created
+/// anew; every other pin is adopted as it is (same map id), and a second
+/// load of the same build retires nothing.
+#[test]
+fn pins_of_another_layout_are_retired_and_the_rest_adopted() {
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/mesh-layout-{}",
+        std::process::id()
+    )));
+    let ids = |ebpf: &aya::Ebpf| -> std::collections::BTreeMap<String, u32> {
+        ebpf.maps()
+            .filter(|(n, _)| !n.starts_with('.'))
+            .map(|(n, m)| {
+                let id = match m {
+                    aya::maps::Map::Array(d)
+                    | aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::LruHashMap(d)
+                    | aya::maps::Map::PerCpuArray(d)
+                    | aya::maps::Map::ArrayOfMaps(d) => d.info().expect("map info").id(),
+                    other => panic!("unexpected map kind {other:?}"),
+                };
+                (n.to_owned(), id)
+            })
+            .collect()
+    };
+    // An "older build" whose node table had half the entries.
+    let (old, retired) = dataplane::load_pinned(&dir.0, &[("MESH_NODES", 512)])
+        .unwrap_or_else(|e| panic!("loading the object (root and bpffs needed): {e}"));
+    assert!(retired.is_empty(), "{retired:?}");
+    let old_ids = ids(&old);
+    drop(old);
+
+    let (new, retired) = dataplane::load_pinned(&dir.0, &[]).expect("second load");
+    let names: Vec<&str> = retired.iter().map(|r| r.name).collect();
+    assert_eq!(names, ["MESH_NODES"], "{retired:?}");
+    assert_eq!(retired[0].pinned.max_entries, 512);
+    assert_eq!(retired[0].ours.max_entries, mesh_common::maps::MAX_NODES);
+    let new_ids = ids(&new);
+    for (name, id) in &old_ids {
+        if name == "MESH_NODES" {
+            assert_ne!(new_ids[name], *id, "MESH_NODES must be a new map");
+        } else {
+            assert_eq!(new_ids[name], *id, "{name} must be adopted, not recreated");
+        }
+    }
+    drop(new);
+
+    // The same build again: nothing to retire.
+    let (again, retired) = dataplane::load_pinned(&dir.0, &[]).expect("third load");
+    assert!(retired.is_empty(), "{retired:?}");
+    assert_eq!(ids(&again), new_ids);
+    drop(again);
+
+    // A pin of another type under a map's name (the stats array where the
+    // peers hash belongs) is retired too.
+    let peers = dir.0.join("MESH_PEERS");
+    std::fs::remove_file(&peers).expect("unpin MESH_PEERS");
+    aya::maps::MapData::from_pin(dir.0.join("MESH_STATS"))
+        .expect("stats pin")
+        .pin(&peers)
+        .expect("pin the stats map as MESH_PEERS");
+    let (_, retired) = dataplane::load_pinned(&dir.0, &[]).expect("fourth load");
+    let names: Vec<&str> = retired.iter().map(|r| r.name).collect();
+    assert_eq!(names, ["MESH_PEERS"], "{retired:?}");
+    println!(
+        "retired {}: pinned {} -> ours {}",
+        retired[0].name, retired[0].pinned, retired[0].ours
     );
 }

@@ -250,6 +250,12 @@ fn an_evicted_reverse_entry_is_restored_by_the_flow() {
         src_of(&h.run(Prog::TcToContainer, &reply(), 1).output),
         lb::WEB_VIP
     );
+    // The client goes on: the flow is confirmed (its pair in MESH_CT).
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(client, vip, 2, |b| b.ack(10), b"")),
+        1,
+    );
 
     // Evict the reverse entry and age the flow by two seconds.
     let be = |ip: Ipv4Addr| u32::from(ip).to_be();
@@ -304,4 +310,155 @@ fn an_evicted_reverse_entry_is_restored_by_the_flow() {
         1,
     );
     assert_eq!(h.counters()[Stat::LbReverseRestored as usize] - before, 1);
+}
+
+/// A new flow lives in MESH_CT_NEW until the backend answered and the
+/// client went on; only then its pair moves to MESH_CT. A SYN flooder
+/// (whose kernel resets the SYN-ACK), a spoofer's mid-flow ACK (which the
+/// backend resets) and unanswered datagrams never get there, so they
+/// cannot evict confirmed flows.
+#[test]
+fn flows_are_confirmed_only_when_answered_and_continued() {
+    use mesh_common::{
+        ct::{Tuple, dir},
+        stats::Stat,
+    };
+    use mesh_tests::{harness::Prog, pkt};
+
+    let mut h = Harness::new();
+    lb::install(&mut h);
+    let vip = (lb::WEB_VIP, lb::WEB_PORT);
+    let backend = (lb::WEB_BACKEND, lb::WEB_BACKEND_PORT);
+    let out = |f| pkt::macs(f, lb::GW_MAC, lb::CLIENT_MAC);
+    let back = |f| pkt::macs(f, lb::CLIENT_MAC, lb::WEB_BACKEND_MAC);
+    let key = |client: (std::net::Ipv4Addr, u16), to: (std::net::Ipv4Addr, u16), proto| {
+        Tuple {
+            src_be: u32::from(client.0).to_be(),
+            dst_be: u32::from(to.0).to_be(),
+            sport_be: client.1.to_be(),
+            dport_be: to.1.to_be(),
+            proto,
+            ..Tuple::default()
+        }
+        .key(dir::FORWARD)
+    };
+    // Where the forward entry of a flow is: (confirmed, new).
+    let place = |h: &Harness, k| {
+        (
+            h.lb.conntrack.get(&k, 0).is_ok(),
+            h.lb.conntrack_new.get(&k, 0).is_ok(),
+        )
+    };
+    let confirmed = |h: &Harness| h.counters()[Stat::LbCtConfirmed as usize];
+
+    // A handshake: SYN, SYN-ACK, ACK.
+    let c = (lb::CLIENT, 42001);
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(c, vip, 1, |b| b.syn(), b"")),
+        1,
+    );
+    assert_eq!(
+        place(&h, key(c, vip, 6)),
+        (false, true),
+        "a SYN is a new flow"
+    );
+    h.run(
+        Prog::TcToContainer,
+        &back(pkt::tcp4(backend, c, 9, |b| b.syn().ack(2), b"")),
+        1,
+    );
+    assert_eq!(
+        place(&h, key(c, vip, 6)),
+        (false, true),
+        "not before the client goes on"
+    );
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(c, vip, 2, |b| b.ack(10), b"")),
+        1,
+    );
+    assert_eq!(
+        place(&h, key(c, vip, 6)),
+        (true, false),
+        "handshake done: confirmed"
+    );
+    assert_eq!(confirmed(&h), 1);
+    // Its reverse entry moved too: the reply is translated from MESH_CT.
+    let r = h.run(
+        Prog::TcToContainer,
+        &back(pkt::tcp4(backend, c, 10, |b| b.ack(2), b"ok")),
+        1,
+    );
+    assert_eq!(&r.output[26..30], &lb::WEB_VIP.octets());
+    assert_eq!(
+        h.lb.conntrack_new.iter().count(),
+        0,
+        "nothing left in the new table"
+    );
+
+    // A SYN flooder: its kernel answers the SYN-ACK with a RST.
+    let f = (lb::CLIENT, 42002);
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(f, vip, 1, |b| b.syn(), b"")),
+        1,
+    );
+    h.run(
+        Prog::TcToContainer,
+        &back(pkt::tcp4(backend, f, 9, |b| b.syn().ack(2), b"")),
+        1,
+    );
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(f, vip, 2, |b| b.rst(), b"")),
+        1,
+    );
+    assert_eq!(
+        place(&h, key(f, vip, 6)),
+        (false, true),
+        "a reset flow is never confirmed"
+    );
+
+    // A forged mid-flow ACK: the backend answers with a RST.
+    let s = (lb::CLIENT, 42003);
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(s, vip, 7, |b| b.ack(7), b"")),
+        1,
+    );
+    h.run(
+        Prog::TcToContainer,
+        &back(pkt::tcp4(backend, s, 7, |b| b.rst(), b"")),
+        1,
+    );
+    h.run(
+        Prog::TcFromContainer,
+        &out(pkt::tcp4(s, vip, 8, |b| b.ack(7), b"")),
+        1,
+    );
+    assert_eq!(
+        place(&h, key(s, vip, 6)),
+        (false, true),
+        "reset by the backend"
+    );
+    assert_eq!(confirmed(&h), 1);
+
+    // UDP: unanswered datagrams stay new; after a reply, the next one
+    // confirms the flow.
+    let dns = (lb::DNS_VIP, lb::DNS_PORT);
+    let dns_be = (lb::DNS_BACKEND, lb::DNS_BACKEND_PORT);
+    let u = (lb::CLIENT, 42004);
+    for _ in 0..2 {
+        h.run(Prog::TcFromContainer, &pkt::udp4(u, dns, b"q"), 1);
+    }
+    assert_eq!(place(&h, key(u, dns, 17)), (false, true), "unanswered");
+    h.run(Prog::TcToContainer, &pkt::udp4(dns_be, u, b"a"), 1);
+    h.run(Prog::TcFromContainer, &pkt::udp4(u, dns, b"q"), 1);
+    assert_eq!(
+        place(&h, key(u, dns, 17)),
+        (true, false),
+        "answered, then continued"
+    );
+    assert_eq!(confirmed(&h), 2);
 }

@@ -5,9 +5,13 @@ use mesh_common::{
     lb::ServiceKey,
 };
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 use super::{CtlError, addr, proto_name, service_name, table::Table};
-use crate::dataplane::lb::LbMaps;
+use crate::{
+    conntrack::{FlowState, sweep::monotonic_ns},
+    dataplane::lb::LbMaps,
+};
 
 #[derive(Serialize)]
 pub struct CtRow {
@@ -19,13 +23,18 @@ pub struct CtRow {
     pub nat: String,
     pub backend_id: u32,
     pub service_id: u32,
+    /// The flow's state (both directions): `FlowState::name`.
+    pub state: String,
+    /// `confirmed` or `new` (the table the flow is in).
+    pub table: String,
     pub tcp_flags: String,
+    pub age_seconds: f64,
     pub idle_seconds: f64,
 }
 
 impl Table for CtRow {
     const HEADER: &'static [&'static str] = &[
-        "DIR", "PROTO", "SRC", "DST", "NAT", "BACKEND", "FLAGS", "IDLE",
+        "DIR", "PROTO", "SRC", "DST", "NAT", "BACKEND", "STATE", "FLAGS", "AGE", "IDLE",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -35,7 +44,9 @@ impl Table for CtRow {
             self.dst.clone(),
             self.nat.clone(),
             self.backend_id.to_string(),
+            self.state.clone(),
             self.tcp_flags.clone(),
+            format!("{:.1}s", self.age_seconds),
             format!("{:.1}s", self.idle_seconds),
         ]
     }
@@ -60,17 +71,6 @@ fn flags(f: u8) -> String {
     }
 }
 
-/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 pub fn conntrack(
     lb: &LbMaps,
     service: Option<&ServiceKey>,
@@ -86,30 +86,40 @@ pub fn conntrack(
         None => None,
     };
     let now = monotonic_ns();
+    let secs = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
     let mut rows = Vec::new();
-    for item in lb.conntrack.iter() {
+    for (table, new) in [(&lb.conntrack, false), (&lb.conntrack_new, true)] {
         // Entries can vanish (LRU) while we iterate: skip those.
-        let Ok((k, e)): Result<(CtKey, CtEntry), _> = item else {
-            continue;
-        };
-        if (!all && k.dir != dir::FORWARD) || want_id.is_some_and(|id| id != e.service_id) {
-            continue;
-        }
-        rows.push(CtRow {
-            direction: if k.dir == dir::FORWARD {
-                "fwd".into()
+        let entries: BTreeMap<CtKey, CtEntry> = table.iter().filter_map(Result::ok).collect();
+        for (k, e) in &entries {
+            if (!all && k.dir != dir::FORWARD) || want_id.is_some_and(|id| id != e.service_id) {
+                continue;
+            }
+            // The state needs both directions of the flow.
+            let (fwd, rev) = if k.dir == dir::FORWARD {
+                (Some(e), entries.get(&k.reverse_of(e)))
             } else {
-                "rev".into()
-            },
-            proto: proto_name(k.proto),
-            src: addr(k.src_be, k.sport_be),
-            dst: addr(k.dst_be, k.dport_be),
-            nat: addr(e.nat_ip_be, e.nat_port_be),
-            backend_id: e.backend_id,
-            service_id: e.service_id,
-            tcp_flags: flags(e.tcp_flags),
-            idle_seconds: now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
-        });
+                (None, Some(e))
+            };
+            rows.push(CtRow {
+                direction: if k.dir == dir::FORWARD {
+                    "fwd".into()
+                } else {
+                    "rev".into()
+                },
+                proto: proto_name(k.proto),
+                src: addr(k.src_be, k.sport_be),
+                dst: addr(k.dst_be, k.dport_be),
+                nat: addr(e.nat_ip_be, e.nat_port_be),
+                backend_id: e.backend_id,
+                service_id: e.service_id,
+                state: FlowState::of(k.proto, fwd, rev, new).name().into(),
+                table: if new { "new" } else { "confirmed" }.into(),
+                tcp_flags: flags(e.tcp_flags),
+                age_seconds: secs(e.created_ns),
+                idle_seconds: secs(e.last_seen_ns),
+            });
+        }
     }
     rows.sort_by(|a, b| (&a.direction, &a.src, &a.dst).cmp(&(&b.direction, &b.src, &b.dst)));
     Ok(rows)

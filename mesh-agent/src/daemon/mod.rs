@@ -4,8 +4,8 @@
 //! lists the mesh containers at start, then follows Docker's events and
 //! membership changes; after every batch it runs one pass (`pass.rs`):
 //! desired state, minimal map writes, DNS zone, gossip, status. Periodic
-//! jobs (the retry of a failed pass; room for a conntrack sweep) run on
-//! the same loop. DNS, the control socket and /metrics are tasks of their
+//! jobs (the retry of a failed pass) run on the same loop; the conntrack
+//! sweep has a thread of its own (`crate::conntrack::sweep`). DNS, the control socket and /metrics are tasks of their
 //! own that read what this one shares.
 
 mod events;
@@ -60,6 +60,7 @@ pub struct Shared {
     pub service_names: BTreeMap<u32, (String, String)>,
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
+    pub sweep: Option<Arc<crate::conntrack::sweep::SweepStats>>,
 }
 
 /// Starts the control socket and /metrics: they answer from the start,

@@ -43,7 +43,10 @@ pub struct LbMaps {
     /// A second handle to the outer Maglev map, for batch updates (aya's
     /// ArrayOfMaps does not lend out its own).
     maglev_map: MapData,
+    /// Confirmed flows.
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Flows not confirmed yet.
+    pub conntrack_new: HashMap<MapData, CtKey, CtEntry>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
 }
 
@@ -84,6 +87,9 @@ impl LbMaps {
             conntrack: get(maps::CONNTRACK.name)?
                 .try_into()
                 .map_err(map_err(maps::CONNTRACK.name))?,
+            conntrack_new: get(maps::CONNTRACK_NEW.name)?
+                .try_into()
+                .map_err(map_err(maps::CONNTRACK_NEW.name))?,
             service_stats: get(maps::SERVICE_STATS.name)?
                 .try_into()
                 .map_err(map_err(maps::SERVICE_STATS.name))?,

@@ -1,5 +1,7 @@
 //! The eBPF data plane: the embedded object, loading it, and its maps.
 
+pub mod batch;
+pub mod layout;
 pub mod lb;
 pub mod links;
 pub mod overlay;
@@ -38,6 +40,8 @@ pub enum LoadError {
     },
     #[error("loading the eBPF object: {0}")]
     Ebpf(#[from] aya::EbpfError),
+    #[error("checking pinned maps: {0}")]
+    Layout(#[from] layout::LayoutError),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("program {name}: {source}")]
@@ -56,20 +60,29 @@ pub fn load() -> Result<Ebpf, LoadError> {
 
 /// Loads the object with every pinned map of the inventory
 /// ([`mesh_common::maps::ALL`]) pinned under `dir`: maps an earlier run
-/// pinned there are reused as they are (nothing is flushed), missing ones
-/// are created and pinned.
-pub fn load_pinned(dir: &std::path::Path) -> Result<Ebpf, LoadError> {
+/// pinned there are reused as they are (nothing is flushed) when their
+/// shape is this build's; pins of another shape (an upgrade changed the
+/// layout, or `sizes` changed) are retired first and returned; missing
+/// maps are created and pinned. `sizes` overrides max_entries by map name.
+pub fn load_pinned(
+    dir: &std::path::Path,
+    sizes: &[(&'static str, u32)],
+) -> Result<(Ebpf, Vec<layout::Retired>), LoadError> {
     std::fs::create_dir_all(dir).map_err(|source| LoadError::Dir {
         dir: dir.to_owned(),
         source,
     })?;
+    let retired = layout::retire_stale_pins(dir, &layout::object_shapes(OBJECT, sizes)?)?;
     let paths: Vec<(&'static str, std::path::PathBuf)> =
         pinned_maps().map(|d| (d.name, dir.join(d.name))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    Ok(loader.load(OBJECT)?)
+    for (name, size) in sizes {
+        loader.map_max_entries(name, *size);
+    }
+    Ok((loader.load(OBJECT)?, retired))
 }
 
 /// The inventory's maps that are pinned.

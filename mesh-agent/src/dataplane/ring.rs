@@ -105,21 +105,6 @@ fn fill(fd: &OwnedFd, len: u32, ring: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// `union bpf_attr` for the batch commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// Puts many rings into the outer map with one BPF_MAP_UPDATE_BATCH: the
 /// kernel waits for one RCU grace period per batch, not per ring (about
 /// 8 ms each, which made programming 10,000 services take 86 s).
@@ -129,35 +114,5 @@ pub fn set_batch(outer: &MapData, slots: &[(u32, MapData)]) -> io::Result<()> {
         .iter()
         .map(|(_, m)| m.fd().as_fd().as_raw_fd() as u32)
         .collect();
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: fds.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: outer.fd().as_fd().as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: keys and fds outlive the call and hold `count` elements of the
-    // outer map's key and value size (u32 each).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if attr.count as usize != keys.len() {
-        return Err(io::Error::other(format!(
-            "batch update wrote {} of {} rings",
-            attr.count,
-            keys.len()
-        )));
-    }
-    Ok(())
+    super::batch::update(outer, &keys, &fds)
 }
