@@ -145,6 +145,12 @@ impl Harness {
     }
 
     fn load(pin_dir: Option<&std::path::Path>) -> Self {
+        Self::load_with(pin_dir, &[])
+    }
+
+    /// As [`Harness::pinned`] (or unpinned without a `pin_dir`), with map
+    /// sizes overridden by name (as the agent's `--ct-entries` does).
+    pub fn load_with(pin_dir: Option<&std::path::Path>, sizes: &[(&'static str, u32)]) -> Self {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             panic!(
@@ -153,7 +159,7 @@ impl Harness {
             );
         }
         let mut ebpf =
-            dataplane::load().unwrap_or_else(|e| panic!("loading the data plane: {e:?}"));
+            dataplane::load_with(sizes).unwrap_or_else(|e| panic!("loading the data plane: {e:?}"));
         dataplane::xdp_underlay(&mut ebpf)
             .unwrap_or_else(|e| panic!("verifying the XDP underlay program: {e:?}"));
         for name in [

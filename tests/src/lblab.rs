@@ -44,18 +44,47 @@ pub struct LbLab {
     pub harness: Harness,
     pub backends: Vec<BackendNs>,
     pub client: Netns,
+    /// More clients ([`Options::extra_clients`]): 10.42.0.3, .4, ...
+    pub extra_clients: Vec<Netns>,
     pub host: Netns,
+}
+
+/// How to build an [`LbLab`] beyond the defaults.
+#[derive(Default)]
+pub struct Options {
+    /// Pin the maps here (for meshctl or the conntrack sweeper).
+    pub pin_dir: Option<std::path::PathBuf>,
+    /// Map sizes by name.
+    pub sizes: Vec<(&'static str, u32)>,
+    pub extra_clients: usize,
+}
+
+/// The address of extra client `j` (0-based).
+pub fn extra_client_ip(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 42, 0, 3 + j as u8)
 }
 
 impl LbLab {
     /// Builds the namespaces, starts `n` backends ("b1".."bN") and attaches
     /// the data plane. No service is programmed yet: see [`LbLab::program`].
     pub fn new(n: usize) -> Self {
+        Self::with(n, &Options::default())
+    }
+
+    /// As [`LbLab::new`], with `opts`.
+    pub fn with(n: usize, opts: &Options) -> Self {
         let host = Netns::new(&unique("mlh"));
         host.ip(&["link", "add", "br0", "type", "bridge"]);
         host.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
         host.ip(&["link", "set", "br0", "up"]);
         let client = container(&host, 0, CLIENT);
+        // Extra clients use veths vc50, vc51, ...
+        let extra: Vec<(usize, Ipv4Addr, Netns)> = (0..opts.extra_clients)
+            .map(|j| {
+                let ip = extra_client_ip(j);
+                (50 + j, ip, container(&host, 50 + j, ip))
+            })
+            .collect();
         let mut backends = Vec::new();
         let mut servers = Vec::new();
         for i in 1..=n {
@@ -81,13 +110,25 @@ impl LbLab {
                 mac,
             });
         }
-        let mut harness = Harness::new();
+        let mut harness = Harness::load_with(opts.pin_dir.as_deref(), &opts.sizes);
         // Every container's address and veth (anti-spoofing), as the agent
         // writes them.
         let client_ifindex = host.link_field("vc0", "ifindex").as_u64().expect("ifindex") as u32;
         let client_mac = parse_mac(client.link_field("eth0", "address").as_str().expect("mac"));
+        let extra_eps: Vec<(Ipv4Addr, u32, [u8; 6])> = extra
+            .iter()
+            .map(|(i, ip, ns)| {
+                let ifindex = host
+                    .link_field(&format!("vc{i}"), "ifindex")
+                    .as_u64()
+                    .expect("ifindex") as u32;
+                let mac = parse_mac(ns.link_field("eth0", "address").as_str().expect("mac"));
+                (*ip, ifindex, mac)
+            })
+            .collect();
         for (ip, ifindex, mac) in std::iter::once((CLIENT, client_ifindex, client_mac))
             .chain(backends.iter().map(|b| (b.ip, b.ifindex, b.mac)))
+            .chain(extra_eps)
         {
             let ep = mesh_common::tunnel::LocalEndpoint {
                 ifindex,
@@ -99,7 +140,10 @@ impl LbLab {
                 .set_local_ep(u32::from(ip).to_be(), &ep)
                 .expect("local endpoint");
         }
-        let ifaces: Vec<String> = (0..=n).map(|i| format!("vc{i}")).collect();
+        let ifaces: Vec<String> = (0..=n)
+            .chain(extra.iter().map(|(i, _, _)| *i))
+            .map(|i| format!("vc{i}"))
+            .collect();
         host.run(|| {
             for iface in &ifaces {
                 for (name, at) in [
@@ -118,6 +162,7 @@ impl LbLab {
             harness,
             backends,
             client,
+            extra_clients: extra.into_iter().map(|(_, _, ns)| ns).collect(),
             host,
         }
     }

@@ -9,6 +9,7 @@ pub mod dnslab;
 pub mod dockerlab;
 pub mod fixtures;
 pub mod harness;
+pub mod lbclient;
 pub mod lblab;
 pub mod netns;
 pub mod overlaylab;

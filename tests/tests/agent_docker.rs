@@ -29,7 +29,11 @@ fn whoami_vip(agent: &Agent, active: usize) -> String {
 fn docker_labelled_containers_share_a_vip_that_survives_restart() {
     let engine = Engine::start();
     engine.import_whoami();
-    let mut agent = Agent::start(&engine, &[]);
+    // A quick sweep and a short close timeout, to see the sweep work.
+    let mut agent = Agent::start(
+        &engine,
+        &["--ct-sweep-interval", "0.5", "--ct-tcp-closed-timeout", "1"],
+    );
     agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
     for n in ["w1", "w2", "w3"] {
         engine.run_whoami(n, &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"], &[]);
@@ -66,15 +70,54 @@ fn docker_labelled_containers_share_a_vip_that_survives_restart() {
             .any(|l| l.starts_with("whoami") && l.contains(&vip) && l.contains("80/tcp -> 80")),
         "{table}"
     );
-    let metrics = engine.ns.run(|| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .expect("request");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
-    });
+    let scrape = || {
+        engine.ns.run(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request");
+            let mut body = String::new();
+            s.read_to_string(&mut body).expect("response");
+            body
+        })
+    };
+    let value = |metrics: &str, series: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    // The agent's sweep removes the 300 closed TCP connections' pairs.
+    let start = std::time::Instant::now();
+    let mut metrics = scrape();
+    while value(
+        &metrics,
+        "mesh_conntrack_expired_total{state=\"tcp_closed\"}",
+    ) < 300
+        && start.elapsed() < std::time::Duration::from_secs(15)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        metrics = scrape();
+    }
+    let sweep: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_conntrack"))
+        .collect();
+    println!(
+        "sweep after {:.1} s: {sweep:#?}",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        value(
+            &metrics,
+            "mesh_conntrack_expired_total{state=\"tcp_closed\"}"
+        ) >= 300,
+        "the closed connections expired: {sweep:#?}"
+    );
+    assert!(value(&metrics, "mesh_conntrack_sweeps_total") >= 1);
+    assert_eq!(value(&metrics, "mesh_conntrack_sweep_errors_total"), 0);
     for want in [
         "HTTP/1.0 200 OK",
         "mesh_service_packets_total{service=\"whoami\"",

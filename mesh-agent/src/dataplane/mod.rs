@@ -55,7 +55,16 @@ pub enum LoadError {
 /// Loads the embedded object into the kernel (maps created, programs not yet
 /// verified or attached).
 pub fn load() -> Result<Ebpf, LoadError> {
-    Ok(EbpfLoader::new().load(OBJECT)?)
+    load_with(&[])
+}
+
+/// As [`load`], with map sizes overridden by name.
+pub fn load_with(sizes: &[(&'static str, u32)]) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    for (name, size) in sizes {
+        loader.map_max_entries(name, *size);
+    }
+    Ok(loader.load(OBJECT)?)
 }
 
 /// Loads the object with every pinned map of the inventory
