@@ -107,9 +107,10 @@ pub fn encap<P: Packet>(
             vni_be: (l.vni << 8).to_be(),
         },
         // The inner frame keeps the container's source MAC; its destination
-        // is the receiving node's NIC, so that node's stack takes it as its own.
+        // is the device that decapsulates it (a mesh node's NIC, or a Linux
+        // vxlan device), so the receiver's stack takes it as its own.
         inner: EthHdr {
-            dst: node.mac,
+            dst: node.inner_mac,
             src: inner_eth.src,
             proto_be: inner_eth.proto_be,
         },

@@ -338,3 +338,154 @@ fn a_datagram_larger_than_the_mtu_crosses_nodes_whole() {
     println!("10 datagrams of 4000 bytes across nodes: {got} answered");
     assert_eq!(got, 10, "every datagram arrives whole");
 }
+
+/// RFC 7348 interop: node 2 is replaced by a standard Linux vxlan device
+/// (same VNI, port 4789, no mesh program), known to node 1 by a node
+/// entry. Frames mesh sends carry the vxlan device's MAC as inner
+/// destination (`Node::inner_mac`), so the device takes them; with its
+/// NIC's MAC there (the old behaviour) it drops them. ICMP and TCP both ways
+/// between the mesh container and the vxlan device's address.
+#[test]
+fn a_linux_vxlan_device_is_a_peer() {
+    use mesh_common::tunnel::Node;
+    use std::net::Ipv4Addr;
+
+    let mut lab = OverlayLab::new();
+    // Node 2 stops being a mesh node: its programs go, its bridge too.
+    let two = lab.nodes.pop().expect("node 2");
+    let (underlay_2, mac_2) = (two.underlay_ip, two.underlay_mac);
+    let node2 = {
+        let mesh_tests::overlaylab::NodeNs { harness, node, .. } = two;
+        drop(harness);
+        node
+    };
+    node2.ip(&["link", "del", "br0"]);
+    let one = &mut lab.nodes[0];
+    let peer_addr = Ipv4Addr::new(10, 42, 2, 1);
+    node2.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "4242",
+        "local",
+        &underlay_2.to_string(),
+        "dstport",
+        "4789",
+        "nolearning",
+        "dev",
+        "eth0",
+    ]);
+    node2.ip(&["addr", "add", &format!("{peer_addr}/24"), "dev", "vx0"]);
+    node2.ip(&["link", "set", "vx0", "up"]);
+    node2.ip(&["route", "add", "10.42.1.0/24", "dev", "vx0"]);
+    // No ARP across the tunnel (mesh answers none): a static neighbour for
+    // the container, and node 1 as the device's default destination.
+    node2.ip(&[
+        "neigh",
+        "add",
+        &one.container_ip().to_string(),
+        "lladdr",
+        "02:00:00:00:01:02",
+        "dev",
+        "vx0",
+        "nud",
+        "permanent",
+    ]);
+    let bridge = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", node2.name))
+        .args([
+            "bridge",
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vx0",
+            "dst",
+        ])
+        .arg(one.underlay_ip.to_string())
+        .output()
+        .expect("bridge fdb");
+    assert!(bridge.status.success(), "{bridge:?}");
+    let vx_mac_text = node2.link_field("vx0", "address");
+    let vx_mac = vx_mac_text
+        .as_str()
+        .expect("mac")
+        .parse::<mesh_common::mac::Mac>()
+        .expect("vx0 MAC")
+        .0;
+
+    let subnet_2 = u32::from(Ipv4Addr::new(10, 42, 2, 0)).to_be();
+    let set_inner = |one: &mut mesh_tests::overlaylab::NodeNs, inner_mac| {
+        one.harness
+            .overlay
+            .set_node(
+                subnet_2,
+                &Node {
+                    underlay_ip_be: u32::from(underlay_2).to_be(),
+                    mac: mac_2,
+                    inner_mac,
+                },
+            )
+            .expect("node entry");
+    };
+    // The NIC's MAC inside the tunnel: the vxlan device drops the frames.
+    set_inner(one, mac_2);
+    assert!(
+        !ping(&one.container, peer_addr),
+        "a vxlan device must not take frames for another MAC"
+    );
+    // Its own MAC: it answers.
+    set_inner(one, vx_mac);
+    assert!(
+        ping(&one.container, peer_addr),
+        "ICMP mesh container -> vxlan device"
+    );
+    assert!(
+        ping(&node2, one.container_ip()),
+        "ICMP vxlan device -> mesh container"
+    );
+
+    // TCP both ways.
+    let listener = node2.run(|| TcpListener::bind((peer_addr, 9000)).expect("bind on vx0"));
+    let server = std::thread::spawn(move || {
+        let (mut s, from) = listener.accept().expect("accept");
+        s.write_all(b"vxlan peer\n").expect("write");
+        from
+    });
+    let target = SocketAddr::from((peer_addr, 9000));
+    let line = one.container.run(|| {
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("read");
+        line
+    });
+    assert_eq!(line.trim(), "vxlan peer");
+    let from = server.join().expect("server thread");
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(one.container_ip()),
+        "no NAT on the way"
+    );
+    let _servers = Servers::start(&one.container, "c1", 8080, 5353);
+    let target = SocketAddr::from((one.container_ip(), 8080));
+    let name = node2.run(|| {
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("read");
+        line
+    });
+    assert_eq!(name.trim(), "c1", "TCP vxlan device -> mesh container");
+    let c = one.harness.counters();
+    println!(
+        "node 1 with a Linux vxlan peer: {} encapsulated, {} decapsulated",
+        c[Stat::TunnelEncap as usize],
+        c[Stat::XdpDecap as usize]
+    );
+}

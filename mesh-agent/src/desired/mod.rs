@@ -248,7 +248,8 @@ pub fn nodes(
             Node {
                 underlay_ip_be: u32::from(ip).to_be(),
                 mac,
-                ..Default::default()
+                // A mesh node decapsulates in XDP on that NIC.
+                inner_mac: mac,
             },
         );
     }
