@@ -167,6 +167,14 @@ pub struct CtEntry {
 pub const CT_F_HAIRPIN: u8 = 1;
 /// A reverse entry whose direction carried a packet (the backend answered).
 pub const CT_F_REPLIED: u8 = 2;
+/// A reverse entry of a flow that came in through a published port on this
+/// node (routing mesh): its replies get the node's address and published
+/// port back as source and leave toward the client.
+pub const CT_F_INGRESS: u8 = 4;
+/// A reverse entry of a flow that came in through a published port on
+/// another node and was tunnelled here: its replies go back through that
+/// node (`nat_ip_be` is its underlay address), which translates them.
+pub const CT_F_RETURN: u8 = 8;
 
 /// The source a backend sees when it reaches its own service through the
 /// VIP and Maglev picks it (source == destination would be dropped by its

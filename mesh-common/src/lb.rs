@@ -63,6 +63,33 @@ pub struct Backend {
     pub service_id: u32,
 }
 
+/// Key of the published-ports map: a port this node answers on its
+/// underlay address (the routing mesh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublishedKey {
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the published-ports map: the service (its VIP port's id, so
+/// the same Maglev ring and backends) that answers it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub service_id: u32,
+}
+
+/// The flow hash of a flow to a published port: the client's address and
+/// port, the published port and the protocol, but not which node's
+/// address it reached, so every node picks the same backend for it.
+#[inline(always)]
+pub fn published_hash(src_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    flow_hash(src_be, 0, sport_be, dport_be, proto)
+}
+
 /// Per-service counters (per-CPU, indexed by service id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,6 +118,8 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Service>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
+const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
+const _: () = assert!(core::mem::size_of::<Published>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -100,4 +129,6 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::PublishedKey {}
+    unsafe impl aya::Pod for super::Published {}
 }

@@ -68,6 +68,8 @@ pub const CT_ENTRIES: u32 = 262_144;
 /// Conntrack entries of flows not confirmed yet (two per flow): what a
 /// flood of new flows can fill, apart from the confirmed ones.
 pub const CT_NEW_ENTRIES: u32 = 65_536;
+/// Published ports (routing mesh) on one node.
+pub const MAX_PUBLISHED: u32 = 4096;
 /// Fragmented datagrams in flight.
 pub const FRAG_ENTRIES: u32 = 8192;
 
@@ -191,10 +193,20 @@ pub const PEERS: MapDef = def(
     "node underlay ip -> its /24",
 );
 
+/// Hash `PublishedKey -> Published`: the routing mesh's ports.
+pub const PUBLISHED: MapDef = def(
+    "MESH_PUBLISHED",
+    Hash,
+    MAX_PUBLISHED,
+    Agent,
+    "PublishedKey{port, proto} -> Published{service id}",
+);
+
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 12] = [
+pub const ALL: [MapDef; 13] = [
     STATS,
     SERVICES,
+    PUBLISHED,
     BACKENDS,
     MAGLEV,
     CONNTRACK,

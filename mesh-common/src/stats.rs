@@ -105,6 +105,12 @@ counters! {
     NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";
     LbReverseRestored = 45, "lb_reverse_restored", Path, "A tracked flow idle for over a second had lost its reverse entry (LRU): restored.";
     LbCtConfirmed = 46, "lb_ct_confirmed", Path, "A new flow's client went on after its backend answered: its pair moved to the confirmed table.";
+    IngressLocal = 47, "ingress_local", Path, "XDP: to a published port of this node, balanced to a backend here: DNATed (client address kept) and handed to it.";
+    IngressRemote = 48, "ingress_remote", Path, "XDP: to a published port of this node, balanced to a backend on another node: DNATed and tunnelled there.";
+    IngressReply = 49, "ingress_reply", Path, "A reply of a routing-mesh flow translated back to this node's published port and sent to the client.";
+    IngressReturn = 50, "ingress_return", Path, "A backend's reply to a client that came in through another node: tunnelled back to that node.";
+    IngressReplyUntracked = 51, "ingress_reply_untracked", Path, "XDP: tunnelled traffic for an outside address without a routing-mesh flow: passed untouched.";
+    IngressNoRoute = 52, "ingress_no_route", Drop, "A routing-mesh reply whose client has no route (FIB lookup failed).";
 }
 
 impl Stat {

@@ -23,6 +23,10 @@ pub const SPORT_MASK: u16 = 0x3fff;
 /// TC program delivers to containers only what came through the tunnel
 /// (never a plain frame from the wire). Native byte order.
 pub const DECAP_MARK: u32 = 0x4d53_4831;
+/// XDP metadata in front of a reply of a routing-mesh flow that XDP took
+/// out of the tunnel and translated back to the published port: the
+/// underlay TC program sends it on to the client (FIB lookup).
+pub const REPLY_MARK: u32 = 0x4d53_4832;
 
 /// Prefix length of a node's subnet.
 pub const NODE_PREFIX: u8 = 24;

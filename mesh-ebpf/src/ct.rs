@@ -3,7 +3,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use mesh_common::{
-    ct::{CT_F_HAIRPIN, CT_F_REPLIED, CtEntry, CtKey, Tuple, dir, tcp_flag},
+    ct::{CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RETURN, CtEntry, CtKey, Tuple, dir, tcp_flag},
     lb::Backend,
 };
 
@@ -91,18 +91,27 @@ pub struct Balanced {
     /// The client is the backend itself (its source is NATed to
     /// `HAIRPIN_IP_BE`).
     pub hairpin: bool,
+    /// What the reverse entry restores as the replies' source (the VIP or
+    /// published address and port), or where it sends them
+    /// (`CT_F_RETURN`: the ingress node).
+    pub restore: (u32, u16),
+    /// `CT_F_INGRESS` or `CT_F_RETURN` for the reverse entry, else 0.
+    pub flags: u8,
 }
 
 impl Balanced {
-    /// `client`'s flow to backend `backend_id` of service `service_id`.
+    /// `client`'s flow to backend `backend_id` of service `service_id`;
+    /// replies get the address the client used back.
     #[inline(always)]
-    pub fn new(client: &Tuple, backend_id: u32, service_id: u32, b: &Backend) -> Self {
+    pub fn new(client: &Tuple, backend_id: u32, service_id: u32, b: &Backend, flags: u8) -> Self {
         Balanced {
             backend_id,
             service_id,
             ip_be: b.ip_be,
             port_be: b.port_be,
             hairpin: b.ip_be == client.src_be,
+            restore: (client.dst_be, client.dport_be),
+            flags,
         }
     }
 }
@@ -114,10 +123,10 @@ fn reverse(client: &Tuple, to: &Balanced, now: u64) -> (CtKey, CtEntry) {
     let rev = CtEntry {
         backend_id: to.backend_id,
         service_id: to.service_id,
-        nat_ip_be: client.dst_be,
-        nat_port_be: client.dport_be,
+        nat_ip_be: to.restore.0,
+        nat_port_be: to.restore.1,
         tcp_flags: 0,
-        flags: if to.hairpin { CT_F_HAIRPIN } else { 0 },
+        flags: if to.hairpin { CT_F_HAIRPIN } else { 0 } | to.flags,
         last_seen_ns: now,
         created_ns: now,
     };
@@ -200,5 +209,35 @@ pub fn supersede_reverse(t: &Tuple) -> bool {
     match lookup(&key) {
         Some(f) => table(f.new).remove(&key).is_ok(),
         None => false,
+    }
+}
+
+/// A flow tunnelled here by the node that received it on a published port
+/// (`ingress_be`): `t` is the client's packet to the backend as it arrived.
+/// The pair (forward: the client's tuple, untranslated; reverse: the
+/// backend's replies, `CT_F_RETURN` to `ingress_be`) tells the backend's
+/// veth to send replies back through that node. It is confirmed like any
+/// flow, so a flood through another node churns only the new table.
+#[inline(always)]
+pub fn track_return(t: &Tuple, ingress_be: u32, tcp_flags: u8) {
+    let to = Balanced {
+        backend_id: 0,
+        service_id: 0,
+        ip_be: t.dst_be,
+        port_be: t.dport_be,
+        hairpin: false,
+        restore: (ingress_be, 0),
+        flags: CT_F_RETURN,
+    };
+    match lookup(&t.key(dir::FORWARD)) {
+        Some(f) => {
+            touch(f.entry, tcp_flags);
+            if f.new {
+                confirm(t, f.entry, &to, tcp_flags);
+            }
+        }
+        None => {
+            let _ = create(t, &to, tcp_flags, true);
+        }
     }
 }

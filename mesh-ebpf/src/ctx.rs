@@ -11,9 +11,10 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, xdp_action,
     },
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use mesh_common::stats::Stat;
@@ -151,22 +152,34 @@ pub struct Verdict {
     action: u32,
     /// The redirect target (0 otherwise).
     ifindex: u32,
+    /// The next hop of a neighbour redirect (network order; 0 otherwise).
+    nexthop_be: u32,
 }
 
 const PASS: u32 = 0;
 const DROP: u32 = 1;
 const REDIRECT: u32 = 2;
+const TX: u32 = 3;
+const REDIRECT_NEIGH: u32 = 4;
 
 impl Verdict {
     /// On to the stack, as it is now.
     pub const PASS: Verdict = Verdict {
         action: PASS,
         ifindex: 0,
+        nexthop_be: 0,
     };
     /// Dropped (the reason is counted by whoever decided it).
     pub const DROP: Verdict = Verdict {
         action: DROP,
         ifindex: 0,
+        nexthop_be: 0,
+    };
+    /// XDP: back out of the interface it came in on (`XDP_TX`).
+    pub const TX: Verdict = Verdict {
+        action: TX,
+        ifindex: 0,
+        nexthop_be: 0,
     };
     /// Out of interface `ifindex` (`bpf_redirect`).
     #[inline(always)]
@@ -174,9 +187,23 @@ impl Verdict {
         Verdict {
             action: REDIRECT,
             ifindex,
+            nexthop_be: 0,
+        }
+    }
+    /// TC: out of interface `ifindex` toward next hop `nexthop_be`, whose
+    /// MAC the kernel's neighbour table resolves (`bpf_redirect_neigh`).
+    #[inline(always)]
+    pub const fn redirect_neigh(ifindex: u32, nexthop_be: u32) -> Verdict {
+        Verdict {
+            action: REDIRECT_NEIGH,
+            ifindex,
+            nexthop_be,
         }
     }
 }
+
+/// `AF_INET`.
+pub const AF_INET: u32 = 2;
 
 /// A hook's return codes and verdict counters.
 pub trait Hook {
@@ -196,6 +223,24 @@ impl Hook for Tc {
             REDIRECT => {
                 // SAFETY: plain helper call.
                 let r = unsafe { bpf_redirect(v.ifindex, 0) } as i32;
+                let stat = if r == TC_ACT_REDIRECT {
+                    Stat::TcRedirect
+                } else {
+                    Stat::TcShot
+                };
+                (r, stat)
+            }
+            REDIRECT_NEIGH => {
+                let mut nh = bpf_redir_neigh {
+                    nh_family: AF_INET,
+                    __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                        ipv4_nh: v.nexthop_be,
+                    },
+                };
+                // SAFETY: plain helper call with a valid parameter block.
+                let r = unsafe {
+                    bpf_redirect_neigh(v.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+                } as i32;
                 let stat = if r == TC_ACT_REDIRECT {
                     Stat::TcRedirect
                 } else {
@@ -226,6 +271,7 @@ impl Hook for Xdp {
                 };
                 (r, stat)
             }
+            TX => (xdp_action::XDP_TX, Stat::XdpTx),
             _ => (xdp_action::XDP_DROP, Stat::XdpDrop),
         }
     }

@@ -5,6 +5,7 @@
 mod csum;
 mod ct;
 mod ctx;
+mod ingress;
 mod lb;
 mod maps;
 mod nat;

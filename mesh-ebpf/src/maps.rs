@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
-    lb::{Backend, Service, ServiceKey, ServiceStats},
+    lb::{Backend, Published, PublishedKey, Service, ServiceKey, ServiceStats},
     maps::{
         CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES,
-        MAX_SERVICES, RING_FLAGS,
+        MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS,
     },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
@@ -26,6 +26,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 
 /// VIP:port/proto -> service.
 #[map(name = "MESH_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Published port/proto -> service (the routing mesh).
+#[map(name = "MESH_PUBLISHED")]
+pub static PUBLISHED: HashMap<PublishedKey, Published> =
+    HashMap::with_max_entries(MAX_PUBLISHED, 0);
 
 /// Backend id -> backend (id 0 is never used).
 #[map(name = "MESH_BACKENDS")]

@@ -5,8 +5,8 @@ use aya_ebpf::programs::TcContext;
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DECAP_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I,
-        VXLAN_PORT,
+        DECAP_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, REPLY_MARK, SPORT_BASE, SPORT_MASK,
+        VXLAN_FLAG_I, VXLAN_PORT,
     },
 };
 
@@ -130,6 +130,10 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let Some(local) = local() else {
         return pass(Stat::TunnelPass);
     };
+    let mark = xdp_mark(ctx);
+    if mark == REPLY_MARK {
+        return crate::ingress::forward_reply(ctx, &local);
+    }
     let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
         return pass(Stat::TunnelPass);
     };
@@ -143,7 +147,7 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
         return pass(Stat::TunnelPass);
     };
-    if !decapsulated_here(ctx) {
+    if mark != DECAP_MARK {
         return pass(Stat::TunnelUnmarked);
     }
     set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
@@ -151,9 +155,12 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     Ok(Verdict::redirect(ep.ifindex))
 }
 
-/// Whether XDP left [`DECAP_MARK`] in front of this frame.
+/// The mark XDP left in front of this frame ([`DECAP_MARK`]: decapsulated
+/// or routed here; [`REPLY_MARK`]: a routing-mesh reply), or 0. A plain
+/// u32, not an Option: the verifier refuses reading an Option's undefined
+/// payload.
 #[inline(always)]
-fn decapsulated_here(ctx: &TcContext) -> bool {
+fn xdp_mark(ctx: &TcContext) -> u32 {
     // SAFETY: the context's own fields.
     let (meta, data) = unsafe {
         (
@@ -162,10 +169,10 @@ fn decapsulated_here(ctx: &TcContext) -> bool {
         )
     };
     if meta + 4 > data {
-        return false;
+        return 0;
     }
     // SAFETY: [meta, meta + 4) lies before data, checked just above.
-    unsafe { (meta as *const u32).read_unaligned() == DECAP_MARK }
+    unsafe { (meta as *const u32).read_unaligned() }
 }
 
 /// Sets the frame's destination and source MACs.

@@ -17,6 +17,7 @@ use mesh_common::{
 
 use crate::{
     ctx::{Packet, Verdict, pass},
+    ingress,
     maps::PEERS,
     parse::{
         self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ParseError, Parsed,
@@ -44,7 +45,16 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
     }
     match pk.t.proto {
         IPPROTO_UDP if u16::from_be(pk.t.dport_be) == VXLAN_PORT => vxlan(ctx, &pk),
-        IPPROTO_UDP | IPPROTO_TCP => pass(Stat::XdpNotMesh),
+        IPPROTO_UDP | IPPROTO_TCP => {
+            // The routing mesh: a published port of this node.
+            if let Some(local) = tunnel::local()
+                && pk.t.dst_be == local.underlay_ip_be
+                && let Some(r) = ingress::request(ctx, &pk, &local)
+            {
+                return r;
+            }
+            pass(Stat::XdpNotMesh)
+        }
         _ => pass(Stat::XdpOtherL4),
     }
 }
@@ -92,8 +102,13 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
         return pass(Stat::XdpTruncated);
     };
     if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
-        return pass(Stat::XdpVxlanForeign);
+        // Not for a container here: a routing-mesh reply to translate, or
+        // nothing of ours.
+        return ingress::tunnelled_reply(ctx, &local, inner);
     }
+    // A client outside the cluster came in through that node's published
+    // port: the replies go back through it.
+    ingress::note_return(ctx, &local, inner + ETH_HLEN, pk.t.src_be);
     // SAFETY: ctx is the program's context; `inner` is within the packet.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner as i32) } != 0 {
         return pass(Stat::XdpVxlanForeign);
@@ -103,15 +118,16 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
         bump(Stat::XdpTruncated);
         return Ok(Verdict::DROP);
     }
-    if !mark(ctx) {
+    if !mark(ctx, DECAP_MARK) {
         bump(Stat::XdpMetaFail);
     }
     pass(Stat::XdpDecap)
 }
 
-/// Puts [`DECAP_MARK`] in the frame's metadata for the underlay TC program.
+/// Puts `value` ([`DECAP_MARK`], `REPLY_MARK`) in the frame's XDP metadata
+/// for the underlay TC program.
 #[inline(always)]
-fn mark(ctx: &XdpContext) -> bool {
+pub fn mark(ctx: &XdpContext, value: u32) -> bool {
     // SAFETY: ctx is the program's context.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
         return false;
@@ -121,6 +137,6 @@ fn mark(ctx: &XdpContext) -> bool {
         return false;
     }
     // SAFETY: [meta, meta + 4) lies before data, checked just above.
-    unsafe { (meta as *mut u32).write_unaligned(DECAP_MARK) };
+    unsafe { (meta as *mut u32).write_unaligned(value) };
     true
 }

@@ -10,7 +10,7 @@
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
-    lb::{Backend, ServiceKey, ServiceStats},
+    lb::{Backend, ServiceKey},
     stats::Stat,
 };
 
@@ -18,7 +18,7 @@ use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     lb,
-    maps::{FRAGS, LOCAL_EPS, SERVICES, SVC_STATS},
+    maps::{FRAGS, LOCAL_EPS, SERVICES},
     nat::{self, End},
     parse::{
         self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP,
@@ -100,6 +100,10 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     }
     // SAFETY: map values are plain data; the agent replaces them atomically.
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+        // A backend's reply to a client of the routing mesh.
+        if let Some(r) = crate::ingress::reply_out(ctx, &pk) {
+            return r;
+        }
         // A new direct flow: only a TCP SYN (without ACK) or any UDP
         // packet can start one; both are cheap to check against stale
         // reverse entries.
@@ -111,51 +115,12 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
     };
 
-    let mut new_flow = false;
-    let fwd = ct::lookup(&t.key(dir::FORWARD));
-    let tracked = fwd.and_then(|f| {
-        // SAFETY: pointer from a successful lookup.
-        let (id, nat_ip, nat_port) = unsafe {
-            (
-                (*f.entry).backend_id,
-                (*f.entry).nat_ip_be,
-                (*f.entry).nat_port_be,
-            )
-        };
-        lb::current(id, nat_ip, nat_port).map(|b| (f, b))
-    });
-    let (backend_id, backend, hairpin) = match tracked {
-        Some((f, b)) => {
-            let idle = ct::touch(f.entry, pk.tcp_flags);
-            bump(Stat::LbCtHit);
-            // SAFETY: pointer from a successful lookup.
-            let id = unsafe { (*f.entry).backend_id };
-            let to = ct::Balanced::new(&t, id, svc.id, &b);
-            if f.new && ct::confirm(&t, f.entry, &to, pk.tcp_flags) {
-                bump(Stat::LbCtConfirmed);
-            } else if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(&t, &to, f.new) {
-                bump(Stat::LbReverseRestored);
-            }
-            (id, b, to.hairpin)
-        }
-        None => {
-            let (id, b) = lb::pick(svc.id, &t).ok_or(Stat::LbNoBackend)?;
-            let to = ct::Balanced::new(&t, id, svc.id, &b);
-            // A tracked flow whose backend is gone keeps its table.
-            let new = fwd.is_none_or(|f| f.new);
-            ct::create(&t, &to, pk.tcp_flags, new).map_err(|_| Stat::LbCtWriteFail)?;
-            if fwd.is_some() {
-                bump(Stat::LbReselect);
-            } else {
-                if t.proto == IPPROTO_TCP && pk.tcp_flags & tcp_flag::SYN == 0 {
-                    bump(Stat::LbCtMissMidFlow);
-                }
-                bump(Stat::LbNewFlow);
-                new_flow = true;
-            }
-            (id, b, to.hairpin)
-        }
-    };
+    let lb::Choice {
+        backend_id,
+        backend,
+        hairpin,
+        new_flow,
+    } = lb::balance(&t, svc.id, t.hash(), pk.tcp_flags, 0)?;
 
     nat::rewrite(
         ctx,
@@ -181,7 +146,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         .ok_or(Stat::NatRewriteFail)?;
         bump(Stat::LbHairpin);
     }
-    count_service(svc.id, ctx.len() as u32, new_flow);
+    lb::count_service(svc.id, ctx.len() as u32, new_flow);
     remember_fragments(&pk, backend.ip_be, backend_id);
 
     if backend.ifindex == 0 {
@@ -264,7 +229,7 @@ fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     // Back where it came from: the gateway's MAC becomes the source.
     let macs: [[u8; 6]; 2] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &macs[1], &macs[0]).ok_or(Stat::NatRewriteFail)?;
-    count_service(svc, ctx.len() as u32, false);
+    lb::count_service(svc, ctx.len() as u32, false);
     bump(Stat::NatReverse);
     // SAFETY: the context's own field: this veth.
     Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
@@ -304,7 +269,7 @@ fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
         (t.sport_be, vport),
     )
     .ok_or(Stat::NatRewriteFail)?;
-    count_service(svc, p.len() as u32, false);
+    lb::count_service(svc, p.len() as u32, false);
     pass(Stat::NatReverse)
 }
 
@@ -360,15 +325,4 @@ fn reverse_icmp_error<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
     )
     .ok_or(Stat::NatRewriteFail)?;
     pass(Stat::NatIcmpError)
-}
-
-#[inline(always)]
-fn count_service(id: u32, len: u32, new_flow: bool) {
-    if let Some(s) = SVC_STATS.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot from a successful lookup.
-        let s: &mut ServiceStats = unsafe { &mut *s };
-        s.packets += 1;
-        s.bytes += len as u64;
-        s.new_flows += new_flow as u64;
-    }
 }

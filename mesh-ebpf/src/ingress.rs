@@ -1,0 +1,286 @@
+//! The routing mesh: a port published by a service answers on this node's
+//! underlay address, balanced over the service's backends on every node,
+//! with the client's address kept.
+//!
+//! - Request, in XDP on the underlay NIC: `MESH_PUBLISHED[(port, proto)]`
+//!   gives the service; conntrack and Maglev (the same ring as its VIP, a
+//!   hash without this node's address, so every node picks the same backend
+//!   for a client's flow) give the backend; the destination is DNATed. A
+//!   backend here is handed to the underlay TC program (marked, as
+//!   decapsulated traffic is) and so to its veth; a backend elsewhere gets
+//!   the packet through the tunnel, sent back out of the NIC (`XDP_TX`).
+//! - The backend's node records which node a tunnelled flow came in
+//!   through (`ct::track_return`); its veth sends the replies back there
+//!   through the tunnel.
+//! - Replies are translated back where the flow came in (the reverse entry,
+//!   `CT_F_INGRESS`): at the backend's veth when it is local, in XDP when
+//!   they come back through the tunnel. Then they leave toward the client
+//!   by the kernel's FIB lookup (next hop and MACs from the routing and
+//!   neighbour tables, never hard-coded).
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams},
+    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+use mesh_common::{
+    ct::{CT_F_INGRESS, CT_F_RETURN, Tuple},
+    lb::{PublishedKey, published_hash},
+    stats::Stat,
+    tunnel::{DECAP_MARK, LocalNode, REPLY_MARK},
+};
+
+use crate::{
+    ct,
+    ctx::{AF_INET, Packet, Verdict, pass},
+    lb,
+    maps::{NODES, PEERS, PUBLISHED},
+    nat::{self, End},
+    parse::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Hdr, Parsed, TcpHdr},
+    stats::bump,
+    tunnel, underlay,
+};
+
+/// `BPF_FIB_LKUP_RET_SUCCESS` and `BPF_FIB_LKUP_RET_NO_NEIGH`.
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+/// Whether `ip_be` is outside the cluster CIDR (a routing-mesh client:
+/// containers are inside it).
+#[inline(always)]
+fn outside(l: &LocalNode, ip_be: u32) -> bool {
+    ip_be & l.cluster_mask_be != l.cluster_be
+}
+
+/// XDP: a TCP/UDP packet to this node's underlay address. `None`: not a
+/// published port (the caller goes on).
+#[inline(always)]
+pub fn request(ctx: &XdpContext, pk: &Parsed, l: &LocalNode) -> Option<Result<Verdict, Stat>> {
+    let t = pk.t;
+    let key = PublishedKey {
+        port_be: t.dport_be,
+        proto: t.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data written by the agent.
+    let published = unsafe { PUBLISHED.get(&key) }.copied()?;
+    Some(balance(ctx, pk, l, published.service_id))
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Result<Verdict, Stat> {
+    let t = pk.t;
+    let hash = published_hash(t.src_be, t.sport_be, t.dport_be, t.proto);
+    let c = lb::balance(&t, service_id, hash, pk.tcp_flags, CT_F_INGRESS)?;
+    let b = c.backend;
+    nat::rewrite(
+        ctx,
+        pk.l4_off,
+        t.proto,
+        End::Dst,
+        (t.dst_be, b.ip_be),
+        (t.dport_be, b.port_be),
+    )
+    .ok_or(Stat::NatRewriteFail)?;
+    lb::count_service(service_id, ctx.len() as u32, c.new_flow);
+    if b.ifindex != 0 {
+        // A backend here: the underlay TC program hands it to its veth.
+        if !underlay::mark(ctx, DECAP_MARK) {
+            bump(Stat::XdpMetaFail);
+        }
+        return pass(Stat::IngressLocal);
+    }
+    match tunnel::route(l, b.ip_be)? {
+        tunnel::Route::Remote(node) => {
+            tunnel::encap(ctx, l, &node, hash)?;
+            bump(Stat::IngressRemote);
+            Ok(Verdict::TX)
+        }
+        // A backend of this node's /24 without a veth: the stack's.
+        tunnel::Route::Here => pass(Stat::IngressLocal),
+    }
+}
+
+/// The TCP/UDP tuple of the IPv4 packet at `ip_off`, its L4 offset and
+/// TCP flags; `None` for anything else (other protocols, fragments,
+/// truncated headers).
+#[inline(always)]
+pub fn inner_tuple<P: Packet>(p: &P, ip_off: usize) -> Option<(Tuple, usize, u8)> {
+    let ip: Ipv4Hdr = p.load(ip_off)?;
+    let ihl = ip.header_len();
+    if ip.version() != 4
+        || ihl < IPV4_MIN_HLEN
+        || (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP)
+        || ip.more_fragments()
+        || ip.frag_offset() != 0
+    {
+        return None;
+    }
+    let l4 = ip_off + ihl;
+    let ports: [u16; 2] = p.load(l4)?;
+    let flags = if ip.proto == IPPROTO_TCP {
+        p.load::<TcpHdr>(l4)?.flags
+    } else {
+        0
+    };
+    let t = Tuple {
+        src_be: ip.src_be,
+        dst_be: ip.dst_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        proto: ip.proto,
+        ..Tuple::default()
+    };
+    Some((t, l4, flags))
+}
+
+/// XDP, the backend's node: a tunnelled packet for a container here whose
+/// source is outside the cluster came in through `ingress_be`'s published
+/// port: remember it for the replies.
+#[inline(always)]
+pub fn note_return(ctx: &XdpContext, l: &LocalNode, inner_ip_off: usize, ingress_be: u32) {
+    if let Some((t, _, flags)) = inner_tuple(ctx, inner_ip_off)
+        && outside(l, t.src_be)
+    {
+        ct::track_return(&t, ingress_be, flags);
+    }
+}
+
+/// XDP, the ingress node: tunnelled traffic whose inner destination is not
+/// in this node's /24 is a reply of a routing-mesh flow only if a reverse
+/// entry says so; then it is decapsulated, translated back to the published
+/// port and marked for the underlay TC program, which sends it on.
+#[inline(always)]
+pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Result<Verdict, Stat> {
+    let Some((t, _, flags)) = inner_tuple(ctx, inner_off + ETH_HLEN) else {
+        return pass(Stat::XdpVxlanForeign);
+    };
+    if !outside(l, t.dst_be) {
+        return pass(Stat::XdpVxlanForeign);
+    }
+    let Some(e) = ct::reply_entry(&t, flags).filter(|e| e.flags & CT_F_INGRESS != 0) else {
+        return pass(Stat::IngressReplyUntracked);
+    };
+    // SAFETY: ctx is the program's context; `inner_off` is within the packet.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
+        return pass(Stat::IngressReplyUntracked);
+    }
+    // Offsets are the inner frame's now.
+    let Some((t, l4, _)) = inner_tuple(ctx, ETH_HLEN) else {
+        bump(Stat::XdpTruncated);
+        return Ok(Verdict::DROP);
+    };
+    nat::rewrite(
+        ctx,
+        l4,
+        t.proto,
+        End::Src,
+        (t.src_be, e.nat_ip_be),
+        (t.sport_be, e.nat_port_be),
+    )
+    .ok_or(Stat::NatRewriteFail)?;
+    lb::count_service(e.service_id, ctx.len() as u32, false);
+    if !underlay::mark(ctx, REPLY_MARK) {
+        bump(Stat::XdpMetaFail);
+    }
+    pass(Stat::IngressReply)
+}
+
+/// TC, a backend's veth: a packet leaving it for an address outside the
+/// cluster is a routing-mesh reply if a reverse entry says so: translated
+/// and sent to the client (`CT_F_INGRESS`), or tunnelled back to the node
+/// the flow came in through (`CT_F_RETURN`). `None`: not one.
+#[inline(always)]
+pub fn reply_out(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
+    let l = tunnel::local()?;
+    let t = &pk.t;
+    if !outside(&l, t.dst_be) {
+        return None;
+    }
+    let e = ct::reply_entry(t, pk.tcp_flags)?;
+    if e.flags & CT_F_INGRESS != 0 {
+        let r = nat::rewrite(
+            ctx,
+            pk.l4_off,
+            t.proto,
+            End::Src,
+            (t.src_be, e.nat_ip_be),
+            (t.sport_be, e.nat_port_be),
+        )
+        .ok_or(Stat::NatRewriteFail)
+        .and_then(|()| to_client(ctx, &l, e.nat_ip_be, t));
+        if r.is_ok() {
+            lb::count_service(e.service_id, ctx.len() as u32, false);
+            bump(Stat::IngressReply);
+        }
+        return Some(r);
+    }
+    if e.flags & CT_F_RETURN != 0 {
+        return Some(return_to(ctx, &l, e.nat_ip_be, pk.route_hash()));
+    }
+    None
+}
+
+/// Tunnels a reply back to the node it came in through (its underlay
+/// address `ingress_be`).
+#[inline(always)]
+fn return_to(ctx: &TcContext, l: &LocalNode, ingress_be: u32, hash: u32) -> Result<Verdict, Stat> {
+    // SAFETY: plain data written by the agent.
+    let subnet = unsafe { PEERS.get(&ingress_be) }
+        .copied()
+        .ok_or(Stat::TunnelNoNode)?;
+    // SAFETY: as above.
+    let node = unsafe { NODES.get(&subnet) }
+        .copied()
+        .ok_or(Stat::TunnelNoNode)?;
+    let v = tunnel::encap(ctx, l, &node, hash)?;
+    bump(Stat::IngressReturn);
+    Ok(v)
+}
+
+/// TC on the underlay NIC: a reply XDP translated (`REPLY_MARK`) goes on to
+/// the client.
+#[inline(always)]
+pub fn forward_reply(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
+    let Some((t, _, _)) = inner_tuple(ctx, ETH_HLEN) else {
+        return pass(Stat::TunnelPass);
+    };
+    let v = to_client(ctx, l, t.src_be, &t)?;
+    bump(Stat::IngressReply);
+    Ok(v)
+}
+
+/// Sends a translated reply (source `src_be`, now this node's address) to
+/// its client: the kernel's FIB gives the interface and next hop; the MACs
+/// come from its neighbour table (resolved by `bpf_redirect_neigh` when the
+/// lookup has none yet).
+#[inline(always)]
+fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<Verdict, Stat> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET as u8;
+    fib.l4_protocol = t.proto;
+    fib.ifindex = l.underlay_ifindex;
+    fib.__bindgen_anon_3.ipv4_src = src_be;
+    fib.__bindgen_anon_4.ipv4_dst = t.dst_be;
+    // SAFETY: the context's own skb and a valid parameter block.
+    let r = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    match r {
+        FIB_SUCCESS => {
+            tunnel::set_macs(ctx, &fib.dmac, &fib.smac).ok_or(Stat::NatRewriteFail)?;
+            Ok(Verdict::redirect(fib.ifindex))
+        }
+        // SAFETY: the lookup filled in the next hop.
+        FIB_NO_NEIGH => Ok(Verdict::redirect_neigh(fib.ifindex, unsafe {
+            fib.__bindgen_anon_4.ipv4_dst
+        })),
+        _ => Err(Stat::IngressNoRoute),
+    }
+}
