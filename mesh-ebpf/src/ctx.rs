@@ -159,8 +159,7 @@ pub struct Verdict {
 const PASS: u32 = 0;
 const DROP: u32 = 1;
 const REDIRECT: u32 = 2;
-const TX: u32 = 3;
-const REDIRECT_NEIGH: u32 = 4;
+const REDIRECT_NEIGH: u32 = 3;
 
 impl Verdict {
     /// On to the stack, as it is now.
@@ -175,12 +174,6 @@ impl Verdict {
         ifindex: 0,
         nexthop_be: 0,
     };
-    /// XDP: back out of the interface it came in on (`XDP_TX`).
-    pub const TX: Verdict = Verdict {
-        action: TX,
-        ifindex: 0,
-        nexthop_be: 0,
-    };
     /// Out of interface `ifindex` (`bpf_redirect`).
     #[inline(always)]
     pub const fn redirect(ifindex: u32) -> Verdict {
@@ -190,8 +183,9 @@ impl Verdict {
             nexthop_be: 0,
         }
     }
-    /// TC: out of interface `ifindex` toward next hop `nexthop_be`, whose
-    /// MAC the kernel's neighbour table resolves (`bpf_redirect_neigh`).
+    /// TC: out of interface `ifindex` toward next hop `nexthop_be` (0: the
+    /// kernel's route for the destination), whose MAC the kernel's
+    /// neighbour table resolves (`bpf_redirect_neigh`).
     #[inline(always)]
     pub const fn redirect_neigh(ifindex: u32, nexthop_be: u32) -> Verdict {
         Verdict {
@@ -237,10 +231,16 @@ impl Hook for Tc {
                         ipv4_nh: v.nexthop_be,
                     },
                 };
-                // SAFETY: plain helper call with a valid parameter block.
-                let r = unsafe {
-                    bpf_redirect_neigh(v.ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
-                } as i32;
+                let (params, len) = if v.nexthop_be == 0 {
+                    (core::ptr::null_mut(), 0)
+                } else {
+                    (
+                        &mut nh as *mut bpf_redir_neigh,
+                        size_of::<bpf_redir_neigh>() as i32,
+                    )
+                };
+                // SAFETY: plain helper call; the parameter block, if any, is valid.
+                let r = unsafe { bpf_redirect_neigh(v.ifindex, params, len, 0) } as i32;
                 let stat = if r == TC_ACT_REDIRECT {
                     Stat::TcRedirect
                 } else {
@@ -271,7 +271,6 @@ impl Hook for Xdp {
                 };
                 (r, stat)
             }
-            TX => (xdp_action::XDP_TX, Stat::XdpTx),
             _ => (xdp_action::XDP_DROP, Stat::XdpDrop),
         }
     }

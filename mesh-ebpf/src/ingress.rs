@@ -5,10 +5,12 @@
 //! - Request, in XDP on the underlay NIC: `MESH_PUBLISHED[(port, proto)]`
 //!   gives the service; conntrack and Maglev (the same ring as its VIP, a
 //!   hash without this node's address, so every node picks the same backend
-//!   for a client's flow) give the backend; the destination is DNATed. A
-//!   backend here is handed to the underlay TC program (marked, as
-//!   decapsulated traffic is) and so to its veth; a backend elsewhere gets
-//!   the packet through the tunnel, sent back out of the NIC (`XDP_TX`).
+//!   for a client's flow) give the backend; the destination is DNATed and
+//!   the frame marked for the underlay TC program (as decapsulated traffic
+//!   is), which hands it to the backend's veth, or encapsulates it to the
+//!   backend's node and sends it back out of the NIC. (Not `XDP_TX`: a
+//!   veth, as in the lab, drops what its peer's XDP sends back unless the
+//!   peer runs an XDP program too; the TC path works on every driver.)
 //! - The backend's node records which node a tunnelled flow came in
 //!   through (`ct::track_return`); its veth sends the replies back there
 //!   through the tunnel.
@@ -41,8 +43,11 @@ use crate::{
     tunnel, underlay,
 };
 
-/// `BPF_FIB_LKUP_RET_SUCCESS` and `BPF_FIB_LKUP_RET_NO_NEIGH`.
+/// `BPF_FIB_LKUP_RET_*` codes that mean "no route": blackhole,
+/// unreachable, prohibit.
 const FIB_SUCCESS: i64 = 0;
+const FIB_BLACKHOLE: i64 = 1;
+const FIB_PROHIBIT: i64 = 3;
 const FIB_NO_NEIGH: i64 = 7;
 
 /// Whether `ip_be` is outside the cluster CIDR (a routing-mesh client:
@@ -83,22 +88,16 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     )
     .ok_or(Stat::NatRewriteFail)?;
     lb::count_service(service_id, ctx.len() as u32, c.new_flow);
-    if b.ifindex != 0 {
-        // A backend here: the underlay TC program hands it to its veth.
-        if !underlay::mark(ctx, DECAP_MARK) {
-            bump(Stat::XdpMetaFail);
-        }
-        return pass(Stat::IngressLocal);
+    // The underlay TC program hands it to the backend's veth, or to the
+    // tunnel toward the backend's node.
+    if !underlay::mark(ctx, DECAP_MARK) {
+        bump(Stat::XdpMetaFail);
     }
-    match tunnel::route(l, b.ip_be)? {
-        tunnel::Route::Remote(node) => {
-            tunnel::encap(ctx, l, &node, hash)?;
-            bump(Stat::IngressRemote);
-            Ok(Verdict::TX)
-        }
-        // A backend of this node's /24 without a veth: the stack's.
-        tunnel::Route::Here => pass(Stat::IngressLocal),
-    }
+    let path = match tunnel::route(l, b.ip_be)? {
+        tunnel::Route::Remote(_) => Stat::IngressRemote,
+        tunnel::Route::Here => Stat::IngressLocal,
+    };
+    pass(path)
 }
 
 /// The TCP/UDP tuple of the IPv4 packet at `ip_off`, its L4 offset and
@@ -251,9 +250,10 @@ pub fn forward_reply(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
 }
 
 /// Sends a translated reply (source `src_be`, now this node's address) to
-/// its client: the kernel's FIB gives the interface and next hop; the MACs
-/// come from its neighbour table (resolved by `bpf_redirect_neigh` when the
-/// lookup has none yet).
+/// its client: the kernel's FIB gives the interface, the next hop and its
+/// MAC. Without a neighbour entry yet, or where the FIB helper declines
+/// (forwarding off on the underlay NIC), `bpf_redirect_neigh` does the
+/// route and neighbour lookup in the stack's own way.
 #[inline(always)]
 fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<Verdict, Stat> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
@@ -281,6 +281,7 @@ fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<V
         FIB_NO_NEIGH => Ok(Verdict::redirect_neigh(fib.ifindex, unsafe {
             fib.__bindgen_anon_4.ipv4_dst
         })),
-        _ => Err(Stat::IngressNoRoute),
+        FIB_BLACKHOLE..=FIB_PROHIBIT => Err(Stat::IngressNoRoute),
+        _ => Ok(Verdict::redirect_neigh(l.underlay_ifindex, 0)),
     }
 }

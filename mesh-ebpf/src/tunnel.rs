@@ -140,7 +140,19 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let Some(ip) = Packet::load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return pass(Stat::TunnelPass);
     };
-    if u16::from_be(eth.proto_be) != ETH_P_IP || ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+    if u16::from_be(eth.proto_be) != ETH_P_IP {
+        return pass(Stat::TunnelPass);
+    }
+    if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+        // XDP sent a routing-mesh request to a backend on another node.
+        if mark == DECAP_MARK
+            && let Route::Remote(node) = route(&local, ip.dst_be)?
+        {
+            let hash = crate::parse::ipv4(ctx).map_or(0, |pk| pk.route_hash());
+            let v = encap(ctx, &local, &node, hash)?;
+            crate::stats::bump(Stat::TunnelEncap);
+            return Ok(v);
+        }
         return pass(Stat::TunnelPass);
     }
     // SAFETY: plain data written by the agent.

@@ -1,7 +1,9 @@
-//! Two nodes in network namespaces, joined by an underlay link, each with a
-//! bridge (its `mesh` network, 10.42.N.0/24) and one container; each node
-//! runs its own data plane (XDP on the underlay NIC, TC on the container's
-//! veth) with the overlay maps written the way the agent will write them.
+//! Two nodes in network namespaces on an underlay bridge (a namespace of
+//! its own, 192.168.77.0/24), each with a bridge (its `mesh` network,
+//! 10.42.N.0/24) and one container; each node runs its own data plane (XDP
+//! on the underlay NIC, TC on the container's veth) with the overlay maps
+//! written the way the agent writes them. Clients outside the cluster can
+//! join the underlay ([`OverlayLab::outside_client`]).
 
 use std::net::Ipv4Addr;
 
@@ -34,7 +36,10 @@ impl NodeNs {
 }
 
 pub struct OverlayLab {
+    // Drop order: the nodes (their programs), then the underlay.
     pub nodes: Vec<NodeNs>,
+    /// The underlay's namespace: bridge `br0`, node N's port `pN`.
+    pub underlay: Netns,
 }
 
 fn mac(v: serde_json::Value) -> [u8; 6] {
@@ -47,22 +52,22 @@ fn mac(v: serde_json::Value) -> [u8; 6] {
 }
 
 impl OverlayLab {
-    /// Nodes 1 and 2, underlay 192.168.77.N on a veth pair.
+    /// Nodes 1 and 2, underlay 192.168.77.N.
     pub fn new() -> Self {
+        let underlay = Netns::new(&unique("mou"));
+        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        underlay.ip(&["link", "set", "br0", "up"]);
         let node_ns: Vec<Netns> = (1..=2)
-            .map(|n| Netns::new(&unique(&format!("mon{n}"))))
+            .map(|n| {
+                let node = Netns::new(&unique(&format!("mon{n}")));
+                let port = format!("p{n}");
+                underlay.ip(&[
+                    "link", "add", &port, "type", "veth", "peer", "eth0", "netns", &node.name,
+                ]);
+                underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
+                node
+            })
             .collect();
-        node_ns[0].ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "eth0",
-            "netns",
-            &node_ns[1].name,
-        ]);
         let mut nodes = Vec::new();
         for (i, node) in node_ns.into_iter().enumerate() {
             let n = i as u8 + 1;
@@ -177,7 +182,27 @@ impl OverlayLab {
                 .set_peer(peer.underlay_ip_be, subnet)
                 .expect("peer address");
         }
-        OverlayLab { nodes }
+        OverlayLab { nodes, underlay }
+    }
+
+    /// A host outside the cluster on the underlay: 192.168.77.`100 + i`.
+    pub fn outside_client(&self, i: u8) -> Netns {
+        let ns = Netns::new(&unique(&format!("moo{i}")));
+        let port = format!("o{i}");
+        self.underlay.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "eth0", "netns", &ns.name,
+        ]);
+        self.underlay
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("192.168.77.{}/24", 100 + i),
+            "dev",
+            "eth0",
+        ]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns
     }
 }
 

@@ -2,8 +2,10 @@
 //! client can tell which backend it reached.
 //!
 //! TCP: on accept the server writes `<name>\n`, then answers every line it
-//! reads with `<name>\n`, until EOF. UDP: every datagram is answered with
-//! `<name>`. Everything stops when the `Servers` is dropped.
+//! reads with `<name>\n` (the line `peer`: with the address it sees the
+//! client at), until EOF. UDP: every datagram is answered with `<name>`
+//! (`peer`: with the client's address). Everything stops when the
+//! `Servers` is dropped.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -60,7 +62,7 @@ impl Drop for Servers {
 fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((conn, _)) => {
+            Ok((conn, peer)) => {
                 let name = name.to_owned();
                 std::thread::spawn(move || {
                     let _ = conn.set_nonblocking(false);
@@ -73,7 +75,12 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
                         return;
                     }
                     for line in BufReader::new(conn).lines() {
-                        if line.is_err() || writeln!(w, "{name}").is_err() {
+                        let answer = match line {
+                            Ok(l) if l.trim() == "peer" => peer.to_string(),
+                            Ok(_) => name.clone(),
+                            Err(_) => return,
+                        };
+                        if writeln!(w, "{answer}").is_err() {
                             return;
                         }
                     }
@@ -90,8 +97,13 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
 fn serve_udp(sock: UdpSocket, name: &str, stop: &AtomicBool) {
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(name.as_bytes(), from);
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let answer = if &buf[..n] == b"peer" {
+                from.to_string()
+            } else {
+                name.to_owned()
+            };
+            let _ = sock.send_to(answer.as_bytes(), from);
         }
     }
 }

@@ -9,7 +9,7 @@ use aya::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey},
-    lb::{Backend, Service, ServiceKey, ServiceStats},
+    lb::{Backend, Published, PublishedKey, Service, ServiceKey, ServiceStats},
     maps,
 };
 
@@ -38,6 +38,8 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
 /// Handles to every load-balancing map.
 pub struct LbMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
+    /// The routing mesh's published ports.
+    pub published: HashMap<MapData, PublishedKey, Published>,
     pub backends: Array<MapData, Backend>,
     pub maglev: ArrayOfMaps<MapData, MapData>,
     /// A second handle to the outer Maglev map, for batch updates (aya's
@@ -79,6 +81,9 @@ impl LbMaps {
             services: get(maps::SERVICES.name)?
                 .try_into()
                 .map_err(map_err(maps::SERVICES.name))?,
+            published: get(maps::PUBLISHED.name)?
+                .try_into()
+                .map_err(map_err(maps::PUBLISHED.name))?,
             backends: get(maps::BACKENDS.name)?
                 .try_into()
                 .map_err(map_err(maps::BACKENDS.name))?,
@@ -106,6 +111,29 @@ impl LbMaps {
         self.services
             .remove(key)
             .map_err(map_err(maps::SERVICES.name))
+    }
+
+    pub fn set_published(&mut self, key: &PublishedKey, p: &Published) -> Result<(), MapsError> {
+        self.published
+            .insert(key, p, 0)
+            .map_err(map_err(maps::PUBLISHED.name))
+    }
+
+    pub fn remove_published(&mut self, key: &PublishedKey) -> Result<(), MapsError> {
+        self.published
+            .remove(key)
+            .map_err(map_err(maps::PUBLISHED.name))
+    }
+
+    /// Every published port the kernel has.
+    pub fn read_published(
+        &self,
+    ) -> Result<std::collections::BTreeMap<PublishedKey, u32>, MapsError> {
+        self.published
+            .iter()
+            .map(|r| r.map(|(k, v)| (k, v.service_id)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::PUBLISHED.name))
     }
 
     pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapsError> {

@@ -1,0 +1,218 @@
+//! The routing mesh with real sockets in network namespaces (needs root):
+//! two nodes on an underlay bridge, a service with a backend on each, its
+//! ports published on both nodes' underlay addresses, and a client outside
+//! the cluster on the underlay. Every loop is bounded in count and time.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use mesh_agent::maglev::{self, Identity};
+use mesh_common::{
+    lb::{PROTO_TCP, PROTO_UDP, Published, PublishedKey, Service, ServiceKey},
+    stats::Stat,
+};
+use mesh_tests::{
+    fixtures::lb::backend,
+    netns::Netns,
+    overlaylab::{NodeNs, OverlayLab},
+    servers::Servers,
+};
+
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+const PUBLISHED_TCP: u16 = 30080;
+const PUBLISHED_UDP: u16 = 30053;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// The TCP service (id 1, VIP:80) and the UDP one (id 2, VIP:53) with the
+/// containers of both nodes as backends (ids 1, 2 and 3, 4), published on
+/// 30080/tcp and 30053/udp, written into every node's maps as each node's
+/// agent would (a backend here has its veth, one elsewhere none).
+fn publish(lab: &mut OverlayLab) {
+    let containers: Vec<(Ipv4Addr, u32, [u8; 6])> = lab
+        .nodes
+        .iter()
+        .map(|n| {
+            let ifindex = n
+                .node
+                .link_field("vc0", "ifindex")
+                .as_u64()
+                .expect("ifindex") as u32;
+            let mac = n
+                .container
+                .link_field("eth0", "address")
+                .as_str()
+                .expect("mac")
+                .parse::<mesh_common::mac::Mac>()
+                .expect("MAC")
+                .0;
+            (n.container_ip(), ifindex, mac)
+        })
+        .collect();
+    let ring = |base: u32, port: u16| {
+        let members: Vec<(u32, Identity)> = containers
+            .iter()
+            .enumerate()
+            .map(|(i, (ip, _, _))| (base + i as u32, Identity { ip: *ip, port }))
+            .collect();
+        maglev::build_ids(&members)
+    };
+    let (tcp_ring, udp_ring) = (ring(1, TCP_PORT), ring(3, UDP_PORT));
+    for (n, node) in lab.nodes.iter_mut().enumerate() {
+        let lb = &mut node.harness.lb;
+        for (i, (ip, ifindex, mac)) in containers.iter().enumerate() {
+            let (ifindex, mac) = if i == n {
+                (*ifindex, *mac)
+            } else {
+                (0, [0; 6])
+            };
+            lb.set_backend(1 + i as u32, &backend(*ip, TCP_PORT, ifindex, mac))
+                .expect("tcp backend");
+            lb.set_backend(3 + i as u32, &backend(*ip, UDP_PORT, ifindex, mac))
+                .expect("udp backend");
+        }
+        lb.set_ring(1, &tcp_ring).expect("tcp ring");
+        lb.set_ring(2, &udp_ring).expect("udp ring");
+        for (port, proto, id, published) in [
+            (80u16, PROTO_TCP, 1, PUBLISHED_TCP),
+            (53, PROTO_UDP, 2, PUBLISHED_UDP),
+        ] {
+            let key = ServiceKey {
+                vip_be: u32::from(VIP).to_be(),
+                port_be: port.to_be(),
+                proto,
+                ..ServiceKey::default()
+            };
+            lb.set_service(&key, &Service { id, flags: 0 })
+                .expect("service");
+            let key = PublishedKey {
+                port_be: published.to_be(),
+                proto,
+                ..PublishedKey::default()
+            };
+            lb.set_published(&key, &Published { service_id: id })
+                .expect("published port");
+        }
+    }
+}
+
+/// One TCP connection to `to`: the backend's name and the address it saw
+/// the client at.
+fn tcp_ask(to: SocketAddr) -> Result<(String, String, SocketAddr), String> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let local = s.local_addr().map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut name = String::new();
+    r.read_line(&mut name)
+        .map_err(|e| format!("greeting: {e}"))?;
+    w.write_all(b"peer\n").map_err(|e| e.to_string())?;
+    let mut peer = String::new();
+    r.read_line(&mut peer).map_err(|e| format!("peer: {e}"))?;
+    Ok((name.trim().to_owned(), peer.trim().to_owned(), local))
+}
+
+/// One UDP exchange with `to` from a fresh socket: the answer to `what`,
+/// checked to come from `to`; and the socket's own address.
+fn udp_ask(to: SocketAddr, what: &[u8]) -> Result<(String, SocketAddr), String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    s.connect(to).map_err(|e| e.to_string())?;
+    let local = s.local_addr().map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 128];
+    for _ in 0..3 {
+        s.send(what).map_err(|e| e.to_string())?;
+        // A connected socket only takes datagrams from `to`.
+        if let Ok(n) = s.recv(&mut buf) {
+            return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), local));
+        }
+    }
+    Err(format!("no answer from {to}"))
+}
+
+fn counters(n: &NodeNs) -> Vec<u64> {
+    n.harness.counters()
+}
+
+/// From a client outside the cluster, each node's published ports answer,
+/// spread over the backends of both nodes, and every backend sees the
+/// client's own address.
+#[test]
+fn published_ports_answer_on_every_node_with_the_client_address_kept() {
+    let mut lab = OverlayLab::new();
+    let _servers = [
+        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
+        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
+    ];
+    publish(&mut lab);
+    let client: Netns = lab.outside_client(0);
+    let client_ip = Ipv4Addr::new(192, 168, 77, 100);
+    let start = Instant::now();
+    for node in &lab.nodes {
+        let addr = node.underlay_ip;
+        let (tcp, udp) = client.run(|| {
+            let tcp: Vec<(String, String, SocketAddr)> = (0..150)
+                .map(|i| {
+                    assert!(start.elapsed() < DEADLINE, "out of time");
+                    tcp_ask(SocketAddr::from((addr, PUBLISHED_TCP)))
+                        .unwrap_or_else(|e| panic!("TCP {i} to {addr}: {e}"))
+                })
+                .collect();
+            let udp: Vec<(String, String, SocketAddr)> = (0..150)
+                .map(|i| {
+                    assert!(start.elapsed() < DEADLINE, "out of time");
+                    let to = SocketAddr::from((addr, PUBLISHED_UDP));
+                    let (name, _) =
+                        udp_ask(to, b"who").unwrap_or_else(|e| panic!("UDP {i} to {addr}: {e}"));
+                    let (peer, local) =
+                        udp_ask(to, b"peer").unwrap_or_else(|e| panic!("UDP {i} to {addr}: {e}"));
+                    (name, peer, local)
+                })
+                .collect();
+            (tcp, udp)
+        });
+        for (proto, answers) in [("tcp", &tcp), ("udp", &udp)] {
+            let mut tally = BTreeMap::<String, usize>::new();
+            for (name, peer, local) in answers {
+                *tally.entry(name.clone()).or_default() += 1;
+                if proto == "tcp" {
+                    assert_eq!(peer, &local.to_string(), "the backend sees the client");
+                } else {
+                    assert!(
+                        peer.starts_with(&format!("{client_ip}:")),
+                        "the backend sees the client: {peer}"
+                    );
+                }
+            }
+            println!("{proto} via {addr}: {} answers: {tally:?}", answers.len());
+            for b in ["c1", "c2"] {
+                let n = tally.get(b).copied().unwrap_or(0);
+                assert!(
+                    n * 5 >= answers.len(),
+                    "{proto} via {addr}: {b} got {n}: {tally:?}"
+                );
+            }
+        }
+    }
+    let (one, two) = (counters(&lab.nodes[0]), counters(&lab.nodes[1]));
+    for (name, c) in [("node 1", &one), ("node 2", &two)] {
+        println!(
+            "{name}: ingress_local {} ingress_remote {} ingress_reply {} ingress_return {}",
+            c[Stat::IngressLocal as usize],
+            c[Stat::IngressRemote as usize],
+            c[Stat::IngressReply as usize],
+            c[Stat::IngressReturn as usize],
+        );
+        assert!(c[Stat::IngressLocal as usize] > 0 && c[Stat::IngressRemote as usize] > 0);
+        assert!(c[Stat::IngressReply as usize] > 0 && c[Stat::IngressReturn as usize] > 0);
+        assert_eq!(c[Stat::IngressNoRoute as usize], 0);
+    }
+}
