@@ -11,6 +11,7 @@ pub mod desired;
 pub mod dns;
 pub mod docker;
 pub mod gossip;
+pub mod hostports;
 pub mod iface;
 pub mod labels;
 pub mod logging;

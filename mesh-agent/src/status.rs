@@ -11,6 +11,10 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Containers left out because of their labels (or their veth), and why.
     pub skipped: Vec<Skipped>,
+    /// Published ports not served, and why (another service has the port,
+    /// or a host process or Docker's own `-p` listens on it).
+    #[serde(default)]
+    pub publish_conflicts: Vec<String>,
     pub reconcile: ReconcileStatus,
     pub event_to_map_ms: Latency,
 }
@@ -45,6 +49,9 @@ pub struct ServiceStatus {
     /// Containers of the service that are not backends yet (unhealthy,
     /// health check starting).
     pub waiting: usize,
+    /// "30080/tcp -> 80" per port it publishes on every node (routing mesh).
+    #[serde(default)]
+    pub published: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

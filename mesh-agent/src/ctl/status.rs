@@ -57,6 +57,12 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
     );
     let rows: Vec<StatusRow> = st.services.iter().map(StatusRow::from).collect();
     out.push_str(&render(false, &rows)?);
+    if !st.publish_conflicts.is_empty() {
+        out.push_str("\n\npublished ports not served:\n");
+        for c in &st.publish_conflicts {
+            let _ = writeln!(out, "  {c}");
+        }
+    }
     if !st.skipped.is_empty() {
         out.push_str("\n\nskipped containers:\n");
         for s in &st.skipped {
@@ -71,6 +77,7 @@ struct StatusRow {
     name: String,
     vip: String,
     ports: String,
+    published: String,
     active: usize,
     draining: usize,
     waiting: usize,
@@ -86,6 +93,11 @@ impl From<&crate::status::ServiceStatus> for StatusRow {
             } else {
                 s.ports.join(", ")
             },
+            published: if s.published.is_empty() {
+                "-".into()
+            } else {
+                s.published.join(", ")
+            },
             active: s.active,
             draining: s.draining,
             waiting: s.waiting,
@@ -94,13 +106,21 @@ impl From<&crate::status::ServiceStatus> for StatusRow {
 }
 
 impl Table for StatusRow {
-    const HEADER: &'static [&'static str] =
-        &["SERVICE", "VIP", "PORTS", "ACTIVE", "DRAINING", "WAITING"];
+    const HEADER: &'static [&'static str] = &[
+        "SERVICE",
+        "VIP",
+        "PORTS",
+        "PUBLISHED",
+        "ACTIVE",
+        "DRAINING",
+        "WAITING",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.name.clone(),
             self.vip.clone(),
             self.ports.clone(),
+            self.published.clone(),
             self.active.to_string(),
             self.draining.to_string(),
             self.waiting.to_string(),

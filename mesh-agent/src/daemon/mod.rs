@@ -20,7 +20,10 @@ use std::{
 };
 
 use aya::Ebpf;
-use mesh_common::tunnel::{LocalEndpoint, Node};
+use mesh_common::{
+    lb::{Published, PublishedKey},
+    tunnel::{LocalEndpoint, Node},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -102,8 +105,10 @@ struct Written {
     nodes: BTreeMap<u32, Node>,
     peers: BTreeMap<u32, u32>,
     local_eps: BTreeMap<u32, LocalEndpoint>,
+    /// The routing mesh's ports.
+    published: BTreeMap<PublishedKey, Published>,
     /// Our endpoints as last published in gossip.
-    published: String,
+    endpoints: String,
 }
 
 pub struct Daemon {
@@ -148,7 +153,12 @@ impl Daemon {
             nodes: overlay.read_nodes()?,
             peers: overlay.read_peers()?,
             local_eps: overlay.read_local_eps()?,
-            published: String::new(),
+            published: lb
+                .read_published()?
+                .into_iter()
+                .map(|(k, service_id)| (k, Published { service_id }))
+                .collect(),
+            endpoints: String::new(),
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
         let vips = pass::load_vips(&settings.state_dir);

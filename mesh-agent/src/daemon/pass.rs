@@ -57,8 +57,59 @@ impl Daemon {
         if let Err(e) = &result {
             failed.push(e.to_string());
         }
+        let conflicts = self.write_published(&st, &mut failed);
         self.retry = !failed.is_empty();
         self.report(&st, &peers, plan.writes(), &failed, start);
+        self.report_publish_conflicts(conflicts);
+    }
+
+    /// The routing mesh's ports, after the services they point at exist:
+    /// every port the cluster agreed on, except those a host process holds
+    /// here. Returns every conflict (the cluster's and this host's).
+    fn write_published(&mut self, st: &State, failed: &mut Vec<String>) -> Vec<String> {
+        let mut conflicts = st.publish_conflicts.clone();
+        let underlay = self
+            .cluster
+            .as_ref()
+            .map(|c| Ipv4Addr::from(u32::from_be(c.local.underlay_ip_be)));
+        let held = if st.published.is_empty() {
+            Default::default()
+        } else {
+            crate::hostports::read(underlay)
+        };
+        let mut want = BTreeMap::new();
+        for (&(port, proto), addr) in &st.published {
+            if held.contains(&(port, proto)) {
+                conflicts.push(format!(
+                    "{port}/{proto}: a process on this host (or Docker's -p) already uses it; not published here"
+                ));
+                continue;
+            }
+            // Its service not written yet: the retry tick comes back.
+            let Some(&service_id) = self.written.lb.services.get(addr) else {
+                continue;
+            };
+            let key = mesh_common::lb::PublishedKey {
+                port_be: port.to_be(),
+                proto: proto.number(),
+                _pad: 0,
+            };
+            want.insert(key, mesh_common::lb::Published { service_id });
+        }
+        let ops = table::plan(&want, &self.written.published);
+        let errors = table::apply(&ops, &mut self.lb.published, &mut self.written.published);
+        failed.extend(errors.iter().map(|e| format!("published ports: {e}")));
+        conflicts
+    }
+
+    fn report_publish_conflicts(&mut self, conflicts: Vec<String>) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &conflicts {
+            if !sh.status.publish_conflicts.contains(c) {
+                warn!(conflict = %c, "published port not served");
+            }
+        }
+        sh.status.publish_conflicts = conflicts;
     }
 
     /// Finds the host-side veth of containers that have none yet.
@@ -116,11 +167,11 @@ impl Daemon {
     fn publish(&mut self, st: &State) {
         let Some(c) = &self.cluster else { return };
         let json = serde_json::to_string(&st.endpoints).unwrap_or_default();
-        if json == self.written.published {
+        if json == self.written.endpoints {
             return;
         }
         if c.membership.try_set(peers::KEY_ENDPOINTS, &json) {
-            self.written.published = json;
+            self.written.endpoints = json;
         } else {
             // Busy gossiping: the retry tick tries again.
             self.retry = true;

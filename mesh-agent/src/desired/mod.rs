@@ -21,7 +21,7 @@ use crate::{
     dns::Zone,
     docker::{Container, Health},
     gossip::{peers::Endpoint, peers::Peer, subnet},
-    labels,
+    labels::{self, Proto},
     reconcile::{Desired, DesiredBackend, SvcAddr},
     status::{ServiceStatus, Skipped},
     vip::{self, Cidr},
@@ -58,6 +58,11 @@ pub struct State {
     pub vips: BTreeMap<String, Ipv4Addr>,
     pub services: Vec<ServiceStatus>,
     pub skipped: Vec<Skipped>,
+    /// The routing mesh: (published port, protocol) -> the service address
+    /// that answers it, the same on every node.
+    pub published: BTreeMap<(u16, Proto), SvcAddr>,
+    /// Published ports not served, and why.
+    pub publish_conflicts: Vec<String>,
 }
 
 /// A backend anywhere, and where it lives if it is here.
@@ -117,6 +122,11 @@ pub fn compute(i: &Inputs) -> State {
                 .map(|p| (p.vip_port, p.container_port, p.proto))
                 .collect(),
             state,
+            publish: svc
+                .publish
+                .iter()
+                .map(|p| (p.published, p.vip_port, p.proto))
+                .collect(),
         };
         st.endpoints.push(ep.clone());
         members.push(Member {
@@ -213,8 +223,84 @@ pub fn compute(i: &Inputs) -> State {
         z.tasks.sort();
         z.ports.sort();
     }
+    let (published, conflicts) = published(&members, &ages, &st.vips);
+    for (&(port, proto), (name, addr)) in &published {
+        if let Some(row) = rows.get_mut(name) {
+            row.published
+                .push(format!("{port}/{proto} -> {}", addr.port));
+        }
+    }
+    st.published = published.into_iter().map(|(k, (_, a))| (k, a)).collect();
+    st.publish_conflicts = conflicts;
     st.services = rows.into_values().collect();
     st
+}
+
+/// A published port: (port, protocol).
+type PortKey = (u16, Proto);
+/// Who claims a published port: (service age, service, VIP port).
+type Claim = (String, String, u16);
+
+/// The routing mesh's ports from every backend's labels, anywhere: each
+/// (port, protocol) goes to one service, the same on every node: the oldest
+/// service claiming it (then the smaller name), as with VIPs. A published
+/// port whose VIP port the service does not have is not served. Both are
+/// reported.
+fn published(
+    members: &[Member],
+    ages: &BTreeMap<String, String>,
+    vips: &BTreeMap<String, Ipv4Addr>,
+) -> (BTreeMap<PortKey, (String, SvcAddr)>, Vec<String>) {
+    let mut claims: BTreeMap<PortKey, BTreeSet<Claim>> = BTreeMap::new();
+    let mut conflicts = BTreeSet::new();
+    for m in members {
+        let e = &m.ep;
+        for &(port, vip_port, proto) in &e.publish {
+            if !e.ports.iter().any(|&(v, _, p)| v == vip_port && p == proto) {
+                conflicts.insert(format!(
+                    "{port}/{proto}: service {} has no VIP port {vip_port}/{proto} to publish",
+                    e.service
+                ));
+                continue;
+            }
+            let age = ages.get(&e.service).cloned().unwrap_or_default();
+            claims
+                .entry((port, proto))
+                .or_default()
+                .insert((age, e.service.clone(), vip_port));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (key, claimants) in claims {
+        let mut services: Vec<&Claim> = claimants.iter().collect();
+        services.dedup_by(|a, b| a.1 == b.1);
+        let Some((_, name, vip_port)) = services.first() else {
+            continue;
+        };
+        // One service asking for two VIP ports on one published port: the
+        // smaller wins (the set is ordered).
+        for (_, other, _) in services.iter().skip(1) {
+            if other != name {
+                conflicts.insert(format!(
+                    "{}/{}: published by {name} (older) and {other}; {other} does not get it",
+                    key.0, key.1
+                ));
+            }
+        }
+        let Some(vip) = vips.get(name) else { continue };
+        out.insert(
+            key,
+            (
+                name.clone(),
+                SvcAddr {
+                    vip: *vip,
+                    port: *vip_port,
+                    proto: key.1.number(),
+                },
+            ),
+        );
+    }
+    (out, conflicts.into_iter().collect())
 }
 
 fn skip(c: &Container, error: String) -> Skipped {

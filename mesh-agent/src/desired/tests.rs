@@ -77,6 +77,7 @@ fn local_and_remote_backends_share_one_service() {
                 ip: Ipv4Addr::new(10, 42, 2, 7),
                 ports: vec![(80, 8080, Proto::Tcp)],
                 state: backend_state::ACTIVE,
+                publish: vec![],
             }],
             ..Peer::default()
         },
@@ -180,4 +181,84 @@ fn node_table_skips_incomplete_peers_and_our_own_subnet() {
         n2.underlay_ip_be,
         u32::from(Ipv4Addr::new(192, 168, 1, 2)).to_be()
     );
+}
+
+/// Published ports: from any backend's labels, the same table on every
+/// node (a node without a backend of its own serves them too); a port
+/// two services publish goes to the older; a published port without its
+/// VIP port is reported, not served.
+#[test]
+fn published_ports_are_agreed_and_conflicts_reported() {
+    let web = [
+        ("mesh.service", "web"),
+        ("mesh.port", "80:8080/tcp,53/udp"),
+        ("mesh.publish", "8080:80/tcp,5353:53/udp"),
+    ];
+    // "api" is younger than "web" (created later) and also wants 8080/tcp;
+    // it also publishes a port for a VIP port it does not have.
+    let api = [
+        ("mesh.service", "api"),
+        ("mesh.port", "80/tcp"),
+        ("mesh.publish", "8080:80/tcp,9000:81/tcp"),
+    ];
+    let mut w = World::new(vec![
+        container("a", 2, &web, Health::None),
+        container("b", 3, &api, Health::None),
+    ]);
+    let st = w.compute();
+    let web_vip = st.vips["web"];
+    assert_eq!(
+        st.published,
+        BTreeMap::from([
+            (
+                (8080, Proto::Tcp),
+                SvcAddr {
+                    vip: web_vip,
+                    port: 80,
+                    proto: 6
+                }
+            ),
+            (
+                (5353, Proto::Udp),
+                SvcAddr {
+                    vip: web_vip,
+                    port: 53,
+                    proto: 17
+                }
+            ),
+        ])
+    );
+    assert_eq!(st.publish_conflicts.len(), 2, "{:?}", st.publish_conflicts);
+    assert!(
+        st.publish_conflicts
+            .iter()
+            .any(|c| c.contains("8080/tcp") && c.contains("api does not get it"))
+    );
+    assert!(
+        st.publish_conflicts
+            .iter()
+            .any(|c| c.contains("no VIP port 81/tcp"))
+    );
+    let web_row = st
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .expect("web row");
+    assert_eq!(web_row.published, ["5353/udp -> 53", "8080/tcp -> 80"]);
+    // The endpoints carry the publish list, so another node learns it: a
+    // node with no container of its own serves the same ports.
+    let mut other = World::new(vec![]);
+    for (i, ep) in st.endpoints.iter().enumerate() {
+        other
+            .peers
+            .entry(format!("n{i}"))
+            .or_default()
+            .endpoints
+            .push(ep.clone());
+    }
+    other.vips = st.vips.clone();
+    let there = other.compute();
+    assert_eq!(there.published, st.published);
+    w.vips = st.vips.clone();
+    assert_eq!(w.compute().published, st.published);
 }

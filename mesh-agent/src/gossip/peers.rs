@@ -26,6 +26,10 @@ pub struct Endpoint {
     pub ports: Vec<(u16, u16, Proto)>,
     /// `backend_state::ACTIVE` or `DRAINING`.
     pub state: u8,
+    /// (published port, VIP port, protocol): the routing mesh's ports for
+    /// this service (the same on every node; absent from older agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<(u16, u16, Proto)>,
 }
 
 /// Another node as gossip describes it.
