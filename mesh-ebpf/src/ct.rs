@@ -153,6 +153,13 @@ pub fn create(client: &Tuple, to: &Balanced, tcp_flags: u8, new: bool) -> Result
     let t = table(new);
     t.insert(&client.key(dir::FORWARD), &fwd, 0)?;
     let (key, rev) = reverse(client, to, now);
+    if new {
+        // A finished flow with the same reply tuple (the client reused its
+        // port toward another address: another node's published port, a
+        // VIP) may still have its reverse entry among the confirmed ones,
+        // which lookups try first: it would capture this flow's replies.
+        let _ = CT.remove(&key);
+    }
     t.insert(&key, &rev, 0)
 }
 
@@ -232,7 +239,17 @@ pub fn track_return(t: &Tuple, ingress_be: u32, tcp_flags: u8) {
     match lookup(&t.key(dir::FORWARD)) {
         Some(f) => {
             touch(f.entry, tcp_flags);
-            if f.new {
+            // The same client port may come in through another node now
+            // (a new connection on a reused tuple): replies go there.
+            let (rkey, rev) = reverse(t, &to, now());
+            let tbl = table(f.new);
+            // SAFETY: pointer from a successful lookup in this run.
+            let stale = tbl
+                .get_ptr(&rkey)
+                .is_none_or(|r| unsafe { (*r).nat_ip_be } != ingress_be);
+            if stale {
+                let _ = tbl.insert(&rkey, &rev, 0);
+            } else if f.new {
                 confirm(t, f.entry, &to, tcp_flags);
             }
         }

@@ -504,6 +504,15 @@ impl Underlay {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
+    /// A host outside the cluster on the underlay, at 192.168.91.`n`.
+    pub fn outside(&self, n: u8) -> crate::netns::Netns {
+        let ns = crate::netns::Netns::new(&unique("mox"));
+        self.inner
+            .attach_outside(&ns.name, n)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        ns
+    }
+
     /// Cuts node `n` off the underlay (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) {
         self.inner

@@ -31,6 +31,50 @@ fn ip_of(e: &Engine, c: &str) -> String {
     ])
 }
 
+/// One TCP request to whoami through `to` (run inside a client's
+/// namespace): the replica's name and the client address it saw.
+fn ask_peer_tcp(to: std::net::SocketAddr) -> Result<(String, String), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .map_err(|e| format!("greeting: {e}"))?;
+    w.write_all(b"peer\n").map_err(|e| e.to_string())?;
+    line.clear();
+    r.read_line(&mut line).map_err(|e| format!("answer: {e}"))?;
+    split_peer(&line)
+}
+
+/// The same over UDP from a fresh socket (one retry per lost datagram, 3
+/// tries), answered from `to` itself.
+fn ask_peer_udp(to: std::net::SocketAddr) -> Result<(String, String), String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.connect(to).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(700)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    for _ in 0..3 {
+        s.send(b"peer").map_err(|e| e.to_string())?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return split_peer(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    Err("no answer".into())
+}
+
+fn split_peer(answer: &str) -> Result<(String, String), String> {
+    answer
+        .trim()
+        .split_once(' ')
+        .map(|(n, p)| (n.to_owned(), p.to_owned()))
+        .ok_or_else(|| format!("not 'NAME PEER': {answer:?}"))
+}
+
 fn quantile(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * q).round() as usize]
@@ -78,7 +122,11 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // whoami scaled 1 -> 2 -> 3 on nodes 1 and 2; the client is on node 3.
     let (e1, e2, e3) = (&engines[0], &engines[1], &engines[2]);
     e3.run_whoami("client", &[], &[]);
-    let labels = ["mesh.service=whoami", "mesh.port=80/tcp,80/udp"];
+    let labels = [
+        "mesh.service=whoami",
+        "mesh.port=80/tcp,80/udp",
+        "mesh.publish=8080:80/tcp,8080:80/udp",
+    ];
     let mut vip = String::new();
     for (i, (e, name)) in [(e1, "w1"), (e2, "w2"), (e1, "w3")].into_iter().enumerate() {
         e.run_whoami(name, &labels, &[]);
@@ -95,6 +143,56 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         assert_eq!(errors.len(), 0);
         assert_eq!(names.len(), 3, "all replicas");
         assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
+    }
+
+    // The routing mesh: every node's published port answers a host outside
+    // the cluster, spread over the replicas (two on node 1, one on node 2;
+    // node 3 has none), and every replica sees the client's own address.
+    for a in &agents {
+        a.wait_for("8080 published", WAIT, |s| {
+            s.services
+                .iter()
+                .any(|x| x.name == "whoami" && x.published.len() == 2)
+        });
+    }
+    let outside = underlay.outside(100);
+    for n in 1..=3u8 {
+        let to: std::net::SocketAddr = format!("192.168.91.{n}:8080").parse().expect("address");
+        let start = Instant::now();
+        let (tcp, udp) = outside.run(|| {
+            let tcp: Vec<Result<(String, String), String>> =
+                (0..300).map(|_| ask_peer_tcp(to)).collect();
+            let udp: Vec<Result<(String, String), String>> =
+                (0..300).map(|_| ask_peer_udp(to)).collect();
+            (tcp, udp)
+        });
+        for (proto, answers) in [("tcp", tcp), ("udp", udp)] {
+            let mut names = std::collections::BTreeMap::<String, usize>::new();
+            let mut errors = Vec::new();
+            for a in answers {
+                match a {
+                    Ok((name, peer)) => {
+                        assert!(
+                            peer.starts_with("192.168.91.100:"),
+                            "{proto} via node {n}: {name} saw the client as {peer}"
+                        );
+                        *names.entry(name).or_default() += 1;
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            println!(
+                "{proto}: 300 requests from outside to node {n}'s published port in {:.1} s: {names:?}, {} failed",
+                start.elapsed().as_secs_f64(),
+                errors.len()
+            );
+            assert!(errors.is_empty(), "{proto} via node {n}: {errors:?}");
+            assert_eq!(names.len(), 3, "{proto} via node {n}: all replicas");
+            assert!(
+                names.values().all(|c| *c >= 60),
+                "{proto} via node {n}: each >= 20%: {names:?}"
+            );
+        }
     }
 
     // A replica calling its own service (hairpin when Maglev picks itself).

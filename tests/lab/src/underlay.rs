@@ -69,6 +69,21 @@ impl Underlay {
         ip(&["-n", ns, "link", "set", IFACE, "up"])
     }
 
+    /// Connects network namespace `ns` (not a node: a host outside the
+    /// cluster, e.g. a client of the routing mesh) with `eth0` = the /24's
+    /// address `n`.
+    pub fn attach_outside(&self, ns: &str, n: u8) -> Result<()> {
+        let port = format!("o{n}");
+        self.ip(&[
+            "link", "add", &port, "type", "veth", "peer", IFACE, "netns", ns,
+        ])?;
+        self.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let addr = format!("{}/24", self.addr(n));
+        ip(&["-n", ns, "addr", "add", &addr, "dev", IFACE])?;
+        ip(&["-n", ns, "link", "set", IFACE, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])
+    }
+
     /// Cuts node `n` off (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) -> Result<()> {
         let port = format!("p{n}");

@@ -2,9 +2,12 @@
 
 use crate::image::WHOAMI_IMAGE;
 
+/// The port whoami serves HTTP on in a replica (TCP and UDP: 80).
+pub const HTTP_PORT: u16 = 8000;
+
 /// `docker run` arguments for a whoami replica named `name` on the mesh
-/// network (serving TCP and UDP on port 80), with `labels` and `extra`
-/// docker flags.
+/// network (serving TCP and UDP on port 80, HTTP on [`HTTP_PORT`]), with
+/// `labels` and `extra` docker flags.
 pub fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["run", "-d", "--name", name, "--hostname", name]
         .iter()
@@ -17,9 +20,18 @@ pub fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(
-        [WHOAMI_IMAGE, "serve", "--tcp", "80", "--udp", "80"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            WHOAMI_IMAGE,
+            "serve",
+            "--tcp",
+            "80",
+            "--udp",
+            "80",
+            "--http",
+            "8000",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     args
 }

@@ -1,9 +1,12 @@
 //! whoami: a test server that answers with its name, and a bounded client.
 //!
 //! ```text
-//! whoami serve [--tcp PORT]... [--udp PORT]... [--name NAME] [--term-delay-ms MS]
-//!     TCP: writes "<name>\n" on accept, then answers each line read with "<name>\n".
-//!     UDP: answers each datagram with "<name>". Name: --name, else /etc/hostname.
+//! whoami serve [--tcp PORT]... [--udp PORT]... [--http PORT]... [--name NAME] [--term-delay-ms MS]
+//!     TCP: writes "<name>\n" on accept, then answers each line read with "<name>\n"
+//!     (the line "peer": "<name> <client address:port as seen here>\n").
+//!     UDP: answers each datagram with "<name>" ("peer": "<name> <client>").
+//!     HTTP: `GET /` (any path) answers 200 with "<name> <client>\n" (curl, wget).
+//!     Name: --name, else /etc/hostname.
 //!     On SIGTERM it keeps serving for --term-delay-ms (default 0), then exits 0.
 //! whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS]
 //!     N requests (default 1), one new connection / socket each; prints
@@ -102,6 +105,20 @@ fn serve(args: &[String]) -> Result<(), String> {
             }
         });
     }
+    for p in flag(args, "--http") {
+        let l = TcpListener::bind((
+            "0.0.0.0",
+            p.parse::<u16>().map_err(|_| format!("--http {p:?}"))?,
+        ))
+        .map_err(|e| format!("http {p}: {e}"))?;
+        let name = name.clone();
+        thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || http_conn(conn, &name));
+            }
+        });
+    }
     for p in flag(args, "--udp") {
         let s = UdpSocket::bind((
             "0.0.0.0",
@@ -111,8 +128,13 @@ fn serve(args: &[String]) -> Result<(), String> {
         let name = name.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 1500];
-            while let Ok((_, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(name.as_bytes(), from);
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let answer = if &buf[..n] == b"peer" {
+                    format!("{name} {from}")
+                } else {
+                    name.clone()
+                };
+                let _ = s.send_to(answer.as_bytes(), from);
             }
         });
     }
@@ -130,15 +152,52 @@ fn serve(args: &[String]) -> Result<(), String> {
 
 fn tcp_conn(conn: TcpStream, name: &str) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let Ok(mut w) = conn.try_clone() else { return };
     if writeln!(w, "{name}").is_err() {
         return;
     }
-    for line in BufReader::new(conn).lines() {
-        if line.is_err() || writeln!(w, "{name}").is_err() {
+    for line in BufReader::new(conn.take(1 << 20)).lines() {
+        let answer = match line {
+            Ok(l) if l.trim() == "peer" => format!("{name} {peer}"),
+            Ok(_) => name.to_owned(),
+            Err(_) => return,
+        };
+        if writeln!(w, "{answer}").is_err() {
             return;
         }
     }
+}
+
+/// One HTTP/1.x exchange: reads the request head (at most 8 KiB, 10 s),
+/// answers "<name> <client>\n" and closes.
+fn http_conn(conn: TcpStream, name: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut head = Vec::new();
+    let mut r = BufReader::new(conn.take(8192));
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" || line == "\n" => break,
+            Ok(_) => head.push(line),
+        }
+    }
+    let ok = head
+        .first()
+        .is_some_and(|l| l.starts_with("GET ") || l.starts_with("HEAD "));
+    let (status, body) = if ok {
+        ("200 OK", format!("{name} {peer}\n"))
+    } else {
+        ("405 Method Not Allowed", "GET only\n".to_string())
+    };
+    let _ = write!(
+        w,
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn now_ms() -> u128 {
