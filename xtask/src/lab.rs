@@ -6,8 +6,9 @@
 //!
 //! Everything lives in namespaces and directories this lab creates:
 //! `meshlab-u` (the underlay bridge, 192.168.100.0/24), `meshlab-nN` (node
-//! N: `eth0` = 192.168.100.N), `/run/meshlab/nN`, `/var/lib/meshlab/nN`,
-//! `/sys/fs/bpf/meshlab-nN`.
+//! N: `eth0` = 192.168.100.N), `meshlab-c` (a host outside the cluster,
+//! 192.168.100.200: the routing mesh's client), `/run/meshlab/nN`,
+//! `/var/lib/meshlab/nN`, `/sys/fs/bpf/meshlab-nN`.
 
 use std::{
     fs,
@@ -27,6 +28,11 @@ use mesh_lab::{
 };
 
 const UNDERLAY_NS: &str = "meshlab-u";
+/// A host on the underlay that is not a node.
+const OUTSIDE_NS: &str = "meshlab-c";
+const OUTSIDE_HOST: u8 = 200;
+/// The port whoami's HTTP answers on at every node (routing mesh).
+const PUBLISHED: u16 = 8080;
 const PREFIX: &str = "192.168.100";
 const RUN: &str = "/run/meshlab";
 const LIB: &str = "/var/lib/meshlab";
@@ -82,6 +88,8 @@ pub fn up(count: usize, images: &Images) -> Result<()> {
     down()?;
     fs::create_dir_all(RUN)?;
     let underlay = Underlay::new(UNDERLAY_NS, PREFIX)?.keep();
+    Cmd::new("ip").args(["netns", "add", OUTSIDE_NS]).run()?;
+    underlay.attach_outside(OUTSIDE_NS, OUTSIDE_HOST)?;
     let key = PathBuf::from(RUN).join("cluster.key");
     fs::write(&key, format!("{}\n", mesh_lab::random_key()?))?;
     let join: Vec<String> = (1..=count.min(3))
@@ -180,8 +188,10 @@ pub fn down() -> Result<()> {
             let _ = Cmd::new("ip").args(["netns", "del", &ns]).ok();
         }
     }
-    if Path::new("/var/run/netns").join(UNDERLAY_NS).exists() {
-        let _ = Cmd::new("ip").args(["netns", "del", UNDERLAY_NS]).ok();
+    for ns in [UNDERLAY_NS, OUTSIDE_NS] {
+        if Path::new("/var/run/netns").join(ns).exists() {
+            let _ = Cmd::new("ip").args(["netns", "del", ns]).ok();
+        }
     }
     let _ = fs::remove_dir_all(RUN);
     let _ = fs::remove_dir_all(LIB);
@@ -295,7 +305,11 @@ pub fn demo(images: &Images) -> Result<()> {
         docker(n)
             .args(whoami::run_args(
                 name,
-                &["mesh.service=whoami", "mesh.port=80/tcp,80/udp"],
+                &[
+                    "mesh.service=whoami",
+                    &format!("mesh.port=80/tcp,80/udp,{}/tcp", whoami::HTTP_PORT),
+                    &format!("mesh.publish={PUBLISHED}:{}/tcp", whoami::HTTP_PORT),
+                ],
                 &[],
             ))
             .output()?;
@@ -337,6 +351,33 @@ pub fn demo(images: &Images) -> Result<()> {
             );
         }
     }
+    println!(
+        "== the routing mesh: from {PREFIX}.{OUTSIDE_HOST}, a host outside the cluster, \
+         curl every node's port {PUBLISHED} (whoami answers with its name and the client it sees)"
+    );
+    for n in 1..=3 {
+        wait_published(n)?;
+    }
+    for n in 1..=3 {
+        let url = format!("http://{}:{PUBLISHED}/", node_ip(n));
+        for _ in 0..3 {
+            let out = Cmd::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    OUTSIDE_NS,
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "3",
+                    &url,
+                ])
+                .output()
+                .unwrap_or_else(|e| format!("failed: {e}"));
+            println!("  curl {url}  ->  {}", out.trim());
+        }
+    }
+    println!();
     println!("The lab is still up: cargo xtask lab status, cargo xtask lab exec n3 -- docker ps,");
     println!("cargo xtask lab down to remove it.");
     Ok(())
@@ -355,6 +396,25 @@ fn wait_replicas(n: usize, count: usize) -> Result<String> {
         }
         if start.elapsed() > Duration::from_secs(60) {
             bail!("node {n} does not see {count} whoami replicas:\n{st}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until node `n`'s agent publishes whoami's port.
+fn wait_published(n: usize) -> Result<()> {
+    let start = Instant::now();
+    let want = format!("\"{PUBLISHED}/tcp -> {}\"", whoami::HTTP_PORT);
+    loop {
+        let st = docker(n)
+            .args(["exec", "mesh-agent", "/meshctl", "status", "--json"])
+            .output()
+            .unwrap_or_default();
+        if st.contains(&want) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("node {n} does not publish {PUBLISHED}/tcp:\n{st}");
         }
         thread::sleep(Duration::from_millis(200));
     }

@@ -26,6 +26,7 @@ const APT: &[(&str, &str)] = &[
     ("tar", "building local test images"),
     ("busybox-static", "a shell and tools inside the test images"),
     ("dnsutils", "dig, a real DNS client for the DNS tests"),
+    ("curl", "the lab demo's client of the routing mesh"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
