@@ -39,8 +39,22 @@ fn views_show_what_the_kernel_did() {
     lb::install(&mut h);
     h.check(&lb::fixtures());
 
-    let services = json(&dir, Cmd::Services);
+    // The web service is also published on 8080/tcp (routing mesh).
+    h.lb.set_published(
+        &mesh_common::lb::PublishedKey {
+            port_be: 8080u16.to_be(),
+            proto: mesh_common::lb::PROTO_TCP,
+            _pad: 0,
+        },
+        &mesh_common::lb::Published { service_id: 1 },
+    )
+    .expect("published port");
+    let services = json(&dir, Cmd::Services { published: false });
     assert_eq!(services.len(), 3, "{services:?}");
+    let published = json(&dir, Cmd::Services { published: true });
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0]["service"], "10.43.0.10:80/tcp");
+    assert_eq!(published[0]["published"][0], "8080/tcp");
     let web = services
         .iter()
         .find(|s| s["service"] == "10.43.0.10:80/tcp")
@@ -150,7 +164,7 @@ fn views_show_what_the_kernel_did() {
     assert_eq!(new_flows["packets"].as_u64(), Some(3));
 
     // Tables for people: a header and a row per item.
-    let table = ctl(&dir, false, Cmd::Services).expect("table");
+    let table = ctl(&dir, false, Cmd::Services { published: false }).expect("table");
     println!("{table}");
     assert!(table.starts_with("SERVICE"), "{table}");
     assert_eq!(table.lines().count(), 4);
@@ -205,7 +219,10 @@ fn missing_pins_say_so() {
         "/sys/fs/bpf/mesh-test-none-{}",
         std::process::id()
     )));
-    for cmd in [Cmd::Services, Cmd::Stats { all: false }] {
+    for cmd in [
+        Cmd::Services { published: false },
+        Cmd::Stats { all: false },
+    ] {
         let e = ctl(&dir, false, cmd).expect_err("nothing pinned");
         assert!(matches!(e, CtlError::NotPinned(_)), "{e:?}");
         assert!(e.to_string().contains("is mesh-agent running"), "{e}");

@@ -1,7 +1,7 @@
 //! `meshctl conntrack`: tracked flows.
 
 use mesh_common::{
-    ct::{CtEntry, CtKey, dir, tcp_flag},
+    ct::{CT_F_INGRESS, CT_F_RETURN, CtEntry, CtKey, dir, tcp_flag},
     lb::ServiceKey,
 };
 use serde::Serialize;
@@ -27,6 +27,10 @@ pub struct CtRow {
     pub state: String,
     /// `confirmed` or `new` (the table the flow is in).
     pub table: String,
+    /// Routing mesh: `ingress` (the flow came in through this node's
+    /// published port) or `via A.B.C.D` (through that node's: replies go
+    /// back there); empty otherwise.
+    pub mesh: String,
     pub tcp_flags: String,
     pub age_seconds: f64,
     pub idle_seconds: f64,
@@ -34,7 +38,7 @@ pub struct CtRow {
 
 impl Table for CtRow {
     const HEADER: &'static [&'static str] = &[
-        "DIR", "PROTO", "SRC", "DST", "NAT", "BACKEND", "STATE", "FLAGS", "AGE", "IDLE",
+        "DIR", "PROTO", "SRC", "DST", "NAT", "BACKEND", "STATE", "MESH", "FLAGS", "AGE", "IDLE",
     ];
     fn cells(&self) -> Vec<String> {
         vec![
@@ -45,6 +49,11 @@ impl Table for CtRow {
             self.nat.clone(),
             self.backend_id.to_string(),
             self.state.clone(),
+            if self.mesh.is_empty() {
+                "-".into()
+            } else {
+                self.mesh.clone()
+            },
             self.tcp_flags.clone(),
             format!("{:.1}s", self.age_seconds),
             format!("{:.1}s", self.idle_seconds),
@@ -115,6 +124,18 @@ pub fn conntrack(
                 service_id: e.service_id,
                 state: FlowState::of(k.proto, fwd, rev, new).name().into(),
                 table: if new { "new" } else { "confirmed" }.into(),
+                mesh: rev.map_or(String::new(), |r| {
+                    if r.flags & CT_F_INGRESS != 0 {
+                        "ingress".into()
+                    } else if r.flags & CT_F_RETURN != 0 {
+                        format!(
+                            "via {}",
+                            std::net::Ipv4Addr::from(u32::from_be(r.nat_ip_be))
+                        )
+                    } else {
+                        String::new()
+                    }
+                }),
                 tcp_flags: flags(e.tcp_flags),
                 age_seconds: secs(e.created_ns),
                 idle_seconds: secs(e.last_seen_ns),

@@ -60,8 +60,13 @@ pub enum Cmd {
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
     },
-    /// Services: VIP:port/proto, ring size, backends in the ring, traffic.
-    Services,
+    /// Services: VIP:port/proto, published ports, ring size, backends in
+    /// the ring, traffic.
+    Services {
+        /// Only services reached through a published port (routing mesh).
+        #[arg(long)]
+        published: bool,
+    },
     /// Backends: id, address, state, local veth.
     Backends,
     /// A service's Maglev ring: slots and share per backend.
@@ -113,9 +118,9 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
         Cmd::Status { api_socket } => status::status_view(api_socket, args.json),
         Cmd::Stats { all } => stats::stats_view(dir, *all, args.json),
         Cmd::Maps => render(args.json, &maps(dir)?),
-        Cmd::Services => {
+        Cmd::Services { published } => {
             let lb = open_lb(dir)?;
-            render(args.json, &services(&lb)?)
+            render(args.json, &services(&lb, *published)?)
         }
         Cmd::Backends => {
             let lb = open_lb(dir)?;

@@ -13,6 +13,9 @@ use crate::dataplane::lb::{LbMaps, MapsError};
 pub struct ServiceRow {
     pub service: String,
     pub id: u32,
+    /// Ports of every node's underlay address that reach this service
+    /// (routing mesh), e.g. "8080/tcp".
+    pub published: Vec<String>,
     pub ring_slots: usize,
     pub backends_in_ring: usize,
     pub packets: u64,
@@ -24,6 +27,7 @@ impl Table for ServiceRow {
     const HEADER: &'static [&'static str] = &[
         "SERVICE",
         "ID",
+        "PUBLISHED",
         "RING",
         "BACKENDS",
         "PACKETS",
@@ -34,6 +38,11 @@ impl Table for ServiceRow {
         vec![
             self.service.clone(),
             self.id.to_string(),
+            if self.published.is_empty() {
+                "-".into()
+            } else {
+                self.published.join(",")
+            },
             self.ring_slots.to_string(),
             self.backends_in_ring.to_string(),
             self.packets.to_string(),
@@ -55,9 +64,20 @@ pub(super) fn all_services(lb: &LbMaps) -> Result<Vec<(ServiceKey, Service)>, Ct
     Ok(v)
 }
 
-pub fn services(lb: &LbMaps) -> Result<Vec<ServiceRow>, CtlError> {
+/// Every service; with `published_only`, those reached through a published
+/// port.
+pub fn services(lb: &LbMaps, published_only: bool) -> Result<Vec<ServiceRow>, CtlError> {
+    let published = lb.read_published()?;
     let mut rows = Vec::new();
     for (key, svc) in all_services(lb)? {
+        let ports: Vec<String> = published
+            .iter()
+            .filter(|(_, id)| **id == svc.id)
+            .map(|(k, _)| format!("{}/{}", u16::from_be(k.port_be), super::proto_name(k.proto)))
+            .collect();
+        if published_only && ports.is_empty() {
+            continue;
+        }
         let ring = lb.ring(svc.id)?;
         let mut ids: Vec<u32> = ring.clone();
         ids.sort_unstable();
@@ -66,6 +86,7 @@ pub fn services(lb: &LbMaps) -> Result<Vec<ServiceRow>, CtlError> {
         rows.push(ServiceRow {
             service: service_name(&key),
             id: svc.id,
+            published: ports,
             ring_slots: ring.len(),
             backends_in_ring: ids.iter().filter(|&&i| i != 0).count(),
             packets: st.packets,
