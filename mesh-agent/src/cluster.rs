@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mesh_common::{mac::Mac, tunnel::LocalNode};
+use mesh_common::{
+    mac::Mac,
+    tunnel::{LocalNode, TUNNEL_TCP_OVERHEAD},
+};
 use tracing::info;
 
 use crate::{
@@ -126,6 +129,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         vni: cfg.vni,
         underlay_mac: mac,
         enabled: 1,
+        tunnel_mss: u16::try_from(underlay_mtu.saturating_sub(TUNNEL_TCP_OVERHEAD)).unwrap_or(0),
         ..Default::default()
     };
     let cluster = Cluster {

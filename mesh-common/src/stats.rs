@@ -111,6 +111,7 @@ counters! {
     IngressReturn = 50, "ingress_return", Path, "A backend's reply to a client that came in through another node: tunnelled back to that node.";
     IngressReplyUntracked = 51, "ingress_reply_untracked", Path, "XDP: tunnelled traffic for an outside address without a routing-mesh flow: passed untouched.";
     IngressNoRoute = 52, "ingress_no_route", Drop, "A routing-mesh reply whose client has no route (FIB lookup failed).";
+    MssClamped = 53, "mss_clamped", Path, "A routing-mesh TCP SYN through the tunnel: its MSS lowered so full-size segments fit.";
 }
 
 impl Stat {

@@ -65,7 +65,18 @@ pub struct LocalNode {
     /// 1 once the agent has written this slot; the overlay is off until then.
     pub enabled: u8,
     pub _pad: u8,
+    /// The largest TCP MSS whose segments fit the tunnel (the underlay's
+    /// MTU less the VXLAN, IPv4 and TCP headers); SYNs of routing-mesh
+    /// flows through the tunnel are clamped to it. 0: no clamping.
+    pub tunnel_mss: u16,
+    pub _pad2: [u8; 2],
 }
+
+/// What the underlay's MTU must hold besides a tunnelled TCP segment's
+/// payload: outer IPv4, UDP and VXLAN headers, the inner Ethernet header
+/// (as many bytes as the outer one [`ENCAP_LEN`] counts but the MTU does
+/// not), inner IPv4 and TCP headers: 90 bytes.
+pub const TUNNEL_TCP_OVERHEAD: u32 = ENCAP_LEN as u32 + 20 + 20;
 
 /// A container on this node (by its address): where decapsulated traffic
 /// for it goes.
@@ -80,7 +91,7 @@ pub struct LocalEndpoint {
 
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
-const _: () = assert!(core::mem::size_of::<LocalNode>() == 32);
+const _: () = assert!(core::mem::size_of::<LocalNode>() == 36);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use mesh_common::{
-    ct::{CT_F_INGRESS, CT_F_RETURN, Tuple},
+    ct::{CT_F_INGRESS, CT_F_RETURN, Tuple, tcp_flag},
     lb::{PublishedKey, published_hash},
     stats::Stat,
     tunnel::{DECAP_MARK, LocalNode, REPLY_MARK},
@@ -94,10 +94,34 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
         bump(Stat::XdpMetaFail);
     }
     let path = match tunnel::route(l, b.ip_be)? {
-        tunnel::Route::Remote(_) => Stat::IngressRemote,
+        tunnel::Route::Remote(_) => {
+            clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)?;
+            Stat::IngressRemote
+        }
         tunnel::Route::Here => Stat::IngressLocal,
     };
     pass(path)
+}
+
+/// A TCP SYN (or SYN-ACK) of a routing-mesh flow about to cross the
+/// tunnel: its MSS is lowered to what the tunnel carries, so the other end
+/// never sends a segment that would not fit (the client's and the
+/// backend's own MTUs do not know about the 50 bytes of VXLAN).
+#[inline(always)]
+fn clamp<P: Packet>(
+    p: &P,
+    l4_off: usize,
+    proto: u8,
+    tcp_flags: u8,
+    l: &LocalNode,
+) -> Result<(), Stat> {
+    if proto != IPPROTO_TCP || tcp_flags & tcp_flag::SYN == 0 || l.tunnel_mss == 0 {
+        return Ok(());
+    }
+    if nat::clamp_mss(p, l4_off, l.tunnel_mss).ok_or(Stat::NatRewriteFail)? {
+        bump(Stat::MssClamped);
+    }
+    Ok(())
 }
 
 /// The TCP/UDP tuple of the IPv4 packet at `ip_off`, its L4 offset and
@@ -215,7 +239,10 @@ pub fn reply_out(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> 
         return Some(r);
     }
     if e.flags & CT_F_RETURN != 0 {
-        return Some(return_to(ctx, &l, e.nat_ip_be, pk.route_hash()));
+        return Some(
+            clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, &l)
+                .and_then(|()| return_to(ctx, &l, e.nat_ip_be, pk.route_hash())),
+        );
     }
     None
 }

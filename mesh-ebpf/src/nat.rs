@@ -113,3 +113,59 @@ pub fn icmp_error<P: Packet>(
     }
     Some(())
 }
+
+/// The MSS option's kind and length.
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: u8 = 4;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+/// Options looked at before giving up (Linux and the common stacks put the
+/// MSS first).
+const MSS_SEARCH: usize = 8;
+
+/// Lowers the MSS option of a TCP SYN at `l4_off` to `max` (the largest
+/// segment the tunnel carries) and fixes the checksum; whether it did.
+/// `None`: the header could not be read or written.
+#[inline(always)]
+pub fn clamp_mss<P: Packet>(p: &P, l4_off: usize, max: u16) -> Option<bool> {
+    let doff: u8 = p.load(l4_off + 12)?;
+    let end = l4_off + ((doff >> 4) as usize) * 4;
+    let mut off = l4_off + 20;
+    for _ in 0..MSS_SEARCH {
+        if off + 4 > end {
+            return Some(false);
+        }
+        let [kind, len]: [u8; 2] = p.load(off)?;
+        match kind {
+            TCPOPT_EOL => return Some(false),
+            TCPOPT_NOP => off += 1,
+            TCPOPT_MSS => {
+                if len != TCPOLEN_MSS {
+                    return Some(false);
+                }
+                let old_be: u16 = p.load(off + 2)?;
+                if u16::from_be(old_be) <= max {
+                    return Some(false);
+                }
+                let new_be = max.to_be();
+                // The checksum sums 16-bit words from the header's start:
+                // a value at an odd offset sits across two of them.
+                let (from, to) = if (off + 2 - l4_off) % 2 == 0 {
+                    (old_be, new_be)
+                } else {
+                    (old_be.swap_bytes(), new_be.swap_bytes())
+                };
+                p.l4_csum_replace(l4_off + TCP_CSUM_OFF, from as u32, to as u32, 2)?;
+                p.store(off + 2, &new_be)?;
+                return Some(true);
+            }
+            _ => {
+                if len < 2 {
+                    return Some(false);
+                }
+                off += len as usize;
+            }
+        }
+    }
+    Some(false)
+}

@@ -158,6 +158,8 @@ impl OverlayLab {
                 vni: VNI,
                 underlay_mac: nodes[me].underlay_mac,
                 enabled: 1,
+                // What the agent sets for a 1500-byte underlay.
+                tunnel_mss: 1410,
                 ..LocalNode::default()
             };
             let peer = Node {

@@ -34,6 +34,12 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// 30080/tcp and 30053/udp, written into every node's maps as each node's
 /// agent would (a backend here has its veth, one elsewhere none).
 fn publish(lab: &mut OverlayLab) {
+    publish_on(lab, &[0, 1]);
+}
+
+/// As [`publish`], with only the containers of the nodes in `members`
+/// (0-based) in the rings.
+fn publish_on(lab: &mut OverlayLab, members: &[usize]) {
     let containers: Vec<(Ipv4Addr, u32, [u8; 6])> = lab
         .nodes
         .iter()
@@ -58,6 +64,7 @@ fn publish(lab: &mut OverlayLab) {
         let members: Vec<(u32, Identity)> = containers
             .iter()
             .enumerate()
+            .filter(|(i, _)| members.contains(i))
             .map(|(i, (ip, _, _))| (base + i as u32, Identity { ip: *ip, port }))
             .collect();
         maglev::build_ids(&members)
@@ -215,4 +222,86 @@ fn published_ports_answer_on_every_node_with_the_client_address_kept() {
         assert!(c[Stat::IngressReply as usize] > 0 && c[Stat::IngressReturn as usize] > 0);
         assert_eq!(c[Stat::IngressNoRoute as usize], 0);
     }
+}
+
+/// A container whose MTU (1500) does not know about the tunnel serves a
+/// client outside the cluster through the other node: without clamping,
+/// each side would send segments of 1460 bytes that no longer fit once
+/// encapsulated. The ingress node clamps the client's SYN and the backend's
+/// node the backend's SYN-ACK to 1410, so 32 MiB cross intact each way.
+#[test]
+fn mss_clamping_lets_full_size_segments_through_the_tunnel() {
+    use std::io::Read;
+    const SIZE: usize = 32 << 20;
+    let mut lab = OverlayLab::new();
+    lab.nodes[1]
+        .container
+        .ip(&["link", "set", "eth0", "mtu", "1500"]);
+    // Only node 2's container serves: node 1 must tunnel every flow.
+    publish_on(&mut lab, &[1]);
+    let listener = lab.nodes[1]
+        .container
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", TCP_PORT)).expect("bind"));
+    // The server reads SIZE bytes, then sends SIZE bytes back.
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        while got < SIZE {
+            let k = s.read(&mut buf).expect("server read");
+            assert!(k > 0, "upload cut short at {got}");
+            assert!(buf[..k].iter().all(|b| *b == 0x5a), "upload intact");
+            got += k;
+        }
+        let chunk = vec![0xa5u8; 1 << 16];
+        for _ in 0..SIZE / chunk.len() {
+            s.write_all(&chunk).expect("server write");
+        }
+        got
+    });
+    let client = lab.outside_client(0);
+    let to = SocketAddr::from((lab.nodes[0].underlay_ip, PUBLISHED_TCP));
+    let start = Instant::now();
+    let down = client.run(|| {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let chunk = vec![0x5au8; 1 << 16];
+        for _ in 0..SIZE / chunk.len() {
+            s.write_all(&chunk).expect("upload");
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        while got < SIZE {
+            let k = s.read(&mut buf).expect("download");
+            assert!(k > 0, "download cut short at {got}");
+            assert!(buf[..k].iter().all(|b| *b == 0xa5), "download intact");
+            got += k;
+        }
+        got
+    });
+    let up = server.join().expect("server");
+    let secs = start.elapsed().as_secs_f64();
+    let clamped = |n: &NodeNs| counters(n)[Stat::MssClamped as usize];
+    println!(
+        "{} MiB up and {} MiB down through node 1's published port to node 2 in {secs:.1} s; \
+         SYNs clamped: node 1 {}, node 2 {}",
+        up >> 20,
+        down >> 20,
+        clamped(&lab.nodes[0]),
+        clamped(&lab.nodes[1])
+    );
+    assert_eq!((up, down), (SIZE, SIZE));
+    assert_eq!(
+        clamped(&lab.nodes[0]),
+        1,
+        "the client's SYN, at the ingress node"
+    );
+    assert_eq!(
+        clamped(&lab.nodes[1]),
+        1,
+        "the backend's SYN-ACK, at its node"
+    );
 }
