@@ -112,6 +112,9 @@ counters! {
     IngressReplyUntracked = 51, "ingress_reply_untracked", Path, "XDP: tunnelled traffic for an outside address without a routing-mesh flow: passed untouched.";
     IngressNoRoute = 52, "ingress_no_route", Drop, "A routing-mesh reply whose client has no route (FIB lookup failed).";
     MssClamped = 53, "mss_clamped", Path, "A routing-mesh TCP SYN through the tunnel: its MSS lowered so full-size segments fit.";
+    IngressTooBig = 54, "ingress_too_big", Path, "XDP: a routing-mesh packet for a remote backend too large for the tunnel, DF set: to be answered with ICMP fragmentation needed.";
+    IngressTooBigNoDf = 55, "ingress_too_big_no_df", Drop, "XDP: a routing-mesh packet for a remote backend too large for the tunnel without DF: it cannot be fragmented here.";
+    IcmpFragNeeded = 56, "icmp_frag_needed", Path, "Underlay TC: ICMP fragmentation needed sent to a routing-mesh client (with the tunnel's MTU).";
 }
 
 impl Stat {

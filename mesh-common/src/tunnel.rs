@@ -27,6 +27,10 @@ pub const DECAP_MARK: u32 = 0x4d53_4831;
 /// out of the tunnel and translated back to the published port: the
 /// underlay TC program sends it on to the client (FIB lookup).
 pub const REPLY_MARK: u32 = 0x4d53_4832;
+/// XDP metadata in front of a routing-mesh packet too large for the tunnel
+/// with DF set: the underlay TC program answers it with ICMP
+/// fragmentation needed.
+pub const TOO_BIG_MARK: u32 = 0x4d53_4833;
 
 /// Prefix length of a node's subnet.
 pub const NODE_PREFIX: u8 = 24;

@@ -47,3 +47,16 @@ pub fn ipv4_header(h: &crate::parse::Ipv4Hdr) -> u16 {
     // Summed in memory order, so the result is in network order already.
     !fold(sum)
 }
+
+/// The Internet checksum of `N` 16-bit words in memory order (the result is
+/// in network order, ready to store).
+#[inline(always)]
+pub fn words<const N: usize>(w: &[u16; N]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum += w[i] as u32;
+        i += 1;
+    }
+    !fold(sum)
+}

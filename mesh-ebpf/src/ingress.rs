@@ -22,26 +22,32 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams},
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    helpers::{bpf_fib_lookup, bpf_skb_change_tail, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use mesh_common::{
     ct::{CT_F_INGRESS, CT_F_RETURN, Tuple, tcp_flag},
     lb::{PublishedKey, published_hash},
     stats::Stat,
-    tunnel::{DECAP_MARK, LocalNode, REPLY_MARK},
+    tunnel::{DECAP_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK},
 };
 
 use crate::{
-    ct,
+    csum, ct,
     ctx::{AF_INET, Packet, Verdict, pass},
     lb,
     maps::{NODES, PEERS, PUBLISHED},
     nat::{self, End},
-    parse::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Hdr, Parsed, TcpHdr},
+    parse::{
+        ETH_HLEN, EthHdr, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN,
+        IcmpHdr, Ipv4Hdr, Parsed, TcpHdr,
+    },
     stats::bump,
     tunnel, underlay,
 };
+
+/// ICMP destination unreachable, code: fragmentation needed and DF set.
+const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// `BPF_FIB_LKUP_RET_*` codes that mean "no route": blackhole,
 /// unreachable, prohibit.
@@ -78,6 +84,20 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     let hash = published_hash(t.src_be, t.sport_be, t.dport_be, t.proto);
     let c = lb::balance(&t, service_id, hash, pk.tcp_flags, CT_F_INGRESS)?;
     let b = c.backend;
+    let remote = matches!(tunnel::route(l, b.ip_be)?, tunnel::Route::Remote(_));
+    if remote && l.tunnel_mss != 0 && pk.ip_len as u32 > l.tunnel_mss as u32 + TCP_IP_HLEN {
+        // It would not fit the tunnel. With DF the client learns the
+        // tunnel's MTU (ICMP, built by the TC program from the packet as
+        // it came); without DF it cannot be fragmented here.
+        let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok_or(Stat::XdpTruncated)?;
+        if u16::from_be(ip.frag_be) & IP_DF == 0 {
+            return Err(Stat::IngressTooBigNoDf);
+        }
+        if !underlay::mark(ctx, TOO_BIG_MARK) {
+            bump(Stat::XdpMetaFail);
+        }
+        return pass(Stat::IngressTooBig);
+    }
     nat::rewrite(
         ctx,
         pk.l4_off,
@@ -93,14 +113,96 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     if !underlay::mark(ctx, DECAP_MARK) {
         bump(Stat::XdpMetaFail);
     }
-    let path = match tunnel::route(l, b.ip_be)? {
-        tunnel::Route::Remote(_) => {
-            clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)?;
-            Stat::IngressRemote
-        }
-        tunnel::Route::Here => Stat::IngressLocal,
+    if remote {
+        clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)?;
+        return pass(Stat::IngressRemote);
+    }
+    pass(Stat::IngressLocal)
+}
+
+/// IPv4 and TCP headers without options: the MSS plus these is the
+/// largest IPv4 packet the tunnel carries.
+const TCP_IP_HLEN: u32 = 40;
+/// The IPv4 don't-fragment flag.
+const IP_DF: u16 = 0x4000;
+
+/// ICMP fragmentation needed as it leaves: Ethernet, IPv4, ICMP, and the
+/// offending packet's IPv4 header and first 8 bytes (RFC 792, RFC 1191).
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct FragNeeded {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    icmp: Quoted,
+}
+
+/// The part the ICMP checksum covers.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct Quoted {
+    icmp: IcmpHdr,
+    ip: Ipv4Hdr,
+    l4: [u8; 8],
+}
+const _: () = assert!(size_of::<Quoted>() == 36);
+
+/// TC on the underlay NIC: a packet XDP found too large for the tunnel
+/// (`TOO_BIG_MARK`, DF set) is turned into ICMP fragmentation needed with
+/// the tunnel's MTU, from this node's address to the client, back to the
+/// link-layer sender it came from.
+#[inline(always)]
+pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
+    let eth: EthHdr = Packet::load(ctx, 0).ok_or(Stat::TcMalformed)?;
+    let ip: Ipv4Hdr = Packet::load(ctx, ETH_HLEN).ok_or(Stat::TcMalformed)?;
+    // Options would be quoted too; a client's packet rarely has them.
+    if ip.header_len() != IPV4_MIN_HLEN {
+        return Err(Stat::IngressTooBigNoDf);
+    }
+    let l4: [u8; 8] = Packet::load(ctx, ETH_HLEN + IPV4_MIN_HLEN).ok_or(Stat::TcMalformed)?;
+    let mtu = l.tunnel_mss as u32 + TCP_IP_HLEN;
+    let mut quoted = Quoted {
+        icmp: IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            csum_be: 0,
+            // Unused (16 bits), then the next-hop MTU.
+            rest_be: (mtu & 0xffff).to_be(),
+        },
+        ip,
+        l4,
     };
-    pass(path)
+    // SAFETY: Quoted is packed, 36 bytes of plain integers.
+    let words: [u16; 18] = unsafe { core::mem::transmute(quoted) };
+    quoted.icmp.csum_be = csum::words(&words);
+    let mut hdr = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len_be: ((IPV4_MIN_HLEN + size_of::<Quoted>()) as u16).to_be(),
+        id_be: 0,
+        frag_be: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        csum_be: 0,
+        src_be: l.underlay_ip_be,
+        dst_be: ip.src_be,
+    };
+    hdr.csum_be = csum::ipv4_header(&hdr);
+    let reply = FragNeeded {
+        eth: EthHdr {
+            dst: eth.src,
+            src: l.underlay_mac,
+            proto_be: eth.proto_be,
+        },
+        ip: hdr,
+        icmp: quoted,
+    };
+    // SAFETY: the context's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<FragNeeded>() as u32, 0) } != 0 {
+        return Err(Stat::NatRewriteFail);
+    }
+    Packet::store(ctx, 0, &reply).ok_or(Stat::NatRewriteFail)?;
+    bump(Stat::IcmpFragNeeded);
+    Ok(Verdict::redirect(l.underlay_ifindex))
 }
 
 /// A TCP SYN (or SYN-ACK) of a routing-mesh flow about to cross the

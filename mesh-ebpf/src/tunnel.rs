@@ -6,7 +6,7 @@ use mesh_common::{
     stats::Stat,
     tunnel::{
         DECAP_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, REPLY_MARK, SPORT_BASE, SPORT_MASK,
-        VXLAN_FLAG_I, VXLAN_PORT,
+        TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_PORT,
     },
 };
 
@@ -133,6 +133,9 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let mark = xdp_mark(ctx);
     if mark == REPLY_MARK {
         return crate::ingress::forward_reply(ctx, &local);
+    }
+    if mark == TOO_BIG_MARK {
+        return crate::ingress::frag_needed(ctx, &local);
     }
     let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
         return pass(Stat::TunnelPass);

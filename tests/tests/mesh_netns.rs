@@ -305,3 +305,99 @@ fn mss_clamping_lets_full_size_segments_through_the_tunnel() {
         "the backend's SYN-ACK, at its node"
     );
 }
+
+/// A datagram that fits the client's path but not the tunnel (1472 bytes
+/// of UDP payload, 1500 bytes of IPv4) to a published port whose backend
+/// is on another node: with DF, the ingress node answers ICMP
+/// fragmentation needed with the tunnel's MTU (1450); the client's kernel
+/// learns it (the socket reports EMSGSIZE, IP_MTU is 1450), and a datagram
+/// that fits gets its answer. Without DF it is dropped and counted.
+#[test]
+fn a_datagram_too_large_for_the_tunnel_gets_icmp_fragmentation_needed() {
+    use std::os::fd::AsRawFd;
+    let mut lab = OverlayLab::new();
+    let _server = Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT);
+    publish_on(&mut lab, &[1]);
+    let client = lab.outside_client(0);
+    let to = SocketAddr::from((lab.nodes[0].underlay_ip, PUBLISHED_UDP));
+    let setopt = |s: &UdpSocket, opt: i32, v: i32| {
+        // SAFETY: a valid socket and an int option.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                opt,
+                (&v as *const i32).cast(),
+                size_of::<i32>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    };
+    let (first, mtu, small) = client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect(to).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        setopt(&s, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO);
+        let big = vec![b'x'; 1472];
+        s.send(&big)
+            .expect("a 1500-byte datagram fits the client's link");
+        let mut buf = [0u8; 64];
+        let first = s.recv(&mut buf).map(|_| ()).map_err(|e| e.raw_os_error());
+        let mut mtu: i32 = 0;
+        let mut len = size_of::<i32>() as u32;
+        // SAFETY: a valid socket and an int option.
+        unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                (&mut mtu as *mut i32).cast(),
+                &mut len,
+            )
+        };
+        let small = vec![b'y'; 1422];
+        let mut answer = None;
+        for _ in 0..3 {
+            let _ = s.send(&small);
+            if let Ok(n) = s.recv(&mut buf) {
+                answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                break;
+            }
+        }
+        (first, mtu, answer)
+    });
+    let c = counters(&lab.nodes[0]);
+    println!(
+        "1472-byte datagram with DF: recv {first:?} (EMSGSIZE = {}), path MTU now {mtu}; \
+         1422 bytes answered by {small:?}; node 1: ingress_too_big {}, icmp_frag_needed {}",
+        libc::EMSGSIZE,
+        c[Stat::IngressTooBig as usize],
+        c[Stat::IcmpFragNeeded as usize]
+    );
+    assert_eq!(first, Err(Some(libc::EMSGSIZE)), "the client hears of it");
+    assert_eq!(mtu, 1450, "and learns the tunnel's MTU");
+    assert_eq!(
+        small.as_deref(),
+        Some("c2"),
+        "a datagram that fits goes through"
+    );
+    assert_eq!(c[Stat::IngressTooBig as usize], 1);
+    assert_eq!(c[Stat::IcmpFragNeeded as usize], 1);
+
+    // Without DF: dropped, counted.
+    let other = lab.outside_client(1);
+    other.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect(to).expect("connect");
+        setopt(&s, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+        s.send(&[b'z'; 1472]).expect("send");
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let c = counters(&lab.nodes[0]);
+    assert_eq!(
+        c[Stat::IngressTooBigNoDf as usize],
+        1,
+        "dropped and counted"
+    );
+}
