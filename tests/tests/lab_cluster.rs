@@ -195,6 +195,42 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         }
     }
 
+    // 200 MB downloaded from outside through node 3 (no replica there:
+    // through the tunnel), arriving intact.
+    let start = Instant::now();
+    let (got, bad) = outside.run(|| {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
+        let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut w = s.try_clone().expect("clone");
+        let mut r = BufReader::new(s);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting).expect("greeting");
+        w.write_all(b"bytes 200000000\n").expect("ask");
+        let (mut got, mut bad) = (0usize, 0usize);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let k = r.read(&mut buf).expect("download");
+            if k == 0 {
+                break;
+            }
+            bad += buf[..k]
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| **b != ((got + i) % 251) as u8)
+                .count();
+            got += k;
+        }
+        (got, bad)
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "200 MB from outside through node 3's published port (no local replica) in {secs:.1} s ({:.0} MB/s), {bad} bytes wrong",
+        got as f64 / 1e6 / secs
+    );
+    assert_eq!((got, bad), (200_000_000, 0), "arrives whole and intact");
+
     // A replica calling its own service (hairpin when Maglev picks itself).
     for proto in ["tcp", "udp"] {
         let args = mesh_lab::whoami::ask_args("w1", proto, &target, 60, 0, 2000);
@@ -313,8 +349,20 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     }
     whoami(&agents[2], 3);
 
-    // Node 2 is cut off during a loop of requests.
+    // Node 2 is cut off during a loop of requests: to the VIP from node 3,
+    // and from outside the cluster to node 3's published port (node 3 has
+    // no replica: every flow crosses the tunnel).
     let client_loop = e3.ask_in_background("tcp", &target, 1500, 5, 1000);
+    let mesh_to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
+    let mesh_loop = outside.spawn(move || {
+        let (mut ok, mut total) = (0usize, 0usize);
+        for _ in 0..1500 {
+            total += 1;
+            ok += ask_peer_tcp(mesh_to).is_ok() as usize;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, total)
+    });
     std::thread::sleep(Duration::from_secs(2));
     let cut = Instant::now();
     underlay.set_link(2, false);
@@ -342,6 +390,16 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     assert!(ok * 100 >= total * 99, "at least 99% during the cut");
     let (names, errors) = e3.ask("tcp", &target, 100, 0);
     assert_eq!(errors.len(), 0, "100% after the cut: {names:?}");
+    let (ok, total) = mesh_loop.join().expect("published-port loop");
+    println!(
+        "node 2 cut off: through node 3's published port {ok}/{total} requests succeeded ({:.2}%)",
+        ok as f64 * 100.0 / total as f64
+    );
+    assert!(ok * 100 >= total * 99, "published port: at least 99% during the cut");
+    let after: Vec<Result<(String, String), String>> =
+        outside.run(|| (0..100).map(|_| ask_peer_tcp(mesh_to)).collect());
+    let failed: Vec<&String> = after.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "published port: 100% after the cut: {failed:?}");
 
     // Node 2 comes back: re-added everywhere.
     underlay.set_link(2, true);

@@ -3,7 +3,8 @@
 //! ```text
 //! whoami serve [--tcp PORT]... [--udp PORT]... [--http PORT]... [--name NAME] [--term-delay-ms MS]
 //!     TCP: writes "<name>\n" on accept, then answers each line read with "<name>\n"
-//!     (the line "peer": "<name> <client address:port as seen here>\n").
+//!     (the line "peer": "<name> <client address:port as seen here>\n"; the line
+//!     "bytes N": N bytes, byte i being i % 251, then it closes; N <= 1 GiB).
 //!     UDP: answers each datagram with "<name>" ("peer": "<name> <client>").
 //!     HTTP: `GET /` (any path) answers 200 with "<name> <client>\n" (curl, wget).
 //!     Name: --name, else /etc/hostname.
@@ -160,12 +161,31 @@ fn tcp_conn(conn: TcpStream, name: &str) {
     for line in BufReader::new(conn.take(1 << 20)).lines() {
         let answer = match line {
             Ok(l) if l.trim() == "peer" => format!("{name} {peer}"),
+            Ok(l) if l.starts_with("bytes ") => {
+                if let Ok(n) = l["bytes ".len()..].trim().parse::<usize>() {
+                    send_pattern(&mut w, n.min(1 << 30));
+                }
+                return;
+            }
             Ok(_) => name.to_owned(),
             Err(_) => return,
         };
         if writeln!(w, "{answer}").is_err() {
             return;
         }
+    }
+}
+
+/// Writes `n` bytes, byte i being `i % 251`.
+fn send_pattern(w: &mut TcpStream, n: usize) {
+    let block: Vec<u8> = (0..251 * 256).map(|i| (i % 251) as u8).collect();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(block.len());
+        if w.write_all(&block[..k]).is_err() {
+            return;
+        }
+        left -= k;
     }
 }
 
