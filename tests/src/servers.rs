@@ -71,7 +71,7 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
                         Ok(w) => w,
                         Err(_) => return,
                     };
-                    if writeln!(w, "{name}").is_err() {
+                    if w.write_all(format!("{name}\n").as_bytes()).is_err() {
                         return;
                     }
                     for line in BufReader::new(conn).lines() {
@@ -80,7 +80,7 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
                             Ok(_) => name.clone(),
                             Err(_) => return,
                         };
-                        if writeln!(w, "{answer}").is_err() {
+                        if w.write_all(format!("{answer}\n").as_bytes()).is_err() {
                             return;
                         }
                     }

@@ -182,7 +182,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
                 }
             }
             println!(
-                "{proto}: 300 requests from outside to node {n}'s published port in {:.1} s: {names:?}, {} failed",
+                "{proto}: 300 requests from outside to node {n}'s published port (600 with the other protocol in {:.1} s): {names:?}, {} failed",
                 start.elapsed().as_secs_f64(),
                 errors.len()
             );
@@ -202,7 +202,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         use std::io::{BufRead, BufReader, Read, Write};
         let to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
         let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut w = s.try_clone().expect("clone");
         let mut r = BufReader::new(s);
         let mut greeting = String::new();
@@ -395,11 +396,17 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "node 2 cut off: through node 3's published port {ok}/{total} requests succeeded ({:.2}%)",
         ok as f64 * 100.0 / total as f64
     );
-    assert!(ok * 100 >= total * 99, "published port: at least 99% during the cut");
+    assert!(
+        ok * 100 >= total * 99,
+        "published port: at least 99% during the cut"
+    );
     let after: Vec<Result<(String, String), String>> =
         outside.run(|| (0..100).map(|_| ask_peer_tcp(mesh_to)).collect());
     let failed: Vec<&String> = after.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failed.is_empty(), "published port: 100% after the cut: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "published port: 100% after the cut: {failed:?}"
+    );
 
     // Node 2 comes back: re-added everywhere.
     underlay.set_link(2, true);

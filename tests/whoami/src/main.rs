@@ -155,7 +155,8 @@ fn tcp_conn(conn: TcpStream, name: &str) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let Ok(mut w) = conn.try_clone() else { return };
-    if writeln!(w, "{name}").is_err() {
+    // One write per line: two small writes meet Nagle and delayed ACKs (40 ms).
+    if w.write_all(format!("{name}\n").as_bytes()).is_err() {
         return;
     }
     for line in BufReader::new(conn.take(1 << 20)).lines() {
@@ -170,7 +171,7 @@ fn tcp_conn(conn: TcpStream, name: &str) {
             Ok(_) => name.to_owned(),
             Err(_) => return,
         };
-        if writeln!(w, "{answer}").is_err() {
+        if w.write_all(format!("{answer}\n").as_bytes()).is_err() {
             return;
         }
     }
