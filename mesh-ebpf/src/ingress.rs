@@ -63,6 +63,25 @@ fn outside(l: &LocalNode, ip_be: u32) -> bool {
     ip_be & l.cluster_mask_be != l.cluster_be
 }
 
+/// A container's packet to a node's underlay address (this one or a peer's)
+/// on a published port: the service that answers it. Balanced at the
+/// container's veth like a VIP, replies restored to the node's address.
+#[inline(always)]
+pub fn published_at_node(t: &Tuple) -> Option<u32> {
+    let l = tunnel::local()?;
+    // SAFETY: plain data written by the agent.
+    if t.dst_be != l.underlay_ip_be && unsafe { PEERS.get(&t.dst_be) }.is_none() {
+        return None;
+    }
+    let key = PublishedKey {
+        port_be: t.dport_be,
+        proto: t.proto,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    unsafe { PUBLISHED.get(&key) }.map(|p| p.service_id)
+}
+
 /// XDP: a TCP/UDP packet to this node's underlay address. `None`: not a
 /// published port (the caller goes on).
 #[inline(always)]

@@ -99,7 +99,13 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         return hairpin_reply(ctx, &pk);
     }
     // SAFETY: map values are plain data; the agent replaces them atomically.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let service = match unsafe { SERVICES.get(&key) } {
+        Some(svc) => Some(svc.id),
+        // A node's address and a published port: balanced here, as a VIP
+        // (the routing mesh from inside the cluster).
+        None => crate::ingress::published_at_node(&t),
+    };
+    let Some(service_id) = service else {
         // A backend's reply to a client of the routing mesh.
         if let Some(r) = crate::ingress::reply_out(ctx, &pk) {
             return r;
@@ -120,7 +126,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         backend,
         hairpin,
         new_flow,
-    } = lb::balance(&t, svc.id, t.hash(), pk.tcp_flags, 0)?;
+    } = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
 
     nat::rewrite(
         ctx,
@@ -146,7 +152,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         .ok_or(Stat::NatRewriteFail)?;
         bump(Stat::LbHairpin);
     }
-    lb::count_service(svc.id, ctx.len() as u32, new_flow);
+    lb::count_service(service_id, ctx.len() as u32, new_flow);
     remember_fragments(&pk, backend.ip_be, backend_id);
 
     if backend.ifindex == 0 {

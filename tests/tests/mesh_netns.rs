@@ -209,6 +209,48 @@ fn published_ports_answer_on_every_node_with_the_client_address_kept() {
             }
         }
     }
+    // From a container on the mesh: a node's address and published port
+    // (its own node's and the other's) is balanced at the container's veth
+    // like a VIP, answered from the address it called, the container's
+    // own address kept.
+    let c1 = lab.nodes[0].container_ip();
+    for node in &lab.nodes {
+        let addr = node.underlay_ip;
+        let answers = lab.nodes[0].container.run(|| {
+            (0..60)
+                .map(|i| {
+                    let (name, peer, local) = tcp_ask(SocketAddr::from((addr, PUBLISHED_TCP)))
+                        .unwrap_or_else(|e| panic!("container TCP {i} to {addr}: {e}"));
+                    // c1 reaching itself is a hairpin: it sees the
+                    // hairpin address, as with a VIP.
+                    let want = if name == "c1" {
+                        SocketAddr::from((
+                            Ipv4Addr::from(mesh_common::ct::HAIRPIN_IP),
+                            local.port(),
+                        ))
+                    } else {
+                        local
+                    };
+                    assert_eq!(peer, want.to_string(), "the backend sees the container");
+                    let (uname, _) = udp_ask(SocketAddr::from((addr, PUBLISHED_UDP)), b"who")
+                        .unwrap_or_else(|e| panic!("container UDP {i} to {addr}: {e}"));
+                    (name, uname)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut tally = BTreeMap::<String, usize>::new();
+        for (a, b) in &answers {
+            *tally.entry(format!("tcp {a}")).or_default() += 1;
+            *tally.entry(format!("udp {b}")).or_default() += 1;
+        }
+        println!("from container {c1} to {addr}: {tally:?}");
+        assert_eq!(
+            tally.len(),
+            4,
+            "both backends over both protocols: {tally:?}"
+        );
+    }
+
     let (one, two) = (counters(&lab.nodes[0]), counters(&lab.nodes[1]));
     for (name, c) in [("node 1", &one), ("node 2", &two)] {
         println!(
