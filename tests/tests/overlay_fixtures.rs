@@ -1,10 +1,20 @@
 //! Packet tests of the overlay (needs root).
 
-use mesh_tests::{fixtures::overlay, harness::Harness};
+use mesh_tests::{
+    fixtures::{ingress, overlay},
+    harness::Harness,
+};
 
 #[test]
 fn encapsulation_and_decapsulation_fixtures() {
     let mut h = Harness::new();
     overlay::install(&mut h);
     h.check(&overlay::fixtures());
+}
+
+#[test]
+fn routing_mesh_fixtures() {
+    let mut h = Harness::new();
+    ingress::install(&mut h);
+    h.check(&ingress::fixtures());
 }
