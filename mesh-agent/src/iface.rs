@@ -41,31 +41,50 @@ pub fn index(name: &str) -> Result<u32, IfaceError> {
 
 /// The first IPv4 address of interface `name`.
 pub fn ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    ipv4_addrs()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, a)| a)
+}
+
+/// Every IPv4 address of this network namespace.
+pub fn local_addrs() -> Vec<std::net::IpAddr> {
+    ipv4_addrs().into_iter().map(|(_, a)| a.into()).collect()
+}
+
+/// (interface, IPv4 address) for every address of this network namespace.
+fn ipv4_addrs() -> Vec<(String, std::net::Ipv4Addr)> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut out = Vec::new();
     let mut cur = ifap;
     while !cur.is_null() {
         // SAFETY: cur walks the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         let addr = ifa.ifa_addr;
-        // SAFETY: ifa_name is a NUL-terminated string; addr checked for null
-        // and family before the cast.
-        let this = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy() == name;
-        if this && !addr.is_null() && unsafe { (*addr).sa_family } as i32 == libc::AF_INET {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(addr as *const libc::sockaddr_in) };
-            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
+        // SAFETY: addr checked for null before reading its family.
+        if !addr.is_null() && unsafe { (*addr).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: ifa_name is a NUL-terminated string; AF_INET
+            // addresses are sockaddr_in.
+            let (name, sin) = unsafe {
+                (
+                    std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy(),
+                    &*(addr as *const libc::sockaddr_in),
+                )
+            };
+            out.push((
+                name.into_owned(),
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            ));
         }
         cur = ifa.ifa_next;
     }
     // SAFETY: the list from getifaddrs, freed once.
     unsafe { libc::freeifaddrs(ifap) };
-    found
+    out
 }
 
 /// Runs an interface ioctl (`SIOCGIF*`) for `name` on a throwaway socket;

@@ -139,6 +139,12 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
                 "mesh_dns_queries_total{{type=\"{qtype}\",result=\"{result}\"}} {n}"
             );
         }
+        out.push_str("# HELP mesh_dns_tcp_refused_total DNS TCP clients closed at accept: the connection limit was reached.\n# TYPE mesh_dns_tcp_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "mesh_dns_tcp_refused_total {}",
+            dns.tcp_refused.load(std::sync::atomic::Ordering::Relaxed)
+        );
         out.push_str("# HELP mesh_dns_malformed_total DNS packets dropped as malformed.\n# TYPE mesh_dns_malformed_total counter\n");
         let _ = writeln!(
             out,

@@ -34,15 +34,40 @@ impl DnsLab {
     /// The server on 127.0.0.1:53 and the upstream on 127.0.0.2:53, in a new
     /// namespace; `zone` as the agent would publish it.
     pub fn start(zone: Zone) -> Self {
+        Self::start_with(zone, &["127.0.0.2:53"])
+    }
+
+    /// As [`DnsLab::start`], forwarding to `upstreams` (the fake upstream
+    /// still answers on 127.0.0.2:53; 198.51.100.2 is a dead one: packets
+    /// to it vanish into a veth whose other end has no address).
+    pub fn start_with(zone: Zone, upstreams: &[&str]) -> Self {
         let ns = Netns::new(&unique("mdns"));
         ns.ip(&["addr", "add", "127.0.0.2/8", "dev", "lo"]);
+        ns.ip(&["link", "add", "dead0", "type", "veth", "peer", "dead1"]);
+        ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "dead0"]);
+        ns.ip(&["link", "set", "dead0", "up"]);
+        ns.ip(&["link", "set", "dead1", "up"]);
+        ns.ip(&[
+            "neigh",
+            "add",
+            "198.51.100.2",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "dead0",
+            "nud",
+            "permanent",
+        ]);
         let zone = Arc::new(RwLock::new(zone));
         let stats = Arc::new(DnsStats::default());
         let cfg = DnsConfig {
             domain: "mesh".into(),
             vip_ttl: 60,
             tasks_ttl: 5,
-            upstreams: vec!["127.0.0.2:53".parse().expect("addr")],
+            upstreams: upstreams
+                .iter()
+                .map(|u| u.parse().expect("upstream address"))
+                .collect(),
         };
         let handler = Arc::new(Handler::new(zone.clone(), cfg, stats.clone()));
         let (tx, rx) = std::sync::mpsc::channel();

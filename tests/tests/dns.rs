@@ -192,3 +192,109 @@ fn malformed_queries_are_dropped_counted_and_harm_nothing() {
         "still serving over TCP"
     );
 }
+
+/// Open file descriptors of this process (the server runs in it).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// The server's own address among its upstreams (the lab's loop: the
+/// engine's DNS, the agent's address and its resolv.conf name the same
+/// address) is never asked: an external name gets SERVFAIL at once, not a
+/// loop that eats every file descriptor.
+#[test]
+fn the_server_never_forwards_to_itself() {
+    let lab = DnsLab::start_with(mesh_agent::dns::Zone::new(), &["127.0.0.1:53"]);
+    let before = open_fds();
+    let start = std::time::Instant::now();
+    let out = lab.dig(&["example.org", "A"]);
+    let took = start.elapsed();
+    println!(
+        "external name with itself as the only upstream: {:?} in {took:?}",
+        status_line(&out)
+    );
+    assert!(status_line(&out).contains("SERVFAIL"), "{out:?}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "at once, no loop: {took:?}"
+    );
+    assert!(open_fds() <= before + 4, "no descriptors piling up");
+}
+
+/// A flood of queries for external names with a dead upstream: at most
+/// MAX_FORWARDS wait on it (the rest get SERVFAIL at once, counted), so
+/// descriptors stay bounded, and mesh names keep answering fast meanwhile.
+#[test]
+fn a_flood_with_a_dead_upstream_costs_a_bounded_amount() {
+    use std::{
+        net::UdpSocket,
+        time::{Duration, Instant},
+    };
+    let lab = DnsLab::start_with(
+        zone_of("whoami", "10.43.0.10".parse().expect("ip"), 3, &[]),
+        &["198.51.100.2:53"],
+    );
+    let base = open_fds();
+    let server: std::net::SocketAddr = SERVER.parse().expect("addr");
+    let flood = |n: u16, sock: &UdpSocket| {
+        for i in 0..n {
+            let mut q = hickory_proto::op::Message::query();
+            q.metadata.id = i;
+            q.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii(format!("n{i}.flood.example.")).expect("name"),
+                hickory_proto::rr::RecordType::A,
+            ));
+            let _ = sock.send_to(&q.to_vec().expect("encode"), server);
+        }
+    };
+    let (peak, latencies) = lab.ns.run(|| {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        flood(3000, &sock);
+        // Mesh names during the flood, and the descriptors held.
+        let mut peak = 0;
+        let mut lat = Vec::new();
+        let probe = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        probe
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        for i in 0..50u16 {
+            peak = peak.max(open_fds());
+            let mut q = hickory_proto::op::Message::query();
+            q.metadata.id = 60_000 + i;
+            q.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii("whoami.mesh.").expect("name"),
+                hickory_proto::rr::RecordType::A,
+            ));
+            let t = Instant::now();
+            probe
+                .send_to(&q.to_vec().expect("encode"), server)
+                .expect("send");
+            let mut buf = [0u8; 512];
+            let got = probe.recv_from(&mut buf).is_ok();
+            lat.push((got, t.elapsed()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (peak, lat)
+    });
+    let answered = latencies.iter().filter(|(ok, _)| *ok).count();
+    let mut times: Vec<Duration> = latencies.iter().map(|(_, t)| *t).collect();
+    times.sort();
+    let p99 = times[(times.len() - 1) * 99 / 100];
+    let queries = lab.stats.queries.lock().expect("stats").clone();
+    let overload: u64 = queries
+        .iter()
+        .filter(|((_, r), _)| *r == "overload")
+        .map(|(_, n)| n)
+        .sum();
+    println!(
+        "3,000 external names with a dead upstream: {overload} refused at once (overload), \
+         descriptors {base} -> peak {peak}; mesh names during the flood: {answered}/50, p99 {p99:?}"
+    );
+    assert!(overload > 0, "the limit was reached: {queries:?}");
+    assert!(
+        peak <= base + mesh_agent::dns::MAX_FORWARDS + 16,
+        "descriptors bounded: {base} -> {peak}"
+    );
+    assert_eq!(answered, 50, "mesh names answer during the flood");
+    assert!(p99 < Duration::from_millis(50), "and fast: p99 {p99:?}");
+}

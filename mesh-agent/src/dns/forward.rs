@@ -9,6 +9,9 @@ use tokio::{
 };
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest UDP answer taken from an upstream (EDNS sizes in use are
+/// 1232 to 4096); a larger one fails and the client retries over TCP.
+const UDP_ANSWER_MAX: usize = 4096;
 
 pub(super) async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> Result<Message, String> {
     let bind: SocketAddr = if upstream.is_ipv4() {
@@ -19,7 +22,7 @@ pub(super) async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> Result<Me
     let sock = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
     sock.connect(upstream).await.map_err(|e| e.to_string())?;
     sock.send(query).await.map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 65535];
+    let mut buf = vec![0u8; UDP_ANSWER_MAX];
     let n = tokio::time::timeout(UPSTREAM_TIMEOUT, sock.recv(&mut buf))
         .await
         .map_err(|_| "timeout".to_string())?

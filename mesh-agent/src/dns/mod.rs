@@ -61,19 +61,63 @@ pub struct DnsConfig {
 /// Query counters, for /metrics.
 #[derive(Default)]
 pub struct DnsStats {
-    /// (query type, result) -> count.
-    pub queries: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// (query type, result) -> count; the type is one of a fixed set.
+    pub queries: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub malformed: AtomicU64,
+    /// TCP clients closed at accept because [`MAX_TCP_CLIENTS`] were served.
+    pub tcp_refused: AtomicU64,
 }
 
 impl DnsStats {
     pub(super) fn count(&self, qtype: RecordType, result: &'static str) {
         let mut q = self.queries.lock().unwrap_or_else(|p| p.into_inner());
-        *q.entry((qtype.to_string(), result)).or_default() += 1;
+        *q.entry((qtype_label(qtype), result)).or_default() += 1;
     }
 }
 
-/// What a query name means.
+/// Forwarded queries in flight at most: beyond, a query gets SERVFAIL at
+/// once (counted as `overload`), so a slow or dead upstream under load
+/// costs a fixed amount of sockets and memory.
+pub const MAX_FORWARDS: usize = 256;
+/// TCP clients served at once; more are closed at accept.
+pub const MAX_TCP_CLIENTS: usize = 128;
+
+/// The upstreams that are not this server itself (`listen`; when it
+/// listens on every address, any of `local` on its port): forwarding to
+/// ourselves loops until every file descriptor is used (seen in the lab,
+/// where the engine's DNS, the agent's listen address and the agent's
+/// resolv.conf name the same address). Returns (kept, dropped).
+pub fn without_self(
+    upstreams: &[SocketAddr],
+    listen: SocketAddr,
+    local: &[std::net::IpAddr],
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    upstreams.iter().partition(|u| {
+        let same_port = u.port() == listen.port();
+        let is_self =
+            **u == listen || (same_port && listen.ip().is_unspecified() && local.contains(&u.ip()));
+        !is_self
+    })
+}
+
+/// The query types /metrics names; others count as "other", so the label
+/// has a bounded number of values.
+pub(super) fn qtype_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::SRV => "SRV",
+        RecordType::PTR => "PTR",
+        RecordType::SOA => "SOA",
+        RecordType::NS => "NS",
+        RecordType::TXT => "TXT",
+        RecordType::MX => "MX",
+        RecordType::CNAME => "CNAME",
+        RecordType::ANY => "ANY",
+        _ => "other",
+    }
+}
+
 /// The nameservers in a resolv.conf, on port 53; `skip` (our own address)
 /// left out.
 pub fn upstreams_from_resolv_conf(text: &str, skip: std::net::IpAddr) -> Vec<SocketAddr> {
@@ -120,6 +164,25 @@ mod tests {
         assert_eq!(classify("mesh.", d), Target::Unknown);
         assert_eq!(classify("example.com.", d), Target::Forward);
         assert_eq!(classify("tasks.example.com.", d), Target::Forward);
+    }
+
+    #[test]
+    fn the_server_itself_is_never_an_upstream() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let ups = [
+            a("192.168.100.1:53"),
+            a("10.0.0.2:53"),
+            a("192.168.100.1:5353"),
+        ];
+        let (kept, dropped) = without_self(&ups, a("192.168.100.1:53"), &[]);
+        assert_eq!(kept, [a("10.0.0.2:53"), a("192.168.100.1:5353")]);
+        assert_eq!(dropped, [a("192.168.100.1:53")]);
+        // Listening on every address: any local address on our port.
+        let local = ["192.168.100.1".parse().expect("ip")];
+        let (kept, _) = without_self(&ups, a("0.0.0.0:53"), &local);
+        assert_eq!(kept, [a("10.0.0.2:53"), a("192.168.100.1:5353")]);
+        assert_eq!(qtype_label(RecordType::A), "A");
+        assert_eq!(qtype_label(RecordType::Unknown(65000)), "other");
     }
 
     #[test]

@@ -91,8 +91,14 @@ impl ResponseHandler for TcpResponder {
     ) -> Result<ResponseInfo, NetError> {
         let (info, bytes) = encode(response, u16::MAX)?;
         let mut out = self.out.lock().await;
-        out.write_all(&(bytes.len() as u16).to_be_bytes()).await?;
-        out.write_all(&bytes).await?;
+        // A client that does not read cannot hold the task forever.
+        let write = async {
+            out.write_all(&(bytes.len() as u16).to_be_bytes()).await?;
+            out.write_all(&bytes).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .map_err(|_| NetError::from("write timeout".to_string()))??;
         Ok(info)
     }
 }
@@ -108,18 +114,43 @@ fn parse(raw: Vec<u8>, src: SocketAddr, protocol: Protocol, stats: &DnsStats) ->
     }
 }
 
-/// Serves DNS on `addr` over UDP and TCP until the process ends.
+/// Serves DNS on `addr` over UDP and TCP until the process ends. Never
+/// forwards to `addr` itself.
 pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<()> {
+    let local = if addr.ip().is_unspecified() {
+        crate::iface::local_addrs()
+    } else {
+        Vec::new()
+    };
+    for u in handler.exclude_self(addr, &local) {
+        warn!(upstream = %u, "not forwarding to this DNS server itself");
+    }
     let udp = Arc::new(UdpSocket::bind(addr).await?);
     let tcp = TcpListener::bind(addr).await?;
     let h = handler.clone();
+    let clients = Arc::new(tokio::sync::Semaphore::new(super::MAX_TCP_CLIENTS));
     tokio::spawn(async move {
         loop {
-            let Ok((conn, src)) = tcp.accept().await else {
+            let (conn, src) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) and the like: back off
+                    // instead of spinning on accept.
+                    warn!(error = %e, "DNS TCP accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // At the limit, the new client is closed at once.
+            let Ok(permit) = clients.clone().try_acquire_owned() else {
+                h.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             let h = h.clone();
-            tokio::spawn(async move { serve_tcp_conn(conn, src, h).await });
+            tokio::spawn(async move {
+                serve_tcp_conn(conn, src, h).await;
+                drop(permit);
+            });
         }
     });
     let mut buf = vec![0u8; 65535];

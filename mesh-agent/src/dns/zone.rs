@@ -66,11 +66,34 @@ pub struct Handler {
     zone: Arc<RwLock<Zone>>,
     cfg: DnsConfig,
     pub stats: Arc<DnsStats>,
+    /// The upstreams once the server knows its own address (never itself).
+    upstreams: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
+    /// Forwarded queries in flight ([`super::MAX_FORWARDS`]).
+    forwarding: tokio::sync::Semaphore,
 }
 
 impl Handler {
     pub fn new(zone: Arc<RwLock<Zone>>, cfg: DnsConfig, stats: Arc<DnsStats>) -> Self {
-        Handler { zone, cfg, stats }
+        Handler {
+            zone,
+            cfg,
+            stats,
+            upstreams: std::sync::OnceLock::new(),
+            forwarding: tokio::sync::Semaphore::new(super::MAX_FORWARDS),
+        }
+    }
+
+    /// Leaves the server's own address (`listen`; any `local` address on
+    /// its port when it listens on all) out of the upstreams; what it left
+    /// out.
+    pub fn exclude_self(
+        &self,
+        listen: std::net::SocketAddr,
+        local: &[std::net::IpAddr],
+    ) -> Vec<std::net::SocketAddr> {
+        let (kept, dropped) = super::without_self(&self.cfg.upstreams, listen, local);
+        let _ = self.upstreams.set(kept);
+        dropped
     }
 
     fn fqdn(&self, service: &str) -> Name {
@@ -212,7 +235,19 @@ impl Handler {
         qtype: RecordType,
     ) -> ResponseInfo {
         let builder = MessageResponseBuilder::from_message_request(request);
-        for upstream in &self.cfg.upstreams {
+        // Bounded: past the limit, SERVFAIL at once rather than one more
+        // socket and buffer waiting on an upstream.
+        let Ok(_permit) = self.forwarding.try_acquire() else {
+            self.stats.count(qtype, "overload");
+            return send(
+                &mut responder,
+                builder.error_msg(&request.metadata, ResponseCode::ServFail),
+                request,
+            )
+            .await;
+        };
+        let upstreams = self.upstreams.get().unwrap_or(&self.cfg.upstreams);
+        for upstream in upstreams {
             let answer = match forward_udp(*upstream, request.as_slice()).await {
                 Ok(m) if m.metadata.truncation && request.protocol() == Protocol::Tcp => {
                     forward_tcp(*upstream, request.as_slice()).await
