@@ -57,6 +57,36 @@ fn names_tasks_srv_and_forwarding() {
         );
     }
 
+    // The protocol: an OPT answered with an OPT, EDNS version 1 with
+    // BADVERS, another opcode with NOTIMP; the apex has SOA and NS; VIPs
+    // and tasks have PTRs (forward-confirmed: they resolve back).
+    let edns = lab.dig(&["+edns=0", "whoami"]);
+    assert!(
+        edns.iter().any(|l| l.contains("OPT PSEUDOSECTION")),
+        "{edns:?}"
+    );
+    let plain = lab.dig(&["+noedns", "whoami"]);
+    assert!(
+        !plain.iter().any(|l| l.contains("OPT PSEUDOSECTION")),
+        "{plain:?}"
+    );
+    let badvers = lab.dig(&["+edns=1", "+noednsnegotiation", "whoami"]);
+    assert!(status_line(&badvers).contains("BADVERS"), "{badvers:?}");
+    let status = lab.dig(&["+opcode=status", "whoami"]);
+    assert!(status_line(&status).contains("NOTIMP"), "{status:?}");
+    let soa = lab.dig(&["+short", "-t", "SOA", "mesh"]);
+    assert!(
+        soa.first()
+            .is_some_and(|l| l.starts_with("ns.mesh. hostmaster.mesh.")),
+        "{soa:?}"
+    );
+    assert_eq!(lab.dig(&["+short", "-t", "NS", "mesh"]), ["ns.mesh."]);
+    assert_eq!(lab.dig(&["+short", "-x", "10.43.0.10"]), ["whoami.mesh."]);
+    assert_eq!(
+        lab.dig(&["+short", "-x", "10.42.0.11"]),
+        ["tasks.whoami.mesh."]
+    );
+
     // Other names go to the upstream resolver.
     assert_eq!(
         lab.dig(&["+short", "upstream.example"]),

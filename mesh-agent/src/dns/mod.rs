@@ -9,8 +9,13 @@
 //! | `tasks.NAME`, `tasks.NAME.<domain>` A | every live backend (TTL `--dns-tasks-ttl`, 5 s) |
 //! | `_NAME._tcp`, `_NAME._udp` (+ `.<domain>`) SRV | one record per VIP port: `0 0 PORT NAME.<domain>.` (RFC 2782 `_Service._Proto.Name`) |
 //! | a known name, another type (AAAA...) | NOERROR, no answer |
+//! | `<domain>` SOA, NS | the zone's SOA, `ns.<domain>.` |
+//! | `D.C.B.A.in-addr.arpa` PTR, A.B.C.D a VIP / a task | `NAME.<domain>.` / `tasks.NAME.<domain>.` |
 //! | unknown single labels, `tasks.X`, anything under `<domain>` | NXDOMAIN |
 //! | everything else | forwarded upstream (UDP; TCP when the answer is truncated) |
+//!
+//! A query with EDNS gets an OPT back (RFC 6891), EDNS version 1 or more
+//! BADVERS; opcodes other than QUERY get NOTIMP.
 //!
 //! The zone is replaced by the reconciler after every pass; queries read
 //! the current one. Malformed packets are dropped and counted; answers too
@@ -161,7 +166,12 @@ mod tests {
             Target::Srv("dns".into(), Proto::Udp)
         );
         assert_eq!(classify("a.b.mesh.", d), Target::Unknown);
-        assert_eq!(classify("mesh.", d), Target::Unknown);
+        assert_eq!(classify("mesh.", d), Target::Apex);
+        assert_eq!(
+            classify("10.0.43.10.in-addr.arpa.", d),
+            Target::Reverse(Ipv4Addr::new(10, 43, 0, 10))
+        );
+        assert_eq!(classify("0.43.10.in-addr.arpa.", d), Target::Forward);
         assert_eq!(classify("example.com.", d), Target::Forward);
         assert_eq!(classify("tasks.example.com.", d), Target::Forward);
     }

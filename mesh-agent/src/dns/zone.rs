@@ -6,10 +6,10 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Metadata, ResponseCode},
+    op::{Edns, Metadata, OpCode, ResponseCode},
     rr::{
         Name, RData, Record, RecordType,
-        rdata::{A, SOA, SRV},
+        rdata::{A, NS, PTR, SOA, SRV},
     },
 };
 use hickory_server::{
@@ -31,6 +31,11 @@ pub(super) enum Target {
     Service(String),
     Tasks(String),
     Srv(String, Proto),
+    /// The zone's apex (`mesh.`): SOA and NS.
+    Apex,
+    /// A reverse name (`D.C.B.A.in-addr.arpa.`): ours if A.B.C.D is a VIP
+    /// or a task, else forwarded.
+    Reverse(Ipv4Addr),
     /// In the mesh namespace, but not a name we know how to answer.
     Unknown,
     /// Not ours: forward.
@@ -40,9 +45,12 @@ pub(super) enum Target {
 /// Classifies a lower-case name with or without its trailing dot.
 pub(super) fn classify(name: &str, domain: &str) -> Target {
     let name = name.trim_end_matches('.');
+    if let Some(ip) = reverse_v4(name) {
+        return Target::Reverse(ip);
+    }
     let (local, in_domain) = match name.strip_suffix(domain).and_then(|n| n.strip_suffix('.')) {
         Some(local) => (local, true),
-        None if name == domain => return Target::Unknown,
+        None if name == domain => return Target::Apex,
         None => (name, false),
     };
     let labels: Vec<&str> = local.split('.').collect();
@@ -61,6 +69,33 @@ pub(super) fn classify(name: &str, domain: &str) -> Target {
         _ => Target::Forward,
     }
 }
+
+/// The address of `D.C.B.A.in-addr.arpa` (lower case, no trailing dot).
+fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
+    let octets: Vec<u8> = name
+        .strip_suffix(".in-addr.arpa")?
+        .split('.')
+        .map(|o| o.parse().ok())
+        .collect::<Option<_>>()?;
+    match octets.as_slice() {
+        [d, c, b, a] => Some(Ipv4Addr::new(*a, *b, *c, *d)),
+        _ => None,
+    }
+}
+
+/// The EDNS a response carries when the query had one (RFC 6891: an OPT
+/// in the query means an OPT in the response).
+fn response_edns(request: &Request) -> Option<Edns> {
+    request.edns.as_ref().map(|_| {
+        let mut e = Edns::new();
+        e.set_max_payload(RESPONSE_PAYLOAD);
+        e.set_version(0);
+        e
+    })
+}
+
+/// The UDP payload size this server announces in its OPT.
+const RESPONSE_PAYLOAD: u16 = 1232;
 
 pub struct Handler {
     zone: Arc<RwLock<Zone>>,
@@ -117,7 +152,11 @@ impl Handler {
         request: &Request,
         mut responder: R,
     ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        let edns = response_edns(request);
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = &edns {
+            builder.edns(e);
+        }
         let Some(query) = request.queries.queries().first() else {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             return send(
@@ -128,10 +167,33 @@ impl Handler {
             .await;
         };
         let qtype = query.query_type();
+        // Only standard queries (STATUS, NOTIFY, UPDATE: not implemented),
+        // only EDNS version 0 (RFC 6891: BADVERS, with our version).
+        let refusal = if request.metadata.op_code != OpCode::Query {
+            Some((ResponseCode::NotImp, "notimp"))
+        } else if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            Some((ResponseCode::BADVERS, "badvers"))
+        } else {
+            None
+        };
+        if let Some((code, result)) = refusal {
+            self.stats.count(qtype, result);
+            return send(
+                &mut responder,
+                builder.error_msg(&request.metadata, code),
+                request,
+            )
+            .await;
+        }
         let qname: Name = query.name().clone().into();
-        let target = classify(&qname.to_ascii().to_ascii_lowercase(), &self.cfg.domain);
+        let mut target = classify(&qname.to_ascii().to_ascii_lowercase(), &self.cfg.domain);
+        if let Target::Reverse(ip) = target
+            && !self.knows(ip)
+        {
+            target = Target::Forward;
+        }
         if target == Target::Forward {
-            return self.forward(request, responder, qtype).await;
+            return self.forward(request, responder, qtype, edns.as_ref()).await;
         }
         let (code, answers, additionals) = self.lookup(&target, &qname, qtype);
         let result = match (code, answers.is_empty()) {
@@ -144,6 +206,7 @@ impl Handler {
         meta.authoritative = true;
         meta.recursion_available = true;
         meta.response_code = code;
+        // NXDOMAIN and NODATA carry the zone's SOA (negative caching).
         let soa = if answers.is_empty() {
             vec![self.soa()]
         } else {
@@ -223,8 +286,58 @@ impl Handler {
                 }
                 None => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
             },
+            Target::Apex => {
+                let answers = match qtype {
+                    RecordType::SOA => vec![self.soa()],
+                    RecordType::NS => vec![self.ns()],
+                    RecordType::ANY => vec![self.soa(), self.ns()],
+                    _ => Vec::new(),
+                };
+                (ResponseCode::NoError, answers, Vec::new())
+            }
+            Target::Reverse(ip) => {
+                let answers = if matches!(qtype, RecordType::PTR | RecordType::ANY) {
+                    zone.iter()
+                        .filter_map(|(name, s)| {
+                            if s.vip == Some(*ip) {
+                                Some(self.fqdn(name))
+                            } else if s.tasks.contains(ip) {
+                                Some(self.fqdn(&format!("tasks.{name}")))
+                            } else {
+                                None
+                            }
+                        })
+                        .map(|target| {
+                            Record::from_rdata(
+                                qname.clone(),
+                                self.cfg.tasks_ttl,
+                                RData::PTR(PTR(target)),
+                            )
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (ResponseCode::NoError, answers, Vec::new())
+            }
             Target::Unknown | Target::Forward => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
         }
+    }
+
+    /// Whether `ip` is a VIP or a task of the zone (its reverse name is
+    /// ours to answer).
+    fn knows(&self, ip: Ipv4Addr) -> bool {
+        let zone = self.zone.read().unwrap_or_else(|p| p.into_inner());
+        zone.values()
+            .any(|s| s.vip == Some(ip) || s.tasks.contains(&ip))
+    }
+
+    fn ns(&self) -> Record {
+        let zone =
+            Name::from_ascii(format!("{}.", self.cfg.domain)).unwrap_or_else(|_| Name::root());
+        let host =
+            Name::from_ascii(format!("ns.{}.", self.cfg.domain)).unwrap_or_else(|_| Name::root());
+        Record::from_rdata(zone, self.cfg.vip_ttl, RData::NS(NS(host)))
     }
 
     /// Relays the query to the first upstream that answers.
@@ -233,8 +346,12 @@ impl Handler {
         request: &Request,
         mut responder: R,
         qtype: RecordType,
+        edns: Option<&Edns>,
     ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = edns {
+            builder.edns(e);
+        }
         // Bounded: past the limit, SERVFAIL at once rather than one more
         // socket and buffer waiting on an upstream.
         let Ok(_permit) = self.forwarding.try_acquire() else {
