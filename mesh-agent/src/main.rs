@@ -107,6 +107,14 @@ struct Args {
     /// Do not serve DNS.
     #[arg(long, env = "MESH_NO_DNS")]
     no_dns: bool,
+    /// DNS: networks allowed to ask besides the cluster CIDR (containers),
+    /// loopback and this host's addresses (A.B.C.D/N, comma separated).
+    /// Queries from elsewhere (the underlay) are dropped and counted.
+    #[arg(long, env = "MESH_DNS_ALLOW", value_delimiter = ',')]
+    dns_allow: Vec<mesh_agent::dns::Net>,
+    /// DNS: answer anyone who can reach the listen address.
+    #[arg(long, env = "MESH_DNS_ALLOW_ANY")]
+    dns_allow_any: bool,
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -273,11 +281,25 @@ async fn run(args: Args) -> Result<()> {
         args.dns_upstream.clone()
     };
     let dns = (!args.no_dns).then(|| {
+        let clients = if args.dns_allow_any {
+            mesh_agent::dns::Clients::Any
+        } else {
+            let cluster = mesh_agent::dns::Net {
+                base: args.cluster_cidr.base,
+                prefix: args.cluster_cidr.prefix,
+            };
+            mesh_agent::dns::Clients::Only(
+                std::iter::once(cluster)
+                    .chain(args.dns_allow.iter().copied())
+                    .collect(),
+            )
+        };
         let cfg = mesh_agent::dns::DnsConfig {
             domain,
             vip_ttl: args.dns_vip_ttl,
             tasks_ttl: args.dns_tasks_ttl,
             upstreams,
+            clients,
         };
         (args.dns_listen, cfg)
     });

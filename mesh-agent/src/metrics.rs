@@ -145,6 +145,13 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             "mesh_dns_tcp_refused_total {}",
             dns.tcp_refused.load(std::sync::atomic::Ordering::Relaxed)
         );
+        out.push_str("# HELP mesh_dns_refused_source_total DNS queries and TCP connections dropped: their source may not ask.\n# TYPE mesh_dns_refused_source_total counter\n");
+        let _ = writeln!(
+            out,
+            "mesh_dns_refused_source_total {}",
+            dns.refused_source
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         out.push_str("# HELP mesh_dns_malformed_total DNS packets dropped as malformed.\n# TYPE mesh_dns_malformed_total counter\n");
         let _ = writeln!(
             out,

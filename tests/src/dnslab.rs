@@ -68,6 +68,7 @@ impl DnsLab {
                 .iter()
                 .map(|u| u.parse().expect("upstream address"))
                 .collect(),
+            clients: mesh_agent::dns::Clients::Only(vec![]),
         };
         let handler = Arc::new(Handler::new(zone.clone(), cfg, stats.clone()));
         let (tx, rx) = std::sync::mpsc::channel();

@@ -195,6 +195,50 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         }
     }
 
+    // The agents' DNS serves the cluster's containers and hosts, not the
+    // underlay: a host outside the cluster with a route to node 1's mesh
+    // gateway gets no answer (containers do: the DNS tests), and /metrics
+    // listens on localhost only.
+    let gw = {
+        let subnet = agents[0].status().expect("status").node.subnet;
+        let base: std::net::Ipv4Addr = subnet
+            .split('/')
+            .next()
+            .and_then(|b| b.parse().ok())
+            .expect("node 1's subnet");
+        std::net::Ipv4Addr::from(u32::from(base) + 1)
+    };
+    outside.ip(&["route", "add", "10.42.0.0/16", "via", "192.168.91.1"]);
+    let dig = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &outside.name,
+            "dig",
+            &format!("@{gw}"),
+            "+time=1",
+            "+tries=1",
+            "whoami",
+        ])
+        .output()
+        .expect("dig");
+    let dig = String::from_utf8_lossy(&dig.stdout);
+    println!(
+        "dig from outside the cluster at node 1's DNS ({gw}): {}",
+        dig.lines().find(|l| l.contains(";;")).unwrap_or("")
+    );
+    assert!(
+        !dig.contains("ANSWER SECTION") && !dig.contains("status:"),
+        "the underlay gets no DNS answer: {dig}"
+    );
+    let metrics = outside.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &"192.168.91.1:9464".parse().expect("address"),
+            Duration::from_secs(1),
+        )
+    });
+    assert!(metrics.is_err(), "/metrics is not on the underlay");
+
     // 200 MB downloaded from outside through node 3 (no replica there:
     // through the tunnel), arriving intact.
     let start = Instant::now();

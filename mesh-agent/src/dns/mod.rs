@@ -61,6 +61,59 @@ pub struct DnsConfig {
     pub vip_ttl: u32,
     pub tasks_ttl: u32,
     pub upstreams: Vec<SocketAddr>,
+    /// Who may ask (besides loopback and this host's own addresses).
+    pub clients: Clients,
+}
+
+/// Who the server answers. Loopback and the host's own addresses always;
+/// then anyone, or the networks given (by default the cluster CIDR: the
+/// containers). A query from elsewhere (the underlay) is dropped unanswered
+/// and counted: the server is no open resolver and lists no services to
+/// strangers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Clients {
+    Any,
+    Only(Vec<Net>),
+}
+
+/// An IPv4 network, `A.B.C.D/N` (N 0 to 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Net {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Net {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.base) & mask
+    }
+}
+
+impl std::str::FromStr for Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv4 network like 192.168.1.0/24");
+        let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+        let base: Ipv4Addr = ip.trim().parse().map_err(|_| bad())?;
+        let prefix: u8 = len.trim().parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        Ok(Net { base, prefix })
+    }
+}
+
+/// Whether `src` may ask, `local` being this host's addresses.
+pub fn allowed(clients: &Clients, local: &[std::net::IpAddr], src: std::net::IpAddr) -> bool {
+    if src.is_loopback() || local.contains(&src) {
+        return true;
+    }
+    match (clients, src) {
+        (Clients::Any, _) => true,
+        (Clients::Only(nets), std::net::IpAddr::V4(v4)) => nets.iter().any(|n| n.contains(v4)),
+        (Clients::Only(_), std::net::IpAddr::V6(_)) => false,
+    }
 }
 
 /// Query counters, for /metrics.
@@ -71,6 +124,8 @@ pub struct DnsStats {
     pub malformed: AtomicU64,
     /// TCP clients closed at accept because [`MAX_TCP_CLIENTS`] were served.
     pub tcp_refused: AtomicU64,
+    /// Queries (and TCP connections) from addresses not allowed to ask.
+    pub refused_source: AtomicU64,
 }
 
 impl DnsStats {
@@ -193,6 +248,32 @@ mod tests {
         assert_eq!(kept, [a("10.0.0.2:53"), a("192.168.100.1:5353")]);
         assert_eq!(qtype_label(RecordType::A), "A");
         assert_eq!(qtype_label(RecordType::Unknown(65000)), "other");
+    }
+
+    #[test]
+    fn only_allowed_clients_are_answered() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let nets = Clients::Only(vec!["10.42.0.0/16".parse().expect("net")]);
+        let local = [ip("192.168.100.1")];
+        for (src, ok) in [
+            ("127.0.0.1", true),
+            ("192.168.100.1", true),
+            ("10.42.3.9", true),
+            ("192.168.100.200", false),
+            ("::1", true),
+            ("fd00::1", false),
+        ] {
+            assert_eq!(allowed(&nets, &local, ip(src)), ok, "{src}");
+        }
+        assert!(allowed(&Clients::Any, &local, ip("192.168.100.200")));
+        assert_eq!(
+            "0.0.0.0/0"
+                .parse::<Net>()
+                .map(|n| n.contains(Ipv4Addr::new(1, 2, 3, 4))),
+            Ok(true)
+        );
+        assert!("10.0.0.0/33".parse::<Net>().is_err());
+        assert_eq!("10.1.2.3".parse::<Net>().map(|n| n.prefix), Ok(32));
     }
 
     #[test]

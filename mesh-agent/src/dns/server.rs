@@ -117,14 +117,16 @@ fn parse(raw: Vec<u8>, src: SocketAddr, protocol: Protocol, stats: &DnsStats) ->
 /// Serves DNS on `addr` over UDP and TCP until the process ends. Never
 /// forwards to `addr` itself.
 pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<()> {
-    let local = if addr.ip().is_unspecified() {
-        crate::iface::local_addrs()
+    let local = crate::iface::local_addrs();
+    let self_local = if addr.ip().is_unspecified() {
+        local.clone()
     } else {
         Vec::new()
     };
-    for u in handler.exclude_self(addr, &local) {
+    for u in handler.exclude_self(addr, &self_local) {
         warn!(upstream = %u, "not forwarding to this DNS server itself");
     }
+    handler.set_local(local);
     let udp = Arc::new(UdpSocket::bind(addr).await?);
     let tcp = TcpListener::bind(addr).await?;
     let h = handler.clone();
@@ -141,6 +143,9 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
                     continue;
                 }
             };
+            if !h.admits(src.ip()) {
+                continue;
+            }
             // At the limit, the new client is closed at once.
             let Ok(permit) = clients.clone().try_acquire_owned() else {
                 h.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
@@ -162,6 +167,9 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
                 continue;
             }
         };
+        if !handler.admits(src.ip()) {
+            continue;
+        }
         let Some(req) = parse(buf[..n].to_vec(), src, Protocol::Udp, &handler.stats) else {
             continue;
         };

@@ -105,6 +105,8 @@ pub struct Handler {
     upstreams: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
     /// Forwarded queries in flight ([`super::MAX_FORWARDS`]).
     forwarding: tokio::sync::Semaphore,
+    /// This host's addresses (always allowed to ask), set when serving.
+    local: std::sync::OnceLock<Vec<std::net::IpAddr>>,
 }
 
 impl Handler {
@@ -115,7 +117,23 @@ impl Handler {
             stats,
             upstreams: std::sync::OnceLock::new(),
             forwarding: tokio::sync::Semaphore::new(super::MAX_FORWARDS),
+            local: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records this host's addresses (always allowed to ask).
+    pub fn set_local(&self, local: Vec<std::net::IpAddr>) {
+        let _ = self.local.set(local);
+    }
+
+    /// Whether `src` may ask; refusals are counted.
+    pub fn admits(&self, src: std::net::IpAddr) -> bool {
+        let local = self.local.get().map_or(&[][..], Vec::as_slice);
+        let ok = super::allowed(&self.cfg.clients, local, src);
+        if !ok {
+            self.stats.refused_source.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 
     /// Leaves the server's own address (`listen`; any `local` address on
