@@ -307,16 +307,96 @@ impl Harness {
         fixtures: &[Fixture],
         repeat: u32,
     ) -> Vec<(&'static str, f64)> {
-        println!("{title}: ns/packet over {repeat} runs (BPF_PROG_TEST_RUN, JIT)");
+        println!(
+            "{title}: ns/packet over {repeat} runs (BPF_PROG_TEST_RUN, JIT), the row's path \
+             checked on every run. [r]: one test run repeating the packet (the program leaves \
+             it unchanged); [1]: single runs on fresh copies (a rewritten packet would take \
+             another path when repeated), which include the test run's own overhead"
+        );
         let mut rows = Vec::new();
         for f in fixtures {
-            let run = self.run(f.prog, &f.input, repeat);
-            let ns = run.duration.as_nanos() as f64;
-            println!("  {:<52} {:>8.1} ns/packet", f.name, ns);
-            rows.push((f.name, ns));
+            let path: Vec<(Stat, u64)> = f
+                .counters
+                .iter()
+                .copied()
+                .chain(std::iter::once((f.verdict.stat(), 1)))
+                .collect();
+            let (how, r) = if matches!(f.output, Want::Unchanged) {
+                ("[r]", self.time_repeated(f.prog, &f.input, repeat, &path))
+            } else {
+                (
+                    "[1]",
+                    self.time_path(f.prog, &|_| f.input.clone(), repeat, &path),
+                )
+            };
+            match r {
+                Ok(ns) => {
+                    println!("  {:<66} {:>8.1} ns/packet {how}", f.name, ns);
+                    rows.push((f.name, ns));
+                }
+                // A stateful row (a new flow is tracked the second time):
+                // no figure rather than one for another path.
+                Err(e) => println!("  {:<66} {:>8} ({e})", f.name, "-"),
+            }
         }
         rows
     }
+
+    /// The kernel-measured time per run of one test run repeating `input`
+    /// `runs` times: only right for a packet the program leaves unchanged,
+    /// so `path` is checked to have moved on every run.
+    pub fn time_repeated(
+        &mut self,
+        prog: Prog,
+        input: &[u8],
+        runs: u32,
+        path: &[(Stat, u64)],
+    ) -> Result<f64, String> {
+        let before = self.counters();
+        let ns = self.run(prog, input, runs).duration.as_nanos() as f64;
+        check_path(&before, &self.counters(), runs, path)?;
+        Ok(ns)
+    }
+
+    /// The mean kernel-measured time of `runs` single runs of `prog`, run
+    /// `i` on a fresh `packet(i)` (a repeated run would see the packet its
+    /// previous run rewrote). Every counter of `path` must have moved by
+    /// its amount on every run (so the figure is the path's), else why not.
+    pub fn time_path(
+        &mut self,
+        prog: Prog,
+        packet: &dyn Fn(u32) -> Vec<u8>,
+        runs: u32,
+        path: &[(Stat, u64)],
+    ) -> Result<f64, String> {
+        let before = self.counters();
+        let mut total = 0u128;
+        for i in 0..runs {
+            total += self.run(prog, &packet(i), 1).duration.as_nanos();
+        }
+        check_path(&before, &self.counters(), runs, path)?;
+        Ok(total as f64 / runs.max(1) as f64)
+    }
+}
+
+/// Whether every counter of `path` moved by its amount `runs` times.
+fn check_path(
+    before: &[u64],
+    after: &[u64],
+    runs: u32,
+    path: &[(Stat, u64)],
+) -> Result<(), String> {
+    for (s, n) in path {
+        let moved = after[*s as usize] - before[*s as usize];
+        if moved != n * runs as u64 {
+            return Err(format!(
+                "path changes when repeated: {} moved {moved}, not {}",
+                s.name(),
+                n * runs as u64
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Default for Harness {
