@@ -42,7 +42,17 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
     let _ = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
     let body = match line.trim() {
         "status" | "" => {
-            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            // Read now: a node with the wrong key sees no membership change
+            // (and so no pass) while it rejects every datagram.
+            if let Some(g) = sh.gossip.clone() {
+                use std::sync::atomic::Ordering::Relaxed;
+                let node = &mut sh.status.node;
+                node.gossip_rejected = g.bad_auth.load(Relaxed);
+                node.gossip_sent = g.sent.load(Relaxed);
+                node.gossip_received = g.received.load(Relaxed);
+                node.clustered = true;
+            }
             serde_json::to_vec_pretty(&sh.status)?
         }
         other => serde_json::to_vec(

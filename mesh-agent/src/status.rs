@@ -26,6 +26,18 @@ pub struct Node {
     pub name: String,
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Gossip datagrams that did not authenticate (a wrong cluster key on
+    /// one side, or tampering).
+    #[serde(default)]
+    pub gossip_rejected: u64,
+    /// Gossip datagrams sent and received (authenticated or not).
+    #[serde(default)]
+    pub gossip_sent: u64,
+    #[serde(default)]
+    pub gossip_received: u64,
+    /// Whether this node runs in a cluster (gossip).
+    #[serde(default)]
+    pub clustered: bool,
     pub subnet: String,
     pub vip_cidr: String,
     pub bpffs_dir: String,
@@ -82,6 +94,38 @@ pub struct Samples {
     values: std::collections::VecDeque<f64>,
     pub count: u64,
     pub sum: f64,
+}
+
+impl Node {
+    /// What to say about the cluster: the live peers, or why there are
+    /// none (a wrong key shows as rejected datagrams and no peer at all).
+    pub fn cluster_line(&self) -> String {
+        if !self.clustered {
+            return "alone (no cluster key)".into();
+        }
+        if self.peers.is_empty() {
+            if self.gossip_sent == 0 {
+                return "no peer yet".into();
+            }
+            return format!(
+                "no authenticated peer; {} datagrams rejected, {} sent: is the cluster key the same on every node?",
+                self.gossip_rejected, self.gossip_sent
+            );
+        }
+        let rejected = if self.gossip_rejected > 0 {
+            format!(
+                "; {} datagrams rejected (a node with another key?)",
+                self.gossip_rejected
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{} peers: {}{rejected}",
+            self.peers.len(),
+            self.peers.join(", ")
+        )
+    }
 }
 
 impl Samples {

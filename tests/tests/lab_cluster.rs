@@ -542,6 +542,20 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "the intruder learns nothing: {:?}",
         st4.node.peers
     );
+    // And it says why, in meshctl status.
+    let st4 = intruder.wait_for("the intruder has gossiped", WAIT, |s| {
+        s.node.gossip_sent > 0
+    });
+    let line = st4.node.cluster_line();
+    println!("the wrong-key node's meshctl status: cluster: {line}");
+    assert!(line.starts_with("no authenticated peer;"), "{line}");
+    let line1 = agents[0]
+        .status()
+        .expect("node 1 status")
+        .node
+        .cluster_line();
+    println!("node 1's meshctl status: cluster: {line1}");
+    assert!(line1.contains("datagrams rejected"), "{line1}");
     let metrics = engines[0].ns.run(|| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics");

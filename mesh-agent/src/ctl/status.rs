@@ -26,6 +26,7 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
         "node:    subnet {}, VIPs from {}, maps in {}",
         st.node.subnet, st.node.vip_cidr, st.node.bpffs_dir
     );
+    let _ = writeln!(out, "cluster: {}", st.node.cluster_line());
     let _ = writeln!(
         out,
         "docker:  {} ({}), {} mesh containers",

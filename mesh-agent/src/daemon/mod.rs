@@ -240,6 +240,8 @@ impl Daemon {
         use futures_util::StreamExt;
         let mut events = d.events(Some(events::options(since)));
         let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut diagnose_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut rejected_seen = 0u64;
         let mut watching = self.cluster.is_some();
         loop {
             tokio::select! {
@@ -259,8 +261,38 @@ impl Daemon {
                     }
                 }
                 _ = retry_tick.tick(), if self.retry => self.pass(),
+                _ = diagnose_tick.tick(), if self.cluster.is_some() => {
+                    rejected_seen = self.diagnose(rejected_seen);
+                }
             }
         }
+    }
+
+    /// Says so when this node gossips but has no authenticated peer (a
+    /// wrong cluster key here or on the others), or when datagrams fail to
+    /// authenticate (another node's wrong key); the rejections seen.
+    fn diagnose(&self, seen: u64) -> u64 {
+        let sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let rejected = sh
+            .gossip
+            .as_ref()
+            .map_or(0, |g| g.bad_auth.load(std::sync::atomic::Ordering::Relaxed));
+        let sent = sh
+            .gossip
+            .as_ref()
+            .map_or(0, |g| g.sent.load(std::sync::atomic::Ordering::Relaxed));
+        if sh.status.node.peers.is_empty() && sent > 0 {
+            warn!(
+                rejected,
+                sent, "no authenticated peer: is the cluster key the same on every node?"
+            );
+        } else if rejected > seen {
+            warn!(
+                rejected = rejected - seen,
+                "gossip datagrams failed to authenticate (a node with another cluster key?)"
+            );
+        }
+        rejected
     }
 
     fn set_docker(&self, connected: bool) {

@@ -225,6 +225,7 @@ impl Daemon {
         if let Some(c) = &self.cluster {
             sh.status.node.name = c.node_id.clone();
             sh.status.node.peers = peers.keys().cloned().collect();
+            sh.status.node.clustered = true;
         }
         sh.service_names = self
             .written
