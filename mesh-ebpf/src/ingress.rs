@@ -117,15 +117,7 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
         }
         return pass(Stat::IngressTooBig);
     }
-    nat::rewrite(
-        ctx,
-        pk.l4_off,
-        t.proto,
-        End::Dst,
-        (t.dst_be, b.ip_be),
-        (t.dport_be, b.port_be),
-    )
-    .ok_or(Stat::NatRewriteFail)?;
+    nat::translate(ctx, pk.l4_off, &t, End::Dst, (b.ip_be, b.port_be))?;
     lb::count_service(service_id, ctx.len() as u32, c.new_flow);
     // The underlay TC program hands it to the backend's veth, or to the
     // tunnel toward the backend's node.
@@ -193,19 +185,12 @@ pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
     // SAFETY: Quoted is packed, 36 bytes of plain integers.
     let words: [u16; 18] = unsafe { core::mem::transmute(quoted) };
     quoted.icmp.csum_be = csum::words(&words);
-    let mut hdr = Ipv4Hdr {
-        vihl: 0x45,
-        tos: 0,
-        tot_len_be: ((IPV4_MIN_HLEN + size_of::<Quoted>()) as u16).to_be(),
-        id_be: 0,
-        frag_be: 0,
-        ttl: 64,
-        proto: IPPROTO_ICMP,
-        csum_be: 0,
-        src_be: l.underlay_ip_be,
-        dst_be: ip.src_be,
-    };
-    hdr.csum_be = csum::ipv4_header(&hdr);
+    let hdr = Ipv4Hdr::ours(
+        IPPROTO_ICMP,
+        l.underlay_ip_be,
+        ip.src_be,
+        (IPV4_MIN_HLEN + size_of::<Quoted>()) as u16,
+    );
     let reply = FragNeeded {
         eth: EthHdr {
             dst: eth.src,
@@ -314,15 +299,7 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
         bump(Stat::XdpTruncated);
         return Ok(Verdict::DROP);
     };
-    nat::rewrite(
-        ctx,
-        l4,
-        t.proto,
-        End::Src,
-        (t.src_be, e.nat_ip_be),
-        (t.sport_be, e.nat_port_be),
-    )
-    .ok_or(Stat::NatRewriteFail)?;
+    nat::translate(ctx, l4, &t, End::Src, (e.nat_ip_be, e.nat_port_be))?;
     lb::count_service(e.service_id, ctx.len() as u32, false);
     if !underlay::mark(ctx, REPLY_MARK) {
         bump(Stat::XdpMetaFail);
@@ -343,16 +320,8 @@ pub fn reply_out(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> 
     }
     let e = ct::reply_entry(t, pk.tcp_flags)?;
     if e.flags & CT_F_INGRESS != 0 {
-        let r = nat::rewrite(
-            ctx,
-            pk.l4_off,
-            t.proto,
-            End::Src,
-            (t.src_be, e.nat_ip_be),
-            (t.sport_be, e.nat_port_be),
-        )
-        .ok_or(Stat::NatRewriteFail)
-        .and_then(|()| to_client(ctx, &l, e.nat_ip_be, t));
+        let r = nat::translate(ctx, pk.l4_off, t, End::Src, (e.nat_ip_be, e.nat_port_be))
+            .and_then(|()| to_client(ctx, &l, e.nat_ip_be, t));
         if r.is_ok() {
             lb::count_service(e.service_id, ctx.len() as u32, false);
             bump(Stat::IngressReply);

@@ -1,6 +1,6 @@
 //! Address and port translation with checksum fix-ups, for either hook.
 
-use mesh_common::ct::Tuple;
+use mesh_common::{ct::Tuple, stats::Stat};
 
 use crate::{
     csum::{self, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -25,6 +25,23 @@ pub enum End {
 pub fn rewrite_address<P: Packet>(p: &P, field: usize, old: u32, new: u32) -> Option<()> {
     p.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old, new, 4)?;
     p.store(ETH_HLEN + field, &new)
+}
+
+/// Rewrites `end` of flow `t` (its L4 header at `l4_off`) to `ip:port`
+/// (network order), checksums included; a failure is the drop reason.
+#[inline(always)]
+pub fn translate<P: Packet>(
+    p: &P,
+    l4_off: usize,
+    t: &Tuple,
+    end: End,
+    (ip, port): (u32, u16),
+) -> Result<(), Stat> {
+    let (old_ip, old_port) = match end {
+        End::Src => (t.src_be, t.sport_be),
+        End::Dst => (t.dst_be, t.dport_be),
+    };
+    rewrite(p, l4_off, t.proto, end, (old_ip, ip), (old_port, port)).ok_or(Stat::NatRewriteFail)
 }
 
 /// Rewrites one end's address and port of a TCP/UDP packet and fixes the

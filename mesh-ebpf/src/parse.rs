@@ -43,6 +43,26 @@ pub struct Ipv4Hdr {
 }
 
 impl Ipv4Hdr {
+    /// A header this node sends (no options, TTL 64, not fragmented), for
+    /// a datagram of `total_len` bytes, its checksum computed.
+    #[inline(always)]
+    pub fn ours(proto: u8, src_be: u32, dst_be: u32, total_len: u16) -> Ipv4Hdr {
+        let mut h = Ipv4Hdr {
+            vihl: 0x45,
+            tos: 0,
+            tot_len_be: total_len.to_be(),
+            id_be: 0,
+            frag_be: 0,
+            ttl: 64,
+            proto,
+            csum_be: 0,
+            src_be,
+            dst_be,
+        };
+        h.csum_be = crate::csum::ipv4_header(&h);
+        h
+    }
+
     #[inline(always)]
     pub fn version(&self) -> u8 {
         self.vihl >> 4

@@ -11,7 +11,6 @@ use mesh_common::{
 };
 
 use crate::{
-    csum,
     ctx::{Packet, Verdict, pass},
     maps::{LOCAL_EPS, LOCAL_NODE, NODES},
     parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
@@ -74,19 +73,7 @@ pub fn encap<P: Packet>(
     let inner_eth: EthHdr = p.load(0).ok_or(Stat::TunnelEncapFail)?;
     p.grow_for_vxlan(ENCAP_LEN).ok_or(Stat::TunnelEncapFail)?;
     let ip_len = (inner_len + ENCAP_LEN - ETH_HLEN) as u16;
-    let mut ip = Ipv4Hdr {
-        vihl: 0x45,
-        tos: 0,
-        tot_len_be: ip_len.to_be(),
-        id_be: 0,
-        frag_be: 0,
-        ttl: 64,
-        proto: IPPROTO_UDP,
-        csum_be: 0,
-        src_be: l.underlay_ip_be,
-        dst_be: node.underlay_ip_be,
-    };
-    ip.csum_be = csum::ipv4_header(&ip);
+    let ip = Ipv4Hdr::ours(IPPROTO_UDP, l.underlay_ip_be, node.underlay_ip_be, ip_len);
     let h = Encap {
         eth: EthHdr {
             dst: node.mac,

@@ -128,28 +128,18 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         new_flow,
     } = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
 
-    nat::rewrite(
+    nat::translate(
         ctx,
         pk.l4_off,
-        t.proto,
+        &t,
         End::Dst,
-        (t.dst_be, backend.ip_be),
-        (t.dport_be, backend.port_be),
-    )
-    .ok_or(Stat::NatRewriteFail)?;
+        (backend.ip_be, backend.port_be),
+    )?;
     if hairpin {
         // Hairpin: the caller is the backend. Source == destination would
         // be dropped by its kernel, so the source becomes the hairpin
         // address (port kept); the reply comes back through this veth.
-        nat::rewrite(
-            ctx,
-            pk.l4_off,
-            t.proto,
-            End::Src,
-            (t.src_be, HAIRPIN_IP_BE),
-            (t.sport_be, t.sport_be),
-        )
-        .ok_or(Stat::NatRewriteFail)?;
+        nat::translate(ctx, pk.l4_off, &t, End::Src, (HAIRPIN_IP_BE, t.sport_be))?;
         bump(Stat::LbHairpin);
     }
     lb::count_service(service_id, ctx.len() as u32, new_flow);
@@ -228,10 +218,8 @@ fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
         return pass(Stat::TcNoReverse);
     };
     let (vip, vport, svc) = (e.nat_ip_be, e.nat_port_be, e.service_id);
-    let rewrite = |end, ip, port| nat::rewrite(ctx, pk.l4_off, t.proto, end, ip, port);
-    rewrite(End::Src, (t.src_be, vip), (t.sport_be, vport)).ok_or(Stat::NatRewriteFail)?;
-    rewrite(End::Dst, (t.dst_be, t.src_be), (t.dport_be, t.dport_be))
-        .ok_or(Stat::NatRewriteFail)?;
+    nat::translate(ctx, pk.l4_off, t, End::Src, (vip, vport))?;
+    nat::translate(ctx, pk.l4_off, t, End::Dst, (t.src_be, t.dport_be))?;
     // Back where it came from: the gateway's MAC becomes the source.
     let macs: [[u8; 6]; 2] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &macs[1], &macs[0]).ok_or(Stat::NatRewriteFail)?;
@@ -266,15 +254,7 @@ fn reverse_nat<P: Packet>(p: &P, pk: &Parsed) -> Result<Verdict, Stat> {
     };
     let (vip, vport, svc, backend_id) = (e.nat_ip_be, e.nat_port_be, e.service_id, e.backend_id);
     remember_fragments(pk, vip, backend_id);
-    nat::rewrite(
-        p,
-        pk.l4_off,
-        t.proto,
-        End::Src,
-        (t.src_be, vip),
-        (t.sport_be, vport),
-    )
-    .ok_or(Stat::NatRewriteFail)?;
+    nat::translate(p, pk.l4_off, t, End::Src, (vip, vport))?;
     lb::count_service(svc, p.len() as u32, false);
     pass(Stat::NatReverse)
 }
