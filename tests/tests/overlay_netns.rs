@@ -455,15 +455,17 @@ fn a_linux_vxlan_device_is_a_peer() {
         s.write_all(b"vxlan peer\n").expect("write");
         from
     });
-    let target = SocketAddr::from((peer_addr, 9000));
-    let line = one.container.run(|| {
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
+    let first_line = |to: SocketAddr| {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("read");
         line
-    });
+    };
+    let line = one
+        .container
+        .run(|| first_line(SocketAddr::from((peer_addr, 9000))));
     assert_eq!(line.trim(), "vxlan peer");
     let from = server.join().expect("server thread");
     assert_eq!(
@@ -472,15 +474,7 @@ fn a_linux_vxlan_device_is_a_peer() {
         "no NAT on the way"
     );
     let _servers = Servers::start(&one.container, "c1", 8080, 5353);
-    let target = SocketAddr::from((one.container_ip(), 8080));
-    let name = node2.run(|| {
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).expect("read");
-        line
-    });
+    let name = node2.run(|| first_line(SocketAddr::from((one.container_ip(), 8080))));
     assert_eq!(name.trim(), "c1", "TCP vxlan device -> mesh container");
     let c = one.harness.counters();
     println!(

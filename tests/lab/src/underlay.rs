@@ -58,30 +58,26 @@ impl Underlay {
 
     /// Connects `engine`'s namespace as node `n`.
     pub fn attach(&self, engine: &Engine, n: u8) -> Result<()> {
-        let port = format!("p{n}");
-        let ns = engine.spec.ns.as_str();
-        self.ip(&[
-            "link", "add", &port, "type", "veth", "peer", IFACE, "netns", ns,
-        ])?;
-        self.ip(&["link", "set", &port, "master", "br0", "up"])?;
-        let addr = format!("{}/24", self.addr(n));
-        ip(&["-n", ns, "addr", "add", &addr, "dev", IFACE])?;
-        ip(&["-n", ns, "link", "set", IFACE, "up"])
+        self.join(&format!("p{n}"), engine.spec.ns.as_str(), n)
     }
 
     /// Connects network namespace `ns` (not a node: a host outside the
     /// cluster, e.g. a client of the routing mesh) with `eth0` = the /24's
     /// address `n`.
     pub fn attach_outside(&self, ns: &str, n: u8) -> Result<()> {
-        let port = format!("o{n}");
+        self.join(&format!("o{n}"), ns, n)?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])
+    }
+
+    /// A veth from bridge port `port` to `eth0` in `ns`, address `n`.
+    fn join(&self, port: &str, ns: &str, n: u8) -> Result<()> {
         self.ip(&[
-            "link", "add", &port, "type", "veth", "peer", IFACE, "netns", ns,
+            "link", "add", port, "type", "veth", "peer", IFACE, "netns", ns,
         ])?;
-        self.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.ip(&["link", "set", port, "master", "br0", "up"])?;
         let addr = format!("{}/24", self.addr(n));
         ip(&["-n", ns, "addr", "add", &addr, "dev", IFACE])?;
-        ip(&["-n", ns, "link", "set", IFACE, "up"])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])
+        ip(&["-n", ns, "link", "set", IFACE, "up"])
     }
 
     /// Cuts node `n` off (or reconnects it).
