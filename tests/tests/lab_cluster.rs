@@ -239,6 +239,53 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     });
     assert!(metrics.is_err(), "/metrics is not on the underlay");
 
+    // Conflicts are reported, not guessed: a host process on node 2 holds
+    // 8081, and a younger service "rival" asks for 8080 (whoami's) and
+    // 8081. Every node keeps 8080 for whoami; node 2 leaves 8081 to its
+    // host process; nodes 1 and 3 publish it for rival.
+    let holder = engines[1]
+        .ns
+        .run(|| std::net::TcpListener::bind("0.0.0.0:8081").expect("a host process on 8081"));
+    e1.run_whoami(
+        "r1",
+        &[
+            "mesh.service=rival",
+            "mesh.port=80/tcp",
+            "mesh.publish=8080:80/tcp,8081:80/tcp",
+        ],
+        &[],
+    );
+    let st2 = agents[1].wait_for("both conflicts reported on node 2", WAIT, |s| {
+        let has = |port: &str, why: &str| {
+            s.publish_conflicts
+                .iter()
+                .any(|c| c.starts_with(port) && c.contains(why))
+        };
+        has("8080/tcp", "rival does not get it") && has("8081/tcp", "already uses it")
+    });
+    println!("node 2 reports: {:?}", st2.publish_conflicts);
+    agents[0].wait_for("node 1 publishes 8081 for rival", WAIT, |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "rival" && x.published.iter().any(|p| p.starts_with("8081/tcp")))
+    });
+    let (rival, whoami_8080) = outside.run(|| {
+        let rival = ask_peer_tcp("192.168.91.1:8081".parse().expect("address")).map(|(n, _)| n);
+        let whoami: Vec<Result<String, String>> = (0..30)
+            .map(|_| ask_peer_tcp("192.168.91.2:8080".parse().expect("address")).map(|(n, _)| n))
+            .collect();
+        (rival, whoami)
+    });
+    assert_eq!(rival.as_deref(), Ok("r1"), "node 1 serves 8081 for rival");
+    assert!(
+        whoami_8080
+            .iter()
+            .all(|r| r.as_deref().is_ok_and(|n| n.starts_with('w'))),
+        "8080 stays whoami's, untouched: {whoami_8080:?}"
+    );
+    e1.docker_ok(&["rm", "-f", "r1"]);
+    drop(holder);
+
     // 200 MB downloaded from outside through node 3 (no replica there:
     // through the tunnel), arriving intact.
     let start = Instant::now();
