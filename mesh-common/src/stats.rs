@@ -94,7 +94,7 @@ counters! {
     XdpVxlanForeign = 33, "xdp_vxlan_foreign", Path, "VXLAN with another VNI, or not for this node: passed untouched.";
     TunnelDeliver = 34, "tunnel_deliver", Path, "Underlay TC: a decapsulated packet handed to its container's veth.";
     TunnelPass = 35, "tunnel_pass", Path, "Underlay TC: not for a local container, left to the stack.";
-    LbStaleReverse = 36, "lb_stale_reverse", Path, "A new direct flow reused a finished VIP flow's tuple: its stale reverse-NAT entry was dropped.";
+    LbStaleReverse = 36, "lb_stale_reverse", Path, "A new direct flow reused a finished VIP or routing-mesh flow's tuple: its stale reverse entry was dropped.";
     TcSpoofed = 37, "tc_spoofed", Drop, "Leaving a container with a source address that is not its own.";
     XdpVxlanUntrusted = 38, "xdp_vxlan_untrusted", Path, "VXLAN from an address that is not a cluster node's: passed untouched, to the host's firewall.";
     XdpVxlanNotOurs = 39, "xdp_vxlan_not_ours", Path, "VXLAN whose outer destination is not this node's address: passed untouched.";

@@ -27,6 +27,12 @@ pub const DECAP_MARK: u32 = 0x4d53_4831;
 /// out of the tunnel and translated back to the published port: the
 /// underlay TC program sends it on to the client (FIB lookup).
 pub const REPLY_MARK: u32 = 0x4d53_4832;
+/// skb mark of a packet the underlay TC program hands to a container (it
+/// came through the tunnel or the routing mesh): the container's veth
+/// tells such packets from ones the host stack delivers (Docker's own
+/// `-p`, routing).
+pub const DELIVERED_MARK: u32 = 0x4d53_0001;
+
 /// XDP metadata in front of a routing-mesh packet too large for the tunnel
 /// with DF set: the underlay TC program answers it with ICMP
 /// fragmentation needed.

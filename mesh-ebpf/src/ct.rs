@@ -3,7 +3,9 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use mesh_common::{
-    ct::{CT_F_HAIRPIN, CT_F_REPLIED, CT_F_RETURN, CtEntry, CtKey, Tuple, dir, tcp_flag},
+    ct::{
+        CT_F_HAIRPIN, CT_F_INGRESS, CT_F_REPLIED, CT_F_RETURN, CtEntry, CtKey, Tuple, dir, tcp_flag,
+    },
     lb::Backend,
 };
 
@@ -256,5 +258,21 @@ pub fn track_return(t: &Tuple, ingress_be: u32, tcp_flags: u8) {
         None => {
             let _ = create(t, &to, tcp_flags, true);
         }
+    }
+}
+
+/// A flow from outside the cluster reaching a backend directly, not through
+/// the routing mesh (`t` as it arrives): a routing-mesh reverse entry for
+/// its replies (`CT_F_INGRESS`, `CT_F_RETURN`) is a finished flow's; it goes.
+/// Whether there was one.
+#[inline(always)]
+pub fn supersede_mesh_reverse(t: &Tuple) -> bool {
+    let key = t.reversed().key(dir::REVERSE);
+    match lookup(&key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(f) if unsafe { (*f.entry).flags } & (CT_F_INGRESS | CT_F_RETURN) != 0 => {
+            table(f.new).remove(&key).is_ok()
+        }
+        _ => false,
     }
 }

@@ -5,8 +5,8 @@ use aya_ebpf::programs::TcContext;
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DECAP_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, REPLY_MARK, SPORT_BASE, SPORT_MASK,
-        TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_PORT,
+        DECAP_MARK, DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, REPLY_MARK, SPORT_BASE,
+        SPORT_MASK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_PORT,
     },
 };
 
@@ -153,6 +153,8 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         return pass(Stat::TunnelUnmarked);
     }
     set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+    // SAFETY: the context's own skb; TC may write its mark.
+    unsafe { (*ctx.skb.skb).mark = DELIVERED_MARK };
     crate::stats::bump(Stat::TunnelDeliver);
     Ok(Verdict::redirect(ep.ifindex))
 }

@@ -12,6 +12,7 @@ use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
+    tunnel::DELIVERED_MARK,
 };
 
 use crate::{
@@ -239,9 +240,36 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         return fragment_in(ctx, &pk);
     }
     match pk.t.proto {
-        IPPROTO_TCP | IPPROTO_UDP => reverse_nat(ctx, &pk),
+        IPPROTO_TCP | IPPROTO_UDP => {
+            direct_from_outside(ctx, &pk);
+            reverse_nat(ctx, &pk)
+        }
         IPPROTO_ICMP => reverse_icmp_error(ctx, &pk),
         _ => pass(Stat::TcNoReverse),
+    }
+}
+
+/// A new flow from outside the cluster that the host stack delivers (not
+/// the routing mesh: Docker's own `-p`, routing) may reuse the tuple of a
+/// finished routing-mesh flow, whose reverse entry would then send this
+/// flow's replies the mesh's way (translated, or back through another
+/// node). The new flow wins: the stale entry goes, as for direct flows
+/// leaving a container (`ct::supersede_reverse`).
+#[inline(always)]
+fn direct_from_outside(ctx: &TcContext, pk: &Parsed) {
+    let t = &pk.t;
+    let opens =
+        t.proto == IPPROTO_UDP || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+    // SAFETY: the context's own skb.
+    if !opens || unsafe { (*ctx.skb.skb).mark } == DELIVERED_MARK {
+        return;
+    }
+    let Some(l) = tunnel::local() else { return };
+    if t.src_be & l.cluster_mask_be == l.cluster_be {
+        return;
+    }
+    if ct::supersede_mesh_reverse(t) {
+        bump(Stat::LbStaleReverse);
     }
 }
 

@@ -1,0 +1,170 @@
+//! The routing mesh against Docker's own publishing, on one Docker host of
+//! the lab's kind (its agent as the lab's container, in cluster mode): the
+//! same whoami replica published by mesh (`mesh.publish=8080:8000`: XDP
+//! DNAT) and by Docker (`-p 9080:8000`: iptables DNAT, docker-proxy),
+//! asked over HTTP with a new connection per request by a host outside the
+//! cluster. Prints requests/s, latency and CPU per request for each, from
+//! one run; asserts only that every request was answered. Bounded: a fixed
+//! number of requests, each with a 2 s timeout.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE, cluster_flags};
+
+/// Busy and total CPU time of the machine so far, in clock ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// One HTTP GET on a new connection: the body ("NAME PEER").
+fn get(to: SocketAddr) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.take(4096)
+        .read_to_string(&mut out)
+        .map_err(|e| e.to_string())?;
+    out.split("\r\n\r\n")
+        .nth(1)
+        .map(|b| b.trim().to_owned())
+        .ok_or_else(|| format!("not HTTP: {out:?}"))
+}
+
+fn main() {
+    let requests: usize = std::env::var("MESH_PUBLISH_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    let clients = 4;
+    let underlay = Underlay::new();
+    let engine = Engine::start();
+    underlay.attach(&engine, 1);
+    engine.import_whoami();
+    let key = engine.dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .expect("key");
+    let agent = Agent::in_container(&engine, Some(&key), &cluster_flags("n1", &[]));
+    agent.wait_for("docker connected", Duration::from_secs(60), |s| {
+        s.docker.connected
+    });
+    engine.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--hostname",
+        "web",
+        "--network",
+        "mesh",
+        "-p",
+        "9080:8000",
+        "--label",
+        "mesh.service=web",
+        "--label",
+        "mesh.port=8000/tcp",
+        "--label",
+        "mesh.publish=8080:8000/tcp",
+        WHOAMI_IMAGE,
+        "serve",
+        "--http",
+        "8000",
+    ]);
+    agent.wait_for("8080 published", Duration::from_secs(60), |s| {
+        s.services
+            .iter()
+            .any(|x| x.name == "web" && !x.published.is_empty())
+    });
+    let outside = underlay.outside(100);
+    println!(
+        "\npublished port on one Docker host, HTTP GET with a new connection each, {requests} requests \
+         from {clients} clients outside the cluster (CPU: the whole machine, client included)"
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>11}  the replica saw the client as",
+        "", "req/s", "p50", "p99", "CPU/req"
+    );
+    for (name, port) in [
+        ("mesh (XDP DNAT, mesh.publish)", 8080u16),
+        ("Docker -p (iptables DNAT, docker-proxy)", 9080),
+    ] {
+        let to = SocketAddr::from(([192, 168, 91, 1], port));
+        // Warm-up; the last answer says how the replica saw the client.
+        let seen = outside.run(|| {
+            let mut seen = String::new();
+            for _ in 0..50 {
+                if let Ok(body) = get(to) {
+                    seen = body;
+                }
+            }
+            seen
+        });
+        let (busy0, _) = cpu_ticks();
+        let start = Instant::now();
+        let per = requests / clients;
+        let results: Vec<Result<Duration, String>> = outside.run(|| {
+            let handles: Vec<_> = (0..clients)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        (0..per)
+                            .map(|_| {
+                                let t = Instant::now();
+                                get(to).map(|_| t.elapsed())
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("client thread"))
+                .collect()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        let (busy1, _) = cpu_ticks();
+        let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{name}: {} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        let mut lat: Vec<Duration> = results.into_iter().filter_map(Result::ok).collect();
+        lat.sort();
+        let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_us = (busy1 - busy0) as f64 / hz * 1e6 / lat.len() as f64;
+        println!(
+            "{name:<44} {:>9.0} {:>7.2}ms {:>7.2}ms {:>9.0}µs  {}",
+            lat.len() as f64 / secs,
+            q(0.5).as_secs_f64() * 1e3,
+            q(0.99).as_secs_f64() * 1e3,
+            cpu_us,
+            seen.split_whitespace().nth(1).unwrap_or("?")
+        );
+    }
+    drop(agent);
+}
