@@ -117,8 +117,16 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         None => previous,
     };
     let claim = settle_claim(&membership, &node_id, cfg.cluster_cidr, mine, interval).await?;
-    std::fs::create_dir_all(&cfg.state_dir).ok();
-    let _ = std::fs::write(&claim_file, subnet::encode(&claim));
+    // The claim must survive a restart (or the /24 could change under the
+    // `mesh` network): failing to keep it is an error, not a warning.
+    std::fs::create_dir_all(&cfg.state_dir)
+        .and_then(|()| std::fs::write(&claim_file, subnet::encode(&claim)))
+        .with_context(|| {
+            format!(
+                "keeping this node's /24 claim in {} (--state-dir must be writable and persistent)",
+                claim_file.display()
+            )
+        })?;
     let node_subnet = subnet::subnet(cfg.cluster_cidr, claim.index);
     let local = LocalNode {
         subnet_be: u32::from(node_subnet.base).to_be(),

@@ -37,14 +37,25 @@ impl Daemon {
             vips: &self.vips,
             vip_cidr: self.settings.vip_cidr,
         });
+        let mut vips_failed = None;
         if st.vips != self.vips {
-            self.vips = st.vips.clone();
-            save_vips(&self.settings.state_dir, &self.vips);
+            // Kept before anything uses them: a VIP must never move, even
+            // after a restart. A failed write fails the pass (retried).
+            match save_vips(&self.settings.state_dir, &st.vips) {
+                Ok(()) => self.vips = st.vips.clone(),
+                Err(e) => {
+                    vips_failed = Some(format!(
+                        "keeping the VIPs in {}: {e}",
+                        vips_file(&self.settings.state_dir).display()
+                    ))
+                }
+            }
         }
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = st.zone.clone();
         // The tables first: a container's packets are only accepted once
         // its address and veth are in the kernel (anti-spoofing).
         let mut failed = self.write_tables(&st, &peers);
+        failed.extend(vips_failed);
         for &ifindex in &st.veths {
             if let Err(e) = self.attachments.ensure(&mut self.ebpf, ifindex) {
                 warn!(ifindex, error = %e, "could not attach the TC programs");
@@ -284,14 +295,9 @@ pub(super) fn load_vips(dir: &Path) -> BTreeMap<String, Ipv4Addr> {
         .unwrap_or_default()
 }
 
-fn save_vips(dir: &Path, vips: &BTreeMap<String, Ipv4Addr>) {
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join("vips.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(vips)?)?;
-        std::fs::rename(tmp, vips_file(dir))
-    };
-    if let Err(e) = write() {
-        warn!(dir = %dir.display(), error = %e, "could not save the VIP assignments");
-    }
+fn save_vips(dir: &Path, vips: &BTreeMap<String, Ipv4Addr>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("vips.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(vips)?)?;
+    std::fs::rename(tmp, vips_file(dir))
 }
