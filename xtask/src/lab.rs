@@ -196,25 +196,10 @@ pub fn down() -> Result<()> {
     // dockerd leaves namespace files bind-mounted in its exec root (nsfs):
     // a directory holding one cannot be removed, and a leftover node
     // directory made `lab status` report engines that were gone.
-    for m in mounts_under(&[RUN, LIB]) {
-        let _ = Cmd::new("umount").args(["-l", &m]).ok();
-    }
+    mesh_lab::engine::unmount_under(&[Path::new(RUN), Path::new(LIB)]);
     let _ = fs::remove_dir_all(RUN);
     let _ = fs::remove_dir_all(LIB);
     Ok(())
-}
-
-/// Mount points under any of `dirs`, deepest first.
-fn mounts_under(dirs: &[&str]) -> Vec<String> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|m| dirs.iter().any(|d| m.starts_with(&format!("{d}/"))))
-        .map(str::to_owned)
-        .collect();
-    v.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    v
 }
 
 /// Runs a command in node N's namespace with DOCKER_HOST set to its engine.
