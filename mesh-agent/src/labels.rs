@@ -87,6 +87,27 @@ pub enum LabelError {
     Conflict { port: u16, proto: Proto },
     #[error("{0} is set but {SERVICE} is not")]
     NoService(&'static str),
+    #[error("{label} lists {count} ports; at most {MAX_PORTS} per container")]
+    TooMany { label: &'static str, count: usize },
+}
+
+/// Ports one container may list in `mesh.port` or `mesh.publish`: every
+/// port is a service, a ring and an entry on every node, so a label with
+/// thousands would cost every node (a 20,000-port label made the ring batch
+/// fail on every pass everywhere). Beyond it, the container is skipped with
+/// the reason.
+pub const MAX_PORTS: usize = 32;
+
+/// The comma-separated specs of `label`, at most [`MAX_PORTS`].
+fn specs<'a>(label: &'static str, value: &'a str) -> Result<Vec<&'a str>, LabelError> {
+    let specs: Vec<&str> = value.split(',').collect();
+    if specs.len() > MAX_PORTS {
+        return Err(LabelError::TooMany {
+            label,
+            count: specs.len(),
+        });
+    }
+    Ok(specs)
 }
 
 /// Parses a container's labels: `Ok(None)` when it is not a mesh service.
@@ -161,7 +182,7 @@ fn proto(label: &'static str, value: &str, s: Option<&str>) -> Result<Proto, Lab
 
 fn port_list(value: &str) -> Result<Vec<PortMap>, LabelError> {
     let mut out: Vec<PortMap> = Vec::new();
-    for spec in value.split(',') {
+    for spec in specs(PORT, value)? {
         let (ports, p) = match spec.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (spec, None),
@@ -195,7 +216,7 @@ fn port_list(value: &str) -> Result<Vec<PortMap>, LabelError> {
 
 fn publish_list(value: &str) -> Result<Vec<Publish>, LabelError> {
     let mut out: Vec<Publish> = Vec::new();
-    for spec in value.split(',') {
+    for spec in specs(PUBLISH, value)? {
         let (ports, p) = match spec.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (spec, None),
@@ -232,6 +253,40 @@ fn publish_list(value: &str) -> Result<Vec<Publish>, LabelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_lists_a_bounded_number_of_ports() {
+        let many: Vec<String> = (1..=20_000).map(|p| p.to_string()).collect();
+        let l = labels(&[("mesh.service", "web"), ("mesh.port", &many.join(","))]);
+        let e = parse(&l).expect_err("20,000 ports are refused");
+        assert_eq!(
+            e.to_string(),
+            "mesh.port lists 20000 ports; at most 32 per container"
+        );
+        let ok: Vec<String> = (1..=32).map(|p| p.to_string()).collect();
+        let l = labels(&[("mesh.service", "web"), ("mesh.port", &ok.join(","))]);
+        assert_eq!(
+            parse(&l)
+                .expect("32 are fine")
+                .expect("a service")
+                .ports
+                .len(),
+            32
+        );
+        let publish: Vec<String> = (1..=33).map(|p| format!("{}:80", 30000 + p)).collect();
+        let l = labels(&[
+            ("mesh.service", "web"),
+            ("mesh.port", "80"),
+            ("mesh.publish", &publish.join(",")),
+        ]);
+        assert!(matches!(
+            parse(&l),
+            Err(LabelError::TooMany {
+                label: "mesh.publish",
+                count: 33
+            })
+        ));
+    }
 
     fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter()
