@@ -67,8 +67,11 @@ fn outside(l: &LocalNode, ip_be: u32) -> bool {
 /// on a published port: the service that answers it. Balanced at the
 /// container's veth like a VIP, replies restored to the node's address.
 #[inline(always)]
-pub fn published_at_node(t: &Tuple) -> Option<u32> {
-    let l = tunnel::local()?;
+pub fn published_at_node(l: &LocalNode, t: &Tuple) -> Option<u32> {
+    // Node addresses are outside the cluster CIDR: containers pay nothing.
+    if !outside(l, t.dst_be) {
+        return None;
+    }
     // SAFETY: plain data written by the agent.
     if t.dst_be != l.underlay_ip_be && unsafe { PEERS.get(&t.dst_be) }.is_none() {
         return None;
@@ -312,16 +315,15 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
 /// and sent to the client (`CT_F_INGRESS`), or tunnelled back to the node
 /// the flow came in through (`CT_F_RETURN`). `None`: not one.
 #[inline(always)]
-pub fn reply_out(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
-    let l = tunnel::local()?;
+pub fn reply_out(ctx: &TcContext, l: &LocalNode, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
     let t = &pk.t;
-    if !outside(&l, t.dst_be) {
+    if !outside(l, t.dst_be) {
         return None;
     }
     let e = ct::reply_entry(t, pk.tcp_flags)?;
     if e.flags & CT_F_INGRESS != 0 {
         let r = nat::translate(ctx, pk.l4_off, t, End::Src, (e.nat_ip_be, e.nat_port_be))
-            .and_then(|()| to_client(ctx, &l, e.nat_ip_be, t));
+            .and_then(|()| to_client(ctx, l, e.nat_ip_be, t));
         if r.is_ok() {
             lb::count_service(e.service_id, ctx.len() as u32, false);
             bump(Stat::IngressReply);
@@ -330,8 +332,8 @@ pub fn reply_out(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> 
     }
     if e.flags & CT_F_RETURN != 0 {
         return Some(
-            clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, &l)
-                .and_then(|()| return_to(ctx, &l, e.nat_ip_be, pk.route_hash())),
+            clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)
+                .and_then(|()| return_to(ctx, l, e.nat_ip_be, pk.route_hash())),
         );
     }
     None

@@ -100,15 +100,21 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         return hairpin_reply(ctx, &pk);
     }
     // SAFETY: map values are plain data; the agent replaces them atomically.
-    let service = match unsafe { SERVICES.get(&key) } {
-        Some(svc) => Some(svc.id),
-        // A node's address and a published port: balanced here, as a VIP
-        // (the routing mesh from inside the cluster).
-        None => crate::ingress::published_at_node(&t),
-    };
+    let svc = unsafe { SERVICES.get(&key) }.map(|s| s.id);
+    // Only needed off the VIP path: read once for the checks below.
+    let local = if svc.is_none() { tunnel::local() } else { None };
+    // A node's address and a published port: balanced here, as a VIP (the
+    // routing mesh from inside the cluster).
+    let service = svc.or_else(|| {
+        local
+            .as_ref()
+            .and_then(|l| crate::ingress::published_at_node(l, &t))
+    });
     let Some(service_id) = service else {
         // A backend's reply to a client of the routing mesh.
-        if let Some(r) = crate::ingress::reply_out(ctx, &pk) {
+        if let Some(l) = &local
+            && let Some(r) = crate::ingress::reply_out(ctx, l, &pk)
+        {
             return r;
         }
         // A new direct flow: only a TCP SYN (without ACK) or any UDP
