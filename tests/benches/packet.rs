@@ -151,7 +151,6 @@ fn main() {
 /// run would see the packet its previous run rewrote), averaged, with the
 /// counters checked to have moved on the path each row names, every run.
 fn routing_mesh() {
-    const RUNS: u16 = 2_000;
     let mut h = Harness::new();
     ingress::install(&mut h);
     let node = fixtures::overlay::HERE_UNDERLAY;
@@ -219,10 +218,12 @@ fn routing_mesh() {
     );
 }
 
+/// Single runs per routing-mesh row.
+const RUNS: u32 = 2_000;
+
 /// One row of [`routing_mesh`]: `RUNS` single runs of XDP on `packets(i)`,
 /// averaged; every counter of `path` must move once per run.
 fn one_run_row(h: &mut Harness, name: &str, packets: &dyn Fn(u16) -> Vec<u8>, path: &[Stat]) {
-    const RUNS: u32 = 2_000;
     let path: Vec<(Stat, u64)> = path.iter().map(|s| (*s, 1)).collect();
     let ns = h
         .time_path(Prog::XdpUnderlay, &|i| packets(i as u16), RUNS, &path)

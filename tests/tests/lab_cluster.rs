@@ -289,30 +289,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // Drain through the published port: a replica that keeps serving 3 s
     // after SIGTERM is stopped during a loop from outside; no request
     // fails, and none reaches it later than 1 s after the stop.
-    e1.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        "d1",
-        "--hostname",
-        "d1",
-        "--network",
-        "mesh",
-        "--label",
-        labels[0],
-        "--label",
-        labels[1],
-        "--label",
-        labels[2],
-        WHOAMI_IMAGE,
-        "serve",
-        "--tcp",
-        "80",
-        "--udp",
-        "80",
-        "--term-delay-ms",
-        "3000",
-    ]);
+    let d1 = mesh_lab::whoami::run_args_serving("d1", &labels, &[], &["--term-delay-ms", "3000"]);
+    e1.docker_ok(&d1.iter().map(String::as_str).collect::<Vec<_>>());
     whoami(&agents[2], 4);
     let drain_to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
     let loop_start = Instant::now();

@@ -119,12 +119,6 @@ impl LbMaps {
             .map_err(map_err(maps::PUBLISHED.name))
     }
 
-    pub fn remove_published(&mut self, key: &PublishedKey) -> Result<(), MapsError> {
-        self.published
-            .remove(key)
-            .map_err(map_err(maps::PUBLISHED.name))
-    }
-
     /// Every published port the kernel has.
     pub fn read_published(
         &self,

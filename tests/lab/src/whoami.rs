@@ -9,6 +9,16 @@ pub const HTTP_PORT: u16 = 8000;
 /// network (serving TCP and UDP on port 80, HTTP on [`HTTP_PORT`]), with
 /// `labels` and `extra` docker flags.
 pub fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {
+    run_args_serving(name, labels, extra, &[])
+}
+
+/// [`run_args`] with more `whoami serve` flags (e.g. `--term-delay-ms`).
+pub fn run_args_serving(
+    name: &str,
+    labels: &[&str],
+    extra: &[&str],
+    serve: &[&str],
+) -> Vec<String> {
     let mut args: Vec<String> = ["run", "-d", "--name", name, "--hostname", name]
         .iter()
         .chain(&["--network", "mesh"])
@@ -31,6 +41,7 @@ pub fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {
             "8000",
         ]
         .iter()
+        .chain(serve)
         .map(|s| s.to_string()),
     );
     args
