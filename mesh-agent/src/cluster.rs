@@ -53,6 +53,10 @@ pub struct Cluster {
     pub local: LocalNode,
     pub cluster_cidr: Cidr,
     pub stats: Arc<GossipStats>,
+    /// This node's /24 claim as published.
+    pub claim: subnet::Claim,
+    /// Where the claim is kept (removed when the claim is lost).
+    pub claim_file: PathBuf,
 }
 
 /// Starts gossip and settles a /24; returns it with the cluster.
@@ -146,6 +150,8 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         local,
         cluster_cidr: cfg.cluster_cidr,
         stats,
+        claim,
+        claim_file,
     };
     Ok((node_subnet, cluster))
 }

@@ -6,8 +6,11 @@ use std::{collections::HashMap, net::Ipv4Addr, path::Path, time::Duration};
 use bollard::{
     Docker,
     container::{InspectContainerOptions, ListContainersOptions},
-    models::{ContainerInspectResponse, HealthStatusEnum, Ipam, IpamConfig},
-    network::{CreateNetworkOptions, InspectNetworkOptions},
+    models::{ContainerInspectResponse, EndpointSettings, HealthStatusEnum, Ipam, IpamConfig},
+    network::{
+        ConnectNetworkOptions, CreateNetworkOptions, DisconnectNetworkOptions,
+        InspectNetworkOptions,
+    },
 };
 use tracing::{info, warn};
 
@@ -67,14 +70,16 @@ pub async fn connect(socket: &Path) -> Docker {
 }
 
 /// Makes sure the `mesh` bridge network with this node's subnet exists.
-/// A network of that name with another driver or subnet is never touched.
+/// The agent's own network (labelled [`MANAGED`]) on another subnet is
+/// moved to this one with its containers (this node took a new /24, see
+/// `daemon::pass::give_up_subnet`); any other network of that name is
+/// never touched.
 pub async fn ensure_network(
     d: &Docker,
     subnet: Cidr,
     bridge: &str,
     mtu: u32,
 ) -> Result<(), DockerError> {
-    let gateway = Ipv4Addr::from(u32::from(subnet.base) + 1);
     match d
         .inspect_network(NETWORK, None::<InspectNetworkOptions<String>>)
         .await
@@ -88,46 +93,128 @@ pub async fn ensure_network(
                 .into_iter()
                 .filter_map(|c| c.subnet)
                 .collect();
-            if driver != "bridge" || subnets != [subnet.to_string()] {
+            if driver == "bridge" && subnets == [subnet.to_string()] {
+                info!(network = NETWORK, %subnet, "mesh network present");
+                return Ok(());
+            }
+            let ours = net
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get(MANAGED).is_some_and(|v| v == "true"));
+            if !ours || driver != "bridge" {
                 return Err(DockerError::Conflict {
                     what: format!("driver {driver:?} and subnets {subnets:?}"),
                     want: format!("driver \"bridge\" and subnet {subnet}"),
                 });
             }
-            info!(network = NETWORK, %subnet, "mesh network present");
-            Ok(())
+            renumber(d, &subnets, subnet, bridge, mtu).await
         }
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
-        }) => {
-            let opts = CreateNetworkOptions {
-                name: NETWORK.to_string(),
-                check_duplicate: true,
-                driver: "bridge".to_string(),
-                ipam: Ipam {
-                    config: Some(vec![IpamConfig {
-                        subnet: Some(subnet.to_string()),
-                        gateway: Some(gateway.to_string()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                },
-                options: HashMap::from([
-                    (
-                        "com.docker.network.bridge.name".to_string(),
-                        bridge.to_string(),
-                    ),
-                    ("com.docker.network.driver.mtu".to_string(), mtu.to_string()),
-                ]),
-                labels: HashMap::from([(MANAGED.to_string(), "true".to_string())]),
-                ..Default::default()
-            };
-            d.create_network(opts).await?;
-            info!(network = NETWORK, %subnet, %gateway, bridge, mtu, "created the mesh network");
-            Ok(())
-        }
+        }) => create(d, subnet, bridge, mtu).await,
         Err(e) => Err(e.into()),
     }
+}
+
+async fn create(d: &Docker, subnet: Cidr, bridge: &str, mtu: u32) -> Result<(), DockerError> {
+    let gateway = Ipv4Addr::from(u32::from(subnet.base) + 1);
+    let opts = CreateNetworkOptions {
+        name: NETWORK.to_string(),
+        check_duplicate: true,
+        driver: "bridge".to_string(),
+        ipam: Ipam {
+            config: Some(vec![IpamConfig {
+                subnet: Some(subnet.to_string()),
+                gateway: Some(gateway.to_string()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        options: HashMap::from([
+            (
+                "com.docker.network.bridge.name".to_string(),
+                bridge.to_string(),
+            ),
+            ("com.docker.network.driver.mtu".to_string(), mtu.to_string()),
+        ]),
+        labels: HashMap::from([(MANAGED.to_string(), "true".to_string())]),
+        ..Default::default()
+    };
+    d.create_network(opts).await?;
+    info!(network = NETWORK, %subnet, %gateway, bridge, mtu, "created the mesh network");
+    Ok(())
+}
+
+/// Moves the agent's `mesh` network to `subnet`: every container on it
+/// (running or not) is disconnected, the network made anew, and each
+/// container connected again with its aliases; Docker gives it an address
+/// in the new /24. Running containers keep running; their open
+/// connections over the old address end.
+async fn renumber(
+    d: &Docker,
+    old: &[String],
+    subnet: Cidr,
+    bridge: &str,
+    mtu: u32,
+) -> Result<(), DockerError> {
+    warn!(network = NETWORK, ?old, new = %subnet, "this node's /24 changed: moving the mesh network and its containers");
+    let list = d
+        .list_containers(Some(ListContainersOptions::<String> {
+            all: true,
+            filters: HashMap::from([("network".to_string(), vec![NETWORK.to_string()])]),
+            ..Default::default()
+        }))
+        .await?;
+    let mut moved = Vec::new();
+    for c in list {
+        let Some(id) = c.id else { continue };
+        let name = c
+            .names
+            .and_then(|n| n.first().cloned())
+            .unwrap_or_else(|| id.clone());
+        let old_ep = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(NETWORK));
+        let aliases = old_ep.as_ref().and_then(|e| e.aliases.clone());
+        let old_ip = old_ep.and_then(|e| e.ip_address).unwrap_or_default();
+        d.disconnect_network(
+            NETWORK,
+            DisconnectNetworkOptions {
+                container: id.clone(),
+                force: true,
+            },
+        )
+        .await?;
+        moved.push((id, name, aliases, old_ip));
+    }
+    d.remove_network(NETWORK).await?;
+    create(d, subnet, bridge, mtu).await?;
+    for (id, name, aliases, old_ip) in moved {
+        let r = d
+            .connect_network(
+                NETWORK,
+                ConnectNetworkOptions {
+                    container: id.clone(),
+                    endpoint_config: EndpointSettings {
+                        aliases,
+                        ..Default::default()
+                    },
+                },
+            )
+            .await;
+        match r {
+            Ok(()) => {
+                info!(container = %name, %old_ip, new = %subnet, "container moved to the new /24")
+            }
+            // One container that cannot come back (removed meanwhile) does
+            // not keep the others out.
+            Err(e) => {
+                warn!(container = %name, error = %e, "could not connect the container to the mesh network again")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Container health as Docker reports it.

@@ -103,23 +103,54 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
     }
     if let Some(g) = &sh.gossip {
         use std::sync::atomic::Ordering::Relaxed;
-        out.push_str("# HELP mesh_gossip_datagrams_total Gossip datagrams received and sent.\n# TYPE mesh_gossip_datagrams_total counter\n");
+        for (name, help, received, sent) in [
+            (
+                "mesh_gossip_datagrams_total",
+                "Gossip datagrams received and sent.",
+                &g.received,
+                &g.sent,
+            ),
+            (
+                "mesh_gossip_bytes_total",
+                "Gossip bytes received and sent (sealed datagrams).",
+                &g.bytes_received,
+                &g.bytes_sent,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (direction, v) in [("received", received), ("sent", sent)] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{direction=\"{direction}\"}} {}",
+                    v.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP mesh_gossip_split_total Gossip messages sent as two datagrams.\n# TYPE mesh_gossip_split_total counter\n");
+        let _ = writeln!(out, "mesh_gossip_split_total {}", g.split.load(Relaxed));
+        out.push_str("# HELP mesh_gossip_withheld_total Gossip replies to unknown addresses sent without state.\n# TYPE mesh_gossip_withheld_total counter\n");
         let _ = writeln!(
             out,
-            "mesh_gossip_datagrams_total{{direction=\"received\"}} {}",
-            g.received.load(Relaxed)
+            "mesh_gossip_withheld_total {}",
+            g.withheld.load(Relaxed)
         );
-        let _ = writeln!(
-            out,
-            "mesh_gossip_datagrams_total{{direction=\"sent\"}} {}",
-            g.sent.load(Relaxed)
-        );
+        out.push_str("# HELP mesh_gossip_ignored_total What peers published and this node ignored, by kind.\n# TYPE mesh_gossip_ignored_total counter\n");
+        for kind in ["claim", "endpoint", "identity"] {
+            let _ = writeln!(
+                out,
+                "mesh_gossip_ignored_total{{kind=\"{kind}\"}} {}",
+                sh.gossip_ignored.get(kind).copied().unwrap_or(0)
+            );
+        }
         out.push_str("# HELP mesh_gossip_dropped_total Gossip datagrams dropped, by reason.\n# TYPE mesh_gossip_dropped_total counter\n");
         for (reason, v) in [
             ("garbage", &g.garbage),
             ("bad_auth", &g.bad_auth),
             ("undecodable", &g.undecodable),
             ("oversize", &g.oversize),
+            ("replayed", &g.replayed),
+            ("stale", &g.stale),
+            ("misaddressed", &g.misaddressed),
         ] {
             let _ = writeln!(
                 out,

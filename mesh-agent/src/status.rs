@@ -15,6 +15,10 @@ pub struct Status {
     /// or a host process or Docker's own `-p` listens on it).
     #[serde(default)]
     pub publish_conflicts: Vec<String>,
+    /// What peers published and this node ignored (foreign endpoints,
+    /// contested or invalid /24 claims, a name taken by another host).
+    #[serde(default)]
+    pub gossip_ignored: Vec<String>,
     pub reconcile: ReconcileStatus,
     pub event_to_map_ms: Latency,
 }

@@ -1,7 +1,10 @@
 //! Gossip between agents with a real chitchat cluster on the loopback of a
 //! namespace this test creates (needs root): sealed with the cluster key,
 //! a wrong key never joins, garbage is dropped and counted, a silent node
-//! leaves the live set within the configured time.
+//! leaves the live set within the configured time; a captured datagram
+//! replayed is refused, so is one sent on to another node; a host taking
+//! another node's name is ignored; 5,000 endpoints of one node reach the
+//! others.
 
 use std::{
     net::SocketAddr,
@@ -10,9 +13,14 @@ use std::{
 };
 
 use chitchat::ChitchatHandle;
-use mesh_agent::gossip::{
-    GossipConfig, start,
-    transport::{ClusterKey, GossipStats},
+use mesh_agent::{
+    gossip::{
+        GossipConfig,
+        peers::{self, Endpoint},
+        start,
+        transport::{ClusterKey, GossipStats},
+    },
+    labels::Proto,
 };
 use mesh_tests::netns::{Netns, unique};
 
@@ -36,6 +44,8 @@ async fn live(h: &ChitchatHandle) -> Vec<String> {
     h.with_chitchat(|c| {
         let mut v: Vec<String> = c.live_nodes().map(|id| id.node_id.to_string()).collect();
         v.sort();
+        // One name, whatever its generations.
+        v.dedup();
         v
     })
     .await
@@ -143,6 +153,224 @@ fn sealed_gossip_membership_and_failure_detection() {
                 "a silent node left the live set after {t:?} (configured about {DEAD_AFTER:?})"
             );
             assert!(t <= Duration::from_secs(5), "within 5 s");
+        });
+    });
+}
+
+/// A node at its own loopback address, 127.0.0.N:7000, seeded by node 1.
+fn at(n: u8, id: &str, key: [u8; 32]) -> GossipConfig {
+    let addr: SocketAddr = format!("127.0.0.{n}:7000").parse().expect("addr");
+    GossipConfig {
+        node_id: id.into(),
+        listen: addr,
+        advertise: addr,
+        seeds: vec!["127.0.0.1:7000".into()],
+        key: ClusterKey::from_bytes(key),
+        cluster_id: "test".into(),
+        interval: GossipConfig::interval_for(DEAD_AFTER),
+        dead_after: DEAD_AFTER,
+    }
+}
+
+/// The payload of the first UDP datagram on lo from `src` to `dst`
+/// (AF_PACKET, as an eavesdropper on the underlay would capture it), within
+/// 5 seconds.
+fn capture(sock: i32, src: [u8; 4], dst: ([u8; 4], u16)) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 70_000];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        // SAFETY: recv writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let p = &buf[..n as usize];
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        if p.len() < ihl + 8 || p[9] != 17 || p[12..16] != src || p[16..20] != dst.0 {
+            continue;
+        }
+        let udp = &p[ihl..];
+        if u16::from_be_bytes([udp[2], udp[3]]) == dst.1 {
+            return Some(udp[8..].to_vec());
+        }
+    }
+    None
+}
+
+fn packet_socket() -> i32 {
+    // SAFETY: plain socket calls; the fd is closed by the caller.
+    unsafe {
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            i32::from((libc::ETH_P_IP as u16).to_be()),
+        );
+        assert!(s >= 0, "AF_PACKET socket");
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        s
+    }
+}
+
+#[test]
+fn replays_impostors_and_large_states() {
+    let ns = Netns::new(&unique("mgr"));
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let key = [5u8; 32];
+            let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
+            let sniffer = packet_socket();
+            let mut nodes = Vec::new();
+            for n in 1..=3u8 {
+                let kvs = vec![("underlay".to_string(), format!("127.0.0.{n}"))];
+                nodes.push(
+                    start(at(n, &format!("node{n}"), key), kvs, stats[n as usize - 1].clone())
+                        .await
+                        .expect("gossip starts"),
+                );
+            }
+            let all = ["node1", "node2", "node3"];
+            let t = wait_for("three nodes", Duration::from_secs(10), async || {
+                for h in &nodes {
+                    if live(h).await != all {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            println!("3 nodes at their own addresses converged in {t:?}");
+            let withheld = stats[0].withheld.load(Ordering::Relaxed);
+            println!("node1 answered {withheld} replies to not-yet-known addresses without state");
+            assert!(withheld > 0, "nodes 2 and 3 were unknown to node 1 at first");
+
+            // An eavesdropper captures a datagram from node2 to node1 and
+            // sends it again: to node1 (a replay) and to node3.
+            let captured = std::thread::spawn(move || {
+                let d = capture(sniffer, [127, 0, 0, 2], ([127, 0, 0, 1], 7000));
+                // SAFETY: closing our own fd.
+                unsafe { libc::close(sniffer) };
+                d
+            })
+            .join()
+            .expect("capture thread")
+            .expect("a datagram from node2 to node1 within 5 s");
+            let attacker = tokio::net::UdpSocket::bind("127.0.0.2:0")
+                .await
+                .expect("bind");
+            let (r1, m3) = (
+                stats[0].replayed.load(Ordering::Relaxed),
+                stats[2].misaddressed.load(Ordering::Relaxed),
+            );
+            for _ in 0..3 {
+                attacker
+                    .send_to(&captured, "127.0.0.1:7000")
+                    .await
+                    .expect("send");
+                attacker
+                    .send_to(&captured, "127.0.0.3:7000")
+                    .await
+                    .expect("send");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let replayed = stats[0].replayed.load(Ordering::Relaxed) - r1;
+            let misaddressed = stats[2].misaddressed.load(Ordering::Relaxed) - m3;
+            println!(
+                "a captured datagram sent again 3 times: node1 refused {replayed} as replays, node3 {misaddressed} as misaddressed"
+            );
+            assert_eq!(replayed, 3);
+            assert_eq!(misaddressed, 3);
+
+            // Another host joins under node2's name: ignored, node2 stays
+            // where it is.
+            let impostor = start(
+                at(9, "node2", key),
+                vec![("underlay".to_string(), "127.0.0.9".to_string())],
+                stats[3].clone(),
+            )
+            .await
+            .expect("starts");
+            let ignored = wait_for(
+                "node1 sees the impostor's generation",
+                Duration::from_secs(10),
+                async || {
+                    let peers = nodes[0]
+                        .with_chitchat(|c| {
+                            let live = c.live_nodes_watcher().borrow().clone();
+                            peers::from_states("node1", &live)
+                        })
+                        .await;
+                    let p = &peers["node2"];
+                    assert_eq!(p.underlay, Some("127.0.0.2".parse().expect("ip")));
+                    !p.ignored.is_empty()
+                },
+            )
+            .await;
+            println!("a second host named node2 was ignored after {ignored:?}");
+            impostor.shutdown().await.expect("shutdown");
+
+            // 5,000 endpoints on node3 reach node1.
+            let eps: Vec<(String, String)> = (0..5_000u32)
+                .map(|i| {
+                    let ep = Endpoint {
+                        service: format!("service-{}", i % 50),
+                        created: "2026-11-30T00:00:00.000000000Z".into(),
+                        ip: std::net::Ipv4Addr::from(0x0a2a_0000 + i),
+                        ports: vec![(80, 8080, Proto::Tcp), (443, 8443, Proto::Tcp)],
+                        state: 0,
+                        publish: vec![],
+                    };
+                    (
+                        peers::endpoint_key(&ep),
+                        serde_json::to_string(&ep).expect("json"),
+                    )
+                })
+                .collect();
+            let bytes: usize = eps.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let sent0 = stats[2].bytes_sent.load(Ordering::Relaxed);
+            nodes[2]
+                .with_chitchat(|c| {
+                    for (k, v) in &eps {
+                        c.self_node_state().set(k, v);
+                    }
+                })
+                .await;
+            let t = wait_for(
+                "5,000 endpoints of node3 on node1",
+                Duration::from_secs(60),
+                async || {
+                    let peers = nodes[0]
+                        .with_chitchat(|c| {
+                            let live = c.live_nodes_watcher().borrow().clone();
+                            peers::from_states("node1", &live)
+                        })
+                        .await;
+                    peers.get("node3").is_some_and(|p| p.endpoints.len() == 5_000)
+                },
+            )
+            .await;
+            println!(
+                "5,000 endpoints ({} KB of key-values) of one node reached another in {t:?}; node3 sent {} KB meanwhile, {} messages in two datagrams, {} oversize",
+                bytes / 1000,
+                (stats[2].bytes_sent.load(Ordering::Relaxed) - sent0) / 1000,
+                stats[2].split.load(Ordering::Relaxed),
+                stats[2].oversize.load(Ordering::Relaxed),
+            );
+            assert_eq!(stats[2].oversize.load(Ordering::Relaxed), 0);
+            assert_eq!(live(&nodes[0]).await, all, "still a cluster");
         });
     });
 }

@@ -1,6 +1,9 @@
 //! Three Docker hosts on one underlay, each with its agent run as the
 //! container the lab and the README run (needs root): the many-host
 //! acceptance of the overlay work. Every loop is bounded.
+//!
+//! It ends with two nodes that took the same /24 while apart: one holder
+//! everywhere, the other node moves to a free /24 with its containers.
 
 use std::time::{Duration, Instant};
 
@@ -673,4 +676,59 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     );
     let (_, errors) = e3.ask("tcp", &target, 30, 0);
     assert_eq!(errors.len(), 0, "still serving");
+
+    // Two nodes that took the same /24 while apart. Simulated: node 3's
+    // agent comes back with a saved claim on node 1's /24, older than node
+    // 1's (as a node that held it before a partition would). Every node
+    // keeps node 3 on it; node 1 gives it up, its agent restarts, claims a
+    // free /24 and moves its mesh network and containers there.
+    let s1 = agents[0].status().expect("node 1").node.subnet;
+    let index1: u32 = s1
+        .split('.')
+        .nth(2)
+        .and_then(|x| x.parse().ok())
+        .expect("10.42.X.0/24");
+    let w1_before = ip_of(e1, "w1");
+    e3.docker_ok(&["stop", "mesh-agent"]);
+    std::fs::write(e3.dir.join("state/subnet"), format!("{index1} 1")).expect("claim");
+    e3.docker_ok(&["start", "mesh-agent"]);
+    let t = Instant::now();
+    agents[2].wait_for("node 3 holds node 1's /24", WAIT, |s| {
+        s.node.subnet == s1 && s.docker.connected
+    });
+    let st1 = agents[0].wait_for("node 1 moved to a free /24", WAIT, |s| {
+        !s.node.subnet.is_empty() && s.node.subnet != s1 && s.docker.connected
+    });
+    println!(
+        "conflicting claims on {s1}: node 3 kept it, node 1 moved to {} after {:?}",
+        st1.node.subnet,
+        t.elapsed()
+    );
+    let subnets: std::collections::BTreeSet<String> = agents
+        .iter()
+        .filter_map(|a| a.status().map(|s| s.node.subnet))
+        .collect();
+    assert_eq!(subnets.len(), 3, "three distinct /24s: {subnets:?}");
+    let logs = agents[0].log_text();
+    assert!(
+        logs.contains("also claimed by node n3"),
+        "node 1 says why it moved"
+    );
+    let w1_after = ip_of(e1, "w1");
+    let prefix = st1.node.subnet.trim_end_matches("0/24");
+    println!("w1 moved from {w1_before} to {w1_after}");
+    assert!(
+        w1_after.starts_with(prefix),
+        "{w1_after} in {}",
+        st1.node.subnet
+    );
+    // Everything answers again: node 1's replicas at their new addresses,
+    // the client on node 3 at its new one.
+    whoami(&agents[2], 4);
+    let (names, errors) = e3.ask("tcp", &target, 200, 0);
+    println!("tcp: 200 requests to the VIP after the renumbering: {names:?}");
+    assert!(errors.is_empty(), "100% through the VIP: {errors:?}");
+    assert_eq!(names.len(), 4, "every replica: {names:?}");
+    let ping = e3.docker(&["exec", "client", "ping", "-c", "2", "-W", "2", &w1_after]);
+    assert!(ping.status.success(), "client -> w1 at its new address");
 }

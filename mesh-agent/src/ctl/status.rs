@@ -64,6 +64,12 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
             let _ = writeln!(out, "  {c}");
         }
     }
+    if !st.gossip_ignored.is_empty() {
+        out.push_str("\n\nignored from gossip:\n");
+        for c in &st.gossip_ignored {
+            out.push_str(&format!("  {c}\n"));
+        }
+    }
     if !st.skipped.is_empty() {
         out.push_str("\n\nskipped containers:\n");
         for s in &st.skipped {

@@ -64,6 +64,8 @@ pub struct Shared {
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
     pub sweep: Option<Arc<crate::conntrack::sweep::SweepStats>>,
+    /// Gossip content ignored, by kind (claim, endpoint, identity).
+    pub gossip_ignored: BTreeMap<&'static str, u64>,
 }
 
 /// Starts the control socket and /metrics: they answer from the start,
@@ -107,8 +109,8 @@ struct Written {
     local_eps: BTreeMap<u32, LocalEndpoint>,
     /// The routing mesh's ports.
     published: BTreeMap<PublishedKey, Published>,
-    /// Our endpoints as last published in gossip.
-    endpoints: String,
+    /// Our endpoints as last published in gossip (key -> JSON).
+    endpoints: BTreeMap<String, String>,
 }
 
 pub struct Daemon {
@@ -129,6 +131,8 @@ pub struct Daemon {
     pending_events: Vec<i64>,
     /// A pass left something unwritten: the retry tick runs another.
     retry: bool,
+    /// Why the agent must stop (this node lost its /24 to an older claim).
+    fatal: Option<String>,
 }
 
 impl Daemon {
@@ -158,7 +162,7 @@ impl Daemon {
                 .into_iter()
                 .map(|(k, service_id)| (k, Published { service_id }))
                 .collect(),
-            endpoints: String::new(),
+            endpoints: BTreeMap::new(),
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
         let vips = pass::load_vips(&settings.state_dir);
@@ -177,6 +181,7 @@ impl Daemon {
             dns_started: false,
             pending_events: Vec::new(),
             retry: false,
+            fatal: None,
         })
     }
 
@@ -222,6 +227,9 @@ impl Daemon {
                         "listed the mesh containers"
                     );
                     self.pass();
+                    if let Some(why) = self.fatal.take() {
+                        anyhow::bail!(why);
+                    }
                 }
                 Err(e) => {
                     warn!(error = %e, "listing containers failed; reconnecting");
@@ -229,14 +237,17 @@ impl Daemon {
                     continue;
                 }
             }
-            self.follow(&d, since).await;
+            if let Some(why) = self.follow(&d, since).await {
+                anyhow::bail!(why);
+            }
             self.set_docker(false);
             warn!("lost the Docker event stream; reconnecting");
         }
     }
 
-    /// The loop: Docker events, membership changes, periodic jobs.
-    async fn follow(&mut self, d: &bollard::Docker, since: u64) {
+    /// The loop: Docker events, membership changes, periodic jobs. Returns
+    /// when the event stream ends (None) or the agent must stop (why).
+    async fn follow(&mut self, d: &bollard::Docker, since: u64) -> Option<String> {
         use futures_util::StreamExt;
         let mut events = d.events(Some(events::options(since)));
         let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
@@ -250,7 +261,7 @@ impl Daemon {
                     self.pass();
                 }
                 ev = events.next() => {
-                    let Some(Ok(ev)) = ev else { return };
+                    let Some(Ok(ev)) = ev else { return None };
                     let mut changed = self.on_event(d, ev).await;
                     // Take whatever else is already queued before the pass.
                     while let Some(Some(Ok(ev))) = futures_util::FutureExt::now_or_never(events.next()) {
@@ -264,6 +275,9 @@ impl Daemon {
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
                 }
+            }
+            if self.fatal.is_some() {
+                return self.fatal.take();
             }
         }
     }

@@ -14,7 +14,11 @@ use tracing::{debug, error, info, warn};
 use super::Daemon;
 use crate::{
     desired::{self, Inputs, State},
-    gossip::peers::{self, Peer},
+    gossip::{
+        authority::{self, Rejection},
+        peers::{self, Peer},
+        subnet::Claim,
+    },
     reconcile::{self, table},
     veth,
 };
@@ -24,11 +28,17 @@ impl Daemon {
     pub(super) fn pass(&mut self) {
         let start = Instant::now();
         self.resolve_veths();
-        let peers: BTreeMap<String, Peer> = self
-            .cluster
-            .as_ref()
-            .map(|c| c.membership.peers())
-            .unwrap_or_default();
+        let peers: BTreeMap<String, Peer> = match &self.cluster {
+            Some(c) => {
+                let v = authority::vet(c.membership.peers(), c.cluster_cidr, Some(&c.claim));
+                self.report_ignored(&v.rejected);
+                if let Some(w) = &v.lost_to {
+                    self.give_up_subnet(w);
+                }
+                v.peers
+            }
+            None => BTreeMap::new(),
+        };
         let st = desired::compute(&Inputs {
             containers: &self.docker.containers,
             draining: &self.docker.draining,
@@ -177,16 +187,82 @@ impl Daemon {
     /// Publishes this node's endpoints in gossip when they changed.
     fn publish(&mut self, st: &State) {
         let Some(c) = &self.cluster else { return };
-        let json = serde_json::to_string(&st.endpoints).unwrap_or_default();
-        if json == self.written.endpoints {
+        if self.fatal.is_some() {
             return;
         }
-        if c.membership.try_set(peers::KEY_ENDPOINTS, &json) {
-            self.written.endpoints = json;
+        let want: BTreeMap<String, String> = st
+            .endpoints
+            .iter()
+            .filter_map(|e| Some((peers::endpoint_key(e), serde_json::to_string(e).ok()?)))
+            .collect();
+        let set: Vec<(String, String)> = want
+            .iter()
+            .filter(|(k, v)| self.written.endpoints.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let delete: Vec<String> = self
+            .written
+            .endpoints
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        if set.is_empty() && delete.is_empty() {
+            return;
+        }
+        if c.membership.try_update(&set, &delete) {
+            self.written.endpoints = want;
         } else {
             // Busy gossiping: the retry tick tries again.
             self.retry = true;
         }
+    }
+
+    /// Logs and counts what gossip said that was ignored, once per new
+    /// rejection; the current list goes to `meshctl status`.
+    fn report_ignored(&mut self, rejected: &[Rejection]) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let now: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        for (r, line) in rejected.iter().zip(&now) {
+            if !sh.status.gossip_ignored.contains(line) {
+                warn!(node = %r.node, kind = r.kind, reason = %r.reason, "ignored from gossip");
+                *sh.gossip_ignored.entry(r.kind).or_default() += 1;
+            }
+        }
+        sh.status.gossip_ignored = now;
+    }
+
+    /// Another node holds this node's /24 with an older claim (two nodes
+    /// took the same /24 while apart): this node gives it up. The agent
+    /// forgets its claim and stops; restarted (its container's restart
+    /// policy), it claims a free /24 and moves the `mesh` network there
+    /// (`docker::ensure_network`): its containers stay up and get addresses
+    /// in the new /24, DNS follows. Until then nothing here is published.
+    fn give_up_subnet(&mut self, winner: &Claim) {
+        let Some(c) = &self.cluster else { return };
+        if self.fatal.is_some() {
+            return;
+        }
+        let mine = crate::gossip::subnet::subnet(c.cluster_cidr, c.claim.index);
+        let why = format!(
+            "this node's /24 {mine} is also claimed by node {} with an older claim (made at {} ms, \
+             ours at {} ms): giving it up; the agent stops and, restarted, claims a free /24 and \
+             moves the mesh network and its containers there (their addresses change)",
+            winner.node, winner.since_ms, c.claim.since_ms
+        );
+        error!("{why}");
+        if let Err(e) = std::fs::remove_file(&c.claim_file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            error!(path = %c.claim_file.display(), error = %e, "could not forget the lost claim");
+        }
+        // Withdraw this node's endpoints now: they are in a /24 it no
+        // longer holds.
+        let delete: Vec<String> = self.written.endpoints.keys().cloned().collect();
+        if c.membership.try_update(&[], &delete) {
+            self.written.endpoints.clear();
+        }
+        self.fatal = Some(why);
     }
 
     /// Status, metrics labels, logs.

@@ -160,6 +160,7 @@ fn node_table_skips_incomplete_peers_and_our_own_subnet() {
             since_ms: 0,
         }),
         endpoints: Vec::new(),
+        ignored: Vec::new(),
     };
     let peers: BTreeMap<String, Peer> = [
         ("n2".to_string(), peer(2)),

@@ -16,7 +16,12 @@ pub trait Membership: Send {
     fn peers(&self) -> BTreeMap<String, Peer>;
     /// Sets one of this node's keys now if the gossip state is free;
     /// `false` when it is busy (try again on the next tick).
-    fn try_set(&self, key: &str, value: &str) -> bool;
+    fn try_set(&self, key: &str, value: &str) -> bool {
+        self.try_update(&[(key.to_owned(), value.to_owned())], &[])
+    }
+    /// Sets and deletes some of this node's keys at once if the gossip
+    /// state is free; `false` when it is busy.
+    fn try_update(&self, set: &[(String, String)], delete: &[String]) -> bool;
     /// Sets one of this node's keys, waiting for the gossip state.
     fn set<'a>(
         &'a self,
@@ -51,12 +56,18 @@ impl Membership for Chitchat {
         peers::from_states(&self.node_id, &self.live.borrow())
     }
 
-    fn try_set(&self, key: &str, value: &str) -> bool {
+    fn try_update(&self, set: &[(String, String)], delete: &[String]) -> bool {
         let chitchat = self.handle.chitchat();
         let Ok(mut g) = chitchat.try_lock() else {
             return false;
         };
-        g.self_node_state().set(key, value);
+        let me = g.self_node_state();
+        for (k, v) in set {
+            me.set(k, v);
+        }
+        for k in delete {
+            me.delete(k);
+        }
         true
     }
 

@@ -1,15 +1,22 @@
 //! Cluster membership by gossip (chitchat: versioned per-node key-values,
 //! phi-accrual failure detection), sealed with the cluster key.
 
+pub mod authority;
 pub mod membership;
 pub mod peers;
+pub mod replay;
 pub mod subnet;
 pub mod transport;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
-use transport::{ClusterKey, GossipStats, Sealed};
+use transport::{ClusterKey, GossipStats, KnownPeers, Sealed};
 
 /// How this node gossips.
 #[derive(Clone)]
@@ -74,9 +81,60 @@ pub async fn start(
         catchup_callback: None,
         extra_liveness_predicate: None,
     };
+    let known = Arc::new(KnownPeers::default());
+    let mut seeds = seed_ips(&cfg.seeds).await;
+    known.replace(seeds.clone());
     let transport = Sealed {
         key: cfg.key,
         stats,
+        known: known.clone(),
     };
-    spawn_chitchat(config, kvs, &transport).await
+    let handle = spawn_chitchat(config, kvs, &transport).await?;
+    // Replies carry state only to the cluster's nodes (every node of the
+    // cluster state, dead ones included) and the seeds.
+    let state = Arc::downgrade(&handle.chitchat());
+    let interval = cfg.interval;
+    let seed_names = cfg.seeds;
+    tokio::spawn(async move {
+        let mut resolved = Instant::now();
+        loop {
+            tokio::time::sleep(interval).await;
+            if resolved.elapsed() >= Duration::from_secs(30) {
+                seeds = seed_ips(&seed_names).await;
+                resolved = Instant::now();
+            }
+            let Some(chitchat) = state.upgrade() else {
+                break;
+            };
+            let mut ips: HashSet<IpAddr> = chitchat
+                .lock()
+                .await
+                .node_states()
+                .keys()
+                .map(|id| id.gossip_advertise_addr.ip())
+                .collect();
+            drop(chitchat);
+            ips.extend(seeds.iter().copied());
+            known.replace(ips);
+        }
+    });
+    Ok(handle)
+}
+
+/// The addresses of the seeds (`HOST:PORT`), resolving names (bounded in
+/// time: a seed that does not resolve is left out until the next try).
+async fn seed_ips(seeds: &[String]) -> HashSet<IpAddr> {
+    let mut out = HashSet::new();
+    for s in seeds {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            out.insert(a.ip());
+            continue;
+        }
+        if let Ok(Ok(addrs)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(s.as_str())).await
+        {
+            out.extend(addrs.map(|a| a.ip()));
+        }
+    }
+    out
 }

@@ -1,8 +1,11 @@
 //! What nodes publish about themselves in gossip, and reading it back.
 //!
 //! Keys: `underlay` (IPv4), `mac` (the underlay NIC's MAC), `subnet`
-//! (`INDEX SINCE_MS`, see `subnet.rs`), `endpoints` (JSON list of this
-//! node's service backends).
+//! (`INDEX SINCE_MS`, see `subnet.rs`), and one key per backend,
+//! `ep:ADDRESS` (its [`Endpoint`] as JSON): a change to one container
+//! gossips one small value, and a node's endpoints are never one value too
+//! large for a datagram. (Agents before per-endpoint keys published one
+//! `endpoints` list; it is still read.)
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -13,7 +16,15 @@ use crate::labels::Proto;
 pub const KEY_UNDERLAY: &str = "underlay";
 pub const KEY_MAC: &str = "mac";
 pub const KEY_SUBNET: &str = "subnet";
+/// The list of endpoints of older agents.
 pub const KEY_ENDPOINTS: &str = "endpoints";
+/// Prefix of the per-endpoint keys.
+pub const EP_PREFIX: &str = "ep:";
+
+/// The gossip key of one of this node's endpoints.
+pub fn endpoint_key(e: &Endpoint) -> String {
+    format!("{EP_PREFIX}{}", e.ip)
+}
 
 /// One backend of a service on some node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +50,8 @@ pub struct Peer {
     pub mac: Option<[u8; 6]>,
     pub subnet: Option<super::subnet::Claim>,
     pub endpoints: Vec<Endpoint>,
+    /// Generations of this node ignored, and why (see [`from_states`]).
+    pub ignored: Vec<String>,
 }
 
 /// The live peers (not `me`) from chitchat's live-node states. Several
@@ -46,6 +59,11 @@ pub struct Peer {
 /// time) are merged: the newest tells where the node is, and the
 /// endpoints of all of them count until the old one times out, so a quick
 /// restart never withdraws a node's backends.
+///
+/// A node's name is bound to its underlay address: a generation whose
+/// underlay is not the address it gossips from, or differs from that of
+/// an older live generation of the same name (another host taking the
+/// name), is ignored and named in `ignored`.
 pub fn from_states(
     me: &str,
     live: &BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
@@ -57,7 +75,25 @@ pub fn from_states(
             continue;
         }
         let p = out.entry(id.node_id.to_string()).or_default();
-        if let Some(ip) = state.get(KEY_UNDERLAY).and_then(|v| v.parse().ok()) {
+        let underlay: Option<Ipv4Addr> = state.get(KEY_UNDERLAY).and_then(|v| v.parse().ok());
+        if let Some(ip) = underlay {
+            let from = id.gossip_advertise_addr.ip();
+            if from != std::net::IpAddr::V4(ip) {
+                p.ignored.push(format!(
+                    "generation {} gossips from {from} but names {ip} as its underlay",
+                    id.generation_id
+                ));
+                continue;
+            }
+            if let Some(bound) = p.underlay
+                && bound != ip
+            {
+                p.ignored.push(format!(
+                    "generation {} at {ip} while the node is at {bound}",
+                    id.generation_id
+                ));
+                continue;
+            }
             p.underlay = Some(ip);
         }
         if let Some(mac) = state
@@ -72,11 +108,18 @@ pub fn from_states(
         {
             p.subnet = Some(c);
         }
-        if let Some(eps) = state
+        let listed = state
             .get(KEY_ENDPOINTS)
             .and_then(|v| serde_json::from_str::<Vec<Endpoint>>(v).ok())
-        {
-            for e in eps {
+            .unwrap_or_default();
+        let keyed = state
+            .iter_prefix(EP_PREFIX)
+            .filter_map(|(_, v)| serde_json::from_str::<Endpoint>(&v.value).ok());
+        if p.endpoints.is_empty() {
+            p.endpoints.extend(listed.into_iter().chain(keyed));
+        } else {
+            // A second live generation of the node: the union.
+            for e in listed.into_iter().chain(keyed) {
                 if !p.endpoints.contains(&e) {
                     p.endpoints.push(e);
                 }

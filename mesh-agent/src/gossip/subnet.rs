@@ -52,7 +52,7 @@ fn preferred(node: &str, n: u32) -> u32 {
 }
 
 /// Whether `a` beats `b` for the same /24.
-fn beats(a: &Claim, b: &Claim) -> bool {
+pub fn beats(a: &Claim, b: &Claim) -> bool {
     (a.since_ms, &a.node) < (b.since_ms, &b.node)
 }
 

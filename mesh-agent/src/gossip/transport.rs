@@ -1,16 +1,30 @@
 //! Gossip over UDP, every datagram authenticated and encrypted with the
 //! cluster key (ChaCha20-Poly1305): `MAGIC | nonce (12) | ciphertext+tag`.
 //!
+//! Inside the seal, a header before chitchat's message: the part (whole,
+//! first or second of two), the sender's session and counter and its send
+//! time (replay protection, `replay.rs`) and the destination address (a
+//! datagram captured on its way to one node is refused by every other).
+//! chitchat fills messages up to the largest UDP payload; one that does not
+//! fit once sealed goes as two datagrams, put together again on receipt.
+//!
+//! A reply (SynAck, Ack) to an address that is not a known node's (a
+//! node of the cluster state, or a seed) carries no state: a spoofed source
+//! never gets more bytes back than it sent. The peer answers with its own
+//! state, which makes it known for the next round.
+//!
 //! A datagram that is too short, has no magic, does not authenticate (the
-//! wrong key, or garbage) or does not decode is dropped and counted; the
-//! receive loop never stops for it.
+//! wrong key, or garbage), is replayed, stale or misaddressed, or does not
+//! decode is dropped and counted; the receive loop never stops for it.
 
 use std::{
-    net::SocketAddr,
+    collections::{HashSet, VecDeque},
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context;
@@ -24,13 +38,25 @@ use chitchat::{
 };
 use tracing::debug;
 
-const MAGIC: &[u8; 4] = b"MSH1";
+use super::replay::{Replay, Verdict};
+
+const MAGIC: &[u8; 4] = b"MSH2";
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// Bound to the key: a message for another purpose never authenticates.
-const AAD: &[u8] = b"mesh gossip v1";
+const AAD: &[u8] = b"mesh gossip v2";
 /// Largest UDP payload over IPv4.
 const MAX_DATAGRAM: usize = 65_507;
+/// part (1) | session (8) | counter (8) | sent_ms (8) | destination (16).
+const HEADER_LEN: usize = 41;
+/// Most message bytes one datagram carries.
+const MAX_PART: usize = MAX_DATAGRAM - MAGIC.len() - NONCE_LEN - TAG_LEN - HEADER_LEN;
+const WHOLE: u8 = 0;
+const FIRST: u8 = 1;
+const SECOND: u8 = 2;
+/// First halves waiting for their second one, and for how long.
+const MAX_PARTIAL: usize = 16;
+const PARTIAL_TTL: Duration = Duration::from_secs(2);
 
 /// A 32-byte cluster key.
 #[derive(Clone)]
@@ -66,25 +92,58 @@ impl ClusterKey {
     }
 }
 
-/// Gossip datagrams dropped, by reason (for /metrics and tests).
+/// Gossip datagrams by what became of them (for /metrics and tests).
 #[derive(Debug, Default)]
 pub struct GossipStats {
     pub received: AtomicU64,
     pub sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
     /// Shorter than a header, or no magic.
     pub garbage: AtomicU64,
     /// Did not authenticate: the wrong cluster key, or tampered.
     pub bad_auth: AtomicU64,
-    /// Authenticated but not a gossip message.
+    /// Authenticated but not a gossip message (or half of one that never
+    /// found its other half).
     pub undecodable: AtomicU64,
-    /// Too large to send once sealed.
+    /// Too large to send even in two datagrams.
     pub oversize: AtomicU64,
+    /// Seen before (a replay), or too many senders to remember.
+    pub replayed: AtomicU64,
+    /// Sent longer ago (or later) than the freshness window: a replay, or
+    /// a clock far off.
+    pub stale: AtomicU64,
+    /// Sealed for another address than any of this node's.
+    pub misaddressed: AtomicU64,
+    /// Messages sent as two datagrams.
+    pub split: AtomicU64,
+    /// Replies to unknown addresses sent without their state.
+    pub withheld: AtomicU64,
+}
+
+/// The addresses replies may carry state to: the cluster's nodes and the
+/// seeds. Kept current by [`super::start`].
+#[derive(Debug, Default)]
+pub struct KnownPeers(RwLock<HashSet<IpAddr>>);
+
+impl KnownPeers {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+
+    pub fn replace(&self, ips: HashSet<IpAddr>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ips;
+    }
 }
 
 /// A chitchat transport that seals every datagram with the cluster key.
 pub struct Sealed {
     pub key: ClusterKey,
     pub stats: Arc<GossipStats>,
+    pub known: Arc<KnownPeers>,
 }
 
 #[async_trait::async_trait]
@@ -97,62 +156,209 @@ impl Transport for Sealed {
             .map_err(|e| anyhow::anyhow!("cluster key: {e}"))?;
         Ok(Box::new(SealedSocket {
             socket,
-            cipher,
-            stats: self.stats.clone(),
+            tx: Sender::new(cipher.clone(), self.stats.clone()),
+            rx: Receiver::new(cipher, self.stats.clone(), listen.ip()),
+            known: self.known.clone(),
             buf: vec![0u8; MAX_DATAGRAM],
         }))
     }
 }
 
+/// This node's own addresses, for the destination check.
+struct Local {
+    /// The listen address, when it is a specific one.
+    only: Option<IpAddr>,
+    cache: Vec<IpAddr>,
+    refreshed: Option<Instant>,
+}
+
+impl Local {
+    fn new(listen: IpAddr) -> Self {
+        Local {
+            only: (!listen.is_unspecified()).then_some(listen),
+            cache: Vec::new(),
+            refreshed: None,
+        }
+    }
+
+    fn owns(&mut self, ip: IpAddr) -> bool {
+        if let Some(only) = self.only {
+            return ip == only;
+        }
+        if self.cache.contains(&ip) {
+            return true;
+        }
+        // An address added since: look again, at most once a second.
+        if self
+            .refreshed
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.cache = crate::iface::local_addrs();
+            self.refreshed = Some(Instant::now());
+        }
+        self.cache.contains(&ip)
+    }
+}
+
 struct SealedSocket {
     socket: tokio::net::UdpSocket,
-    cipher: ChaCha20Poly1305,
-    stats: Arc<GossipStats>,
+    tx: Sender,
+    rx: Receiver,
+    known: Arc<KnownPeers>,
     buf: Vec<u8>,
 }
 
-fn random_nonce() -> [u8; NONCE_LEN] {
-    let mut n = [0u8; NONCE_LEN];
-    // SAFETY: getrandom writes at most `len` bytes into our buffer.
-    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), NONCE_LEN, 0) };
-    if got != NONCE_LEN as isize {
+/// Seals messages into datagrams: this agent's session and counter.
+struct Sender {
+    cipher: ChaCha20Poly1305,
+    stats: Arc<GossipStats>,
+    session: u64,
+    counter: u64,
+}
+
+/// Opens datagrams: the replay windows, halves waiting for their other
+/// half, this node's addresses.
+struct Receiver {
+    cipher: ChaCha20Poly1305,
+    stats: Arc<GossipStats>,
+    replay: Replay,
+    /// (session, counter, bytes, when) of first halves.
+    partial: VecDeque<(u64, u64, Vec<u8>, Instant)>,
+    local: Local,
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut n = [0u8; N];
+    // SAFETY: getrandom writes at most `N` bytes into our buffer.
+    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), N, 0) };
+    if got != N as isize {
         // Never reuse a nonce silently: mix the clock in as a last resort.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        n.copy_from_slice(&t.to_le_bytes()[..NONCE_LEN]);
+            .unwrap_or(0)
+            .to_le_bytes();
+        for (i, b) in n.iter_mut().enumerate() {
+            *b ^= t[i % t.len()];
+        }
     }
     n
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The header inside the seal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    part: u8,
+    session: u64,
+    counter: u64,
+    sent_ms: u64,
+    dest: IpAddr,
+}
+
+impl Header {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.part);
+        out.extend_from_slice(&self.session.to_be_bytes());
+        out.extend_from_slice(&self.counter.to_be_bytes());
+        out.extend_from_slice(&self.sent_ms.to_be_bytes());
+        let dest = match self.dest {
+            IpAddr::V4(a) => a.to_ipv6_mapped(),
+            IpAddr::V6(a) => a,
+        };
+        out.extend_from_slice(&dest.octets());
+    }
+
+    fn read(b: &[u8]) -> Option<(Header, &[u8])> {
+        let (h, rest) = b.split_at_checked(HEADER_LEN)?;
+        let u64_at = |i: usize| {
+            h.get(i..i + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_be_bytes)
+        };
+        let dest: [u8; 16] = h.get(25..41)?.try_into().ok()?;
+        let dest = std::net::Ipv6Addr::from(dest);
+        Some((
+            Header {
+                part: h[0],
+                session: u64_at(1)?,
+                counter: u64_at(9)?,
+                sent_ms: u64_at(17)?,
+                dest: dest.to_ipv4_mapped().map_or(IpAddr::V6(dest), IpAddr::V4),
+            },
+            rest,
+        ))
+    }
+}
+
+fn seal(cipher: &ChaCha20Poly1305, h: &Header, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut plain = Vec::with_capacity(HEADER_LEN + body.len());
+    h.write(&mut plain);
+    plain.extend_from_slice(body);
+    let nonce = random::<NONCE_LEN>();
+    let sealed = cipher
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: &plain,
+                aad: AAD,
+            },
+        )
+        .map_err(|_| anyhow::anyhow!("sealing a gossip message"))?;
+    let mut datagram = Vec::with_capacity(MAGIC.len() + NONCE_LEN + sealed.len());
+    datagram.extend_from_slice(MAGIC);
+    datagram.extend_from_slice(&nonce);
+    datagram.extend_from_slice(&sealed);
+    Ok(datagram)
+}
+
+/// A reply to an unknown address, without the state it would carry.
+fn withhold(msg: ChitchatMessage) -> (ChitchatMessage, bool) {
+    match msg {
+        ChitchatMessage::SynAck { .. } => (
+            ChitchatMessage::SynAck {
+                digest: Default::default(),
+                delta: Default::default(),
+            },
+            true,
+        ),
+        ChitchatMessage::Ack { .. } => (
+            ChitchatMessage::Ack {
+                delta: Default::default(),
+            },
+            true,
+        ),
+        other => (other, false),
+    }
 }
 
 #[async_trait::async_trait]
 impl Socket for SealedSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
-        let mut plain = Vec::with_capacity(msg.serialized_len());
-        msg.serialize(&mut plain);
-        let nonce = random_nonce();
-        let sealed = self
-            .cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: &plain,
-                    aad: AAD,
-                },
-            )
-            .map_err(|_| anyhow::anyhow!("sealing a gossip message"))?;
-        if MAGIC.len() + NONCE_LEN + sealed.len() > MAX_DATAGRAM {
-            self.stats.oversize.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let mut datagram = Vec::with_capacity(MAGIC.len() + NONCE_LEN + sealed.len());
-        datagram.extend_from_slice(MAGIC);
-        datagram.extend_from_slice(&nonce);
-        datagram.extend_from_slice(&sealed);
-        // A send failure is transient (a peer gone, no route yet).
-        if self.socket.send_to(&datagram, to).await.is_ok() {
-            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let msg = if self.known.contains(to.ip()) {
+            msg
+        } else {
+            let (m, cut) = withhold(msg);
+            if cut {
+                self.tx.stats.withheld.fetch_add(1, Ordering::Relaxed);
+            }
+            m
+        };
+        for datagram in self.tx.seal(to.ip(), &msg)? {
+            // A send failure is transient (a peer gone, no route yet).
+            if self.socket.send_to(&datagram, to).await.is_ok() {
+                self.tx.stats.sent.fetch_add(1, Ordering::Relaxed);
+                self.tx
+                    .stats
+                    .bytes_sent
+                    .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -166,16 +372,30 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
-            match open(&self.cipher, &self.buf[..len]) {
-                Ok(msg) => {
-                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let stats = self.rx.stats.clone();
+            match self.rx.accept(&self.buf[..len]) {
+                Ok(Some(msg)) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .bytes_received
+                        .fetch_add(len as u64, Ordering::Relaxed);
                     return Ok((from, msg));
                 }
+                Ok(None) => {
+                    // The first half of a message: wait for the second.
+                    stats
+                        .bytes_received
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
                 Err(reason) => {
+                    let s = &stats;
                     let counter = match reason {
-                        Reject::Garbage => &self.stats.garbage,
-                        Reject::Auth => &self.stats.bad_auth,
-                        Reject::Decode => &self.stats.undecodable,
+                        Reject::Garbage => &s.garbage,
+                        Reject::Auth => &s.bad_auth,
+                        Reject::Decode => &s.undecodable,
+                        Reject::Replayed => &s.replayed,
+                        Reject::Stale => &s.stale,
+                        Reject::Misaddressed => &s.misaddressed,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     debug!(%from, len, ?reason, "gossip datagram dropped");
@@ -185,19 +405,121 @@ impl Socket for SealedSocket {
     }
 }
 
+impl Sender {
+    fn new(cipher: ChaCha20Poly1305, stats: Arc<GossipStats>) -> Self {
+        Sender {
+            cipher,
+            stats,
+            session: u64::from_le_bytes(random::<8>()),
+            counter: 0,
+        }
+    }
+
+    /// The datagrams that carry `msg` to `dest`: one, or two when it does
+    /// not fit one once sealed (none, counted, beyond that).
+    fn seal(&mut self, dest: IpAddr, msg: &ChitchatMessage) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut body = Vec::with_capacity(msg.serialized_len());
+        msg.serialize(&mut body);
+        let parts: Vec<(u8, &[u8])> = if body.len() <= MAX_PART {
+            vec![(WHOLE, &body[..])]
+        } else if body.len() <= 2 * MAX_PART {
+            self.stats.split.fetch_add(1, Ordering::Relaxed);
+            let (a, b) = body.split_at(MAX_PART);
+            vec![(FIRST, a), (SECOND, b)]
+        } else {
+            self.stats.oversize.fetch_add(1, Ordering::Relaxed);
+            return Ok(Vec::new());
+        };
+        let sent_ms = now_ms();
+        parts
+            .into_iter()
+            .map(|(part, bytes)| {
+                self.counter += 1;
+                let h = Header {
+                    part,
+                    session: self.session,
+                    counter: self.counter,
+                    sent_ms,
+                    dest,
+                };
+                seal(&self.cipher, &h, bytes)
+            })
+            .collect()
+    }
+}
+
+impl Receiver {
+    fn new(cipher: ChaCha20Poly1305, stats: Arc<GossipStats>, listen: IpAddr) -> Self {
+        Receiver {
+            cipher,
+            stats,
+            replay: Replay::default(),
+            partial: VecDeque::new(),
+            local: Local::new(listen),
+        }
+    }
+
+    /// One datagram: a message, half of one (None), or why it is dropped.
+    fn accept(&mut self, datagram: &[u8]) -> Result<Option<ChitchatMessage>, Reject> {
+        let plain = open(&self.cipher, datagram)?;
+        let (h, body) = Header::read(&plain).ok_or(Reject::Decode)?;
+        if !self.local.owns(h.dest) {
+            return Err(Reject::Misaddressed);
+        }
+        match self.replay.check(h.session, h.counter, h.sent_ms, now_ms()) {
+            Verdict::Fresh => {}
+            Verdict::Replayed | Verdict::Full => return Err(Reject::Replayed),
+            Verdict::Stale => return Err(Reject::Stale),
+        }
+        let whole = match h.part {
+            WHOLE => body.to_vec(),
+            FIRST => {
+                self.partial
+                    .retain(|(_, _, _, t)| t.elapsed() < PARTIAL_TTL);
+                if self.partial.len() >= MAX_PARTIAL {
+                    self.partial.pop_front();
+                    self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+                self.partial
+                    .push_back((h.session, h.counter, body.to_vec(), Instant::now()));
+                return Ok(None);
+            }
+            SECOND => {
+                let i = self
+                    .partial
+                    .iter()
+                    .position(|(s, c, _, _)| *s == h.session && *c + 1 == h.counter)
+                    .ok_or(Reject::Decode)?;
+                let (_, _, mut first, _) = self.partial.remove(i).ok_or(Reject::Decode)?;
+                first.extend_from_slice(body);
+                first
+            }
+            _ => return Err(Reject::Decode),
+        };
+        let mut slice = whole.as_slice();
+        ChitchatMessage::deserialize(&mut slice)
+            .map(Some)
+            .map_err(|_| Reject::Decode)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reject {
     Garbage,
     Auth,
     Decode,
+    Replayed,
+    Stale,
+    Misaddressed,
 }
 
-fn open(cipher: &ChaCha20Poly1305, datagram: &[u8]) -> Result<ChitchatMessage, Reject> {
+/// Authenticates and decrypts one datagram.
+fn open(cipher: &ChaCha20Poly1305, datagram: &[u8]) -> Result<Vec<u8>, Reject> {
     if datagram.len() < MAGIC.len() + NONCE_LEN + TAG_LEN || &datagram[..MAGIC.len()] != MAGIC {
         return Err(Reject::Garbage);
     }
     let (nonce, sealed) = datagram[MAGIC.len()..].split_at(NONCE_LEN);
-    let plain = cipher
+    cipher
         .decrypt(
             <&Nonce>::try_from(nonce).map_err(|_| Reject::Garbage)?,
             Payload {
@@ -205,9 +527,7 @@ fn open(cipher: &ChaCha20Poly1305, datagram: &[u8]) -> Result<ChitchatMessage, R
                 aad: AAD,
             },
         )
-        .map_err(|_| Reject::Auth)?;
-    let mut slice = plain.as_slice();
-    ChitchatMessage::deserialize(&mut slice).map_err(|_| Reject::Decode)
+        .map_err(|_| Reject::Auth)
 }
 
 #[cfg(test)]
@@ -231,51 +551,117 @@ mod tests {
         }
     }
 
+    fn pair(key: [u8; 32], listen: &str) -> (Sender, Receiver) {
+        let c = ChaCha20Poly1305::new_from_slice(&key).expect("key");
+        let stats = Arc::new(GossipStats::default());
+        (
+            Sender::new(c.clone(), stats.clone()),
+            Receiver::new(c, stats, listen.parse().expect("ip")),
+        )
+    }
+
+    fn one(tx: &mut Sender, dest: &str, msg: &ChitchatMessage) -> Vec<u8> {
+        let mut d = tx.seal(dest.parse().expect("ip"), msg).expect("seal");
+        assert_eq!(d.len(), 1);
+        d.remove(0)
+    }
+
     #[test]
     fn datagrams_that_do_not_open_are_classified() {
-        let c = ChaCha20Poly1305::new_from_slice(&[1u8; 32]).expect("key");
-        let other = ChaCha20Poly1305::new_from_slice(&[2u8; 32]).expect("key");
+        let (mut tx, mut rx) = pair([1u8; 32], "127.0.0.1");
+        let (_, mut other) = pair([2u8; 32], "127.0.0.1");
         let msg = ChitchatMessage::BadCluster;
-        let mut plain = Vec::new();
-        msg.serialize(&mut plain);
-        let nonce = random_nonce();
-        let sealed = c
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: &plain,
-                    aad: AAD,
-                },
-            )
-            .expect("seal");
-        let datagram = [&MAGIC[..], &nonce, &sealed].concat();
-        assert!(matches!(
-            open(&c, &datagram),
-            Ok(ChitchatMessage::BadCluster)
-        ));
+        let datagram = one(&mut tx, "127.0.0.1", &msg);
         assert_eq!(
-            open(&other, &datagram).err(),
+            other.accept(&datagram).err(),
             Some(Reject::Auth),
             "wrong key"
         );
         let mut flipped = datagram.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert_eq!(open(&c, &flipped).err(), Some(Reject::Auth), "tampered");
-        assert_eq!(open(&c, b"MSH1short").err(), Some(Reject::Garbage));
-        assert_eq!(open(&c, &[0u8; 100]).err(), Some(Reject::Garbage));
-        let junk = c
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: b"\xffjunk",
-                    aad: AAD,
-                },
-            )
-            .expect("seal");
+        assert_eq!(rx.accept(&flipped).err(), Some(Reject::Auth), "tampered");
+        assert_eq!(rx.accept(&datagram), Ok(Some(ChitchatMessage::BadCluster)));
         assert_eq!(
-            open(&c, &[&MAGIC[..], &nonce, &junk].concat()).err(),
-            Some(Reject::Decode)
+            rx.accept(&datagram).err(),
+            Some(Reject::Replayed),
+            "the same datagram twice"
         );
+        assert_eq!(
+            rx.accept(&one(&mut tx, "127.0.0.2", &msg)).err(),
+            Some(Reject::Misaddressed),
+            "sealed for another node"
+        );
+        assert_eq!(rx.accept(b"MSH2short").err(), Some(Reject::Garbage));
+        assert_eq!(rx.accept(&[0u8; 100]).err(), Some(Reject::Garbage));
+        let junk = Header {
+            part: WHOLE,
+            session: 9,
+            counter: 1,
+            sent_ms: now_ms(),
+            dest: "127.0.0.1".parse().expect("ip"),
+        };
+        let sealed = seal(&tx.cipher, &junk, b"\xffjunk").expect("seal");
+        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Decode));
+        let old = Header {
+            counter: 2,
+            sent_ms: now_ms() - 10 * 60_000,
+            ..junk
+        };
+        let sealed = seal(&tx.cipher, &old, b"").expect("seal");
+        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Stale));
+        // Header fields survive the trip.
+        let mut buf = Vec::new();
+        junk.write(&mut buf);
+        assert_eq!(buf.len(), HEADER_LEN);
+        assert_eq!(Header::read(&buf), Some((junk, &[][..])));
+    }
+
+    #[test]
+    fn a_message_too_large_for_one_datagram_goes_in_two() {
+        let (mut tx, mut rx) = pair([1u8; 32], "127.0.0.1");
+        // As large as chitchat makes them: its whole payload budget.
+        let msg = ChitchatMessage::Syn {
+            cluster_id: "x".repeat(65_480),
+            digest: Default::default(),
+        };
+        assert!(msg.serialized_len() > MAX_PART);
+        let parts = tx
+            .seal("127.0.0.1".parse().expect("ip"), &msg)
+            .expect("seal");
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|d| d.len() <= MAX_DATAGRAM));
+        assert_eq!(rx.accept(&parts[0]), Ok(None), "the first half waits");
+        assert_eq!(rx.accept(&parts[1]), Ok(Some(msg)));
+        // A second half alone does not decode.
+        let again = ChitchatMessage::Syn {
+            cluster_id: "y".repeat(65_480),
+            digest: Default::default(),
+        };
+        let parts = tx
+            .seal("127.0.0.1".parse().expect("ip"), &again)
+            .expect("seal");
+        assert_eq!(rx.accept(&parts[1]).err(), Some(Reject::Decode));
+        assert_eq!(tx.stats.split.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn replies_to_unknown_addresses_carry_no_state() {
+        let syn = ChitchatMessage::Syn {
+            cluster_id: "mesh".into(),
+            digest: Default::default(),
+        };
+        let (m, cut) = withhold(syn);
+        assert!(!cut, "a Syn is not a reply");
+        assert!(matches!(m, ChitchatMessage::Syn { .. }));
+        let (m, cut) = withhold(ChitchatMessage::Ack {
+            delta: Default::default(),
+        });
+        assert!(cut);
+        assert!(m.serialized_len() < 8, "{}", m.serialized_len());
+        let known = KnownPeers::default();
+        known.replace(["10.0.0.1".parse().expect("ip")].into());
+        assert!(known.contains("10.0.0.1".parse().expect("ip")));
+        assert!(!known.contains("10.0.0.2".parse().expect("ip")));
     }
 }
