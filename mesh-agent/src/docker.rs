@@ -65,7 +65,8 @@ pub async fn connect(socket: &Path) -> Docker {
             Err(_) => {}
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        // At most a second: a restarted dockerd is back within that.
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 

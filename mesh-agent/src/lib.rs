@@ -13,6 +13,7 @@ pub mod docker;
 pub mod gossip;
 pub mod hostports;
 pub mod iface;
+pub mod kernel;
 pub mod labels;
 pub mod logging;
 pub mod maglev;

@@ -79,8 +79,10 @@ struct Args {
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
-    /// Directory for the agent's own small state (VIP assignments).
-    #[arg(long, env = "MESH_STATE_DIR", default_value = "/run/mesh")]
+    /// Directory for the agent's state that must survive a reboot (VIP
+    /// assignments, this node's /24 claim): persistent storage, mounted
+    /// from the host in the agent's container.
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
     state_dir: PathBuf,
     /// Control socket (meshctl status).
     #[arg(long, env = "MESH_API_SOCKET", default_value = mesh_agent::DEFAULT_API_SOCKET)]
@@ -200,6 +202,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
+    mesh_agent::kernel::check().map_err(anyhow::Error::msg)?;
     if args.vip_cidr.contains(args.cluster_cidr.base)
         || args.cluster_cidr.contains(args.vip_cidr.base)
     {

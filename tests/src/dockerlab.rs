@@ -57,16 +57,43 @@ pub fn whoami_bin() -> PathBuf {
     .clone()
 }
 
-/// The workspace's `mesh-agent` binary (`meshctl` beside it). Test runners build test binaries,
-/// not other packages' binaries, so it is built here (once per test
-/// process; a no-op when it is up to date) unless MESH_AGENT_BIN names one.
+/// The workspace's `mesh-agent` binary (`meshctl` beside it), as released
+/// (the image profile). Test runners build test binaries, not other
+/// packages' binaries, so it is built here (once per test process; a no-op
+/// when it is up to date) unless MESH_AGENT_BIN names one.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        built("MESH_AGENT_BIN", &["-p", "mesh-agent", "--bins"], None)
-            .unwrap_or_else(|| target_dir().join("debug/mesh-agent"))
+        built(
+            "MESH_AGENT_BIN",
+            &[
+                "--profile",
+                lab::image::PROFILE,
+                "-p",
+                "mesh-agent",
+                "--bins",
+            ],
+            None,
+        )
+        .unwrap_or_else(|| target_dir().join(lab::image::PROFILE).join("mesh-agent"))
     })
     .clone()
+}
+
+/// The release agent image archive (`cargo xtask image`): MESH_AGENT_IMAGE,
+/// or made here once per test process.
+pub fn agent_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| match std::env::var_os("MESH_AGENT_IMAGE") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                lab::image::release()
+                    .unwrap_or_else(|e| panic!("{e:#}"))
+                    .tarball
+            }
+        })
+        .clone()
 }
 
 /// The path in `env` if set; otherwise runs `cargo build -q ARGS` (with
@@ -95,7 +122,7 @@ fn built(env: &str, args: &[&str], rustflags: Option<&str>) -> Option<PathBuf> {
 /// A Docker engine in a namespace of its own (the lab library's engine,
 /// with panicking helpers for tests). Stopped and removed on drop.
 pub struct Engine {
-    inner: lab::engine::Engine,
+    pub inner: lab::engine::Engine,
     pub ns: Netns,
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -123,6 +150,13 @@ impl Engine {
             dir,
             socket,
         }
+    }
+
+    /// Restarts dockerd (containers with a restart policy come back).
+    pub fn restart_daemon(&mut self) {
+        self.inner
+            .restart()
+            .unwrap_or_else(|e| panic!("restarting dockerd: {e:#}"));
     }
 
     /// The lab library's engine.
@@ -159,14 +193,11 @@ impl Engine {
         self.import_tree(&root, WHOAMI_IMAGE, Some("/whoami"));
     }
 
-    /// Imports the agent image (the lab's and the README's), built from
-    /// the workspace's binaries.
+    /// Loads the release agent image (the lab's and the README's).
     pub fn import_agent(&self) {
-        let bin = agent_bin();
-        let dir = bin.parent().expect("bin dir");
-        let root =
-            lab::image::agent_tree(dir, &self.dir.join("img")).unwrap_or_else(|e| panic!("{e:#}"));
-        self.import_tree(&root, lab::image::AGENT_IMAGE, Some("/mesh-agent"));
+        self.inner
+            .load(&agent_image())
+            .unwrap_or_else(|e| panic!("loading the agent image: {e:#}"));
     }
 
     /// Imports the directory tree `root` as `image` (FROM scratch).
@@ -337,6 +368,20 @@ impl Agent {
         Agent {
             api_socket: spec.api_socket(),
             bpffs_dir,
+            log: engine.dir.join("agent.log"),
+            run: Run::Container {
+                spec,
+                docker_host: format!("unix://{}", engine.socket.display()),
+            },
+        }
+    }
+
+    /// The agent container `spec` describes, started some other way (the
+    /// compose file).
+    pub fn adopt_container(engine: &Engine, spec: lab::agent::AgentSpec) -> Self {
+        Agent {
+            api_socket: spec.api_socket(),
+            bpffs_dir: PathBuf::from(&spec.bpffs_dir),
             log: engine.dir.join("agent.log"),
             run: Run::Container {
                 spec,

@@ -22,7 +22,7 @@ use mesh_lab::{
     agent::{self, AgentSpec},
     cmd::{Cmd, target_dir},
     engine::{Engine, EngineSpec},
-    image::{self, AGENT_IMAGE, WHOAMI_IMAGE},
+    image::{self, WHOAMI_IMAGE},
     underlay::{self, Underlay},
     whoami,
 };
@@ -101,7 +101,7 @@ pub fn up(count: usize, images: &Images) -> Result<()> {
             .with_context(|| format!("node {n}"))?
             .keep();
         underlay.attach(&e, n as u8)?;
-        e.import(&images.agent, AGENT_IMAGE, Some("/mesh-agent"))?;
+        e.load(&images.agent.tarball)?;
         e.import(&images.whoami, WHOAMI_IMAGE, Some("/whoami"))?;
         println!(
             "lab: node {n} up ({}, engine {})",
@@ -255,19 +255,17 @@ pub fn status() -> Result<()> {
     Ok(())
 }
 
-/// The image trees the lab imports.
+/// The images the lab loads: the release agent image, the whoami tree.
 pub struct Images {
-    pub agent: PathBuf,
+    pub agent: image::Release,
     pub whoami: PathBuf,
 }
 
-/// Builds the agent (with meshctl) and the whoami image trees.
+/// Builds the release agent image and the whoami image tree.
 pub fn build(whoami: &Path) -> Result<Images> {
-    mesh_lab::cmd::cargo(&["build", "-q", "-p", "mesh-agent", "--bins"])?;
-    let target = target_dir();
-    let out = target.join("lab-images");
+    let out = target_dir().join("lab-images");
     Ok(Images {
-        agent: image::agent_tree(&target.join("debug"), &out)?,
+        agent: image::release()?,
         whoami: image::whoami_tree(whoami, &out)?,
     })
 }

@@ -1,6 +1,7 @@
 //! Project chores: `cargo xtask <command>`.
 //!
 //! setup  installs what a fresh Debian bookworm root machine lacks (idempotent)
+//! image  the release agent image (`docker save` archive)
 //! test   setup, lint, packet benchmark, then every test (the CI command)
 //! bench  the packet benchmark
 //! lint   rustfmt and clippy
@@ -24,6 +25,9 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: apt packages, bpf-linker, bpffs, cargo-nextest.
     Setup,
+    /// The release agent image: mesh-agent and meshctl, optimised, FROM
+    /// scratch, written as a `docker save` archive under target/image/.
+    Image,
     /// Setup, lint, benchmark and run every test: what CI runs.
     Test {
         /// Skip rustfmt and clippy.
@@ -90,16 +94,23 @@ fn run(cli: Cli) -> Result<()> {
             }
             bench(10_000)?;
             let whoami = build_whoami()?;
-            // The tests start the agent as a user would: build it first
+            // The tests run the agent as released: build the image once
             // (test runners build only test binaries).
-            cmd::cargo(&["build", "-q", "-p", "mesh-agent", "--bins"])?;
-            let agent = target_dir().join("debug/mesh-agent");
+            let image = image()?;
+            let agent = target_dir()
+                .join(mesh_lab::image::PROFILE)
+                .join("mesh-agent");
             // Last, so its summary closes the output.
             cmd::Cmd::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .args(["nextest", "run", "--no-fail-fast"])
                 .env("MESH_WHOAMI", whoami)
                 .env("MESH_AGENT_BIN", agent)
+                .env("MESH_AGENT_IMAGE", image.tarball)
                 .run()
+        }
+        Cmd::Image => {
+            setup::run()?;
+            image().map(drop)
         }
         Cmd::Bench { repeat } => {
             setup::run()?;
@@ -121,6 +132,23 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Builds the release image and says what it made.
+fn image() -> Result<mesh_lab::image::Release> {
+    let start = std::time::Instant::now();
+    let r = mesh_lab::image::release()?;
+    println!(
+        "image: {} ({:.1} MB, one layer FROM scratch) built in {:.0} s",
+        r.tags.join(", "),
+        r.size as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "image: archive {} (docker load -i it on each host)",
+        r.tarball.display()
+    );
+    Ok(r)
 }
 
 fn lint() -> Result<()> {

@@ -23,6 +23,7 @@ const APT: &[(&str, &str)] = &[
     ("iproute2", "ip netns / veth for packet and lab tests"),
     ("iputils-ping", "ping in tests and the demo"),
     ("docker.io", "the Docker engine for agent and lab tests"),
+    ("docker-compose", "the deploy/ compose file's test"),
     ("tar", "building local test images"),
     ("busybox-static", "a shell and tools inside the test images"),
     ("dnsutils", "dig, a real DNS client for the DNS tests"),

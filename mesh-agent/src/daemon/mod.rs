@@ -221,6 +221,9 @@ impl Daemon {
                 Ok(list) => {
                     let v = &mut self.docker;
                     v.containers = list.into_iter().map(|c| (c.id.clone(), c)).collect();
+                    // After a reconnect (dockerd restarted), containers it
+                    // restarted meanwhile have new veths: find them all again.
+                    v.veths.clear();
                     v.draining.retain(|id| v.containers.contains_key(id));
                     info!(
                         containers = v.containers.len(),

@@ -6,8 +6,8 @@
 //! grant): SYS_ADMIN (load and attach eBPF; Docker 20.10 knows no BPF or
 //! PERFMON), NET_ADMIN, SYS_PTRACE and DAC_READ_SEARCH (containers'
 //! /proc/PID/root), NET_RAW. bpffs and the Docker socket are mounted, the
-//! state dir persists at /run/mesh (VIPs, subnet claim, control socket), the
-//! cluster key is read-only.
+//! state dir persists at /var/lib/mesh (VIPs, subnet claim), the control
+//! socket is in /run/mesh, the cluster key is read-only.
 
 use std::path::PathBuf;
 
@@ -26,7 +26,8 @@ pub struct AgentSpec {
     /// Its bpffs directory (set as MESH_BPFFS_DIR, so `docker exec
     /// mesh-agent /meshctl ...` reads the same pins).
     pub bpffs_dir: String,
-    /// Host directory mounted at /run/mesh (state and control socket).
+    /// Host directory mounted at /var/lib/mesh (the agent's state); its
+    /// `run` subdirectory is mounted at /run/mesh (the control socket).
     pub state_dir: PathBuf,
     /// Host file mounted read-only at [`KEY_PATH`].
     pub key_file: Option<PathBuf>,
@@ -37,7 +38,12 @@ pub struct AgentSpec {
 impl AgentSpec {
     /// The control socket, as seen from the host.
     pub fn api_socket(&self) -> PathBuf {
-        self.state_dir.join("agent.sock")
+        self.run_dir().join("agent.sock")
+    }
+
+    /// Host directory mounted at /run/mesh.
+    pub fn run_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
     }
 }
 
@@ -75,7 +81,8 @@ pub fn run_args(engine: &Engine, spec: &AgentSpec) -> Vec<String> {
     let mut volumes = vec![
         format!("{}:/var/run/docker.sock", engine.socket.display()),
         "/sys/fs/bpf:/sys/fs/bpf".to_string(),
-        format!("{}:/run/mesh", spec.state_dir.display()),
+        format!("{}:/var/lib/mesh", spec.state_dir.display()),
+        format!("{}:/run/mesh", spec.run_dir().display()),
     ];
     if let Some(k) = &spec.key_file {
         volumes.push(format!("{}:{KEY_PATH}:ro", k.display()));
@@ -93,7 +100,7 @@ pub fn run_args(engine: &Engine, spec: &AgentSpec) -> Vec<String> {
 
 /// Starts the agent container on `engine`.
 pub fn start(engine: &Engine, spec: &AgentSpec) -> Result<()> {
-    std::fs::create_dir_all(&spec.state_dir)?;
+    std::fs::create_dir_all(spec.run_dir())?;
     engine
         .docker()
         .args(run_args(engine, spec))

@@ -48,46 +48,40 @@ impl Engine {
         fs::create_dir_all(&spec.dir)?;
         fs::create_dir_all(&spec.data_root)?;
         let socket = spec.dir.join("docker.sock");
-        let log = fs::File::create(spec.dir.join("dockerd.log"))?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", spec.ns))
-            .arg("dockerd")
-            .arg("--data-root")
-            .arg(&spec.data_root)
-            .arg("--exec-root")
-            .arg(spec.dir.join("x"))
-            .arg(format!("--host=unix://{}", socket.display()))
-            .arg("--pidfile")
-            .arg(spec.dir.join("docker.pid"))
-            .args(["--bip", "172.30.0.1/24", "--cgroup-parent", &spec.ns])
-            .args(["--log-level", "warn"]);
-        if let Some(dns) = &spec.dns {
-            cmd.args(["--dns", dns]);
-        }
-        let daemon = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dockerd (apt-get install docker.io)")?;
+        let daemon = launch(&spec, &socket)?;
         let engine = Engine {
             spec,
             socket,
             daemon: Some(daemon),
             keep: false,
         };
+        engine.wait_up()?;
+        Ok(engine)
+    }
+
+    /// Waits (at most 60 s) until the daemon answers.
+    fn wait_up(&self) -> Result<()> {
         let start = Instant::now();
-        while !engine.up() {
+        while !self.up() {
             if start.elapsed() > Duration::from_secs(60) {
                 bail!(
                     "dockerd in {} did not come up: {}",
-                    engine.spec.ns,
-                    fs::read_to_string(engine.spec.dir.join("dockerd.log")).unwrap_or_default()
+                    self.spec.ns,
+                    fs::read_to_string(self.spec.dir.join("dockerd.log")).unwrap_or_default()
                 );
             }
             thread::sleep(Duration::from_millis(200));
         }
-        Ok(engine)
+        Ok(())
+    }
+
+    /// Restarts the daemon as an operator or a package upgrade would: it
+    /// stops (its containers with it) and starts again with the same
+    /// state; containers with a restart policy come back.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon();
+        self.daemon = Some(launch(&self.spec, &self.socket)?);
+        self.wait_up()
     }
 
     /// An engine an earlier run started and kept (to inspect or stop it).
@@ -122,6 +116,15 @@ impl Engine {
     }
 
     /// Imports the directory tree `root` as `image` (FROM scratch).
+    /// Loads a `docker save` archive (the release agent image).
+    pub fn load(&self, tarball: &Path) -> Result<()> {
+        self.docker()
+            .args([std::ffi::OsStr::new("load"), std::ffi::OsStr::new("-q")])
+            .args([std::ffi::OsStr::new("-i"), tarball.as_os_str()])
+            .output()
+            .map(drop)
+    }
+
     pub fn import(&self, root: &Path, image: &str, entrypoint: Option<&str>) -> Result<()> {
         let tar = self
             .spec
@@ -156,6 +159,20 @@ impl Engine {
                 let _ = self.docker().args(["rm", "-f", id]).ok();
             }
         }
+        self.stop_daemon();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.spec.ns])
+            .output();
+        // dockerd leaves its namespace file bind-mounted in the exec root
+        // (nsfs): the directories cannot go while it is mounted (250 MB
+        // were left behind per engine).
+        unmount_under(&[&self.spec.dir, &self.spec.data_root]);
+        let _ = fs::remove_dir_all(&self.spec.dir);
+        let _ = fs::remove_dir_all(&self.spec.data_root);
+    }
+
+    /// Stops the daemon: SIGTERM, then SIGKILL after 20 s.
+    fn stop_daemon(&mut self) {
         let pid = fs::read_to_string(self.spec.dir.join("docker.pid"))
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
@@ -175,15 +192,6 @@ impl Engine {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.wait();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.spec.ns])
-            .output();
-        // dockerd leaves its namespace file bind-mounted in the exec root
-        // (nsfs): the directories cannot go while it is mounted (250 MB
-        // were left behind per engine).
-        unmount_under(&[&self.spec.dir, &self.spec.data_root]);
-        let _ = fs::remove_dir_all(&self.spec.dir);
-        let _ = fs::remove_dir_all(&self.spec.data_root);
     }
 
     /// Whether dockerd `pid` still runs (reaping it if it is our child).
@@ -195,6 +203,34 @@ impl Engine {
         }
         Path::new(&format!("/proc/{pid}")).exists()
     }
+}
+
+/// Starts dockerd for `spec` (its log appended to dockerd.log).
+fn launch(spec: &EngineSpec, socket: &Path) -> Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.dir.join("dockerd.log"))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", spec.ns))
+        .arg("dockerd")
+        .arg("--data-root")
+        .arg(&spec.data_root)
+        .arg("--exec-root")
+        .arg(spec.dir.join("x"))
+        .arg(format!("--host=unix://{}", socket.display()))
+        .arg("--pidfile")
+        .arg(spec.dir.join("docker.pid"))
+        .args(["--bip", "172.30.0.1/24", "--cgroup-parent", &spec.ns])
+        .args(["--log-level", "warn"]);
+    if let Some(dns) = &spec.dns {
+        cmd.args(["--dns", dns]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting dockerd (apt-get install docker.io)")
 }
 
 impl Drop for Engine {

@@ -1,10 +1,15 @@
-//! The images the lab and the tests run, made locally (nothing is pulled):
-//! directory trees imported FROM scratch.
+//! The images the lab and the tests run, made locally (nothing is pulled).
 //!
-//! - the agent: `mesh-agent` and `meshctl` with exactly the shared
-//!   libraries they load (`ldd`), and `/run/mesh` for its state;
+//! - the agent, as released ([`release`], `cargo xtask image`): `mesh-agent`
+//!   and `meshctl` built with the `image` profile (optimised, stripped), with
+//!   exactly the shared libraries they load (`ldd`), `/var/lib/mesh` for its
+//!   state and `/run/mesh` for its control socket, one layer FROM scratch,
+//!   written as a `docker save` archive (`docker load -i`), tagged with the
+//!   version and the commit and labelled the OCI way. No Docker engine is
+//!   needed to make it;
 //! - whoami, the test workload: the static whoami binary and Debian's static
-//!   busybox for a shell (Docker's health checks run `/bin/sh -c`) and tools.
+//!   busybox for a shell (Docker's health checks run `/bin/sh -c`) and tools,
+//!   a tree imported FROM scratch.
 
 use std::{
     fs,
@@ -15,8 +20,11 @@ use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
 
-/// The agent image every lab node and multi-host test runs.
-pub const AGENT_IMAGE: &str = "mesh-agent:lab";
+/// The agent image every lab node and multi-host test runs: the release
+/// image's version tag.
+pub const AGENT_IMAGE: &str = concat!("mesh-agent:", env!("CARGO_PKG_VERSION"));
+/// The cargo profile of the released binaries (Cargo.toml).
+pub const PROFILE: &str = "image";
 /// The whoami test image (entrypoint /whoami).
 pub const WHOAMI_IMAGE: &str = "mesh-whoami:lab";
 
@@ -32,7 +40,7 @@ pub fn agent_tree(bin_dir: &Path, out: &Path) -> Result<PathBuf> {
     for bin in ["mesh-agent", "meshctl"] {
         copy_with_libs(&bin_dir.join(bin), &root, bin)?;
     }
-    for dir in ["run/mesh", "etc", "tmp"] {
+    for dir in ["run/mesh", "var/lib/mesh", "etc", "tmp"] {
         fs::create_dir_all(root.join(dir))?;
     }
     Ok(root)
@@ -69,4 +77,132 @@ pub fn copy_with_libs(bin: &Path, root: &Path, name: &str) -> Result<()> {
         fs::copy(lib, &dst).with_context(|| format!("copying {lib}"))?;
     }
     Ok(())
+}
+
+/// The release image as made by [`release`].
+#[derive(Clone, Debug)]
+pub struct Release {
+    /// The `docker save` archive.
+    pub tarball: PathBuf,
+    /// `mesh-agent:VERSION` and `mesh-agent:VERSION-COMMIT`.
+    pub tags: Vec<String>,
+    /// Its one layer, uncompressed: what `docker images` shows.
+    pub size: u64,
+}
+
+/// Builds `mesh-agent` and `meshctl` with the image profile and writes the
+/// release image archive under `<target>/image/`.
+pub fn release() -> Result<Release> {
+    crate::cmd::cargo(&[
+        "build",
+        "-q",
+        "--profile",
+        PROFILE,
+        "-p",
+        "mesh-agent",
+        "--bins",
+    ])?;
+    let target = crate::cmd::target_dir();
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = Cmd::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    archive(
+        &target.join(PROFILE),
+        &target.join("image"),
+        version,
+        &commit,
+    )
+}
+
+/// The archive from the binaries in `bin_dir`, under `out`.
+pub fn archive(bin_dir: &Path, out: &Path, version: &str, commit: &str) -> Result<Release> {
+    let root = agent_tree(bin_dir, out)?;
+    let work = out.join("archive");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    // The layer: reproducible (sorted, no times or owners from here).
+    let layer = work.join("layer.tar");
+    Cmd::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+        ])
+        .args([std::ffi::OsStr::new("-C"), root.as_os_str()])
+        .args([std::ffi::OsStr::new("-cf"), layer.as_os_str()])
+        .args(["."])
+        .output()?;
+    let size = fs::metadata(&layer)?.len();
+    let layer_sum = sha256(&layer)?;
+    let layer_dir = work.join(&layer_sum);
+    fs::create_dir_all(&layer_dir)?;
+    fs::rename(&layer, layer_dir.join("layer.tar"))?;
+    let tags = vec![
+        format!("mesh-agent:{version}"),
+        format!("mesh-agent:{version}-{commit}"),
+    ];
+    let labels = serde_json::json!({
+        "org.opencontainers.image.title": "mesh-agent",
+        "org.opencontainers.image.description":
+            "mesh: eBPF/XDP load balancer and overlay for Docker hosts (agent and meshctl)",
+        "org.opencontainers.image.version": version,
+        "org.opencontainers.image.revision": commit,
+        "org.opencontainers.image.licenses": "MIT OR Apache-2.0",
+    });
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": {
+            "Entrypoint": ["/mesh-agent"],
+            "Env": ["PATH=/"],
+            "Labels": labels,
+        },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_sum}")]},
+        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "cargo xtask image"}],
+    });
+    let config_path = work.join("config.json");
+    fs::write(&config_path, serde_json::to_vec(&config)?)?;
+    let config_name = format!("{}.json", sha256(&config_path)?);
+    fs::rename(&config_path, work.join(&config_name))?;
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": tags,
+        "Layers": [format!("{layer_sum}/layer.tar")],
+    }]);
+    fs::write(work.join("manifest.json"), serde_json::to_vec(&manifest)?)?;
+    let tarball = out.join(format!("mesh-agent-{version}-{commit}.tar"));
+    Cmd::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+        ])
+        .args([std::ffi::OsStr::new("-C"), work.as_os_str()])
+        .args([std::ffi::OsStr::new("-cf"), tarball.as_os_str()])
+        .args(["manifest.json", &config_name, &layer_sum])
+        .output()?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(Release {
+        tarball,
+        tags,
+        size,
+    })
+}
+
+/// The hex SHA-256 of a file (coreutils' sha256sum).
+fn sha256(path: &Path) -> Result<String> {
+    let out = Cmd::new("sha256sum").args([path]).output()?;
+    out.split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .map(str::to_owned)
+        .with_context(|| format!("sha256sum {}: {out:?}", path.display()))
 }
