@@ -21,18 +21,16 @@ use anyhow::{Context, Result, bail};
 use mesh_lab::{
     agent::{self, AgentSpec},
     cmd::{Cmd, target_dir},
+    demo,
     engine::{Engine, EngineSpec},
     image::{self, WHOAMI_IMAGE},
     underlay::{self, Underlay},
-    whoami,
 };
 
 const UNDERLAY_NS: &str = "meshlab-u";
 /// A host on the underlay that is not a node.
 const OUTSIDE_NS: &str = "meshlab-c";
 const OUTSIDE_HOST: u8 = 200;
-/// The port whoami's HTTP answers on at every node (routing mesh).
-const PUBLISHED: u16 = 8080;
 const PREFIX: &str = "192.168.100";
 const RUN: &str = "/run/meshlab";
 const LIB: &str = "/var/lib/meshlab";
@@ -275,167 +273,40 @@ fn docker(n: usize) -> Cmd {
     engine(n).docker()
 }
 
-/// The demo: three nodes, whoami scaled 1 -> 2 -> 3 over nodes 1 and 2, a
-/// client on node 3 (no whoami there), requests rotating over the replicas,
-/// and what meshctl shows on each node. Leaves the lab up.
+/// The namespace lab as demo hosts.
+struct LabHosts;
+
+impl demo::Hosts for LabHosts {
+    fn docker(&self, n: usize, args: &[&str]) -> Result<String> {
+        docker(n).args(args).output()
+    }
+    fn node_ip(&self, n: usize) -> String {
+        node_ip(n)
+    }
+    fn curl_outside(&self, url: &str) -> Result<String> {
+        Cmd::new("ip")
+            .args([
+                "netns",
+                "exec",
+                OUTSIDE_NS,
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                url,
+            ])
+            .output()
+    }
+    fn outside_ip(&self) -> String {
+        format!("{PREFIX}.{OUTSIDE_HOST}")
+    }
+}
+
+/// The demo (`mesh_lab::demo`) on a fresh three-node lab. Leaves the lab up.
 pub fn demo(images: &Images) -> Result<()> {
     up(3, images)?;
-    println!("\n== whoami replicas on nodes 1 and 2; a client on node 3");
-    for (n, name) in [(1, "whoami-1"), (2, "whoami-2"), (1, "whoami-3")] {
-        let _ = docker(n).args(["rm", "-f", name]).ok();
-    }
-    let _ = docker(3).args(["rm", "-f", "client"]).ok();
-    docker(3)
-        .args([
-            "run",
-            "-d",
-            "--name",
-            "client",
-            "--network",
-            "mesh",
-            WHOAMI_IMAGE,
-            "serve",
-            "--tcp",
-            "9",
-        ])
-        .output()?;
-    let mut vip = String::new();
-    for (i, (n, name)) in [(1, "whoami-1"), (2, "whoami-2"), (1, "whoami-3")]
-        .into_iter()
-        .enumerate()
-    {
-        docker(n)
-            .args(whoami::run_args(
-                name,
-                &[
-                    "mesh.service=whoami",
-                    &format!("mesh.port=80/tcp,80/udp,{}/tcp", whoami::HTTP_PORT),
-                    &format!("mesh.publish={PUBLISHED}:{}/tcp", whoami::HTTP_PORT),
-                ],
-                &[],
-            ))
-            .output()?;
-        vip = wait_replicas(3, i + 1)?;
-        println!(
-            "-- scaled to {} (on node {n}): whoami is {vip} on every node",
-            i + 1
-        );
-    }
-    println!("\n== from the client on node 3: the name, then 12 requests to the VIP");
-    println!(
-        "{}",
-        docker(3)
-            .args(["exec", "client", "nslookup", "whoami"])
-            .output()
-            .unwrap_or_else(|e| e.to_string())
-    );
-    let target = format!("{vip}:80");
-    let out = docker(3)
-        .args(whoami::ask_args("client", "tcp", &target, 12, 100, 2000))
-        .output()
-        .unwrap_or_else(|e| e.to_string());
-    println!("{out}");
-    for n in 1..=3 {
-        println!("== node {n}: meshctl status / services / maglev");
-        for args in [
-            &["status"][..],
-            &["services"],
-            &["maglev", &format!("{vip}:80/tcp")],
-        ] {
-            let mut a = vec!["exec", "mesh-agent", "/meshctl"];
-            a.extend(args);
-            println!(
-                "{}\n",
-                docker(n)
-                    .args(&a)
-                    .output()
-                    .unwrap_or_else(|e| e.to_string())
-            );
-        }
-    }
-    println!(
-        "== the routing mesh: from {PREFIX}.{OUTSIDE_HOST}, a host outside the cluster, \
-         curl every node's port {PUBLISHED} (whoami answers with its name and the client it sees)"
-    );
-    for n in 1..=3 {
-        wait_published(n)?;
-    }
-    for n in 1..=3 {
-        let url = format!("http://{}:{PUBLISHED}/", node_ip(n));
-        for _ in 0..3 {
-            let out = Cmd::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    OUTSIDE_NS,
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "3",
-                    &url,
-                ])
-                .output()
-                .unwrap_or_else(|e| format!("failed: {e}"));
-            println!("  curl {url}  ->  {}", out.trim());
-        }
-    }
-    println!();
+    demo::run(&LabHosts)?;
     println!("The lab is still up: cargo xtask lab status, cargo xtask lab exec n3 -- docker ps,");
     println!("cargo xtask lab down to remove it.");
     Ok(())
-}
-
-/// Waits until node `n`'s agent sees `count` active whoami backends; the VIP.
-fn wait_replicas(n: usize, count: usize) -> Result<String> {
-    let start = Instant::now();
-    loop {
-        let st = docker(n)
-            .args(["exec", "mesh-agent", "/meshctl", "status", "--json"])
-            .output()
-            .unwrap_or_default();
-        if let Some(vip) = whoami_vip(&st, count) {
-            return Ok(vip);
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("node {n} does not see {count} whoami replicas:\n{st}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits until node `n`'s agent publishes whoami's port.
-fn wait_published(n: usize) -> Result<()> {
-    let start = Instant::now();
-    let want = format!("\"{PUBLISHED}/tcp -> {}\"", whoami::HTTP_PORT);
-    loop {
-        let st = docker(n)
-            .args(["exec", "mesh-agent", "/meshctl", "status", "--json"])
-            .output()
-            .unwrap_or_default();
-        if st.contains(&want) {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("node {n} does not publish {PUBLISHED}/tcp:\n{st}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The VIP of whoami in a `meshctl status --json` answer, when it has
-/// `count` active backends (a small scan; no JSON library in xtask).
-fn whoami_vip(status: &str, count: usize) -> Option<String> {
-    let at = status.find("\"name\": \"whoami\"")?;
-    let rest = &status[at..];
-    let field = |name: &str| -> Option<String> {
-        let i = rest.find(&format!("\"{name}\": "))? + name.len() + 4;
-        let v: String = rest[i..]
-            .chars()
-            .take_while(|c| *c != ',' && *c != '\n')
-            .collect();
-        Some(v.trim().trim_matches('"').to_string())
-    };
-    (field("active")?.parse::<usize>().ok()? == count)
-        .then(|| field("vip"))
-        .flatten()
 }

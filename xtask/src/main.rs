@@ -6,9 +6,11 @@
 //! bench  the packet benchmark
 //! lint   rustfmt and clippy
 //! lab    the demo (`lab demo`)
+//! vagrant the same lab and demo on real VMs (`vagrant up|demo|down|test`)
 
 mod lab;
 mod setup;
+mod vagrant;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,7 +26,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: apt packages, bpf-linker, bpffs, cargo-nextest.
-    Setup,
+    Setup {
+        /// Also what the Vagrant lab needs (vagrant, vagrant-libvirt,
+        /// libvirt and qemu from bookworm-backports, debootstrap).
+        #[arg(long)]
+        vagrant: bool,
+    },
     /// The release agent image: mesh-agent and meshctl, optimised, FROM
     /// scratch, written as a `docker save` archive under target/image/.
     Image,
@@ -48,6 +55,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+    /// The lab on real VMs (vagrant/, libvirt).
+    Vagrant {
+        #[command(subcommand)]
+        cmd: VagrantCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VagrantCmd {
+    /// Build what is missing (box, images), then `vagrant up` N VMs.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// The demo on the VMs (nodes 1 to 3).
+    Demo,
+    /// Destroy the VMs.
+    Down,
+    /// Up, demo (checked), down, with times: what CI runs.
+    Test,
 }
 
 #[derive(Subcommand)]
@@ -86,17 +113,34 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup { vagrant } => {
+            setup::run()?;
+            if vagrant {
+                setup::vagrant()?;
+            }
+            Ok(())
+        }
+        Cmd::Vagrant { cmd } => {
+            setup::run()?;
+            setup::vagrant()?;
+            match cmd {
+                VagrantCmd::Up { nodes } => vagrant::up(nodes, &build_whoami()?).map(drop),
+                VagrantCmd::Demo => vagrant::demo(),
+                VagrantCmd::Down => vagrant::down(),
+                VagrantCmd::Test => vagrant::test(&build_whoami()?),
+            }
+        }
         Cmd::Test { no_lint } => {
             setup::run()?;
+            setup::vagrant()?;
             if !no_lint {
                 lint()?;
             }
-            bench(10_000)?;
-            let whoami = build_whoami()?;
-            // The tests run the agent as released: build the image once
-            // (test runners build only test binaries).
+            // The tests and benchmarks run the agent as released: build
+            // the image once (test runners build only test binaries).
             let image = image()?;
+            bench(10_000, Some(&image.tarball))?;
+            let whoami = build_whoami()?;
             let agent = target_dir()
                 .join(mesh_lab::image::PROFILE)
                 .join("mesh-agent");
@@ -114,7 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { repeat } => {
             setup::run()?;
-            bench(repeat)
+            bench(repeat, None)
         }
         Cmd::Lint => lint(),
         Cmd::Lab { cmd } => {
@@ -179,9 +223,12 @@ fn build_whoami() -> Result<std::path::PathBuf> {
 /// The benchmark runs in the dev profile: the kernel JIT-compiles the
 /// programs, so the host build's optimisation level does not change the
 /// figures, and the test build is reused.
-fn bench(repeat: u32) -> Result<()> {
-    cmd::Cmd::new("cargo")
+fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
+    let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
-        .env("MESH_BENCH_REPEAT", repeat.to_string())
-        .run()
+        .env("MESH_BENCH_REPEAT", repeat.to_string());
+    if let Some(image) = image {
+        c = c.env("MESH_AGENT_IMAGE", image);
+    }
+    c.run()
 }

@@ -2,7 +2,10 @@
 //! test and run mesh. Each step checks first, so a second run does nothing
 //! and takes about a second.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -33,6 +36,69 @@ const APT: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// What the Vagrant lab adds (libvirt and qemu from bookworm-backports: the
+/// machine's qemu-utils is the backports one, bookworm's qemu conflicts).
+const VAGRANT_APT: &[&str] = &[
+    "qemu-system-x86",
+    "libvirt-daemon-system",
+    "libvirt-daemon-driver-qemu",
+    "dnsmasq-base",
+    "vagrant",
+    "vagrant-libvirt",
+    "debootstrap",
+    "openssh-client",
+];
+const BACKPORTS: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
+
+/// The Vagrant lab's packages; nothing where KVM is absent (the lab
+/// cannot run there and its test says so).
+pub fn vagrant() -> Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("setup: no /dev/kvm: skipping the Vagrant lab's packages");
+        return Ok(());
+    }
+    let missing: Vec<&str> = VAGRANT_APT
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing the Vagrant lab's packages: {}",
+        missing.join(" ")
+    );
+    let has_backports = fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .chain(fs::read_to_string("/etc/apt/sources.list").ok())
+        .any(|t| t.contains("bookworm-backports"));
+    if !has_backports {
+        fs::write(
+            BACKPORTS,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )?;
+    }
+    Cmd::new("apt-get").args(["update", "-qq"]).run()?;
+    Cmd::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["-t", "bookworm-backports"])
+        .args(&missing)
+        .run()
+}
+
+fn installed(p: &str) -> bool {
+    Cmd::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", p])
+        .output()
+        .is_ok_and(|s| s.starts_with("ii"))
+}
+
 pub fn run() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -50,12 +116,7 @@ fn apt() -> Result<()> {
     let missing: Vec<&str> = APT
         .iter()
         .map(|(p, _)| *p)
-        .filter(|p| {
-            !Cmd::new("dpkg-query")
-                .args(["-W", "-f=${db:Status-Abbrev}", p])
-                .output()
-                .is_ok_and(|s| s.starts_with("ii"))
-        })
+        .filter(|p| !installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());

@@ -114,6 +114,37 @@ fn parse(raw: Vec<u8>, src: SocketAddr, protocol: Protocol, stats: &DnsStats) ->
     }
 }
 
+/// The UDP socket's receive buffer. The default (about 200 KB) holds some
+/// 270 queries, 13 ms of a 20,000 q/s flood: any pause of the server
+/// longer than that drops queries, mesh names among them. 4 MiB holds
+/// about a quarter of a second.
+const UDP_RECEIVE_BUFFER: i32 = 4 << 20;
+
+/// Sets the socket's receive buffer to `bytes`: past the system's
+/// rmem_max with CAP_NET_ADMIN (which the agent has), else as far as
+/// rmem_max allows.
+fn grow_receive_buffer(sock: &UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads an int from a valid pointer for the
+        // length given; fd is the socket's own.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+    warn!("could not grow the DNS socket's receive buffer");
+}
+
 /// Serves DNS on `addr` over UDP and TCP until the process ends. Never
 /// forwards to `addr` itself.
 pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<()> {
@@ -127,7 +158,9 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
         warn!(upstream = %u, "not forwarding to this DNS server itself");
     }
     handler.set_local(local);
-    let udp = Arc::new(UdpSocket::bind(addr).await?);
+    let udp = UdpSocket::bind(addr).await?;
+    grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
+    let udp = Arc::new(udp);
     let tcp = TcpListener::bind(addr).await?;
     let h = handler.clone();
     let clients = Arc::new(tokio::sync::Semaphore::new(super::MAX_TCP_CLIENTS));

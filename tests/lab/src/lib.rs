@@ -8,9 +8,11 @@
 
 pub mod agent;
 pub mod cmd;
+pub mod demo;
 pub mod engine;
 pub mod image;
 pub mod underlay;
+pub mod vagrant;
 pub mod whoami;
 
 /// A random 32-byte cluster key as 64 hex digits.

@@ -1,0 +1,213 @@
+//! The demo, on any set of hosts: the namespace lab (`cargo xtask lab
+//! demo`) and the Vagrant VMs (`cargo xtask vagrant demo`) run the same
+//! steps through [`Hosts`]. Three nodes: whoami scaled 1 -> 2 -> 3 over
+//! nodes 1 and 2, a client on node 3 resolving the name and calling the VIP,
+//! meshctl on every node, then the routing mesh: `curl` of every node's
+//! published port from a host outside the cluster. Returns what it saw, so a
+//! test can check it.
+
+use std::{
+    collections::BTreeMap,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{image::WHOAMI_IMAGE, whoami};
+
+/// The port whoami's HTTP answers on at every node (routing mesh).
+pub const PUBLISHED: u16 = 8080;
+
+/// Where the demo runs.
+pub trait Hosts {
+    /// `docker ARGS` on node `n` (1-based): its stdout.
+    fn docker(&self, n: usize, args: &[&str]) -> Result<String>;
+    /// Node `n`'s underlay address.
+    fn node_ip(&self, n: usize) -> String;
+    /// `curl -s --max-time 3 URL` from a host outside the cluster.
+    fn curl_outside(&self, url: &str) -> Result<String>;
+    /// That host's address (as the replicas should see it).
+    fn outside_ip(&self) -> String;
+}
+
+/// What the demo saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub vip: String,
+    /// Requests from node 3's client to the VIP, by replica.
+    pub answers: BTreeMap<String, usize>,
+    /// (URL, answer) of every curl from outside.
+    pub curls: Vec<(String, String)>,
+}
+
+impl Report {
+    /// The demo's outcome: the 12 requests answered by the 3 replicas, and
+    /// every node's published port answered by a replica that saw
+    /// `outside` (the client's own address) as the client.
+    pub fn check(&self, outside: &str) -> Result<()> {
+        if self.answers.len() != 3 || self.answers.values().sum::<usize>() != 12 {
+            bail!("12 requests over 3 replicas expected: {:?}", self.answers);
+        }
+        if self.curls.len() != 9 {
+            bail!("3 requests to each of 3 nodes expected: {:?}", self.curls);
+        }
+        for (url, answer) in &self.curls {
+            if !answer.starts_with("whoami-") || !answer.contains(&format!(" {outside}:")) {
+                bail!("{url} answered {answer:?}, not a replica seeing {outside}");
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAMES: [(usize, &str); 3] = [(1, "whoami-1"), (2, "whoami-2"), (1, "whoami-3")];
+
+/// Runs the demo on nodes 1 to 3 of `h`, printing as it goes.
+pub fn run(h: &dyn Hosts) -> Result<Report> {
+    let mut report = Report::default();
+    println!("\n== whoami replicas on nodes 1 and 2; a client on node 3");
+    for (n, name) in NAMES {
+        let _ = h.docker(n, &["rm", "-f", name]);
+    }
+    let _ = h.docker(3, &["rm", "-f", "client"]);
+    h.docker(
+        3,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "client",
+            "--network",
+            "mesh",
+            WHOAMI_IMAGE,
+            "serve",
+            "--tcp",
+            "9",
+        ],
+    )?;
+    for (i, (n, name)) in NAMES.into_iter().enumerate() {
+        let port = format!("mesh.port=80/tcp,80/udp,{}/tcp", whoami::HTTP_PORT);
+        let publish = format!("mesh.publish={PUBLISHED}:{}/tcp", whoami::HTTP_PORT);
+        let args = whoami::run_args(name, &["mesh.service=whoami", &port, &publish], &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        h.docker(n, &args)?;
+        report.vip = wait_replicas(h, 3, i + 1)?;
+        println!(
+            "-- scaled to {} (on node {n}): whoami is {} on every node",
+            i + 1,
+            report.vip
+        );
+    }
+    println!("\n== from the client on node 3: the name, then 12 requests to the VIP");
+    println!(
+        "{}",
+        h.docker(3, &["exec", "client", "nslookup", "whoami"])
+            .unwrap_or_else(|e| e.to_string())
+    );
+    let target = format!("{}:80", report.vip);
+    let args = whoami::ask_args("client", "tcp", &target, 12, 100, 2000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = h.docker(3, &args).unwrap_or_else(|e| e.to_string());
+    println!("{out}");
+    for line in out.lines() {
+        let mut f = line.split(' ');
+        if let (Some(_), Some("ok"), Some(name)) = (f.next(), f.next(), f.next()) {
+            *report.answers.entry(name.to_string()).or_default() += 1;
+        }
+    }
+    let maglev = format!("{}:80/tcp", report.vip);
+    for n in 1..=3 {
+        println!("== node {n}: meshctl status / services / maglev");
+        for args in [&["status"][..], &["services"], &["maglev", &maglev]] {
+            let mut a = vec!["exec", "mesh-agent", "/meshctl"];
+            a.extend(args);
+            println!("{}\n", h.docker(n, &a).unwrap_or_else(|e| e.to_string()));
+        }
+    }
+    println!(
+        "== the routing mesh: from {}, a host outside the cluster, curl every node's port \
+         {PUBLISHED} (whoami answers with its name and the client it sees)",
+        h.outside_ip()
+    );
+    for n in 1..=3 {
+        wait_published(h, n)?;
+    }
+    for n in 1..=3 {
+        let url = format!("http://{}:{PUBLISHED}/", h.node_ip(n));
+        for _ in 0..3 {
+            let out = h
+                .curl_outside(&url)
+                .unwrap_or_else(|e| format!("failed: {e}"));
+            println!("  curl {url}  ->  {}", out.trim());
+            report.curls.push((url.clone(), out.trim().to_string()));
+        }
+    }
+    println!();
+    Ok(report)
+}
+
+/// `meshctl status --json` on node `n`.
+fn status(h: &dyn Hosts, n: usize) -> String {
+    h.docker(n, &["exec", "mesh-agent", "/meshctl", "status", "--json"])
+        .unwrap_or_default()
+}
+
+/// Waits until node `n`'s agent sees `count` active whoami backends; the VIP.
+fn wait_replicas(h: &dyn Hosts, n: usize, count: usize) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let st = status(h, n);
+        if let Some(vip) = whoami_vip(&st, count) {
+            return Ok(vip);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("node {n} does not see {count} whoami replicas:\n{st}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until node `n`'s agent publishes whoami's port.
+fn wait_published(h: &dyn Hosts, n: usize) -> Result<()> {
+    let start = Instant::now();
+    let want = format!("\"{PUBLISHED}/tcp -> {}\"", whoami::HTTP_PORT);
+    loop {
+        let st = status(h, n);
+        if st.contains(&want) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("node {n} does not publish {PUBLISHED}/tcp:\n{st}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The VIP of whoami in a `meshctl status --json` answer, when it has
+/// `count` active backends.
+fn whoami_vip(status: &str, count: usize) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(status).ok()?;
+    let svc = v
+        .get("services")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some("whoami"))?;
+    (svc.get("active")?.as_u64()? == count as u64)
+        .then(|| svc.get("vip")?.as_str().map(str::to_owned))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_of_a_status() {
+        let st = r#"{"services": [{"name": "web", "vip": "10.43.0.9", "active": 1},
+                    {"name": "whoami", "vip": "10.43.0.5", "active": 3}]}"#;
+        assert_eq!(whoami_vip(st, 3).as_deref(), Some("10.43.0.5"));
+        assert_eq!(whoami_vip(st, 2), None);
+        assert_eq!(whoami_vip("not json", 3), None);
+    }
+}
