@@ -190,6 +190,8 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             dns.malformed.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
+    out.push_str("# HELP mesh_reconcile_write_errors_total Map writes that failed (each retried by a later pass, with backoff).\n# TYPE mesh_reconcile_write_errors_total counter\n");
+    let _ = writeln!(out, "mesh_reconcile_write_errors_total {}", sh.write_errors);
     summary(
         &mut out,
         "mesh_reconcile_duration_seconds",

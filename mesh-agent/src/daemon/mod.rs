@@ -64,6 +64,8 @@ pub struct Shared {
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
     pub sweep: Option<Arc<crate::conntrack::sweep::SweepStats>>,
+    /// Map writes that failed (each retried by a later pass).
+    pub write_errors: u64,
     /// Gossip content ignored, by kind (claim, endpoint, identity).
     pub gossip_ignored: BTreeMap<&'static str, u64>,
 }
@@ -131,6 +133,10 @@ pub struct Daemon {
     pending_events: Vec<i64>,
     /// A pass left something unwritten: the retry tick runs another.
     retry: bool,
+    /// Passes in a row that left something unwritten, and when the next
+    /// retry runs (backoff).
+    failed_passes: u32,
+    retry_at: tokio::time::Instant,
     /// Why the agent must stop (this node lost its /24 to an older claim).
     fatal: Option<String>,
 }
@@ -181,6 +187,8 @@ impl Daemon {
             dns_started: false,
             pending_events: Vec::new(),
             retry: false,
+            failed_passes: 0,
+            retry_at: tokio::time::Instant::now(),
             fatal: None,
         })
     }
@@ -253,7 +261,6 @@ impl Daemon {
     async fn follow(&mut self, d: &bollard::Docker, since: u64) -> Option<String> {
         use futures_util::StreamExt;
         let mut events = d.events(Some(events::options(since)));
-        let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
         let mut diagnose_tick = tokio::time::interval(Duration::from_secs(10));
         let mut rejected_seen = 0u64;
         let mut watching = self.cluster.is_some();
@@ -274,7 +281,7 @@ impl Daemon {
                         self.pass();
                     }
                 }
-                _ = retry_tick.tick(), if self.retry => self.pass(),
+                _ = tokio::time::sleep_until(self.retry_at), if self.retry => self.pass(),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
                 }

@@ -6,7 +6,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tracing::{debug, error, info, warn};
@@ -76,10 +76,24 @@ impl Daemon {
         let plan = reconcile::plan(&st.lb, &self.written.lb);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
         if let Err(e) = &result {
-            failed.push(e.to_string());
+            failed.extend(e.0.iter().map(|e| e.to_string()));
         }
         let conflicts = self.write_published(&st, &mut failed);
         self.retry = !failed.is_empty();
+        {
+            let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            sh.write_errors += failed.len() as u64;
+        }
+        // Retried with backoff: 1 s after the first failed pass, doubling
+        // up to 30 s while passes keep failing.
+        self.failed_passes = if failed.is_empty() {
+            0
+        } else {
+            self.failed_passes.saturating_add(1)
+        };
+        let delay = Duration::from_secs(1 << self.failed_passes.saturating_sub(1).min(5))
+            .min(Duration::from_secs(30));
+        self.retry_at = tokio::time::Instant::now() + delay;
         self.report(&st, &peers, plan.writes(), &failed, start);
         self.report_publish_conflicts(conflicts);
     }

@@ -63,6 +63,10 @@ pub struct FaultyLb {
     /// "remove_service", "set_backend", "clear_backend", "set_rings" or
     /// "set_service": calls of that kind fail.
     pub fail: Option<&'static str>,
+    /// A batch of rings that holds this service's ring fails.
+    pub fail_ring_of: Option<u32>,
+    /// Writing this backend fails.
+    pub fail_backend: Option<u32>,
 }
 
 impl FaultyLb {
@@ -82,6 +86,9 @@ impl LbWriter for FaultyLb {
     }
     fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), Injected> {
         self.check("set_backend")?;
+        if self.fail_backend == Some(id) {
+            return Err(Injected(format!("backend {id}")));
+        }
         self.inner.set_backend(id, b)
     }
     fn clear_backend(&mut self, id: u32) -> Result<(), Injected> {
@@ -90,6 +97,11 @@ impl LbWriter for FaultyLb {
     }
     fn set_rings(&mut self, rings: &[(u32, Vec<u32>)]) -> Result<(), Injected> {
         self.check("set_rings")?;
+        if let Some(bad) = self.fail_ring_of
+            && rings.iter().any(|(sid, _)| *sid == bad)
+        {
+            return Err(Injected(format!("ring of service {bad}")));
+        }
         self.inner.set_rings(rings)
     }
     fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<(), Injected> {

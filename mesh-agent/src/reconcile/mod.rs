@@ -245,7 +245,7 @@ impl Allocator {
     }
 }
 
-/// Why a pass stopped early.
+/// One write that failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]
 pub struct ApplyError {
@@ -254,48 +254,121 @@ pub struct ApplyError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// The writes of a pass that failed (the others were made).
+#[derive(Debug, Default)]
+pub struct Failed(pub Vec<ApplyError>);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.0.iter().map(|e| e.to_string()).collect();
+        write!(f, "{}", all.join("; "))
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// Writes `plan` in order, recording every successful write in `actual`.
-/// Stops at the first failure; what was not written is recomputed by the
-/// next pass.
-pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result<(), ApplyError> {
-    let fail = |what: String| {
-        move |e: W::Error| ApplyError {
-            what,
-            source: Box::new(e),
-        }
+/// A failed write holds back only what depends on it, so one service
+/// cannot stall the others: a ring naming a backend that could not be
+/// written waits, a service waits for its ring, and when the batch of rings
+/// fails each ring is tried on its own. What was not written is recomputed
+/// by the next pass (retried).
+pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result<(), Failed> {
+    let mut failed = Failed::default();
+    let err = |what: String, e: W::Error| ApplyError {
+        what,
+        source: Box::new(e),
     };
     for addr in &plan.remove_services {
-        w.remove_service(&addr.key())
-            .map_err(fail(format!("removing service {addr:?}")))?;
-        actual.services.remove(addr);
+        match w.remove_service(&addr.key()) {
+            Ok(()) => {
+                actual.services.remove(addr);
+            }
+            Err(e) => failed.0.push(err(format!("removing service {addr:?}"), e)),
+        }
     }
+    let mut missing_backends = BTreeSet::new();
     for (id, b) in &plan.set_backends {
-        w.set_backend(*id, b)
-            .map_err(fail(format!("writing backend {id}")))?;
-        actual.backends.insert(*id, *b);
-    }
-    if !plan.set_rings.is_empty() {
-        w.set_rings(&plan.set_rings).map_err(fail(format!(
-            "writing {} Maglev rings",
-            plan.set_rings.len()
-        )))?;
-        for (sid, ring) in &plan.set_rings {
-            if ring.is_empty() {
-                actual.rings.remove(sid);
-            } else {
-                actual.rings.insert(*sid, ring.clone());
+        match w.set_backend(*id, b) {
+            Ok(()) => {
+                actual.backends.insert(*id, *b);
+            }
+            Err(e) => {
+                missing_backends.insert(*id);
+                failed.0.push(err(format!("writing backend {id}"), e));
             }
         }
     }
+    // Rings whose backends are all there; the others wait for them.
+    let (ready, waiting): (Vec<_>, Vec<_>) = plan
+        .set_rings
+        .iter()
+        .cloned()
+        .partition(|(_, ring)| ring.iter().all(|b| !missing_backends.contains(b)));
+    let mut missing_rings: BTreeSet<u32> = waiting.iter().map(|(sid, _)| *sid).collect();
+    let mut written = Vec::new();
+    if !ready.is_empty() {
+        match w.set_rings(&ready) {
+            Ok(()) => written = ready,
+            Err(e) if ready.len() == 1 => {
+                missing_rings.insert(ready[0].0);
+                failed.0.push(err(
+                    format!("writing the Maglev ring of service {}", ready[0].0),
+                    e,
+                ));
+            }
+            Err(_) => {
+                // Find the bad ones: each ring on its own.
+                for r in ready {
+                    match w.set_rings(std::slice::from_ref(&r)) {
+                        Ok(()) => written.push(r),
+                        Err(e) => {
+                            missing_rings.insert(r.0);
+                            failed.0.push(err(
+                                format!("writing the Maglev ring of service {}", r.0),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (sid, ring) in written {
+        if ring.is_empty() {
+            actual.rings.remove(&sid);
+        } else {
+            actual.rings.insert(sid, ring);
+        }
+    }
     for (addr, sid) in &plan.add_services {
-        w.set_service(&addr.key(), &Service { id: *sid, flags: 0 })
-            .map_err(fail(format!("adding service {addr:?}")))?;
-        actual.services.insert(*addr, *sid);
+        if missing_rings.contains(sid) {
+            continue;
+        }
+        match w.set_service(&addr.key(), &Service { id: *sid, flags: 0 }) {
+            Ok(()) => {
+                actual.services.insert(*addr, *sid);
+            }
+            Err(e) => failed.0.push(err(format!("adding service {addr:?}"), e)),
+        }
     }
+    // A backend is cleared only once no ring names it: rings that failed
+    // may still name it.
+    let still_named: BTreeSet<u32> = actual.rings.values().flatten().copied().collect();
     for id in &plan.clear_backends {
-        w.clear_backend(*id)
-            .map_err(fail(format!("clearing backend {id}")))?;
-        actual.backends.remove(id);
+        if still_named.contains(id) {
+            continue;
+        }
+        match w.clear_backend(*id) {
+            Ok(()) => {
+                actual.backends.remove(id);
+            }
+            Err(e) => failed.0.push(err(format!("clearing backend {id}"), e)),
+        }
     }
-    Ok(())
+    if failed.0.is_empty() {
+        Ok(())
+    } else {
+        Err(failed)
+    }
 }

@@ -199,6 +199,60 @@ fn failed_writes_leave_no_phantom_state_and_are_retried() {
 }
 
 #[test]
+fn one_failing_service_does_not_hold_back_the_others() {
+    let d = desired(&[
+        (WEB, &[be(11, ACTIVE), be(12, ACTIVE)]),
+        (DNS, &[be(21, ACTIVE)]),
+    ]);
+    // The first plan gives WEB service id 1 (it sorts first).
+    let mut actual = Actual::default();
+    let p = plan(&d, &actual);
+    let web_id = p
+        .add_services
+        .iter()
+        .find(|(a, _)| *a == WEB)
+        .map(|(_, id)| *id)
+        .expect("web");
+    let mut faulty = FaultyLb {
+        fail_ring_of: Some(web_id),
+        ..FaultyLb::default()
+    };
+    let e = apply(&p, &mut faulty, &mut actual).expect_err("web's ring fails");
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert!(e.to_string().contains(&format!("service {web_id}")), "{e}");
+    same(&actual, &faulty.inner);
+    assert_eq!(ring_members(&faulty.inner, DNS).len(), 1, "dns is served");
+    assert!(faulty.inner.services.contains_key(&DNS));
+    assert!(
+        !faulty.inner.services.contains_key(&WEB),
+        "web waits for its ring"
+    );
+    // A backend that cannot be written holds back only its ring.
+    let mut actual = Actual::default();
+    let p = plan(&d, &actual);
+    let (dns_backend, _) = p
+        .set_backends
+        .iter()
+        .find(|(_, b)| b.ip_be == u32::from(Ipv4Addr::new(10, 42, 0, 21)).to_be())
+        .expect("dns backend");
+    let mut faulty = FaultyLb {
+        fail_backend: Some(*dns_backend),
+        ..FaultyLb::default()
+    };
+    let e = apply(&p, &mut faulty, &mut actual).expect_err("a backend fails");
+    assert_eq!(e.0.len(), 1, "{e}");
+    same(&actual, &faulty.inner);
+    assert_eq!(ring_members(&faulty.inner, WEB).len(), 2, "web is served");
+    assert!(!faulty.inner.services.contains_key(&DNS));
+    // Once the fault is gone, the next pass completes both.
+    faulty.fail_backend = None;
+    let p = plan(&d, &actual);
+    apply(&p, &mut faulty, &mut actual).expect("retry succeeds");
+    same(&actual, &faulty.inner);
+    assert!(plan(&d, &actual).is_empty());
+}
+
+#[test]
 fn a_freed_backend_id_is_not_reused_in_the_same_pass() {
     let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
     pass(
