@@ -79,6 +79,9 @@ impl OverlayLab {
             node.ip(&["link", "set", "br0", "up"]);
             // No ip_forward: decapsulated traffic must reach containers without
             // the host forwarding anything (the underlay TC program delivers it).
+            // Said explicitly: a new namespace inherits the host's IPv4
+            // settings, and a host running libvirt or Docker forwards.
+            no_forwarding(&node);
             let container = Netns::new(&unique(&format!("moc{n}")));
             node.ip(&[
                 "link",
@@ -212,4 +215,18 @@ impl Default for OverlayLab {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Turns IPv4 forwarding off in `ns` (it inherits the host's setting).
+pub fn no_forwarding(ns: &Netns) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
+        .args(["net.ipv4.conf.all.forwarding=0"])
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "forwarding off in {}: {out:?}",
+        ns.name
+    );
 }

@@ -47,6 +47,8 @@ enum Cmd {
         /// Runs per fixture.
         #[arg(long, default_value_t = 100_000)]
         repeat: u32,
+        #[command(subcommand)]
+        what: Option<BenchCmd>,
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
@@ -59,6 +61,23 @@ enum Cmd {
     Vagrant {
         #[command(subcommand)]
         cmd: VagrantCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// N agent control planes on this machine (real gossip, desired state
+    /// and reconcile into fake maps): propagation, failure detection,
+    /// gossip traffic, CPU and memory per node.
+    Cluster {
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        /// Endpoints per node.
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// Endpoint changes per second during the churn phase.
+        #[arg(long, default_value_t = 5)]
+        churn: usize,
     },
 }
 
@@ -140,6 +159,7 @@ fn run(cli: Cli) -> Result<()> {
             // the image once (test runners build only test binaries).
             let image = image()?;
             bench(10_000, Some(&image.tarball))?;
+            bench_cluster(50, 10, 5)?;
             let whoami = build_whoami()?;
             let agent = target_dir()
                 .join(mesh_lab::image::PROFILE)
@@ -156,9 +176,16 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             image().map(drop)
         }
-        Cmd::Bench { repeat } => {
+        Cmd::Bench { repeat, what } => {
             setup::run()?;
-            bench(repeat, None)
+            match what {
+                None => bench(repeat, None),
+                Some(BenchCmd::Cluster {
+                    nodes,
+                    endpoints,
+                    churn,
+                }) => bench_cluster(nodes, endpoints, churn),
+            }
         }
         Cmd::Lint => lint(),
         Cmd::Lab { cmd } => {
@@ -223,9 +250,28 @@ fn build_whoami() -> Result<std::path::PathBuf> {
 /// The benchmark runs in the dev profile: the kernel JIT-compiles the
 /// programs, so the host build's optimisation level does not change the
 /// figures, and the test build is reused.
+/// The cluster benchmark, optimised like the agent (the image profile,
+/// whose dependencies the image build already compiled).
+fn bench_cluster(nodes: usize, endpoints: usize, churn: usize) -> Result<()> {
+    cmd::Cmd::new("cargo")
+        .args([
+            "bench",
+            "--profile",
+            mesh_lab::image::PROFILE,
+            "-p",
+            "mesh-tests",
+        ])
+        .args(["--bench", "cluster"])
+        .env("MESH_CLUSTER_NODES", nodes.to_string())
+        .env("MESH_CLUSTER_ENDPOINTS", endpoints.to_string())
+        .env("MESH_CLUSTER_CHURN", churn.to_string())
+        .run()
+}
+
 fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
+        .args(["--bench", "packet", "--bench", "dns", "--bench", "publish"])
         .env("MESH_BENCH_REPEAT", repeat.to_string());
     if let Some(image) = image {
         c = c.env("MESH_AGENT_IMAGE", image);

@@ -1,0 +1,436 @@
+//! Cluster benchmark: N agent control planes on this one machine, without
+//! Docker or the kernel data plane. Each node is the real thing from
+//! gossip to maps: the sealed chitchat transport over UDP (each node at its
+//! own loopback address of a namespace this benchmark makes), the peers
+//! decoded and vetted (`authority`), the desired state computed
+//! (`desired::compute`) and planned and applied (`reconcile`) into the fake
+//! map writer; endpoints are synthetic (E per node, published as the agent
+//! publishes them). Prints, for N nodes:
+//! - time for an endpoint change on one node to reach every node's maps
+//!   (p50, p99), idle and with 1% and 5% datagram loss (iptables in the
+//!   namespace);
+//! - time for a dead node's endpoints to leave every node's maps;
+//! - gossip bytes and datagrams per second per node, idle and under churn;
+//! - CPU and RSS per control plane (the process's, divided by N).
+//!
+//! All N share this machine's 2 cores: where they saturate them, the
+//! figures measure the machine, and the CPU line says so.
+//!
+//! `cargo xtask bench cluster --nodes N --endpoints E --churn R`
+//! (MESH_CLUSTER_NODES, MESH_CLUSTER_ENDPOINTS, MESH_CLUSTER_CHURN).
+//! Every wait is bounded.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use chitchat::{ChitchatHandle, ChitchatId, NodeState};
+use mesh_agent::{
+    gossip::{
+        GossipConfig, authority,
+        peers::{self, Endpoint},
+        start,
+        subnet::{self, Claim},
+        transport::{ClusterKey, GossipStats},
+    },
+    labels::Proto,
+    reconcile::{self, Actual, fake::FakeLb},
+    vip::Cidr,
+};
+use mesh_tests::netns::{Netns, unique};
+
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, i as u8)
+}
+
+fn cluster() -> Cidr {
+    "10.42.0.0/16".parse().expect("cidr")
+}
+
+/// Endpoint `j` of node `i` (in node i's /24).
+fn endpoint(i: usize, j: usize) -> Endpoint {
+    Endpoint {
+        service: format!("svc-{}", j % 10),
+        created: "2026-11-30T00:00:00.000000000Z".into(),
+        ip: Ipv4Addr::new(10, 42, i as u8, 10 + j as u8),
+        ports: vec![(80, 8080, Proto::Tcp)],
+        state: mesh_common::lb::backend_state::ACTIVE,
+        publish: vec![],
+    }
+}
+
+fn kv(e: &Endpoint) -> (String, String) {
+    (
+        peers::endpoint_key(e),
+        serde_json::to_string(e).expect("json"),
+    )
+}
+
+/// One node: its gossip, its stats, and the backend addresses in its maps.
+struct Node {
+    handle: Option<ChitchatHandle>,
+    stats: Arc<GossipStats>,
+    maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The agent's control plane minus Docker and the kernel: on every
+/// membership change, vet the peers, compute the desired state, plan and
+/// apply it to the fake maps.
+async fn control_plane(
+    me: String,
+    claim: Claim,
+    mut live: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
+) {
+    let (containers, draining, veths) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
+    let vip_cidr: Cidr = "10.43.0.0/16".parse().expect("cidr");
+    let mut vips = BTreeMap::new();
+    let mut actual = Actual::default();
+    let mut fake = FakeLb::default();
+    while live.changed().await.is_ok() {
+        let decoded = peers::from_states(&me, &live.borrow_and_update());
+        let vetted = authority::vet(decoded, cluster(), Some(&claim));
+        let st = mesh_agent::desired::compute(&mesh_agent::desired::Inputs {
+            containers: &containers,
+            draining: &draining,
+            veths: &veths,
+            peers: &vetted.peers,
+            vips: &vips,
+            vip_cidr,
+        });
+        vips = st.vips.clone();
+        let plan = reconcile::plan(&st.lb, &actual);
+        let _ = reconcile::apply(&plan, &mut fake, &mut actual);
+        let now: HashSet<Ipv4Addr> = fake
+            .backends
+            .values()
+            .map(|b| Ipv4Addr::from(u32::from_be(b.ip_be)))
+            .collect();
+        *maps.lock().expect("maps") = now;
+    }
+}
+
+async fn start_node(i: usize, n_seeds: usize, key: [u8; 32], endpoints: usize) -> Node {
+    let a = SocketAddr::new(addr(i).into(), 7000);
+    let me = format!("node{i}");
+    let cfg = GossipConfig {
+        node_id: me.clone(),
+        listen: a,
+        advertise: a,
+        seeds: (1..=n_seeds).map(|s| format!("{}:7000", addr(s))).collect(),
+        key: ClusterKey::from_bytes(key),
+        cluster_id: "bench".into(),
+        interval: GossipConfig::interval_for(DEAD_AFTER),
+        dead_after: DEAD_AFTER,
+    };
+    let claim = Claim {
+        node: me.clone(),
+        index: i as u32,
+        since_ms: i as u64,
+    };
+    let mut kvs = vec![
+        (peers::KEY_UNDERLAY.to_string(), addr(i).to_string()),
+        (
+            peers::KEY_MAC.to_string(),
+            format!("02:00:00:00:00:{:02x}", i),
+        ),
+        (peers::KEY_SUBNET.to_string(), subnet::encode(&claim)),
+    ];
+    kvs.extend((0..endpoints).map(|j| kv(&endpoint(i, j))));
+    let stats = Arc::new(GossipStats::default());
+    let handle = start(cfg, kvs, stats.clone()).await.expect("gossip starts");
+    let live = handle.chitchat().lock().await.live_nodes_watcher();
+    let maps = Arc::new(Mutex::new(HashSet::new()));
+    let task = tokio::spawn(control_plane(me, claim, live, maps.clone()));
+    Node {
+        handle: Some(handle),
+        stats,
+        maps,
+        task,
+    }
+}
+
+/// Waits (at most `limit`) until `f` holds for every live node's maps;
+/// the time it took.
+async fn until(
+    nodes: &[Node],
+    limit: Duration,
+    f: impl Fn(usize, &HashSet<Ipv4Addr>) -> bool,
+) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        let done = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.handle.is_some())
+            .all(|(i, n)| f(i + 1, &n.maps.lock().expect("maps")));
+        if done {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s.get(((s.len().max(1) - 1) as f64 * q).round() as usize)
+        .copied()
+        .unwrap_or(Duration::MAX)
+}
+
+fn ms(d: Duration) -> String {
+    if d == Duration::MAX {
+        "timeout".into()
+    } else {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+/// (bytes, datagrams) sent and received by every live node so far.
+fn traffic(nodes: &[Node]) -> (u64, u64) {
+    nodes
+        .iter()
+        .filter(|n| n.handle.is_some())
+        .fold((0, 0), |(b, d), n| {
+            let s = &n.stats;
+            (
+                b + s.bytes_sent.load(Ordering::Relaxed) + s.bytes_received.load(Ordering::Relaxed),
+                d + s.sent.load(Ordering::Relaxed) + s.received.load(Ordering::Relaxed),
+            )
+        })
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// `count` endpoint changes at `rate` a second on random nodes; the time
+/// each took to reach every other live node's maps.
+async fn churn(nodes: &[Node], count: usize, rate: usize, next: &mut usize) -> Vec<Duration> {
+    let live: Vec<usize> = (1..=nodes.len())
+        .filter(|i| nodes[i - 1].handle.is_some())
+        .collect();
+    let mut times = Vec::new();
+    let mut pending: Vec<(Ipv4Addr, usize, Instant)> = Vec::new();
+    let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    for k in 0..count {
+        let at = live[(k * 7919) % live.len()];
+        let ip = Ipv4Addr::new(10, 42, at as u8, 100 + (*next % 150) as u8);
+        *next += 1;
+        let mut e = endpoint(at, 0);
+        e.ip = ip;
+        let (key, value) = kv(&e);
+        if let Some(h) = &nodes[at - 1].handle {
+            h.with_chitchat(|c| c.self_node_state().set(&key, &value))
+                .await;
+        }
+        pending.push((ip, at, Instant::now()));
+        tokio::time::sleep(gap).await;
+        collect(nodes, &mut pending, &mut times);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        collect(nodes, &mut pending, &mut times);
+    }
+    times.extend(pending.iter().map(|_| Duration::MAX));
+    times
+}
+
+fn collect(
+    nodes: &[Node],
+    pending: &mut Vec<(Ipv4Addr, usize, Instant)>,
+    times: &mut Vec<Duration>,
+) {
+    pending.retain(|(ip, at, t)| {
+        let everywhere = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| n.handle.is_some() && i + 1 != *at)
+            .all(|(_, n)| n.maps.lock().expect("maps").contains(ip));
+        if everywhere {
+            times.push(t.elapsed());
+        }
+        !everywhere
+    });
+}
+
+fn loss(ns: &str, percent: f64) {
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-F", "INPUT"])
+        .output();
+    if percent > 0.0 {
+        let p = format!("{}", percent / 100.0);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-A", "INPUT", "-p", "udp"])
+            .args(["--dport", "7000", "-m", "statistic", "--mode", "random"])
+            .args(["--probability", &p, "-j", "DROP"])
+            .output()
+            .expect("iptables");
+        assert!(out.status.success(), "iptables: {out:?}");
+    }
+}
+
+async fn run(ns: &str, n: usize, e: usize, rate: usize) {
+    let key = [3u8; 32];
+    let base_rss = rss_mb();
+    let t = Instant::now();
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        nodes.push(start_node(i, n.min(3), key, e).await);
+    }
+    // A node's maps hold every other node's endpoints (its own are local
+    // containers, of which this benchmark has none).
+    let converged = until(&nodes, Duration::from_secs(120), |_, m| {
+        m.len() == (n - 1) * e
+    })
+    .await;
+    println!(
+        "cluster: {n} nodes x {e} endpoints ({} in all, 10 services); every node's maps complete after {}",
+        n * e,
+        converged.map_or("timeout (120 s)".into(), ms)
+    );
+
+    // Idle.
+    let (b0, d0) = traffic(&nodes);
+    let c0 = cpu_seconds();
+    let window = 5.0;
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let (b1, d1) = traffic(&nodes);
+    let idle_cpu = (cpu_seconds() - c0) / window;
+    // Every datagram is counted once sent and once received: halve.
+    let per = |x: u64| x as f64 / 2.0 / n as f64 / window;
+    let idle_kbs = per(b1 - b0) / 1e3;
+    println!(
+        "idle gossip per node: {:.1} KB/s, {:.1} datagrams/s; CPU {:.1}% of a core per node ({:.0}% of the machine's 2 cores in all)",
+        idle_kbs,
+        per(d1 - d0),
+        idle_cpu * 100.0 / n as f64,
+        idle_cpu * 50.0
+    );
+
+    // Churn.
+    let mut next = 0usize;
+    let (b0, d0) = traffic(&nodes);
+    let c0 = cpu_seconds();
+    let t_churn = Instant::now();
+    let times = churn(&nodes, 20, rate, &mut next).await;
+    let secs = t_churn.elapsed().as_secs_f64();
+    let (b1, d1) = traffic(&nodes);
+    let churn_cpu = (cpu_seconds() - c0) / secs;
+    let per = |x: u64| x as f64 / 2.0 / n as f64 / secs;
+    let p99 = quantile(&times, 0.99);
+    println!(
+        "endpoint change on one node -> every node's maps ({} changes at {rate}/s): p50 {}, p99 {}; gossip per node {:.1} KB/s, {:.1} datagrams/s; CPU {:.0}% of the machine",
+        times.len(),
+        ms(quantile(&times, 0.5)),
+        ms(p99),
+        per(b1 - b0) / 1e3,
+        per(d1 - d0),
+        churn_cpu * 50.0
+    );
+    let rss = (rss_mb() - base_rss).max(0.0) / n as f64;
+    println!("RSS per control plane: {rss:.2} MB (the process's growth over {n} nodes)");
+
+    // Loss.
+    let mut lossy = Vec::new();
+    for pct in [1.0, 5.0] {
+        loss(ns, pct);
+        let times = churn(&nodes, 10, rate, &mut next).await;
+        println!(
+            "with {pct}% datagram loss: endpoint change everywhere p50 {}, p99 {}",
+            ms(quantile(&times, 0.5)),
+            ms(quantile(&times, 0.99))
+        );
+        lossy.push(quantile(&times, 0.99));
+    }
+    loss(ns, 0.0);
+
+    // Dead nodes: their endpoints leave every other node's maps.
+    let mut dead = Vec::new();
+    for k in 0..3.min(n - 2) {
+        let d = n - k;
+        let gone: HashSet<Ipv4Addr> = (0..e).map(|j| endpoint(d, j).ip).collect();
+        if let Some(h) = nodes[d - 1].handle.take() {
+            let _ = h.shutdown().await;
+        }
+        nodes[d - 1].task.abort();
+        let took = until(&nodes, Duration::from_secs(30), |_, m| {
+            gone.iter().all(|ip| !m.contains(ip))
+        })
+        .await
+        .unwrap_or(Duration::MAX);
+        dead.push(took);
+    }
+    let dead_max = dead.iter().max().copied().unwrap_or(Duration::MAX);
+    println!(
+        "dead node -> out of every node's maps ({} nodes stopped, dead-after {:?}): p50 {}, max {}",
+        dead.len(),
+        DEAD_AFTER,
+        ms(quantile(&dead, 0.5)),
+        ms(dead_max)
+    );
+    let ratio = |v: f64, goal: f64| format!("{:.2}x the goal", v / goal);
+    println!(
+        "goals: change everywhere p99 < 2 s: {}; dead node out < 5 s: {}; idle gossip < 10 KB/s: {}; RSS < 50 MB: {}",
+        ratio(p99.as_secs_f64(), 2.0),
+        ratio(dead_max.as_secs_f64(), 5.0),
+        ratio(idle_kbs, 10.0),
+        ratio(rss, 50.0)
+    );
+    println!("total {:.0} s", t.elapsed().as_secs_f64());
+    for mut node in nodes {
+        if let Some(h) = node.handle.take() {
+            let _ = h.shutdown().await;
+        }
+        node.task.abort();
+    }
+}
+
+fn main() {
+    let n = env("MESH_CLUSTER_NODES", 50).clamp(3, 250);
+    let e = env("MESH_CLUSTER_ENDPOINTS", 10).clamp(1, 90);
+    let rate = env("MESH_CLUSTER_CHURN", 5).max(1);
+    let ns = Netns::new(&unique("mcb"));
+    let name = ns.name.clone();
+    ns.run(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(run(&name, n, e, rate))
+    });
+}
