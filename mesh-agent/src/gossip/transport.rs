@@ -7,6 +7,10 @@
 //! datagram captured on its way to one node is refused by every other).
 //! chitchat fills messages up to the largest UDP payload; one that does not
 //! fit once sealed goes as two datagrams, put together again on receipt.
+//! Messages are compressed (zstd, when that makes them smaller) before
+//! sealing: chitchat's digests name every node in every round and repeat
+//! much. A compressed message never opens to more than
+//! [`MAX_DECOMPRESSED`] bytes.
 //!
 //! A reply (SynAck, Ack) to an address that is not a known node's (a
 //! node of the cluster state, or a seed) carries no state: a spoofed source
@@ -54,6 +58,12 @@ const MAX_PART: usize = MAX_DATAGRAM - MAGIC.len() - NONCE_LEN - TAG_LEN - HEADE
 const WHOLE: u8 = 0;
 const FIRST: u8 = 1;
 const SECOND: u8 = 2;
+/// Flag on the part byte: the message is zstd-compressed.
+const COMPRESSED: u8 = 0x80;
+/// Messages shorter than this go as they are.
+const COMPRESS_FROM: usize = 256;
+/// The most a compressed message may open to (two datagrams' worth).
+pub const MAX_DECOMPRESSED: usize = 2 * MAX_DATAGRAM;
 /// First halves waiting for their second one, and for how long.
 const MAX_PARTIAL: usize = 16;
 const PARTIAL_TTL: Duration = Duration::from_secs(2);
@@ -214,6 +224,8 @@ struct Sender {
     stats: Arc<GossipStats>,
     session: u64,
     counter: u64,
+    /// Compress messages that shrink (always, but in tests of the rest).
+    compress: bool,
 }
 
 /// Opens datagrams: the replay windows, halves waiting for their other
@@ -412,6 +424,7 @@ impl Sender {
             stats,
             session: u64::from_le_bytes(random::<8>()),
             counter: 0,
+            compress: true,
         }
     }
 
@@ -420,12 +433,21 @@ impl Sender {
     fn seal(&mut self, dest: IpAddr, msg: &ChitchatMessage) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut body = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut body);
+        let mut flag = 0;
+        if self.compress
+            && body.len() >= COMPRESS_FROM
+            && let Ok(c) = zstd::bulk::compress(&body, 1)
+            && c.len() < body.len()
+        {
+            body = c;
+            flag = COMPRESSED;
+        }
         let parts: Vec<(u8, &[u8])> = if body.len() <= MAX_PART {
-            vec![(WHOLE, &body[..])]
+            vec![(WHOLE | flag, &body[..])]
         } else if body.len() <= 2 * MAX_PART {
             self.stats.split.fetch_add(1, Ordering::Relaxed);
             let (a, b) = body.split_at(MAX_PART);
-            vec![(FIRST, a), (SECOND, b)]
+            vec![(FIRST | flag, a), (SECOND | flag, b)]
         } else {
             self.stats.oversize.fetch_add(1, Ordering::Relaxed);
             return Ok(Vec::new());
@@ -471,7 +493,8 @@ impl Receiver {
             Verdict::Replayed | Verdict::Full => return Err(Reject::Replayed),
             Verdict::Stale => return Err(Reject::Stale),
         }
-        let whole = match h.part {
+        let compressed = h.part & COMPRESSED != 0;
+        let whole = match h.part & !COMPRESSED {
             WHOLE => body.to_vec(),
             FIRST => {
                 self.partial
@@ -495,6 +518,11 @@ impl Receiver {
                 first
             }
             _ => return Err(Reject::Decode),
+        };
+        let whole = if compressed {
+            zstd::bulk::decompress(&whole, MAX_DECOMPRESSED).map_err(|_| Reject::Decode)?
+        } else {
+            whole
         };
         let mut slice = whole.as_slice();
         ChitchatMessage::deserialize(&mut slice)
@@ -620,6 +648,8 @@ mod tests {
     #[test]
     fn a_message_too_large_for_one_datagram_goes_in_two() {
         let (mut tx, mut rx) = pair([1u8; 32], "127.0.0.1");
+        // As if it did not compress.
+        tx.compress = false;
         // As large as chitchat makes them: its whole payload budget.
         let msg = ChitchatMessage::Syn {
             cluster_id: "x".repeat(65_480),
@@ -643,6 +673,34 @@ mod tests {
             .expect("seal");
         assert_eq!(rx.accept(&parts[1]).err(), Some(Reject::Decode));
         assert_eq!(tx.stats.split.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn messages_are_compressed_and_bombs_refused() {
+        let (mut tx, mut rx) = pair([1u8; 32], "127.0.0.1");
+        let msg = ChitchatMessage::Syn {
+            cluster_id: "node17 127.0.0.17:7000 ".repeat(400),
+            digest: Default::default(),
+        };
+        let d = one(&mut tx, "127.0.0.1", &msg);
+        assert!(
+            d.len() * 10 < msg.serialized_len(),
+            "{} -> {}",
+            msg.serialized_len(),
+            d.len()
+        );
+        assert_eq!(rx.accept(&d), Ok(Some(msg)));
+        // A frame that opens to more than MAX_DECOMPRESSED is refused.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_DECOMPRESSED + 1], 1).expect("zstd");
+        let h = Header {
+            part: WHOLE | COMPRESSED,
+            session: 77,
+            counter: 1,
+            sent_ms: now_ms(),
+            dest: "127.0.0.1".parse().expect("ip"),
+        };
+        let sealed = seal(&tx.cipher, &h, &bomb).expect("seal");
+        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Decode));
     }
 
     #[test]
