@@ -1,5 +1,7 @@
-//! The agent as a container: the one definition of how it runs on a Docker
-//! host (the README's `docker run`, the lab's nodes, the multi-host tests).
+//! The agent as a container, as `docker run` arguments: how the lab's nodes
+//! and the multi-host tests run it, with the same settings as
+//! `deploy/compose.yaml` (the README's way on real hosts; its test checks
+//! the compose file itself).
 //!
 //! Host network and PID namespaces; exactly the capabilities it uses rather
 //! than --privileged (which also asks for capabilities a host may not
