@@ -79,6 +79,12 @@ pub struct Actual {
     pub services: BTreeMap<SvcAddr, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub rings: BTreeMap<u32, Vec<u32>>,
+    /// The active backend ids each ring in `rings` was built from by this
+    /// process: a service whose members did not change keeps its ring
+    /// without building it again (a ring is a function of its members, and
+    /// an id's identity never changes while it exists). Rings adopted from
+    /// the kernel have none, so they are built once and compared.
+    pub ring_members: BTreeMap<u32, Vec<u32>>,
 }
 
 /// The writes of one pass, in the order they are applied.
@@ -94,11 +100,15 @@ pub struct Plan {
     pub add_services: Vec<(SvcAddr, u32)>,
     /// 5. Backends no ring names any more.
     pub clear_backends: Vec<u32>,
+    /// The members each ring built in this plan came from (remembered in
+    /// `Actual::ring_members` once the ring is in place).
+    pub built_from: Vec<(u32, Vec<u32>)>,
 }
 
 impl Plan {
+    /// No writes (what rings were built from may still be remembered).
     pub fn is_empty(&self) -> bool {
-        self == &Plan::default()
+        self.writes() == 0
     }
 
     /// Number of map writes (a ring batch counts its rings).
@@ -189,9 +199,15 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
                 members.push((id, Identity { ip, port }));
             }
         }
-        let ring = maglev::build_ids(&members);
-        if ring_of(actual, sid) != ring.as_slice() {
-            p.set_rings.push((sid, ring));
+        let ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
+        let unchanged = actual.ring_members.get(&sid) == Some(&ids)
+            && actual.rings.contains_key(&sid) != ids.is_empty();
+        if !unchanged {
+            let ring = maglev::build_ids(&members);
+            if ring_of(actual, sid) != ring.as_slice() {
+                p.set_rings.push((sid, ring));
+            }
+            p.built_from.push((sid, ids));
         }
         if !actual.services.contains_key(addr) {
             p.add_services.push((*addr, sid));
@@ -341,6 +357,16 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             actual.rings.insert(sid, ring);
         }
     }
+    // What each ring in place was built from (rings that failed keep
+    // theirs unknown, so the next pass builds them again).
+    for (sid, ids) in &plan.built_from {
+        if !missing_rings.contains(sid) {
+            actual.ring_members.insert(*sid, ids.clone());
+        }
+    }
+    actual.ring_members.retain(|sid, _| {
+        actual.rings.contains_key(sid) || plan.built_from.iter().any(|(s, _)| s == sid)
+    });
     for (addr, sid) in &plan.add_services {
         if missing_rings.contains(sid) {
             continue;

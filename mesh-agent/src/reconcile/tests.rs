@@ -253,6 +253,38 @@ fn one_failing_service_does_not_hold_back_the_others() {
 }
 
 #[test]
+fn only_rings_whose_members_changed_are_built_again() {
+    let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
+    let d = desired(&[(WEB, &[be(11, ACTIVE)]), (DNS, &[be(21, ACTIVE)])]);
+    let p = pass(&d, &mut actual, &mut fake);
+    assert_eq!(p.built_from.len(), 2, "both built the first time");
+    assert!(plan(&d, &actual).built_from.is_empty(), "nothing changed");
+    // One backend more for WEB: only WEB's ring is built.
+    let d2 = desired(&[
+        (WEB, &[be(11, ACTIVE), be(12, ACTIVE)]),
+        (DNS, &[be(21, ACTIVE)]),
+    ]);
+    let p = pass(&d2, &mut actual, &mut fake);
+    let web = actual.services[&WEB];
+    assert_eq!(
+        p.built_from.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![web]
+    );
+    same(&actual, &fake);
+    assert_eq!(ring_members(&fake, WEB).len(), 2);
+    // Rings adopted from the kernel are built once, then remembered.
+    let mut adopted = Actual {
+        ring_members: BTreeMap::new(),
+        ..actual.clone()
+    };
+    let p = plan(&d2, &adopted);
+    assert!(p.is_empty(), "the same rings: no writes");
+    assert_eq!(p.built_from.len(), 2);
+    apply(&p, &mut fake, &mut adopted).expect("apply");
+    assert!(plan(&d2, &adopted).built_from.is_empty());
+}
+
+#[test]
 fn a_freed_backend_id_is_not_reused_in_the_same_pass() {
     let (mut actual, mut fake) = (Actual::default(), FakeLb::default());
     pass(
@@ -289,6 +321,7 @@ fn adoption_removes_what_went_stale() {
         services: fake.services.clone(),
         backends: fake.backends.clone(),
         rings: fake.rings.clone(),
+        ..Actual::default()
     };
     let web_id = adopted.services[&WEB];
     pass(
