@@ -125,18 +125,7 @@ pub fn archive(bin_dir: &Path, out: &Path, version: &str, commit: &str) -> Resul
     fs::create_dir_all(&work)?;
     // The layer: reproducible (sorted, no times or owners from here).
     let layer = work.join("layer.tar");
-    Cmd::new("tar")
-        .args([
-            "--sort=name",
-            "--mtime=@0",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-        ])
-        .args([std::ffi::OsStr::new("-C"), root.as_os_str()])
-        .args([std::ffi::OsStr::new("-cf"), layer.as_os_str()])
-        .args(["."])
-        .output()?;
+    reproducible_tar(&root, &layer, &["."])?;
     let size = fs::metadata(&layer)?.len();
     let layer_sum = sha256(&layer)?;
     let layer_dir = work.join(&layer_sum);
@@ -177,6 +166,22 @@ pub fn archive(bin_dir: &Path, out: &Path, version: &str, commit: &str) -> Resul
     }]);
     fs::write(work.join("manifest.json"), serde_json::to_vec(&manifest)?)?;
     let tarball = out.join(format!("mesh-agent-{version}-{commit}.tar"));
+    reproducible_tar(
+        &work,
+        &tarball,
+        &["manifest.json", &config_name, &layer_sum],
+    )?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(Release {
+        tarball,
+        tags,
+        size,
+    })
+}
+
+/// `entries` of `dir` in the tar file `out`, the same bytes for the same
+/// files: sorted, owner 0, time 0.
+fn reproducible_tar(dir: &Path, out: &Path, entries: &[&str]) -> Result<()> {
     Cmd::new("tar")
         .args([
             "--sort=name",
@@ -185,16 +190,11 @@ pub fn archive(bin_dir: &Path, out: &Path, version: &str, commit: &str) -> Resul
             "--group=0",
             "--numeric-owner",
         ])
-        .args([std::ffi::OsStr::new("-C"), work.as_os_str()])
-        .args([std::ffi::OsStr::new("-cf"), tarball.as_os_str()])
-        .args(["manifest.json", &config_name, &layer_sum])
-        .output()?;
-    let _ = fs::remove_dir_all(&work);
-    Ok(Release {
-        tarball,
-        tags,
-        size,
-    })
+        .args([std::ffi::OsStr::new("-C"), dir.as_os_str()])
+        .args([std::ffi::OsStr::new("-cf"), out.as_os_str()])
+        .args(entries)
+        .output()
+        .map(drop)
 }
 
 /// The hex SHA-256 of a file (coreutils' sha256sum).
