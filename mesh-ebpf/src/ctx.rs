@@ -52,12 +52,34 @@ impl Packet for TcContext {
     fn len(&self) -> usize {
         TcContext::len(self) as usize
     }
+    // Direct access where the bytes are in the skb's linear part (headers
+    // almost always are), as XDP does; the helpers otherwise (a non-linear
+    // skb). A direct write is what `bpf_skb_store_bytes` without flags
+    // does (the verifier makes a cloned skb private first); checksums
+    // still go through the helpers, which know the skb's checksum state.
+    //
+    // One-byte values always go through the helper: LLVM turns the bounds
+    // check `at + 1 > end` into `at >= end`, from which the verifier learns
+    // no range for a pointer at a variable offset.
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        if size_of::<T>() > 1
+            && let Some(p) = ptr_at::<T>(self.data(), self.data_end(), off)
+        {
+            // SAFETY: ptr_at checked that the T lies inside the linear data.
+            return Some(unsafe { p.read() });
+        }
         TcContext::load(self, off).ok()
     }
     #[inline(always)]
     fn store<T: Copy>(&self, off: usize, v: &T) -> Option<()> {
+        if size_of::<T>() > 1
+            && let Some(p) = ptr_at::<T>(self.data(), self.data_end(), off)
+        {
+            // SAFETY: as above; the packet is this program's to rewrite.
+            unsafe { p.cast_mut().write(*v) };
+            return Some(());
+        }
         TcContext::store(self, off, v, 0).ok()
     }
     #[inline(always)]

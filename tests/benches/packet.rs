@@ -7,6 +7,7 @@ use std::{net::Ipv4Addr, time::Instant};
 
 use mesh_common::stats::Stat;
 use mesh_tests::{
+    empty::EmptyProg,
     fixtures::{self, ingress, lb},
     harness::{Harness, Prog},
     pkt,
@@ -31,6 +32,7 @@ fn main() {
     );
     drop(h);
 
+    own_cost(repeat);
     routing_mesh();
 
     println!(
@@ -143,6 +145,121 @@ fn main() {
             reply_ns,
             other_ns,
             mem as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+/// The container veth's four main paths, each less an empty TC program
+/// timed the same way: the programs' own cost, against the goals. The
+/// tracked and reply packets repeat on one test run without changing path
+/// (a pair of services that are each other's backend: the packet to one
+/// VIP leaves addressed to the other); a new flow needs a fresh packet per
+/// run, so it is single runs less the empty program's single runs.
+fn own_cost(repeat: u32) {
+    let empty = EmptyProg::tc().expect("loading an empty TC program");
+    let mut h = Harness::new();
+    let (a, b) = lb::install_pair(&mut h);
+    let c = (lb::CLIENT, 40_000);
+    // Both flows opened, answered (SYN-ACK) and confirmed (the client's
+    // next segment), as established connections are.
+    for (vip, other) in [(a, b), (b, a)] {
+        h.run(
+            Prog::TcFromContainer,
+            &pkt::tcp4(c, (vip, 80), 1, |x| x.syn(), b""),
+            1,
+        );
+        h.run(
+            Prog::TcToContainer,
+            &pkt::tcp4((other, 80), c, 1, |x| x.syn().ack(2), b""),
+            1,
+        );
+        h.run(
+            Prog::TcFromContainer,
+            &pkt::tcp4(c, (vip, 80), 2, |x| x.ack(2), b""),
+            1,
+        );
+    }
+    let seg = pkt::tcp4(c, (a, 80), 2, |x| x.ack(2), b"data");
+    let reply = pkt::tcp4((b, 80), c, 2, |x| x.ack(6), b"ok");
+    let other = pkt::tcp4(
+        c,
+        (Ipv4Addr::new(10, 42, 9, 9), 80),
+        2,
+        |x| x.ack(2),
+        b"data",
+    );
+    let syn = |p: u32| {
+        pkt::tcp4(
+            (lb::CLIENT, 20_000 + p as u16),
+            (a, 80),
+            1,
+            |x| x.syn(),
+            b"",
+        )
+    };
+    let runs = 2_000;
+
+    let base_r = empty.time(&seg, repeat).expect("empty program");
+    let base_1 = empty.time_single(&syn(0), runs).expect("empty program");
+    let rows: [(&str, f64, f64, f64, Stat); 4] = [
+        (
+            "tracked VIP packet (conntrack hit, DNAT, to the backend's veth) [r]",
+            h.time_repeated(Prog::TcFromContainer, &seg, repeat, &[(Stat::LbCtHit, 1)])
+                .unwrap_or_else(|e| panic!("tracked: {e}")),
+            base_r,
+            60.0,
+            Stat::LbCtHit,
+        ),
+        (
+            "reply (reverse NAT into the container) [r]",
+            h.time_repeated(
+                Prog::TcToContainer,
+                &reply,
+                repeat,
+                &[(Stat::NatReverse, 1)],
+            )
+            .unwrap_or_else(|e| panic!("reply: {e}")),
+            base_r,
+            40.0,
+            Stat::NatReverse,
+        ),
+        (
+            "new flow (Maglev, two conntrack inserts, DNAT) [1]",
+            h.time_path(Prog::TcFromContainer, &syn, runs, &[(Stat::LbNewFlow, 1)])
+                .unwrap_or_else(|e| panic!("new flow: {e}")),
+            base_1,
+            300.0,
+            Stat::LbNewFlow,
+        ),
+        (
+            "not a service (a container's packet to another address) [r]",
+            h.time_repeated(
+                Prog::TcFromContainer,
+                &other,
+                repeat,
+                &[(Stat::TcNotService, 1)],
+            )
+            .unwrap_or_else(|e| panic!("not a service: {e}")),
+            base_r,
+            15.0,
+            Stat::TcNotService,
+        ),
+    ];
+    println!(
+        "\nown cost of the container veth's paths, ns/packet: the figure less an empty TC \
+         program timed the same way ([r]: {repeat} runs repeating one packet, the path \
+         counter checked to move on every run; [1]: {runs} single runs)"
+    );
+    println!(
+        "  {:<70} {:>8} {:>7} {:>7} {:>6} {:>7}",
+        "path", "measured", "empty", "own", "goal", "ratio"
+    );
+    for (name, ns, base, goal, stat) in rows {
+        let own = (ns - base).max(0.0);
+        println!(
+            "  {name:<70} {ns:>8.1} {base:>7.1} {own:>7.1} {goal:>6.0} {:>6.2}x   ({} on every run)",
+            own / goal,
+            stat.name()
         );
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod dnslab;
 pub mod dockerlab;
+pub mod empty;
 pub mod fixtures;
 pub mod harness;
 pub mod lbclient;
