@@ -19,6 +19,10 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(100_000);
 
+    if std::env::var_os("MESH_BENCH_OWN_COST_ONLY").is_some() {
+        own_cost(repeat);
+        return;
+    }
     let mut h = Harness::new();
     h.bench("xdp underlay", &fixtures::xdp_underlay::fixtures(), repeat);
     drop(h);

@@ -65,7 +65,8 @@ pub enum SweepError {
     },
 }
 
-/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns reads.
+/// CLOCK_MONOTONIC in ns: the clock the data plane reads (its coarse
+/// variant, at most a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
