@@ -230,8 +230,11 @@ async fn run(args: Args) -> Result<()> {
         attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
     }
     let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
-    let overlay =
+    let mut overlay =
         mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
+    overlay
+        .set_config(&args.vip_cidr.config())
+        .context("writing the data plane's settings")?;
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
     let sweeper =
         mesh_agent::conntrack::sweep::Sweeper::open(&args.bpffs_dir, args.conntrack.timeouts())

@@ -60,6 +60,15 @@ impl Cidr {
         Ipv4Addr::from(u32::from(self.base) + 1 + off)
     }
 
+    /// The data plane's settings for this VIP range (network order).
+    pub fn config(&self) -> mesh_common::lb::Config {
+        let mask = u32::MAX << (32 - self.prefix);
+        mesh_common::lb::Config {
+            vip_be: (u32::from(self.base) & mask).to_be(),
+            vip_mask_be: mask.to_be(),
+        }
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let mask = u32::MAX << (32 - self.prefix);
         u32::from(ip) & mask == u32::from(self.base)
@@ -107,6 +116,19 @@ pub fn assign<A: Ord>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_plane_skips_the_service_lookup_outside_the_range() {
+        let c: Cidr = "10.43.0.0/16".parse().expect("cidr");
+        let cfg = c.config();
+        let be = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip")).to_be();
+        assert!(cfg.may_be_vip(be("10.43.0.10")));
+        assert!(cfg.may_be_vip(be("10.43.255.254")));
+        assert!(!cfg.may_be_vip(be("10.42.0.2")));
+        assert!(!cfg.may_be_vip(be("10.44.0.1")));
+        // Not written yet (all zero): every address may be a VIP.
+        assert!(mesh_common::lb::Config::default().may_be_vip(be("192.0.2.1")));
+    }
 
     fn cidr(s: &str) -> Cidr {
         s.parse().expect("valid CIDR")

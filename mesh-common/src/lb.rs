@@ -35,6 +35,25 @@ pub struct Service {
     pub flags: u32,
 }
 
+/// Settings of the whole data plane (`MESH_CONFIG`, slot 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The VIP range (network order): an address outside it is no service,
+    /// so a packet to it skips the service lookup. A mask of 0 (not written
+    /// yet) makes every address a candidate.
+    pub vip_be: u32,
+    pub vip_mask_be: u32,
+}
+
+impl Config {
+    /// Whether `ip_be` may be a VIP.
+    #[inline(always)]
+    pub const fn may_be_vip(&self, ip_be: u32) -> bool {
+        ip_be & self.vip_mask_be == self.vip_be
+    }
+}
+
 /// Backend states (a `u8` in [`Backend`]).
 pub mod backend_state {
     /// Takes new flows (it is in the Maglev ring).
@@ -120,6 +139,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
 const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Published>() == 4);
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -131,4 +151,5 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::PublishedKey {}
     unsafe impl aya::Pod for super::Published {}
+    unsafe impl aya::Pod for super::Config {}
 }

@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
-    lb::{Backend, Published, PublishedKey, Service, ServiceKey, ServiceStats},
+    lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats},
     maps::{
         CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES,
-        MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS,
+        MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, VETH_SLOTS,
     },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
@@ -69,6 +69,15 @@ pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
 /// This node's containers, by address.
 #[map(name = "MESH_LOCAL_EPS")]
 pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MAX_LOCAL_EPS, 0);
+
+/// Veth ifindex -> its container's address: the anti-spoofing check in
+/// one array slot (`MESH_LOCAL_EPS` covers what this does not).
+#[map(name = "MESH_VETH_SRC")]
+pub static VETH_SRC: Array<u32> = Array::with_max_entries(VETH_SLOTS, 0);
+
+/// Settings of the whole data plane (slot 0).
+#[map(name = "MESH_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// The other nodes by underlay address: VXLAN is accepted only from these.
 #[map(name = "MESH_PEERS")]

@@ -19,7 +19,7 @@ use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     lb,
-    maps::{FRAGS, LOCAL_EPS, SERVICES},
+    maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC},
     nat::{self, End},
     parse::{
         self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP,
@@ -65,13 +65,33 @@ fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Resu
 /// Whether `src_be` is the address of the container behind this veth (the
 /// agent writes every local container's address and veth). A container may
 /// hold NET_RAW (Docker grants it by default) and forge any source; these
-/// programs run before netfilter, so this check is the firewall's.
+/// programs run before netfilter, so this check is the firewall's. One
+/// array slot by ifindex says yes for the common case; anything else (a
+/// veth beyond the array, a slot not written, another address) is judged
+/// by `MESH_LOCAL_EPS`.
 #[inline(always)]
 fn own_source(ctx: &TcContext, src_be: u32) -> bool {
     // SAFETY: the context's own field: the veth this program runs on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if VETH_SRC
+        .get(ifindex)
+        .is_some_and(|ip| *ip == src_be && src_be != 0)
+    {
+        return true;
+    }
     // SAFETY: plain data written by the agent.
     unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex)
+}
+
+/// Whether `key` names a service: the lookup, unless the destination is
+/// outside the VIP range (most of a container's traffic).
+#[inline(always)]
+fn service_of(key: &ServiceKey) -> Option<u32> {
+    if CONFIG.get(0).is_some_and(|c| !c.may_be_vip(key.vip_be)) {
+        return None;
+    }
+    // SAFETY: map values are plain data; the agent replaces them atomically.
+    unsafe { SERVICES.get(key) }.map(|s| s.id)
 }
 
 /// Packets leaving the container.
@@ -99,8 +119,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     if t.dst_be == HAIRPIN_IP_BE {
         return hairpin_reply(ctx, &pk);
     }
-    // SAFETY: map values are plain data; the agent replaces them atomically.
-    let svc = unsafe { SERVICES.get(&key) }.map(|s| s.id);
+    let svc = service_of(&key);
     // Only needed off the VIP path: read once for the checks below.
     let local = if svc.is_none() { tunnel::local() } else { None };
     // A node's address and a published port: balanced here, as a VIP (the

@@ -117,6 +117,9 @@ const ETH_HLEN: usize = 14;
 /// The interface a TC program sees under BPF_PROG_TEST_RUN: the test
 /// namespace's loopback.
 pub const TEST_IFINDEX: u32 = 1;
+/// The VIP range the harness writes into the data plane's settings (every
+/// fixture's VIPs are in it, as the agent's `--vip-cidr` default).
+pub const VIP_RANGE: &str = "10.43.0.0/16";
 /// Room for the program to grow a packet (encapsulation).
 const OUT_HEADROOM: usize = 256;
 
@@ -173,7 +176,12 @@ impl Harness {
             dataplane::pin_maps(&ebpf, dir).unwrap_or_else(|e| panic!("pinning maps: {e}"));
         }
         let lb = LbMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("load-balancing maps: {e}"));
-        let overlay = OverlayMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("overlay maps: {e}"));
+        let mut overlay =
+            OverlayMaps::take(&mut ebpf).unwrap_or_else(|e| panic!("overlay maps: {e}"));
+        let vips: mesh_agent::vip::Cidr = VIP_RANGE.parse().expect("VIP range");
+        overlay
+            .set_config(&vips.config())
+            .unwrap_or_else(|e| panic!("data-plane settings: {e}"));
         Harness { ebpf, lb, overlay }
     }
 
@@ -188,6 +196,9 @@ impl Harness {
         self.overlay
             .set_local_ep(u32::from(ip).to_be(), &ep)
             .unwrap_or_else(|e| panic!("local endpoint {ip}: {e}"));
+        self.overlay
+            .set_veth_src(TEST_IFINDEX, u32::from(ip).to_be())
+            .unwrap_or_else(|e| panic!("veth source {ip}: {e}"));
     }
 
     /// The loaded object, e.g. to attach its programs.

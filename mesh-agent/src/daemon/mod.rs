@@ -109,6 +109,8 @@ struct Written {
     nodes: BTreeMap<u32, Node>,
     peers: BTreeMap<u32, u32>,
     local_eps: BTreeMap<u32, LocalEndpoint>,
+    /// Veth ifindex -> container address (`MESH_VETH_SRC`).
+    veth_src: BTreeMap<u32, u32>,
     /// The routing mesh's ports.
     published: BTreeMap<PublishedKey, Published>,
     /// Our endpoints as last published in gossip (key -> JSON).
@@ -163,6 +165,7 @@ impl Daemon {
             nodes: overlay.read_nodes()?,
             peers: overlay.read_peers()?,
             local_eps: overlay.read_local_eps()?,
+            veth_src: overlay.read_veth_src()?,
             published: lb
                 .read_published()?
                 .into_iter()

@@ -195,6 +195,10 @@ impl Daemon {
             &mut self.written.local_eps,
         );
         failed.extend(errors.iter().map(|e| format!("local endpoints: {e}")));
+        let want = crate::dataplane::overlay::veth_src(&st.local_eps);
+        let ops = table::plan(&want, &self.written.veth_src);
+        let errors = table::apply(&ops, &mut self.overlay.veth_src, &mut self.written.veth_src);
+        failed.extend(errors.iter().map(|e| format!("veth sources: {e}")));
         failed
     }
 

@@ -7,6 +7,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError},
 };
 use mesh_common::{
+    lb::Config,
     maps,
     tunnel::{LocalEndpoint, LocalNode, Node},
 };
@@ -21,6 +22,10 @@ pub struct OverlayMaps {
     /// Underlay address -> /24 of every other node: VXLAN is accepted only
     /// from these.
     pub peers: HashMap<MapData, u32, u32>,
+    /// Veth ifindex -> its container's address (anti-spoofing fast path).
+    pub veth_src: Array<MapData, u32>,
+    /// Settings of the whole data plane.
+    pub config: Array<MapData, Config>,
 }
 
 fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -32,17 +37,21 @@ impl OverlayMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let mut take =
             |def: &maps::MapDef| ebpf.take_map(def.name).ok_or(MapsError::Missing(def.name));
-        let (local, nodes, eps, peers) = (
+        let (local, nodes, eps, peers, veth_src, config) = (
             take(&maps::LOCAL_NODE)?,
             take(&maps::NODES)?,
             take(&maps::LOCAL_EPS)?,
             take(&maps::PEERS)?,
+            take(&maps::VETH_SRC)?,
+            take(&maps::CONFIG)?,
         );
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE.name))?,
             nodes: nodes.try_into().map_err(err(maps::NODES.name))?,
             local_eps: eps.try_into().map_err(err(maps::LOCAL_EPS.name))?,
             peers: peers.try_into().map_err(err(maps::PEERS.name))?,
+            veth_src: veth_src.try_into().map_err(err(maps::VETH_SRC.name))?,
+            config: config.try_into().map_err(err(maps::CONFIG.name))?,
         })
     }
 
@@ -72,6 +81,29 @@ impl OverlayMaps {
         KeyedWriter::set(&mut self.local_eps, &ip_be, ep).map_err(err(maps::LOCAL_EPS.name))
     }
 
+    /// The data plane's settings.
+    pub fn set_config(&mut self, c: &Config) -> Result<(), MapsError> {
+        self.config.set(0, c, 0).map_err(err(maps::CONFIG.name))
+    }
+
+    /// Veth `ifindex`'s container has address `ip_be` (the anti-spoofing
+    /// fast path; indexes beyond the array are left to `MESH_LOCAL_EPS`).
+    pub fn set_veth_src(&mut self, ifindex: u32, ip_be: u32) -> Result<(), MapsError> {
+        KeyedWriter::set(&mut self.veth_src, &ifindex, &ip_be).map_err(err(maps::VETH_SRC.name))
+    }
+
+    /// The written slots of the veth array (a restarted agent starts here).
+    pub fn read_veth_src(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
+        let mut out = BTreeMap::new();
+        for (i, ip) in self.veth_src.iter().enumerate() {
+            let ip = ip.map_err(err(maps::VETH_SRC.name))?;
+            if ip != 0 {
+                out.insert(i as u32, ip);
+            }
+        }
+        Ok(out)
+    }
+
     /// The node table as the kernel has it (a restarted agent starts here).
     pub fn read_nodes(&self) -> Result<BTreeMap<u32, Node>, MapsError> {
         read_all(&self.nodes).map_err(err(maps::NODES.name))
@@ -87,6 +119,27 @@ fn read_all<K: Pod + Ord, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<BTreeMap
     m.iter().collect()
 }
 
+/// The veth array is a keyed table too: removing a slot writes 0.
+impl KeyedWriter<u32, u32> for Array<MapData, u32> {
+    type Error = MapError;
+    fn set(&mut self, key: &u32, value: &u32) -> Result<(), MapError> {
+        Array::set(self, *key, value, 0)
+    }
+    fn remove(&mut self, key: &u32) -> Result<(), MapError> {
+        Array::set(self, *key, 0, 0)
+    }
+}
+
+/// The veth array's contents for `local_eps` (container address ->
+/// endpoint): one slot per veth within the array.
+pub fn veth_src(local_eps: &BTreeMap<u32, LocalEndpoint>) -> BTreeMap<u32, u32> {
+    local_eps
+        .iter()
+        .filter(|(ip, ep)| ep.ifindex != 0 && ep.ifindex < maps::VETH_SLOTS && **ip != 0)
+        .map(|(ip, ep)| (ep.ifindex, *ip))
+        .collect()
+}
+
 /// Agent-written hash maps are keyed tables for the generic reconciler.
 impl<K: Pod + Ord, V: Pod> KeyedWriter<K, V> for HashMap<MapData, K, V> {
     type Error = MapError;
@@ -98,5 +151,27 @@ impl<K: Pod + Ord, V: Pod> KeyedWriter<K, V> for HashMap<MapData, K, V> {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_veth_array_indexes_local_endpoints_by_veth() {
+        let ep = |ifindex| LocalEndpoint {
+            ifindex,
+            ..Default::default()
+        };
+        let eps = BTreeMap::from([
+            (10, ep(7)),
+            (11, ep(8)),
+            // Beyond the array: left to MESH_LOCAL_EPS.
+            (12, ep(maps::VETH_SLOTS)),
+            // No veth (yet).
+            (13, ep(0)),
+        ]);
+        assert_eq!(veth_src(&eps), BTreeMap::from([(7, 10), (8, 11)]));
     }
 }
