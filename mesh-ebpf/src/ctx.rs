@@ -82,9 +82,18 @@ impl Packet for TcContext {
         }
         TcContext::store(self, off, v, 0).ok()
     }
+    // The IPv4 header checksum is plain arithmetic on its field: the helper
+    // does nothing else (a header whose checksum compensates its change
+    // leaves skb->csum right), so it is done here, a helper call saved.
     #[inline(always)]
     fn l3_csum_replace(&self, csum_off: usize, from: u32, to: u32, size: u64) -> Option<()> {
-        TcContext::l3_csum_replace(self, csum_off, from as u64, to as u64, size).ok()
+        let old: u16 = Packet::load(self, csum_off)?;
+        let new = if size == 2 {
+            csum::update16(old, from as u16, to as u16)
+        } else {
+            csum::update32(old, from, to)
+        };
+        Packet::store(self, csum_off, &new)
     }
     #[inline(always)]
     fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()> {

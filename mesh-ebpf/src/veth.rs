@@ -94,7 +94,10 @@ fn service_of(key: &ServiceKey) -> Option<u32> {
     unsafe { SERVICES.get(key) }.map(|s| s.id)
 }
 
-/// Packets leaving the container.
+/// Packets leaving the container. Inlined into its entry point like every
+/// program body: an outlined body returning its result through the stack
+/// is refused by the verifier ("cannot return stack pointer").
+#[inline(always)]
 pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
@@ -255,7 +258,8 @@ fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
 }
 
-/// Packets entering the container.
+/// Packets entering the container (inlined, as above).
+#[inline(always)]
 pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
