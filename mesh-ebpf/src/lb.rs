@@ -56,6 +56,7 @@ pub fn current_any(id: u32, ip_be: u32) -> Option<Backend> {
 pub struct Choice {
     pub backend_id: u32,
     pub backend: Backend,
+    pub service_id: u32,
     pub hairpin: bool,
     pub new_flow: bool,
 }
@@ -75,33 +76,64 @@ pub fn balance(
     rev_flags: u8,
 ) -> Result<Choice, Stat> {
     let fwd = ct::lookup(&t.key(dir::FORWARD));
-    let tracked = fwd.and_then(|f| {
-        // SAFETY: pointer from a successful lookup.
-        let (id, nat_ip, nat_port) = unsafe {
-            (
-                (*f.entry).backend_id,
-                (*f.entry).nat_ip_be,
-                (*f.entry).nat_port_be,
-            )
-        };
-        current(id, nat_ip, nat_port).map(|b| (f, id, b))
-    });
-    if let Some((f, id, b)) = tracked {
-        let idle = ct::touch(f.entry, tcp_flags);
-        bump(Stat::LbCtHit);
-        let to = ct::Balanced::new(t, id, service_id, &b, rev_flags);
-        if f.new && ct::confirm(t, f.entry, &to, tcp_flags) {
-            bump(Stat::LbCtConfirmed);
-        } else if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(t, &to, f.new) {
-            bump(Stat::LbReverseRestored);
-        }
-        return Ok(Choice {
-            backend_id: id,
-            backend: b,
-            hairpin: to.hairpin,
-            new_flow: false,
-        });
+    if let Some(f) = fwd
+        && let Some(c) = follow(t, f, service_id, tcp_flags, rev_flags)
+    {
+        return Ok(c);
     }
+    pick_new(t, fwd, service_id, hash, tcp_flags, rev_flags)
+}
+
+/// The tracked flow `t` (its forward entry `f`) of service `service_id`,
+/// if its backend still exists as the flow knew it: the pair refreshed,
+/// confirmed or repaired as the packet allows. `None`: the backend is gone
+/// (the caller picks another).
+#[inline(always)]
+pub fn follow(
+    t: &Tuple,
+    f: ct::Found,
+    service_id: u32,
+    tcp_flags: u8,
+    rev_flags: u8,
+) -> Option<Choice> {
+    // SAFETY: pointer from a successful lookup.
+    let (id, nat_ip, nat_port) = unsafe {
+        (
+            (*f.entry).backend_id,
+            (*f.entry).nat_ip_be,
+            (*f.entry).nat_port_be,
+        )
+    };
+    let b = current(id, nat_ip, nat_port)?;
+    let idle = ct::touch(f.entry, tcp_flags);
+    bump(Stat::LbCtHit);
+    let to = ct::Balanced::new(t, id, service_id, &b, rev_flags);
+    if f.new && ct::confirm(t, f.entry, &to, tcp_flags) {
+        bump(Stat::LbCtConfirmed);
+    } else if idle > ct::RESTORE_AFTER_NS && ct::restore_reverse(t, &to, f.new) {
+        bump(Stat::LbReverseRestored);
+    }
+    Some(Choice {
+        backend_id: id,
+        backend: b,
+        service_id,
+        hairpin: to.hairpin,
+        new_flow: false,
+    })
+}
+
+/// A Maglev pick by `hash` for flow `t` of service `service_id`, tracked
+/// as a new flow; `fwd`, its forward entry if it had one whose backend is
+/// gone (the flow keeps its table).
+#[inline(always)]
+pub fn pick_new(
+    t: &Tuple,
+    fwd: Option<ct::Found>,
+    service_id: u32,
+    hash: u32,
+    tcp_flags: u8,
+    rev_flags: u8,
+) -> Result<Choice, Stat> {
     let (id, b) = pick(service_id, hash).ok_or(Stat::LbNoBackend)?;
     let to = ct::Balanced::new(t, id, service_id, &b, rev_flags);
     // A tracked flow whose backend is gone keeps its table.
@@ -118,6 +150,7 @@ pub fn balance(
     Ok(Choice {
         backend_id: id,
         backend: b,
+        service_id,
         hairpin: to.hairpin,
         new_flow: fwd.is_none(),
     })

@@ -83,15 +83,11 @@ fn own_source(ctx: &TcContext, src_be: u32) -> bool {
     unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex)
 }
 
-/// Whether `key` names a service: the lookup, unless the destination is
-/// outside the VIP range (most of a container's traffic).
+/// Whether `dst_be` may be a VIP: outside the VIP range (most of a
+/// container's traffic) no service or VIP flow is looked up.
 #[inline(always)]
-fn service_of(key: &ServiceKey) -> Option<u32> {
-    if CONFIG.get(0).is_some_and(|c| !c.may_be_vip(key.vip_be)) {
-        return None;
-    }
-    // SAFETY: map values are plain data; the agent replaces them atomically.
-    unsafe { SERVICES.get(key) }.map(|s| s.id)
+fn may_be_vip(dst_be: u32) -> bool {
+    CONFIG.get(0).is_none_or(|c| c.may_be_vip(dst_be))
 }
 
 /// Packets leaving the container. Inlined into its entry point like every
@@ -113,73 +109,84 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
         return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
     }
-    let key = ServiceKey {
-        vip_be: t.dst_be,
-        port_be: t.dport_be,
-        proto: t.proto,
-        ..ServiceKey::default()
-    };
     if t.dst_be == HAIRPIN_IP_BE {
         return hairpin_reply(ctx, &pk);
     }
-    let svc = service_of(&key);
-    // Only needed off the VIP path: read once for the checks below.
-    let local = if svc.is_none() { tunnel::local() } else { None };
+    // To the VIP range: a tracked flow first (its forward entry names its
+    // backend and service: one lookup), then the service for a new one.
+    let vip_range = may_be_vip(t.dst_be);
+    let fwd = if vip_range {
+        ct::lookup(&t.key(dir::FORWARD))
+    } else {
+        None
+    };
+    if let Some(f) = fwd
+        // SAFETY: pointer from a successful lookup.
+        && let Some(c) = lb::follow(&t, f, unsafe { (*f.entry).service_id }, pk.tcp_flags, 0)
+    {
+        return to_backend(ctx, &pk, &c);
+    }
+    if vip_range {
+        let key = ServiceKey {
+            vip_be: t.dst_be,
+            port_be: t.dport_be,
+            proto: t.proto,
+            ..ServiceKey::default()
+        };
+        // SAFETY: map values are plain data; the agent replaces them atomically.
+        if let Some(s) = unsafe { SERVICES.get(&key) } {
+            let c = lb::pick_new(&t, fwd, s.id, t.hash(), pk.tcp_flags, 0)?;
+            return to_backend(ctx, &pk, &c);
+        }
+    }
+    let local = tunnel::local();
     // A node's address and a published port: balanced here, as a VIP (the
     // routing mesh from inside the cluster).
-    let service = svc.or_else(|| {
-        local
-            .as_ref()
-            .and_then(|l| crate::ingress::published_at_node(l, &t))
-    });
-    let Some(service_id) = service else {
-        // A backend's reply to a client of the routing mesh.
-        if let Some(l) = &local
-            && let Some(r) = crate::ingress::reply_out(ctx, l, &pk)
-        {
-            return r;
-        }
-        // A new direct flow: only a TCP SYN (without ACK) or any UDP
-        // packet can start one; both are cheap to check against stale
-        // reverse entries.
-        let opens = t.proto == IPPROTO_UDP
-            || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-        if opens && ct::supersede_reverse(&t) {
-            bump(Stat::LbStaleReverse);
-        }
-        return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
-    };
+    if let Some(service_id) = local
+        .as_ref()
+        .and_then(|l| crate::ingress::published_at_node(l, &t))
+    {
+        let c = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
+        return to_backend(ctx, &pk, &c);
+    }
+    // A backend's reply to a client of the routing mesh.
+    if let Some(l) = &local
+        && let Some(r) = crate::ingress::reply_out(ctx, l, &pk)
+    {
+        return r;
+    }
+    // A new direct flow: only a TCP SYN (without ACK) or any UDP packet can
+    // start one; both are cheap to check against stale reverse entries.
+    let opens =
+        t.proto == IPPROTO_UDP || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+    if opens && ct::supersede_reverse(&t) {
+        bump(Stat::LbStaleReverse);
+    }
+    deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService))
+}
 
-    let lb::Choice {
-        backend_id,
-        backend,
-        hairpin,
-        new_flow,
-    } = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
-
-    nat::translate(
-        ctx,
-        pk.l4_off,
-        &t,
-        End::Dst,
-        (backend.ip_be, backend.port_be),
-    )?;
-    if hairpin {
+/// A balanced packet on its way to its backend: DNAT (and the hairpin's
+/// SNAT), counted, then to the backend's veth, the tunnel or the stack.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice) -> Result<Verdict, Stat> {
+    let t = &pk.t;
+    let b = &c.backend;
+    nat::translate(ctx, pk.l4_off, t, End::Dst, (b.ip_be, b.port_be))?;
+    if c.hairpin {
         // Hairpin: the caller is the backend. Source == destination would
         // be dropped by its kernel, so the source becomes the hairpin
         // address (port kept); the reply comes back through this veth.
-        nat::translate(ctx, pk.l4_off, &t, End::Src, (HAIRPIN_IP_BE, t.sport_be))?;
+        nat::translate(ctx, pk.l4_off, t, End::Src, (HAIRPIN_IP_BE, t.sport_be))?;
         bump(Stat::LbHairpin);
     }
-    lb::count_service(service_id, ctx.len() as u32, new_flow);
-    remember_fragments(&pk, backend.ip_be, backend_id);
-
-    if backend.ifindex == 0 {
+    lb::count_service(c.service_id, ctx.len() as u32, c.new_flow);
+    remember_fragments(pk, b.ip_be, c.backend_id);
+    if b.ifindex == 0 {
         // Not a local veth: another node's (tunnelled) or the stack's.
-        return deliver(ctx, backend.ip_be, pk.route_hash(), None);
+        return deliver(ctx, b.ip_be, pk.route_hash(), None);
     }
     // Local backend: straight to its veth.
-    to_local(ctx, &backend)
+    to_local(ctx, b)
 }
 
 /// A fragment other than the first, leaving a container: translated as its
