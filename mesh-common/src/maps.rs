@@ -243,6 +243,12 @@ pub fn by_name(name: &str) -> Option<&'static MapDef> {
     ALL.iter().find(|d| d.name.as_bytes() == name.as_bytes())
 }
 
+/// `BPF_F_NO_COMMON_LRU`: an LRU map with one list per CPU, whose inserts
+/// take no shared lock. Given to `MESH_CT_NEW`, where every new flow
+/// inserts two entries (measured: a new flow 980 -> 900 ns); each CPU's
+/// list then holds its share of the entries, which suits flows that live
+/// there only until they are confirmed.
+pub const BPF_F_NO_COMMON_LRU: u32 = 0x2;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in size.
 pub const BPF_F_INNER_MAP: u32 = 0x1000;
 /// `BPF_F_MMAPABLE`: user space writes a whole ring with one memcpy.

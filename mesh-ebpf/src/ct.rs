@@ -164,7 +164,11 @@ pub fn create(client: &Tuple, to: &Balanced, tcp_flags: u8, new: bool) -> Result
         // port toward another address: another node's published port, a
         // VIP) may still have its reverse entry among the confirmed ones,
         // which lookups try first: it would capture this flow's replies.
-        let _ = CT.remove(&key);
+        // Looked up before it is removed: a lookup takes no lock, and there
+        // rarely is one (measured: a new flow 1030 -> 980 ns).
+        if CT.get_ptr(&key).is_some() {
+            let _ = CT.remove(&key);
+        }
     }
     t.insert(&key, &rev, 0)
 }

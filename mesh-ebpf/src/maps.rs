@@ -12,8 +12,8 @@ use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
     lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats},
     maps::{
-        CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS, MAX_NODES,
-        MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, VETH_SLOTS,
+        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS,
+        MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, VETH_SLOTS,
     },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
@@ -42,7 +42,8 @@ pub static CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_ENTR
 
 /// Conntrack: flows not confirmed yet (see `mesh_common::ct`).
 #[map(name = "MESH_CT_NEW")]
-pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(CT_NEW_ENTRIES, 0);
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(CT_NEW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Per-service counters, indexed by service id.
 #[map(name = "MESH_SVC_STATS")]

@@ -201,7 +201,7 @@ fn own_cost(repeat: u32) {
             b"",
         )
     };
-    let runs = 2_000;
+    let runs = 10_000;
 
     let base_r = empty.time(&seg, repeat).expect("empty program");
     let base_1 = empty.time_single(&syn(0), runs).expect("empty program");
