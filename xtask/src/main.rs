@@ -3,7 +3,7 @@
 //! setup  installs what a fresh Debian bookworm root machine lacks (idempotent)
 //! image  the release agent image (`docker save` archive)
 //! test   setup, lint, packet benchmark, then every test (the CI command)
-//! bench  the packet benchmark
+//! bench  the packet, publishing and DNS benchmarks (`bench lb`, `bench cluster`: the others)
 //! lint   rustfmt and clippy
 //! lab    the demo (`lab demo`)
 //! vagrant the same lab and demo on real VMs (`vagrant up|demo|down|test`)
@@ -78,6 +78,17 @@ enum BenchCmd {
         /// Endpoint changes per second during the churn phase.
         #[arg(long, default_value_t = 5)]
         churn: usize,
+    },
+    /// Plain routing, iptables DNAT (kube-proxy's layout) and mesh's VIP
+    /// side by side in one namespace topology: wrk connections/s and
+    /// requests/s with p50/p99, UDP packets/s, CPU per unit.
+    Lb {
+        /// Runs per mode (medians are printed).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Other services' iptables rules ahead of ours.
+        #[arg(long, default_value_t = 1000)]
+        services_ahead: usize,
     },
 }
 
@@ -159,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             // the image once (test runners build only test binaries).
             let image = image()?;
             bench(10_000, Some(&image.tarball))?;
+            bench_lb(1, 1000)?;
             bench_cluster(50, 10, 5)?;
             let whoami = build_whoami()?;
             let agent = target_dir()
@@ -185,6 +197,10 @@ fn run(cli: Cli) -> Result<()> {
                     endpoints,
                     churn,
                 }) => bench_cluster(nodes, endpoints, churn),
+                Some(BenchCmd::Lb {
+                    runs,
+                    services_ahead,
+                }) => bench_lb(runs, services_ahead),
             }
         }
         Cmd::Lint => lint(),
@@ -262,6 +278,24 @@ fn bench_cluster(nodes: usize, endpoints: usize, churn: usize) -> Result<()> {
         .env("MESH_CLUSTER_NODES", nodes.to_string())
         .env("MESH_CLUSTER_ENDPOINTS", endpoints.to_string())
         .env("MESH_CLUSTER_CHURN", churn.to_string())
+        .run()
+}
+
+/// The comparative load-balancing benchmark (dev profile: the data path is
+/// the kernel's and the JIT's, the load wrk's and nginx's).
+fn bench_lb(runs: usize, services_ahead: usize) -> Result<()> {
+    cmd::Cmd::new("cargo")
+        .args([
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "mesh-tests",
+            "--bench",
+            "lb",
+        ])
+        .env("MESH_LB_BENCH_RUNS", runs.to_string())
+        .env("MESH_LB_BENCH_SERVICES_AHEAD", services_ahead.to_string())
         .run()
 }
 

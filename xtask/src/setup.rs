@@ -31,6 +31,8 @@ const APT: &[(&str, &str)] = &[
     ("busybox-static", "a shell and tools inside the test images"),
     ("dnsutils", "dig, a real DNS client for the DNS tests"),
     ("curl", "the lab demo's client of the routing mesh"),
+    ("wrk", "the load generator of `cargo xtask bench lb`"),
+    ("nginx", "the backends of `cargo xtask bench lb`"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
