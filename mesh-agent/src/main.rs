@@ -122,6 +122,52 @@ struct Args {
     log_format: LogFormat,
     #[command(flatten)]
     conntrack: ConntrackArgs,
+    #[command(flatten)]
+    maps: MapSizeArgs,
+}
+
+/// The data plane's other table sizes (docs/architecture.md, "Limits").
+/// A pinned map of another size is created anew at start (its entries are
+/// written again by the first pass).
+#[derive(Debug, clap::Args)]
+struct MapSizeArgs {
+    /// Services (VIP:port/proto) on the node: the service map, its
+    /// counters and the Maglev rings' outer map.
+    #[arg(long, env = "MESH_MAX_SERVICES", default_value_t = mesh_common::maps::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    max_services: u32,
+    /// Backends of all services together (ids).
+    #[arg(long, env = "MESH_MAX_BACKENDS", default_value_t = mesh_common::maps::MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    max_backends: u32,
+    /// Nodes of the cluster.
+    #[arg(long, env = "MESH_MAX_NODES", default_value_t = mesh_common::maps::MAX_NODES, value_parser = clap::value_parser!(u32).range(4..=65_536))]
+    max_nodes: u32,
+    /// Containers on this node.
+    #[arg(long, env = "MESH_MAX_LOCAL_ENDPOINTS", default_value_t = mesh_common::maps::MAX_LOCAL_EPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    max_local_endpoints: u32,
+    /// Published ports (routing mesh).
+    #[arg(long, env = "MESH_MAX_PUBLISHED", default_value_t = mesh_common::maps::MAX_PUBLISHED, value_parser = clap::value_parser!(u32).range(16..=131_072))]
+    max_published: u32,
+    /// Fragmented datagrams in flight.
+    #[arg(long, env = "MESH_FRAG_ENTRIES", default_value_t = mesh_common::maps::FRAG_ENTRIES, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    frag_entries: u32,
+}
+
+impl MapSizeArgs {
+    fn sizes(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        use mesh_common::maps::*;
+        [
+            (SERVICES.name, self.max_services),
+            (SERVICE_STATS.name, self.max_services),
+            (MAGLEV.name, self.max_services),
+            (BACKENDS.name, self.max_backends),
+            (NODES.name, self.max_nodes),
+            (PEERS.name, self.max_nodes),
+            (LOCAL_EPS.name, self.max_local_endpoints),
+            (PUBLISHED.name, self.max_published),
+            (FRAGS.name, self.frag_entries),
+        ]
+        .into_iter()
+    }
 }
 
 /// Conntrack sizes and timeouts (docs/architecture.md, "Conntrack lifetime").
@@ -213,8 +259,14 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     let sweep_interval = args.conntrack.sweep_interval()?;
-    let (mut ebpf, retired) = dataplane::load_pinned(&args.bpffs_dir, &args.conntrack.sizes())
-        .context("loading the data plane")?;
+    let sizes: Vec<(&'static str, u32)> = args
+        .conntrack
+        .sizes()
+        .into_iter()
+        .chain(args.maps.sizes())
+        .collect();
+    let (mut ebpf, retired) =
+        dataplane::load_pinned(&args.bpffs_dir, &sizes).context("loading the data plane")?;
     for r in &retired {
         warn!(
             map = r.name,

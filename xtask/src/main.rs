@@ -303,7 +303,8 @@ fn bench_lb(runs: usize, services_ahead: usize) -> Result<()> {
 /// JIT-compiles the programs and the agent runs from its image, so the
 /// host build's optimisation level does not change their figures, and the
 /// test build is reused. The DNS benchmark measures the agent's own code,
-/// so it runs optimised like the agent (the image profile).
+/// so it runs optimised like the agent (the image profile), and so does
+/// the data-plane scale benchmark (the agent's path into the kernel maps).
 fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
@@ -315,6 +316,6 @@ fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     c.run()?;
     cmd::Cmd::new("cargo")
         .args(["bench", "--profile", mesh_lab::image::PROFILE])
-        .args(["-p", "mesh-tests", "--bench", "dns"])
+        .args(["-p", "mesh-tests", "--bench", "dns", "--bench", "scale"])
         .run()
 }

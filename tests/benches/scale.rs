@@ -1,0 +1,211 @@
+//! Data-plane scale, the agent's way: N services x 10 backends as gossip
+//! would bring them (other nodes' endpoints), through the agent's own
+//! desired-state computation, plan and apply into the kernel's maps (the
+//! real ones, loaded as the agent loads them). Prints the time of each
+//! step, a second pass with nothing changed, the maps' kernel memory, the
+//! control plane's memory (RSS growth of this process: the peers' view,
+//! the desired state, what was written, the DNS zone), and conntrack's
+//! memory at its default sizes. Run optimised (the image profile), as the
+//! agent is. Prints figures; asserts only that every service was written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Instant,
+};
+
+use mesh_agent::{
+    desired::{self, Inputs},
+    gossip::{
+        peers::{Endpoint, Peer},
+        subnet::Claim,
+    },
+    labels::Proto,
+    reconcile::{self, Actual},
+    vip::Cidr,
+};
+use mesh_common::maps;
+use mesh_tests::harness::Harness;
+
+/// Backends per node (a node's /24 holds 253 containers).
+const PER_NODE: usize = 250;
+
+/// The peers holding `services` x `per` backends: service `s`'s backend `j`
+/// is endpoint `s * per + j`, on node `k / PER_NODE`.
+fn peers(services: usize, per: usize) -> BTreeMap<String, Peer> {
+    let mut peers: BTreeMap<String, Peer> = BTreeMap::new();
+    for s in 0..services {
+        for j in 0..per {
+            let k = s * per + j;
+            let node = k / PER_NODE;
+            let p = peers.entry(format!("node{node}")).or_insert_with(|| Peer {
+                underlay: Some(Ipv4Addr::new(
+                    192,
+                    168,
+                    (node / 250) as u8,
+                    (node % 250) as u8 + 1,
+                )),
+                mac: Some([2, 0, 0, 0, (node >> 8) as u8, node as u8]),
+                subnet: Some(Claim {
+                    node: format!("node{node}"),
+                    index: node as u32,
+                    since_ms: 1,
+                }),
+                ..Peer::default()
+            });
+            p.endpoints.push(Endpoint {
+                service: format!("svc-{s}"),
+                created: format!("2026-11-30T00:00:{:02}.{s:09}Z", s % 60),
+                ip: Ipv4Addr::new(
+                    10,
+                    100 + (node / 256) as u8,
+                    node as u8,
+                    (k % PER_NODE) as u8 + 2,
+                ),
+                ports: vec![(80, 8080, Proto::Tcp)],
+                state: mesh_common::lb::backend_state::ACTIVE,
+                publish: vec![],
+            });
+        }
+    }
+    peers
+}
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Kernel memory of the maps this process holds (fdinfo `memlock`), plus
+/// the Maglev rings (reachable only through the outer map).
+fn map_memory(h: &Harness, services: u32) -> (u64, u64) {
+    let mut total = 0;
+    let mut conntrack = 0;
+    for entry in std::fs::read_dir("/proc/self/fdinfo")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if !text.contains("map_type:") {
+            continue;
+        }
+        let mem: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let entries: Option<u32> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("max_entries:"))
+            .and_then(|v| v.trim().parse().ok());
+        // The two conntrack tables are the only LRU hashes of their sizes.
+        if text.contains("map_type:\t9")
+            && (entries == Some(maps::CT_ENTRIES) || entries == Some(maps::CT_NEW_ENTRIES))
+        {
+            conntrack += mem;
+        }
+        total += mem;
+    }
+    for id in 1..=services {
+        if let Ok(ring) = h.lb.maglev.get(&id, 0) {
+            use std::os::fd::{AsFd, AsRawFd};
+            let fd = ring.fd().as_fd().as_raw_fd();
+            let text =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (total, conntrack)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn main() {
+    let per = 10;
+    let vip_cidr: Cidr = "10.43.0.0/16".parse().expect("cidr");
+    let (containers, draining, veths) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
+    println!(
+        "data-plane scale, the agent's path: other nodes' endpoints -> desired state -> plan -> kernel maps ({per} backends a service; \
+         the agent's code optimised; real maps at their default sizes)"
+    );
+    println!(
+        "{:>8} {:>9} {:>8} {:>10} {:>10} {:>12} {:>11} {:>13}",
+        "services",
+        "backends",
+        "compute",
+        "program",
+        "no-op pass",
+        "map memory",
+        "conntrack",
+        "control plane"
+    );
+    for n in [1_000usize, 10_000] {
+        let mut h = Harness::new();
+        let rss0 = rss();
+        let peers = peers(n, per);
+        let t = Instant::now();
+        let st = desired::compute(&Inputs {
+            containers: &containers,
+            draining: &draining,
+            veths: &veths,
+            peers: &peers,
+            vips: &BTreeMap::new(),
+            vip_cidr,
+        });
+        let compute = t.elapsed();
+        assert_eq!(st.lb.len(), n, "every service is in the desired state");
+        let mut actual = Actual::default();
+        let t = Instant::now();
+        let plan = reconcile::plan(&st.lb, &actual);
+        if let Err(e) = reconcile::apply(&plan, &mut h.lb, &mut actual) {
+            panic!("programming {n} services: {e}");
+        }
+        let program = t.elapsed();
+        assert_eq!(actual.services.len(), n, "every service was written");
+        // The next pass, nothing changed: what every later pass costs.
+        let t = Instant::now();
+        let st2 = desired::compute(&Inputs {
+            containers: &containers,
+            draining: &draining,
+            veths: &veths,
+            peers: &peers,
+            vips: &st.vips,
+            vip_cidr,
+        });
+        let plan2 = reconcile::plan(&st2.lb, &actual);
+        let _ = reconcile::apply(&plan2, &mut h.lb, &mut actual);
+        let noop = t.elapsed();
+        let held = rss().saturating_sub(rss0);
+        let (mem, ct) = map_memory(&h, n as u32);
+        println!(
+            "{n:>8} {:>9} {:>7.2}s {:>9.2}s {:>9.3}s {:>8.1} MiB {:>7.1} MiB {:>9.1} MiB",
+            n * per,
+            compute.as_secs_f64(),
+            program.as_secs_f64(),
+            noop.as_secs_f64(),
+            mib(mem),
+            mib(ct),
+            mib(held),
+        );
+        drop((st, st2, actual, peers));
+    }
+    println!(
+        "(conntrack: MESH_CT {} + MESH_CT_NEW {} entries, the defaults; control plane: this process's RSS growth while it holds the peers' \
+         endpoints, the desired state and what was written, as the agent does)",
+        maps::CT_ENTRIES,
+        maps::CT_NEW_ENTRIES
+    );
+}
