@@ -175,14 +175,17 @@ fn main() {
         }
         let program = t.elapsed();
         assert_eq!(actual.services.len(), n, "every service was written");
-        // The next pass, nothing changed: what every later pass costs.
+        // The next pass, nothing changed: what every later pass costs. As
+        // in the agent, the previous desired state is gone by then.
+        let vips = st.vips.clone();
+        drop((st, plan));
         let t = Instant::now();
         let st2 = desired::compute(&Inputs {
             containers: &containers,
             draining: &draining,
             veths: &veths,
             peers: &peers,
-            vips: &st.vips,
+            vips: &vips,
             vip_cidr,
         });
         let plan2 = reconcile::plan(&st2.lb, &actual);
@@ -200,7 +203,7 @@ fn main() {
             mib(ct),
             mib(held),
         );
-        drop((st, st2, actual, peers));
+        drop((st2, actual, peers));
     }
     println!(
         "(conntrack: MESH_CT {} + MESH_CT_NEW {} entries, the defaults; control plane: this process's RSS growth while it holds the peers' \

@@ -23,7 +23,7 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
-    #[error("creating the Maglev ring of service {service_id}: {source}")]
+    #[error("the Maglev ring of service {service_id}: {source}")]
     Ring {
         service_id: u32,
         #[source]
@@ -179,15 +179,12 @@ impl LbMaps {
     /// A service's ring as the kernel has it (backend id per slot).
     pub fn ring(&self, service_id: u32) -> Result<Vec<u32>, MapsError> {
         let name = maps::MAGLEV.name;
-        let inner: Array<MapData, u32> = match self.maglev.get(&service_id, 0) {
-            Ok(inner) => Array::try_from(Map::Array(inner)).map_err(map_err(name))?,
+        let inner = match self.maglev.get(&service_id, 0) {
+            Ok(inner) => inner,
             Err(MapError::KeyNotFound) => return Ok(Vec::new()),
             Err(e) => return Err(map_err(name)(e)),
         };
-        let len = inner.get(&0, 0).map_err(map_err(name))?;
-        (1..=len)
-            .map(|slot| inner.get(&slot, 0).map_err(map_err(name)))
-            .collect()
+        super::ring::read(&inner).map_err(|source| MapsError::Ring { service_id, source })
     }
 
     /// Per-service counters summed over CPUs.
@@ -251,7 +248,9 @@ impl LbMaps {
         for id in 0..self.maglev.len() {
             let ring = self.ring(id)?;
             if !ring.is_empty() {
-                actual.rings.insert(id, ring);
+                actual
+                    .rings
+                    .insert(id, crate::reconcile::RingState::of(&ring));
             }
         }
         Ok(actual)

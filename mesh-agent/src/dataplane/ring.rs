@@ -105,6 +105,43 @@ fn fill(fd: &OwnedFd, len: u32, ring: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// A ring's slots, read through a read-only mapping of its memory (one
+/// syscall pair, not one lookup per slot: 10,000 rings of 1,000 slots
+/// would be ten million lookups when a restarted agent adopts them).
+pub fn read(map: &MapData) -> io::Result<Vec<u32>> {
+    let entries = map.info().map_err(io::Error::other)?.max_entries() as usize;
+    if entries == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = entries * SLOT_STRIDE;
+    // SAFETY: mapping an mmap-able BPF array of `entries` slots, shared,
+    // read-only, at offset 0; unmapped below on every path.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ptr maps `entries` readable slots of SLOT_STRIDE bytes, each
+    // holding a u32 at its start; slot 0 is the ring's length, bounded by
+    // the array here.
+    let ring = unsafe {
+        let slots = ptr.cast::<u64>();
+        let len = (slots.read() as u32 as usize).min(entries - 1);
+        let ring = (1..=len).map(|i| slots.add(i).read() as u32).collect();
+        libc::munmap(ptr, bytes);
+        ring
+    };
+    Ok(ring)
+}
+
 /// Puts many rings into the outer map with one BPF_MAP_UPDATE_BATCH: the
 /// kernel waits for one RCU grace period per batch, not per ring (about
 /// 8 ms each, which made programming 10,000 services take 86 s).
