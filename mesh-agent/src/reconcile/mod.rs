@@ -95,17 +95,31 @@ pub struct Actual {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingState {
     pub slots: usize,
-    /// FNV-1a (64 bits) of the slots.
+    /// A 64-bit hash of the slots.
     pub fingerprint: u64,
     /// The backend ids it names, sorted, each once.
     pub names: Vec<u32>,
 }
 
 impl RingState {
+    /// A ring read from the kernel (sorted for its names: once, when a
+    /// restarted agent adopts it).
     pub fn of(ring: &[u32]) -> Self {
         let mut names = ring.to_vec();
         names.sort_unstable();
         names.dedup();
+        RingState {
+            slots: ring.len(),
+            fingerprint: fingerprint(ring),
+            names,
+        }
+    }
+
+    /// A ring this process built from `members` (backend ids, each once):
+    /// they are its names (Maglev gives every member slots).
+    fn built(ring: &[u32], members: &[u32]) -> Self {
+        let mut names = members.to_vec();
+        names.sort_unstable();
         RingState {
             slots: ring.len(),
             fingerprint: fingerprint(ring),
@@ -119,12 +133,11 @@ impl RingState {
     }
 }
 
+/// A 64-bit fingerprint of a ring's slots (SplitMix64 over the ids).
 fn fingerprint(ring: &[u32]) -> u64 {
-    ring.iter()
-        .flat_map(|id| id.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+    ring.iter().fold(ring.len() as u64, |h, id| {
+        mesh_common::hash::mix64(h ^ *id as u64)
+    })
 }
 
 /// The writes of one pass, in the order they are applied.
@@ -394,11 +407,20 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             }
         }
     }
+    let built: BTreeMap<u32, &[u32]> = plan
+        .built_from
+        .iter()
+        .map(|(sid, ids)| (*sid, ids.as_slice()))
+        .collect();
     for (sid, ring) in written {
         if ring.is_empty() {
             actual.rings.remove(&sid);
         } else {
-            actual.rings.insert(sid, RingState::of(&ring));
+            let state = match built.get(&sid) {
+                Some(members) => RingState::built(&ring, members),
+                None => RingState::of(&ring),
+            };
+            actual.rings.insert(sid, state);
         }
     }
     // What each ring in place was built from (rings that failed keep
@@ -408,9 +430,9 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             actual.ring_members.insert(*sid, ids.clone());
         }
     }
-    actual.ring_members.retain(|sid, _| {
-        actual.rings.contains_key(sid) || plan.built_from.iter().any(|(s, _)| s == sid)
-    });
+    actual
+        .ring_members
+        .retain(|sid, _| actual.rings.contains_key(sid) || built.contains_key(sid));
     for (addr, sid) in &plan.add_services {
         if missing_rings.contains(sid) {
             continue;
