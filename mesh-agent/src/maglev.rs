@@ -61,18 +61,25 @@ pub fn build(backends: &[Identity]) -> Vec<usize> {
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; order.len()];
+    // Each backend's next candidate slot, `(offset + j * skip) % m` for its
+    // j-th turn, kept as a running position: a step is an add and a
+    // compare, not a division (a ring of 65,521 slots takes some 700,000
+    // steps; the divisions made a 200-backend ring cost 10 ms).
+    let mut pos: Vec<u64> = perms.iter().map(|&(offset, _)| offset).collect();
+    let step = |c: u64, skip: u64| {
+        let c = c + skip;
+        if c >= m { c - m } else { c }
+    };
     let mut ring = vec![usize::MAX; m as usize];
     let mut filled = 0u64;
     'fill: loop {
-        for (k, &(offset, skip)) in perms.iter().enumerate() {
-            let mut c = (offset + next[k] * skip) % m;
+        for (k, &(_, skip)) in perms.iter().enumerate() {
+            let mut c = pos[k];
             while ring[c as usize] != usize::MAX {
-                next[k] += 1;
-                c = (offset + next[k] * skip) % m;
+                c = step(c, skip);
             }
             ring[c as usize] = order[k];
-            next[k] += 1;
+            pos[k] = step(c, skip);
             filled += 1;
             if filled == m {
                 break 'fill;
@@ -127,6 +134,50 @@ mod tests {
             if n * 100 <= MAGLEV_MAX_RING as usize {
                 assert!(m as usize >= n * 100, "n={n}: {m} slots");
             }
+        }
+    }
+
+    /// Maglev as the paper writes it: backend k's j-th preference is
+    /// `(offset + j * skip) % m`.
+    fn by_the_paper(b: &[Identity]) -> Vec<usize> {
+        let m = ring_size(b.len()) as u64;
+        let perms: Vec<(u64, u64)> = b
+            .iter()
+            .map(|i| {
+                let seed = i.seed();
+                (
+                    mix64(seed ^ 0x6d61_676c_6576_3031) % m,
+                    mix64(seed ^ 0x736b_6970_7365_6564) % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let mut next = vec![0u64; b.len()];
+        let mut ring = vec![usize::MAX; m as usize];
+        let mut filled = 0;
+        while filled < m {
+            for (k, &(offset, skip)) in perms.iter().enumerate() {
+                if filled == m {
+                    break;
+                }
+                let mut c = (offset + next[k] * skip) % m;
+                while ring[c as usize] != usize::MAX {
+                    next[k] += 1;
+                    c = (offset + next[k] * skip) % m;
+                }
+                ring[c as usize] = k;
+                next[k] += 1;
+                filled += 1;
+            }
+        }
+        ring
+    }
+
+    #[test]
+    fn running_positions_give_the_papers_table() {
+        for n in [1, 3, 10, 200] {
+            // backends() is sorted already, so indexes agree.
+            let b = backends(n);
+            assert_eq!(build(&b), by_the_paper(&b), "{n} backends");
         }
     }
 
