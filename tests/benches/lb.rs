@@ -35,7 +35,7 @@ use mesh_agent::{
     maglev::{self, Identity},
 };
 use mesh_common::{
-    lb::{Backend, PROTO_TCP, PROTO_UDP, Service, ServiceKey, backend_state},
+    lb::{Backend, PROTO_TCP, PROTO_UDP, backend_state},
     stats::Stat,
     tunnel::LocalEndpoint,
 };
@@ -298,16 +298,7 @@ impl Lab {
         self.harness.lb.set_ring(1, &tcp_ring).expect("ring");
         self.harness.lb.set_ring(2, &udp_ring).expect("ring");
         for (port, proto, id) in [(HTTP_PORT, PROTO_TCP, 1), (VIP_UDP_PORT, PROTO_UDP, 2)] {
-            let key = ServiceKey {
-                vip_be: u32::from(VIP).to_be(),
-                port_be: port.to_be(),
-                proto,
-                ..ServiceKey::default()
-            };
-            self.harness
-                .lb
-                .set_service(&key, &Service { id, flags: 0 })
-                .expect("service");
+            self.harness.set_service(VIP, port, proto, id);
         }
         let ifaces: Vec<String> = std::iter::once("vcl".to_string())
             .chain((0..BACKENDS).map(|i| format!("vb{i}")))

@@ -139,7 +139,7 @@ fn main() {
             &|_| other.clone(),
             &[Stat::TcNotService],
         );
-        let mem = map_memory(&h, n);
+        let mem = h.map_memory(n);
         println!(
             "{n:>8} {:>9.2}s {:>9.0} ns {:>9.0} ns {:>9} ns {:>9} ns {:>9} ns {:>9.1} MiB",
             setup.as_secs_f64(),
@@ -350,36 +350,4 @@ fn one_run_row(h: &mut Harness, name: &str, packets: &dyn Fn(u16) -> Vec<u8>, pa
         .time_path(Prog::XdpUnderlay, &|i| packets(i as u16), RUNS, &path)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     println!("  {name:<58} {ns:>6.0} ns/packet");
-}
-
-/// Kernel memory of every map this process holds (fdinfo `memlock`), plus
-/// the Maglev rings of services 1..=n (reachable only through the outer map).
-fn map_memory(h: &Harness, n: u32) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc/self/fdinfo")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        total += memlock(&entry.path());
-    }
-    for id in 1..=n {
-        if let Ok(ring) = h.lb.maglev.get(&id, 0) {
-            use std::os::fd::{AsFd, AsRawFd};
-            let fd = ring.fd().as_fd().as_raw_fd();
-            total += memlock(std::path::Path::new(&format!("/proc/self/fdinfo/{fd}")));
-        }
-    }
-    total
-}
-
-fn memlock(fdinfo: &std::path::Path) -> u64 {
-    let text = std::fs::read_to_string(fdinfo).unwrap_or_default();
-    if !text.contains("map_type:") {
-        return 0;
-    }
-    text.lines()
-        .find_map(|l| l.strip_prefix("memlock:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }

@@ -82,53 +82,6 @@ fn rss() -> u64 {
         * 1024
 }
 
-/// Kernel memory of the maps this process holds (fdinfo `memlock`), plus
-/// the Maglev rings (reachable only through the outer map).
-fn map_memory(h: &Harness, services: u32) -> (u64, u64) {
-    let mut total = 0;
-    let mut conntrack = 0;
-    for entry in std::fs::read_dir("/proc/self/fdinfo")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if !text.contains("map_type:") {
-            continue;
-        }
-        let mem: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let entries: Option<u32> = text
-            .lines()
-            .find_map(|l| l.strip_prefix("max_entries:"))
-            .and_then(|v| v.trim().parse().ok());
-        // The two conntrack tables are the only LRU hashes of their sizes.
-        if text.contains("map_type:\t9")
-            && (entries == Some(maps::CT_ENTRIES) || entries == Some(maps::CT_NEW_ENTRIES))
-        {
-            conntrack += mem;
-        }
-        total += mem;
-    }
-    for id in 1..=services {
-        if let Ok(ring) = h.lb.maglev.get(&id, 0) {
-            use std::os::fd::{AsFd, AsRawFd};
-            let fd = ring.fd().as_fd().as_raw_fd();
-            let text =
-                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
-            total += text
-                .lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    (total, conntrack)
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
@@ -156,15 +109,19 @@ fn main() {
         let mut h = Harness::new();
         let rss0 = rss();
         let peers = peers(n, per);
+        // The agent's pass from Docker (nothing here) and the peers.
+        let desired = |vips: &BTreeMap<String, Ipv4Addr>| {
+            desired::compute(&Inputs {
+                containers: &containers,
+                draining: &draining,
+                veths: &veths,
+                peers: &peers,
+                vips,
+                vip_cidr,
+            })
+        };
         let t = Instant::now();
-        let st = desired::compute(&Inputs {
-            containers: &containers,
-            draining: &draining,
-            veths: &veths,
-            peers: &peers,
-            vips: &BTreeMap::new(),
-            vip_cidr,
-        });
+        let st = desired(&BTreeMap::new());
         let compute = t.elapsed();
         assert_eq!(st.lb.len(), n, "every service is in the desired state");
         let mut actual = Actual::default();
@@ -180,19 +137,12 @@ fn main() {
         let vips = st.vips.clone();
         drop((st, plan));
         let t = Instant::now();
-        let st2 = desired::compute(&Inputs {
-            containers: &containers,
-            draining: &draining,
-            veths: &veths,
-            peers: &peers,
-            vips: &vips,
-            vip_cidr,
-        });
+        let st2 = desired(&vips);
         let plan2 = reconcile::plan(&st2.lb, &actual);
         let _ = reconcile::apply(&plan2, &mut h.lb, &mut actual);
         let noop = t.elapsed();
         let held = rss().saturating_sub(rss0);
-        let (mem, ct) = map_memory(&h, n as u32);
+        let (mem, ct) = (h.map_memory(n as u32), h.conntrack_memory());
         println!(
             "{n:>8} {:>9} {:>7.2}s {:>9.2}s {:>9.3}s {:>8.1} MiB {:>7.1} MiB {:>9.1} MiB",
             n * per,
@@ -203,7 +153,7 @@ fn main() {
             mib(ct),
             mib(held),
         );
-        drop((st2, actual, peers));
+        drop((st2, actual));
     }
     println!(
         "(conntrack: MESH_CT {} + MESH_CT_NEW {} entries, the defaults; control plane: this process's RSS growth while it holds the peers' \

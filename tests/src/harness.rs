@@ -206,6 +206,46 @@ impl Harness {
         &mut self.ebpf
     }
 
+    /// Kernel memory of every map this process holds (fdinfo `memlock`),
+    /// plus the Maglev rings of services 1..=`services` (reachable only
+    /// through the outer map).
+    pub fn map_memory(&self, services: u32) -> u64 {
+        let mut total = 0;
+        for entry in std::fs::read_dir("/proc/self/fdinfo")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            total += memlock(&entry.path());
+        }
+        for id in 1..=services {
+            if let Ok(ring) = self.lb.maglev.get(&id, 0) {
+                total += fd_memlock(&ring);
+            }
+        }
+        total
+    }
+
+    /// Kernel memory of the two conntrack tables.
+    pub fn conntrack_memory(&self) -> u64 {
+        use aya::maps::IterableMap;
+        fd_memlock(self.lb.conntrack.map()) + fd_memlock(self.lb.conntrack_new.map())
+    }
+
+    /// Service `vip:port/proto` is service `id` (its ring and backends are
+    /// the caller's).
+    pub fn set_service(&mut self, vip: std::net::Ipv4Addr, port: u16, proto: u8, id: u32) {
+        let key = mesh_common::lb::ServiceKey {
+            vip_be: u32::from(vip).to_be(),
+            port_be: port.to_be(),
+            proto,
+            ..Default::default()
+        };
+        self.lb
+            .set_service(&key, &mesh_common::lb::Service { id, flags: 0 })
+            .unwrap_or_else(|e| panic!("service {vip}:{port}/{proto}: {e}"));
+    }
+
     /// Every counter, summed over CPUs, in table order.
     pub fn counters(&self) -> Vec<u64> {
         let map = self.ebpf.map(maps::STATS.name).expect("stats map present");
@@ -484,4 +524,22 @@ fn hex(b: &[u8]) -> String {
 fn as_bytes(md: &XdpMd) -> &[u8] {
     // SAFETY: XdpMd is repr(C), plain u32s, no padding.
     unsafe { std::slice::from_raw_parts((md as *const XdpMd).cast(), size_of::<XdpMd>()) }
+}
+
+/// A map's kernel memory (its fdinfo's `memlock`; 0 for other fds).
+fn memlock(fdinfo: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(fdinfo).unwrap_or_default();
+    if !text.contains("map_type:") {
+        return 0;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn fd_memlock(m: &MapData) -> u64 {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = m.fd().as_fd().as_raw_fd();
+    memlock(std::path::Path::new(&format!("/proc/self/fdinfo/{fd}")))
 }

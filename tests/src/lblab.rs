@@ -11,7 +11,7 @@ use mesh_agent::{
     dataplane::{self, progs},
     maglev::{self, Identity},
 };
-use mesh_common::lb::{Backend, PROTO_TCP, PROTO_UDP, Service, ServiceKey, backend_state};
+use mesh_common::lb::{Backend, PROTO_TCP, PROTO_UDP, backend_state};
 
 use crate::{
     harness::Harness,
@@ -218,16 +218,7 @@ impl LbLab {
             (VIP_TCP_PORT, PROTO_TCP, TCP_SERVICE),
             (VIP_UDP_PORT, PROTO_UDP, UDP_SERVICE),
         ] {
-            let key = ServiceKey {
-                vip_be: u32::from(VIP).to_be(),
-                port_be: port.to_be(),
-                proto,
-                ..ServiceKey::default()
-            };
-            self.harness
-                .lb
-                .set_service(&key, &Service { id, flags: 0 })
-                .expect("service");
+            self.harness.set_service(VIP, port, proto, id);
         }
     }
 
