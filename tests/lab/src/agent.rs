@@ -51,6 +51,13 @@ impl AgentSpec {
 
 /// `docker run` arguments for the agent on `engine`.
 pub fn run_args(engine: &Engine, spec: &AgentSpec) -> Vec<String> {
+    container_args(&engine.socket, spec)
+}
+
+/// `docker run` arguments for the agent with the engine socket `socket`
+/// (the settings `deploy/compose.yaml` states for real hosts: a test
+/// below checks that the two agree).
+fn container_args(socket: &std::path::Path, spec: &AgentSpec) -> Vec<String> {
     let mut args: Vec<String> = [
         "run",
         "-d",
@@ -81,7 +88,7 @@ pub fn run_args(engine: &Engine, spec: &AgentSpec) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     let mut volumes = vec![
-        format!("{}:/var/run/docker.sock", engine.socket.display()),
+        format!("{}:/var/run/docker.sock", socket.display()),
         "/sys/fs/bpf:/sys/fs/bpf".to_string(),
         format!("{}:/var/lib/mesh", spec.state_dir.display()),
         format!("{}:/run/mesh", spec.run_dir().display()),
@@ -142,4 +149,101 @@ pub fn logs(engine: &Engine, tail: usize) -> String {
             )
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values of `key`'s list in the compose file's one service
+    /// (`  key:` then `    - value` lines).
+    fn compose_list(compose: &str, key: &str) -> Vec<String> {
+        compose
+            .lines()
+            .skip_while(|l| l.trim() != format!("{key}:"))
+            .skip(1)
+            .map_while(|l| l.trim().strip_prefix("- ").map(str::to_owned))
+            .collect()
+    }
+
+    fn compose_value(compose: &str, key: &str) -> Option<String> {
+        compose
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+            .map(str::to_owned)
+    }
+
+    /// The values following each `flag` in docker run arguments.
+    fn flag_values(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    /// A mount's container side and whether it is read-only.
+    fn target(volume: &str) -> (String, bool) {
+        let ro = volume.ends_with(":ro");
+        let v = volume.trim_end_matches(":ro");
+        (v.rsplit(':').next().unwrap_or(v).to_owned(), ro)
+    }
+
+    #[test]
+    fn the_lab_runs_the_agent_as_the_compose_file_does() {
+        let compose = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/compose.yaml"),
+        )
+        .expect("deploy/compose.yaml");
+        let spec = AgentSpec {
+            bpffs_dir: "/sys/fs/bpf/mesh".into(),
+            state_dir: "/tmp/state".into(),
+            key_file: Some("/tmp/cluster.key".into()),
+            flags: vec![],
+        };
+        let args = container_args(std::path::Path::new("/run/docker.sock"), &spec);
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(
+            sorted(flag_values(&args, "--cap-add")),
+            sorted(compose_list(&compose, "cap_add")),
+            "capabilities"
+        );
+        assert_eq!(
+            sorted(flag_values(&args, "--security-opt")),
+            sorted(compose_list(&compose, "security_opt")),
+            "security options"
+        );
+        assert_eq!(
+            flag_values(&args, "--network"),
+            vec![compose_value(&compose, "network_mode").expect("network_mode")]
+        );
+        assert_eq!(
+            flag_values(&args, "--pid"),
+            vec![compose_value(&compose, "pid").expect("pid")]
+        );
+        // The same container paths, read-only alike; the lab mounts the key
+        // file itself where the compose file mounts its directory. (The
+        // restart policy differs on purpose: the lab's `down` stops it.)
+        let compose_mounts: Vec<(String, bool)> = compose_list(&compose, "volumes")
+            .iter()
+            .map(|v| target(v))
+            .collect();
+        let lab_mounts: Vec<(String, bool)> =
+            flag_values(&args, "-v").iter().map(|v| target(v)).collect();
+        assert_eq!(
+            lab_mounts.len(),
+            compose_mounts.len(),
+            "{lab_mounts:?} vs {compose_mounts:?}"
+        );
+        for (path, ro) in &lab_mounts {
+            assert!(
+                compose_mounts.iter().any(
+                    |(c, c_ro)| c_ro == ro && (path == c || path.starts_with(&format!("{c}/")))
+                ),
+                "the lab mounts {path} (read-only: {ro}), the compose file does not: {compose_mounts:?}"
+            );
+        }
+    }
 }
