@@ -79,6 +79,11 @@ struct Args {
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
+    /// The host's cgroup v2 root (or the directory holding it as `unified`),
+    /// for socket-level balancing: the host's own connects to a published
+    /// port on localhost or its own address. `none`: off.
+    #[arg(long, env = "MESH_CGROUP", default_value = "/sys/fs/cgroup")]
+    cgroup: PathBuf,
     /// Directory for the agent's state that must survive a reboot (VIP
     /// assignments, this node's /24 claim): persistent storage, mounted
     /// from the host in the agent's container.
@@ -284,8 +289,24 @@ async fn run(args: Args) -> Result<()> {
     let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
     let mut overlay =
         mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
+    let mut config = args.vip_cidr.config();
+    if args.cgroup.as_os_str() != "none" {
+        match dataplane::sockets::attach(&mut ebpf, &args.cgroup, &args.bpffs_dir).and_then(|dir| {
+            let cookie = dataplane::sockets::netns_cookie().map_err(|e| e.to_string())?;
+            Ok((dir, cookie))
+        }) {
+            Ok((dir, cookie)) => {
+                config.host_netns_cookie = cookie;
+                info!(cgroup = %dir.display(), "socket-level balancing for this host's connects");
+            }
+            Err(e) => warn!(
+                error = %e,
+                "no socket-level balancing: this host's own connects to published ports are not balanced (--cgroup)"
+            ),
+        }
+    }
     overlay
-        .set_config(&args.vip_cidr.config())
+        .set_config(&config)
         .context("writing the data plane's settings")?;
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
     let sweeper =

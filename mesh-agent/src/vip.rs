@@ -66,6 +66,7 @@ impl Cidr {
         mesh_common::lb::Config {
             vip_be: (u32::from(self.base) & mask).to_be(),
             vip_mask_be: mask.to_be(),
+            host_netns_cookie: 0,
         }
     }
 

@@ -44,6 +44,9 @@ pub struct Config {
     /// yet) makes every address a candidate.
     pub vip_be: u32,
     pub vip_mask_be: u32,
+    /// The host's network namespace (its cookie): socket-level balancing
+    /// acts only for sockets there. 0: off.
+    pub host_netns_cookie: u64,
 }
 
 impl Config {
@@ -101,6 +104,16 @@ pub struct Published {
     pub service_id: u32,
 }
 
+/// Where a socket balanced at connect asked to go (`MESH_SOCK_ORIG`, by
+/// socket cookie): what `getpeername` reports instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOrig {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
 /// The flow hash of a flow to a published port: the client's address and
 /// port, the published port and the protocol, but not which node's
 /// address it reached, so every node picks the same backend for it.
@@ -139,7 +152,8 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
 const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Published>() == 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<SockOrig>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -152,4 +166,5 @@ mod pod {
     unsafe impl aya::Pod for super::PublishedKey {}
     unsafe impl aya::Pod for super::Published {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SockOrig {}
 }

@@ -72,6 +72,8 @@ pub const CT_NEW_ENTRIES: u32 = 65_536;
 /// slot each); a veth with a larger index is checked through
 /// [`LOCAL_EPS`] alone.
 pub const VETH_SLOTS: u32 = 65_536;
+/// Sockets balanced at connect whose original destination is remembered.
+pub const SOCK_ORIG_ENTRIES: u32 = 65_536;
 /// Published ports (routing mesh) on one node.
 pub const MAX_PUBLISHED: u32 = 4096;
 /// Fragmented datagrams in flight.
@@ -200,6 +202,16 @@ pub const VETH_SRC: MapDef = def(
 /// Array of one `Config`: settings of the whole data plane.
 pub const CONFIG: MapDef = def("MESH_CONFIG", Array, 1, Agent, "0 -> Config{vip range}");
 
+/// LRU hash `socket cookie -> SockOrig`: where a socket balanced at connect
+/// asked to go (`getpeername` reports it).
+pub const SOCK_ORIG: MapDef = def(
+    "MESH_SOCK_ORIG",
+    LruHash,
+    SOCK_ORIG_ENTRIES,
+    Kernel,
+    "socket cookie -> SockOrig{ip, port}: what a balanced socket asked for",
+);
+
 /// Hash `underlay IP (network order) -> its /24 (network order)`: the
 /// addresses VXLAN is accepted from.
 pub const PEERS: MapDef = def(
@@ -220,7 +232,7 @@ pub const PUBLISHED: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 15] = [
+pub const ALL: [MapDef; 16] = [
     STATS,
     SERVICES,
     PUBLISHED,
@@ -236,6 +248,7 @@ pub const ALL: [MapDef; 15] = [
     LOCAL_EPS,
     VETH_SRC,
     CONFIG,
+    SOCK_ORIG,
 ];
 
 /// The row of map `name`, if the inventory has one.

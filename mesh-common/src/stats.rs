@@ -115,6 +115,9 @@ counters! {
     IngressTooBig = 54, "ingress_too_big", Path, "XDP: a routing-mesh packet for a remote backend too large for the tunnel, DF set: to be answered with ICMP fragmentation needed.";
     IngressTooBigNoDf = 55, "ingress_too_big_no_df", Drop, "XDP: a routing-mesh packet for a remote backend too large for the tunnel without DF: it cannot be fragmented here.";
     IcmpFragNeeded = 56, "icmp_frag_needed", Path, "Underlay TC: ICMP fragmentation needed sent to a routing-mesh client (with the tunnel's MTU).";
+    SockLocal = 57, "sock_local", Path, "Socket level: a connect of this host's to a published port on localhost or its own address, sent straight to a backend here.";
+    SockRemote = 58, "sock_remote", Path, "Socket level: such a connect sent to the published port of the node of the backend chosen (its XDP balances it).";
+    SockNoBackend = 59, "sock_no_backend", Path, "Socket level: such a connect for a service without a usable backend: left as it was.";
 }
 
 impl Stat {

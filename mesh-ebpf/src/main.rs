@@ -10,14 +10,15 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 mod tunnel;
 mod underlay;
 mod veth;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// XDP on the underlay NIC: classifies and counts every frame, and
@@ -47,6 +48,23 @@ pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc>(tunnel::underlay_ingress(&ctx))
+}
+
+/// cgroup connect4: a connect of this host's to a published port on
+/// localhost or its own address, balanced before its first packet. Always
+/// allows the connect.
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx);
+    1
+}
+
+/// cgroup getpeername4: a socket balanced at connect reports the address
+/// it asked for.
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::getpeername4(&ctx);
+    1
 }
 
 #[cfg(not(test))]

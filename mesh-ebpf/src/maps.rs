@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
-    lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats},
+    lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats, SockOrig},
     maps::{
         BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS,
-        MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, VETH_SLOTS,
+        MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, SOCK_ORIG_ENTRIES, VETH_SLOTS,
     },
     stats::STATS_SLOTS,
     tunnel::{LocalEndpoint, LocalNode, Node},
@@ -75,6 +75,11 @@ pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MA
 /// one array slot (`MESH_LOCAL_EPS` covers what this does not).
 #[map(name = "MESH_VETH_SRC")]
 pub static VETH_SRC: Array<u32> = Array::with_max_entries(VETH_SLOTS, 0);
+
+/// Socket cookie -> where a socket balanced at connect asked to go.
+#[map(name = "MESH_SOCK_ORIG")]
+pub static SOCK_ORIG: LruHashMap<u64, SockOrig> =
+    LruHashMap::with_max_entries(SOCK_ORIG_ENTRIES, 0);
 
 /// Settings of the whole data plane (slot 0).
 #[map(name = "MESH_CONFIG")]

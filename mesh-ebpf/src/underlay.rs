@@ -30,6 +30,15 @@ use crate::{
 /// The verdict for one frame; its path is counted here.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
+    // Every frame passes with a mark of this program's, 0 unless a path
+    // below sets one: an skb can arrive carrying metadata another node's
+    // XDP wrote (a veth underlay keeps the skb across the pair, and with it
+    // that node's REPLY_MARK), which the TC program must never act on.
+    // Found by a node's own connect balanced through another node: its
+    // replies came marked and were sent away instead of delivered.
+    if !mark(ctx, 0) {
+        bump(Stat::XdpMetaFail);
+    }
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
         Err(e) => {

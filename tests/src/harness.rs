@@ -283,19 +283,39 @@ impl Harness {
             ..Default::default()
         };
         let mut data_out = vec![0u8; data_in.len() + OUT_HEADROOM];
+        let mut md_out = [0u8; size_of::<XdpMd>()];
         let res = prog
             .test_run(TestRunOptions {
                 data_in: Some(&data_in),
                 data_out: Some(&mut data_out),
-                ctx_in: (pad > 0).then_some(as_bytes(&md)),
+                ctx_in: Some(as_bytes(&if pad > 0 {
+                    md
+                } else {
+                    XdpMd {
+                        data_end: data_in.len() as u32,
+                        ..Default::default()
+                    }
+                })),
+                ctx_out: Some(&mut md_out),
                 repeat,
                 ..Default::default()
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN ({} byte packet): {e:?}", input.len()));
         data_out.truncate((res.data_size_out as usize).saturating_sub(pad));
+        // The output starts with the XDP metadata (`data` in the returned
+        // context is its length). The program writes a zero mark on every
+        // frame and a later mark in front of it: the output keeps the mark
+        // the TC program would read when it is not zero, then the frame.
+        let meta_len = (u32::from_ne_bytes([md_out[0], md_out[1], md_out[2], md_out[3]]) as usize)
+            .min(data_out.len());
+        let (meta, frame) = data_out.split_at(meta_len);
+        let output = match meta.get(..4) {
+            Some(m) if m != [0; 4] => [m, frame].concat(),
+            _ => frame.to_vec(),
+        };
         Run {
             code: res.return_value,
-            output: data_out,
+            output,
             duration: res.duration,
         }
     }

@@ -443,3 +443,135 @@ fn a_datagram_too_large_for_the_tunnel_gets_icmp_fragmentation_needed() {
         "dropped and counted"
     );
 }
+
+/// A cgroup v2 directory of the test's own (removed on drop), so the
+/// socket-level program it gets sees only the processes the test puts in.
+struct TestCgroup {
+    path: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn new() -> Self {
+        let root =
+            mesh_agent::dataplane::sockets::cgroup2_dir(std::path::Path::new("/sys/fs/cgroup"))
+                .unwrap_or_else(|e| panic!("socket-level balancing needs cgroup v2: {e}"));
+        let path = root.join(mesh_tests::netns::unique("mesh-test"));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        TestCgroup { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// `whoami ask tcp TO --count N` run in namespace `ns` as a process of
+/// cgroup `cg`: the names that answered (and how many failed).
+fn ask_from(
+    cg: &TestCgroup,
+    ns: &Netns,
+    to: SocketAddr,
+    count: u32,
+) -> (BTreeMap<String, u32>, u32) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} {} ask tcp {to} --count {count} --timeout-ms 3000",
+            cg.path.display(),
+            ns.name,
+            mesh_tests::dockerlab::whoami_bin().display()
+        ))
+        .output()
+        .expect("whoami ask runs");
+    let mut names = BTreeMap::new();
+    let mut failed = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [_, "ok", name] => *names.entry(name.to_string()).or_insert(0) += 1,
+            [_, "err", ..] => {
+                if failed == 0 {
+                    println!("{to}: {line}");
+                }
+                failed += 1
+            }
+            _ => {}
+        }
+    }
+    (names, failed)
+}
+
+/// A process on node 1 itself (its namespace, as the host's own `curl`)
+/// calling a published port on localhost or on node 1's own address: no
+/// packet crosses the NIC, so XDP never sees it; the cgroup connect4
+/// program balances it at connect: to the backend here directly, or to the
+/// published port of the node of a backend elsewhere.
+#[test]
+fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
+    let mut lab = OverlayLab::new();
+    let _servers = [
+        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
+        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
+    ];
+    publish(&mut lab);
+    let cg = TestCgroup::new();
+    let bpffs = std::path::Path::new("/sys/fs/bpf").join(mesh_tests::netns::unique("mesh-test"));
+    let node1 = &mut lab.nodes[0];
+    let used = mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &bpffs)
+        .unwrap_or_else(|e| panic!("attaching connect4: {e}"));
+    assert_eq!(used, cg.path);
+    let cookie = node1
+        .node
+        .run(mesh_agent::dataplane::sockets::netns_cookie)
+        .expect("netns cookie");
+    let mut config = mesh_tests::harness::VIP_RANGE
+        .parse::<mesh_agent::vip::Cidr>()
+        .expect("range")
+        .config();
+    config.host_netns_cookie = cookie;
+    node1.harness.overlay.set_config(&config).expect("config");
+    let before = counters(&lab.nodes[0]);
+    let here = lab.nodes[0].underlay_ip;
+    let node_ns = &lab.nodes[0].node;
+    for to in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, PUBLISHED_TCP)),
+        SocketAddr::from((here, PUBLISHED_TCP)),
+    ] {
+        let (names, failed) = ask_from(&cg, node_ns, to, 60);
+        println!("node 1 itself -> {to}: {names:?}, {failed} failed");
+        assert_eq!(failed, 0, "every connect to {to} answered");
+        assert!(
+            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
+            "both backends answer connects to {to}: {names:?}"
+        );
+    }
+    let after = counters(&lab.nodes[0]);
+    let moved = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "sock_local {}, sock_remote {}, sock_no_backend {}",
+        moved(Stat::SockLocal),
+        moved(Stat::SockRemote),
+        moved(Stat::SockNoBackend)
+    );
+    assert_eq!(moved(Stat::SockLocal) + moved(Stat::SockRemote), 120);
+    // A process of the cgroup in another namespace (node 2's) is left
+    // alone: its connect to node 1's published port goes out as any
+    // client's, and node 1's XDP balances it.
+    let before = counters(&lab.nodes[0]);
+    let (names, failed) = ask_from(
+        &cg,
+        &lab.nodes[1].node,
+        SocketAddr::from((here, PUBLISHED_TCP)),
+        20,
+    );
+    let after = counters(&lab.nodes[0]);
+    assert_eq!(failed, 0, "node 2 -> node 1's published port: {names:?}");
+    assert_eq!(
+        after[Stat::SockLocal as usize] + after[Stat::SockRemote as usize],
+        before[Stat::SockLocal as usize] + before[Stat::SockRemote as usize],
+        "node 1's program left node 2's sockets alone"
+    );
+    let _ = std::fs::remove_dir_all(&bpffs);
+}

@@ -6,6 +6,7 @@ pub mod lb;
 pub mod links;
 pub mod overlay;
 mod ring;
+pub mod sockets;
 pub mod stats;
 
 use mesh_common::maps::{MapDef, MapKind};
@@ -28,6 +29,10 @@ pub mod progs {
     pub const TC_TO_CONTAINER: &str = "mesh_tc_to_container";
     /// TC ingress on the underlay NIC (decapsulated traffic to local containers).
     pub const TC_UNDERLAY_IN: &str = "mesh_tc_underlay_in";
+    /// cgroup connect4: socket-level balancing of the host's own connects.
+    pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
+    /// cgroup getpeername4: such a socket's peer as it asked for it.
+    pub const SOCK_GETPEERNAME4: &str = "mesh_sock_getpeername4";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +244,19 @@ pub fn tc<'a>(
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoadError> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(prog)
+}
+
+/// A cgroup socket-address program (`progs::SOCK_*`), verified.
+pub fn sock_addr<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::CgroupSockAddr, LoadError> {
+    let prog: &mut aya::programs::CgroupSockAddr = program(ebpf, name)?;
     if prog.fd().is_err() {
         prog.load()
             .map_err(|source| LoadError::Program { name, source })?;
