@@ -198,6 +198,35 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         }
     }
 
+    // Each node's own processes (socket-level balancing at connect):
+    // localhost and the node's address on the published port answer, from
+    // replicas here and on other nodes (node 3 has none of its own).
+    for (i, e) in engines.iter().enumerate() {
+        let n = i + 1;
+        for to in ["127.0.0.1:8080".to_string(), format!("192.168.91.{n}:8080")] {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &e.ns.name])
+                .arg(mesh_tests::dockerlab::whoami_bin())
+                .args(["ask", "tcp", &to, "--count", "30", "--timeout-ms", "3000"])
+                .output()
+                .expect("whoami ask");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut names = std::collections::BTreeMap::<String, usize>::new();
+            for l in text.lines() {
+                if let [_, "ok", name] = l.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    *names.entry(name.to_string()).or_default() += 1;
+                }
+            }
+            println!("node {n} itself -> {to}: {names:?}");
+            assert_eq!(
+                names.values().sum::<usize>(),
+                30,
+                "node {n} itself -> {to}: every connect answered:\n{text}"
+            );
+            assert!(names.len() >= 2, "node {n} itself -> {to}: {names:?}");
+        }
+    }
+
     // The agents' DNS serves the cluster's containers and hosts, not the
     // underlay: a host outside the cluster with a route to node 1's mesh
     // gateway gets no answer (containers do: the DNS tests), and /metrics

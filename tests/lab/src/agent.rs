@@ -90,6 +90,9 @@ fn container_args(socket: &std::path::Path, spec: &AgentSpec) -> Vec<String> {
     let mut volumes = vec![
         format!("{}:/var/run/docker.sock", socket.display()),
         "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        // The host's cgroup tree, for socket-level balancing (the
+        // container's own /sys/fs/cgroup is its own namespace's view).
+        "/sys/fs/cgroup:/host/sys/fs/cgroup:ro".to_string(),
         format!("{}:/var/lib/mesh", spec.state_dir.display()),
         format!("{}:/run/mesh", spec.run_dir().display()),
     ];
@@ -102,6 +105,8 @@ fn container_args(socket: &std::path::Path, spec: &AgentSpec) -> Vec<String> {
     }
     args.push("-e".into());
     args.push(format!("MESH_BPFFS_DIR={}", spec.bpffs_dir));
+    args.push("-e".into());
+    args.push("MESH_CGROUP=/host/sys/fs/cgroup".into());
     args.push(AGENT_IMAGE.into());
     args.extend(spec.flags.iter().cloned());
     args
