@@ -444,10 +444,12 @@ fn a_datagram_too_large_for_the_tunnel_gets_icmp_fragmentation_needed() {
     );
 }
 
-/// A cgroup v2 directory of the test's own (removed on drop), so the
-/// socket-level program it gets sees only the processes the test puts in.
+/// A cgroup v2 directory of the test's own, so the socket-level program it
+/// gets sees only the processes the test puts in, and a bpffs directory for
+/// the program's links; both removed on drop (unpinning detaches them).
 struct TestCgroup {
     path: std::path::PathBuf,
+    bpffs: std::path::PathBuf,
 }
 
 impl TestCgroup {
@@ -457,12 +459,15 @@ impl TestCgroup {
                 .unwrap_or_else(|e| panic!("socket-level balancing needs cgroup v2: {e}"));
         let path = root.join(mesh_tests::netns::unique("mesh-test"));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        TestCgroup { path }
+        let bpffs =
+            std::path::Path::new("/sys/fs/bpf").join(mesh_tests::netns::unique("mesh-test"));
+        TestCgroup { path, bpffs }
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir(&self.path);
     }
 }
@@ -517,10 +522,10 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
     ];
     publish(&mut lab);
     let cg = TestCgroup::new();
-    let bpffs = std::path::Path::new("/sys/fs/bpf").join(mesh_tests::netns::unique("mesh-test"));
     let node1 = &mut lab.nodes[0];
-    let used = mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &bpffs)
-        .unwrap_or_else(|e| panic!("attaching connect4: {e}"));
+    let used =
+        mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &cg.bpffs)
+            .unwrap_or_else(|e| panic!("attaching connect4: {e}"));
     assert_eq!(used, cg.path);
     let cookie = node1
         .node
@@ -573,5 +578,4 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
         before[Stat::SockLocal as usize] + before[Stat::SockRemote as usize],
         "node 1's program left node 2's sockets alone"
     );
-    let _ = std::fs::remove_dir_all(&bpffs);
 }
