@@ -115,7 +115,7 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
         if u16::from_be(ip.frag_be) & IP_DF == 0 {
             return Err(Stat::IngressTooBigNoDf);
         }
-        if !underlay::mark(ctx, TOO_BIG_MARK) {
+        if !underlay::mark(ctx, TOO_BIG_MARK, l.underlay_ip_be) {
             bump(Stat::XdpMetaFail);
         }
         return pass(Stat::IngressTooBig);
@@ -124,7 +124,7 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     lb::count_service(service_id, ctx.len() as u32, c.new_flow);
     // The underlay TC program hands it to the backend's veth, or to the
     // tunnel toward the backend's node.
-    if !underlay::mark(ctx, DECAP_MARK) {
+    if !underlay::mark(ctx, DECAP_MARK, l.underlay_ip_be) {
         bump(Stat::XdpMetaFail);
     }
     if remote {
@@ -304,7 +304,7 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     };
     nat::translate(ctx, l4, &t, End::Src, (e.nat_ip_be, e.nat_port_be))?;
     lb::count_service(e.service_id, ctx.len() as u32, false);
-    if !underlay::mark(ctx, REPLY_MARK) {
+    if !underlay::mark(ctx, REPLY_MARK, l.underlay_ip_be) {
         bump(Stat::XdpMetaFail);
     }
     pass(Stat::IngressReply)

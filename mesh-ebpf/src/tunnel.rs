@@ -117,7 +117,7 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let Some(local) = local() else {
         return pass(Stat::TunnelPass);
     };
-    let mark = xdp_mark(ctx);
+    let mark = xdp_mark(ctx, local.underlay_ip_be);
     if mark == REPLY_MARK {
         return crate::ingress::forward_reply(ctx, &local);
     }
@@ -160,11 +160,12 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
 }
 
 /// The mark XDP left in front of this frame ([`DECAP_MARK`]: decapsulated
-/// or routed here; [`REPLY_MARK`]: a routing-mesh reply), or 0. A plain
-/// u32, not an Option: the verifier refuses reading an Option's undefined
-/// payload.
+/// or routed here; [`REPLY_MARK`]: a routing-mesh reply), or 0: also when
+/// the metadata is not this node's (its tag is another address: see
+/// `underlay::mark`). A plain u32, not an Option: the verifier refuses
+/// reading an Option's undefined payload.
 #[inline(always)]
-fn xdp_mark(ctx: &TcContext) -> u32 {
+fn xdp_mark(ctx: &TcContext, tag: u32) -> u32 {
     // SAFETY: the context's own fields.
     let (meta, data) = unsafe {
         (
@@ -172,11 +173,17 @@ fn xdp_mark(ctx: &TcContext) -> u32 {
             (*ctx.skb.skb).data as usize,
         )
     };
-    if meta + 4 > data {
+    if meta + 8 > data {
         return 0;
     }
-    // SAFETY: [meta, meta + 4) lies before data, checked just above.
-    unsafe { (meta as *const u32).read_unaligned() }
+    // SAFETY: [meta, meta + 8) lies before data, checked just above.
+    let (mark, by) = unsafe {
+        (
+            (meta as *const u32).read_unaligned(),
+            (meta as *const u32).add(1).read_unaligned(),
+        )
+    };
+    if by == tag { mark } else { 0 }
 }
 
 /// Sets the frame's destination and source MACs.
