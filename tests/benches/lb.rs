@@ -37,7 +37,6 @@ use mesh_agent::{
 use mesh_common::{
     lb::{Backend, PROTO_TCP, PROTO_UDP, backend_state},
     stats::Stat,
-    tunnel::LocalEndpoint,
 };
 use mesh_tests::{
     harness::Harness,
@@ -279,19 +278,7 @@ impl Lab {
             }
         }
         for (ip, ifindex) in eps {
-            let ep = LocalEndpoint {
-                ifindex,
-                ..Default::default()
-            };
-            let ip_be = u32::from(ip).to_be();
-            self.harness
-                .overlay
-                .set_local_ep(ip_be, &ep)
-                .expect("local endpoint");
-            self.harness
-                .overlay
-                .set_veth_src(ifindex, ip_be)
-                .expect("veth source");
+            self.harness.container(ip, ifindex, [0; 6]);
         }
         let tcp_ring = maglev::build_ids(&members);
         let udp_ring: Vec<u32> = tcp_ring.iter().map(|id| id + 100).collect();

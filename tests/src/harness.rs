@@ -189,16 +189,28 @@ impl Harness {
     /// here (BPF_PROG_TEST_RUN runs them on the test namespace's loopback,
     /// [`TEST_IFINDEX`]), so its packets pass the anti-spoofing check.
     pub fn local_container(&mut self, ip: std::net::Ipv4Addr) {
+        self.container(ip, TEST_IFINDEX, [0; 6]);
+    }
+
+    /// Registers container `ip` behind host-side veth `ifindex` (its MAC
+    /// `mac`) as the agent does: its local endpoint (tunnel delivery,
+    /// anti-spoofing) and its veth's slot (`MESH_VETH_SRC`, the
+    /// anti-spoofing check's one-step path).
+    pub fn container(&mut self, ip: std::net::Ipv4Addr, ifindex: u32, mac: [u8; 6]) {
         let ep = mesh_common::tunnel::LocalEndpoint {
-            ifindex: TEST_IFINDEX,
+            ifindex,
+            mac,
             ..Default::default()
         };
+        let eps = std::collections::BTreeMap::from([(u32::from(ip).to_be(), ep)]);
         self.overlay
             .set_local_ep(u32::from(ip).to_be(), &ep)
             .unwrap_or_else(|e| panic!("local endpoint {ip}: {e}"));
-        self.overlay
-            .set_veth_src(TEST_IFINDEX, u32::from(ip).to_be())
-            .unwrap_or_else(|e| panic!("veth source {ip}: {e}"));
+        for (ifindex, ip_be) in dataplane::overlay::veth_src(&eps) {
+            self.overlay
+                .set_veth_src(ifindex, ip_be)
+                .unwrap_or_else(|e| panic!("veth source {ip}: {e}"));
+        }
     }
 
     /// The loaded object, e.g. to attach its programs.

@@ -130,15 +130,7 @@ impl LbLab {
             .chain(backends.iter().map(|b| (b.ip, b.ifindex, b.mac)))
             .chain(extra_eps)
         {
-            let ep = mesh_common::tunnel::LocalEndpoint {
-                ifindex,
-                mac,
-                ..Default::default()
-            };
-            harness
-                .overlay
-                .set_local_ep(u32::from(ip).to_be(), &ep)
-                .expect("local endpoint");
+            harness.container(ip, ifindex, mac);
         }
         let ifaces: Vec<String> = (0..=n)
             .chain(extra.iter().map(|(i, _, _)| *i))

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TcAttachType, XdpMode};
 use mesh_agent::dataplane::{self, progs};
-use mesh_common::tunnel::{LocalEndpoint, LocalNode, Node};
+use mesh_common::tunnel::{LocalNode, Node};
 
 use crate::{
     harness::Harness,
@@ -127,18 +127,7 @@ impl OverlayLab {
             });
             let vc0 = node.link_field("vc0", "ifindex").as_u64().expect("ifindex") as u32;
             let c_mac = mac(container.link_field("eth0", "address"));
-            let c_ip = u32::from(Ipv4Addr::new(10, 42, n, 2)).to_be();
-            harness
-                .overlay
-                .set_local_ep(
-                    c_ip,
-                    &LocalEndpoint {
-                        ifindex: vc0,
-                        mac: c_mac,
-                        ..LocalEndpoint::default()
-                    },
-                )
-                .expect("local endpoint");
+            harness.container(Ipv4Addr::new(10, 42, n, 2), vc0, c_mac);
             nodes.push(NodeNs {
                 n,
                 harness,
