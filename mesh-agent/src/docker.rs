@@ -9,12 +9,12 @@ use bollard::{
     models::{ContainerInspectResponse, EndpointSettings, HealthStatusEnum, Ipam, IpamConfig},
     network::{
         ConnectNetworkOptions, CreateNetworkOptions, DisconnectNetworkOptions,
-        InspectNetworkOptions,
+        InspectNetworkOptions, ListNetworksOptions,
     },
 };
 use tracing::{info, warn};
 
-use mesh_common::mac::Mac;
+use mesh_common::{mac::Mac, tunnel::Bridge};
 
 use crate::vip::Cidr;
 
@@ -259,6 +259,57 @@ pub async fn inspect(d: &Docker, id: &str) -> Result<Option<Container>, DockerEr
 }
 
 /// Every running container on the mesh network.
+/// Docker's bridge networks other than `mesh`, by bridge interface name
+/// (IPv4 only): their containers may call published ports
+/// (`mesh_tc_bridge_in`).
+pub async fn list_bridges(
+    d: &Docker,
+) -> Result<std::collections::BTreeMap<String, Bridge>, DockerError> {
+    let opts = ListNetworksOptions {
+        filters: HashMap::from([("driver", vec!["bridge"])]),
+    };
+    Ok(d.list_networks(Some(opts))
+        .await?
+        .into_iter()
+        .filter_map(other_bridge)
+        .collect())
+}
+
+/// A bridge network's interface name and IPv4 subnet, unless it is mesh's
+/// own or has no IPv4 subnet.
+fn other_bridge(n: bollard::models::Network) -> Option<(String, Bridge)> {
+    if n.name.as_deref() == Some(NETWORK) || n.driver.as_deref() != Some("bridge") {
+        return None;
+    }
+    let id = n.id.unwrap_or_default();
+    let dev = n
+        .options
+        .and_then(|mut o| o.remove("com.docker.network.bridge.name"))
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+    n.ipam?.config?.into_iter().find_map(|c| {
+        let (base, len) = c
+            .subnet?
+            .split_once('/')
+            .map(|(b, l)| (b.to_owned(), l.to_owned()))?;
+        let base: Ipv4Addr = base.parse().ok()?;
+        let len: u32 = len.parse().ok().filter(|l| (1..=32).contains(l))?;
+        let mask = u32::MAX << (32 - len);
+        let gateway = c
+            .gateway
+            .and_then(|g| g.parse::<Ipv4Addr>().ok())
+            .map_or(0, |g| u32::from(g).to_be());
+        Some((
+            dev.clone(),
+            Bridge {
+                net_be: (u32::from(base) & mask).to_be(),
+                mask_be: mask.to_be(),
+                gateway_be: gateway,
+            },
+        ))
+    })
+}
+
 pub async fn list_mesh(d: &Docker) -> Result<Vec<Container>, DockerError> {
     let opts = ListContainersOptions::<String> {
         all: false,
@@ -306,5 +357,75 @@ fn from_inspect(c: ContainerInspectResponse) -> Container {
         labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
         mesh,
         health,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::Network;
+
+    fn net(name: &str, id: &str, dev: Option<&str>, subnets: &[(&str, Option<&str>)]) -> Network {
+        Network {
+            name: Some(name.into()),
+            id: Some(id.into()),
+            driver: Some("bridge".into()),
+            options: dev.map(|d| {
+                HashMap::from([("com.docker.network.bridge.name".to_string(), d.to_string())])
+            }),
+            ipam: Some(Ipam {
+                config: Some(
+                    subnets
+                        .iter()
+                        .map(|(s, g)| IpamConfig {
+                            subnet: Some(s.to_string()),
+                            gateway: g.map(str::to_string),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn other_bridges_by_interface_name() {
+        let be = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip")).to_be();
+        let (dev, b) = other_bridge(net(
+            "bridge",
+            "f00",
+            Some("docker0"),
+            &[("172.17.0.0/16", Some("172.17.0.1"))],
+        ))
+        .expect("the default bridge");
+        assert_eq!(dev, "docker0");
+        assert_eq!(
+            b,
+            Bridge {
+                net_be: be("172.17.0.0"),
+                mask_be: be("255.255.0.0"),
+                gateway_be: be("172.17.0.1"),
+            }
+        );
+        assert!(b.contains(be("172.17.3.4")) && !b.contains(be("172.18.0.1")));
+        // A user-defined network: br- and the id's first 12 characters;
+        // IPv6 subnets and host bits are skipped or masked.
+        let (dev, b) = other_bridge(net(
+            "app",
+            "0123456789abcdef",
+            None,
+            &[("fd00::/64", None), ("10.9.8.7/24", None)],
+        ))
+        .expect("a user network");
+        assert_eq!(dev, "br-0123456789ab");
+        assert_eq!((b.net_be, b.gateway_be), (be("10.9.8.0"), 0));
+        // Mesh's own network, and a network without IPv4, are not others.
+        assert!(
+            other_bridge(net(NETWORK, "1", Some("mesh0"), &[("10.42.1.0/24", None)])).is_none()
+        );
+        assert!(other_bridge(net("v6", "2", None, &[("fd01::/64", None)])).is_none());
+        assert!(other_bridge(net("bad", "3", None, &[("10.0.0.0/40", None)])).is_none());
     }
 }

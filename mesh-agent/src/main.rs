@@ -280,7 +280,11 @@ async fn run(args: Args) -> Result<()> {
             "a pinned map had another layout than this build's: created anew"
         );
     }
-    for name in [progs::TC_FROM_CONTAINER, progs::TC_TO_CONTAINER] {
+    for name in [
+        progs::TC_FROM_CONTAINER,
+        progs::TC_TO_CONTAINER,
+        progs::TC_BRIDGE_IN,
+    ] {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }
     if let Some(iface) = &args.underlay_iface {

@@ -59,6 +59,9 @@ pub fn if_name(ifindex: u32) -> Option<String> {
     )
 }
 
+/// The pin name prefix of a Docker bridge's link (then its ifindex).
+const BRIDGE_PIN: &str = "bridge_";
+
 /// TC attachments to container veths, pinned under `<bpffs>/links`.
 pub struct Attachments {
     dir: PathBuf,
@@ -115,36 +118,7 @@ impl Attachments {
             (progs::TC_TO_CONTAINER, TcAttachType::Egress),
         ] {
             let pin = self.pin_path(ifindex, at);
-            if pin.exists() {
-                // Adopted from an earlier run: once per run, make sure it
-                // runs this build's program.
-                if self.checked.insert(pin.clone()) {
-                    let prog = dataplane::tc(ebpf, name)?;
-                    dataplane::links::upgrade_tc(&pin, prog)?;
-                }
-                continue;
-            }
-            let prog = dataplane::tc(ebpf, name)?;
-            let id = prog
-                .attach(&iface, at)
-                .map_err(|source| AttachError::Attach {
-                    iface: iface.clone(),
-                    source,
-                })?;
-            let link = prog.take_link(id).map_err(|source| AttachError::Attach {
-                iface: iface.clone(),
-                source,
-            })?;
-            let fd: FdLink = link.try_into().map_err(|e: LinkError| AttachError::Pin {
-                iface: iface.clone(),
-                msg: e.to_string(),
-            })?;
-            // The pinned link keeps the program attached after we exit.
-            fd.pin(&pin).map_err(|e| AttachError::Pin {
-                iface: iface.clone(),
-                msg: e.to_string(),
-            })?;
-            attached = true;
+            attached |= self.attach_one(ebpf, &iface, name, at, pin)?;
         }
         if attached {
             info!(iface, ifindex, "TC programs attached");
@@ -152,6 +126,91 @@ impl Attachments {
             debug!(iface, ifindex, "TC programs already attached (adopted)");
         }
         Ok(attached)
+    }
+
+    /// Makes sure the bridge program is attached (ingress) to the bridge
+    /// of another Docker network, `ifindex`.
+    pub fn ensure_bridge(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        let iface = if_name(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
+        let pin = self.dir.join(format!("{BRIDGE_PIN}{ifindex}"));
+        let attached = self.attach_one(
+            ebpf,
+            &iface,
+            progs::TC_BRIDGE_IN,
+            TcAttachType::Ingress,
+            pin,
+        )?;
+        if attached {
+            info!(iface, ifindex, "TC program attached to a Docker bridge");
+        }
+        Ok(attached)
+    }
+
+    /// Attaches program `name` to `iface` at `at`, pinned at `pin`; a pin
+    /// left by an earlier run is adopted (once per run made sure it runs
+    /// this build's program). Whether it attached anew.
+    fn attach_one(
+        &mut self,
+        ebpf: &mut Ebpf,
+        iface: &str,
+        name: &'static str,
+        at: TcAttachType,
+        pin: PathBuf,
+    ) -> Result<bool, AttachError> {
+        if pin.exists() {
+            if self.checked.insert(pin.clone()) {
+                let prog = dataplane::tc(ebpf, name)?;
+                dataplane::links::upgrade_tc(&pin, prog)?;
+            }
+            return Ok(false);
+        }
+        let prog = dataplane::tc(ebpf, name)?;
+        let attach_err = |source| AttachError::Attach {
+            iface: iface.to_owned(),
+            source,
+        };
+        let id = prog.attach(iface, at).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd: FdLink = link.try_into().map_err(|e: LinkError| AttachError::Pin {
+            iface: iface.to_owned(),
+            msg: e.to_string(),
+        })?;
+        // The pinned link keeps the program attached after we exit.
+        fd.pin(&pin).map_err(|e| AttachError::Pin {
+            iface: iface.to_owned(),
+            msg: e.to_string(),
+        })?;
+        Ok(true)
+    }
+
+    /// Unpins the bridge links of bridges not in `live` (their networks
+    /// are gone, or their interface was renumbered).
+    pub fn sweep_bridges(&mut self, live: &BTreeSet<u32>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(ifindex) = name
+                .strip_prefix(BRIDGE_PIN)
+                .and_then(|i| i.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if live.contains(&ifindex) {
+                continue;
+            }
+            self.checked.remove(&e.path());
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => info!(
+                    ifindex,
+                    "TC program detached from a Docker bridge that is gone"
+                ),
+                Err(err) => {
+                    warn!(path = %e.path().display(), %err, "could not remove a stale link pin")
+                }
+            }
+        }
     }
 
     /// Unpins links of veths not in `live` (their containers are gone).

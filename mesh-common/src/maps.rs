@@ -76,6 +76,8 @@ pub const VETH_SLOTS: u32 = 65_536;
 pub const SOCK_ORIG_ENTRIES: u32 = 65_536;
 /// Published ports (routing mesh) on one node.
 pub const MAX_PUBLISHED: u32 = 4096;
+/// Docker bridge networks (other than mesh's) on one node.
+pub const MAX_BRIDGES: u32 = 256;
 /// Fragmented datagrams in flight.
 pub const FRAG_ENTRIES: u32 = 8192;
 
@@ -231,8 +233,18 @@ pub const PUBLISHED: MapDef = def(
     "PublishedKey{port, proto} -> Published{service id}",
 );
 
+/// Hash `bridge ifindex -> Bridge`: Docker's other bridge networks, whose
+/// containers may call published ports.
+pub const BRIDGES: MapDef = def(
+    "MESH_BRIDGES",
+    Hash,
+    MAX_BRIDGES,
+    Agent,
+    "bridge ifindex -> Bridge{subnet, mask, gateway}: Docker's other networks",
+);
+
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 16] = [
+pub const ALL: [MapDef; 17] = [
     STATS,
     SERVICES,
     PUBLISHED,
@@ -249,6 +261,7 @@ pub const ALL: [MapDef; 16] = [
     VETH_SRC,
     CONFIG,
     SOCK_ORIG,
+    BRIDGES,
 ];
 
 /// The row of map `name`, if the inventory has one.

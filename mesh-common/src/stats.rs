@@ -118,6 +118,12 @@ counters! {
     SockLocal = 57, "sock_local", Path, "Socket level: a connect of this host's to a published port on localhost or its own address, sent straight to a backend here.";
     SockRemote = 58, "sock_remote", Path, "Socket level: such a connect sent to the published port of the node of the backend chosen (its XDP balances it).";
     SockNoBackend = 59, "sock_no_backend", Path, "Socket level: such a connect for a service without a usable backend: left as it was.";
+    BridgeLocal = 60, "bridge_local", Path, "A container on another Docker network to a published port (node or gateway address): balanced to a backend here, handed to its veth.";
+    BridgeRemote = 61, "bridge_remote", Path, "A container on another Docker network to a published port: balanced to a backend on another node, tunnelled there.";
+    BridgeSpoofed = 62, "bridge_spoofed", Drop, "A packet to a published port on another Docker network's bridge whose source is not in that network's subnet.";
+    BridgePass = 63, "bridge_pass", Path, "Another Docker network's bridge: anything but a published port (passed to the stack untouched).";
+    IngressReplyDecap = 64, "ingress_reply_decap", Path, "XDP: a tunnelled routing-mesh reply for a client of this node: decapsulated and marked for the underlay TC program, which translates it.";
+    IngressReplyLost = 65, "ingress_reply_lost", Drop, "Underlay TC: a routing-mesh reply whose flow left conntrack after XDP decapsulated it.";
 }
 
 impl Stat {
@@ -136,7 +142,7 @@ impl Stat {
 }
 
 /// Number of slots in the stats array (room to grow without an ABI break).
-pub const STATS_SLOTS: u32 = 64;
+pub const STATS_SLOTS: u32 = 128;
 
 const _: () = assert!((COUNTERS.len() as u32) <= STATS_SLOTS);
 const _: () = {

@@ -99,7 +99,31 @@ pub struct LocalEndpoint {
     pub _pad: [u8; 2],
 }
 
+/// One of Docker's other bridge networks on this node (the default
+/// bridge, user-defined ones), by its bridge's ifindex (`MESH_BRIDGES`).
+/// Its containers may call published ports on a node's address or on the
+/// bridge's gateway; only sources inside its subnet are balanced (a
+/// container may forge any source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bridge {
+    /// The subnet's network address and mask (network order).
+    pub net_be: u32,
+    pub mask_be: u32,
+    /// The bridge's own address on it (0: none known).
+    pub gateway_be: u32,
+}
+
+impl Bridge {
+    /// Whether `ip_be` is inside the subnet.
+    #[inline(always)]
+    pub const fn contains(&self, ip_be: u32) -> bool {
+        self.mask_be != 0 && ip_be & self.mask_be == self.net_be
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
+const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
 const _: () = assert!(core::mem::size_of::<LocalNode>() == 36);
 
@@ -109,4 +133,5 @@ mod pod {
     unsafe impl aya::Pod for super::Node {}
     unsafe impl aya::Pod for super::LocalNode {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::Bridge {}
 }

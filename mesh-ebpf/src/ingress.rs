@@ -21,7 +21,7 @@
 //!   neighbour tables, never hard-coded).
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams},
+    bindings::bpf_fib_lookup as FibParams,
     helpers::{bpf_fib_lookup, bpf_skb_change_tail, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
@@ -136,9 +136,9 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
 
 /// IPv4 and TCP headers without options: the MSS plus these is the
 /// largest IPv4 packet the tunnel carries.
-const TCP_IP_HLEN: u32 = 40;
+pub(crate) const TCP_IP_HLEN: u32 = 40;
 /// The IPv4 don't-fragment flag.
-const IP_DF: u16 = 0x4000;
+pub(crate) const IP_DF: u16 = 0x4000;
 
 /// ICMP fragmentation needed as it leaves: Ethernet, IPv4, ICMP, and the
 /// offending packet's IPv4 header and first 8 bytes (RFC 792, RFC 1191).
@@ -166,6 +166,18 @@ const _: () = assert!(size_of::<Quoted>() == 36);
 /// link-layer sender it came from.
 #[inline(always)]
 pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
+    frag_needed_via(ctx, l, l.underlay_mac, l.underlay_ifindex)
+}
+
+/// [`frag_needed`] from link-layer address `mac`, out of `ifindex` (the
+/// device the packet came in by).
+#[inline(always)]
+pub fn frag_needed_via(
+    ctx: &TcContext,
+    l: &LocalNode,
+    mac: [u8; 6],
+    ifindex: u32,
+) -> Result<Verdict, Stat> {
     let eth: EthHdr = Packet::load(ctx, 0).ok_or(Stat::TcMalformed)?;
     let ip: Ipv4Hdr = Packet::load(ctx, ETH_HLEN).ok_or(Stat::TcMalformed)?;
     // Options would be quoted too; a client's packet rarely has them.
@@ -197,7 +209,7 @@ pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
     let reply = FragNeeded {
         eth: EthHdr {
             dst: eth.src,
-            src: l.underlay_mac,
+            src: mac,
             proto_be: eth.proto_be,
         },
         ip: hdr,
@@ -209,7 +221,7 @@ pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
     }
     Packet::store(ctx, 0, &reply).ok_or(Stat::NatRewriteFail)?;
     bump(Stat::IcmpFragNeeded);
-    Ok(Verdict::redirect(l.underlay_ifindex))
+    Ok(Verdict::redirect(ifindex))
 }
 
 /// A TCP SYN (or SYN-ACK) of a routing-mesh flow about to cross the
@@ -217,7 +229,7 @@ pub fn frag_needed(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
 /// never sends a segment that would not fit (the client's and the
 /// backend's own MTUs do not know about the 50 bytes of VXLAN).
 #[inline(always)]
-fn clamp<P: Packet>(
+pub(crate) fn clamp<P: Packet>(
     p: &P,
     l4_off: usize,
     proto: u8,
@@ -290,24 +302,26 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     if !outside(l, t.dst_be) {
         return pass(Stat::XdpVxlanForeign);
     }
-    let Some(e) = ct::reply_entry(&t, flags).filter(|e| e.flags & CT_F_INGRESS != 0) else {
+    if ct::reply_entry(&t, flags)
+        .filter(|e| e.flags & CT_F_INGRESS != 0)
+        .is_none()
+    {
         return pass(Stat::IngressReplyUntracked);
-    };
+    }
     // SAFETY: ctx is the program's context; `inner_off` is within the packet.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, inner_off as i32) } != 0 {
         return pass(Stat::IngressReplyUntracked);
     }
-    // Offsets are the inner frame's now.
-    let Some((t, l4, _)) = inner_tuple(ctx, ETH_HLEN) else {
-        bump(Stat::XdpTruncated);
-        return Ok(Verdict::DROP);
-    };
-    nat::translate(ctx, l4, &t, End::Src, (e.nat_ip_be, e.nat_port_be))?;
-    lb::count_service(e.service_id, ctx.len() as u32, false);
+    // Translated by the TC program, not here: XDP cannot tell a frame
+    // whose L4 checksum is still partial (a virtual underlay such as a
+    // veth hands over the sender's offloaded checksum), and arithmetic on
+    // such a field breaks it wherever the checksum is completed later (a
+    // Docker bridge on the way to the client does). TC's helpers know.
     if !underlay::mark(ctx, REPLY_MARK, l.underlay_ip_be) {
         bump(Stat::XdpMetaFail);
+        return Ok(Verdict::DROP);
     }
-    pass(Stat::IngressReply)
+    pass(Stat::IngressReplyDecap)
 }
 
 /// TC, a backend's veth: a packet leaving it for an address outside the
@@ -356,23 +370,39 @@ fn return_to(ctx: &TcContext, l: &LocalNode, ingress_be: u32, hash: u32) -> Resu
     Ok(v)
 }
 
-/// TC on the underlay NIC: a reply XDP translated (`REPLY_MARK`) goes on to
-/// the client.
+/// TC on the underlay NIC: a routing-mesh reply XDP decapsulated
+/// (`REPLY_MARK`) is translated back to the address the client called and
+/// goes on to the client.
 #[inline(always)]
 pub fn forward_reply(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
-    let Some((t, _, _)) = inner_tuple(ctx, ETH_HLEN) else {
+    let Some((t, l4, _)) = inner_tuple(ctx, ETH_HLEN) else {
         return pass(Stat::TunnelPass);
     };
-    let v = to_client(ctx, l, t.src_be, &t)?;
+    // XDP found it an instant ago; gone now (flushed), it is dropped.
+    let Some(f) = ct::lookup(&t.key(mesh_common::ct::dir::REVERSE)) else {
+        return Err(Stat::IngressReplyLost);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let e = unsafe { *f.entry };
+    if e.flags & CT_F_INGRESS == 0 {
+        return Err(Stat::IngressReplyLost);
+    }
+    nat::translate(ctx, l4, &t, End::Src, (e.nat_ip_be, e.nat_port_be))?;
+    lb::count_service(e.service_id, ctx.len(), false);
+    let v = to_client(ctx, l, e.nat_ip_be, &t)?;
     bump(Stat::IngressReply);
     Ok(v)
 }
 
-/// Sends a translated reply (source `src_be`, now this node's address) to
-/// its client: the kernel's FIB gives the interface, the next hop and its
-/// MAC. Without a neighbour entry yet, or where the FIB helper declines
-/// (forwarding off on the underlay NIC), `bpf_redirect_neigh` does the
-/// route and neighbour lookup in the stack's own way.
+/// Sends a translated reply (source `src_be`, now the address the client
+/// called) to its client: the kernel's FIB gives the interface (the
+/// underlay NIC for a client outside, a Docker bridge for a container on
+/// another network of this host), the next hop and its MAC. The lookup is
+/// the one for a packet forwarded from the underlay NIC: an output lookup
+/// would be bound to one interface. Without a neighbour entry yet, or
+/// where the FIB helper declines (forwarding off on the underlay NIC),
+/// `bpf_redirect_neigh` does the route and neighbour lookup in the stack's
+/// own way.
 #[inline(always)]
 fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<Verdict, Stat> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
@@ -388,7 +418,7 @@ fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<V
             ctx.skb.skb.cast(),
             &mut fib,
             size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
+            0,
         )
     };
     match r {

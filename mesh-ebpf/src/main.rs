@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod bridge;
 mod csum;
 mod ct;
 mod ctx;
@@ -48,6 +49,13 @@ pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc>(tunnel::underlay_ingress(&ctx))
+}
+
+/// TC ingress on the bridge of another Docker network (the default
+/// bridge, user-defined ones): its containers' calls to published ports.
+#[classifier]
+pub fn mesh_tc_bridge_in(ctx: TcContext) -> i32 {
+    ctx::finish::<ctx::Tc>(bridge::from_bridge(&ctx))
 }
 
 /// cgroup connect4: a connect of this host's to a published port on

@@ -12,11 +12,12 @@ use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
     lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats, SockOrig},
     maps::{
-        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_LOCAL_EPS,
-        MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, SOCK_ORIG_ENTRIES, VETH_SLOTS,
+        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_BRIDGES,
+        MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, SOCK_ORIG_ENTRIES,
+        VETH_SLOTS,
     },
     stats::STATS_SLOTS,
-    tunnel::{LocalEndpoint, LocalNode, Node},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, Node},
 };
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
@@ -92,3 +93,7 @@ pub static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);
 /// Fragmented datagrams: the first fragment's translation, for the others.
 #[map(name = "MESH_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
+
+/// Docker's other bridge networks by their bridge's ifindex.
+#[map(name = "MESH_BRIDGES")]
+pub static BRIDGES: HashMap<u32, Bridge> = HashMap::with_max_entries(MAX_BRIDGES, 0);

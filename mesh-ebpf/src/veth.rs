@@ -42,7 +42,12 @@ fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
 /// the tunnel, or (this node, outside the cluster, overlay off) to the
 /// stack. `path`, if any, is counted when it stays here.
 #[inline(always)]
-fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
+pub(crate) fn deliver<P: Packet>(
+    p: &P,
+    dst_be: u32,
+    hash: u32,
+    path: Option<Stat>,
+) -> Result<Verdict, Stat> {
     let here = || {
         if let Some(s) = path {
             bump(s);
@@ -225,7 +230,7 @@ fn fragment_in(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
 /// Hands a translated packet to a local backend's veth, as the gateway
 /// would (source = the gateway MAC the container addressed).
 #[inline(always)]
-fn to_local(ctx: &TcContext, b: &Backend) -> Result<Verdict, Stat> {
+pub(crate) fn to_local(ctx: &TcContext, b: &Backend) -> Result<Verdict, Stat> {
     let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &b.mac, &gw_mac).ok_or(Stat::NatRewriteFail)?;
     Ok(Verdict::redirect(b.ifindex))

@@ -75,6 +75,9 @@ pub enum Prog {
     TcFromContainer,
     /// TC egress on a container veth: packets entering the container.
     TcToContainer,
+    /// TC ingress on another Docker network's bridge (ifindex 1 in a test
+    /// run: BPF_PROG_TEST_RUN runs TC programs on the loopback device).
+    TcFromBridge,
 }
 
 /// One row of a packet-test table. Rows run in order against the same maps,
@@ -169,6 +172,7 @@ impl Harness {
             progs::TC_FROM_CONTAINER,
             progs::TC_TO_CONTAINER,
             progs::TC_UNDERLAY_IN,
+            progs::TC_BRIDGE_IN,
         ] {
             dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
         }
@@ -276,6 +280,7 @@ impl Harness {
             Prog::XdpUnderlay => self.run_xdp(input, repeat),
             Prog::TcFromContainer => self.run_tc(progs::TC_FROM_CONTAINER, input, repeat),
             Prog::TcToContainer => self.run_tc(progs::TC_TO_CONTAINER, input, repeat),
+            Prog::TcFromBridge => self.run_tc(progs::TC_BRIDGE_IN, input, repeat),
         }
     }
 

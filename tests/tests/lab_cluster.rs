@@ -78,6 +78,18 @@ fn split_peer(answer: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("not 'NAME PEER': {answer:?}"))
 }
 
+/// The node's packet counters (`meshctl stats`), by name.
+fn counters(e: &Engine) -> std::collections::BTreeMap<String, u64> {
+    let out = e.docker(&["exec", mesh_lab::agent::NAME, "/meshctl", "stats", "--all"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
 fn quantile(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * q).round() as usize]
@@ -225,6 +237,78 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             );
             assert!(names.len() >= 2, "node {n} itself -> {to}: {names:?}");
         }
+    }
+
+    // A container on Docker's default bridge (another network, which
+    // Docker isolates from mesh's) calls the node's address and its gateway
+    // (host.docker.internal) on the published port: balanced at the bridge
+    // over replicas here and elsewhere, its own address kept.
+    for (i, e) in engines.iter().enumerate() {
+        let n = i + 1;
+        e.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "bclient",
+            "--network",
+            "bridge",
+            mesh_lab::image::WHOAMI_IMAGE,
+            "serve",
+            "--tcp",
+            "7",
+        ]);
+        let own = e.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.Networks.bridge.IPAddress}}",
+            "bclient",
+        ]);
+        for to in [
+            format!("192.168.91.{n}:8080"),
+            "172.30.0.1:8080".to_string(),
+        ] {
+            for proto in ["tcp", "udp"] {
+                let mut args = mesh_lab::whoami::ask_args("bclient", proto, &to, 30, 0, 3000);
+                args.push("--peer".into());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = e.docker(&args);
+                let text = String::from_utf8_lossy(&out.stdout);
+                let mut names = std::collections::BTreeMap::<String, usize>::new();
+                for l in text.lines() {
+                    if let [_, "ok", name, peer] =
+                        l.split_whitespace().collect::<Vec<_>>().as_slice()
+                    {
+                        assert!(
+                            peer.starts_with(&format!("{own}:")),
+                            "node {n}'s bridge container ({own}) -> {to}/{proto}: {name} saw {peer}"
+                        );
+                        *names.entry(name.to_string()).or_default() += 1;
+                    }
+                }
+                println!("node {n}, a container on the default bridge -> {to}/{proto}: {names:?}");
+                assert_eq!(
+                    names.values().sum::<usize>(),
+                    30,
+                    "node {n}'s bridge container -> {to}/{proto}: every request answered:\n{text}"
+                );
+                assert!(names.len() >= 2, "node {n} -> {to}/{proto}: {names:?}");
+            }
+        }
+        e.docker_ok(&["rm", "-f", "bclient"]);
+    }
+    for (i, e) in engines.iter().enumerate() {
+        let c = counters(e);
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        println!(
+            "node {}: bridge_local {}, bridge_remote {}, bridge_spoofed {}",
+            i + 1,
+            get("bridge_local"),
+            get("bridge_remote"),
+            get("bridge_spoofed")
+        );
+        // 4 x 30 requests; node 3 has no replica of its own.
+        assert!(get("bridge_remote") > 0, "node {}: {c:?}", i + 1);
+        assert_eq!(get("bridge_local") > 0, i < 2, "node {}: {c:?}", i + 1);
     }
 
     // The agents' DNS serves the cluster's containers and hosts, not the

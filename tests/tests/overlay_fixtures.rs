@@ -1,7 +1,7 @@
 //! Packet tests of the overlay (needs root).
 
 use mesh_tests::{
-    fixtures::{ingress, overlay},
+    fixtures::{bridge, ingress, overlay},
     harness::Harness,
 };
 
@@ -17,4 +17,11 @@ fn routing_mesh_fixtures() {
     let mut h = Harness::new();
     ingress::install(&mut h);
     h.check(&ingress::fixtures());
+}
+
+#[test]
+fn docker_bridge_fixtures() {
+    let mut h = Harness::new();
+    bridge::install(&mut h);
+    h.check(&bridge::fixtures());
 }

@@ -46,6 +46,15 @@ impl Daemon {
             }
             Some(EventMessageTypeEnum::NETWORK) => {
                 if attrs.get("name").map(String::as_str) != Some(docker::NETWORK) {
+                    // Another network: its bridge matters to the routing
+                    // mesh (its containers may call published ports).
+                    if matches!(action.as_str(), "create" | "destroy")
+                        && attrs.get("type").map(String::as_str) == Some("bridge")
+                    {
+                        let before = self.docker.bridges.clone();
+                        self.list_bridges(d).await;
+                        return self.docker.bridges != before;
+                    }
                     return false;
                 }
                 attrs.get("container").cloned()

@@ -100,6 +100,8 @@ struct DockerView {
     draining: BTreeSet<String>,
     /// Host-side veth per container id, or why it was not found.
     veths: BTreeMap<String, Result<u32, String>>,
+    /// Docker's other bridge networks, by bridge interface name.
+    bridges: BTreeMap<String, mesh_common::tunnel::Bridge>,
 }
 
 /// What was successfully written, per table (the reconcilers' "actual").
@@ -113,6 +115,8 @@ struct Written {
     veth_src: BTreeMap<u32, u32>,
     /// The routing mesh's ports.
     published: BTreeMap<PublishedKey, Published>,
+    /// Docker's other bridges, by ifindex (`MESH_BRIDGES`).
+    bridges: BTreeMap<u32, mesh_common::tunnel::Bridge>,
     /// Our endpoints as last published in gossip (key -> JSON).
     endpoints: BTreeMap<String, String>,
 }
@@ -166,6 +170,7 @@ impl Daemon {
             peers: overlay.read_peers()?,
             local_eps: overlay.read_local_eps()?,
             veth_src: overlay.read_veth_src()?,
+            bridges: overlay.read_bridges()?,
             published: lb
                 .read_published()?
                 .into_iter()
@@ -240,6 +245,7 @@ impl Daemon {
                         containers = v.containers.len(),
                         "listed the mesh containers"
                     );
+                    self.list_bridges(&d).await;
                     self.pass();
                     if let Some(why) = self.fatal.take() {
                         anyhow::bail!(why);
@@ -292,6 +298,20 @@ impl Daemon {
             if self.fatal.is_some() {
                 return self.fatal.take();
             }
+        }
+    }
+
+    /// Lists Docker's other bridge networks again (at connect, and when
+    /// one is created or removed). On failure the last list is kept.
+    async fn list_bridges(&mut self, d: &bollard::Docker) {
+        match docker::list_bridges(d).await {
+            Ok(b) => {
+                if b != self.docker.bridges {
+                    info!(bridges = ?b.keys().collect::<Vec<_>>(), "Docker's other bridge networks");
+                }
+                self.docker.bridges = b;
+            }
+            Err(e) => warn!(error = %e, "listing Docker's networks failed; keeping what we knew"),
         }
     }
 

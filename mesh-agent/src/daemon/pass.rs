@@ -72,6 +72,7 @@ impl Daemon {
             }
         }
         self.attachments.sweep(&st.veths);
+        self.write_bridges(&mut failed);
         self.publish(&st);
         let plan = reconcile::plan(&st.lb, &self.written.lb);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
@@ -200,6 +201,35 @@ impl Daemon {
         let errors = table::apply(&ops, &mut self.overlay.veth_src, &mut self.written.veth_src);
         failed.extend(errors.iter().map(|e| format!("veth sources: {e}")));
         failed
+    }
+
+    /// Docker's other bridges: their subnets in `MESH_BRIDGES`, then the
+    /// bridge program on each (the table first: the program balances only
+    /// sources it finds there). Bridges that are gone lose theirs.
+    fn write_bridges(&mut self, failed: &mut Vec<String>) {
+        let mut want = BTreeMap::new();
+        for (dev, b) in &self.docker.bridges {
+            match crate::iface::index(dev) {
+                Ok(ifindex) => {
+                    want.insert(ifindex, *b);
+                }
+                // Docker creates the bridge with the network; one that is
+                // missing has nothing on it.
+                Err(e) => {
+                    debug!(bridge = %dev, error = %e, "a Docker bridge without its interface")
+                }
+            }
+        }
+        let ops = table::plan(&want, &self.written.bridges);
+        let errors = table::apply(&ops, &mut self.overlay.bridges, &mut self.written.bridges);
+        failed.extend(errors.iter().map(|e| format!("bridge table: {e}")));
+        for &ifindex in want.keys() {
+            if let Err(e) = self.attachments.ensure_bridge(&mut self.ebpf, ifindex) {
+                warn!(ifindex, error = %e, "could not attach the bridge program");
+            }
+        }
+        self.attachments
+            .sweep_bridges(&want.keys().copied().collect());
     }
 
     /// Publishes this node's endpoints in gossip when they changed.

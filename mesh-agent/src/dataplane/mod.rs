@@ -29,6 +29,9 @@ pub mod progs {
     pub const TC_TO_CONTAINER: &str = "mesh_tc_to_container";
     /// TC ingress on the underlay NIC (decapsulated traffic to local containers).
     pub const TC_UNDERLAY_IN: &str = "mesh_tc_underlay_in";
+    /// TC ingress on the bridge of another Docker network (its containers'
+    /// calls to published ports).
+    pub const TC_BRIDGE_IN: &str = "mesh_tc_bridge_in";
     /// cgroup connect4: socket-level balancing of the host's own connects.
     pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
     /// cgroup getpeername4: such a socket's peer as it asked for it.

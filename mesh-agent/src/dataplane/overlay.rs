@@ -9,7 +9,7 @@ use aya::{
 use mesh_common::{
     lb::Config,
     maps,
-    tunnel::{LocalEndpoint, LocalNode, Node},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, Node},
 };
 
 use super::lb::MapsError;
@@ -26,6 +26,8 @@ pub struct OverlayMaps {
     pub veth_src: Array<MapData, u32>,
     /// Settings of the whole data plane.
     pub config: Array<MapData, Config>,
+    /// Docker's other bridge networks, by bridge ifindex.
+    pub bridges: HashMap<MapData, u32, Bridge>,
 }
 
 fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -37,13 +39,14 @@ impl OverlayMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let mut take =
             |def: &maps::MapDef| ebpf.take_map(def.name).ok_or(MapsError::Missing(def.name));
-        let (local, nodes, eps, peers, veth_src, config) = (
+        let (local, nodes, eps, peers, veth_src, config, bridges) = (
             take(&maps::LOCAL_NODE)?,
             take(&maps::NODES)?,
             take(&maps::LOCAL_EPS)?,
             take(&maps::PEERS)?,
             take(&maps::VETH_SRC)?,
             take(&maps::CONFIG)?,
+            take(&maps::BRIDGES)?,
         );
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE.name))?,
@@ -52,7 +55,13 @@ impl OverlayMaps {
             peers: peers.try_into().map_err(err(maps::PEERS.name))?,
             veth_src: veth_src.try_into().map_err(err(maps::VETH_SRC.name))?,
             config: config.try_into().map_err(err(maps::CONFIG.name))?,
+            bridges: bridges.try_into().map_err(err(maps::BRIDGES.name))?,
         })
+    }
+
+    /// Docker's other bridge networks as the kernel has them.
+    pub fn read_bridges(&self) -> Result<BTreeMap<u32, Bridge>, MapsError> {
+        read_all(&self.bridges).map_err(err(maps::BRIDGES.name))
     }
 
     /// The accepted VXLAN sources as the kernel has them.

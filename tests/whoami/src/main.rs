@@ -9,9 +9,10 @@
 //!     HTTP: `GET /` (any path) answers 200 with "<name> <client>\n" (curl, wget).
 //!     Name: --name, else /etc/hostname.
 //!     On SIGTERM it keeps serving for --term-delay-ms (default 0), then exits 0.
-//! whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS]
+//! whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS] [--peer]
 //!     N requests (default 1), one new connection / socket each; prints
-//!     "<unix-ms> ok <name>" or "<unix-ms> err <why>" per request, then
+//!     "<unix-ms> ok <name>" (with --peer: "<unix-ms> ok <name> <client as the
+//!     server saw it>") or "<unix-ms> err <why>" per request, then
 //!     "total N ok K err E"; exits 1 if any failed.
 //! whoami sink PORT
 //!     accepts one TCP connection, reads it to the end (60 s idle cap) and
@@ -231,7 +232,7 @@ fn now_ms() -> u128 {
 fn ask(args: &[String]) -> ExitCode {
     let (Some(proto), Some(target)) = (args.first(), args.get(1)) else {
         eprintln!(
-            "usage: whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS]"
+            "usage: whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS] [--peer]"
         );
         return ExitCode::FAILURE;
     };
@@ -257,13 +258,14 @@ fn ask(args: &[String]) -> ExitCode {
     };
     let count = count.min(1_000_000);
     let timeout = Duration::from_millis(timeout.clamp(1, 60_000));
+    let peer = args.iter().any(|a| a == "--peer");
     let (mut ok, mut err) = (0u64, 0u64);
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
         let r = if proto == "udp" {
-            ask_udp(addr, timeout)
+            ask_udp(addr, timeout, peer)
         } else {
-            ask_tcp(addr, timeout)
+            ask_tcp(addr, timeout, peer)
         };
         match r {
             Ok(name) => {
@@ -287,28 +289,36 @@ fn ask(args: &[String]) -> ExitCode {
     }
 }
 
-fn ask_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+fn ask_tcp(addr: SocketAddr, timeout: Duration, peer: bool) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     if s.peer_addr().map_err(|e| e.to_string())? != addr {
         return Err("peer is not the address asked".into());
     }
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?.take(512));
     let mut line = String::new();
-    BufReader::new(s.take(256))
-        .read_line(&mut line)
-        .map_err(|e| format!("read: {e}"))?;
-    match line.trim() {
-        "" => Err("closed without an answer".into()),
-        name => Ok(name.to_string()),
+    r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+    if line.trim().is_empty() {
+        return Err("closed without an answer".into());
     }
+    if peer {
+        s.write_all(b"peer\n").map_err(|e| format!("write: {e}"))?;
+        line.clear();
+        r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+        if line.trim().is_empty() {
+            return Err("no answer to \"peer\"".into());
+        }
+    }
+    Ok(line.trim().to_string())
 }
 
-fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+fn ask_udp(addr: SocketAddr, timeout: Duration, peer: bool) -> Result<String, String> {
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.send_to(b"who", addr).map_err(|e| format!("send: {e}"))?;
+    let ask: &[u8] = if peer { b"peer" } else { b"who" };
+    s.send_to(ask, addr).map_err(|e| format!("send: {e}"))?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
     if from != addr {
