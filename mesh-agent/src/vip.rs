@@ -67,6 +67,8 @@ impl Cidr {
             vip_be: (u32::from(self.base) & mask).to_be(),
             vip_mask_be: mask.to_be(),
             host_netns_cookie: 0,
+            bridge_mask_be: 0,
+            _pad: 0,
         }
     }
 

@@ -47,6 +47,12 @@ pub struct Config {
     /// The host's network namespace (its cookie): socket-level balancing
     /// acts only for sockets there. 0: off.
     pub host_netns_cookie: u64,
+    /// The widest mask of Docker's other bridge networks (network order):
+    /// a container there can only be calling its gateway if source and
+    /// destination agree under it, so anything else skips the bridge
+    /// lookup. 0 (not written yet): every packet is looked up.
+    pub bridge_mask_be: u32,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -152,7 +158,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
 const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Published>() == 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<SockOrig>() == 8);
 
 #[cfg(feature = "user")]

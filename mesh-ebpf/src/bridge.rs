@@ -1,8 +1,8 @@
 //! TC ingress on the bridges of Docker's other networks (the default
 //! bridge, user-defined ones): what their containers send to the host.
 //!
-//! A container there that calls a published port on a node's address (or
-//! on its bridge's gateway, `host.docker.internal`) never crosses the NIC,
+//! A container there that calls a published port on this node's address
+//! (or on its bridge's gateway, `host.docker.internal`) never crosses the NIC,
 //! so XDP never sees it, and Docker's isolation rules would drop its way
 //! from that bridge into the mesh network in FORWARD. Here it is balanced
 //! as a client of the routing mesh, before netfilter's forward chain: the
@@ -19,16 +19,16 @@
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
     ct::CT_F_INGRESS,
-    lb::published_hash,
+    lb::{PublishedKey, published_hash},
     stats::Stat,
-    tunnel::{Bridge, DELIVERED_MARK, LocalNode},
+    tunnel::{DELIVERED_MARK, LocalNode},
 };
 
 use crate::{
     ctx::{Packet, Verdict, pass},
     ingress::{self, IP_DF, TCP_IP_HLEN},
     lb,
-    maps::{BRIDGES, PUBLISHED},
+    maps::{BRIDGES, CONFIG, PUBLISHED},
     nat::{self, End},
     parse::{self, ETH_HLEN, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Parsed},
     stats::bump,
@@ -52,33 +52,44 @@ pub fn from_bridge(ctx: &TcContext) -> Result<Verdict, Stat> {
     };
     // SAFETY: the context's own field: the bridge this program runs on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // This node's address, or the bridge's own (host.docker.internal): one
+    // lookup for everything else (the bulk: the internet). Another node's
+    // address takes the usual way out (masqueraded), and that node's XDP
+    // balances it.
+    let net = if t.dst_be == l.underlay_ip_be {
+        None
+    } else {
+        // A gateway shares its subnet with the container: under the widest
+        // mask of the bridges, source and destination agree.
+        let mask = CONFIG.get(0).map_or(0, |c| c.bridge_mask_be);
+        if (t.src_be ^ t.dst_be) & mask != 0 {
+            return pass(Stat::BridgePass);
+        }
+        // SAFETY: plain data written by the agent.
+        match unsafe { BRIDGES.get(&ifindex) } {
+            Some(n) if n.gateway_be == t.dst_be && n.gateway_be != 0 => Some(*n),
+            _ => return pass(Stat::BridgePass),
+        }
+    };
+    let key = PublishedKey {
+        port_be: t.dport_be,
+        proto: t.proto,
+        _pad: 0,
+    };
     // SAFETY: plain data written by the agent.
-    let Some(net) = (unsafe { BRIDGES.get(&ifindex) }).copied() else {
+    let Some(service_id) = (unsafe { PUBLISHED.get(&key) }).map(|p| p.service_id) else {
         return pass(Stat::BridgePass);
     };
-    let Some(service_id) = published(&l, &net, &t) else {
-        return pass(Stat::BridgePass);
+    // Only the network's own subnet: a container may forge any source.
+    // SAFETY: as above.
+    let net = match net.or_else(|| unsafe { BRIDGES.get(&ifindex) }.copied()) {
+        Some(n) => n,
+        None => return pass(Stat::BridgePass),
     };
     if !net.contains(t.src_be) {
         return Err(Stat::BridgeSpoofed);
     }
     balance(ctx, &pk, &l, service_id, ifindex)
-}
-
-/// The service behind a published port called on a node's address (this
-/// one or a peer's) or on this bridge's gateway.
-#[inline(always)]
-fn published(l: &LocalNode, net: &Bridge, t: &mesh_common::ct::Tuple) -> Option<u32> {
-    if net.gateway_be != 0 && t.dst_be == net.gateway_be {
-        let key = mesh_common::lb::PublishedKey {
-            port_be: t.dport_be,
-            proto: t.proto,
-            _pad: 0,
-        };
-        // SAFETY: plain data written by the agent.
-        return unsafe { PUBLISHED.get(&key) }.map(|p| p.service_id);
-    }
-    ingress::published_at_node(l, t)
 }
 
 #[inline(always)]

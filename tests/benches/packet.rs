@@ -205,7 +205,18 @@ fn own_cost(repeat: u32) {
 
     let base_r = empty.time(&seg, repeat).expect("empty program");
     let base_1 = empty.time_single(&syn(0), runs).expect("empty program");
-    let rows: [(&str, f64, f64, f64, Stat); 4] = [
+    // Another Docker network's bridge: its containers' everyday traffic
+    // (to the internet), which the bridge program only looks at.
+    let mut hb = Harness::new();
+    mesh_tests::fixtures::bridge::install(&mut hb);
+    let outbound = pkt::tcp4(
+        (mesh_tests::fixtures::bridge::CLIENT, 40_000),
+        (Ipv4Addr::new(192, 0, 2, 80), 443),
+        2,
+        |x| x.ack(2),
+        b"data",
+    );
+    let rows: [(&str, f64, f64, f64, Stat); 5] = [
         (
             "tracked VIP packet (conntrack hit, DNAT, to the backend's veth) [r]",
             h.time_repeated(Prog::TcFromContainer, &seg, repeat, &[(Stat::LbCtHit, 1)])
@@ -247,6 +258,19 @@ fn own_cost(repeat: u32) {
             base_r,
             15.0,
             Stat::TcNotService,
+        ),
+        (
+            "another Docker network's bridge, not a published port (the internet) [r]",
+            hb.time_repeated(
+                Prog::TcFromBridge,
+                &outbound,
+                repeat,
+                &[(Stat::BridgePass, 1)],
+            )
+            .unwrap_or_else(|e| panic!("bridge: {e}")),
+            base_r,
+            15.0,
+            Stat::BridgePass,
         ),
     ];
     println!(

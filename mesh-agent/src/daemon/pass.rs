@@ -223,6 +223,17 @@ impl Daemon {
         let ops = table::plan(&want, &self.written.bridges);
         let errors = table::apply(&ops, &mut self.overlay.bridges, &mut self.written.bridges);
         failed.extend(errors.iter().map(|e| format!("bridge table: {e}")));
+        // The program's prefilter: the widest of their masks (all ones
+        // without any bridge: nothing passes it, nothing is looked up).
+        let mask = want
+            .values()
+            .fold(u32::MAX, |m, b| m & u32::from_be(b.mask_be));
+        if self.written.bridge_mask_be != Some(mask.to_be()) {
+            match self.overlay.set_bridge_mask(mask.to_be()) {
+                Ok(()) => self.written.bridge_mask_be = Some(mask.to_be()),
+                Err(e) => failed.push(format!("bridge mask: {e}")),
+            }
+        }
         for &ifindex in want.keys() {
             if let Err(e) = self.attachments.ensure_bridge(&mut self.ebpf, ifindex) {
                 warn!(ifindex, error = %e, "could not attach the bridge program");

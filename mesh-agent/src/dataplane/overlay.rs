@@ -95,6 +95,13 @@ impl OverlayMaps {
         self.config.set(0, c, 0).map_err(err(maps::CONFIG.name))
     }
 
+    /// The widest mask of Docker's other bridges, the other settings kept.
+    pub fn set_bridge_mask(&mut self, mask_be: u32) -> Result<(), MapsError> {
+        let mut c = self.config.get(&0, 0).map_err(err(maps::CONFIG.name))?;
+        c.bridge_mask_be = mask_be;
+        self.set_config(&c)
+    }
+
     /// Veth `ifindex`'s container has address `ip_be` (the anti-spoofing
     /// fast path; indexes beyond the array are left to `MESH_LOCAL_EPS`).
     pub fn set_veth_src(&mut self, ifindex: u32, ip_be: u32) -> Result<(), MapsError> {
