@@ -120,6 +120,19 @@ pub struct SockOrig {
     pub _pad: u16,
 }
 
+/// A datagram socket's peer as the kernel sees it after balancing
+/// (`MESH_SOCK_REV`): the socket and the backend (or node) its datagrams
+/// were sent to. Its value, a [`SockOrig`], is what `recvmsg` reports as
+/// the source of the answers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
 /// The flow hash of a flow to a published port: the client's address and
 /// port, the published port and the protocol, but not which node's
 /// address it reached, so every node picks the same backend for it.
@@ -160,6 +173,7 @@ const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Published>() == 4);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<SockOrig>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -173,4 +187,5 @@ mod pod {
     unsafe impl aya::Pod for super::Published {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SockOrig {}
+    unsafe impl aya::Pod for super::SockRevKey {}
 }

@@ -214,6 +214,16 @@ pub const SOCK_ORIG: MapDef = def(
     "socket cookie -> SockOrig{ip, port}: what a balanced socket asked for",
 );
 
+/// LRU hash `SockRevKey -> SockOrig`: a datagram socket balanced at
+/// connect or sendmsg: the address its answers are reported from.
+pub const SOCK_REV: MapDef = def(
+    "MESH_SOCK_REV",
+    LruHash,
+    SOCK_ORIG_ENTRIES,
+    Kernel,
+    "SockRevKey{socket cookie, backend ip, port} -> SockOrig{ip, port}: what a balanced datagram socket's answers come from",
+);
+
 /// Hash `underlay IP (network order) -> its /24 (network order)`: the
 /// addresses VXLAN is accepted from.
 pub const PEERS: MapDef = def(
@@ -244,7 +254,7 @@ pub const BRIDGES: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 17] = [
+pub const ALL: [MapDef; 18] = [
     STATS,
     SERVICES,
     PUBLISHED,
@@ -261,6 +271,7 @@ pub const ALL: [MapDef; 17] = [
     VETH_SRC,
     CONFIG,
     SOCK_ORIG,
+    SOCK_REV,
     BRIDGES,
 ];
 

@@ -124,6 +124,8 @@ counters! {
     BridgePass = 63, "bridge_pass", Path, "Another Docker network's bridge: anything but a published port (passed to the stack untouched).";
     IngressReplyDecap = 64, "ingress_reply_decap", Path, "XDP: a tunnelled routing-mesh reply for a client of this node: decapsulated and marked for the underlay TC program, which translates it.";
     IngressReplyLost = 65, "ingress_reply_lost", Drop, "Underlay TC: a routing-mesh reply whose flow left conntrack after XDP decapsulated it.";
+    SockDatagram = 66, "sock_datagram", Path, "Socket level: a datagram of this host's unconnected UDP socket to a published port on localhost or its own address, sent to a backend (here, or the published port of its node).";
+    SockReplyRestored = 67, "sock_reply_restored", Path, "Socket level: an answer to a balanced datagram socket, reported as from the address it asked for.";
 }
 
 impl Stat {

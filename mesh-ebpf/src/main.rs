@@ -67,6 +67,23 @@ pub fn mesh_sock_connect4(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// cgroup sendmsg4: a datagram of this host's unconnected UDP socket to a
+/// published port on localhost or its own address, balanced. Always
+/// allows the send.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx);
+    1
+}
+
+/// cgroup recvmsg4: an answer to a datagram socket balanced at connect or
+/// sendmsg is reported as from the address asked for.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg4(&ctx);
+    1
+}
+
 /// cgroup getpeername4: a socket balanced at connect reports the address
 /// it asked for.
 #[cgroup_sock_addr(getpeername4)]

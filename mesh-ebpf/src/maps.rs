@@ -10,7 +10,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
-    lb::{Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats, SockOrig},
+    lb::{
+        Backend, Config, Published, PublishedKey, Service, ServiceKey, ServiceStats, SockOrig,
+        SockRevKey,
+    },
     maps::{
         BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_BRIDGES,
         MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, SOCK_ORIG_ENTRIES,
@@ -80,6 +83,12 @@ pub static VETH_SRC: Array<u32> = Array::with_max_entries(VETH_SLOTS, 0);
 /// Socket cookie -> where a socket balanced at connect asked to go.
 #[map(name = "MESH_SOCK_ORIG")]
 pub static SOCK_ORIG: LruHashMap<u64, SockOrig> =
+    LruHashMap::with_max_entries(SOCK_ORIG_ENTRIES, 0);
+
+/// A balanced datagram socket and its backend -> where its answers are
+/// reported from.
+#[map(name = "MESH_SOCK_REV")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockOrig> =
     LruHashMap::with_max_entries(SOCK_ORIG_ENTRIES, 0);
 
 /// Settings of the whole data plane (slot 0).

@@ -1,9 +1,10 @@
-//! Socket-level balancing (cgroup `connect4`): a connect of this host's to
-//! a published port on localhost or on its own underlay address never
-//! crosses the NIC, so XDP never sees it. Its destination is rewritten
-//! before the first packet exists: to a backend here, or to the published
-//! port of the node of a backend elsewhere (that node's XDP balances it, as
-//! for any client). Only sockets in the host's network namespace are
+//! Socket-level balancing (cgroup `connect4`, `sendmsg4`): a connect or
+//! datagram of this host's to a published port on localhost or on its own
+//! underlay address never crosses the NIC, so XDP never sees it. Its
+//! destination is rewritten before the first packet exists: to a backend
+//! here, or to the published port of the node of a backend elsewhere (that
+//! node's XDP balances it, as for any client); `getpeername4` and
+//! `recvmsg4` report the address asked for. Only sockets in the host's network namespace are
 //! touched (the agent writes its cookie); everything else passes as it was.
 
 use aya_ebpf::{
@@ -11,39 +12,43 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    lb::{PublishedKey, SockOrig},
+    lb::{PublishedKey, SockOrig, SockRevKey},
     stats::Stat,
 };
 
 use crate::{
     lb,
-    maps::{CONFIG, PUBLISHED, SOCK_ORIG},
+    maps::{CONFIG, PUBLISHED, SOCK_ORIG, SOCK_REV},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     stats::bump,
     tunnel,
 };
 
+/// Where a socket of the host's asking for `ip_be:port_be` (a published
+/// port on localhost or this node's address) goes: a backend here, or the
+/// published port of the node of a backend elsewhere (that node's XDP
+/// balances it, as for any client). `None`: not such a socket or address,
+/// or no usable backend (left as it was). The bool: elsewhere.
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) {
-    let Some(cookie) = CONFIG.get(0).map(|c| c.host_netns_cookie) else {
-        return;
-    };
+fn pick(
+    ctx: &SockAddrContext,
+    ip_be: u32,
+    port_be: u16,
+    proto: u8,
+    hash: u32,
+) -> Option<((u32, u16), bool)> {
+    let cookie = CONFIG.get(0).map(|c| c.host_netns_cookie)?;
     // SAFETY: plain helper call on the program's own context.
     if cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != cookie {
-        return;
+        return None;
     }
-    // SAFETY: the context's own fields.
-    let (ip_be, port_be, proto) = unsafe {
-        let sa = &*ctx.sock_addr;
-        (sa.user_ip4, sa.user_port as u16, sa.protocol as u8)
-    };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return;
+        return None;
     }
-    let Some(l) = tunnel::local() else { return };
+    let l = tunnel::local()?;
     let loopback = u32::from_be(ip_be) >> 24 == 127;
     if !loopback && ip_be != l.underlay_ip_be {
-        return;
+        return None;
     }
     let key = PublishedKey {
         port_be,
@@ -51,45 +56,130 @@ pub fn connect4(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: plain data written by the agent.
-    let Some(service_id) = (unsafe { PUBLISHED.get(&key) }).map(|p| p.service_id) else {
-        return;
+    let service_id = unsafe { PUBLISHED.get(&key) }.map(|p| p.service_id)?;
+    let Some((_, b)) = lb::pick(service_id, hash) else {
+        bump(Stat::SockNoBackend);
+        return None;
     };
+    if b.ifindex != 0 {
+        return Some(((b.ip_be, b.port_be), false));
+    }
+    match tunnel::route(&l, b.ip_be) {
+        Ok(tunnel::Route::Remote(node)) => Some(((node.underlay_ip_be, port_be), true)),
+        _ => {
+            bump(Stat::SockNoBackend);
+            None
+        }
+    }
+}
+
+/// The context's destination: address, port (network order), protocol.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext) -> (u32, u16, u8) {
+    // SAFETY: the context's own fields.
+    unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port as u16, sa.protocol as u8)
+    }
+}
+
+/// Rewrites the context's address (the destination, or for recvmsg the
+/// source reported).
+#[inline(always)]
+fn rewrite(ctx: &SockAddrContext, ip_be: u32, port_be: u16) {
+    // SAFETY: these programs may rewrite the address they are given.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip4 = ip_be;
+        sa.user_port = port_be as u32;
+    }
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: plain helper call on the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// Remembers that datagrams of socket `cookie` to `to` are answers to its
+/// datagrams to `orig`.
+#[inline(always)]
+fn remember_datagrams(cookie: u64, (ip_be, port_be): (u32, u16), orig: &SockOrig) {
+    let key = SockRevKey {
+        cookie,
+        ip_be,
+        port_be,
+        _pad: 0,
+    };
+    let _ = SOCK_REV.insert(&key, orig, 0);
+}
+
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) {
+    let (ip_be, port_be, proto) = destination(ctx);
     // Any backend: the kernel keeps the connection on the one chosen.
     // SAFETY: plain helper call.
     let hash = unsafe { bpf_get_prandom_u32() };
-    let Some((_, b)) = lb::pick(service_id, hash) else {
-        bump(Stat::SockNoBackend);
+    let Some((to, remote)) = pick(ctx, ip_be, port_be, proto, hash) else {
         return;
     };
-    let (to_ip, to_port) = if b.ifindex != 0 {
-        bump(Stat::SockLocal);
-        (b.ip_be, b.port_be)
+    bump(if remote {
+        Stat::SockRemote
     } else {
-        match tunnel::route(&l, b.ip_be) {
-            Ok(tunnel::Route::Remote(node)) => {
-                bump(Stat::SockRemote);
-                (node.underlay_ip_be, port_be)
-            }
-            _ => {
-                bump(Stat::SockNoBackend);
-                return;
-            }
-        }
-    };
-    // getpeername reports what the socket asked for.
+        Stat::SockLocal
+    });
+    // getpeername reports what the socket asked for; so does recvmsg of a
+    // connected datagram socket.
     let orig = SockOrig {
         ip_be,
         port_be,
         _pad: 0,
     };
-    // SAFETY: plain helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let cookie = socket_cookie(ctx);
     let _ = SOCK_ORIG.insert(&cookie, &orig, 0);
-    // SAFETY: connect4 may rewrite the destination it is given.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip4 = to_ip;
-        sa.user_port = to_port as u32;
+    if proto == IPPROTO_UDP {
+        remember_datagrams(cookie, to, &orig);
+    }
+    rewrite(ctx, to.0, to.1);
+}
+
+/// sendmsg4: a datagram of an unconnected UDP socket of this host's to a
+/// published port on localhost or its own address. Every datagram of one
+/// socket to one address goes to the same backend while the ring stands
+/// (the socket cookie is the hash), so a conversation stays on it.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) {
+    let (ip_be, port_be, proto) = destination(ctx);
+    let cookie = socket_cookie(ctx);
+    let hash = (cookie ^ (cookie >> 32)) as u32;
+    let Some((to, _)) = pick(ctx, ip_be, port_be, proto, hash) else {
+        return;
+    };
+    bump(Stat::SockDatagram);
+    let orig = SockOrig {
+        ip_be,
+        port_be,
+        _pad: 0,
+    };
+    remember_datagrams(cookie, to, &orig);
+    rewrite(ctx, to.0, to.1);
+}
+
+/// recvmsg4: an answer to a balanced datagram socket is reported as from
+/// the address its datagrams asked for.
+#[inline(always)]
+pub fn recvmsg4(ctx: &SockAddrContext) {
+    let (ip_be, port_be, _) = destination(ctx);
+    let key = SockRevKey {
+        cookie: socket_cookie(ctx),
+        ip_be,
+        port_be,
+        _pad: 0,
+    };
+    // SAFETY: plain data written by connect4 and sendmsg4.
+    if let Some(o) = unsafe { SOCK_REV.get(&key) }.copied() {
+        bump(Stat::SockReplyRestored);
+        rewrite(ctx, o.ip_be, o.port_be);
     }
 }
 
@@ -97,16 +187,8 @@ pub fn connect4(ctx: &SockAddrContext) {
 /// not the backend's.
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) {
-    // SAFETY: plain helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // SAFETY: plain data written by connect4.
-    let Some(o) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
-        return;
-    };
-    // SAFETY: getpeername4 may rewrite the address it reports.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip4 = o.ip_be;
-        sa.user_port = o.port_be as u32;
+    if let Some(o) = unsafe { SOCK_ORIG.get(&socket_cookie(ctx)) }.copied() {
+        rewrite(ctx, o.ip_be, o.port_be);
     }
 }

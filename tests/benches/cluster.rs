@@ -223,6 +223,15 @@ fn ms(d: Duration) -> String {
 }
 
 /// (bytes, datagrams) sent and received by every live node so far.
+/// Messages sent with a compact digest, over all nodes.
+fn compact(nodes: &[Node]) -> u64 {
+    nodes
+        .iter()
+        .filter(|n| n.handle.is_some())
+        .map(|n| n.stats.compact.load(Ordering::Relaxed))
+        .sum()
+}
+
 fn traffic(nodes: &[Node]) -> (u64, u64) {
     nodes
         .iter()
@@ -344,23 +353,30 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
         converged.map_or("timeout (120 s)".into(), ms)
     );
 
-    // Idle.
-    let (b0, d0) = traffic(&nodes);
-    let c0 = cpu_seconds();
-    let window = 5.0;
-    tokio::time::sleep(Duration::from_secs_f64(window)).await;
-    let (b1, d1) = traffic(&nodes);
-    let idle_cpu = (cpu_seconds() - c0) / window;
-    // Every datagram is counted once sent and once received: halve.
-    let per = |x: u64| x as f64 / 2.0 / n as f64 / window;
-    let idle_kbs = per(b1 - b0) / 1e3;
-    println!(
-        "idle gossip per node: {:.1} KB/s, {:.1} datagrams/s; CPU {:.1}% of a core per node ({:.0}% of the machine's 2 cores in all)",
-        idle_kbs,
-        per(d1 - d0),
-        idle_cpu * 100.0 / n as f64,
-        idle_cpu * 50.0
-    );
+    // Idle: right after convergence, then at rest (once every node has
+    // heard every peer's node list: compact digests need it).
+    let mut idle_kbs = 0.0;
+    for (when, settle) in [("just after convergence", 0.0), ("at rest", 15.0)] {
+        tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+        let (b0, d0) = traffic(&nodes);
+        let (c0, k0) = (cpu_seconds(), compact(&nodes));
+        let window = 5.0;
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let (b1, d1) = traffic(&nodes);
+        let idle_cpu = (cpu_seconds() - c0) / window;
+        // Every datagram is counted once sent and once received: halve.
+        let per = |x: u64| x as f64 / 2.0 / n as f64 / window;
+        idle_kbs = per(b1 - b0) / 1e3;
+        let sent = (d1 - d0) as f64 / 2.0;
+        println!(
+            "idle gossip per node, {when}: {:.1} KB/s, {:.1} datagrams/s ({:.0}% of messages with a compact digest); CPU {:.1}% of a core per node ({:.0}% of the machine's 2 cores in all)",
+            idle_kbs,
+            per(d1 - d0),
+            (compact(&nodes) - k0) as f64 * 100.0 / sent.max(1.0),
+            idle_cpu * 100.0 / n as f64,
+            idle_cpu * 50.0
+        );
+    }
 
     // Churn.
     let mut next = 0usize;

@@ -215,11 +215,16 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // replicas here and on other nodes (node 3 has none of its own).
     for (i, e) in engines.iter().enumerate() {
         let n = i + 1;
-        for to in ["127.0.0.1:8080".to_string(), format!("192.168.91.{n}:8080")] {
+        for (to, proto) in [
+            ("127.0.0.1:8080".to_string(), "tcp"),
+            (format!("192.168.91.{n}:8080"), "tcp"),
+            ("127.0.0.1:8080".to_string(), "udp"),
+            (format!("192.168.91.{n}:8080"), "udp"),
+        ] {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", &e.ns.name])
                 .arg(mesh_tests::dockerlab::whoami_bin())
-                .args(["ask", "tcp", &to, "--count", "30", "--timeout-ms", "3000"])
+                .args(["ask", proto, &to, "--count", "30", "--timeout-ms", "3000"])
                 .output()
                 .expect("whoami ask");
             let text = String::from_utf8_lossy(&out.stdout);
@@ -229,13 +234,16 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
                     *names.entry(name.to_string()).or_default() += 1;
                 }
             }
-            println!("node {n} itself -> {to}: {names:?}");
+            println!("node {n} itself -> {to}/{proto}: {names:?}");
             assert_eq!(
                 names.values().sum::<usize>(),
                 30,
-                "node {n} itself -> {to}: every connect answered:\n{text}"
+                "node {n} itself -> {to}/{proto}: every request answered:\n{text}"
             );
-            assert!(names.len() >= 2, "node {n} itself -> {to}: {names:?}");
+            assert!(
+                names.len() >= 2,
+                "node {n} itself -> {to}/{proto}: {names:?}"
+            );
         }
     }
 

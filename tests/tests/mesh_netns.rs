@@ -479,13 +479,14 @@ impl Drop for TestCgroup {
 fn ask_from(
     cg: &TestCgroup,
     ns: &Netns,
+    proto: &str,
     to: SocketAddr,
     count: u32,
 ) -> (BTreeMap<String, u32>, u32) {
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {} {} ask tcp {to} --count {count} --timeout-ms 3000",
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} {} ask {proto} {to} --count {count} --timeout-ms 3000",
             cg.path.display(),
             ns.name,
             mesh_tests::dockerlab::whoami_bin().display()
@@ -542,27 +543,37 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
     let before = counters(&lab.nodes[0]);
     let here = lab.nodes[0].underlay_ip;
     let node_ns = &lab.nodes[0].node;
-    for to in [
-        SocketAddr::from((Ipv4Addr::LOCALHOST, PUBLISHED_TCP)),
-        SocketAddr::from((here, PUBLISHED_TCP)),
-    ] {
-        let (names, failed) = ask_from(&cg, node_ns, to, 60);
-        println!("node 1 itself -> {to}: {names:?}, {failed} failed");
-        assert_eq!(failed, 0, "every connect to {to} answered");
-        assert!(
-            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
-            "both backends answer connects to {to}: {names:?}"
-        );
+    // TCP (connect4), and UDP from unconnected sockets (sendmsg4; every
+    // answer must come from the address asked, or whoami counts it failed:
+    // recvmsg4).
+    for (proto, port) in [("tcp", PUBLISHED_TCP), ("udp", PUBLISHED_UDP)] {
+        for to in [
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((here, port)),
+        ] {
+            let (names, failed) = ask_from(&cg, node_ns, proto, to, 60);
+            println!("node 1 itself -> {to}/{proto}: {names:?}, {failed} failed");
+            assert_eq!(failed, 0, "every request to {to}/{proto} answered");
+            assert!(
+                names.get("c1").is_some_and(|n| *n >= 6)
+                    && names.get("c2").is_some_and(|n| *n >= 6),
+                "both backends answer {to}/{proto}: {names:?}"
+            );
+        }
     }
     let after = counters(&lab.nodes[0]);
     let moved = |s: Stat| after[s as usize] - before[s as usize];
     println!(
-        "sock_local {}, sock_remote {}, sock_no_backend {}",
+        "sock_local {}, sock_remote {}, sock_datagram {}, sock_reply_restored {}, sock_no_backend {}",
         moved(Stat::SockLocal),
         moved(Stat::SockRemote),
+        moved(Stat::SockDatagram),
+        moved(Stat::SockReplyRestored),
         moved(Stat::SockNoBackend)
     );
     assert_eq!(moved(Stat::SockLocal) + moved(Stat::SockRemote), 120);
+    assert_eq!(moved(Stat::SockDatagram), 120);
+    assert_eq!(moved(Stat::SockReplyRestored), 120);
     // A process of the cgroup in another namespace (node 2's) is left
     // alone: its connect to node 1's published port goes out as any
     // client's, and node 1's XDP balances it.
@@ -570,6 +581,7 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
     let (names, failed) = ask_from(
         &cg,
         &lab.nodes[1].node,
+        "tcp",
         SocketAddr::from((here, PUBLISHED_TCP)),
         20,
     );

@@ -36,6 +36,10 @@ pub mod progs {
     pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
     /// cgroup getpeername4: such a socket's peer as it asked for it.
     pub const SOCK_GETPEERNAME4: &str = "mesh_sock_getpeername4";
+    /// cgroup sendmsg4: the host's unconnected UDP datagrams, balanced.
+    pub const SOCK_SENDMSG4: &str = "mesh_sock_sendmsg4";
+    /// cgroup recvmsg4: their answers, from the address asked for.
+    pub const SOCK_RECVMSG4: &str = "mesh_sock_recvmsg4";
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! Socket-level balancing's attachment: the connect4 program on a cgroup v2
+//! Socket-level balancing's attachment: the sock_addr programs on a cgroup v2
 //! directory (the host's root, so every process of the host is covered),
 //! through a link pinned under the bpffs directory so it outlives the
 //! agent, and the host's network-namespace cookie the program compares
@@ -65,9 +65,9 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// Attaches the connect4 and getpeername4 programs to the cgroup v2
-/// directory `cgroup` (or its `unified` mount), their links pinned at
-/// `<bpffs>/links/sock_*`.
+/// Attaches the connect4, getpeername4, sendmsg4 and recvmsg4 programs to
+/// the cgroup v2 directory `cgroup` (or its `unified` mount), their links
+/// pinned at `<bpffs>/links/sock_*`.
 /// A link an earlier agent pinned there is replaced only once the new one
 /// is attached (both run for a moment; the second sees a rewritten
 /// destination and leaves it), so connects are never left unbalanced.
@@ -80,6 +80,8 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, bpffs: &Path) -> Result<PathBuf, S
     for (name, pin) in [
         (super::progs::SOCK_CONNECT4, "sock_connect4"),
         (super::progs::SOCK_GETPEERNAME4, "sock_getpeername4"),
+        (super::progs::SOCK_SENDMSG4, "sock_sendmsg4"),
+        (super::progs::SOCK_RECVMSG4, "sock_recvmsg4"),
     ] {
         let prog = super::sock_addr(ebpf, name).map_err(|e| format!("{e:?}"))?;
         // A BPF link (what aya makes here) always shares its cgroup with

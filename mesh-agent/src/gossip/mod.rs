@@ -2,6 +2,7 @@
 //! phi-accrual failure detection), sealed with the cluster key.
 
 pub mod authority;
+pub mod compact;
 pub mod membership;
 pub mod peers;
 pub mod replay;
@@ -17,6 +18,12 @@ use std::{
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
 use transport::{ClusterKey, GossipStats, KnownPeers, Sealed};
+
+/// The key a node publishes when it reads compact digests (`compact.rs`):
+/// peers send it those only then, so agents from before them (which refuse
+/// a datagram they cannot read) keep gossiping with the rest.
+pub const COMPACT_KEY: &str = "gossip";
+pub const COMPACT_VALUE: &str = "compact";
 
 /// How this node gossips.
 #[derive(Clone)]
@@ -57,9 +64,10 @@ impl GossipConfig {
 /// endpoints) until it times out, by which time the new one has published.
 pub async fn start(
     cfg: GossipConfig,
-    kvs: Vec<(String, String)>,
+    mut kvs: Vec<(String, String)>,
     stats: Arc<GossipStats>,
 ) -> anyhow::Result<ChitchatHandle> {
+    kvs.push((COMPACT_KEY.to_string(), COMPACT_VALUE.to_string()));
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -82,12 +90,14 @@ pub async fn start(
         extra_liveness_predicate: None,
     };
     let known = Arc::new(KnownPeers::default());
+    let compact = Arc::new(KnownPeers::default());
     let mut seeds = seed_ips(&cfg.seeds).await;
     known.replace(seeds.clone());
     let transport = Sealed {
         key: cfg.key,
         stats,
         known: known.clone(),
+        compact: compact.clone(),
     };
     let handle = spawn_chitchat(config, kvs, &transport).await?;
     // Replies carry state only to the cluster's nodes (every node of the
@@ -106,16 +116,25 @@ pub async fn start(
             let Some(chitchat) = state.upgrade() else {
                 break;
             };
-            let mut ips: HashSet<IpAddr> = chitchat
-                .lock()
-                .await
-                .node_states()
-                .keys()
-                .map(|id| id.gossip_advertise_addr.ip())
-                .collect();
+            let (mut ips, readers): (HashSet<IpAddr>, HashSet<IpAddr>) = {
+                let guard = chitchat.lock().await;
+                let states = guard.node_states();
+                (
+                    states
+                        .keys()
+                        .map(|id| id.gossip_advertise_addr.ip())
+                        .collect(),
+                    states
+                        .iter()
+                        .filter(|(_, s)| s.get(COMPACT_KEY) == Some(COMPACT_VALUE))
+                        .map(|(id, _)| id.gossip_advertise_addr.ip())
+                        .collect(),
+                )
+            };
             drop(chitchat);
             ips.extend(seeds.iter().copied());
             known.replace(ips);
+            compact.replace(readers);
         }
     });
     Ok(handle)

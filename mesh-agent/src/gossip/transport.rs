@@ -25,7 +25,7 @@ use std::{
     collections::{HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -42,7 +42,10 @@ use chitchat::{
 };
 use tracing::debug;
 
-use super::replay::{Replay, Verdict};
+use super::{
+    compact::Directories,
+    replay::{Replay, Verdict},
+};
 
 const MAGIC: &[u8; 4] = b"MSH2";
 const NONCE_LEN: usize = 12;
@@ -60,6 +63,9 @@ const FIRST: u8 = 1;
 const SECOND: u8 = 2;
 /// Flag on the part byte: the message is zstd-compressed.
 const COMPRESSED: u8 = 0x80;
+/// Flag on the part byte: its digest is relative to a directory
+/// (`compact.rs`); sent only to peers that publish [`super::COMPACT_KEY`].
+const COMPACT: u8 = 0x40;
 /// Messages shorter than this go as they are.
 const COMPRESS_FROM: usize = 256;
 /// The most a compressed message may open to (two datagrams' worth).
@@ -129,6 +135,8 @@ pub struct GossipStats {
     pub split: AtomicU64,
     /// Replies to unknown addresses sent without their state.
     pub withheld: AtomicU64,
+    /// Messages sent with a compact digest.
+    pub compact: AtomicU64,
 }
 
 /// The addresses replies may carry state to: the cluster's nodes and the
@@ -154,6 +162,8 @@ pub struct Sealed {
     pub key: ClusterKey,
     pub stats: Arc<GossipStats>,
     pub known: Arc<KnownPeers>,
+    /// Peers that read compact digests.
+    pub compact: Arc<KnownPeers>,
 }
 
 #[async_trait::async_trait]
@@ -164,10 +174,16 @@ impl Transport for Sealed {
             .with_context(|| format!("binding {listen}/udp for gossip"))?;
         let cipher = ChaCha20Poly1305::new_from_slice(&self.key.0)
             .map_err(|e| anyhow::anyhow!("cluster key: {e}"))?;
+        let dirs = Arc::new(Mutex::new(Directories::default()));
+        let mut tx = Sender::new(cipher.clone(), self.stats.clone());
+        tx.dirs = dirs.clone();
+        tx.compact_peers = self.compact.clone();
+        let mut rx = Receiver::new(cipher, self.stats.clone(), listen.ip());
+        rx.dirs = dirs;
         Ok(Box::new(SealedSocket {
             socket,
-            tx: Sender::new(cipher.clone(), self.stats.clone()),
-            rx: Receiver::new(cipher, self.stats.clone(), listen.ip()),
+            tx,
+            rx,
             known: self.known.clone(),
             buf: vec![0u8; MAX_DATAGRAM],
         }))
@@ -226,6 +242,10 @@ struct Sender {
     counter: u64,
     /// Compress messages that shrink (always, but in tests of the rest).
     compress: bool,
+    /// Directories of digests sent and received (shared with the receiver).
+    dirs: Arc<Mutex<Directories>>,
+    /// Peers that read compact digests.
+    compact_peers: Arc<KnownPeers>,
 }
 
 /// Opens datagrams: the replay windows, halves waiting for their other
@@ -237,6 +257,8 @@ struct Receiver {
     /// (session, counter, bytes, when) of first halves.
     partial: VecDeque<(u64, u64, Vec<u8>, Instant)>,
     local: Local,
+    /// Directories of digests sent and received (shared with the sender).
+    dirs: Arc<Mutex<Directories>>,
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -385,7 +407,7 @@ impl Socket for SealedSocket {
                 }
             };
             let stats = self.rx.stats.clone();
-            match self.rx.accept(&self.buf[..len]) {
+            match self.rx.accept(from.ip(), &self.buf[..len]) {
                 Ok(Some(msg)) => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     stats
@@ -425,6 +447,8 @@ impl Sender {
             session: u64::from_le_bytes(random::<8>()),
             counter: 0,
             compress: true,
+            dirs: Arc::default(),
+            compact_peers: Arc::default(),
         }
     }
 
@@ -434,13 +458,25 @@ impl Sender {
         let mut body = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut body);
         let mut flag = 0;
+        {
+            let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            // Peers may answer relative to this digest's directory.
+            dirs.note(&body);
+            if self.compact_peers.contains(dest)
+                && let Some(c) = dirs.compact_for(dest, &body)
+            {
+                body = c;
+                flag |= COMPACT;
+                self.stats.compact.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if self.compress
             && body.len() >= COMPRESS_FROM
             && let Ok(c) = zstd::bulk::compress(&body, 1)
             && c.len() < body.len()
         {
             body = c;
-            flag = COMPRESSED;
+            flag |= COMPRESSED;
         }
         let parts: Vec<(u8, &[u8])> = if body.len() <= MAX_PART {
             vec![(WHOLE | flag, &body[..])]
@@ -478,11 +514,13 @@ impl Receiver {
             replay: Replay::default(),
             partial: VecDeque::new(),
             local: Local::new(listen),
+            dirs: Arc::default(),
         }
     }
 
-    /// One datagram: a message, half of one (None), or why it is dropped.
-    fn accept(&mut self, datagram: &[u8]) -> Result<Option<ChitchatMessage>, Reject> {
+    /// One datagram from `from`: a message, half of one (None), or why it
+    /// is dropped.
+    fn accept(&mut self, from: IpAddr, datagram: &[u8]) -> Result<Option<ChitchatMessage>, Reject> {
         let plain = open(&self.cipher, datagram)?;
         let (h, body) = Header::read(&plain).ok_or(Reject::Decode)?;
         if !self.local.owns(h.dest) {
@@ -494,7 +532,8 @@ impl Receiver {
             Verdict::Stale => return Err(Reject::Stale),
         }
         let compressed = h.part & COMPRESSED != 0;
-        let whole = match h.part & !COMPRESSED {
+        let compact = h.part & COMPACT != 0;
+        let whole = match h.part & !(COMPRESSED | COMPACT) {
             WHOLE => body.to_vec(),
             FIRST => {
                 self.partial
@@ -524,6 +563,17 @@ impl Receiver {
         } else {
             whole
         };
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let whole = if compact {
+            // A directory this node no longer remembers: undecodable (the
+            // peer learns this node's current one from its next digest).
+            dirs.expand(&whole, MAX_DECOMPRESSED)
+                .ok_or(Reject::Decode)?
+        } else {
+            whole
+        };
+        dirs.note_from(from, &whole);
+        drop(dirs);
         let mut slice = whole.as_slice();
         ChitchatMessage::deserialize(&mut slice)
             .map(Some)
@@ -562,6 +612,9 @@ fn open(cipher: &ChaCha20Poly1305, datagram: &[u8]) -> Result<Vec<u8>, Reject> {
 mod tests {
     use super::*;
 
+    /// The sender of the datagrams in these tests.
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9));
+
     #[test]
     fn keys_from_files() {
         assert!(ClusterKey::from_file_bytes(&[7u8; 32]).is_ok());
@@ -594,6 +647,73 @@ mod tests {
         d.remove(0)
     }
 
+    /// chitchat's message from `bytes`.
+    fn chitchat(bytes: &[u8]) -> ChitchatMessage {
+        let mut b = bytes;
+        ChitchatMessage::deserialize(&mut b).expect("a chitchat message")
+    }
+
+    #[test]
+    fn digests_go_compact_to_peers_that_read_them() {
+        use crate::gossip::compact::{cluster, message, refs};
+        let key = [7u8; 32];
+        let (a, b): (IpAddr, IpAddr) = (
+            "127.0.0.1".parse().expect("ip"),
+            "127.0.0.2".parse().expect("ip"),
+        );
+        // Two nodes, each a sender and a receiver sharing its directories;
+        // each reads compact digests and knows the other does.
+        let node = |me: IpAddr, other: IpAddr| {
+            let (mut tx, mut rx) = pair(key, &me.to_string());
+            let dirs = Arc::new(Mutex::new(Directories::default()));
+            tx.dirs = dirs.clone();
+            rx.dirs = dirs;
+            tx.compact_peers.replace(HashSet::from([other]));
+            (tx, rx)
+        };
+        let (mut tx_a, mut rx_a) = node(a, b);
+        let (mut tx_b, mut rx_b) = node(b, a);
+        // chitchat's own empty SYN-ACK: its delta's bytes follow the
+        // digest's count.
+        let mut empty = Vec::new();
+        ChitchatMessage::SynAck {
+            digest: Default::default(),
+            delta: Default::default(),
+        }
+        .serialize(&mut empty);
+        let delta = &empty[6..];
+        // B opens with its digest of 200 nodes (full: it knows nothing of
+        // A's directory); A answers relative to it.
+        let syn = chitchat(&message(0, &refs(&cluster(200, 500)), b"\x04\x00mesh"));
+        let d = tx_b.seal(a, &syn).expect("seal");
+        assert_eq!(rx_a.accept(b, &d[0]), Ok(Some(syn)));
+        assert_eq!(tx_b.stats.compact.load(Ordering::Relaxed), 0);
+        let mut ours = cluster(200, 530);
+        ours.push(("node-zz".into(), 1, 252, 7));
+        let synack_bytes = message(1, &refs(&ours), delta);
+        let synack = chitchat(&synack_bytes);
+        let full = {
+            let mut plain = Sender::new(
+                ChaCha20Poly1305::new_from_slice(&key).expect("key"),
+                Arc::default(),
+            );
+            plain.seal(b, &synack).expect("seal")[0].len()
+        };
+        let d = tx_a.seal(b, &synack).expect("seal");
+        assert_eq!(tx_a.stats.compact.load(Ordering::Relaxed), 1);
+        println!(
+            "SYN-ACK with a digest of 201 nodes: {full} bytes sealed, {} compact",
+            d[0].len()
+        );
+        assert!(d[0].len() * 2 < full, "{} vs {full}", d[0].len());
+        assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(chitchat(&synack_bytes))));
+        // A node that does not read them gets chitchat's bytes.
+        tx_a.compact_peers.replace(HashSet::new());
+        let d = tx_a.seal(b, &synack).expect("seal");
+        assert_eq!(tx_a.stats.compact.load(Ordering::Relaxed), 1);
+        assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(synack)));
+    }
+
     #[test]
     fn datagrams_that_do_not_open_are_classified() {
         let (mut tx, mut rx) = pair([1u8; 32], "127.0.0.1");
@@ -601,27 +721,34 @@ mod tests {
         let msg = ChitchatMessage::BadCluster;
         let datagram = one(&mut tx, "127.0.0.1", &msg);
         assert_eq!(
-            other.accept(&datagram).err(),
+            other.accept(PEER, &datagram).err(),
             Some(Reject::Auth),
             "wrong key"
         );
         let mut flipped = datagram.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert_eq!(rx.accept(&flipped).err(), Some(Reject::Auth), "tampered");
-        assert_eq!(rx.accept(&datagram), Ok(Some(ChitchatMessage::BadCluster)));
         assert_eq!(
-            rx.accept(&datagram).err(),
+            rx.accept(PEER, &flipped).err(),
+            Some(Reject::Auth),
+            "tampered"
+        );
+        assert_eq!(
+            rx.accept(PEER, &datagram),
+            Ok(Some(ChitchatMessage::BadCluster))
+        );
+        assert_eq!(
+            rx.accept(PEER, &datagram).err(),
             Some(Reject::Replayed),
             "the same datagram twice"
         );
         assert_eq!(
-            rx.accept(&one(&mut tx, "127.0.0.2", &msg)).err(),
+            rx.accept(PEER, &one(&mut tx, "127.0.0.2", &msg)).err(),
             Some(Reject::Misaddressed),
             "sealed for another node"
         );
-        assert_eq!(rx.accept(b"MSH2short").err(), Some(Reject::Garbage));
-        assert_eq!(rx.accept(&[0u8; 100]).err(), Some(Reject::Garbage));
+        assert_eq!(rx.accept(PEER, b"MSH2short").err(), Some(Reject::Garbage));
+        assert_eq!(rx.accept(PEER, &[0u8; 100]).err(), Some(Reject::Garbage));
         let junk = Header {
             part: WHOLE,
             session: 9,
@@ -630,14 +757,14 @@ mod tests {
             dest: "127.0.0.1".parse().expect("ip"),
         };
         let sealed = seal(&tx.cipher, &junk, b"\xffjunk").expect("seal");
-        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Decode));
+        assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
         let old = Header {
             counter: 2,
             sent_ms: now_ms() - 10 * 60_000,
             ..junk
         };
         let sealed = seal(&tx.cipher, &old, b"").expect("seal");
-        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Stale));
+        assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Stale));
         // Header fields survive the trip.
         let mut buf = Vec::new();
         junk.write(&mut buf);
@@ -661,8 +788,8 @@ mod tests {
             .expect("seal");
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|d| d.len() <= MAX_DATAGRAM));
-        assert_eq!(rx.accept(&parts[0]), Ok(None), "the first half waits");
-        assert_eq!(rx.accept(&parts[1]), Ok(Some(msg)));
+        assert_eq!(rx.accept(PEER, &parts[0]), Ok(None), "the first half waits");
+        assert_eq!(rx.accept(PEER, &parts[1]), Ok(Some(msg)));
         // A second half alone does not decode.
         let again = ChitchatMessage::Syn {
             cluster_id: "y".repeat(65_480),
@@ -671,7 +798,7 @@ mod tests {
         let parts = tx
             .seal("127.0.0.1".parse().expect("ip"), &again)
             .expect("seal");
-        assert_eq!(rx.accept(&parts[1]).err(), Some(Reject::Decode));
+        assert_eq!(rx.accept(PEER, &parts[1]).err(), Some(Reject::Decode));
         assert_eq!(tx.stats.split.load(Ordering::Relaxed), 2);
     }
 
@@ -689,7 +816,7 @@ mod tests {
             msg.serialized_len(),
             d.len()
         );
-        assert_eq!(rx.accept(&d), Ok(Some(msg)));
+        assert_eq!(rx.accept(PEER, &d), Ok(Some(msg)));
         // A frame that opens to more than MAX_DECOMPRESSED is refused.
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_DECOMPRESSED + 1], 1).expect("zstd");
         let h = Header {
@@ -700,7 +827,7 @@ mod tests {
             dest: "127.0.0.1".parse().expect("ip"),
         };
         let sealed = seal(&tx.cipher, &h, &bomb).expect("seal");
-        assert_eq!(rx.accept(&sealed).err(), Some(Reject::Decode));
+        assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
     }
 
     #[test]
