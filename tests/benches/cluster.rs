@@ -223,6 +223,15 @@ fn ms(d: Duration) -> String {
 }
 
 /// (bytes, datagrams) sent and received by every live node so far.
+/// Compact digests that did not read back, over all nodes.
+fn refused(nodes: &[Node]) -> u64 {
+    nodes
+        .iter()
+        .filter(|n| n.handle.is_some())
+        .map(|n| n.stats.compact_refused.load(Ordering::Relaxed))
+        .sum()
+}
+
 /// Messages sent with a compact digest, over all nodes.
 fn compact(nodes: &[Node]) -> u64 {
     nodes
@@ -448,6 +457,11 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
         DEAD_AFTER,
         ms(quantile(&dead, 0.5)),
         ms(dead_max)
+    );
+    println!(
+        "compact digests sent {}, refused on receipt {} (dropped: a directory no longer known, or numbers that failed the check)",
+        compact(&nodes),
+        refused(&nodes)
     );
     let ratio = |v: f64, goal: f64| format!("{:.2}x the goal", v / goal);
     println!(

@@ -4,14 +4,23 @@
 //! so idle gossip grows with the number of nodes, and compression cannot
 //! take much from the names: they differ within one message.
 //!
-//! But a node's peers know its node list. A digest can go relative to the
-//! receiver's own last one (its *directory*, named by a hash): for each of
-//! the directory's nodes only the three numbers (varints, the heartbeat
-//! plus one; 0: not in this digest), then whatever the directory lacks in
-//! chitchat's own encoding. The receiver rebuilds chitchat's message: the
-//! same digest (its entries in the directory's order, then the others).
-//! Each node remembers the directories of the digests it sent and received
-//! lately ([`Directories`]), and the last one each peer sent it.
+//! But a node's peers know its node list, and roughly its numbers. A digest
+//! goes relative to the receiver's own last one (its *directory*: the ids
+//! in order, named by a hash): per directory node one byte that says how
+//! its numbers follow (0: not in this digest), then whatever the directory
+//! lacks in chitchat's own encoding. A heartbeat goes whole (a varint) or
+//! as its low 8 or 16 bits, which the receiver reads against the largest
+//! heartbeat of that node in its own digests (a large max version too),
+//! and a GC version the receiver's digests already say is not sent: heartbeats grow by one per round, so
+//! after hours of uptime a whole one takes 3-4 bytes. The sender uses the
+//! short forms only where what the peer last said bounds the receiver's
+//! reading (fresh enough, close enough), and a check over every number
+//! makes a reading that went wrong anyway undecodable, never wrong. The
+//! receiver rebuilds chitchat's message: the same digest (its entries in
+//! the directory's order, then the others). Each node remembers the
+//! directories of the digests it sent and received lately, the largest
+//! numbers of its own digests per node, and what each peer last said
+//! ([`Directories`]).
 //!
 //! Pure functions over chitchat's wire format (0.11: `magic u16 | version
 //! u8 | type u8 | digest | rest`, a digest being `count u16 | (id, heartbeat
@@ -22,6 +31,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 /// Bytes before the digest: magic, version, message type.
@@ -29,7 +39,7 @@ const HEAD: usize = 4;
 const SYN: u8 = 0;
 const SYN_ACK: u8 = 1;
 /// Directories remembered (membership changes in flight at once).
-const DIRECTORIES: usize = 16;
+const DIRECTORIES: usize = 64;
 /// Peers whose last directory is remembered.
 const PEERS: usize = 4096;
 
@@ -85,7 +95,16 @@ pub struct Directory {
     index: HashMap<Box<[u8]>, usize>,
 }
 
-/// The hash that names the directory of `entries`.
+/// `entries` in a directory's order: by their ids' bytes. (Not the
+/// digest's order: a digest rebuilt from a compact one lists the nodes a
+/// directory lacked last, and both ends must name the same set alike.)
+fn in_order<'a>(entries: &[Entry<'a>]) -> Vec<Entry<'a>> {
+    let mut v = entries.to_vec();
+    v.sort_unstable_by(|a, b| a.id.cmp(b.id));
+    v
+}
+
+/// The hash that names the directory of `entries` (in directory order).
 fn directory_hash(entries: &[Entry<'_>]) -> u64 {
     let mut bytes = Vec::with_capacity(entries.iter().map(|e| e.id.len()).sum());
     for e in entries {
@@ -111,19 +130,59 @@ impl Directory {
     }
 }
 
-/// Recent directories by hash, and the last one each peer sent.
+/// What a peer's last digest said: its directory, each of its nodes'
+/// numbers in that order (`u32::MAX`: too large to keep), and when it came.
+#[derive(Debug)]
+struct PeerView {
+    dir: u64,
+    numbers: Vec<[u32; 3]>,
+    at: Instant,
+}
+
+/// Recent directories by hash, the last digest each peer sent, and the
+/// largest numbers of this node's own digests for each node.
 #[derive(Debug, Default)]
 pub struct Directories {
     recent: VecDeque<Directory>,
-    peers: HashMap<IpAddr, u64>,
+    peers: HashMap<IpAddr, PeerView>,
+    /// Per node id, the largest heartbeat, GC version and max version of
+    /// the digests this node sent (its own view, which peers see): what a
+    /// heartbeat's low bits and an "unchanged" version are read against.
+    /// Not what peers said: a peer ahead of this node's view would move
+    /// the reference away from what the sender saw of it.
+    seen: HashMap<Box<[u8]>, [u64; 3]>,
 }
 
+/// Node ids whose numbers are remembered (generations come and go).
+const SEEN: usize = 16_384;
+
 impl Directories {
-    /// Remembers the directory of the digest in `body` (a SYN or SYN-ACK
-    /// this node sent or received); its hash.
+    /// Remembers the directory and the numbers of the digest in `body` (a
+    /// SYN or SYN-ACK this node sent); its hash.
     pub fn note(&mut self, body: &[u8]) -> Option<u64> {
         let (_, entries, _) = digest_of(body)?;
-        let hash = directory_hash(&entries);
+        let entries = in_order(&entries);
+        let hash = self.note_directory(&entries);
+        for e in &entries {
+            match self.seen.get_mut(e.id) {
+                Some(n) => {
+                    for (have, new) in n.iter_mut().zip(e.numbers) {
+                        *have = (*have).max(new);
+                    }
+                }
+                None => {
+                    if self.seen.len() >= SEEN {
+                        self.seen.clear();
+                    }
+                    self.seen.insert(e.id.into(), e.numbers);
+                }
+            }
+        }
+        Some(hash)
+    }
+
+    fn note_directory(&mut self, entries: &[Entry<'_>]) -> u64 {
+        let hash = directory_hash(entries);
         // Most recent first; built only when new (the common case, a
         // cluster at rest, builds nothing).
         match self.recent.iter().position(|r| r.hash == hash) {
@@ -134,39 +193,55 @@ impl Directories {
                 }
             }
             None => {
-                self.recent.push_front(Directory::new(hash, &entries));
+                self.recent.push_front(Directory::new(hash, entries));
                 self.recent.truncate(DIRECTORIES);
             }
         }
-        Some(hash)
+        hash
     }
 
-    /// Remembers the directory of a digest `peer` sent.
-    pub fn note_from(&mut self, peer: IpAddr, body: &[u8]) {
-        if let Some(h) = self.note(body) {
-            if self.peers.len() >= PEERS && !self.peers.contains_key(&peer) {
-                self.peers.clear();
-            }
-            self.peers.insert(peer, h);
+    /// Remembers a digest `peer` sent (received at `now`).
+    pub fn note_from(&mut self, peer: IpAddr, body: &[u8], now: Instant) {
+        let Some((_, entries, _)) = digest_of(body) else {
+            return;
+        };
+        let entries = in_order(&entries);
+        let dir = self.note_directory(&entries);
+        if self.peers.len() >= PEERS && !self.peers.contains_key(&peer) {
+            self.peers.clear();
         }
+        let numbers = entries
+            .iter()
+            .map(|e| e.numbers.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect();
+        self.peers.insert(
+            peer,
+            PeerView {
+                dir,
+                numbers,
+                at: now,
+            },
+        );
     }
 
     fn get(&self, hash: u64) -> Option<&Directory> {
         self.recent.iter().find(|d| d.hash == hash)
     }
 
-    /// `body` (a serialized message) relative to `peer`'s last directory,
-    /// when there is one and it is smaller so.
-    pub fn compact_for(&self, peer: IpAddr, body: &[u8]) -> Option<Vec<u8>> {
-        let d = self.get(*self.peers.get(&peer)?)?;
-        compact(body, d).filter(|c| c.len() < body.len())
+    /// `body` (a serialized message) relative to what `peer` last said, at
+    /// `now`, when it knows enough and it is smaller so.
+    pub fn compact_for(&self, peer: IpAddr, body: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let v = self.peers.get(&peer)?;
+        let d = self.get(v.dir)?;
+        compact(body, d, v, now.saturating_duration_since(v.at)).filter(|c| c.len() < body.len())
     }
 
-    /// A compact message back in chitchat's bytes (`None`: not one, or a
-    /// directory this node does not know), at most `max` bytes.
+    /// A compact message back in chitchat's bytes (`None`: not one, a
+    /// directory or a node this node does not know, numbers that do not
+    /// check out, or more than `max` bytes).
     pub fn expand(&self, c: &[u8], max: usize) -> Option<Vec<u8>> {
         let hash = u64::from_le_bytes(c.get(HEAD..HEAD + 8)?.try_into().ok()?);
-        expand(c, self.get(hash)?, max)
+        expand(c, self.get(hash)?, &self.seen, max)
     }
 }
 
@@ -191,10 +266,59 @@ fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
-/// `head | hash u64 | per directory entry: heartbeat+1, gc, max (varints;
-/// 0 alone: absent) | extra count (varint) | extra entries as chitchat
-/// encodes them | the rest of the message`.
-fn compact(body: &[u8], d: &Directory) -> Option<Vec<u8>> {
+/// An entry's first byte: how its numbers follow. 0: not in this digest.
+/// The low two bits: the heartbeat as a varint (1), its low 8 bits (2) or
+/// its low 16 bits (3), read against the largest heartbeat for the node
+/// in the receiver's own digests. `SAME_GC`: the GC version is the
+/// receiver's own largest, else a varint follows. `MAX_LOW8`: the max
+/// version's low 8 bits follow, read as the heartbeat's are, else a
+/// varint. (A max version moves with the node's updates, several a second
+/// under churn: "the same as yours" was refused 1 time in 20 there.)
+const HB_VARINT: u8 = 1;
+const HB_LOW8: u8 = 2;
+const HB_LOW16: u8 = 3;
+const SAME_GC: u8 = 4;
+const MAX_LOW8: u8 = 8;
+
+/// When the peer's view is this fresh, the heartbeats of its own digests
+/// cannot have moved more than a few rounds since (they grow by one per
+/// gossip round, 20 a second at most): their low 8 bits are read right.
+const FRESH_8: Duration = Duration::from_secs(1);
+/// ... and within this, the low 16 bits, an unchanged GC version (GC runs
+/// an hour after a deletion) and a max version's low 8 bits.
+const FRESH_16: Duration = Duration::from_secs(600);
+
+/// The value with `low` as its low `bits` bits nearest to `reference`
+/// (as QUIC reads packet numbers).
+fn nearest(low: u64, bits: u32, reference: u64) -> u64 {
+    let win = 1u64 << bits;
+    let half = win / 2;
+    let c = (reference & !(win - 1)) | low;
+    if c.saturating_add(half) <= reference && c <= u64::MAX - win {
+        c + win
+    } else if c > reference.saturating_add(half) && c >= win {
+        c - win
+    } else {
+        c
+    }
+}
+
+/// The check over every number a compact digest stands for, in directory
+/// order: a reading against a reference that moved fails it.
+fn check(numbers: &[[u64; 3]]) -> u32 {
+    let mut b = Vec::with_capacity(numbers.len() * 24);
+    for n in numbers {
+        for x in n {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    mesh_common::hash::name(&b) as u32
+}
+
+/// `head | directory hash u64 | check u32 | per directory node: a first
+/// byte and what it says follows | extra count (varint) | extra entries as
+/// chitchat encodes them | the rest of the message`.
+fn compact(body: &[u8], d: &Directory, v: &PeerView, age: Duration) -> Option<Vec<u8>> {
     let (start, entries, end) = digest_of(body)?;
     let mut values: Vec<Option<[u64; 3]>> = vec![None; d.ids.len()];
     let mut extras: Vec<&[u8]> = Vec::new();
@@ -210,14 +334,40 @@ fn compact(body: &[u8], d: &Directory) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(body.len() / 4);
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(&d.hash.to_le_bytes());
-    for v in &values {
-        match v {
-            None => out.push(0),
-            Some([hb, gc, max]) => {
-                put_varint(&mut out, hb.checked_add(1)?);
-                put_varint(&mut out, *gc);
-                put_varint(&mut out, *max);
+    let present: Vec<[u64; 3]> = values.iter().flatten().copied().collect();
+    out.extend_from_slice(&check(&present).to_le_bytes());
+    for (i, n) in values.iter().enumerate() {
+        let Some([hb, gc, max]) = *n else {
+            out.push(0);
+            continue;
+        };
+        let theirs = v.numbers.get(i).copied().unwrap_or([u32::MAX; 3]);
+        let known = |x: u32| (x != u32::MAX).then_some(x as u64);
+        let (mut tag, mut hb_bytes) = (HB_VARINT, Vec::new());
+        put_varint(&mut hb_bytes, hb);
+        if let Some(r) = known(theirs[0]) {
+            let off = hb.abs_diff(r);
+            if age < FRESH_8 && off < 64 && hb_bytes.len() > 1 {
+                (tag, hb_bytes) = (HB_LOW8, vec![hb as u8]);
+            } else if age < FRESH_16 && off < 16_384 && hb_bytes.len() > 2 {
+                (tag, hb_bytes) = (HB_LOW16, (hb as u16).to_le_bytes().to_vec());
             }
+        }
+        if age < FRESH_16 && known(theirs[1]) == Some(gc) {
+            tag |= SAME_GC;
+        }
+        if age < FRESH_16 && max >= 0x80 && known(theirs[2]).is_some_and(|r| max.abs_diff(r) < 64) {
+            tag |= MAX_LOW8;
+        }
+        out.push(tag);
+        out.extend_from_slice(&hb_bytes);
+        if tag & SAME_GC == 0 {
+            put_varint(&mut out, gc);
+        }
+        if tag & MAX_LOW8 != 0 {
+            out.push(max as u8);
+        } else {
+            put_varint(&mut out, max);
         }
     }
     put_varint(&mut out, extras.len() as u64);
@@ -228,25 +378,65 @@ fn compact(body: &[u8], d: &Directory) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn expand(c: &[u8], d: &Directory, max: usize) -> Option<Vec<u8>> {
-    if c.len() < HEAD + 8 || !matches!(c[3], SYN | SYN_ACK) {
+fn expand(
+    c: &[u8],
+    d: &Directory,
+    seen: &HashMap<Box<[u8]>, [u64; 3]>,
+    max: usize,
+) -> Option<Vec<u8>> {
+    if c.len() < HEAD + 12 || !matches!(c[3], SYN | SYN_ACK) {
         return None;
     }
-    let mut at = HEAD + 8;
+    let want = u32::from_le_bytes(c.get(HEAD + 8..HEAD + 12)?.try_into().ok()?);
+    let mut at = HEAD + 12;
     let mut entries: Vec<u8> = Vec::new();
-    let mut count = 0usize;
+    let mut present: Vec<[u64; 3]> = Vec::new();
     for id in &d.ids {
-        let hb = varint(c, &mut at)?;
-        if hb == 0 {
+        let tag = *c.get(at)?;
+        at += 1;
+        if tag == 0 {
             continue;
         }
-        let (gc, mx) = (varint(c, &mut at)?, varint(c, &mut at)?);
+        if tag & !(3 | SAME_GC | MAX_LOW8) != 0 {
+            return None;
+        }
+        let reference = seen.get(id);
+        let hb = match tag & 3 {
+            HB_VARINT => varint(c, &mut at)?,
+            HB_LOW8 => {
+                let low = *c.get(at)? as u64;
+                at += 1;
+                nearest(low, 8, reference?[0])
+            }
+            HB_LOW16 => {
+                let low = u16::from_le_bytes(c.get(at..at + 2)?.try_into().ok()?) as u64;
+                at += 2;
+                nearest(low, 16, reference?[0])
+            }
+            _ => return None,
+        };
+        let gc = if tag & SAME_GC != 0 {
+            reference?[1]
+        } else {
+            varint(c, &mut at)?
+        };
+        let mx = if tag & MAX_LOW8 != 0 {
+            let low = *c.get(at)? as u64;
+            at += 1;
+            nearest(low, 8, reference?[2])
+        } else {
+            varint(c, &mut at)?
+        };
         entries.extend_from_slice(id);
-        for n in [hb - 1, gc, mx] {
+        for n in [hb, gc, mx] {
             entries.extend_from_slice(&n.to_le_bytes());
         }
-        count += 1;
+        present.push([hb, gc, mx]);
     }
+    if check(&present) != want {
+        return None;
+    }
+    let mut count = present.len();
     let extras = varint(c, &mut at)?;
     for _ in 0..extras {
         let (_, next) = entry_at(c, at)?;
@@ -267,8 +457,6 @@ fn expand(c: &[u8], d: &Directory, max: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A serialized message of `kind` whose digest has `nodes` (name,
-/// generation, last octet, heartbeat), then `rest` (chitchat's magic).
 #[cfg(test)]
 pub(crate) fn message(kind: u8, nodes: &[(&str, u64, u8, u64)], rest: &[u8]) -> Vec<u8> {
     let mut b = vec![0x53, 0xb0, 0, kind];
@@ -279,7 +467,9 @@ pub(crate) fn message(kind: u8, nodes: &[(&str, u64, u8, u64)], rest: &[u8]) -> 
         b.extend_from_slice(&generation.to_le_bytes());
         b.extend_from_slice(&[4, 192, 168, 91, *octet]);
         b.extend_from_slice(&7946u16.to_le_bytes());
-        for n in [*hb, 0, hb / 10] {
+        // Max versions count a node's key updates: small, and the same
+        // in every view.
+        for n in [*hb, 0, 10 + *octet as u64] {
             b.extend_from_slice(&n.to_le_bytes());
         }
     }
@@ -313,82 +503,136 @@ pub(crate) fn refs(v: &[(String, u64, u8, u64)]) -> Vec<(&str, u64, u8, u64)> {
 mod tests {
     use super::*;
 
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 2));
+
+    /// `n` nodes whose heartbeats spread over `up` rounds of uptime (a
+    /// fixed pseudo-random spread: nodes started at different times), plus
+    /// `plus`.
+    fn spread(n: usize, up: u64, plus: u64) -> Vec<(String, u64, u8, u64)> {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        cluster(n, 0)
+            .into_iter()
+            .map(|(a, b, c, _)| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (a, b, c, (x >> 33) % up + plus)
+            })
+            .collect()
+    }
+
+    /// Node B sent `theirs` (noting it); A heard it `age` ago and answers
+    /// with `ours`: what A sends, and B's reading of it.
+    fn exchange(
+        theirs: &[(String, u64, u8, u64)],
+        ours: &[(String, u64, u8, u64)],
+        age: Duration,
+    ) -> (Vec<u8>, Vec<u8>, Option<Vec<u8>>) {
+        let (mut a, mut b) = (Directories::default(), Directories::default());
+        let sent = message(SYN, &refs(theirs), b"\x00\x07cluster");
+        b.note(&sent);
+        let t0 = Instant::now();
+        a.note_from(PEER, &sent, t0);
+        let body = message(SYN_ACK, &refs(ours), b"the delta, untouched");
+        let c = a.compact_for(PEER, &body, t0 + age).expect("compact");
+        let read = b.expand(&c, 1 << 20);
+        (body, c, read)
+    }
+
     #[test]
-    fn a_digest_goes_relative_to_the_peers_directory_and_comes_back_exact() {
-        let peer: IpAddr = "192.168.91.2".parse().expect("ip");
-        // The peer's view: 200 nodes. Ours: the same but one, and one it
-        // does not know yet; newer heartbeats; a SYN-ACK with a delta.
-        let theirs = cluster(200, 1_000);
-        let mut ours = cluster(200, 1_050);
+    fn a_digest_goes_relative_to_the_peers_and_comes_back_exact() {
+        // The peer's view: 200 nodes. Ours: one fewer, one it does not know
+        // yet, newer heartbeats; heard a moment ago, 30 s ago, an hour ago.
+        let theirs = spread(200, 16_000, 1_000);
+        let mut ours: Vec<_> = theirs
+            .iter()
+            .map(|(a, b, c, d)| (a.clone(), *b, *c, d + 7))
+            .collect();
         ours.remove(17);
         ours.push(("node-new".into(), 42, 251, 1));
+        for age in [0, 30, 3600] {
+            let (body, c, read) = exchange(&theirs, &ours, Duration::from_secs(age));
+            println!(
+                "digest of 200 nodes, the peer heard {age} s ago: {} bytes, compact {}",
+                body.len(),
+                c.len()
+            );
+            assert!(c.len() * 4 < body.len(), "{} -> {}", body.len(), c.len());
+            assert_eq!(read.as_deref(), Some(&body[..]), "heard {age} s ago");
+        }
+        // A node without that directory cannot read it, nor past the size
+        // bound.
+        let (body, c, _) = exchange(&theirs, &ours, Duration::ZERO);
+        assert_eq!(Directories::default().expand(&c, 1 << 20), None);
+        let mut b = Directories::default();
+        b.note(&message(SYN, &refs(&theirs), b"\x00\x07cluster"));
+        assert_eq!(b.expand(&c, body.len() - 1), None);
+        assert!(b.expand(&c, body.len()).is_some());
+    }
+
+    #[test]
+    fn a_reading_against_a_reference_that_moved_is_refused_not_wrong() {
+        let theirs = spread(50, 16_000, 1_000);
+        let ours: Vec<_> = theirs
+            .iter()
+            .map(|(a, b, c, d)| (a.clone(), *b, *c, d + 3))
+            .collect();
         let (mut a, mut b) = (Directories::default(), Directories::default());
-        // The peer sent its digest (and remembered its directory).
         let sent = message(SYN, &refs(&theirs), b"\x00\x07cluster");
         b.note(&sent);
-        a.note_from(peer, &sent);
-        let body = message(SYN_ACK, &refs(&ours), b"the delta, untouched");
-        let c = a.compact_for(peer, &body).expect("compact");
-        println!(
-            "digest of 200 nodes: {} bytes, compact {}",
-            body.len(),
-            c.len()
-        );
-        assert!(c.len() * 4 < body.len(), "{} -> {}", body.len(), c.len());
-        assert_eq!(b.expand(&c, 1 << 20).as_deref(), Some(&body[..]));
-        // A node without that directory cannot read it; nor is it readable
-        // past the size bound.
-        assert_eq!(Directories::default().expand(&c, 1 << 20), None);
-        assert_eq!(b.expand(&c, body.len() - 1), None);
+        let t0 = Instant::now();
+        a.note_from(PEER, &sent, t0);
+        let body = message(SYN_ACK, &refs(&ours), b"");
+        let c = a.compact_for(PEER, &body, t0).expect("compact");
+        // Before A's digest arrives, B hears of node 9 far ahead (a
+        // partition healing): 8 low bits read against that are wrong.
+        let mut jump = theirs.clone();
+        jump[9].3 += 1_000;
+        b.note(&message(SYN, &refs(&jump), b"\x00\x07cluster"));
+        assert_eq!(b.expand(&c, 1 << 20), None);
     }
 
     /// What uptime does to a digest of 200 nodes: heartbeats grow by one
     /// per gossip round (about 2.3 a second at the default dead-after), so
-    /// their varints take 1 byte in a fresh cluster, 3 after 2 hours and 4
-    /// after 10 days. Printed, compressed as sent.
+    /// whole they take 1 byte in a fresh cluster, 2-3 after 2 hours and 4
+    /// after 10 days. Printed, compressed as sent, for a SYN-ACK (the peer
+    /// heard a moment ago) and a SYN (30 s ago).
     #[test]
     fn digest_size_by_uptime() {
-        let peer: IpAddr = "192.168.91.2".parse().expect("ip");
-        // Nodes started at different times: heartbeats spread over the
-        // uptime (a fixed pseudo-random spread).
-        let spread = |n: Vec<(String, u64, u8, u64)>, up: u64, plus: u64| {
-            let mut x = 0x2545_f491_4f6c_dd1d_u64;
-            n.into_iter()
-                .map(|(a, b, c, _)| {
-                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                    (a, b, c, (x >> 33) % up + plus)
-                })
-                .collect::<Vec<_>>()
-        };
-        for (uptime, up) in [("fresh", 60u64), ("2 hours", 16_000), ("10 days", 2_000_000)] {
-            let mut d = Directories::default();
-            let theirs = message(SYN, &refs(&spread(cluster(200, 0), up, 0)), b"");
-            d.note_from(peer, &theirs);
-            let ours = message(SYN_ACK, &refs(&spread(cluster(200, 0), up, 5)), b"");
-            let c = d.compact_for(peer, &ours).expect("compact");
-            let z = |b: &[u8]| zstd::bulk::compress(b, 1).map_or(0, |c| c.len());
+        let z = |b: &[u8]| zstd::bulk::compress(b, 1).map_or(0, |c| c.len());
+        for (uptime, up) in [
+            ("fresh", 60u64),
+            ("2 hours", 16_000),
+            ("10 days", 2_000_000),
+        ] {
+            let theirs = spread(200, up, 0);
+            let ours = spread(200, up, 5);
+            let (body, reply, read) = exchange(&theirs, &ours, Duration::ZERO);
+            assert_eq!(read.as_deref(), Some(&body[..]));
+            let (_, syn, read) = exchange(&theirs, &ours, Duration::from_secs(30));
+            assert_eq!(read.as_deref(), Some(&body[..]));
             println!(
-                "digest of 200 nodes, {uptime}: chitchat {} bytes ({} compressed), compact {} ({} compressed)",
-                ours.len(),
-                z(&ours),
-                c.len(),
-                z(&c)
+                "digest of 200 nodes, {uptime}: chitchat {} bytes ({} compressed); compact as a reply {} ({}), 30 s later {} ({})",
+                body.len(),
+                z(&body),
+                reply.len(),
+                z(&reply),
+                syn.len(),
+                z(&syn)
             );
         }
     }
 
     #[test]
     fn anything_else_stays_as_chitchat_made_it() {
-        let peer: IpAddr = "192.168.91.2".parse().expect("ip");
         let mut a = Directories::default();
+        let now = Instant::now();
         // No directory from that peer yet.
         let body = message(SYN, &refs(&cluster(5, 1)), b"");
-        assert_eq!(a.compact_for(peer, &body), None);
-        a.note_from(peer, &body);
+        assert_eq!(a.compact_for(PEER, &body, now), None);
+        a.note_from(PEER, &body, now);
         // An ACK has no digest; a truncated message does not parse.
-        let ack = [0x4b, 0x2c, 0, 2, 0, 0];
-        assert_eq!(a.compact_for(peer, &ack), None);
-        assert_eq!(a.compact_for(peer, &body[..body.len() - 3]), None);
+        let ack = [0x53, 0xb0, 0, 2, 0, 0];
+        assert_eq!(a.compact_for(PEER, &ack, now), None);
+        assert_eq!(a.compact_for(PEER, &body[..body.len() - 3], now), None);
         assert_eq!(a.note(&body[..20]), None);
     }
 
@@ -397,24 +641,36 @@ mod tests {
         let mut d = Directories::default();
         let body = message(SYN, &refs(&cluster(3, 9)), b"x");
         let h = d.note(&body).expect("hash");
-        let mut c = vec![0x4b, 0x2c, 0, SYN];
+        let mut c = vec![0x53, 0xb0, 0, SYN];
         c.extend_from_slice(&h.to_le_bytes());
         for tail in [
             &[][..],
             &[0xff; 12][..],
-            &[1, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff][..],
-            &[0, 0, 0, 9, 0xff, 0xff][..],
+            &[1, 2, 3, 4, 0x1f, 0xff, 0xff, 0xff][..],
+            &[0, 0, 0, 0, 3, 0xff, 0xff, 0xff, 2, 9, 0, 0][..],
+            &[0, 0, 0, 0, 0, 0, 0, 9, 0xff, 0xff][..],
         ] {
             let mut x = c.clone();
             x.extend_from_slice(tail);
-            let _ = d.expand(&x, 1 << 16);
+            assert_eq!(d.expand(&x, 1 << 16), None, "{tail:?}");
         }
         // Every node absent, no extras: an empty digest.
         let mut empty = c.clone();
+        empty.extend_from_slice(&check(&[]).to_le_bytes());
         empty.extend_from_slice(&[0, 0, 0, 0]);
         assert_eq!(
             d.expand(&empty, 1 << 16),
-            Some(vec![0x4b, 0x2c, 0, SYN, 0, 0])
+            Some(vec![0x53, 0xb0, 0, SYN, 0, 0])
         );
+    }
+
+    #[test]
+    fn low_bits_are_read_nearest_to_the_reference() {
+        assert_eq!(nearest(0x10, 8, 0x1fe), 0x210);
+        assert_eq!(nearest(0xf0, 8, 0x205), 0x1f0);
+        assert_eq!(nearest(5, 8, 3), 5);
+        assert_eq!(nearest(250, 8, 3), 250);
+        assert_eq!(nearest(0xfffe, 16, 0x1_0003), 0xfffe);
+        assert_eq!(nearest(7, 16, u64::MAX - 3), u64::MAX - 0xffff + 7);
     }
 }

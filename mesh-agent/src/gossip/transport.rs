@@ -137,6 +137,9 @@ pub struct GossipStats {
     pub withheld: AtomicU64,
     /// Messages sent with a compact digest.
     pub compact: AtomicU64,
+    /// Compact digests received that did not read back (a directory no
+    /// longer known, or numbers that failed the check): dropped.
+    pub compact_refused: AtomicU64,
 }
 
 /// The addresses replies may carry state to: the cluster's nodes and the
@@ -463,7 +466,7 @@ impl Sender {
             // Peers may answer relative to this digest's directory.
             dirs.note(&body);
             if self.compact_peers.contains(dest)
-                && let Some(c) = dirs.compact_for(dest, &body)
+                && let Some(c) = dirs.compact_for(dest, &body, Instant::now())
             {
                 body = c;
                 flag |= COMPACT;
@@ -567,12 +570,17 @@ impl Receiver {
         let whole = if compact {
             // A directory this node no longer remembers: undecodable (the
             // peer learns this node's current one from its next digest).
-            dirs.expand(&whole, MAX_DECOMPRESSED)
-                .ok_or(Reject::Decode)?
+            match dirs.expand(&whole, MAX_DECOMPRESSED) {
+                Some(w) => w,
+                None => {
+                    self.stats.compact_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Reject::Decode);
+                }
+            }
         } else {
             whole
         };
-        dirs.note_from(from, &whole);
+        dirs.note_from(from, &whole, Instant::now());
         drop(dirs);
         let mut slice = whole.as_slice();
         ChitchatMessage::deserialize(&mut slice)
