@@ -398,7 +398,17 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_sinks.store(true, Ordering::Relaxed);
+        // SIGTERM: nginx's master stops its worker first (SIGKILL left
+        // the worker running, orphaned); SIGKILL after 2 s regardless.
         for c in &mut self.nginx {
+            // SAFETY: signalling the child this lab started.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for c in &mut self.nginx {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
