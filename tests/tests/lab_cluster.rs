@@ -304,6 +304,29 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         }
         e.docker_ok(&["rm", "-f", "bclient"]);
     }
+    // And a container on `mesh` on each node (a replica on nodes 1 and 2,
+    // the client on node 3) calling its node's address on the published
+    // port: balanced at its veth, as a VIP.
+    for (n, (e, c)) in [(e1, "w1"), (e2, "w2"), (e3, "client")]
+        .into_iter()
+        .enumerate()
+    {
+        let to = format!("192.168.91.{}:8080", n + 1);
+        for proto in ["tcp", "udp"] {
+            let args = mesh_lab::whoami::ask_args(c, proto, &to, 30, 0, 3000);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let text = String::from_utf8_lossy(&e.docker(&args).stdout).into_owned();
+            let ok = text
+                .lines()
+                .filter(|l| l.split_whitespace().nth(1) == Some("ok"))
+                .count();
+            println!(
+                "node {}, {c} on mesh -> {to}/{proto}: {ok} of 30 answered",
+                n + 1
+            );
+            assert_eq!(ok, 30, "{c} -> {to}/{proto}:\n{text}");
+        }
+    }
     for (i, e) in engines.iter().enumerate() {
         let c = counters(e);
         let get = |k: &str| c.get(k).copied().unwrap_or(0);
