@@ -42,12 +42,7 @@ fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
 /// the tunnel, or (this node, outside the cluster, overlay off) to the
 /// stack. `path`, if any, is counted when it stays here.
 #[inline(always)]
-pub(crate) fn deliver<P: Packet>(
-    p: &P,
-    dst_be: u32,
-    hash: u32,
-    path: Option<Stat>,
-) -> Result<Verdict, Stat> {
+fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
     let here = || {
         if let Some(s) = path {
             bump(s);

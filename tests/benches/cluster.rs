@@ -223,22 +223,21 @@ fn ms(d: Duration) -> String {
 }
 
 /// (bytes, datagrams) sent and received by every live node so far.
-/// Compact digests that did not read back, over all nodes.
-fn refused(nodes: &[Node]) -> u64 {
+/// One gossip counter, over all running nodes.
+fn total(nodes: &[Node], counter: impl Fn(&GossipStats) -> &AtomicU64) -> u64 {
     nodes
         .iter()
         .filter(|n| n.handle.is_some())
-        .map(|n| n.stats.compact_refused.load(Ordering::Relaxed))
+        .map(|n| counter(&n.stats).load(Ordering::Relaxed))
         .sum()
 }
 
-/// Messages sent with a compact digest, over all nodes.
 fn compact(nodes: &[Node]) -> u64 {
-    nodes
-        .iter()
-        .filter(|n| n.handle.is_some())
-        .map(|n| n.stats.compact.load(Ordering::Relaxed))
-        .sum()
+    total(nodes, |s| &s.compact)
+}
+
+fn refused(nodes: &[Node]) -> u64 {
+    total(nodes, |s| &s.compact_refused)
 }
 
 fn traffic(nodes: &[Node]) -> (u64, u64) {

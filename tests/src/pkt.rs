@@ -37,6 +37,21 @@ pub fn tcp4(
     write_out(r, out)
 }
 
+/// A TCP SYN with an MSS option.
+pub fn syn_mss(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), mss: u16) -> Vec<u8> {
+    tcp4(
+        src,
+        dst,
+        1,
+        |b| {
+            b.syn()
+                .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
+                .expect("MSS option")
+        },
+        b"",
+    )
+}
+
 /// Ethernet / IPv4 with `options` (a multiple of 4 bytes, at most 40) / UDP.
 pub fn udp4_with_options(
     src: (Ipv4Addr, u16),

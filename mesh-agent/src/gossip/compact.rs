@@ -54,9 +54,12 @@ struct Entry<'a> {
     numbers: [u64; 3],
 }
 
-/// The digest of a serialized SYN or SYN-ACK: where it starts (its count),
-/// its entries and where it ends.
-fn digest_of(body: &[u8]) -> Option<(usize, Vec<Entry<'_>>, usize)> {
+/// Where a message's digest starts (its count), its entries and where it
+/// ends.
+type Digest<'a> = (usize, Vec<Entry<'a>>, usize);
+
+/// The digest of a serialized SYN or SYN-ACK.
+fn digest_of(body: &[u8]) -> Option<Digest<'_>> {
     if body.len() < HEAD + 2 || !matches!(body[3], SYN | SYN_ACK) {
         return None;
     }
@@ -183,10 +186,6 @@ impl Directory {
             .collect();
         Directory { hash, ids, index }
     }
-
-    pub fn hash(&self) -> u64 {
-        self.hash
-    }
 }
 
 /// What a peer's last digest said: its directory, each of its nodes'
@@ -221,7 +220,30 @@ impl Directories {
     /// SYN or SYN-ACK this node sent); its hash.
     pub fn note(&mut self, body: &[u8]) -> Option<u64> {
         let (_, entries, _) = digest_of(body)?;
-        let (hash, entries) = self.orders.of(&entries);
+        Some(self.note_entries(&entries))
+    }
+
+    /// A message this node sends to `peer` at `now`: its digest noted (peers
+    /// may answer relative to its directory), and the message relative to
+    /// what `peer` last said when `compact` (the peer reads it), it knows
+    /// enough and it is smaller so. One parse for both.
+    pub fn outgoing(
+        &mut self,
+        peer: IpAddr,
+        body: &[u8],
+        now: Instant,
+        compact: bool,
+    ) -> Option<Vec<u8>> {
+        let digest = digest_of(body)?;
+        self.note_entries(&digest.1);
+        if !compact {
+            return None;
+        }
+        self.relative(peer, body, &digest, now)
+    }
+
+    fn note_entries(&mut self, entries: &[Entry<'_>]) -> u64 {
+        let (hash, entries) = self.orders.of(entries);
         self.note_directory(hash, &entries);
         for e in &entries {
             match self.seen.get_mut(e.id) {
@@ -238,7 +260,7 @@ impl Directories {
                 }
             }
         }
-        Some(hash)
+        hash
     }
 
     fn note_directory(&mut self, hash: u64, entries: &[Entry<'_>]) {
@@ -289,9 +311,20 @@ impl Directories {
     /// `body` (a serialized message) relative to what `peer` last said, at
     /// `now`, when it knows enough and it is smaller so.
     pub fn compact_for(&self, peer: IpAddr, body: &[u8], now: Instant) -> Option<Vec<u8>> {
+        self.relative(peer, body, &digest_of(body)?, now)
+    }
+
+    fn relative(
+        &self,
+        peer: IpAddr,
+        body: &[u8],
+        digest: &Digest<'_>,
+        now: Instant,
+    ) -> Option<Vec<u8>> {
         let v = self.peers.get(&peer)?;
         let d = self.get(v.dir)?;
-        compact(body, d, v, now.saturating_duration_since(v.at)).filter(|c| c.len() < body.len())
+        compact(body, digest, d, v, now.saturating_duration_since(v.at))
+            .filter(|c| c.len() < body.len())
     }
 
     /// A compact message back in chitchat's bytes (`None`: not one, a
@@ -371,12 +404,18 @@ fn check(numbers: &[[u64; 3]]) -> u32 {
 /// `head | directory hash u64 | check u32 | per directory node: a first
 /// byte and what it says follows | extra count (varint) | extra entries as
 /// chitchat encodes them | the rest of the message`.
-fn compact(body: &[u8], d: &Directory, v: &PeerView, age: Duration) -> Option<Vec<u8>> {
-    let (start, entries, end) = digest_of(body)?;
+fn compact(
+    body: &[u8],
+    (start, entries, end): &Digest<'_>,
+    d: &Directory,
+    v: &PeerView,
+    age: Duration,
+) -> Option<Vec<u8>> {
+    let (start, end) = (*start, *end);
     let mut values: Vec<Option<[u64; 3]>> = vec![None; d.ids.len()];
     let mut extras: Vec<&[u8]> = Vec::new();
     let mut at = start + 2;
-    for e in &entries {
+    for e in entries {
         let len = e.id.len() + 24;
         match d.index.get(e.id) {
             Some(&i) => values[i] = Some(e.numbers),

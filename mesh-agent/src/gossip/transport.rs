@@ -463,11 +463,8 @@ impl Sender {
         let mut flag = 0;
         {
             let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            // Peers may answer relative to this digest's directory.
-            dirs.note(&body);
-            if self.compact_peers.contains(dest)
-                && let Some(c) = dirs.compact_for(dest, &body, Instant::now())
-            {
+            let reads = self.compact_peers.contains(dest);
+            if let Some(c) = dirs.outgoing(dest, &body, Instant::now(), reads) {
                 body = c;
                 flag |= COMPACT;
                 self.stats.compact.fetch_add(1, Ordering::Relaxed);
