@@ -11,6 +11,7 @@ pub mod desired;
 pub mod dns;
 pub mod docker;
 pub mod gossip;
+pub mod hostlink;
 pub mod hostports;
 pub mod iface;
 pub mod kernel;

@@ -284,6 +284,7 @@ async fn run(args: Args) -> Result<()> {
         progs::TC_FROM_CONTAINER,
         progs::TC_TO_CONTAINER,
         progs::TC_BRIDGE_IN,
+        progs::TC_HOST_OUT,
     ] {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }

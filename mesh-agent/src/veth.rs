@@ -62,6 +62,10 @@ pub fn if_name(ifindex: u32) -> Option<String> {
 /// The pin name prefix of a Docker bridge's link (then its ifindex).
 const BRIDGE_PIN: &str = "bridge_";
 
+/// The pin name prefix of the host link's link (then its ifindex). Not
+/// `tc_<number>`, which [`Attachments::sweep`] takes for a veth's.
+const HOST_PIN: &str = "tc_hostlink_";
+
 /// TC attachments to container veths, pinned under `<bpffs>/links`.
 pub struct Attachments {
     dir: PathBuf,
@@ -142,6 +146,28 @@ impl Attachments {
         )?;
         if attached {
             info!(iface, ifindex, "TC program attached to a Docker bridge");
+        }
+        Ok(attached)
+    }
+
+    /// Makes sure the host link's program is attached (egress) to the host
+    /// link `ifindex` (`crate::hostlink`); pins of an earlier host link
+    /// (another ifindex: the device was made anew) are removed.
+    pub fn ensure_host(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        let iface = if_name(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
+        let pin = self.dir.join(format!("{HOST_PIN}{ifindex}"));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(HOST_PIN) && e.path() != pin {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let attached =
+            self.attach_one(ebpf, &iface, progs::TC_HOST_OUT, TcAttachType::Egress, pin)?;
+        if attached {
+            info!(iface, ifindex, "TC program attached to the host link");
         }
         Ok(attached)
     }

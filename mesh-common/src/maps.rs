@@ -172,7 +172,7 @@ pub const LOCAL_NODE: MapDef = def(
     Array,
     1,
     Agent,
-    "0 -> LocalNode{subnet, cluster, underlay ip/ifindex/mac, vni, enabled}",
+    "0 -> LocalNode{subnet, cluster, underlay ip/ifindex/mac, vni, enabled, mss, host ip/ifindex/mac}",
 );
 /// Hash `/24 (network order) -> Node`: the other nodes.
 pub const NODES: MapDef = def(

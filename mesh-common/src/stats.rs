@@ -126,6 +126,11 @@ counters! {
     IngressReplyLost = 65, "ingress_reply_lost", Drop, "Underlay TC: a routing-mesh reply whose flow left conntrack after XDP decapsulated it.";
     SockDatagram = 66, "sock_datagram", Path, "Socket level: a datagram of this host's unconnected UDP socket to a published port on localhost or its own address, sent to a backend (here, or the published port of its node).";
     SockReplyRestored = 67, "sock_reply_restored", Path, "Socket level: an answer to a balanced datagram socket, reported as from the address it asked for.";
+    SockVip = 68, "sock_vip", Path, "Socket level: a connect or datagram of this host's to a VIP, sent straight to the backend Maglev picks (here, or on another node through the host link).";
+    HostEncap = 69, "host_encap", Path, "Host link: a packet of this host's for another node's /24 (a VIP's backend there, a container): tunnelled to that node.";
+    HostSpoofed = 70, "host_spoofed", Drop, "Host link: a packet whose source is not the host's overlay address (forwarded by the host, not its own): dropped, never tunnelled.";
+    HostOther = 71, "host_other", Path, "Host link: not IPv4, or an address no other node owns: left to the link, which discards it.";
+    HostDeliver = 72, "host_deliver", Path, "Underlay TC: a packet tunnelled to this host's overlay address (a backend's answer to the host): handed to the stack through the host link.";
 }
 
 impl Stat {

@@ -80,6 +80,16 @@ pub struct LocalNode {
     /// flows through the tunnel are clamped to it. 0: no clamping.
     pub tunnel_mss: u16,
     pub _pad2: [u8; 2],
+    /// The host's address on the overlay: the `mesh` network's gateway
+    /// (network order). The host's own packets to other nodes' /24s leave
+    /// from it through [`LocalNode::host_ifindex`]; tunnelled packets for
+    /// it are handed to the stack there. 0: no host link.
+    pub host_ip_be: u32,
+    /// The host link (`mesh-host`, a dummy device the cluster CIDR is
+    /// routed to) and its MAC.
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub _pad3: [u8; 2],
 }
 
 /// What the underlay's MTU must hold besides a tunnelled TCP segment's
@@ -125,7 +135,7 @@ impl Bridge {
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
-const _: () = assert!(core::mem::size_of::<LocalNode>() == 36);
+const _: () = assert!(core::mem::size_of::<LocalNode>() == 52);
 
 #[cfg(feature = "user")]
 mod pod {

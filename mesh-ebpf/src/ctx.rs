@@ -11,8 +11,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, xdp_action,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+        xdp_action,
     },
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
@@ -191,6 +192,7 @@ const PASS: u32 = 0;
 const DROP: u32 = 1;
 const REDIRECT: u32 = 2;
 const REDIRECT_NEIGH: u32 = 3;
+const REDIRECT_INGRESS: u32 = 4;
 
 impl Verdict {
     /// On to the stack, as it is now.
@@ -210,6 +212,16 @@ impl Verdict {
     pub const fn redirect(ifindex: u32) -> Verdict {
         Verdict {
             action: REDIRECT,
+            ifindex,
+            nexthop_be: 0,
+        }
+    }
+    /// TC: into interface `ifindex`, as if it had arrived there
+    /// (`bpf_redirect` with `BPF_F_INGRESS`).
+    #[inline(always)]
+    pub const fn redirect_ingress(ifindex: u32) -> Verdict {
+        Verdict {
+            action: REDIRECT_INGRESS,
             ifindex,
             nexthop_be: 0,
         }
@@ -245,9 +257,14 @@ impl Hook for Tc {
     fn code(v: Verdict) -> (i32, Stat) {
         match v.action {
             PASS => (TC_ACT_OK, Stat::TcOk),
-            REDIRECT => {
+            REDIRECT | REDIRECT_INGRESS => {
+                let flags = if v.action == REDIRECT_INGRESS {
+                    BPF_F_INGRESS as u64
+                } else {
+                    0
+                };
                 // SAFETY: plain helper call.
-                let r = unsafe { bpf_redirect(v.ifindex, 0) } as i32;
+                let r = unsafe { bpf_redirect(v.ifindex, flags) } as i32;
                 let stat = if r == TC_ACT_REDIRECT {
                     Stat::TcRedirect
                 } else {

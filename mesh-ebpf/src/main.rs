@@ -6,6 +6,7 @@ mod bridge;
 mod csum;
 mod ct;
 mod ctx;
+mod host;
 mod ingress;
 mod lb;
 mod maps;
@@ -56,6 +57,13 @@ pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_bridge_in(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc>(bridge::from_bridge(&ctx))
+}
+
+/// TC egress on the host link (`mesh-host`): the host's own packets for
+/// other nodes' /24s (a VIP's backend there) go through the tunnel.
+#[classifier]
+pub fn mesh_tc_host_out(ctx: TcContext) -> i32 {
+    ctx::finish::<ctx::Tc>(host::host_out(&ctx))
 }
 
 /// cgroup connect4: a connect of this host's to a published port on

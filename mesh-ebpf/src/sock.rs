@@ -1,10 +1,12 @@
 //! Socket-level balancing (cgroup `connect4`, `sendmsg4`): a connect or
 //! datagram of this host's to a published port on localhost or on its own
-//! underlay address never crosses the NIC, so XDP never sees it. Its
-//! destination is rewritten before the first packet exists: to a backend
-//! here, or to the published port of the node of a backend elsewhere (that
-//! node's XDP balances it, as for any client); `getpeername4` and
-//! `recvmsg4` report the address asked for. Only sockets in the host's network namespace are
+//! underlay address never crosses the NIC, so XDP never sees it; one to a
+//! VIP never crosses a container's veth, so TC never sees it. Its
+//! destination is rewritten before the first packet exists: a published
+//! port's to a backend here, or to the published port of the node of a
+//! backend elsewhere (that node's XDP balances it, as for any client); a
+//! VIP's to its backend, here or (through the host link) elsewhere.
+//! `getpeername4` and `recvmsg4` report the address asked for. Only sockets in the host's network namespace are
 //! touched (the agent writes its cookie); everything else passes as it was.
 
 use aya_ebpf::{
@@ -12,23 +14,21 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    lb::{PublishedKey, SockOrig, SockRevKey},
+    lb::{PublishedKey, ServiceKey, SockOrig, SockRevKey},
     stats::Stat,
 };
 
 use crate::{
     lb,
-    maps::{CONFIG, PUBLISHED, SOCK_ORIG, SOCK_REV},
+    maps::{CONFIG, PUBLISHED, SERVICES, SOCK_ORIG, SOCK_REV},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     stats::bump,
     tunnel,
 };
 
-/// Where a socket of the host's asking for `ip_be:port_be` (a published
-/// port on localhost or this node's address) goes: a backend here, or the
-/// published port of the node of a backend elsewhere (that node's XDP
-/// balances it, as for any client). `None`: not such a socket or address,
-/// or no usable backend (left as it was). The bool: elsewhere.
+/// Where a socket of the host's asking for `ip_be:port_be` goes, and how
+/// it was chosen; `None`: not such a socket or address, or no usable
+/// backend (left as it was).
 #[inline(always)]
 fn pick(
     ctx: &SockAddrContext,
@@ -36,14 +36,20 @@ fn pick(
     port_be: u16,
     proto: u8,
     hash: u32,
-) -> Option<((u32, u16), bool)> {
-    let cookie = CONFIG.get(0).map(|c| c.host_netns_cookie)?;
+) -> Option<((u32, u16), Kind)> {
+    let config = CONFIG.get(0)?;
+    let cookie = config.host_netns_cookie;
     // SAFETY: plain helper call on the program's own context.
     if cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != cookie {
         return None;
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
+    }
+    if config.may_be_vip(ip_be)
+        && let Some(to) = vip(ip_be, port_be, proto, hash)
+    {
+        return Some(to);
     }
     let l = tunnel::local()?;
     let loopback = u32::from_be(ip_be) >> 24 == 127;
@@ -62,15 +68,59 @@ fn pick(
         return None;
     };
     if b.ifindex != 0 {
-        return Some(((b.ip_be, b.port_be), false));
+        return Some(((b.ip_be, b.port_be), Kind::Local));
     }
     match tunnel::route(&l, b.ip_be) {
-        Ok(tunnel::Route::Remote(node)) => Some(((node.underlay_ip_be, port_be), true)),
+        Ok(tunnel::Route::Remote(node)) => Some(((node.underlay_ip_be, port_be), Kind::Remote)),
         _ => {
             bump(Stat::SockNoBackend);
             None
         }
     }
+}
+
+/// How [`pick`] chose.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A published port's backend here.
+    Local,
+    /// The published port of the node of a backend elsewhere.
+    Remote,
+    /// A VIP's backend, wherever it is.
+    Vip,
+}
+
+/// A VIP's backend by Maglev: the socket goes to it directly. A backend
+/// here is reached over the `mesh` bridge; one elsewhere through the host
+/// link (`host.rs`), which tunnels the host's packets to its node, so it
+/// is only chosen when this node has that link. Its answers come back to
+/// the host's overlay address the same way.
+#[inline(always)]
+fn vip(ip_be: u32, port_be: u16, proto: u8, hash: u32) -> Option<((u32, u16), Kind)> {
+    let key = ServiceKey {
+        vip_be: ip_be,
+        port_be,
+        proto,
+        ..ServiceKey::default()
+    };
+    // SAFETY: plain data written by the agent.
+    let service_id = unsafe { SERVICES.get(&key) }.map(|s| s.id)?;
+    let Some((_, b)) = lb::pick(service_id, hash) else {
+        bump(Stat::SockNoBackend);
+        return None;
+    };
+    // A VIP's port that no service has falls through to the published
+    // ports, which never match a VIP.
+    let reachable = b.ifindex != 0
+        || tunnel::local().is_some_and(|l| {
+            l.host_ifindex != 0
+                && matches!(tunnel::route(&l, b.ip_be), Ok(tunnel::Route::Remote(_)))
+        });
+    if !reachable {
+        bump(Stat::SockNoBackend);
+        return None;
+    }
+    Some(((b.ip_be, b.port_be), Kind::Vip))
 }
 
 /// The context's destination: address, port (network order), protocol.
@@ -120,13 +170,13 @@ pub fn connect4(ctx: &SockAddrContext) {
     // Any backend: the kernel keeps the connection on the one chosen.
     // SAFETY: plain helper call.
     let hash = unsafe { bpf_get_prandom_u32() };
-    let Some((to, remote)) = pick(ctx, ip_be, port_be, proto, hash) else {
+    let Some((to, kind)) = pick(ctx, ip_be, port_be, proto, hash) else {
         return;
     };
-    bump(if remote {
-        Stat::SockRemote
-    } else {
-        Stat::SockLocal
+    bump(match kind {
+        Kind::Local => Stat::SockLocal,
+        Kind::Remote => Stat::SockRemote,
+        Kind::Vip => Stat::SockVip,
     });
     // getpeername reports what the socket asked for; so does recvmsg of a
     // connected datagram socket.
@@ -152,10 +202,14 @@ pub fn sendmsg4(ctx: &SockAddrContext) {
     let (ip_be, port_be, proto) = destination(ctx);
     let cookie = socket_cookie(ctx);
     let hash = (cookie ^ (cookie >> 32)) as u32;
-    let Some((to, _)) = pick(ctx, ip_be, port_be, proto, hash) else {
+    let Some((to, kind)) = pick(ctx, ip_be, port_be, proto, hash) else {
         return;
     };
-    bump(Stat::SockDatagram);
+    bump(if kind == Kind::Vip {
+        Stat::SockVip
+    } else {
+        Stat::SockDatagram
+    });
     let orig = SockOrig {
         ip_be,
         port_be,

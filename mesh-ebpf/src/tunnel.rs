@@ -145,6 +145,14 @@ pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         }
         return pass(Stat::TunnelPass);
     }
+    if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {
+        // For the host itself (a backend's answer to a VIP connect of the
+        // host's): into the stack through the host link, where the route
+        // back to the sender lies, so reverse-path filtering agrees.
+        set_macs(ctx, &local.host_mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+        crate::stats::bump(Stat::HostDeliver);
+        return Ok(Verdict::redirect_ingress(local.host_ifindex));
+    }
     // SAFETY: plain data written by the agent.
     let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
         return pass(Stat::TunnelPass);

@@ -78,6 +78,9 @@ pub enum Prog {
     /// TC ingress on another Docker network's bridge (ifindex 1 in a test
     /// run: BPF_PROG_TEST_RUN runs TC programs on the loopback device).
     TcFromBridge,
+    /// TC egress on the host link (`mesh-host`): the host's own packets
+    /// for other nodes.
+    TcHostOut,
 }
 
 /// One row of a packet-test table. Rows run in order against the same maps,
@@ -173,6 +176,7 @@ impl Harness {
             progs::TC_TO_CONTAINER,
             progs::TC_UNDERLAY_IN,
             progs::TC_BRIDGE_IN,
+            progs::TC_HOST_OUT,
         ] {
             dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
         }
@@ -281,6 +285,7 @@ impl Harness {
             Prog::TcFromContainer => self.run_tc(progs::TC_FROM_CONTAINER, input, repeat),
             Prog::TcToContainer => self.run_tc(progs::TC_TO_CONTAINER, input, repeat),
             Prog::TcFromBridge => self.run_tc(progs::TC_BRIDGE_IN, input, repeat),
+            Prog::TcHostOut => self.run_tc(progs::TC_HOST_OUT, input, repeat),
         }
     }
 

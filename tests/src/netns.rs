@@ -38,6 +38,20 @@ impl Netns {
         ip(&all)
     }
 
+    /// Sets sysctl `key` to `value` in this namespace, panicking on failure.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-qw"])
+            .arg(format!("{key}={value}"))
+            .output()
+            .expect("sysctl runs");
+        assert!(
+            out.status.success(),
+            "{key}={value} in {}: {out:?}",
+            self.name
+        );
+    }
+
     /// Runs `f` on a thread inside this namespace and returns its result.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         std::thread::scope(|s| {

@@ -200,6 +200,49 @@ impl OverlayLab {
     }
 }
 
+impl OverlayLab {
+    /// Gives node `i` (0-based) its host link as the agent does
+    /// (`mesh_agent::hostlink`: the dummy device, the cluster CIDR routed
+    /// to it from the node's gateway 10.42.N.1, its TC program) and writes
+    /// it into the node's `LocalNode`. Strict reverse-path filtering is on
+    /// in the node, so answers must come in through the link.
+    pub fn host_link(&mut self, i: usize) -> mesh_agent::hostlink::HostLink {
+        let node = &mut self.nodes[i];
+        let gateway = Ipv4Addr::new(10, 42, node.n, 1);
+        let cluster = mesh_agent::vip::Cidr {
+            base: Ipv4Addr::new(10, 42, 0, 0),
+            prefix: 16,
+        };
+        for key in ["all", "default", "eth0"] {
+            node.node
+                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "1");
+        }
+        let ebpf = node.harness.ebpf_mut();
+        let link = node.node.run(|| {
+            let link = mesh_agent::hostlink::ensure(cluster, gateway, 1450)
+                .unwrap_or_else(|e| panic!("host link: {e}"));
+            // Twice: a restarted agent finds it in place.
+            let again = mesh_agent::hostlink::ensure(cluster, gateway, 1450)
+                .unwrap_or_else(|e| panic!("host link again: {e}"));
+            assert_eq!(link, again, "the same link the second time");
+            dataplane::tc(ebpf, progs::TC_HOST_OUT)
+                .expect("tc")
+                .attach(mesh_agent::hostlink::NAME, TcAttachType::Egress)
+                .expect("attach TC to the host link");
+            link
+        });
+        let mut local = node.harness.overlay.local.get(&0, 0).expect("local node");
+        local.host_ip_be = u32::from(gateway).to_be();
+        local.host_ifindex = link.ifindex;
+        local.host_mac = link.mac;
+        node.harness
+            .overlay
+            .set_local(&local)
+            .expect("local node with its host link");
+        link
+    }
+}
+
 impl Default for OverlayLab {
     fn default() -> Self {
         Self::new()
@@ -208,14 +251,5 @@ impl Default for OverlayLab {
 
 /// Turns IPv4 forwarding off in `ns` (it inherits the host's setting).
 pub fn no_forwarding(ns: &Netns) {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
-        .args(["net.ipv4.conf.all.forwarding=0"])
-        .output()
-        .expect("sysctl");
-    assert!(
-        out.status.success(),
-        "forwarding off in {}: {out:?}",
-        ns.name
-    );
+    ns.sysctl("net.ipv4.conf.all.forwarding", "0");
 }

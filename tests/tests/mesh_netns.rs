@@ -593,3 +593,90 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
         "node 1's program left node 2's sockets alone"
     );
 }
+
+/// The host itself (node 1's namespace) calling VIPs: socket-level
+/// balancing sends each connect and datagram to the backend Maglev picks;
+/// one on node 2 is reached through node 1's host link (`mesh-host`, the
+/// cluster CIDR routed to it from the gateway address), tunnelled, and its
+/// answers come back into the stack through the same link (strict
+/// reverse-path filtering on).
+#[test]
+fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
+    let mut lab = OverlayLab::new();
+    let _servers = [
+        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
+        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
+    ];
+    publish(&mut lab);
+    let link = lab.host_link(0);
+    println!("node 1's host link: {link:?}");
+    let cg = TestCgroup::new();
+    let node1 = &mut lab.nodes[0];
+    mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &cg.bpffs)
+        .unwrap_or_else(|e| panic!("attaching the socket programs: {e}"));
+    let cookie = node1
+        .node
+        .run(mesh_agent::dataplane::sockets::netns_cookie)
+        .expect("netns cookie");
+    let mut config = mesh_tests::harness::VIP_RANGE
+        .parse::<mesh_agent::vip::Cidr>()
+        .expect("range")
+        .config();
+    config.host_netns_cookie = cookie;
+    node1.harness.overlay.set_config(&config).expect("config");
+    let before = [counters(&lab.nodes[0]), counters(&lab.nodes[1])];
+    // TCP (connect4) and UDP from unconnected sockets (sendmsg4; whoami
+    // counts an answer from any other address than the VIP as failed).
+    for (proto, port) in [("tcp", 80), ("udp", 53)] {
+        let to = SocketAddr::from((VIP, port));
+        let (names, failed) = ask_from(&cg, &lab.nodes[0].node, proto, to, 60);
+        println!("node 1 itself -> {to}/{proto}: {names:?}, {failed} failed");
+        assert_eq!(failed, 0, "every request to {to}/{proto} answered");
+        assert!(
+            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
+            "backends on both nodes answer {to}/{proto}: {names:?}"
+        );
+    }
+    let after = [counters(&lab.nodes[0]), counters(&lab.nodes[1])];
+    let moved = |n: usize, s: Stat| after[n][s as usize] - before[n][s as usize];
+    println!(
+        "node 1: sock_vip {}, host_encap {}, host_deliver {}, host_spoofed {}, sock_reply_restored {}; \
+         node 2: tunnel_deliver {}",
+        moved(0, Stat::SockVip),
+        moved(0, Stat::HostEncap),
+        moved(0, Stat::HostDeliver),
+        moved(0, Stat::HostSpoofed),
+        moved(0, Stat::SockReplyRestored),
+        moved(1, Stat::TunnelDeliver),
+    );
+    assert_eq!(moved(0, Stat::SockVip), 120, "every connect and datagram");
+    assert_eq!(moved(0, Stat::SockReplyRestored), 60, "every UDP answer");
+    assert!(moved(0, Stat::HostEncap) > 0 && moved(0, Stat::HostDeliver) > 0);
+    assert_eq!(moved(0, Stat::HostSpoofed), 0);
+    // The host link tunnels only the host's own packets: a client outside
+    // the cluster routing the overlay through node 1 (forwarding on: the
+    // route takes its packet to the host link) gets nowhere.
+    let outside = lab.outside_client(1);
+    outside.ip(&["route", "add", "10.42.0.0/16", "via", "192.168.77.1"]);
+    lab.nodes[0]
+        .node
+        .sysctl("net.ipv4.conf.all.forwarding", "1");
+    let before = counters(&lab.nodes[0]);
+    outside.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("socket");
+        for _ in 0..5 {
+            s.send_to(b"in?", (lab.nodes[1].container_ip(), UDP_PORT))
+                .expect("sent");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counters(&lab.nodes[0]);
+    let spoofed = after[Stat::HostSpoofed as usize] - before[Stat::HostSpoofed as usize];
+    println!("an outside client's packets through node 1's host link: host_spoofed +{spoofed}");
+    assert_eq!(spoofed, 5, "each dropped and counted");
+    assert_eq!(
+        after[Stat::HostEncap as usize],
+        before[Stat::HostEncap as usize],
+        "none tunnelled"
+    );
+}

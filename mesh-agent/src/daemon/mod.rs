@@ -22,7 +22,7 @@ use std::{
 use aya::Ebpf;
 use mesh_common::{
     lb::{Published, PublishedKey},
-    tunnel::{LocalEndpoint, Node},
+    tunnel::{LocalEndpoint, LocalNode, Node},
 };
 use tracing::{info, warn};
 
@@ -227,8 +227,9 @@ impl Daemon {
             }
             // Connected, with the mesh network in place.
             self.start_dns();
-            if let Some(c) = &self.cluster {
-                self.overlay.set_local(&c.local)?;
+            if let Some(local) = self.cluster.as_ref().map(|c| (c.local, c.cluster_cidr)) {
+                let local = self.host_link(local.0, local.1);
+                self.overlay.set_local(&local)?;
             }
             self.set_docker(true);
             // Follow events from before the listing, so nothing falls between.
@@ -266,6 +267,38 @@ impl Daemon {
             self.set_docker(false);
             warn!("lost the Docker event stream; reconnecting");
         }
+    }
+
+    /// `local` with the host link (`crate::hostlink`): the device, its
+    /// route and its program made sure of. Without it (an error, logged)
+    /// the host reaches only VIPs' backends on this node.
+    fn host_link(&mut self, mut local: LocalNode, cluster: Cidr) -> LocalNode {
+        let gateway = Ipv4Addr::from(u32::from(self.settings.node_subnet.base) + 1);
+        let link = crate::hostlink::ensure(cluster, gateway, self.settings.mtu)
+            .map_err(anyhow::Error::from)
+            .and_then(|h| {
+                self.attachments.ensure_host(&mut self.ebpf, h.ifindex)?;
+                Ok(h)
+            });
+        match link {
+            Ok(h) => {
+                info!(
+                    iface = crate::hostlink::NAME,
+                    ifindex = h.ifindex,
+                    %cluster,
+                    src = %gateway,
+                    "host link: the host reaches VIPs' backends on every node"
+                );
+                local.host_ip_be = u32::from(gateway).to_be();
+                local.host_ifindex = h.ifindex;
+                local.host_mac = h.mac;
+            }
+            Err(e) => warn!(
+                error = %e,
+                "no host link: the host reaches only VIPs' backends on this node"
+            ),
+        }
+        local
     }
 
     /// The loop: Docker events, membership changes, periodic jobs. Returns

@@ -32,6 +32,9 @@ pub mod progs {
     /// TC ingress on the bridge of another Docker network (its containers'
     /// calls to published ports).
     pub const TC_BRIDGE_IN: &str = "mesh_tc_bridge_in";
+    /// TC egress on the host link (`mesh-host`): the host's own packets
+    /// for other nodes' /24s, tunnelled.
+    pub const TC_HOST_OUT: &str = "mesh_tc_host_out";
     /// cgroup connect4: socket-level balancing of the host's own connects.
     pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
     /// cgroup getpeername4: such a socket's peer as it asked for it.
