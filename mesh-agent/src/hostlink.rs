@@ -74,6 +74,20 @@ pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, Ho
         what: "finding the host link",
         source: io::Error::other(e.to_string()),
     })?;
+    // The gateway address on the link too: Docker masquerades what leaves
+    // the mesh network's subnet through any other interface, the host's
+    // own packets included, with that interface's first address; with the
+    // gateway there, masquerading keeps the source the backend answers
+    // to. (Without it the underlay address was taken, the host link
+    // refused the packet as not the host's, and the connect timed out.)
+    for stale in crate::iface::ipv4_of(NAME) {
+        if stale != gateway {
+            nl.request(&address(libc::RTM_DELADDR, ifindex, stale))
+                .map_err(netlink("removing an old address of the host link"))?;
+        }
+    }
+    nl.request(&address(libc::RTM_NEWADDR, ifindex, gateway))
+        .map_err(netlink("giving the host link the gateway address"))?;
     nl.request(&route(cluster, ifindex, gateway))
         .map_err(netlink("routing the cluster CIDR to the host link"))?;
     let mac = crate::iface::mac(NAME).ok_or(HostLinkError::NoMac)?;
@@ -88,6 +102,8 @@ const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_PREFSRC: u16 = 7;
@@ -195,6 +211,21 @@ fn set_link(name: &str, mtu: u32, up: bool) -> Vec<u8> {
     let mut m = Msg::new(libc::RTM_NEWLINK, flags, &ifinfo(up));
     name_attr(&mut m, name);
     m.attr(IFLA_MTU, &mtu.to_ne_bytes());
+    m.finish()
+}
+
+/// RTM_NEWADDR (create or replace) or RTM_DELADDR of `ip`/32 on `ifindex`.
+fn address(kind: u16, ifindex: u32, ip: Ipv4Addr) -> Vec<u8> {
+    // struct ifaddrmsg: family, prefixlen, flags, scope, index (u32).
+    let mut fixed = [libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0];
+    fixed[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK;
+    if kind == libc::RTM_NEWADDR {
+        flags |= libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
+    }
+    let mut m = Msg::new(kind, flags as u16, &fixed);
+    m.attr(IFA_LOCAL, &ip.octets());
+    m.attr(IFA_ADDRESS, &ip.octets());
     m.finish()
 }
 

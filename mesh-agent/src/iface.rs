@@ -47,6 +47,15 @@ pub fn ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
         .map(|(_, a)| a)
 }
 
+/// Every IPv4 address of interface `name`.
+pub fn ipv4_of(name: &str) -> Vec<std::net::Ipv4Addr> {
+    ipv4_addrs()
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, a)| a)
+        .collect()
+}
+
 /// Every IPv4 address of this network namespace.
 pub fn local_addrs() -> Vec<std::net::IpAddr> {
     ipv4_addrs().into_iter().map(|(_, a)| a.into()).collect()

@@ -212,7 +212,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
 
     // Each node's own processes (socket-level balancing at connect):
     // localhost and the node's address on the published port answer, from
-    // replicas here and on other nodes (node 3 has none of its own).
+    // replicas here and on other nodes (node 3 has none of its own); so
+    // does the VIP, through the node's host link for replicas elsewhere.
     for (i, e) in engines.iter().enumerate() {
         let n = i + 1;
         for (to, proto) in [
@@ -220,6 +221,8 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             (format!("192.168.91.{n}:8080"), "tcp"),
             ("127.0.0.1:8080".to_string(), "udp"),
             (format!("192.168.91.{n}:8080"), "udp"),
+            (target.clone(), "tcp"),
+            (target.clone(), "udp"),
         ] {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", &e.ns.name])

@@ -608,6 +608,22 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
         Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
     ];
     publish(&mut lab);
+    // Docker's masquerade rule for a bridge network, which the host's own
+    // packets from the gateway address meet on their way out.
+    let masquerade = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].node.name,
+            "iptables",
+            "-t",
+            "nat",
+        ])
+        .args(["-A", "POSTROUTING", "-s", "10.42.1.0/24", "!", "-o", "br0"])
+        .args(["-j", "MASQUERADE"])
+        .output()
+        .expect("iptables runs");
+    assert!(masquerade.status.success(), "{masquerade:?}");
     let link = lab.host_link(0);
     println!("node 1's host link: {link:?}");
     let cg = TestCgroup::new();
