@@ -45,6 +45,10 @@ pub struct Node {
     pub subnet: String,
     pub vip_cidr: String,
     pub bpffs_dir: String,
+    /// How the host itself reaches VIPs: its host link, or why it has none
+    /// (then only backends on this node).
+    #[serde(default)]
+    pub host_link: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

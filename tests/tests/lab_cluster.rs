@@ -125,6 +125,11 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         .map(|a| a.status().expect("status").node.subnet)
         .collect();
     println!("node subnets: {subnets:?}");
+    for a in &agents {
+        let host = a.status().expect("status").node.host_link;
+        println!("meshctl status, host: {host}");
+        assert!(host.starts_with("VIPs' backends on every node"), "{host}");
+    }
     assert_eq!(
         subnets
             .iter()
@@ -343,6 +348,22 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         // 4 x 30 requests; node 3 has no replica of its own.
         assert!(get("bridge_remote") > 0, "node {}: {c:?}", i + 1);
         assert_eq!(get("bridge_local") > 0, i < 2, "node {}: {c:?}", i + 1);
+        // The host's 30 + 30 to the VIP; every node has replicas elsewhere.
+        println!(
+            "node {}: sock_vip {}, host_encap {}, host_deliver {}, host_spoofed {}",
+            i + 1,
+            get("sock_vip"),
+            get("host_encap"),
+            get("host_deliver"),
+            get("host_spoofed")
+        );
+        assert_eq!(get("sock_vip"), 60, "node {}: {c:?}", i + 1);
+        assert!(
+            get("host_encap") > 0 && get("host_deliver") > 0,
+            "node {}: {c:?}",
+            i + 1
+        );
+        assert_eq!(get("host_spoofed"), 0, "node {}: {c:?}", i + 1);
     }
 
     // The agents' DNS serves the cluster's containers and hosts, not the

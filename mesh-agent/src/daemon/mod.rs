@@ -280,7 +280,7 @@ impl Daemon {
                 self.attachments.ensure_host(&mut self.ebpf, h.ifindex)?;
                 Ok(h)
             });
-        match link {
+        let line = match link {
             Ok(h) => {
                 info!(
                     iface = crate::hostlink::NAME,
@@ -292,12 +292,25 @@ impl Daemon {
                 local.host_ip_be = u32::from(gateway).to_be();
                 local.host_ifindex = h.ifindex;
                 local.host_mac = h.mac;
+                format!(
+                    "VIPs' backends on every node, through {} ({cluster} from {gateway})",
+                    crate::hostlink::NAME
+                )
             }
-            Err(e) => warn!(
-                error = %e,
-                "no host link: the host reaches only VIPs' backends on this node"
-            ),
-        }
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "no host link: the host reaches only VIPs' backends on this node"
+                );
+                format!("VIPs' backends on this node only: NO HOST LINK: {e:#}")
+            }
+        };
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .node
+            .host_link = line;
         local
     }
 
