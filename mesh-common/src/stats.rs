@@ -131,6 +131,7 @@ counters! {
     HostSpoofed = 70, "host_spoofed", Drop, "Host link: a packet whose source is not the host's overlay address (forwarded by the host, not its own): dropped, never tunnelled.";
     HostOther = 71, "host_other", Path, "Host link: not IPv4, or an address no other node owns: left to the link, which discards it.";
     HostDeliver = 72, "host_deliver", Path, "Underlay TC: a packet tunnelled to this host's overlay address (a backend's answer to the host): handed to the stack through the host link.";
+    HostForwarded = 73, "host_forwarded", Drop, "Host link: a packet the host forwards (no socket of its own sent it), even with the host's address after masquerading: dropped, never tunnelled.";
 }
 
 impl Stat {

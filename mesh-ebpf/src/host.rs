@@ -9,10 +9,12 @@
 //! through this link (`tunnel::underlay_ingress`).
 //!
 //! Only the host's own packets are tunnelled: the source must be the
-//! host's overlay address. Anything the host forwards here (a packet from
-//! the underlay or from a container on another Docker network, whose
-//! source is its own) is dropped (`host_spoofed`), so the route is no way
-//! into the overlay for others.
+//! host's overlay address (`host_spoofed` otherwise) and the packet must
+//! come from one of its sockets (`host_forwarded` otherwise). Anything the
+//! host forwards here (a packet from the underlay, or from a container on
+//! another Docker network, masqueraded or not) is dropped, so the route is
+//! no way into the overlay for others: Docker's isolation of its networks
+//! from `mesh` holds across nodes too.
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::stats::Stat;
@@ -32,6 +34,16 @@ pub fn host_out(ctx: &TcContext) -> Result<Verdict, Stat> {
     };
     if l.host_ip_be == 0 || pk.t.src_be != l.host_ip_be {
         return Err(Stat::HostSpoofed);
+    }
+    // Sent by a socket of the host's (its connections, its TCP resets and
+    // ICMP errors, which the kernel sends from its own control sockets). A
+    // packet the host forwards has none, even when a masquerade rule gave
+    // it the host's address (a container on the default bridge calling a
+    // mesh address: Docker masquerades it with this link's address).
+    // SAFETY: the context's own skb; reading its socket pointer is allowed
+    // to TC programs (compared with null only).
+    if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
+        return Err(Stat::HostForwarded);
     }
     match tunnel::route(&l, pk.t.dst_be)? {
         tunnel::Route::Remote(node) => {

@@ -695,4 +695,38 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
         before[Stat::HostEncap as usize],
         "none tunnelled"
     );
+    // Masqueraded to the host link's own address (as Docker masquerades a
+    // default-bridge container's packets), they are still not the host's.
+    let masquerade = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].node.name,
+            "iptables",
+            "-t",
+            "nat",
+        ])
+        .args(["-I", "POSTROUTING", "-s", "192.168.77.0/24", "-o"])
+        .args([mesh_agent::hostlink::NAME, "-j", "MASQUERADE"])
+        .output()
+        .expect("iptables runs");
+    assert!(masquerade.status.success(), "{masquerade:?}");
+    let before = counters(&lab.nodes[0]);
+    outside.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("socket");
+        for _ in 0..5 {
+            s.send_to(b"in?", (lab.nodes[1].container_ip(), UDP_PORT))
+                .expect("sent");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counters(&lab.nodes[0]);
+    let moved = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "masqueraded to the host's address: host_forwarded +{}, host_spoofed +{}",
+        moved(Stat::HostForwarded),
+        moved(Stat::HostSpoofed)
+    );
+    assert_eq!(moved(Stat::HostForwarded), 5, "each dropped and counted");
+    assert_eq!(moved(Stat::HostEncap), 0, "none tunnelled");
 }

@@ -300,12 +300,18 @@ impl demo::Hosts for LabHosts {
     fn outside_ip(&self) -> String {
         format!("{PREFIX}.{OUTSIDE_HOST}")
     }
+    fn curl_on(&self, n: usize, url: &str) -> Result<String> {
+        Cmd::new("ip")
+            .args(["netns", "exec", &engine(n).spec.ns])
+            .args(["curl", "-s", "--max-time", "3", url])
+            .output()
+    }
 }
 
 /// The demo (`mesh_lab::demo`) on a fresh three-node lab. Leaves the lab up.
 pub fn demo(images: &Images) -> Result<()> {
     up(3, images)?;
-    demo::run(&LabHosts)?;
+    demo::run(&LabHosts)?.check(&demo::Hosts::outside_ip(&LabHosts))?;
     println!("The lab is still up: cargo xtask lab status, cargo xtask lab exec n3 -- docker ps,");
     println!("cargo xtask lab down to remove it.");
     Ok(())

@@ -3,8 +3,8 @@
 //! steps through [`Hosts`]. Three nodes: whoami scaled 1 -> 2 -> 3 over
 //! nodes 1 and 2, a client on node 3 resolving the name and calling the VIP,
 //! meshctl on every node, then the routing mesh: `curl` of every node's
-//! published port from a host outside the cluster. Returns what it saw, so a
-//! test can check it.
+//! published port from a host outside the cluster; last, `curl` of the VIP
+//! on every node itself. Returns what it saw, so a test can check it.
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +29,9 @@ pub trait Hosts {
     fn curl_outside(&self, url: &str) -> Result<String>;
     /// That host's address (as the replicas should see it).
     fn outside_ip(&self) -> String;
+    /// `curl -s --max-time 3 URL` on node `n` itself (its host, not a
+    /// container).
+    fn curl_on(&self, n: usize, url: &str) -> Result<String>;
 }
 
 /// What the demo saw.
@@ -39,6 +42,8 @@ pub struct Report {
     pub answers: BTreeMap<String, usize>,
     /// (URL, answer) of every curl from outside.
     pub curls: Vec<(String, String)>,
+    /// (node, answer) of every curl of the VIP on a node itself.
+    pub host_curls: Vec<(usize, String)>,
 }
 
 impl Report {
@@ -55,6 +60,17 @@ impl Report {
         for (url, answer) in &self.curls {
             if !answer.starts_with("whoami-") || !answer.contains(&format!(" {outside}:")) {
                 bail!("{url} answered {answer:?}, not a replica seeing {outside}");
+            }
+        }
+        if self.host_curls.len() != 6 {
+            bail!(
+                "2 requests to the VIP on each of 3 nodes expected: {:?}",
+                self.host_curls
+            );
+        }
+        for (n, answer) in &self.host_curls {
+            if !answer.starts_with("whoami-") {
+                bail!("node {n} itself: the VIP answered {answer:?}, not a replica");
             }
         }
         Ok(())
@@ -141,6 +157,20 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
                 .unwrap_or_else(|e| format!("failed: {e}"));
             println!("  curl {url}  ->  {}", out.trim());
             report.curls.push((url.clone(), out.trim().to_string()));
+        }
+    }
+    let url = format!("http://{}/", report.vip);
+    println!(
+        "\n== each node itself: curl the VIP (balanced at connect; replicas on other nodes \
+         through the node's mesh-host link, so they see its mesh gateway address)"
+    );
+    for n in 1..=3 {
+        for _ in 0..2 {
+            let out = h
+                .curl_on(n, &url)
+                .unwrap_or_else(|e| format!("failed: {e}"));
+            println!("  node {n}: curl {url}  ->  {}", out.trim());
+            report.host_curls.push((n, out.trim().to_string()));
         }
     }
     println!();

@@ -268,6 +268,10 @@ impl crate::demo::Hosts for Lab {
     fn outside_ip(&self) -> String {
         format!("{PREFIX}.1")
     }
+    fn curl_on(&self, n: usize, url: &str) -> Result<String> {
+        self.ssh(n, &["curl", "-s", "--max-time", "3", url])
+            .output()
+    }
 }
 
 #[cfg(test)]
