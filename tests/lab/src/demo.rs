@@ -159,7 +159,7 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
             report.curls.push((url.clone(), out.trim().to_string()));
         }
     }
-    let url = format!("http://{}/", report.vip);
+    let url = format!("http://{}:{}/", report.vip, whoami::HTTP_PORT);
     println!(
         "\n== each node itself: curl the VIP (balanced at connect; replicas on other nodes \
          through the node's mesh-host link, so they see its mesh gateway address)"
