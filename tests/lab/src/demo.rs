@@ -47,12 +47,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// The demo's outcome: the 12 requests answered by the 3 replicas, and
-    /// every node's published port answered by a replica that saw
-    /// `outside` (the client's own address) as the client.
+    /// The demo's outcome: the 12 requests answered, spread over more than
+    /// one replica (12 random flows miss one of 3 replicas 2% of the time,
+    /// so all 3 is not asked), every node's published port answered by a
+    /// replica that saw `outside` (the client's own address) as the client,
+    /// and the VIP answered on every node itself.
     pub fn check(&self, outside: &str) -> Result<()> {
-        if self.answers.len() != 3 || self.answers.values().sum::<usize>() != 12 {
-            bail!("12 requests over 3 replicas expected: {:?}", self.answers);
+        if self.answers.len() < 2 || self.answers.values().sum::<usize>() != 12 {
+            bail!("12 requests over the replicas expected: {:?}", self.answers);
         }
         if self.curls.len() != 9 {
             bail!("3 requests to each of 3 nodes expected: {:?}", self.curls);
