@@ -232,14 +232,14 @@ impl Directories {
         peer: IpAddr,
         body: &[u8],
         now: Instant,
-        compact: bool,
+        reads: Reads,
     ) -> Option<Vec<u8>> {
         let digest = digest_of(body)?;
         self.note_entries(&digest.1);
-        if !compact {
+        if reads == Reads::Chitchat {
             return None;
         }
-        self.relative(peer, body, &digest, now)
+        self.relative(peer, body, &digest, now, reads)
     }
 
     fn note_entries(&mut self, entries: &[Entry<'_>]) -> u64 {
@@ -310,8 +310,14 @@ impl Directories {
 
     /// `body` (a serialized message) relative to what `peer` last said, at
     /// `now`, when it knows enough and it is smaller so.
-    pub fn compact_for(&self, peer: IpAddr, body: &[u8], now: Instant) -> Option<Vec<u8>> {
-        self.relative(peer, body, &digest_of(body)?, now)
+    pub fn compact_for(
+        &self,
+        peer: IpAddr,
+        body: &[u8],
+        now: Instant,
+        reads: Reads,
+    ) -> Option<Vec<u8>> {
+        self.relative(peer, body, &digest_of(body)?, now, reads)
     }
 
     fn relative(
@@ -320,11 +326,19 @@ impl Directories {
         body: &[u8],
         digest: &Digest<'_>,
         now: Instant,
+        reads: Reads,
     ) -> Option<Vec<u8>> {
         let v = self.peers.get(&peer)?;
         let d = self.get(v.dir)?;
-        compact(body, digest, d, v, now.saturating_duration_since(v.at))
-            .filter(|c| c.len() < body.len())
+        compact(
+            body,
+            digest,
+            d,
+            v,
+            now.saturating_duration_since(v.at),
+            reads,
+        )
+        .filter(|c| c.len() < body.len())
     }
 
     /// A compact message back in chitchat's bytes (`None`: not one, a
@@ -358,18 +372,39 @@ fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
 }
 
 /// An entry's first byte: how its numbers follow. 0: not in this digest.
-/// The low two bits: the heartbeat as a varint (1) or its low 16 bits (3),
-/// read against the largest heartbeat for the node in the receiver's own
-/// digests. `SAME_GC`: the GC version is the receiver's own largest, else
-/// a varint follows. Then the max version, a varint.
+/// The low two bits: the heartbeat as a varint (1), its low 13 bits (2:
+/// bits 8-12 in the first byte's top five, then one byte) or its low 16
+/// bits (3), read against the largest heartbeat for the node in the
+/// receiver's own digests. `SAME_GC`: the GC version is the receiver's own
+/// largest, else a varint follows. Then the max version, a varint.
 ///
 /// Measured with 200 nodes under churn on a saturated machine: 8 low bits
 /// (and a max version "the same as yours") were refused for 1 compact
 /// digest in 8. A receiver's view of a node can lag by tens of seconds and
-/// then jump, further than elapsed time says; 16 bits leave hours.
+/// then jump, further than elapsed time says; 13 bits leave half an hour
+/// (the sender takes them only within 1,024 rounds of what the peer said),
+/// 16 bits hours.
 const HB_VARINT: u8 = 1;
+const HB_LOW13: u8 = 2;
 const HB_LOW16: u8 = 3;
 const SAME_GC: u8 = 4;
+/// Where a 13-bit heartbeat's bits 8-12 sit in the first byte.
+const LOW13_SHIFT: u8 = 3;
+/// How far from what the peer said a heartbeat may be for 13 bits.
+const LOW13_NEAR: u64 = 1024;
+
+/// The compact forms a peer reads (what it publishes under
+/// `gossip::COMPACT_KEY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reads {
+    /// Only chitchat's own messages.
+    Chitchat,
+    /// Compact digests with whole and 16-bit heartbeats (the first release
+    /// of them: "compact").
+    Compact,
+    /// And 13-bit heartbeats ("compact2").
+    Compact13,
+}
 
 /// Within this the peer's digest bounds the receiver's reading: its own
 /// heartbeats for a node cannot have run 16,384 rounds past what it said
@@ -410,6 +445,7 @@ fn compact(
     d: &Directory,
     v: &PeerView,
     age: Duration,
+    reads: Reads,
 ) -> Option<Vec<u8>> {
     let (start, end) = (*start, *end);
     let mut values: Vec<Option<[u64; 3]>> = vec![None; d.ids.len()];
@@ -437,10 +473,11 @@ fn compact(
         let known = |x: u32| (x != u32::MAX).then_some(x as u64);
         let (mut tag, mut hb_bytes) = (HB_VARINT, Vec::new());
         put_varint(&mut hb_bytes, hb);
-        if age < FRESH
-            && hb_bytes.len() > 2
-            && known(theirs[0]).is_some_and(|r| hb.abs_diff(r) < 16_384)
-        {
+        let near = |within: u64| known(theirs[0]).is_some_and(|r| hb.abs_diff(r) < within);
+        if age < FRESH && hb_bytes.len() > 1 && reads >= Reads::Compact13 && near(LOW13_NEAR) {
+            let high = ((hb >> 8) & 0x1f) as u8;
+            (tag, hb_bytes) = (HB_LOW13 | high << LOW13_SHIFT, vec![hb as u8]);
+        } else if age < FRESH && hb_bytes.len() > 2 && near(16_384) {
             (tag, hb_bytes) = (HB_LOW16, (hb as u16).to_le_bytes().to_vec());
         }
         if age < FRESH && known(theirs[1]) == Some(gc) {
@@ -480,12 +517,17 @@ fn expand(
         if tag == 0 {
             continue;
         }
-        if tag & !(3 | SAME_GC) != 0 {
+        if tag & 3 != HB_LOW13 && tag & !(3 | SAME_GC) != 0 {
             return None;
         }
         let reference = seen.get(id);
         let hb = match tag & 3 {
             HB_VARINT => varint(c, &mut at)?,
+            HB_LOW13 => {
+                let low = (((tag >> LOW13_SHIFT) as u64) << 8) | *c.get(at)? as u64;
+                at += 1;
+                nearest(low, 13, reference?[0])
+            }
             HB_LOW16 => {
                 let low = u16::from_le_bytes(c.get(at..at + 2)?.try_into().ok()?) as u64;
                 at += 2;
@@ -608,11 +650,13 @@ mod tests {
     }
 
     /// Node B sent `theirs` (noting it); A heard it `age` ago and answers
-    /// with `ours`: what A sends, and B's reading of it.
+    /// with `ours` in the forms B `reads`: what A sends, and B's reading of
+    /// it.
     fn exchange(
         theirs: &[(String, u64, u8, u64)],
         ours: &[(String, u64, u8, u64)],
         age: Duration,
+        reads: Reads,
     ) -> (Vec<u8>, Vec<u8>, Option<Vec<u8>>) {
         let (mut a, mut b) = (Directories::default(), Directories::default());
         let sent = message(SYN, &refs(theirs), b"\x00\x07cluster");
@@ -620,7 +664,9 @@ mod tests {
         let t0 = Instant::now();
         a.note_from(PEER, &sent, t0);
         let body = message(SYN_ACK, &refs(ours), b"the delta, untouched");
-        let c = a.compact_for(PEER, &body, t0 + age).expect("compact");
+        let c = a
+            .compact_for(PEER, &body, t0 + age, reads)
+            .expect("compact");
         let read = b.expand(&c, 1 << 20);
         (body, c, read)
     }
@@ -636,19 +682,27 @@ mod tests {
             .collect();
         ours.remove(17);
         ours.push(("node-new".into(), 42, 251, 1));
-        for age in [0, 30, 3600] {
-            let (body, c, read) = exchange(&theirs, &ours, Duration::from_secs(age));
-            println!(
-                "digest of 200 nodes, the peer heard {age} s ago: {} bytes, compact {}",
-                body.len(),
-                c.len()
-            );
-            assert!(c.len() * 4 < body.len(), "{} -> {}", body.len(), c.len());
-            assert!(same(read, &body), "heard {age} s ago");
+        for reads in [Reads::Compact, Reads::Compact13] {
+            for age in [0, 30, 3600] {
+                let (body, c, read) = exchange(&theirs, &ours, Duration::from_secs(age), reads);
+                println!(
+                    "digest of 200 nodes, the peer ({reads:?}) heard {age} s ago: {} bytes, compact {}",
+                    body.len(),
+                    c.len()
+                );
+                assert!(c.len() * 4 < body.len(), "{} -> {}", body.len(), c.len());
+                assert!(same(read, &body), "heard {age} s ago");
+                // A reader of the first compact forms never gets 13 bits.
+                if reads == Reads::Compact {
+                    assert!(tags(&c, 200).iter().all(|t| t & 3 != HB_LOW13));
+                } else if age < 600 {
+                    assert!(tags(&c, 200).iter().any(|t| t & 3 == HB_LOW13));
+                }
+            }
         }
         // A node without that directory cannot read it, nor past the size
         // bound.
-        let (body, c, _) = exchange(&theirs, &ours, Duration::ZERO);
+        let (body, c, _) = exchange(&theirs, &ours, Duration::ZERO, Reads::Compact13);
         assert_eq!(Directories::default().expand(&c, 1 << 20), None);
         let mut b = Directories::default();
         b.note(&message(SYN, &refs(&theirs), b"\x00\x07cluster"));
@@ -659,23 +713,62 @@ mod tests {
     #[test]
     fn a_reading_against_a_reference_that_moved_is_refused_not_wrong() {
         let theirs = spread(50, 16_000, 100_000);
+        // Node 9's heartbeat 2,000 rounds ahead of what B said: 16 bits,
+        // the others 13.
         let ours: Vec<_> = theirs
             .iter()
-            .map(|(a, b, c, d)| (a.clone(), *b, *c, d + 3))
+            .enumerate()
+            .map(|(i, (a, b, c, d))| (a.clone(), *b, *c, d + if i == 9 { 2_000 } else { 3 }))
             .collect();
-        let (mut a, mut b) = (Directories::default(), Directories::default());
-        let sent = message(SYN, &refs(&theirs), b"\x00\x07cluster");
-        b.note(&sent);
-        let t0 = Instant::now();
-        a.note_from(PEER, &sent, t0);
-        let body = message(SYN_ACK, &refs(&ours), b"");
-        let c = a.compact_for(PEER, &body, t0).expect("compact");
-        // Before A's digest arrives, B hears of node 9 far ahead (a long
-        // partition healing): 16 low bits read against that are wrong.
-        let mut jump = theirs.clone();
-        jump[9].3 += 40_000;
-        b.note(&message(SYN, &refs(&jump), b"\x00\x07cluster"));
-        assert_eq!(b.expand(&c, 1 << 20), None);
+        // Before A's digest arrives, B hears of node 9 (16 low bits) or 3
+        // (13) far ahead, a long partition healing: read against that, the
+        // low bits are wrong.
+        for (node, ahead) in [(9, 40_000), (3, 5_000)] {
+            let (mut a, mut b) = (Directories::default(), Directories::default());
+            let sent = message(SYN, &refs(&theirs), b"\x00\x07cluster");
+            b.note(&sent);
+            let t0 = Instant::now();
+            a.note_from(PEER, &sent, t0);
+            let body = message(SYN_ACK, &refs(&ours), b"");
+            let c = a
+                .compact_for(PEER, &body, t0, Reads::Compact13)
+                .expect("compact");
+            // (The tags follow the directory's order, not this list's.)
+            let t = tags(&c, 50);
+            let count = |form| t.iter().filter(|x| *x & 3 == form).count();
+            assert_eq!((count(HB_LOW16), count(HB_LOW13)), (1, 49));
+            assert!(same(b.expand(&c, 1 << 20), &body), "read right before");
+            let mut jump = theirs.clone();
+            jump[node].3 += ahead;
+            b.note(&message(SYN, &refs(&jump), b"\x00\x07cluster"));
+            assert_eq!(b.expand(&c, 1 << 20), None, "node {node}, {ahead} ahead");
+        }
+    }
+
+    /// The first bytes of a compact digest's `n` directory entries.
+    fn tags(c: &[u8], n: usize) -> Vec<u8> {
+        let mut at = HEAD + 12;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let tag = c[at];
+            out.push(tag);
+            at += 1;
+            if tag == 0 {
+                continue;
+            }
+            match tag & 3 {
+                HB_VARINT => {
+                    varint(c, &mut at);
+                }
+                HB_LOW13 => at += 1,
+                _ => at += 2,
+            }
+            if tag & SAME_GC == 0 {
+                varint(c, &mut at);
+            }
+            varint(c, &mut at);
+        }
+        out
     }
 
     /// What uptime does to a digest of 200 nodes: heartbeats grow by one
@@ -693,19 +786,24 @@ mod tests {
         ] {
             let theirs = spread(200, up, 0);
             let ours = spread(200, up, 5);
-            let (body, reply, read) = exchange(&theirs, &ours, Duration::ZERO);
-            assert!(same(read, &body));
-            let (_, syn, read) = exchange(&theirs, &ours, Duration::from_secs(30));
-            assert!(same(read, &body));
-            println!(
-                "digest of 200 nodes, {uptime}: chitchat {} bytes ({} compressed); compact as a reply {} ({}), 30 s later {} ({})",
-                body.len(),
-                z(&body),
-                reply.len(),
-                z(&reply),
-                syn.len(),
-                z(&syn)
-            );
+            let mut line = String::new();
+            for reads in [Reads::Compact, Reads::Compact13] {
+                let (body, reply, read) = exchange(&theirs, &ours, Duration::ZERO, reads);
+                assert!(same(read, &body));
+                let (_, syn, read) = exchange(&theirs, &ours, Duration::from_secs(30), reads);
+                assert!(same(read, &body));
+                if line.is_empty() {
+                    line = format!("chitchat {} bytes ({} compressed)", body.len(), z(&body));
+                }
+                line += &format!(
+                    "; {reads:?}: as a reply {} ({}), 30 s later {} ({})",
+                    reply.len(),
+                    z(&reply),
+                    syn.len(),
+                    z(&syn)
+                );
+            }
+            println!("digest of 200 nodes, {uptime}: {line}");
         }
     }
 
@@ -715,12 +813,15 @@ mod tests {
         let now = Instant::now();
         // No directory from that peer yet.
         let body = message(SYN, &refs(&cluster(5, 1)), b"");
-        assert_eq!(a.compact_for(PEER, &body, now), None);
+        assert_eq!(a.compact_for(PEER, &body, now, Reads::Compact13), None);
         a.note_from(PEER, &body, now);
         // An ACK has no digest; a truncated message does not parse.
         let ack = [0x53, 0xb0, 0, 2, 0, 0];
-        assert_eq!(a.compact_for(PEER, &ack, now), None);
-        assert_eq!(a.compact_for(PEER, &body[..body.len() - 3], now), None);
+        assert_eq!(a.compact_for(PEER, &ack, now, Reads::Compact13), None);
+        assert_eq!(
+            a.compact_for(PEER, &body[..body.len() - 3], now, Reads::Compact13),
+            None
+        );
         assert_eq!(a.note(&body[..20]), None);
     }
 

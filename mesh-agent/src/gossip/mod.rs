@@ -10,20 +10,32 @@ pub mod subnet;
 pub mod transport;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
-use transport::{ClusterKey, GossipStats, KnownPeers, Sealed};
+use compact::Reads;
+use transport::{ClusterKey, GossipStats, KnownPeers, Readers, Sealed};
 
 /// The key a node publishes when it reads compact digests (`compact.rs`):
-/// peers send it those only then, so agents from before them (which refuse
-/// a datagram they cannot read) keep gossiping with the rest.
+/// peers send it those only then, and only in the forms it names, so
+/// agents from before them, or from before a form (which refuse a datagram
+/// they cannot read), keep gossiping with the rest.
 pub const COMPACT_KEY: &str = "gossip";
-pub const COMPACT_VALUE: &str = "compact";
+/// What this release publishes: it reads 13-bit heartbeats too.
+pub const COMPACT_VALUE: &str = "compact2";
+
+/// The compact forms a peer that published `value` reads.
+pub fn reads(value: Option<&str>) -> Reads {
+    match value {
+        Some("compact2") => Reads::Compact13,
+        Some("compact") => Reads::Compact,
+        _ => Reads::Chitchat,
+    }
+}
 
 /// How this node gossips.
 #[derive(Clone)]
@@ -90,7 +102,7 @@ pub async fn start(
         extra_liveness_predicate: None,
     };
     let known = Arc::new(KnownPeers::default());
-    let compact = Arc::new(KnownPeers::default());
+    let compact = Arc::new(Readers::default());
     let mut seeds = seed_ips(&cfg.seeds).await;
     known.replace(seeds.clone());
     let transport = Sealed {
@@ -116,7 +128,7 @@ pub async fn start(
             let Some(chitchat) = state.upgrade() else {
                 break;
             };
-            let (mut ips, readers): (HashSet<IpAddr>, HashSet<IpAddr>) = {
+            let (mut ips, readers): (HashSet<IpAddr>, HashMap<IpAddr, Reads>) = {
                 let guard = chitchat.lock().await;
                 let states = guard.node_states();
                 (
@@ -126,8 +138,8 @@ pub async fn start(
                         .collect(),
                     states
                         .iter()
-                        .filter(|(_, s)| s.get(COMPACT_KEY) == Some(COMPACT_VALUE))
-                        .map(|(id, _)| id.gossip_advertise_addr.ip())
+                        .map(|(id, s)| (id.gossip_advertise_addr.ip(), reads(s.get(COMPACT_KEY))))
+                        .filter(|(_, r)| *r != Reads::Chitchat)
                         .collect(),
                 )
             };

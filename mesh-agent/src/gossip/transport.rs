@@ -22,7 +22,7 @@
 //! decode is dropped and counted; the receive loop never stops for it.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, RwLock,
@@ -43,7 +43,7 @@ use chitchat::{
 use tracing::debug;
 
 use super::{
-    compact::Directories,
+    compact::{Directories, Reads},
     replay::{Replay, Verdict},
 };
 
@@ -160,13 +160,33 @@ impl KnownPeers {
     }
 }
 
+/// What each peer reads of compact digests (by its gossip address; absent:
+/// chitchat's messages only).
+#[derive(Default)]
+pub struct Readers(RwLock<HashMap<IpAddr, Reads>>);
+
+impl Readers {
+    pub fn reads(&self, ip: IpAddr) -> Reads {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(Reads::Chitchat)
+    }
+
+    pub fn replace(&self, readers: HashMap<IpAddr, Reads>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = readers;
+    }
+}
+
 /// A chitchat transport that seals every datagram with the cluster key.
 pub struct Sealed {
     pub key: ClusterKey,
     pub stats: Arc<GossipStats>,
     pub known: Arc<KnownPeers>,
-    /// Peers that read compact digests.
-    pub compact: Arc<KnownPeers>,
+    /// Peers that read compact digests, and which forms.
+    pub compact: Arc<Readers>,
 }
 
 #[async_trait::async_trait]
@@ -247,8 +267,8 @@ struct Sender {
     compress: bool,
     /// Directories of digests sent and received (shared with the receiver).
     dirs: Arc<Mutex<Directories>>,
-    /// Peers that read compact digests.
-    compact_peers: Arc<KnownPeers>,
+    /// Peers that read compact digests, and which forms.
+    compact_peers: Arc<Readers>,
 }
 
 /// Opens datagrams: the replay windows, halves waiting for their other
@@ -463,7 +483,7 @@ impl Sender {
         let mut flag = 0;
         {
             let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            let reads = self.compact_peers.contains(dest);
+            let reads = self.compact_peers.reads(dest);
             if let Some(c) = dirs.outgoing(dest, &body, Instant::now(), reads) {
                 body = c;
                 flag |= COMPACT;
@@ -673,7 +693,8 @@ mod tests {
             let dirs = Arc::new(Mutex::new(Directories::default()));
             tx.dirs = dirs.clone();
             rx.dirs = dirs;
-            tx.compact_peers.replace(HashSet::from([other]));
+            tx.compact_peers
+                .replace(HashMap::from([(other, Reads::Compact13)]));
             (tx, rx)
         };
         let (mut tx_a, mut rx_a) = node(a, b);
@@ -713,7 +734,7 @@ mod tests {
         assert!(d[0].len() * 2 < full, "{} vs {full}", d[0].len());
         assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(chitchat(&synack_bytes))));
         // A node that does not read them gets chitchat's bytes.
-        tx_a.compact_peers.replace(HashSet::new());
+        tx_a.compact_peers.replace(HashMap::new());
         let d = tx_a.seal(b, &synack).expect("seal");
         assert_eq!(tx_a.stats.compact.load(Ordering::Relaxed), 1);
         assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(synack)));
