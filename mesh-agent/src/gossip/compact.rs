@@ -210,6 +210,27 @@ pub struct Directories {
     /// Not what peers said: a peer ahead of this node's view would move
     /// the reference away from what the sender saw of it.
     seen: FastMap<Box<[u8]>, [u64; 3]>,
+    /// Per peer, the last digests this node sent it ([`SAID`]): what an
+    /// exact digest from it is relative to.
+    said: HashMap<IpAddr, VecDeque<Said>>,
+}
+
+/// A digest this node sent a peer: its directory, its numbers in that
+/// order (as the peer's [`PeerView`] keeps them) and their check.
+#[derive(Debug)]
+struct Said {
+    dir: u64,
+    check: u32,
+    numbers: Vec<[u32; 3]>,
+}
+
+/// Digests remembered per peer: the last, and the one before in case the
+/// peer answers that while the last is on its way.
+const SAID: usize = 2;
+
+/// A digest entry's numbers as references keep them (`u32::MAX`: too large).
+fn narrow(n: [u64; 3]) -> [u32; 3] {
+    n.map(|x| u32::try_from(x).unwrap_or(u32::MAX))
 }
 
 /// Node ids whose numbers are remembered (generations come and go).
@@ -220,7 +241,7 @@ impl Directories {
     /// SYN or SYN-ACK this node sent); its hash.
     pub fn note(&mut self, body: &[u8]) -> Option<u64> {
         let (_, entries, _) = digest_of(body)?;
-        Some(self.note_entries(&entries))
+        Some(self.note_entries(&entries).0)
     }
 
     /// A message this node sends to `peer` at `now`: its digest noted (peers
@@ -233,16 +254,28 @@ impl Directories {
         body: &[u8],
         now: Instant,
         reads: Reads,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, bool)> {
         let digest = digest_of(body)?;
-        self.note_entries(&digest.1);
+        let (dir, numbers) = self.note_entries(&digest.1);
+        if self.said.len() >= PEERS && !self.said.contains_key(&peer) {
+            self.said.clear();
+        }
+        let said = self.said.entry(peer).or_default();
+        said.push_front(Said {
+            dir,
+            check: ref_check(&numbers),
+            numbers,
+        });
+        said.truncate(SAID);
         if reads == Reads::Chitchat {
             return None;
         }
         self.relative(peer, body, &digest, now, reads)
     }
 
-    fn note_entries(&mut self, entries: &[Entry<'_>]) -> u64 {
+    /// Notes a digest this node sends: its directory, and its numbers
+    /// into `seen`. Its directory's hash and its numbers in that order.
+    fn note_entries(&mut self, entries: &[Entry<'_>]) -> (u64, Vec<[u32; 3]>) {
         let (hash, entries) = self.orders.of(entries);
         self.note_directory(hash, &entries);
         for e in &entries {
@@ -260,7 +293,7 @@ impl Directories {
                 }
             }
         }
-        hash
+        (hash, entries.iter().map(|e| narrow(e.numbers)).collect())
     }
 
     fn note_directory(&mut self, hash: u64, entries: &[Entry<'_>]) {
@@ -290,10 +323,7 @@ impl Directories {
         if self.peers.len() >= PEERS && !self.peers.contains_key(&peer) {
             self.peers.clear();
         }
-        let numbers = entries
-            .iter()
-            .map(|e| e.numbers.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
-            .collect();
+        let numbers = entries.iter().map(|e| narrow(e.numbers)).collect();
         self.peers.insert(
             peer,
             PeerView {
@@ -316,7 +346,7 @@ impl Directories {
         body: &[u8],
         now: Instant,
         reads: Reads,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, bool)> {
         self.relative(peer, body, &digest_of(body)?, now, reads)
     }
 
@@ -327,7 +357,7 @@ impl Directories {
         digest: &Digest<'_>,
         now: Instant,
         reads: Reads,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, bool)> {
         let v = self.peers.get(&peer)?;
         let d = self.get(v.dir)?;
         compact(
@@ -338,15 +368,28 @@ impl Directories {
             now.saturating_duration_since(v.at),
             reads,
         )
-        .filter(|c| c.len() < body.len())
+        .filter(|(c, _)| c.len() < body.len())
     }
 
     /// A compact message back in chitchat's bytes (`None`: not one, a
     /// directory or a node this node does not know, numbers that do not
     /// check out, or more than `max` bytes).
-    pub fn expand(&self, c: &[u8], max: usize) -> Option<Vec<u8>> {
+    /// `exact`: relative to a digest this node sent `from` (the
+    /// transport's flag says so).
+    pub fn expand(&self, c: &[u8], max: usize, from: IpAddr, exact: bool) -> Option<Vec<u8>> {
         let hash = u64::from_le_bytes(c.get(HEAD..HEAD + 8)?.try_into().ok()?);
-        expand(c, self.get(hash)?, &self.seen, max)
+        let said = if exact {
+            let check = u32::from_le_bytes(c.get(HEAD + 12..HEAD + 16)?.try_into().ok()?);
+            let s = self
+                .said
+                .get(&from)?
+                .iter()
+                .find(|s| s.dir == hash && s.check == check)?;
+            Some(s.numbers.as_slice())
+        } else {
+            None
+        };
+        expand(c, self.get(hash)?, &self.seen, said, max)
     }
 }
 
@@ -404,6 +447,109 @@ pub enum Reads {
     Compact,
     /// And 13-bit heartbeats ("compact2").
     Compact13,
+    /// And digests relative to exactly what it said ("compact3", see
+    /// [`exact`]).
+    Exact,
+}
+
+/// Exact references. A digest a node sends goes relative to the numbers
+/// of the peer's own last digest to it, which the peer remembers for each
+/// node it sent one to ([`Directories`]'s `said`) and finds by their check.
+/// Then an unchanged GC or max version costs nothing, and a heartbeat only
+/// the difference: 0-3 rounds in an answer, the rounds since the peer last
+/// spoke in a SYN, nearly the same for every node, so the bytes compress.
+/// Per entry a first byte: [`exact::PRESENT`], the heartbeat's form (bits
+/// 1-2: the difference in bits 5-7, zigzag; a zigzag varint follows; the
+/// whole heartbeat follows), [`exact::SAME_GC`], [`exact::SAME_MAX`]; then
+/// what it says follows, in that order.
+mod exact {
+    pub const PRESENT: u8 = 1;
+    pub const HB_SHIFT: u8 = 1;
+    pub const HB_SMALL: u8 = 0;
+    pub const HB_DELTA: u8 = 1;
+    pub const HB_WHOLE: u8 = 2;
+    pub const SAME_GC: u8 = 8;
+    pub const SAME_MAX: u8 = 16;
+    pub const SMALL_SHIFT: u8 = 5;
+}
+
+fn zigzag(d: i64) -> u64 {
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
+}
+
+/// The check that names a set of reference numbers (as [`PeerView`] keeps
+/// them).
+fn ref_check(numbers: &[[u32; 3]]) -> u32 {
+    let wide: Vec<[u64; 3]> = numbers.iter().map(|n| n.map(u64::from)).collect();
+    check(&wide)
+}
+
+/// One entry relative to `r` (what the peer said of that node).
+fn put_exact(out: &mut Vec<u8>, [hb, gc, max]: [u64; 3], r: [u32; 3]) {
+    use exact::*;
+    let known = |x: u32| (x != u32::MAX).then_some(x as u64);
+    let mut tag = PRESENT;
+    let mut tail = Vec::new();
+    match known(r[0]).filter(|rh| hb.abs_diff(*rh) < 1 << 40) {
+        Some(rh) => {
+            let z = zigzag(hb as i64 - rh as i64);
+            if z < 8 {
+                tag |= HB_SMALL << HB_SHIFT | (z as u8) << SMALL_SHIFT;
+            } else {
+                tag |= HB_DELTA << HB_SHIFT;
+                put_varint(&mut tail, z);
+            }
+        }
+        None => {
+            tag |= HB_WHOLE << HB_SHIFT;
+            put_varint(&mut tail, hb);
+        }
+    }
+    if known(r[1]) == Some(gc) {
+        tag |= SAME_GC;
+    } else {
+        put_varint(&mut tail, gc);
+    }
+    if known(r[2]) == Some(max) {
+        tag |= SAME_MAX;
+    } else {
+        put_varint(&mut tail, max);
+    }
+    out.push(tag);
+    out.extend_from_slice(&tail);
+}
+
+/// One entry of an exact digest whose first byte was `tag`, relative to
+/// `r`; `at` moves past it.
+fn read_exact(c: &[u8], at: &mut usize, tag: u8, r: [u32; 3]) -> Option<[u64; 3]> {
+    use exact::*;
+    let known = |x: u32| (x != u32::MAX).then_some(x as u64);
+    let form = (tag >> HB_SHIFT) & 3;
+    if tag & PRESENT == 0 || (form != HB_SMALL && tag >> SMALL_SHIFT != 0) {
+        return None;
+    }
+    let plus = |z: u64| known(r[0])?.checked_add_signed(unzigzag(z));
+    let hb = match form {
+        HB_SMALL => plus((tag >> SMALL_SHIFT) as u64)?,
+        HB_DELTA => plus(varint(c, at)?)?,
+        HB_WHOLE => varint(c, at)?,
+        _ => return None,
+    };
+    let gc = if tag & SAME_GC != 0 {
+        known(r[1])?
+    } else {
+        varint(c, at)?
+    };
+    let max = if tag & SAME_MAX != 0 {
+        known(r[2])?
+    } else {
+        varint(c, at)?
+    };
+    Some([hb, gc, max])
 }
 
 /// Within this the peer's digest bounds the receiver's reading: its own
@@ -436,9 +582,11 @@ fn check(numbers: &[[u64; 3]]) -> u32 {
         .fold(numbers.len() as u64, |h, &x| mix64(h ^ x)) as u32
 }
 
-/// `head | directory hash u64 | check u32 | per directory node: a first
-/// byte and what it says follows | extra count (varint) | extra entries as
-/// chitchat encodes them | the rest of the message`.
+/// `head | directory hash u64 | check u32 | (exact: the reference's check
+/// u32) | per directory node: a first byte and what it says follows | extra
+/// count (varint) | extra entries as chitchat encodes them | the rest of
+/// the message`; and whether it is exact (relative to what the peer said,
+/// [`exact`]), which the transport flags.
 fn compact(
     body: &[u8],
     (start, entries, end): &Digest<'_>,
@@ -446,7 +594,7 @@ fn compact(
     v: &PeerView,
     age: Duration,
     reads: Reads,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, bool)> {
     let (start, end) = (*start, *end);
     let mut values: Vec<Option<[u64; 3]>> = vec![None; d.ids.len()];
     let mut extras: Vec<&[u8]> = Vec::new();
@@ -464,7 +612,18 @@ fn compact(
     out.extend_from_slice(&d.hash.to_le_bytes());
     let present: Vec<[u64; 3]> = values.iter().flatten().copied().collect();
     out.extend_from_slice(&check(&present).to_le_bytes());
+    let exact = reads == Reads::Exact && age < FRESH;
+    if exact {
+        out.extend_from_slice(&ref_check(&v.numbers).to_le_bytes());
+    }
     for (i, n) in values.iter().enumerate() {
+        if exact {
+            match *n {
+                Some(n) => put_exact(&mut out, n, v.numbers[i]),
+                None => out.push(0),
+            }
+            continue;
+        }
         let Some([hb, gc, max]) = *n else {
             out.push(0);
             continue;
@@ -495,26 +654,36 @@ fn compact(
         out.extend_from_slice(x);
     }
     out.extend_from_slice(&body[end..]);
-    Some(out)
+    Some((out, exact))
 }
 
 fn expand(
     c: &[u8],
     d: &Directory,
     seen: &FastMap<Box<[u8]>, [u64; 3]>,
+    said: Option<&[[u32; 3]]>,
     max: usize,
 ) -> Option<Vec<u8>> {
     if c.len() < HEAD + 12 || !matches!(c[3], SYN | SYN_ACK) {
         return None;
     }
     let want = u32::from_le_bytes(c.get(HEAD + 8..HEAD + 12)?.try_into().ok()?);
-    let mut at = HEAD + 12;
+    let mut at = HEAD + 12 + if said.is_some() { 4 } else { 0 };
     let mut entries: Vec<u8> = Vec::new();
     let mut present: Vec<[u64; 3]> = Vec::new();
-    for id in &d.ids {
+    for (i, id) in d.ids.iter().enumerate() {
         let tag = *c.get(at)?;
         at += 1;
         if tag == 0 {
+            continue;
+        }
+        if let Some(r) = said {
+            let [hb, gc, mx] = read_exact(c, &mut at, tag, *r.get(i)?)?;
+            entries.extend_from_slice(id);
+            for n in [hb, gc, mx] {
+                entries.extend_from_slice(&n.to_le_bytes());
+            }
+            present.push([hb, gc, mx]);
             continue;
         }
         if tag & 3 != HB_LOW13 && tag & !(3 | SAME_GC) != 0 {
@@ -618,6 +787,8 @@ mod tests {
     use super::*;
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 2));
+    /// The other end: what the peer knows this node as.
+    const ME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 1));
 
     /// A digest's entries as a set.
     type Set = Vec<(Vec<u8>, [u64; 3])>;
@@ -649,26 +820,26 @@ mod tests {
             .collect()
     }
 
-    /// Node B sent `theirs` (noting it); A heard it `age` ago and answers
-    /// with `ours` in the forms B `reads`: what A sends, and B's reading of
-    /// it.
+    /// Node B sent `theirs` to A (noting it); A heard it `age` ago and
+    /// answers with `ours` in the forms B `reads`: what A sends, whether it
+    /// is exact, and B's reading of it.
     fn exchange(
         theirs: &[(String, u64, u8, u64)],
         ours: &[(String, u64, u8, u64)],
         age: Duration,
         reads: Reads,
-    ) -> (Vec<u8>, Vec<u8>, Option<Vec<u8>>) {
+    ) -> (Vec<u8>, Vec<u8>, bool, Option<Vec<u8>>) {
         let (mut a, mut b) = (Directories::default(), Directories::default());
         let sent = message(SYN, &refs(theirs), b"\x00\x07cluster");
-        b.note(&sent);
         let t0 = Instant::now();
+        b.outgoing(ME, &sent, t0, Reads::Chitchat);
         a.note_from(PEER, &sent, t0);
         let body = message(SYN_ACK, &refs(ours), b"the delta, untouched");
-        let c = a
+        let (c, exact) = a
             .compact_for(PEER, &body, t0 + age, reads)
             .expect("compact");
-        let read = b.expand(&c, 1 << 20);
-        (body, c, read)
+        let read = b.expand(&c, 1 << 20, ME, exact);
+        (body, c, exact, read)
     }
 
     #[test]
@@ -682,32 +853,77 @@ mod tests {
             .collect();
         ours.remove(17);
         ours.push(("node-new".into(), 42, 251, 1));
-        for reads in [Reads::Compact, Reads::Compact13] {
+        for reads in [Reads::Compact, Reads::Compact13, Reads::Exact] {
             for age in [0, 30, 3600] {
-                let (body, c, read) = exchange(&theirs, &ours, Duration::from_secs(age), reads);
+                let (body, c, exact, read) =
+                    exchange(&theirs, &ours, Duration::from_secs(age), reads);
                 println!(
-                    "digest of 200 nodes, the peer ({reads:?}) heard {age} s ago: {} bytes, compact {}",
+                    "digest of 200 nodes, the peer ({reads:?}) heard {age} s ago: {} bytes, compact {} (exact: {exact})",
                     body.len(),
                     c.len()
                 );
                 assert!(c.len() * 4 < body.len(), "{} -> {}", body.len(), c.len());
                 assert!(same(read, &body), "heard {age} s ago");
+                assert_eq!(exact, reads == Reads::Exact && age < 600);
                 // A reader of the first compact forms never gets 13 bits.
                 if reads == Reads::Compact {
                     assert!(tags(&c, 200).iter().all(|t| t & 3 != HB_LOW13));
-                } else if age < 600 {
+                } else if reads == Reads::Compact13 && age < 600 {
                     assert!(tags(&c, 200).iter().any(|t| t & 3 == HB_LOW13));
                 }
             }
         }
         // A node without that directory cannot read it, nor past the size
-        // bound.
-        let (body, c, _) = exchange(&theirs, &ours, Duration::ZERO, Reads::Compact13);
-        assert_eq!(Directories::default().expand(&c, 1 << 20), None);
-        let mut b = Directories::default();
-        b.note(&message(SYN, &refs(&theirs), b"\x00\x07cluster"));
-        assert_eq!(b.expand(&c, body.len() - 1), None);
-        assert!(b.expand(&c, body.len()).is_some());
+        // bound; an exact one needs what it said to the sender.
+        for reads in [Reads::Compact13, Reads::Exact] {
+            let (body, c, exact, _) = exchange(&theirs, &ours, Duration::ZERO, reads);
+            assert_eq!(Directories::default().expand(&c, 1 << 20, ME, exact), None);
+            let sent = message(SYN, &refs(&theirs), b"\x00\x07cluster");
+            let mut b = Directories::default();
+            b.note(&sent);
+            assert_eq!(b.expand(&c, 1 << 20, ME, exact).is_some(), !exact);
+            b.outgoing(ME, &sent, Instant::now(), Reads::Chitchat);
+            assert_eq!(b.expand(&c, body.len() - 1, ME, exact), None);
+            assert!(b.expand(&c, body.len(), ME, exact).is_some());
+            // Not relative to what it said to another node.
+            let other: IpAddr = "192.168.91.9".parse().expect("ip");
+            assert_eq!(b.expand(&c, 1 << 20, other, exact).is_some(), !exact);
+        }
+    }
+
+    #[test]
+    fn an_exact_digest_is_read_against_what_the_receiver_said_to_the_sender() {
+        let said = |plus: u64| spread(100, 1_000_000, plus);
+        let (mut a, mut b) = (Directories::default(), Directories::default());
+        let t0 = Instant::now();
+        // B tells A its view; A hears it.
+        let first = message(SYN, &refs(&said(0)), b"");
+        b.outgoing(ME, &first, t0, Reads::Exact);
+        a.note_from(PEER, &first, t0);
+        // A answers relative to it, heartbeats 2 rounds on, one node 300.
+        let mut ours = said(2);
+        ours[40].3 += 298;
+        let body = message(SYN_ACK, &refs(&ours), b"");
+        let (c, exact) = a
+            .compact_for(PEER, &body, t0, Reads::Exact)
+            .expect("compact");
+        assert!(exact);
+        let z = |b: &[u8]| zstd::bulk::compress(b, 1).map_or(0, |c| c.len());
+        println!(
+            "100 nodes, 2 rounds on: chitchat {} bytes ({} compressed), exact {} ({})",
+            body.len(),
+            z(&body),
+            c.len(),
+            z(&c)
+        );
+        assert!(same(b.expand(&c, 1 << 20, ME, true), &body));
+        // Meanwhile B sent A a newer digest: the answer is read against
+        // the one it answers.
+        b.outgoing(ME, &message(SYN, &refs(&said(1)), b""), t0, Reads::Exact);
+        assert!(same(b.expand(&c, 1 << 20, ME, true), &body));
+        // Two newer: that one is forgotten; refused, never read wrong.
+        b.outgoing(ME, &message(SYN, &refs(&said(3)), b""), t0, Reads::Exact);
+        assert_eq!(b.expand(&c, 1 << 20, ME, true), None);
     }
 
     #[test]
@@ -730,18 +946,25 @@ mod tests {
             let t0 = Instant::now();
             a.note_from(PEER, &sent, t0);
             let body = message(SYN_ACK, &refs(&ours), b"");
-            let c = a
+            let (c, _) = a
                 .compact_for(PEER, &body, t0, Reads::Compact13)
                 .expect("compact");
             // (The tags follow the directory's order, not this list's.)
             let t = tags(&c, 50);
             let count = |form| t.iter().filter(|x| *x & 3 == form).count();
             assert_eq!((count(HB_LOW16), count(HB_LOW13)), (1, 49));
-            assert!(same(b.expand(&c, 1 << 20), &body), "read right before");
+            assert!(
+                same(b.expand(&c, 1 << 20, ME, false), &body),
+                "read right before"
+            );
             let mut jump = theirs.clone();
             jump[node].3 += ahead;
             b.note(&message(SYN, &refs(&jump), b"\x00\x07cluster"));
-            assert_eq!(b.expand(&c, 1 << 20), None, "node {node}, {ahead} ahead");
+            assert_eq!(
+                b.expand(&c, 1 << 20, ME, false),
+                None,
+                "node {node}, {ahead} ahead"
+            );
         }
     }
 
@@ -787,10 +1010,10 @@ mod tests {
             let theirs = spread(200, up, 0);
             let ours = spread(200, up, 5);
             let mut line = String::new();
-            for reads in [Reads::Compact, Reads::Compact13] {
-                let (body, reply, read) = exchange(&theirs, &ours, Duration::ZERO, reads);
+            for reads in [Reads::Compact, Reads::Compact13, Reads::Exact] {
+                let (body, reply, _, read) = exchange(&theirs, &ours, Duration::ZERO, reads);
                 assert!(same(read, &body));
-                let (_, syn, read) = exchange(&theirs, &ours, Duration::from_secs(30), reads);
+                let (_, syn, _, read) = exchange(&theirs, &ours, Duration::from_secs(30), reads);
                 assert!(same(read, &body));
                 if line.is_empty() {
                     line = format!("chitchat {} bytes ({} compressed)", body.len(), z(&body));
@@ -813,13 +1036,13 @@ mod tests {
         let now = Instant::now();
         // No directory from that peer yet.
         let body = message(SYN, &refs(&cluster(5, 1)), b"");
-        assert_eq!(a.compact_for(PEER, &body, now, Reads::Compact13), None);
+        assert_eq!(a.compact_for(PEER, &body, now, Reads::Exact), None);
         a.note_from(PEER, &body, now);
         // An ACK has no digest; a truncated message does not parse.
         let ack = [0x53, 0xb0, 0, 2, 0, 0];
-        assert_eq!(a.compact_for(PEER, &ack, now, Reads::Compact13), None);
+        assert_eq!(a.compact_for(PEER, &ack, now, Reads::Exact), None);
         assert_eq!(
-            a.compact_for(PEER, &body[..body.len() - 3], now, Reads::Compact13),
+            a.compact_for(PEER, &body[..body.len() - 3], now, Reads::Exact),
             None
         );
         assert_eq!(a.note(&body[..20]), None);
@@ -841,16 +1064,42 @@ mod tests {
         ] {
             let mut x = c.clone();
             x.extend_from_slice(tail);
-            assert_eq!(d.expand(&x, 1 << 16), None, "{tail:?}");
+            assert_eq!(d.expand(&x, 1 << 16, ME, false), None, "{tail:?}");
+            assert_eq!(d.expand(&x, 1 << 16, ME, true), None, "{tail:?}");
         }
         // Every node absent, no extras: an empty digest.
         let mut empty = c.clone();
         empty.extend_from_slice(&check(&[]).to_le_bytes());
         empty.extend_from_slice(&[0, 0, 0, 0]);
         assert_eq!(
-            d.expand(&empty, 1 << 16),
+            d.expand(&empty, 1 << 16, ME, false),
             Some(vec![0x53, 0xb0, 0, SYN, 0, 0])
         );
+        // Exact: with the reference this node said, whatever follows.
+        d.outgoing(ME, &body, Instant::now(), Reads::Chitchat);
+        let said: Vec<[u32; 3]> = cluster(3, 9)
+            .iter()
+            .map(|(_, _, _, hb)| [*hb as u32, 0, 0])
+            .collect();
+        let r = d.said.get(&ME).and_then(|s| s.front()).map(|s| s.check);
+        assert_eq!(r.map(|_| said.len()), Some(3));
+        let mut x = c.clone();
+        x.extend_from_slice(&[0; 4]);
+        x.extend_from_slice(&r.unwrap_or(0).to_le_bytes());
+        for tail in [
+            &[][..],
+            &[0xff; 12][..],
+            &[1, 1, 1, 0x1f, 0xff, 0xff, 0xff][..],
+            &[0x21, 0x41, 0xe5, 0][..],
+            &[
+                0x03, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+            ][..],
+            &[0x19, 0x19, 0x19, 0][..],
+        ] {
+            let mut y = x.clone();
+            y.extend_from_slice(tail);
+            assert_eq!(d.expand(&y, 1 << 16, ME, true), None, "{tail:?}");
+        }
     }
 
     #[test]

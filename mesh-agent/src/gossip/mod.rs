@@ -25,12 +25,14 @@ use transport::{ClusterKey, GossipStats, KnownPeers, Readers, Sealed};
 /// agents from before them, or from before a form (which refuse a datagram
 /// they cannot read), keep gossiping with the rest.
 pub const COMPACT_KEY: &str = "gossip";
-/// What this release publishes: it reads 13-bit heartbeats too.
-pub const COMPACT_VALUE: &str = "compact2";
+/// What this release publishes: it reads 13-bit heartbeats and exact
+/// references too.
+pub const COMPACT_VALUE: &str = "compact3";
 
 /// The compact forms a peer that published `value` reads.
 pub fn reads(value: Option<&str>) -> Reads {
     match value {
+        Some("compact3") => Reads::Exact,
         Some("compact2") => Reads::Compact13,
         Some("compact") => Reads::Compact,
         _ => Reads::Chitchat,

@@ -66,6 +66,9 @@ const COMPRESSED: u8 = 0x80;
 /// Flag on the part byte: its digest is relative to a directory
 /// (`compact.rs`); sent only to peers that publish [`super::COMPACT_KEY`].
 const COMPACT: u8 = 0x40;
+/// With [`COMPACT`]: relative to exactly what the receiver last said
+/// (`compact.rs`, `exact`); sent only to peers that read it.
+const EXACT: u8 = 0x20;
 /// Messages shorter than this go as they are.
 const COMPRESS_FROM: usize = 256;
 /// The most a compressed message may open to (two datagrams' worth).
@@ -484,9 +487,12 @@ impl Sender {
         {
             let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
             let reads = self.compact_peers.reads(dest);
-            if let Some(c) = dirs.outgoing(dest, &body, Instant::now(), reads) {
+            if let Some((c, exact)) = dirs.outgoing(dest, &body, Instant::now(), reads) {
                 body = c;
                 flag |= COMPACT;
+                if exact {
+                    flag |= EXACT;
+                }
                 self.stats.compact.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -553,7 +559,11 @@ impl Receiver {
         }
         let compressed = h.part & COMPRESSED != 0;
         let compact = h.part & COMPACT != 0;
-        let whole = match h.part & !(COMPRESSED | COMPACT) {
+        let exact = h.part & EXACT != 0;
+        if exact && !compact {
+            return Err(Reject::Decode);
+        }
+        let whole = match h.part & !(COMPRESSED | COMPACT | EXACT) {
             WHOLE => body.to_vec(),
             FIRST => {
                 self.partial
@@ -587,7 +597,7 @@ impl Receiver {
         let whole = if compact {
             // A directory this node no longer remembers: undecodable (the
             // peer learns this node's current one from its next digest).
-            match dirs.expand(&whole, MAX_DECOMPRESSED) {
+            match dirs.expand(&whole, MAX_DECOMPRESSED, from, exact) {
                 Some(w) => w,
                 None => {
                     self.stats.compact_refused.fetch_add(1, Ordering::Relaxed);
@@ -694,7 +704,7 @@ mod tests {
             tx.dirs = dirs.clone();
             rx.dirs = dirs;
             tx.compact_peers
-                .replace(HashMap::from([(other, Reads::Compact13)]));
+                .replace(HashMap::from([(other, Reads::Exact)]));
             (tx, rx)
         };
         let (mut tx_a, mut rx_a) = node(a, b);
