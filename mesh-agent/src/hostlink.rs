@@ -61,13 +61,14 @@ pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, Ho
         return Err(HostLinkError::NotOurs);
     }
     let netlink = |what| move |source| HostLinkError::Netlink { what, source };
+    let macs = [mac(gateway, false), mac(gateway, true)];
     if !exists {
-        nl.request(&new_veth(mtu))
+        nl.request(&new_veth(mtu, macs))
             .map_err(netlink("creating the host link"))?;
     }
     // Up only once both ends exist (a veth cannot open without its peer).
-    for name in [NAME, PEER] {
-        nl.request(&set_link(name, mtu, true))
+    for (name, mac) in [NAME, PEER].into_iter().zip(macs) {
+        nl.request(&set_link(name, mtu, true, mac))
             .map_err(netlink("setting up the host link"))?;
     }
     let ifindex = crate::iface::index(NAME).map_err(|e| HostLinkError::Netlink {
@@ -96,6 +97,7 @@ pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, Ho
 
 // rtnetlink constants (linux/rtnetlink.h, linux/if_link.h); libc has the
 // message types and flags but not every attribute.
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
@@ -152,6 +154,9 @@ impl Msg {
     }
 
     fn end_nested(&mut self, at: usize) {
+        // Its length includes the padding of its last attribute, as the
+        // kernel's nla_nest_end counts it.
+        self.pad();
         let len = (self.buf.len() - at) as u16;
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
@@ -182,14 +187,28 @@ fn name_attr(m: &mut Msg, name: &str) {
     m.attr(IFLA_IFNAME, &bytes);
 }
 
+/// The host link's MAC (`peer`: its peer's), set by the agent, not left to
+/// the kernel: udev's `MACAddressPolicy=persistent` (Debian's default)
+/// replaces a new veth's random MAC moments after it is made, and the
+/// program addresses what it hands to the link to the MAC the agent read
+/// (frames to another MAC are not the host's and were dropped: found in
+/// the Vagrant VMs, where answers reached the link and never the socket).
+/// Locally administered, from the gateway address, so it stays the same
+/// across restarts.
+pub fn mac(gateway: Ipv4Addr, peer: bool) -> [u8; 6] {
+    let g = gateway.octets();
+    [if peer { 0x06 } else { 0x02 }, 0x6d, g[0], g[1], g[2], g[3]]
+}
+
 /// RTM_NEWLINK creating the veth pair, both ends without ARP, with `mtu`,
 /// down (see [`set_link`]).
-fn new_veth(mtu: u32) -> Vec<u8> {
+fn new_veth(mtu: u32, [mac, peer_mac]: [[u8; 6]; 2]) -> Vec<u8> {
     let flags =
         (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
     let mut m = Msg::new(libc::RTM_NEWLINK, flags, &ifinfo(false));
     name_attr(&mut m, NAME);
     m.attr(IFLA_MTU, &mtu.to_ne_bytes());
+    m.attr(IFLA_ADDRESS, &mac);
     let info = m.nested(IFLA_LINKINFO);
     m.attr(IFLA_INFO_KIND, b"veth");
     let data = m.nested(IFLA_INFO_DATA);
@@ -198,19 +217,21 @@ fn new_veth(mtu: u32) -> Vec<u8> {
     m.buf.extend_from_slice(&ifinfo(false));
     name_attr(&mut m, PEER);
     m.attr(IFLA_MTU, &mtu.to_ne_bytes());
+    m.attr(IFLA_ADDRESS, &peer_mac);
     m.end_nested(peer);
     m.end_nested(data);
     m.end_nested(info);
     m.finish()
 }
 
-/// RTM_NEWLINK for the existing link `name`: without ARP, `mtu`, up if
-/// `up`.
-fn set_link(name: &str, mtu: u32, up: bool) -> Vec<u8> {
+/// RTM_NEWLINK for the existing link `name`: without ARP, `mtu`, `mac`,
+/// up if `up`.
+fn set_link(name: &str, mtu: u32, up: bool, mac: [u8; 6]) -> Vec<u8> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     let mut m = Msg::new(libc::RTM_NEWLINK, flags, &ifinfo(up));
     name_attr(&mut m, name);
     m.attr(IFLA_MTU, &mtu.to_ne_bytes());
+    m.attr(IFLA_ADDRESS, &mac);
     m.finish()
 }
 
@@ -367,7 +388,8 @@ mod tests {
 
     #[test]
     fn the_veth_request_is_laid_out_as_rtnetlink_wants() {
-        let m = new_veth(1450);
+        let gw = Ipv4Addr::new(10, 42, 7, 1);
+        let m = new_veth(1450, [mac(gw, false), mac(gw, true)]);
         assert_eq!(u32_at(&m, 0) as usize, m.len());
         assert_eq!(m.len() % 4, 0);
         // Header 16, ifinfomsg 16 (no ARP, down), then IFLA_IFNAME
@@ -377,22 +399,26 @@ mod tests {
         assert_eq!(u16_at(&m, 32), 14);
         assert_eq!(u16_at(&m, 34), IFLA_IFNAME);
         assert_eq!(&m[36..46], b"mesh-host\0");
-        // IFLA_MTU.
+        // IFLA_MTU, IFLA_ADDRESS (4 + 6, padded to 12).
         assert_eq!(u16_at(&m, 50), IFLA_MTU);
         assert_eq!(u32_at(&m, 52), 1450);
+        assert_eq!((u16_at(&m, 56), u16_at(&m, 58)), (10, IFLA_ADDRESS));
+        assert_eq!(&m[60..66], &[0x02, 0x6d, 10, 42, 7, 1]);
         // IFLA_LINKINFO (nested) to the end: IFLA_INFO_KIND "veth" (4 + 4),
         // IFLA_INFO_DATA holding VETH_INFO_PEER: an ifinfomsg, the peer's
-        // name "mesh-host-p\0" (4 + 12) and MTU (8).
-        assert_eq!(u16_at(&m, 58), IFLA_LINKINFO | NLA_F_NESTED);
-        assert_eq!(u16_at(&m, 56) as usize, m.len() - 56);
-        assert_eq!(&m[64..68], b"veth");
-        assert_eq!(u16_at(&m, 70), IFLA_INFO_DATA | NLA_F_NESTED);
+        // name "mesh-host-p\0" (4 + 12), MTU (8) and MAC (12).
+        assert_eq!(u16_at(&m, 70), IFLA_LINKINFO | NLA_F_NESTED);
         assert_eq!(u16_at(&m, 68) as usize, m.len() - 68);
-        assert_eq!(u16_at(&m, 74), VETH_INFO_PEER | NLA_F_NESTED);
-        assert_eq!(u16_at(&m, 72), 4 + 16 + 16 + 8);
-        assert_eq!(u16_at(&m, 94), IFLA_IFNAME);
-        assert_eq!(&m[96..108], b"mesh-host-p\0");
-        assert_eq!(u32_at(&m, 112), 1450);
+        assert_eq!(&m[76..80], b"veth");
+        assert_eq!(u16_at(&m, 82), IFLA_INFO_DATA | NLA_F_NESTED);
+        assert_eq!(u16_at(&m, 80) as usize, m.len() - 80);
+        assert_eq!(u16_at(&m, 86), VETH_INFO_PEER | NLA_F_NESTED);
+        assert_eq!(u16_at(&m, 84), 4 + 16 + 16 + 8 + 12);
+        assert_eq!(u16_at(&m, 106), IFLA_IFNAME);
+        assert_eq!(&m[108..120], b"mesh-host-p\0");
+        assert_eq!(u32_at(&m, 124), 1450);
+        assert_eq!(&m[132..138], &[0x06, 0x6d, 10, 42, 7, 1]);
+        assert_eq!(m.len(), 140);
     }
 
     #[test]

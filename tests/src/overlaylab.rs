@@ -218,10 +218,14 @@ impl OverlayLab {
                 .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "1");
         }
         let ebpf = node.harness.ebpf_mut();
+        let netns = &node.node;
         let link = node.node.run(|| {
             let link = mesh_agent::hostlink::ensure(cluster, gateway, 1450)
                 .unwrap_or_else(|e| panic!("host link: {e}"));
-            // Twice: a restarted agent finds it in place.
+            assert_eq!(link.mac, mesh_agent::hostlink::mac(gateway, false));
+            // Someone (udev's MAC policy, on a host) changes its MAC; a
+            // restarted agent finds the link in place and sets it back.
+            netns.ip(&["link", "set", "mesh-host", "address", "02:00:00:00:00:99"]);
             let again = mesh_agent::hostlink::ensure(cluster, gateway, 1450)
                 .unwrap_or_else(|e| panic!("host link again: {e}"));
             assert_eq!(link, again, "the same link the second time");
