@@ -32,7 +32,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     hash::{BuildHasherDefault, Hasher},
-    net::IpAddr,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -202,7 +202,7 @@ struct PeerView {
 #[derive(Debug, Default)]
 pub struct Directories {
     recent: VecDeque<Directory>,
-    peers: HashMap<IpAddr, PeerView>,
+    peers: HashMap<SocketAddr, PeerView>,
     orders: Orders,
     /// Per node id, the largest heartbeat, GC version and max version of
     /// the digests this node sent (its own view, which peers see): what a
@@ -212,7 +212,7 @@ pub struct Directories {
     seen: FastMap<Box<[u8]>, [u64; 3]>,
     /// Per peer, the last digests this node sent it ([`SAID`]): what an
     /// exact digest from it is relative to.
-    said: HashMap<IpAddr, VecDeque<Said>>,
+    said: HashMap<SocketAddr, VecDeque<Said>>,
 }
 
 /// A digest this node sent a peer: its directory, its numbers in that
@@ -224,9 +224,10 @@ struct Said {
     numbers: Vec<[u32; 3]>,
 }
 
-/// Digests remembered per peer: the last, and the one before in case the
-/// peer answers that while the last is on its way.
-const SAID: usize = 2;
+/// Digests remembered per peer: the last few, in case the peer answers an
+/// earlier one while the later ones are on their way (in a small cluster
+/// two nodes exchange a SYN and a SYN-ACK each way every round).
+const SAID: usize = 4;
 
 /// A digest entry's numbers as references keep them (`u32::MAX`: too large).
 fn narrow(n: [u64; 3]) -> [u32; 3] {
@@ -250,7 +251,7 @@ impl Directories {
     /// enough and it is smaller so. One parse for both.
     pub fn outgoing(
         &mut self,
-        peer: IpAddr,
+        peer: SocketAddr,
         body: &[u8],
         now: Instant,
         reads: Reads,
@@ -314,7 +315,7 @@ impl Directories {
     }
 
     /// Remembers a digest `peer` sent (received at `now`).
-    pub fn note_from(&mut self, peer: IpAddr, body: &[u8], now: Instant) {
+    pub fn note_from(&mut self, peer: SocketAddr, body: &[u8], now: Instant) {
         let Some((_, entries, _)) = digest_of(body) else {
             return;
         };
@@ -342,7 +343,7 @@ impl Directories {
     /// `now`, when it knows enough and it is smaller so.
     pub fn compact_for(
         &self,
-        peer: IpAddr,
+        peer: SocketAddr,
         body: &[u8],
         now: Instant,
         reads: Reads,
@@ -352,7 +353,7 @@ impl Directories {
 
     fn relative(
         &self,
-        peer: IpAddr,
+        peer: SocketAddr,
         body: &[u8],
         digest: &Digest<'_>,
         now: Instant,
@@ -374,9 +375,17 @@ impl Directories {
     /// A compact message back in chitchat's bytes (`None`: not one, a
     /// directory or a node this node does not know, numbers that do not
     /// check out, or more than `max` bytes).
+    /// After a compact message from `peer` was refused: forget what it
+    /// said, so this node's next message to it goes whole. Otherwise two
+    /// nodes whose views of each other went stale (each refusing the
+    /// other's exact digests, so neither view moves) would stay so.
+    pub fn refused_from(&mut self, peer: SocketAddr) {
+        self.peers.remove(&peer);
+    }
+
     /// `exact`: relative to a digest this node sent `from` (the
     /// transport's flag says so).
-    pub fn expand(&self, c: &[u8], max: usize, from: IpAddr, exact: bool) -> Option<Vec<u8>> {
+    pub fn expand(&self, c: &[u8], max: usize, from: SocketAddr, exact: bool) -> Option<Vec<u8>> {
         let hash = u64::from_le_bytes(c.get(HEAD..HEAD + 8)?.try_into().ok()?);
         let said = if exact {
             let check = u32::from_le_bytes(c.get(HEAD + 12..HEAD + 16)?.try_into().ok()?);
@@ -786,9 +795,15 @@ pub(crate) fn refs(v: &[(String, u64, u8, u64)]) -> Vec<(&str, u64, u8, u64)> {
 mod tests {
     use super::*;
 
-    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 2));
+    const PEER: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 2)),
+        7946,
+    );
     /// The other end: what the peer knows this node as.
-    const ME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 1));
+    const ME: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 91, 1)),
+        7946,
+    );
 
     /// A digest's entries as a set.
     type Set = Vec<(Vec<u8>, [u64; 3])>;
@@ -886,7 +901,8 @@ mod tests {
             assert_eq!(b.expand(&c, body.len() - 1, ME, exact), None);
             assert!(b.expand(&c, body.len(), ME, exact).is_some());
             // Not relative to what it said to another node.
-            let other: IpAddr = "192.168.91.9".parse().expect("ip");
+            // The same address, another port: another node.
+            let other = SocketAddr::new(ME.ip(), 7947);
             assert_eq!(b.expand(&c, 1 << 20, other, exact).is_some(), !exact);
         }
     }
@@ -921,8 +937,11 @@ mod tests {
         // the one it answers.
         b.outgoing(ME, &message(SYN, &refs(&said(1)), b""), t0, Reads::Exact);
         assert!(same(b.expand(&c, 1 << 20, ME, true), &body));
-        // Two newer: that one is forgotten; refused, never read wrong.
-        b.outgoing(ME, &message(SYN, &refs(&said(3)), b""), t0, Reads::Exact);
+        // SAID newer ones: that one is forgotten; refused, never read wrong.
+        for plus in 10..10 + SAID as u64 - 1 {
+            assert!(same(b.expand(&c, 1 << 20, ME, true), &body));
+            b.outgoing(ME, &message(SYN, &refs(&said(plus)), b""), t0, Reads::Exact);
+        }
         assert_eq!(b.expand(&c, 1 << 20, ME, true), None);
     }
 

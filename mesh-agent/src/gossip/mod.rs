@@ -130,7 +130,7 @@ pub async fn start(
             let Some(chitchat) = state.upgrade() else {
                 break;
             };
-            let (mut ips, readers): (HashSet<IpAddr>, HashMap<IpAddr, Reads>) = {
+            let (mut ips, readers): (HashSet<IpAddr>, HashMap<SocketAddr, Reads>) = {
                 let guard = chitchat.lock().await;
                 let states = guard.node_states();
                 (
@@ -140,7 +140,7 @@ pub async fn start(
                         .collect(),
                     states
                         .iter()
-                        .map(|(id, s)| (id.gossip_advertise_addr.ip(), reads(s.get(COMPACT_KEY))))
+                        .map(|(id, s)| (id.gossip_advertise_addr, reads(s.get(COMPACT_KEY))))
                         .filter(|(_, r)| *r != Reads::Chitchat)
                         .collect(),
                 )

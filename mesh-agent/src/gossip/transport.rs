@@ -163,22 +163,23 @@ impl KnownPeers {
     }
 }
 
-/// What each peer reads of compact digests (by its gossip address; absent:
+/// What each peer reads of compact digests (by its gossip address and
+/// port: nodes may share an address; absent:
 /// chitchat's messages only).
 #[derive(Default)]
-pub struct Readers(RwLock<HashMap<IpAddr, Reads>>);
+pub struct Readers(RwLock<HashMap<SocketAddr, Reads>>);
 
 impl Readers {
-    pub fn reads(&self, ip: IpAddr) -> Reads {
+    pub fn reads(&self, peer: SocketAddr) -> Reads {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&ip)
+            .get(&peer)
             .copied()
             .unwrap_or(Reads::Chitchat)
     }
 
-    pub fn replace(&self, readers: HashMap<IpAddr, Reads>) {
+    pub fn replace(&self, readers: HashMap<SocketAddr, Reads>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = readers;
     }
 }
@@ -410,7 +411,7 @@ impl Socket for SealedSocket {
             }
             m
         };
-        for datagram in self.tx.seal(to.ip(), &msg)? {
+        for datagram in self.tx.seal(to, &msg)? {
             // A send failure is transient (a peer gone, no route yet).
             if self.socket.send_to(&datagram, to).await.is_ok() {
                 self.tx.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +434,7 @@ impl Socket for SealedSocket {
                 }
             };
             let stats = self.rx.stats.clone();
-            match self.rx.accept(from.ip(), &self.buf[..len]) {
+            match self.rx.accept(from, &self.buf[..len]) {
                 Ok(Some(msg)) => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     stats
@@ -480,14 +481,15 @@ impl Sender {
 
     /// The datagrams that carry `msg` to `dest`: one, or two when it does
     /// not fit one once sealed (none, counted, beyond that).
-    fn seal(&mut self, dest: IpAddr, msg: &ChitchatMessage) -> anyhow::Result<Vec<Vec<u8>>> {
+    fn seal(&mut self, to: SocketAddr, msg: &ChitchatMessage) -> anyhow::Result<Vec<Vec<u8>>> {
+        let dest = to.ip();
         let mut body = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut body);
         let mut flag = 0;
         {
             let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            let reads = self.compact_peers.reads(dest);
-            if let Some((c, exact)) = dirs.outgoing(dest, &body, Instant::now(), reads) {
+            let reads = self.compact_peers.reads(to);
+            if let Some((c, exact)) = dirs.outgoing(to, &body, Instant::now(), reads) {
                 body = c;
                 flag |= COMPACT;
                 if exact {
@@ -546,7 +548,11 @@ impl Receiver {
 
     /// One datagram from `from`: a message, half of one (None), or why it
     /// is dropped.
-    fn accept(&mut self, from: IpAddr, datagram: &[u8]) -> Result<Option<ChitchatMessage>, Reject> {
+    fn accept(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<Option<ChitchatMessage>, Reject> {
         let plain = open(&self.cipher, datagram)?;
         let (h, body) = Header::read(&plain).ok_or(Reject::Decode)?;
         if !self.local.owns(h.dest) {
@@ -600,6 +606,7 @@ impl Receiver {
             match dirs.expand(&whole, MAX_DECOMPRESSED, from, exact) {
                 Some(w) => w,
                 None => {
+                    dirs.refused_from(from);
                     self.stats.compact_refused.fetch_add(1, Ordering::Relaxed);
                     return Err(Reject::Decode);
                 }
@@ -648,7 +655,8 @@ mod tests {
     use super::*;
 
     /// The sender of the datagrams in these tests.
-    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9));
+    const PEER: SocketAddr =
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9)), 7000);
 
     #[test]
     fn keys_from_files() {
@@ -677,7 +685,8 @@ mod tests {
     }
 
     fn one(tx: &mut Sender, dest: &str, msg: &ChitchatMessage) -> Vec<u8> {
-        let mut d = tx.seal(dest.parse().expect("ip"), msg).expect("seal");
+        let to = SocketAddr::new(dest.parse().expect("ip"), 7000);
+        let mut d = tx.seal(to, msg).expect("seal");
         assert_eq!(d.len(), 1);
         d.remove(0)
     }
@@ -692,14 +701,14 @@ mod tests {
     fn digests_go_compact_to_peers_that_read_them() {
         use crate::gossip::compact::{cluster, message, refs};
         let key = [7u8; 32];
-        let (a, b): (IpAddr, IpAddr) = (
-            "127.0.0.1".parse().expect("ip"),
-            "127.0.0.2".parse().expect("ip"),
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:7000".parse().expect("addr"),
+            "127.0.0.2:7000".parse().expect("addr"),
         );
         // Two nodes, each a sender and a receiver sharing its directories;
         // each reads compact digests and knows the other does.
-        let node = |me: IpAddr, other: IpAddr| {
-            let (mut tx, mut rx) = pair(key, &me.to_string());
+        let node = |me: SocketAddr, other: SocketAddr| {
+            let (mut tx, mut rx) = pair(key, &me.ip().to_string());
             let dirs = Arc::new(Mutex::new(Directories::default()));
             tx.dirs = dirs.clone();
             rx.dirs = dirs;
@@ -820,7 +829,7 @@ mod tests {
         };
         assert!(msg.serialized_len() > MAX_PART);
         let parts = tx
-            .seal("127.0.0.1".parse().expect("ip"), &msg)
+            .seal("127.0.0.1:7000".parse().expect("addr"), &msg)
             .expect("seal");
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|d| d.len() <= MAX_DATAGRAM));
@@ -832,7 +841,7 @@ mod tests {
             digest: Default::default(),
         };
         let parts = tx
-            .seal("127.0.0.1".parse().expect("ip"), &again)
+            .seal("127.0.0.1:7000".parse().expect("addr"), &again)
             .expect("seal");
         assert_eq!(rx.accept(PEER, &parts[1]).err(), Some(Reject::Decode));
         assert_eq!(tx.stats.split.load(Ordering::Relaxed), 2);
