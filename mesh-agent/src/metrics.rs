@@ -136,6 +136,12 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
         );
         out.push_str("# HELP mesh_gossip_compact_total Gossip messages sent with a digest relative to the peer's directory.\n# TYPE mesh_gossip_compact_total counter\n");
         let _ = writeln!(out, "mesh_gossip_compact_total {}", g.compact.load(Relaxed));
+        out.push_str("# HELP mesh_gossip_compact_exact_total Of those, digests relative to exactly what the peer last said.\n# TYPE mesh_gossip_compact_exact_total counter\n");
+        let _ = writeln!(
+            out,
+            "mesh_gossip_compact_exact_total {}",
+            g.compact_exact.load(Relaxed)
+        );
         out.push_str("# HELP mesh_gossip_compact_refused_total Compact gossip digests received that did not read back (dropped).\n# TYPE mesh_gossip_compact_refused_total counter\n");
         let _ = writeln!(
             out,

@@ -458,8 +458,9 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
         ms(dead_max)
     );
     println!(
-        "compact digests sent {}, refused on receipt {} (dropped: a directory no longer known, or numbers that failed the check)",
+        "compact digests sent {} ({} exact: relative to what the peer last said), refused on receipt {} (dropped: a directory or reference no longer known, or numbers that failed the check)",
         compact(&nodes),
+        total(&nodes, |s| &s.compact_exact),
         refused(&nodes)
     );
     // A timeout is recorded as an unbounded time: say so, not a ratio.

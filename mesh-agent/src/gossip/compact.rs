@@ -467,10 +467,12 @@ pub enum Reads {
 /// Then an unchanged GC or max version costs nothing, and a heartbeat only
 /// the difference: 0-3 rounds in an answer, the rounds since the peer last
 /// spoke in a SYN, nearly the same for every node, so the bytes compress.
-/// Per entry a first byte: [`exact::PRESENT`], the heartbeat's form (bits
-/// 1-2: the difference in bits 5-7, zigzag; a zigzag varint follows; the
-/// whole heartbeat follows), [`exact::SAME_GC`], [`exact::SAME_MAX`]; then
-/// what it says follows, in that order.
+/// After the reference's check, the difference most heartbeats share (a
+/// zigzag varint: the rounds since the peer spoke). Per entry a first byte:
+/// [`exact::PRESENT`], the heartbeat's form (bits 1-2: its difference from
+/// the shared one in bits 5-7, zigzag; a zigzag varint follows; the whole
+/// heartbeat follows), [`exact::SAME_GC`], [`exact::SAME_MAX`]; then what
+/// it says follows, in that order.
 mod exact {
     pub const PRESENT: u8 = 1;
     pub const HB_SHIFT: u8 = 1;
@@ -497,15 +499,35 @@ fn ref_check(numbers: &[[u32; 3]]) -> u32 {
     check(&wide)
 }
 
-/// One entry relative to `r` (what the peer said of that node).
-fn put_exact(out: &mut Vec<u8>, [hb, gc, max]: [u64; 3], r: [u32; 3]) {
+/// The heartbeat difference most entries share: the rounds since the
+/// peer spoke (the median of the differences to what it said). Sent once;
+/// each entry then says how far it is from it, mostly a few rounds.
+fn common_difference(values: &[Option<[u64; 3]>], said: &[[u32; 3]]) -> i64 {
+    let mut d: Vec<i64> = values
+        .iter()
+        .zip(said)
+        .filter_map(|(n, r)| {
+            let (hb, rh) = ((*n)?[0], r[0]);
+            (rh != u32::MAX && hb.abs_diff(rh as u64) < 1 << 40).then(|| hb as i64 - rh as i64)
+        })
+        .collect();
+    if d.is_empty() {
+        return 0;
+    }
+    let mid = d.len() / 2;
+    *d.select_nth_unstable(mid).1
+}
+
+/// One entry relative to `r` (what the peer said of that node), its
+/// heartbeat relative to `r`'s plus `base`.
+fn put_exact(out: &mut Vec<u8>, [hb, gc, max]: [u64; 3], r: [u32; 3], base: i64) {
     use exact::*;
     let known = |x: u32| (x != u32::MAX).then_some(x as u64);
     let mut tag = PRESENT;
     let mut tail = Vec::new();
     match known(r[0]).filter(|rh| hb.abs_diff(*rh) < 1 << 40) {
         Some(rh) => {
-            let z = zigzag(hb as i64 - rh as i64);
+            let z = zigzag(hb as i64 - rh as i64 - base);
             if z < 8 {
                 tag |= HB_SMALL << HB_SHIFT | (z as u8) << SMALL_SHIFT;
             } else {
@@ -534,14 +556,14 @@ fn put_exact(out: &mut Vec<u8>, [hb, gc, max]: [u64; 3], r: [u32; 3]) {
 
 /// One entry of an exact digest whose first byte was `tag`, relative to
 /// `r`; `at` moves past it.
-fn read_exact(c: &[u8], at: &mut usize, tag: u8, r: [u32; 3]) -> Option<[u64; 3]> {
+fn read_exact(c: &[u8], at: &mut usize, tag: u8, r: [u32; 3], base: i64) -> Option<[u64; 3]> {
     use exact::*;
     let known = |x: u32| (x != u32::MAX).then_some(x as u64);
     let form = (tag >> HB_SHIFT) & 3;
     if tag & PRESENT == 0 || (form != HB_SMALL && tag >> SMALL_SHIFT != 0) {
         return None;
     }
-    let plus = |z: u64| known(r[0])?.checked_add_signed(unzigzag(z));
+    let plus = |z: u64| known(r[0])?.checked_add_signed(unzigzag(z).checked_add(base)?);
     let hb = match form {
         HB_SMALL => plus((tag >> SMALL_SHIFT) as u64)?,
         HB_DELTA => plus(varint(c, at)?)?,
@@ -622,13 +644,19 @@ fn compact(
     let present: Vec<[u64; 3]> = values.iter().flatten().copied().collect();
     out.extend_from_slice(&check(&present).to_le_bytes());
     let exact = reads == Reads::Exact && age < FRESH;
+    let base = if exact {
+        common_difference(&values, &v.numbers)
+    } else {
+        0
+    };
     if exact {
         out.extend_from_slice(&ref_check(&v.numbers).to_le_bytes());
+        put_varint(&mut out, zigzag(base));
     }
     for (i, n) in values.iter().enumerate() {
         if exact {
             match *n {
-                Some(n) => put_exact(&mut out, n, v.numbers[i]),
+                Some(n) => put_exact(&mut out, n, v.numbers[i], base),
                 None => out.push(0),
             }
             continue;
@@ -677,7 +705,14 @@ fn expand(
         return None;
     }
     let want = u32::from_le_bytes(c.get(HEAD + 8..HEAD + 12)?.try_into().ok()?);
-    let mut at = HEAD + 12 + if said.is_some() { 4 } else { 0 };
+    let mut at = HEAD + 12;
+    let base = match said {
+        Some(_) => {
+            at += 4;
+            unzigzag(varint(c, &mut at)?)
+        }
+        None => 0,
+    };
     let mut entries: Vec<u8> = Vec::new();
     let mut present: Vec<[u64; 3]> = Vec::new();
     for (i, id) in d.ids.iter().enumerate() {
@@ -687,7 +722,7 @@ fn expand(
             continue;
         }
         if let Some(r) = said {
-            let [hb, gc, mx] = read_exact(c, &mut at, tag, *r.get(i)?)?;
+            let [hb, gc, mx] = read_exact(c, &mut at, tag, *r.get(i)?, base)?;
             entries.extend_from_slice(id);
             for n in [hb, gc, mx] {
                 entries.extend_from_slice(&n.to_le_bytes());
@@ -1026,8 +1061,15 @@ mod tests {
             ("2 hours", 16_000),
             ("10 days", 2_000_000),
         ] {
+            // Ours: 30 rounds on (the peer spoke 13 s ago), each node's
+            // heartbeat a few rounds either way (gossip reached us and the
+            // peer at different times).
             let theirs = spread(200, up, 0);
-            let ours = spread(200, up, 5);
+            let ours: Vec<_> = theirs
+                .iter()
+                .enumerate()
+                .map(|(i, (a, b, c, d))| (a.clone(), *b, *c, d + 28 + (i * 7 % 5) as u64))
+                .collect();
             let mut line = String::new();
             for reads in [Reads::Compact, Reads::Compact13, Reads::Exact] {
                 let (body, reply, _, read) = exchange(&theirs, &ours, Duration::ZERO, reads);

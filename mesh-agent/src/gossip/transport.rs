@@ -140,6 +140,8 @@ pub struct GossipStats {
     pub withheld: AtomicU64,
     /// Messages sent with a compact digest.
     pub compact: AtomicU64,
+    /// Of those, exact ones (relative to what the peer last said).
+    pub compact_exact: AtomicU64,
     /// Compact digests received that did not read back (a directory no
     /// longer known, or numbers that failed the check): dropped.
     pub compact_refused: AtomicU64,
@@ -494,6 +496,7 @@ impl Sender {
                 flag |= COMPACT;
                 if exact {
                     flag |= EXACT;
+                    self.stats.compact_exact.fetch_add(1, Ordering::Relaxed);
                 }
                 self.stats.compact.fetch_add(1, Ordering::Relaxed);
             }
