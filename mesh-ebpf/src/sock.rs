@@ -46,6 +46,8 @@ fn pick(
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
+    // A VIP's port that no service has falls through to the published
+    // ports, which never match a VIP.
     if config.may_be_vip(ip_be)
         && let Some(to) = vip(ip_be, port_be, proto, hash)
     {
@@ -109,8 +111,6 @@ fn vip(ip_be: u32, port_be: u16, proto: u8, hash: u32) -> Option<((u32, u16), Ki
         bump(Stat::SockNoBackend);
         return None;
     };
-    // A VIP's port that no service has falls through to the published
-    // ports, which never match a VIP.
     let reachable = b.ifindex != 0
         || tunnel::local().is_some_and(|l| {
             l.host_ifindex != 0

@@ -656,7 +656,10 @@ fn compact(
     for (i, n) in values.iter().enumerate() {
         if exact {
             match *n {
-                Some(n) => put_exact(&mut out, n, v.numbers[i], base),
+                Some(n) => {
+                    let r = v.numbers.get(i).copied().unwrap_or([u32::MAX; 3]);
+                    put_exact(&mut out, n, r, base)
+                }
                 None => out.push(0),
             }
             continue;
