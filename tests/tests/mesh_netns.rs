@@ -511,6 +511,58 @@ fn ask_from(
     (names, failed)
 }
 
+/// Attaches the socket programs of `node` to cgroup `cg` and tells them
+/// the node's namespace is the host's, as the agent does.
+fn balance_sockets(node: &mut NodeNs, cg: &TestCgroup) {
+    let used = mesh_agent::dataplane::sockets::attach(node.harness.ebpf_mut(), &cg.path, &cg.bpffs)
+        .unwrap_or_else(|e| panic!("attaching the socket programs: {e}"));
+    assert_eq!(used, cg.path);
+    let cookie = node
+        .node
+        .run(mesh_agent::dataplane::sockets::netns_cookie)
+        .expect("netns cookie");
+    let mut config = mesh_tests::harness::VIP_RANGE
+        .parse::<mesh_agent::vip::Cidr>()
+        .expect("range")
+        .config();
+    config.host_netns_cookie = cookie;
+    node.harness.overlay.set_config(&config).expect("config");
+}
+
+/// Appends or inserts (`-A`, `-I`) a rule to the NAT table's POSTROUTING
+/// chain in `ns`.
+fn nat_rule(ns: &Netns, how: &str, rule: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "iptables",
+            "-t",
+            "nat",
+            how,
+            "POSTROUTING",
+        ])
+        .args(rule)
+        .output()
+        .expect("iptables runs");
+    assert!(out.status.success(), "{rule:?}: {out:?}");
+}
+
+/// Five datagrams from `from` to `to`; node `node`'s counters before and
+/// after.
+fn five_datagrams(from: &Netns, to: SocketAddr, node: &NodeNs) -> (Vec<u64>, Vec<u64>) {
+    let before = counters(node);
+    from.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("socket");
+        for _ in 0..5 {
+            s.send_to(b"in?", to).expect("sent");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    (before, counters(node))
+}
+
 /// A process on node 1 itself (its namespace, as the host's own `curl`)
 /// calling a published port on localhost or on node 1's own address: no
 /// packet crosses the NIC, so XDP never sees it; the cgroup connect4
@@ -525,21 +577,7 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
     ];
     publish(&mut lab);
     let cg = TestCgroup::new();
-    let node1 = &mut lab.nodes[0];
-    let used =
-        mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &cg.bpffs)
-            .unwrap_or_else(|e| panic!("attaching connect4: {e}"));
-    assert_eq!(used, cg.path);
-    let cookie = node1
-        .node
-        .run(mesh_agent::dataplane::sockets::netns_cookie)
-        .expect("netns cookie");
-    let mut config = mesh_tests::harness::VIP_RANGE
-        .parse::<mesh_agent::vip::Cidr>()
-        .expect("range")
-        .config();
-    config.host_netns_cookie = cookie;
-    node1.harness.overlay.set_config(&config).expect("config");
+    balance_sockets(&mut lab.nodes[0], &cg);
     let before = counters(&lab.nodes[0]);
     let here = lab.nodes[0].underlay_ip;
     let node_ns = &lab.nodes[0].node;
@@ -610,36 +648,15 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
     publish(&mut lab);
     // Docker's masquerade rule for a bridge network, which the host's own
     // packets from the gateway address meet on their way out.
-    let masquerade = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.nodes[0].node.name,
-            "iptables",
-            "-t",
-            "nat",
-        ])
-        .args(["-A", "POSTROUTING", "-s", "10.42.1.0/24", "!", "-o", "br0"])
-        .args(["-j", "MASQUERADE"])
-        .output()
-        .expect("iptables runs");
-    assert!(masquerade.status.success(), "{masquerade:?}");
+    nat_rule(
+        &lab.nodes[0].node,
+        "-A",
+        &["-s", "10.42.1.0/24", "!", "-o", "br0", "-j", "MASQUERADE"],
+    );
     let link = lab.host_link(0);
     println!("node 1's host link: {link:?}");
     let cg = TestCgroup::new();
-    let node1 = &mut lab.nodes[0];
-    mesh_agent::dataplane::sockets::attach(node1.harness.ebpf_mut(), &cg.path, &cg.bpffs)
-        .unwrap_or_else(|e| panic!("attaching the socket programs: {e}"));
-    let cookie = node1
-        .node
-        .run(mesh_agent::dataplane::sockets::netns_cookie)
-        .expect("netns cookie");
-    let mut config = mesh_tests::harness::VIP_RANGE
-        .parse::<mesh_agent::vip::Cidr>()
-        .expect("range")
-        .config();
-    config.host_netns_cookie = cookie;
-    node1.harness.overlay.set_config(&config).expect("config");
+    balance_sockets(&mut lab.nodes[0], &cg);
     let before = [counters(&lab.nodes[0]), counters(&lab.nodes[1])];
     // TCP (connect4) and UDP from unconnected sockets (sendmsg4; whoami
     // counts an answer from any other address than the VIP as failed).
@@ -677,16 +694,8 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
     lab.nodes[0]
         .node
         .sysctl("net.ipv4.conf.all.forwarding", "1");
-    let before = counters(&lab.nodes[0]);
-    outside.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("socket");
-        for _ in 0..5 {
-            s.send_to(b"in?", (lab.nodes[1].container_ip(), UDP_PORT))
-                .expect("sent");
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let after = counters(&lab.nodes[0]);
+    let there = SocketAddr::from((lab.nodes[1].container_ip(), UDP_PORT));
+    let (before, after) = five_datagrams(&outside, there, &lab.nodes[0]);
     let spoofed = after[Stat::HostSpoofed as usize] - before[Stat::HostSpoofed as usize];
     println!("an outside client's packets through node 1's host link: host_spoofed +{spoofed}");
     assert_eq!(spoofed, 5, "each dropped and counted");
@@ -697,30 +706,19 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
     );
     // Masqueraded to the host link's own address (as Docker masquerades a
     // default-bridge container's packets), they are still not the host's.
-    let masquerade = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.nodes[0].node.name,
-            "iptables",
-            "-t",
-            "nat",
-        ])
-        .args(["-I", "POSTROUTING", "-s", "192.168.77.0/24", "-o"])
-        .args([mesh_agent::hostlink::NAME, "-j", "MASQUERADE"])
-        .output()
-        .expect("iptables runs");
-    assert!(masquerade.status.success(), "{masquerade:?}");
-    let before = counters(&lab.nodes[0]);
-    outside.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("socket");
-        for _ in 0..5 {
-            s.send_to(b"in?", (lab.nodes[1].container_ip(), UDP_PORT))
-                .expect("sent");
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let after = counters(&lab.nodes[0]);
+    nat_rule(
+        &lab.nodes[0].node,
+        "-I",
+        &[
+            "-s",
+            "192.168.77.0/24",
+            "-o",
+            mesh_agent::hostlink::NAME,
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    let (before, after) = five_datagrams(&outside, there, &lab.nodes[0]);
     let moved = |s: Stat| after[s as usize] - before[s as usize];
     println!(
         "masqueraded to the host's address: host_forwarded +{}, host_spoofed +{}",
