@@ -25,6 +25,14 @@ pubkey=${VAGRANT_PUBKEY:-$( (find /usr/share/rubygems-integration /usr/share/vag
 
 root=$out/rootfs
 rm -rf "$root" && mkdir -p "$root"
+# The root tree (about 1.3 GB) and then its disk image are on this disk at
+# once: say so plainly rather than fail in the middle of apt.
+need_kb=$((3 * 1024 * 1024))
+free_kb=$(df -Pk "$out" | awk 'NR == 2 { print $4 }')
+if [ "$free_kb" -lt "$need_kb" ]; then
+    echo "build-box: needs 3 GB free in $out, has $((free_kb / 1024)) MB" >&2
+    exit 1
+fi
 cleanup() {
     for m in dev/pts dev proc sys; do umount -l "$root/$m" 2>/dev/null || true; done
 }
@@ -107,6 +115,7 @@ echo "build-box: disk image (ext4, $size)"
 rm -f "$out/disk.raw" "$out/box.img"
 truncate -s "$size" "$out/disk.raw"
 mkfs.ext4 -q -F -L root -d "$root" "$out/disk.raw"
+rm -rf "$root"
 qemu-img convert -O qcow2 "$out/disk.raw" "$out/box.img"
 rm -f "$out/disk.raw"
 virtual=$(qemu-img info --output=json "$out/box.img" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p' | head -1)
@@ -122,5 +131,4 @@ end
 VF
 tar -C "$out" -cf "$out/mesh.box" metadata.json Vagrantfile box.img
 rm -f "$out/box.img"
-rm -rf "$root"
 echo "build-box: $out/mesh.box ($(du -h "$out/mesh.box" | cut -f1)), kernel $kernel, in $(( $(date +%s) - start )) s"

@@ -176,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
             let agent = target_dir()
                 .join(mesh_lab::image::PROFILE)
                 .join("mesh-agent");
+            disk_report();
             // Last, so its summary closes the output.
             cmd::Cmd::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .args(["nextest", "run", "--no-fail-fast"])
@@ -236,6 +237,29 @@ fn image() -> Result<mesh_lab::image::Release> {
         r.tarball.display()
     );
     Ok(r)
+}
+
+/// One line on the disk the run writes to: the target directory's size
+/// and what is left for the tests (the Vagrant box needs 3 GB of it). A
+/// report, never a failure.
+fn disk_report() {
+    let target = target_dir();
+    let used = cmd::Cmd::new("du").args(["-sh"]).args([&target]).output();
+    let free = cmd::Cmd::new("df")
+        .args(["-h", "--output=avail"])
+        .args([&target])
+        .output();
+    let first = |r: Result<String>, n: usize| {
+        r.ok()
+            .and_then(|s| s.split_whitespace().nth(n).map(str::to_string))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!(
+        "disk: target {} in {}, {} free",
+        first(used, 0),
+        target.display(),
+        first(free, 1)
+    );
 }
 
 fn lint() -> Result<()> {
