@@ -95,53 +95,146 @@ struct Node {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The agent's control plane minus Docker and the kernel: on every
-/// membership change, vet the peers, compute the desired state, plan and
-/// apply it to the fake maps.
-async fn control_plane(
+/// What one agent's control plane keeps between passes, minus Docker and
+/// the kernel: the VIPs, what its maps hold (the fake writer) and its
+/// gossip decoder.
+struct ControlPlane {
     me: String,
     claim: Claim,
-    mut live: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
-    maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
-) {
-    let (containers, draining, veths) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
-    let vip_cidr: Cidr = "10.43.0.0/16".parse().expect("cidr");
-    let mut vips = BTreeMap::new();
-    let mut actual = Actual::default();
-    let mut fake = FakeLb::default();
-    while live.changed().await.is_ok() {
-        let t = Instant::now();
-        let mut step = t;
+    vips: BTreeMap<String, Ipv4Addr>,
+    actual: Actual,
+    fake: FakeLb,
+    decoder: peers::Decoder,
+}
+
+impl ControlPlane {
+    fn new(me: String, claim: Claim) -> Self {
+        ControlPlane {
+            me,
+            claim,
+            vips: BTreeMap::new(),
+            actual: Actual::default(),
+            fake: FakeLb::default(),
+            decoder: peers::Decoder::default(),
+        }
+    }
+
+    /// One pass as the agent runs it: decode and vet the peers, compute
+    /// the desired state, plan and apply it. The time of each step (ns).
+    fn pass(&mut self, live: &BTreeMap<ChitchatId, NodeState>) -> [u64; 4] {
+        let (containers, draining, veths) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
+        let vip_cidr: Cidr = "10.43.0.0/16".parse().expect("cidr");
+        let mut steps = [0u64; 4];
+        let mut step = Instant::now();
         let mut lap = |i: usize| {
-            STEP_NS[i].fetch_add(step.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            steps[i] = step.elapsed().as_nanos() as u64;
             step = Instant::now();
         };
-        let decoded = peers::from_states(&me, &live.borrow_and_update());
+        let decoded = self.decoder.peers(&self.me, live);
         lap(0);
-        let vetted = authority::vet(decoded, cluster(), Some(&claim));
+        let vetted = authority::vet(decoded, cluster(), Some(&self.claim));
         lap(1);
         let st = mesh_agent::desired::compute(&mesh_agent::desired::Inputs {
             containers: &containers,
             draining: &draining,
             veths: &veths,
             peers: &vetted.peers,
-            vips: &vips,
+            vips: &self.vips,
             vip_cidr,
         });
-        vips = st.vips.clone();
+        self.vips = st.vips;
         lap(2);
-        let plan = reconcile::plan(&st.lb, &actual);
-        let _ = reconcile::apply(&plan, &mut fake, &mut actual);
+        let plan = reconcile::plan(&st.lb, &self.actual);
+        let _ = reconcile::apply(&plan, &mut self.fake, &mut self.actual);
         lap(3);
-        let now: HashSet<Ipv4Addr> = fake
+        steps
+    }
+
+    /// The backend addresses in its maps.
+    fn backends(&self) -> HashSet<Ipv4Addr> {
+        self.fake
             .backends
             .values()
             .map(|b| Ipv4Addr::from(u32::from_be(b.ip_be)))
-            .collect();
-        *maps.lock().expect("maps") = now;
+            .collect()
+    }
+}
+
+/// The control plane's task: a pass on every membership change.
+async fn control_plane(
+    mut cp: ControlPlane,
+    mut live: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
+) {
+    while live.changed().await.is_ok() {
+        let t = Instant::now();
+        let steps = cp.pass(&live.borrow_and_update());
+        for (total, ns) in STEP_NS.iter().zip(steps) {
+            total.fetch_add(ns, Ordering::Relaxed);
+        }
+        *maps.lock().expect("maps") = cp.backends();
         PASSES.fetch_add(1, Ordering::Relaxed);
         PASS_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+}
+
+/// The keys node `i` publishes, with `endpoints` endpoints.
+fn keys(i: usize, claim: &Claim, endpoints: usize) -> Vec<(String, String)> {
+    let mut kvs = vec![
+        (peers::KEY_UNDERLAY.to_string(), addr(i).to_string()),
+        (
+            peers::KEY_MAC.to_string(),
+            format!("02:00:00:00:00:{:02x}", i),
+        ),
+        (peers::KEY_SUBNET.to_string(), subnet::encode(claim)),
+    ];
+    kvs.extend((0..endpoints).map(|j| kv(&endpoint(i, j))));
+    kvs
+}
+
+fn claim(i: usize) -> Claim {
+    Claim {
+        node: format!("node{i}"),
+        index: i as u32,
+        since_ms: i as u64,
+    }
+}
+
+/// The cost of one pass on its own, without gossip or the other nodes on
+/// the cores: node 1's view of `n - 1` peers of `e` endpoints each (their
+/// states made directly), where each pass follows one new endpoint on one
+/// peer, as under churn. Average of `passes` passes, per step (ms).
+fn one_pass(n: usize, e: usize, passes: usize) -> (f64, [f64; 4]) {
+    let mut live = BTreeMap::new();
+    for i in 2..=n {
+        let id = ChitchatId::new(format!("node{i}"), 1, SocketAddr::new(addr(i).into(), 7000));
+        let mut state = NodeState::for_test();
+        for (k, v) in keys(i, &claim(i), e) {
+            state.set(k, v);
+        }
+        live.insert(id, state);
+    }
+    let mut cp = ControlPlane::new("node1".into(), claim(1));
+    cp.pass(&live);
+    let mut sum = [0u64; 4];
+    let t = Instant::now();
+    for k in 0..passes {
+        let at = 2 + (k * 7919) % (n - 1);
+        let mut ep = endpoint(at, 0);
+        ep.ip = Ipv4Addr::new(10, 42, at as u8, 100 + (k % 150) as u8);
+        let (key, value) = kv(&ep);
+        if let Some(state) = live.values_mut().nth(at - 2) {
+            state.set(key, value);
+        }
+        for (s, ns) in sum.iter_mut().zip(cp.pass(&live)) {
+            *s += ns;
+        }
+    }
+    let per = |ns: u64| ns as f64 / passes as f64 / 1e6;
+    (
+        t.elapsed().as_secs_f64() * 1e3 / passes as f64,
+        sum.map(per),
+    )
 }
 
 async fn start_node(i: usize, n_seeds: usize, key: [u8; 32], endpoints: usize) -> Node {
@@ -157,25 +250,17 @@ async fn start_node(i: usize, n_seeds: usize, key: [u8; 32], endpoints: usize) -
         interval: GossipConfig::interval_for(DEAD_AFTER),
         dead_after: DEAD_AFTER,
     };
-    let claim = Claim {
-        node: me.clone(),
-        index: i as u32,
-        since_ms: i as u64,
-    };
-    let mut kvs = vec![
-        (peers::KEY_UNDERLAY.to_string(), addr(i).to_string()),
-        (
-            peers::KEY_MAC.to_string(),
-            format!("02:00:00:00:00:{:02x}", i),
-        ),
-        (peers::KEY_SUBNET.to_string(), subnet::encode(&claim)),
-    ];
-    kvs.extend((0..endpoints).map(|j| kv(&endpoint(i, j))));
+    let claim = claim(i);
+    let kvs = keys(i, &claim, endpoints);
     let stats = Arc::new(GossipStats::default());
     let handle = start(cfg, kvs, stats.clone()).await.expect("gossip starts");
     let live = handle.chitchat().lock().await.live_nodes_watcher();
     let maps = Arc::new(Mutex::new(HashSet::new()));
-    let task = tokio::spawn(control_plane(me, claim, live, maps.clone()));
+    let task = tokio::spawn(control_plane(
+        ControlPlane::new(me, claim),
+        live,
+        maps.clone(),
+    ));
     Node {
         handle: Some(handle),
         stats,
@@ -342,6 +427,15 @@ fn loss(ns: &str, percent: f64) {
 }
 
 async fn run(ns: &str, n: usize, e: usize, rate: usize) {
+    let (ms_per_pass, steps) = one_pass(n, e, 50);
+    println!(
+        "one pass on its own ({} peers x {e} endpoints, after one new endpoint; no gossip, nothing else on the cores): {ms_per_pass:.2} ms: decode {:.2}, vet {:.2}, desired state {:.2}, plan + apply {:.2}",
+        n - 1,
+        steps[0],
+        steps[1],
+        steps[2],
+        steps[3]
+    );
     let key = [3u8; 32];
     let base_rss = rss_mb();
     let t = Instant::now();

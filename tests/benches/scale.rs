@@ -53,7 +53,7 @@ fn peers(services: usize, per: usize) -> BTreeMap<String, Peer> {
                 }),
                 ..Peer::default()
             });
-            p.endpoints.push(Endpoint {
+            std::sync::Arc::make_mut(&mut p.endpoints).push(Endpoint {
                 service: format!("svc-{s}"),
                 created: format!("2026-11-30T00:00:{:02}.{s:09}Z", s % 60),
                 ip: Ipv4Addr::new(

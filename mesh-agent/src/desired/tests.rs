@@ -71,14 +71,14 @@ fn local_and_remote_backends_share_one_service() {
     w.peers.insert(
         "n2".into(),
         Peer {
-            endpoints: vec![Endpoint {
+            endpoints: std::sync::Arc::new(vec![Endpoint {
                 service: "web".into(),
                 created: "2026-01-01T00:00:01Z".into(),
                 ip: Ipv4Addr::new(10, 42, 2, 7),
                 ports: vec![(80, 8080, Proto::Tcp)],
                 state: backend_state::ACTIVE,
                 publish: vec![],
-            }],
+            }]),
             ..Peer::default()
         },
     );
@@ -159,7 +159,7 @@ fn node_table_skips_incomplete_peers_and_our_own_subnet() {
             index,
             since_ms: 0,
         }),
-        endpoints: Vec::new(),
+        endpoints: Default::default(),
         ignored: Vec::new(),
     };
     let peers: BTreeMap<String, Peer> = [
@@ -250,12 +250,8 @@ fn published_ports_are_agreed_and_conflicts_reported() {
     // node with no container of its own serves the same ports.
     let mut other = World::new(vec![]);
     for (i, ep) in st.endpoints.iter().enumerate() {
-        other
-            .peers
-            .entry(format!("n{i}"))
-            .or_default()
-            .endpoints
-            .push(ep.clone());
+        let peer = other.peers.entry(format!("n{i}")).or_default();
+        std::sync::Arc::make_mut(&mut peer.endpoints).push(ep.clone());
     }
     other.vips = st.vips.clone();
     let there = other.compute();

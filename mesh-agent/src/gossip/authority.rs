@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    peers::Peer,
+    peers::{Endpoint, Peer},
     subnet::{self, Claim},
 };
 use crate::vip::Cidr;
@@ -106,10 +106,12 @@ pub fn vet(mut peers: BTreeMap<String, Peer>, cluster: Cidr, mine: Option<&Claim
     // Endpoints inside the node's own /24 only.
     for (name, p) in peers.iter_mut() {
         let own = p.subnet.as_ref().map(|c| subnet::subnet(cluster, c.index));
-        let before = p.endpoints.len();
-        p.endpoints
-            .retain(|e| own.is_some_and(|s| s.contains(e.ip)));
-        let dropped = before - p.endpoints.len();
+        let inside = |e: &Endpoint| own.is_some_and(|s| s.contains(e.ip));
+        let dropped = p.endpoints.iter().filter(|e| !inside(e)).count();
+        if dropped > 0 {
+            // Copied only then: the decoder's copy is shared otherwise.
+            std::sync::Arc::make_mut(&mut p.endpoints).retain(inside);
+        }
         if dropped > 0 {
             out.rejected.push(Rejection {
                 node: name.clone(),
@@ -128,7 +130,7 @@ pub fn vet(mut peers: BTreeMap<String, Peer>, cluster: Cidr, mine: Option<&Claim
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{gossip::peers::Endpoint, labels::Proto};
+    use crate::labels::Proto;
 
     fn cidr() -> Cidr {
         "10.42.0.0/16".parse().expect("cidr")
@@ -158,7 +160,7 @@ mod tests {
             underlay: Some("192.168.1.2".parse().expect("ip")),
             mac: Some([2, 0, 0, 0, 0, 1]),
             subnet: c,
-            endpoints: eps.iter().map(|e| ep(e)).collect(),
+            endpoints: std::sync::Arc::new(eps.iter().map(|e| ep(e)).collect()),
             ignored: vec![],
         }
     }
@@ -176,7 +178,7 @@ mod tests {
             ("c".to_string(), peer(None, &["10.42.9.9"])),
         ]);
         let v = vet(peers, cidr(), Some(&claim("a", 1, 5)));
-        assert_eq!(v.peers["b"].endpoints, vec![ep("10.42.2.5")]);
+        assert_eq!(*v.peers["b"].endpoints, vec![ep("10.42.2.5")]);
         assert!(v.peers["c"].endpoints.is_empty());
         assert_eq!(v.rejected.len(), 2, "{:?}", v.rejected);
         assert!(v.rejected.iter().all(|r| r.kind == "endpoint"));

@@ -38,6 +38,9 @@ pub struct Chitchat {
     pub node_id: String,
     pub handle: Arc<ChitchatHandle>,
     live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// Decodes only the generations whose keys changed since the last
+    /// pass.
+    decoder: std::sync::Mutex<peers::Decoder>,
 }
 
 impl Chitchat {
@@ -47,13 +50,17 @@ impl Chitchat {
             node_id,
             handle: Arc::new(handle),
             live,
+            decoder: Default::default(),
         }
     }
 }
 
 impl Membership for Chitchat {
     fn peers(&self) -> BTreeMap<String, Peer> {
-        peers::from_states(&self.node_id, &self.live.borrow())
+        self.decoder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peers(&self.node_id, &self.live.borrow())
     }
 
     fn try_update(&self, set: &[(String, String)], delete: &[String]) -> bool {

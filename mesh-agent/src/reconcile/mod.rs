@@ -115,30 +115,55 @@ impl RingState {
         }
     }
 
-    /// A ring this process built from `members` (backend ids, each once):
-    /// they are its names (Maglev gives every member slots).
-    fn built(ring: &[u32], members: &[u32]) -> Self {
-        let mut names = members.to_vec();
+    /// A ring this process built (see [`Built`]): its members are its
+    /// names (Maglev gives every member slots).
+    fn built(b: &Built) -> Self {
+        let mut names = b.members.clone();
         names.sort_unstable();
         RingState {
-            slots: ring.len(),
-            fingerprint: fingerprint(ring),
+            slots: b.slots,
+            fingerprint: b.fingerprint,
             names,
         }
     }
-
-    /// Whether `ring` is this one.
-    pub fn is(&self, ring: &[u32]) -> bool {
-        self.slots == ring.len() && self.fingerprint == fingerprint(ring)
-    }
 }
 
-/// A 64-bit fingerprint of a ring's slots (SplitMix64 over the ids).
+/// A 64-bit fingerprint of a ring's slots: SplitMix64 over the ids, two
+/// to a word, in four independent lanes (one serial chain over 65,521
+/// slots took as long as building the ring), then the lanes and the
+/// length.
 fn fingerprint(ring: &[u32]) -> u64 {
-    ring.iter().fold(ring.len() as u64, |h, id| {
-        mesh_common::hash::mix64(h ^ *id as u64)
-    })
+    use mesh_common::hash::mix64;
+    let mut lanes = [0x9e37_79b9_7f4a_7c15u64, 1, 2, 3];
+    let chunks = ring.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (k, lane) in lanes.iter_mut().enumerate() {
+            let word = (c[2 * k] as u64) << 32 | c[2 * k + 1] as u64;
+            *lane = mix64(*lane ^ word);
+        }
+    }
+    for (i, id) in rest.iter().enumerate() {
+        lanes[i % 4] = mix64(lanes[i % 4] ^ (*id as u64) << 3 ^ i as u64);
+    }
+    lanes
+        .iter()
+        .fold(ring.len() as u64, |h, lane| mix64(h ^ lane))
 }
+
+/// A ring built in a plan: what it was built from and enough of it to
+/// remember once it is in place (its fingerprint is computed once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Built {
+    pub sid: u32,
+    /// The active backend ids it was built from, in plan order.
+    pub members: Vec<u32>,
+    pub slots: usize,
+    pub fingerprint: u64,
+}
+
+/// A service's ring as written: (service id, backend id per slot).
+pub type Ring = (u32, Vec<u32>);
 
 /// The writes of one pass, in the order they are applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -153,9 +178,10 @@ pub struct Plan {
     pub add_services: Vec<(SvcAddr, u32)>,
     /// 5. Backends no ring names any more.
     pub clear_backends: Vec<u32>,
-    /// The members each ring built in this plan came from (remembered in
-    /// `Actual::ring_members` once the ring is in place).
-    pub built_from: Vec<(u32, Vec<u32>)>,
+    /// The rings built in this plan, written or found in place already
+    /// (their members are remembered in `Actual::ring_members` once the
+    /// ring is in place).
+    pub built_from: Vec<Built>,
 }
 
 impl Plan {
@@ -257,10 +283,19 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
             && actual.rings.contains_key(&sid) != ids.is_empty();
         if !unchanged {
             let ring = maglev::build_ids(&members);
-            if !in_place(actual, sid, &ring) {
+            let built = Built {
+                sid,
+                members: ids,
+                slots: ring.len(),
+                fingerprint: fingerprint(&ring),
+            };
+            let in_place = actual.rings.get(&sid).map_or(ring.is_empty(), |r| {
+                r.slots == built.slots && r.fingerprint == built.fingerprint
+            });
+            if !in_place {
                 p.set_rings.push((sid, ring));
             }
-            p.built_from.push((sid, ids));
+            p.built_from.push(built);
         }
         if !actual.services.contains_key(addr) {
             p.add_services.push((*addr, sid));
@@ -289,15 +324,6 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
     p.clear_backends.sort_unstable();
     p.clear_backends.dedup();
     p
-}
-
-/// Whether `ring` is service `sid`'s ring as written; none is the same as
-/// empty.
-fn in_place(actual: &Actual, sid: u32, ring: &[u32]) -> bool {
-    actual
-        .rings
-        .get(&sid)
-        .map_or(ring.is_empty(), |r| r.is(ring))
 }
 
 #[derive(Default)]
@@ -372,17 +398,23 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             }
         }
     }
-    // Rings whose backends are all there; the others wait for them.
-    let (ready, waiting): (Vec<_>, Vec<_>) = plan
-        .set_rings
-        .iter()
-        .cloned()
-        .partition(|(_, ring)| ring.iter().all(|b| !missing_backends.contains(b)));
+    // Rings whose backends are all there; the others wait for them. (A
+    // ring is 65,521 slots at most: copied only when some must wait.)
+    let (ready, waiting): (std::borrow::Cow<'_, [Ring]>, Vec<_>) = if missing_backends.is_empty() {
+        (std::borrow::Cow::Borrowed(&plan.set_rings), Vec::new())
+    } else {
+        let (ready, waiting): (Vec<_>, Vec<_>) = plan
+            .set_rings
+            .iter()
+            .cloned()
+            .partition(|(_, ring)| ring.iter().all(|b| !missing_backends.contains(b)));
+        (std::borrow::Cow::Owned(ready), waiting)
+    };
     let mut missing_rings: BTreeSet<u32> = waiting.iter().map(|(sid, _)| *sid).collect();
-    let mut written = Vec::new();
+    let mut written: Vec<&Ring> = Vec::new();
     if !ready.is_empty() {
         match w.set_rings(&ready) {
-            Ok(()) => written = ready,
+            Ok(()) => written = ready.iter().collect(),
             Err(e) if ready.len() == 1 => {
                 missing_rings.insert(ready[0].0);
                 failed.0.push(err(
@@ -392,8 +424,8 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             }
             Err(_) => {
                 // Find the bad ones: each ring on its own.
-                for r in ready {
-                    match w.set_rings(std::slice::from_ref(&r)) {
+                for r in ready.iter() {
+                    match w.set_rings(std::slice::from_ref(r)) {
                         Ok(()) => written.push(r),
                         Err(e) => {
                             missing_rings.insert(r.0);
@@ -407,27 +439,23 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             }
         }
     }
-    let built: BTreeMap<u32, &[u32]> = plan
-        .built_from
-        .iter()
-        .map(|(sid, ids)| (*sid, ids.as_slice()))
-        .collect();
-    for (sid, ring) in written {
+    let built: BTreeMap<u32, &Built> = plan.built_from.iter().map(|b| (b.sid, b)).collect();
+    for &(sid, ref ring) in written {
         if ring.is_empty() {
             actual.rings.remove(&sid);
         } else {
             let state = match built.get(&sid) {
-                Some(members) => RingState::built(&ring, members),
-                None => RingState::of(&ring),
+                Some(b) => RingState::built(b),
+                None => RingState::of(ring),
             };
             actual.rings.insert(sid, state);
         }
     }
     // What each ring in place was built from (rings that failed keep
     // theirs unknown, so the next pass builds them again).
-    for (sid, ids) in &plan.built_from {
-        if !missing_rings.contains(sid) {
-            actual.ring_members.insert(*sid, ids.clone());
+    for b in &plan.built_from {
+        if !missing_rings.contains(&b.sid) {
+            actual.ring_members.insert(b.sid, b.members.clone());
         }
     }
     actual

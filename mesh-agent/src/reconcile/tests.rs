@@ -272,7 +272,7 @@ fn only_rings_whose_members_changed_are_built_again() {
     let p = pass(&d2, &mut actual, &mut fake);
     let web = actual.services[&WEB];
     assert_eq!(
-        p.built_from.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        p.built_from.iter().map(|b| b.sid).collect::<Vec<_>>(),
         vec![web]
     );
     same(&actual, &fake);
