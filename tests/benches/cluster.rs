@@ -35,6 +35,10 @@ static PASSES: AtomicU64 = AtomicU64::new(0);
 static PASS_NS: AtomicU64 = AtomicU64::new(0);
 /// Time in each step of a pass: decode, vet, desired state, plan + apply.
 static STEP_NS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Backends that left some node's maps, for any reason: only the stopped
+/// nodes' endpoints should (churn only adds), so more is a live node
+/// taken for dead.
+static WITHDRAWN: AtomicU64 = AtomicU64::new(0);
 
 use chitchat::{ChitchatHandle, ChitchatId, NodeState};
 use mesh_agent::{
@@ -89,7 +93,7 @@ fn kv(e: &Endpoint) -> (String, String) {
 
 /// One node: its gossip, its stats, and the backend addresses in its maps.
 struct Node {
-    handle: Option<ChitchatHandle>,
+    handle: Option<Arc<ChitchatHandle>>,
     stats: Arc<GossipStats>,
     maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
     task: tokio::task::JoinHandle<()>,
@@ -172,7 +176,11 @@ async fn control_plane(
         for (total, ns) in STEP_NS.iter().zip(steps) {
             total.fetch_add(ns, Ordering::Relaxed);
         }
-        *maps.lock().expect("maps") = cp.backends();
+        let now = cp.backends();
+        let mut m = maps.lock().expect("maps");
+        WITHDRAWN.fetch_add(m.difference(&now).count() as u64, Ordering::Relaxed);
+        *m = now;
+        drop(m);
         PASSES.fetch_add(1, Ordering::Relaxed);
         PASS_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -267,6 +275,27 @@ async fn start_node(i: usize, n_seeds: usize, key: [u8; 32], endpoints: usize) -
         maps,
         task,
     }
+}
+
+/// Waits (at most `limit`) until `f` holds for every live node's maps;
+/// when it first held on each (`None`: not within the limit).
+async fn each_until(
+    nodes: &[Node],
+    limit: Duration,
+    f: impl Fn(&HashSet<Ipv4Addr>) -> bool,
+) -> Vec<Option<Duration>> {
+    let t = Instant::now();
+    let live: Vec<&Node> = nodes.iter().filter(|n| n.handle.is_some()).collect();
+    let mut when = vec![None; live.len()];
+    while t.elapsed() < limit && when.iter().any(Option::is_none) {
+        for (w, n) in when.iter_mut().zip(&live) {
+            if w.is_none() && f(&n.maps.lock().expect("maps")) {
+                *w = Some(t.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    when
 }
 
 /// Waits (at most `limit`) until `f` holds for every live node's maps;
@@ -380,8 +409,13 @@ async fn churn(nodes: &[Node], count: usize, rate: usize, next: &mut usize) -> V
                 .await;
         }
         pending.push((ip, at, Instant::now()));
-        tokio::time::sleep(gap).await;
-        collect(nodes, &mut pending, &mut times);
+        // Checked every 10 ms until the next change (checked only once per
+        // gap, the times were rounded up to the gap: 1 s at 1 change/s).
+        let next_at = Instant::now() + gap;
+        while Instant::now() < next_at {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            collect(nodes, &mut pending, &mut times);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pending.is_empty() && Instant::now() < deadline {
@@ -529,27 +563,48 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
 
     // Dead nodes: their endpoints leave every other node's maps.
     let mut dead = Vec::new();
+    let mut each = Vec::new();
+    let (w0, c0, t_dead) = (
+        WITHDRAWN.load(Ordering::Relaxed),
+        cpu_seconds(),
+        Instant::now(),
+    );
+    let mut expected = 0;
     for k in 0..3.min(n - 2) {
         let d = n - k;
         let gone: HashSet<Ipv4Addr> = (0..e).map(|j| endpoint(d, j).ip).collect();
         if let Some(h) = nodes[d - 1].handle.take() {
-            let _ = h.shutdown().await;
+            let _ = mesh_agent::gossip::stop(h).await;
         }
         nodes[d - 1].task.abort();
-        let took = until(&nodes, Duration::from_secs(30), |_, m| {
+        let when = each_until(&nodes, Duration::from_secs(30), |m| {
             gone.iter().all(|ip| !m.contains(ip))
         })
-        .await
-        .unwrap_or(Duration::MAX);
-        dead.push(took);
+        .await;
+        expected += when.len() * e;
+        let when: Vec<Duration> = when
+            .into_iter()
+            .map(|w| w.unwrap_or(Duration::MAX))
+            .collect();
+        dead.push(when.iter().max().copied().unwrap_or(Duration::MAX));
+        each.extend(when);
     }
     let dead_max = dead.iter().max().copied().unwrap_or(Duration::MAX);
     println!(
-        "dead node -> out of every node's maps ({} nodes stopped, dead-after {:?}): p50 {}, max {}",
+        "dead node -> out of every node's maps ({} nodes stopped, dead-after {:?}): p50 {}, max {}; out of one node's maps: p10 {}, p50 {}, p90 {}; CPU {:.0}% of the machine; {} backends withdrawn from maps meanwhile ({expected} were the stopped nodes')",
         dead.len(),
         DEAD_AFTER,
         ms(quantile(&dead, 0.5)),
-        ms(dead_max)
+        ms(dead_max),
+        ms(quantile(&each, 0.1)),
+        ms(quantile(&each, 0.5)),
+        ms(quantile(&each, 0.9)),
+        (cpu_seconds() - c0) / t_dead.elapsed().as_secs_f64() * 50.0,
+        WITHDRAWN.load(Ordering::Relaxed) - w0,
+    );
+    let withdrawn = WITHDRAWN.load(Ordering::Relaxed);
+    println!(
+        "backends withdrawn from maps in the whole run: {withdrawn} (a stopped node's endpoints, or a live node taken for dead)"
     );
     println!(
         "compact digests sent {} ({} exact: relative to what the peer last said), refused on receipt {} (dropped: a directory or reference no longer known, or numbers that failed the check)",
@@ -575,7 +630,7 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
     println!("total {:.0} s", t.elapsed().as_secs_f64());
     for mut node in nodes {
         if let Some(h) = node.handle.take() {
-            let _ = h.shutdown().await;
+            let _ = mesh_agent::gossip::stop(h).await;
         }
         node.task.abort();
     }

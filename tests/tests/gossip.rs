@@ -143,7 +143,7 @@ fn sealed_gossip_membership_and_failure_detection() {
 
             // node3 stops: the others drop it within the configured time.
             let gone = nodes.pop().expect("node3");
-            gone.shutdown().await.expect("shutdown");
+            mesh_agent::gossip::stop(gone).await.expect("shutdown");
             let t = wait_for("node3 leaves the live set", DEAD_AFTER * 3, async || {
                 live(&nodes[0]).await == ["node1", "node2"]
                     && live(&nodes[1]).await == ["node1", "node2"]
@@ -320,7 +320,7 @@ fn replays_impostors_and_large_states() {
             )
             .await;
             println!("a second host named node2 was ignored after {ignored:?}");
-            impostor.shutdown().await.expect("shutdown");
+            mesh_agent::gossip::stop(impostor).await.expect("shutdown");
 
             // 5,000 endpoints on node3 reach node1.
             let eps: Vec<(String, String)> = (0..5_000u32)

@@ -44,11 +44,11 @@ pub struct Chitchat {
 }
 
 impl Chitchat {
-    pub async fn new(node_id: String, handle: ChitchatHandle) -> Self {
+    pub async fn new(node_id: String, handle: Arc<ChitchatHandle>) -> Self {
         let live = handle.chitchat().lock().await.live_nodes_watcher();
         Chitchat {
             node_id,
-            handle: Arc::new(handle),
+            handle,
             live,
             decoder: Default::default(),
         }

@@ -5,6 +5,7 @@ pub mod authority;
 pub mod compact;
 pub mod membership;
 pub mod peers;
+pub mod push;
 pub mod replay;
 pub mod subnet;
 pub mod transport;
@@ -72,7 +73,8 @@ impl GossipConfig {
     }
 }
 
-/// Starts gossiping with `kvs` as this node's first key-values. The
+/// Starts gossiping with `kvs` as this node's first key-values, pushing
+/// news as it comes (`push.rs`). The
 /// generation id is the start time, so a restarted agent is a new
 /// generation of the same node: peers keep the old one (and its
 /// endpoints) until it times out, by which time the new one has published.
@@ -80,7 +82,7 @@ pub async fn start(
     cfg: GossipConfig,
     mut kvs: Vec<(String, String)>,
     stats: Arc<GossipStats>,
-) -> anyhow::Result<ChitchatHandle> {
+) -> anyhow::Result<Arc<ChitchatHandle>> {
     kvs.push((COMPACT_KEY.to_string(), COMPACT_VALUE.to_string()));
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -113,7 +115,8 @@ pub async fn start(
         known: known.clone(),
         compact: compact.clone(),
     };
-    let handle = spawn_chitchat(config, kvs, &transport).await?;
+    let handle = Arc::new(spawn_chitchat(config, kvs, &transport).await?);
+    push::start(&handle, cfg.interval).await;
     // Replies carry state only to the cluster's nodes (every node of the
     // cluster state, dead ones included) and the seeds.
     let state = Arc::downgrade(&handle.chitchat());
@@ -152,6 +155,18 @@ pub async fn start(
         }
     });
     Ok(handle)
+}
+
+/// Stops gossiping: cleanly when this is the last owner of the handle
+/// (the push task holds none for long), else by aborting the gossip task.
+pub async fn stop(handle: Arc<ChitchatHandle>) -> anyhow::Result<()> {
+    match Arc::try_unwrap(handle) {
+        Ok(h) => h.shutdown().await,
+        Err(h) => {
+            h.abort();
+            Ok(())
+        }
+    }
 }
 
 /// The addresses of the seeds (`HOST:PORT`), resolving names (bounded in

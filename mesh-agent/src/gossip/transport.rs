@@ -294,7 +294,7 @@ struct Receiver {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut n = [0u8; N];
     // SAFETY: getrandom writes at most `N` bytes into our buffer.
     let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), N, 0) };
