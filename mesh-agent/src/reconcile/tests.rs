@@ -340,3 +340,32 @@ fn adoption_removes_what_went_stale() {
     assert_eq!(fake.rings.keys().copied().collect::<Vec<_>>(), vec![web_id]);
     assert_eq!(fake.backends.len(), 1);
 }
+
+#[test]
+fn a_rings_fingerprint_tells_any_slot_changed_or_moved() {
+    for len in (1..40).chain([1021, 65_521]) {
+        let ring: Vec<u32> = (0..len).map(|i| (i * 7 % 5 + 1) as u32).collect();
+        let fp = super::fingerprint(&ring);
+        assert_eq!(fp, RingState::of(&ring).fingerprint);
+        let mut seen = std::collections::BTreeSet::from([fp]);
+        let mut slots = vec![0, len / 2, len - 1];
+        slots.dedup();
+        for slot in slots {
+            let mut other = ring.clone();
+            other[slot] += 10;
+            assert!(
+                seen.insert(super::fingerprint(&other)),
+                "{len}: slot {slot}"
+            );
+        }
+        if len > 1 && ring[0] != ring[len - 1] {
+            let mut swapped = ring.clone();
+            swapped.swap(0, len - 1);
+            assert!(seen.insert(super::fingerprint(&swapped)), "{len}: swapped");
+        }
+        // A ring one slot longer with the same ids is another ring.
+        let mut longer = ring.clone();
+        longer.push(0);
+        assert!(seen.insert(super::fingerprint(&longer)), "{len}: longer");
+    }
+}
