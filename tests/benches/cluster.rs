@@ -572,7 +572,16 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
     let mut expected = 0;
     for k in 0..3.min(n - 2) {
         let d = n - k;
-        let gone: HashSet<Ipv4Addr> = (0..e).map(|j| endpoint(d, j).ip).collect();
+        // Its endpoints: those it started with and those churn gave it.
+        let mut gone: HashSet<Ipv4Addr> = (0..e).map(|j| endpoint(d, j).ip).collect();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.handle.is_some() && i + 1 != d {
+                let m = n.maps.lock().expect("maps");
+                let theirs = m.iter().filter(|ip| ip.octets()[2] == d as u8);
+                expected += theirs.clone().count();
+                gone.extend(theirs);
+            }
+        }
         if let Some(h) = nodes[d - 1].handle.take() {
             let _ = mesh_agent::gossip::stop(h).await;
         }
@@ -581,7 +590,6 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
             gone.iter().all(|ip| !m.contains(ip))
         })
         .await;
-        expected += when.len() * e;
         let when: Vec<Duration> = when
             .into_iter()
             .map(|w| w.unwrap_or(Duration::MAX))

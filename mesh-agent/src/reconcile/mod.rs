@@ -129,9 +129,8 @@ impl RingState {
 }
 
 /// A 64-bit fingerprint of a ring's slots: SplitMix64 over the ids, two
-/// to a word, in four independent lanes (one serial chain over 65,521
-/// slots took as long as building the ring), then the lanes and the
-/// length.
+/// to a word, in four independent lanes (not one serial chain of 65,521
+/// steps), then the lanes and the length.
 fn fingerprint(ring: &[u32]) -> u64 {
     use mesh_common::hash::mix64;
     let mut lanes = [0x9e37_79b9_7f4a_7c15u64, 1, 2, 3];
