@@ -142,6 +142,8 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             "mesh_gossip_compact_exact_total {}",
             g.compact_exact.load(Relaxed)
         );
+        out.push_str("# HELP mesh_gossip_pushed_total Gossip exchanges begun at once because this node learned something new.\n# TYPE mesh_gossip_pushed_total counter\n");
+        let _ = writeln!(out, "mesh_gossip_pushed_total {}", g.pushed.load(Relaxed));
         out.push_str("# HELP mesh_gossip_compact_refused_total Compact gossip digests received that did not read back (dropped).\n# TYPE mesh_gossip_compact_refused_total counter\n");
         let _ = writeln!(
             out,

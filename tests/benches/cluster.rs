@@ -615,10 +615,11 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
         "backends withdrawn from maps in the whole run: {withdrawn} (a stopped node's endpoints, or a live node taken for dead)"
     );
     println!(
-        "compact digests sent {} ({} exact: relative to what the peer last said), refused on receipt {} (dropped: a directory or reference no longer known, or numbers that failed the check)",
+        "compact digests sent {} ({} exact: relative to what the peer last said), refused on receipt {} (dropped: a directory or reference no longer known, or numbers that failed the check); exchanges begun to push news {}",
         compact(&nodes),
         total(&nodes, |s| &s.compact_exact),
-        refused(&nodes)
+        refused(&nodes),
+        total(&nodes, |s| &s.pushed)
     );
     // A timeout is recorded as an unbounded time: say so, not a ratio.
     let ratio = |v: f64, goal: f64| {

@@ -109,6 +109,48 @@ fn sealed_gossip_membership_and_failure_detection() {
                 .await;
             assert_eq!(seen.len(), 3, "{seen:?}");
 
+            // News is pushed: a key set on node1 starts exchanges at once,
+            // and a node that learns it pushes in turn.
+            let pushed = |before: &[u64]| -> Vec<u64> {
+                stats[..3]
+                    .iter()
+                    .zip(before)
+                    .map(|(s, b)| s.pushed.load(Ordering::Relaxed) - b)
+                    .collect()
+            };
+            let before: Vec<u64> = stats[..3]
+                .iter()
+                .map(|s| s.pushed.load(Ordering::Relaxed))
+                .collect();
+            nodes[0]
+                .with_chitchat(|c| c.self_node_state().set("news", "1"))
+                .await;
+            let t = wait_for(
+                "node3 learns node1's new key",
+                Duration::from_secs(5),
+                async || {
+                    nodes[2]
+                        .with_chitchat(|c| {
+                            c.node_states().iter().any(|(id, s)| {
+                                &*id.node_id == "node1" && s.get("news") == Some("1")
+                            })
+                        })
+                        .await
+                },
+            )
+            .await;
+            wait_for(
+                "a node that learned it pushes on",
+                Duration::from_secs(2),
+                async || pushed(&before)[1..].iter().sum::<u64>() > 0,
+            )
+            .await;
+            let p = pushed(&before);
+            println!(
+                "a new key on node1 reached node3 in {t:?}; exchanges pushed since, by node: {p:?}"
+            );
+            assert!(p[0] > 0, "node1 pushed its own news");
+
             // The wrong key never joins; its datagrams are counted.
             assert_eq!(
                 live(&intruder).await,

@@ -111,12 +111,12 @@ pub async fn start(
     known.replace(seeds.clone());
     let transport = Sealed {
         key: cfg.key,
-        stats,
+        stats: stats.clone(),
         known: known.clone(),
         compact: compact.clone(),
     };
     let handle = Arc::new(spawn_chitchat(config, kvs, &transport).await?);
-    push::start(&handle, cfg.interval).await;
+    push::start(&handle, cfg.interval, stats).await;
     // Replies carry state only to the cluster's nodes (every node of the
     // cluster state, dead ones included) and the seeds.
     let state = Arc::downgrade(&handle.chitchat());

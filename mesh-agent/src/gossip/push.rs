@@ -26,14 +26,17 @@ use std::{
 use chitchat::ChitchatHandle;
 use tokio::sync::Notify;
 
+use super::transport::GossipStats;
+
 /// Peers told at once.
 pub const FANOUT: usize = 2;
 /// At most one push per this fraction of the gossip interval.
 const GAP: u32 = 8;
 
-/// Starts pushing news for `handle` (every gossip interval `interval`).
-/// Ends once the handle is dropped.
-pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration) {
+/// Starts pushing news for `handle` (every gossip interval `interval`),
+/// counting each exchange begun in `stats.pushed`. Ends once the handle is
+/// dropped.
+pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration, stats: Arc<GossipStats>) {
     let news = Arc::new(Notify::new());
     let listener = {
         let news = news.clone();
@@ -59,7 +62,7 @@ pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration) {
                     continue;
                 }
             }
-            if !push(&weak, &mut rng).await {
+            if !push(&weak, &mut rng, &stats).await {
                 break;
             }
             tokio::time::sleep(interval / GAP).await;
@@ -69,7 +72,7 @@ pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration) {
 
 /// One push: a gossip exchange with [`FANOUT`] random live peers. `false`
 /// once the node is gone.
-async fn push(weak: &Weak<ChitchatHandle>, rng: &mut Rng) -> bool {
+async fn push(weak: &Weak<ChitchatHandle>, rng: &mut Rng, stats: &GossipStats) -> bool {
     let Some(handle) = weak.upgrade() else {
         return false;
     };
@@ -88,6 +91,9 @@ async fn push(weak: &Weak<ChitchatHandle>, rng: &mut Rng) -> bool {
         if handle.gossip(addr).is_err() {
             return false;
         }
+        stats
+            .pushed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     true
 }

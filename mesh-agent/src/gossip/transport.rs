@@ -145,6 +145,9 @@ pub struct GossipStats {
     /// Compact digests received that did not read back (a directory no
     /// longer known, or numbers that failed the check): dropped.
     pub compact_refused: AtomicU64,
+    /// Exchanges begun with a peer because this node learned something
+    /// new (`push.rs`), not in a gossip round.
+    pub pushed: AtomicU64,
 }
 
 /// The addresses replies may carry state to: the cluster's nodes and the
