@@ -303,15 +303,14 @@ async fn each_until(
 async fn until(
     nodes: &[Node],
     limit: Duration,
-    f: impl Fn(usize, &HashSet<Ipv4Addr>) -> bool,
+    f: impl Fn(&HashSet<Ipv4Addr>) -> bool,
 ) -> Option<Duration> {
     let t = Instant::now();
     while t.elapsed() < limit {
         let done = nodes
             .iter()
-            .enumerate()
-            .filter(|(_, n)| n.handle.is_some())
-            .all(|(i, n)| f(i + 1, &n.maps.lock().expect("maps")));
+            .filter(|n| n.handle.is_some())
+            .all(|n| f(&n.maps.lock().expect("maps")));
         if done {
             return Some(t.elapsed());
         }
@@ -479,10 +478,7 @@ async fn run(ns: &str, n: usize, e: usize, rate: usize) {
     }
     // A node's maps hold every other node's endpoints (its own are local
     // containers, of which this benchmark has none).
-    let converged = until(&nodes, Duration::from_secs(120), |_, m| {
-        m.len() == (n - 1) * e
-    })
-    .await;
+    let converged = until(&nodes, Duration::from_secs(120), |m| m.len() == (n - 1) * e).await;
     println!(
         "cluster: {n} nodes x {e} endpoints ({} in all, 10 services); every node's maps complete after {}",
         n * e,

@@ -109,19 +109,18 @@ fn pick(mut peers: Vec<SocketAddr>, k: usize, rng: &mut Rng) -> Vec<SocketAddr> 
     peers
 }
 
-/// xorshift64*, seeded from the kernel: which peers to tell needs no more.
+/// SplitMix64 (the project's `mix64` over a counter), seeded from the
+/// kernel: which peers to tell needs no more.
 struct Rng(u64);
 
 impl Rng {
     fn new() -> Self {
-        Rng(u64::from_le_bytes(super::transport::random::<8>()) | 1)
+        Rng(u64::from_le_bytes(super::transport::random::<8>()))
     }
 
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mesh_common::hash::mix64(self.0)
     }
 }
 
