@@ -1,6 +1,14 @@
 //! mesh-agent: turns the containers Docker runs into what the kernel
 //! forwards. Runs as one privileged agent per host.
 
+/// mimalloc, not glibc's malloc: chitchat clones every live node's keys
+/// for its watchers on each change, and with glibc, malloc and free were
+/// a fifth of the CPU of 200 control planes under churn. Measured with the
+/// cluster benchmark (200 nodes, 1 change/s): the machine's CPU 88% -> 69%,
+/// an endpoint change everywhere p99 1.96 -> 1.0 s.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     net::SocketAddr,
     path::PathBuf,

@@ -32,6 +32,10 @@
 //! (MESH_CLUSTER_NODES, MESH_CLUSTER_ENDPOINTS, MESH_CLUSTER_CHURN).
 //! Every wait is bounded.
 
+/// The agent's allocator (mesh-agent/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::{Ipv4Addr, SocketAddr},

@@ -8,6 +8,10 @@
 //! memory at its default sizes. Run optimised (the image profile), as the
 //! agent is. Prints figures; asserts only that every service was written.
 
+/// The agent's allocator (mesh-agent/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
