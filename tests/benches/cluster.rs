@@ -15,9 +15,9 @@
 //!
 //! All N share this machine's 2 cores: where they saturate them, the
 //! figures measure the machine, and the CPU line says so. Gossip runs on
-//! two threads shared by every node (as the agent runs it on a thread of
-//! its own: `gossip::start`), the control-plane passes on two more at the
-//! lowest CPU priority (nice 19). On real hosts one node's pass never holds
+//! two threads shared by every node (`gossip::start_here`; the agent runs
+//! it on a thread of its own, `gossip::start`), the control-plane passes
+//! on two more at the lowest CPU priority (nice 19). On real hosts one node's pass never holds
 //! up another node's heartbeats; here, at normal priority, 200 nodes
 //! rebuilding their rings at once for a dead peer (2 s of CPU) silenced
 //! everyone's gossip long enough to be taken for dead, and the passes for
@@ -512,22 +512,23 @@ async fn run(passes: tokio::runtime::Handle, ns: &str, n: usize, e: usize, rate:
     if std::env::var("MESH_CLUSTER_TRACE").is_ok() {
         tokio::spawn(async {
             let t = Instant::now();
-            let (mut w, mut p, mut c) = (0, 0, cpu_seconds());
+            let (mut w, mut p, mut c, mut at) = (0, 0, cpu_seconds(), 0.0);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = t.elapsed().as_secs_f64();
                 let (w1, p1, c1) = (
                     WITHDRAWN.load(Ordering::Relaxed),
                     PASSES.load(Ordering::Relaxed),
                     cpu_seconds(),
                 );
+                // A late tick (a starved runtime) shows as a long step.
                 eprintln!(
-                    "trace {:5.1}s cpu {:3.0}% passes {:5} withdrawn {:6}",
-                    t.elapsed().as_secs_f64(),
-                    (c1 - c) * 50.0,
+                    "trace {now:5.1}s: {:3.0}% of the machine, {:5} passes, {:6} backends withdrawn",
+                    (c1 - c) * 50.0 / (now - at),
                     p1 - p,
                     w1 - w
                 );
-                (w, p, c) = (w1, p1, c1);
+                (w, p, c, at) = (w1, p1, c1, now);
             }
         });
     }
