@@ -6,7 +6,7 @@
 //! that started gossip stuck for twice the detection time takes no node
 //! for dead (gossip has a thread of its own); a host taking
 //! another node's name is ignored; 5,000 endpoints of one node reach the
-//! others.
+//! others; a node's membership ends when its gossip server does.
 
 use std::{
     net::SocketAddr,
@@ -18,6 +18,7 @@ use chitchat::ChitchatHandle;
 use mesh_agent::{
     gossip::{
         GossipConfig,
+        membership::{self, Membership},
         peers::{self, Endpoint},
         start,
         transport::{ClusterKey, GossipStats},
@@ -433,6 +434,54 @@ fn replays_impostors_and_large_states() {
             );
             assert_eq!(stats[2].oversize.load(Ordering::Relaxed), 0);
             assert_eq!(live(&nodes[0]).await, all, "still a cluster");
+        });
+    });
+}
+
+#[test]
+fn membership_ends_when_the_gossip_server_does() {
+    let ns = Netns::new(&unique("mge"));
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let key = [5u8; 32];
+            let a = start(config(1, key), vec![], Arc::default())
+                .await
+                .expect("gossip starts");
+            let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
+            let b = start(config(2, key), vec![], Arc::default())
+                .await
+                .expect("gossip starts");
+            let t = Instant::now();
+            while !m.peers().contains_key("node2") {
+                let changed = tokio::time::timeout(Duration::from_secs(5), m.changed()).await;
+                assert_eq!(changed.ok(), Some(true), "changes until node2 is live");
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "node2 live within 5 s"
+                );
+            }
+            // The server ends (as on a broken socket, or a panic): the
+            // membership says so, where its live set alone would not.
+            a.abort();
+            let t = Instant::now();
+            let mut ended = None;
+            while t.elapsed() < Duration::from_secs(5) {
+                match tokio::time::timeout(Duration::from_secs(5), m.changed()).await {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        ended = Some(t.elapsed());
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let ended = ended.expect("membership ends with its gossip server");
+            println!("membership ended {ended:?} after its gossip server was aborted");
+            mesh_agent::gossip::stop(b).await.expect("shutdown");
         });
     });
 }

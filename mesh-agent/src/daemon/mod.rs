@@ -321,11 +321,15 @@ impl Daemon {
         let mut events = d.events(Some(events::options(since)));
         let mut diagnose_tick = tokio::time::interval(Duration::from_secs(10));
         let mut rejected_seen = 0u64;
-        let mut watching = self.cluster.is_some();
         loop {
             tokio::select! {
-                alive = membership_changed(&mut self.cluster), if watching => {
-                    watching = alive;
+                alive = membership_changed(&mut self.cluster) => {
+                    if !alive {
+                        // Peers count this node dead without its
+                        // heartbeats; a new agent joins again (the maps
+                        // keep forwarding meanwhile).
+                        return Some("cluster membership stopped: the gossip server ended".into());
+                    }
                     self.pass();
                 }
                 ev = events.next() => {

@@ -29,7 +29,7 @@ pub trait Membership: Send {
         value: &'a str,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
     /// Resolves when the live set or a peer's keys changed; `false` once
-    /// membership has stopped.
+    /// membership has stopped (the gossip server ended).
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
@@ -91,6 +91,16 @@ impl Membership for Chitchat {
     }
 
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
-        Box::pin(async move { self.live.changed().await.is_ok() })
+        // The live set's sender lives as long as chitchat's state, which
+        // outlives a server that stopped (a broken socket, a panic): watch
+        // the server too, or a node whose gossip died would go on with
+        // the last view while its peers count it dead.
+        let ended = self.handle.termination_watcher();
+        Box::pin(async move {
+            tokio::select! {
+                r = self.live.changed() => r.is_ok(),
+                _ = ended => false,
+            }
+        })
     }
 }

@@ -113,8 +113,10 @@ pub async fn start(
                         // Until the server stops: shut down, aborted, or
                         // every handle dropped.
                         let done = handle.termination_watcher();
-                        if tx.send(Ok(handle)).is_ok() {
-                            let _ = done.await;
+                        if tx.send(Ok(handle)).is_ok()
+                            && let Err(e) = done.await
+                        {
+                            tracing::error!(error = %e, "gossip stopped");
                         }
                     }
                     Err(e) => {
