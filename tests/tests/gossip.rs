@@ -63,160 +63,163 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> boo
     start.elapsed()
 }
 
-#[test]
-fn sealed_gossip_membership_and_failure_detection() {
-    let ns = Netns::new(&unique("mgs"));
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs `test` on a current-thread runtime, as the agent's main task runs,
+/// in a network namespace of its own (`prefix` names it).
+fn in_namespace(prefix: &str, test: impl AsyncFnOnce() + Send) {
+    Netns::new(&unique(prefix)).run(|| {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let key = [7u8; 32];
-            let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
-            let mut nodes = Vec::new();
-            for n in 1..=3u16 {
-                let kvs = vec![("underlay".to_string(), format!("192.168.50.{n}"))];
-                nodes.push(
-                    start(config(n, key), kvs, stats[n as usize - 1].clone())
-                        .await
-                        .expect("gossip starts"),
-                );
-            }
-            let intruder = start(config(4, [9u8; 32]), vec![], stats[3].clone())
-                .await
-                .expect("starts");
-            let all = ["node1", "node2", "node3"];
-            let t = wait_for(
-                "three nodes see each other",
-                Duration::from_secs(10),
-                async || {
-                    for h in &nodes {
-                        if live(h).await != all {
-                            return false;
-                        }
-                    }
-                    true
-                },
-            )
-            .await;
-            println!("3 nodes converged in {t:?}");
-            // Every node sees every other node's key-values.
-            let seen = nodes[2]
-                .with_chitchat(|c| {
-                    c.node_states()
-                        .values()
-                        .filter_map(|s| s.get("underlay").map(str::to_owned))
-                        .collect::<Vec<_>>()
-                })
-                .await;
-            assert_eq!(seen.len(), 3, "{seen:?}");
+            .expect("runtime")
+            .block_on(test())
+    });
+}
 
-            // News is pushed: a key set on node1 starts exchanges at once,
-            // and a node that learns it pushes in turn.
-            let pushed = |before: &[u64]| -> Vec<u64> {
-                stats[..3]
-                    .iter()
-                    .zip(before)
-                    .map(|(s, b)| s.pushed.load(Ordering::Relaxed) - b)
-                    .collect()
-            };
-            let before: Vec<u64> = stats[..3]
-                .iter()
-                .map(|s| s.pushed.load(Ordering::Relaxed))
-                .collect();
-            nodes[0]
-                .with_chitchat(|c| c.self_node_state().set("news", "1"))
-                .await;
-            let t = wait_for(
-                "node3 learns node1's new key",
-                Duration::from_secs(5),
-                async || {
-                    nodes[2]
-                        .with_chitchat(|c| {
-                            c.node_states().iter().any(|(id, s)| {
-                                &*id.node_id == "node1" && s.get("news") == Some("1")
-                            })
-                        })
-                        .await
-                },
-            )
-            .await;
-            wait_for(
-                "a node that learned it pushes on",
-                Duration::from_secs(2),
-                async || pushed(&before)[1..].iter().sum::<u64>() > 0,
-            )
-            .await;
-            let p = pushed(&before);
-            println!(
-                "a new key on node1 reached node3 in {t:?}; exchanges pushed since, by node: {p:?}"
+#[test]
+fn sealed_gossip_membership_and_failure_detection() {
+    in_namespace("mgs", async || {
+        let key = [7u8; 32];
+        let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
+        let mut nodes = Vec::new();
+        for n in 1..=3u16 {
+            let kvs = vec![("underlay".to_string(), format!("192.168.50.{n}"))];
+            nodes.push(
+                start(config(n, key), kvs, stats[n as usize - 1].clone())
+                    .await
+                    .expect("gossip starts"),
             );
-            assert!(p[0] > 0, "node1 pushed its own news");
-
-            // Gossip keeps its own time: the thread that started it (in the
-            // agent, the main task, where the passes run) stuck for twice
-            // the detection time, and no node takes another for dead, then
-            // or in the rounds after (chitchat, on this thread, would find
-            // every peer silent for 6 s at its first round).
-            std::thread::sleep(DEAD_AFTER * 2);
-            let watch = Instant::now();
-            while watch.elapsed() < GossipConfig::interval_for(DEAD_AFTER) * 3 {
+        }
+        let intruder = start(config(4, [9u8; 32]), vec![], stats[3].clone())
+            .await
+            .expect("starts");
+        let all = ["node1", "node2", "node3"];
+        let t = wait_for(
+            "three nodes see each other",
+            Duration::from_secs(10),
+            async || {
                 for h in &nodes {
-                    assert_eq!(live(h).await, all, "after the caller's thread was stuck");
+                    if live(h).await != all {
+                        return false;
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            println!(
-                "the starting thread stuck for {:?}: no node taken for dead",
-                DEAD_AFTER * 2
-            );
-
-            // The wrong key never joins; its datagrams are counted.
-            assert_eq!(
-                live(&intruder).await,
-                ["node4"],
-                "the intruder learns nothing"
-            );
-            assert!(!live(&nodes[0]).await.contains(&"node4".to_string()));
-            let rejected = stats[0].bad_auth.load(Ordering::Relaxed);
-            println!("node1 rejected {rejected} datagrams sealed with the wrong key");
-            assert!(rejected > 0);
-
-            // Garbage at the gossip port: counted, harmless.
-            let junk = tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            for i in 0..50u8 {
-                let payload: Vec<u8> = (0..(i as usize * 13))
-                    .map(|j| (j as u8).wrapping_mul(i))
-                    .collect();
-                let _ = junk.send_to(&payload, "127.0.0.1:7001").await;
-            }
-            let mut magic = b"MSH1".to_vec();
-            magic.extend_from_slice(&[0u8; 40]);
-            let _ = junk.send_to(&magic, "127.0.0.1:7001").await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let garbage = stats[0].garbage.load(Ordering::Relaxed)
-                + stats[0].bad_auth.load(Ordering::Relaxed)
-                - rejected;
-            println!("node1 counted {garbage} garbage datagrams");
-            assert!(garbage >= 50);
-            assert_eq!(live(&nodes[0]).await, all, "still a cluster");
-
-            // node3 stops: the others drop it within the configured time.
-            let gone = nodes.pop().expect("node3");
-            mesh_agent::gossip::stop(gone).await.expect("shutdown");
-            let t = wait_for("node3 leaves the live set", DEAD_AFTER * 3, async || {
-                live(&nodes[0]).await == ["node1", "node2"]
-                    && live(&nodes[1]).await == ["node1", "node2"]
+                true
+            },
+        )
+        .await;
+        println!("3 nodes converged in {t:?}");
+        // Every node sees every other node's key-values.
+        let seen = nodes[2]
+            .with_chitchat(|c| {
+                c.node_states()
+                    .values()
+                    .filter_map(|s| s.get("underlay").map(str::to_owned))
+                    .collect::<Vec<_>>()
             })
             .await;
-            println!(
-                "a silent node left the live set after {t:?} (configured about {DEAD_AFTER:?})"
-            );
-            assert!(t <= Duration::from_secs(5), "within 5 s");
-        });
+        assert_eq!(seen.len(), 3, "{seen:?}");
+
+        // News is pushed: a key set on node1 starts exchanges at once,
+        // and a node that learns it pushes in turn.
+        let pushed = |before: &[u64]| -> Vec<u64> {
+            stats[..3]
+                .iter()
+                .zip(before)
+                .map(|(s, b)| s.pushed.load(Ordering::Relaxed) - b)
+                .collect()
+        };
+        let before: Vec<u64> = stats[..3]
+            .iter()
+            .map(|s| s.pushed.load(Ordering::Relaxed))
+            .collect();
+        nodes[0]
+            .with_chitchat(|c| c.self_node_state().set("news", "1"))
+            .await;
+        let t = wait_for(
+            "node3 learns node1's new key",
+            Duration::from_secs(5),
+            async || {
+                nodes[2]
+                    .with_chitchat(|c| {
+                        c.node_states()
+                            .iter()
+                            .any(|(id, s)| &*id.node_id == "node1" && s.get("news") == Some("1"))
+                    })
+                    .await
+            },
+        )
+        .await;
+        wait_for(
+            "a node that learned it pushes on",
+            Duration::from_secs(2),
+            async || pushed(&before)[1..].iter().sum::<u64>() > 0,
+        )
+        .await;
+        let p = pushed(&before);
+        println!(
+            "a new key on node1 reached node3 in {t:?}; exchanges pushed since, by node: {p:?}"
+        );
+        assert!(p[0] > 0, "node1 pushed its own news");
+
+        // Gossip keeps its own time: the thread that started it (in the
+        // agent, the main task, where the passes run) stuck for twice
+        // the detection time, and no node takes another for dead, then
+        // or in the rounds after (chitchat, on this thread, would find
+        // every peer silent for 6 s at its first round).
+        std::thread::sleep(DEAD_AFTER * 2);
+        let watch = Instant::now();
+        while watch.elapsed() < GossipConfig::interval_for(DEAD_AFTER) * 3 {
+            for h in &nodes {
+                assert_eq!(live(h).await, all, "after the caller's thread was stuck");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "the starting thread stuck for {:?}: no node taken for dead",
+            DEAD_AFTER * 2
+        );
+
+        // The wrong key never joins; its datagrams are counted.
+        assert_eq!(
+            live(&intruder).await,
+            ["node4"],
+            "the intruder learns nothing"
+        );
+        assert!(!live(&nodes[0]).await.contains(&"node4".to_string()));
+        let rejected = stats[0].bad_auth.load(Ordering::Relaxed);
+        println!("node1 rejected {rejected} datagrams sealed with the wrong key");
+        assert!(rejected > 0);
+
+        // Garbage at the gossip port: counted, harmless.
+        let junk = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        for i in 0..50u8 {
+            let payload: Vec<u8> = (0..(i as usize * 13))
+                .map(|j| (j as u8).wrapping_mul(i))
+                .collect();
+            let _ = junk.send_to(&payload, "127.0.0.1:7001").await;
+        }
+        let mut magic = b"MSH1".to_vec();
+        magic.extend_from_slice(&[0u8; 40]);
+        let _ = junk.send_to(&magic, "127.0.0.1:7001").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let garbage = stats[0].garbage.load(Ordering::Relaxed)
+            + stats[0].bad_auth.load(Ordering::Relaxed)
+            - rejected;
+        println!("node1 counted {garbage} garbage datagrams");
+        assert!(garbage >= 50);
+        assert_eq!(live(&nodes[0]).await, all, "still a cluster");
+
+        // node3 stops: the others drop it within the configured time.
+        let gone = nodes.pop().expect("node3");
+        mesh_agent::gossip::stop(gone).await.expect("shutdown");
+        let t = wait_for("node3 leaves the live set", DEAD_AFTER * 3, async || {
+            live(&nodes[0]).await == ["node1", "node2"]
+                && live(&nodes[1]).await == ["node1", "node2"]
+        })
+        .await;
+        println!("a silent node left the live set after {t:?} (configured about {DEAD_AFTER:?})");
+        assert!(t <= Duration::from_secs(5), "within 5 s");
     });
 }
 
@@ -286,202 +289,197 @@ fn packet_socket() -> i32 {
 
 #[test]
 fn replays_impostors_and_large_states() {
-    let ns = Netns::new(&unique("mgr"));
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let key = [5u8; 32];
-            let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
-            let sniffer = packet_socket();
-            let mut nodes = Vec::new();
-            for n in 1..=3u8 {
-                let kvs = vec![("underlay".to_string(), format!("127.0.0.{n}"))];
-                nodes.push(
-                    start(at(n, &format!("node{n}"), key), kvs, stats[n as usize - 1].clone())
-                        .await
-                        .expect("gossip starts"),
-                );
-            }
-            let all = ["node1", "node2", "node3"];
-            let t = wait_for("three nodes", Duration::from_secs(10), async || {
-                for h in &nodes {
-                    if live(h).await != all {
-                        return false;
-                    }
-                }
-                true
-            })
-            .await;
-            println!("3 nodes at their own addresses converged in {t:?}");
-            let withheld = stats[0].withheld.load(Ordering::Relaxed);
-            println!("node1 answered {withheld} replies to not-yet-known addresses without state");
-            assert!(withheld > 0, "nodes 2 and 3 were unknown to node 1 at first");
-
-            // An eavesdropper captures a datagram from node2 to node1 and
-            // sends it again: to node1 (a replay) and to node3.
-            let captured = std::thread::spawn(move || {
-                let d = capture(sniffer, [127, 0, 0, 2], ([127, 0, 0, 1], 7000));
-                // SAFETY: closing our own fd.
-                unsafe { libc::close(sniffer) };
-                d
-            })
-            .join()
-            .expect("capture thread")
-            .expect("a datagram from node2 to node1 within 5 s");
-            let attacker = tokio::net::UdpSocket::bind("127.0.0.2:0")
+    in_namespace("mgr", async || {
+        let key = [5u8; 32];
+        let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
+        let sniffer = packet_socket();
+        let mut nodes = Vec::new();
+        for n in 1..=3u8 {
+            let kvs = vec![("underlay".to_string(), format!("127.0.0.{n}"))];
+            nodes.push(
+                start(
+                    at(n, &format!("node{n}"), key),
+                    kvs,
+                    stats[n as usize - 1].clone(),
+                )
                 .await
-                .expect("bind");
-            let (r1, m3) = (
-                stats[0].replayed.load(Ordering::Relaxed),
-                stats[2].misaddressed.load(Ordering::Relaxed),
+                .expect("gossip starts"),
             );
-            for _ in 0..3 {
-                attacker
-                    .send_to(&captured, "127.0.0.1:7000")
-                    .await
-                    .expect("send");
-                attacker
-                    .send_to(&captured, "127.0.0.3:7000")
-                    .await
-                    .expect("send");
+        }
+        let all = ["node1", "node2", "node3"];
+        let t = wait_for("three nodes", Duration::from_secs(10), async || {
+            for h in &nodes {
+                if live(h).await != all {
+                    return false;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let replayed = stats[0].replayed.load(Ordering::Relaxed) - r1;
-            let misaddressed = stats[2].misaddressed.load(Ordering::Relaxed) - m3;
-            println!(
-                "a captured datagram sent again 3 times: node1 refused {replayed} as replays, node3 {misaddressed} as misaddressed"
-            );
-            assert_eq!(replayed, 3);
-            assert_eq!(misaddressed, 3);
+            true
+        })
+        .await;
+        println!("3 nodes at their own addresses converged in {t:?}");
+        let withheld = stats[0].withheld.load(Ordering::Relaxed);
+        println!("node1 answered {withheld} replies to not-yet-known addresses without state");
+        assert!(
+            withheld > 0,
+            "nodes 2 and 3 were unknown to node 1 at first"
+        );
 
-            // Another host joins under node2's name: ignored, node2 stays
-            // where it is.
-            let impostor = start(
-                at(9, "node2", key),
-                vec![("underlay".to_string(), "127.0.0.9".to_string())],
-                stats[3].clone(),
-            )
+        // An eavesdropper captures a datagram from node2 to node1 and
+        // sends it again: to node1 (a replay) and to node3.
+        let captured = std::thread::spawn(move || {
+            let d = capture(sniffer, [127, 0, 0, 2], ([127, 0, 0, 1], 7000));
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(sniffer) };
+            d
+        })
+        .join()
+        .expect("capture thread")
+        .expect("a datagram from node2 to node1 within 5 s");
+        let attacker = tokio::net::UdpSocket::bind("127.0.0.2:0")
             .await
-            .expect("starts");
-            let ignored = wait_for(
-                "node1 sees the impostor's generation",
-                Duration::from_secs(10),
-                async || {
-                    let peers = nodes[0]
-                        .with_chitchat(|c| {
-                            let live = c.live_nodes_watcher().borrow().clone();
-                            peers::from_states("node1", &live)
-                        })
-                        .await;
-                    let p = &peers["node2"];
-                    assert_eq!(p.underlay, Some("127.0.0.2".parse().expect("ip")));
-                    !p.ignored.is_empty()
-                },
-            )
-            .await;
-            println!("a second host named node2 was ignored after {ignored:?}");
-            mesh_agent::gossip::stop(impostor).await.expect("shutdown");
+            .expect("bind");
+        let (r1, m3) = (
+            stats[0].replayed.load(Ordering::Relaxed),
+            stats[2].misaddressed.load(Ordering::Relaxed),
+        );
+        for _ in 0..3 {
+            attacker
+                .send_to(&captured, "127.0.0.1:7000")
+                .await
+                .expect("send");
+            attacker
+                .send_to(&captured, "127.0.0.3:7000")
+                .await
+                .expect("send");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let replayed = stats[0].replayed.load(Ordering::Relaxed) - r1;
+        let misaddressed = stats[2].misaddressed.load(Ordering::Relaxed) - m3;
+        println!(
+            "a captured datagram sent again 3 times: node1 refused {replayed} as replays, node3 {misaddressed} as misaddressed"
+        );
+        assert_eq!(replayed, 3);
+        assert_eq!(misaddressed, 3);
 
-            // 5,000 endpoints on node3 reach node1.
-            let eps: Vec<(String, String)> = (0..5_000u32)
-                .map(|i| {
-                    let ep = Endpoint {
-                        service: format!("service-{}", i % 50),
-                        created: "2026-11-30T00:00:00.000000000Z".into(),
-                        ip: std::net::Ipv4Addr::from(0x0a2a_0000 + i),
-                        ports: vec![(80, 8080, Proto::Tcp), (443, 8443, Proto::Tcp)],
-                        state: 0,
-                        publish: vec![],
-                    };
-                    (
-                        peers::endpoint_key(&ep),
-                        serde_json::to_string(&ep).expect("json"),
-                    )
-                })
-                .collect();
-            let bytes: usize = eps.iter().map(|(k, v)| k.len() + v.len()).sum();
-            let sent0 = stats[2].bytes_sent.load(Ordering::Relaxed);
-            nodes[2]
-                .with_chitchat(|c| {
-                    for (k, v) in &eps {
-                        c.self_node_state().set(k, v);
-                    }
-                })
-                .await;
-            let t = wait_for(
-                "5,000 endpoints of node3 on node1",
-                Duration::from_secs(60),
-                async || {
-                    let peers = nodes[0]
-                        .with_chitchat(|c| {
-                            let live = c.live_nodes_watcher().borrow().clone();
-                            peers::from_states("node1", &live)
-                        })
-                        .await;
-                    peers.get("node3").is_some_and(|p| p.endpoints.len() == 5_000)
-                },
-            )
+        // Another host joins under node2's name: ignored, node2 stays
+        // where it is.
+        let impostor = start(
+            at(9, "node2", key),
+            vec![("underlay".to_string(), "127.0.0.9".to_string())],
+            stats[3].clone(),
+        )
+        .await
+        .expect("starts");
+        let ignored = wait_for(
+            "node1 sees the impostor's generation",
+            Duration::from_secs(10),
+            async || {
+                let peers = nodes[0]
+                    .with_chitchat(|c| {
+                        let live = c.live_nodes_watcher().borrow().clone();
+                        peers::from_states("node1", &live)
+                    })
+                    .await;
+                let p = &peers["node2"];
+                assert_eq!(p.underlay, Some("127.0.0.2".parse().expect("ip")));
+                !p.ignored.is_empty()
+            },
+        )
+        .await;
+        println!("a second host named node2 was ignored after {ignored:?}");
+        mesh_agent::gossip::stop(impostor).await.expect("shutdown");
+
+        // 5,000 endpoints on node3 reach node1.
+        let eps: Vec<(String, String)> = (0..5_000u32)
+            .map(|i| {
+                let ep = Endpoint {
+                    service: format!("service-{}", i % 50),
+                    created: "2026-11-30T00:00:00.000000000Z".into(),
+                    ip: std::net::Ipv4Addr::from(0x0a2a_0000 + i),
+                    ports: vec![(80, 8080, Proto::Tcp), (443, 8443, Proto::Tcp)],
+                    state: 0,
+                    publish: vec![],
+                };
+                (
+                    peers::endpoint_key(&ep),
+                    serde_json::to_string(&ep).expect("json"),
+                )
+            })
+            .collect();
+        let bytes: usize = eps.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let sent0 = stats[2].bytes_sent.load(Ordering::Relaxed);
+        nodes[2]
+            .with_chitchat(|c| {
+                for (k, v) in &eps {
+                    c.self_node_state().set(k, v);
+                }
+            })
             .await;
-            println!(
-                "5,000 endpoints ({} KB of key-values) of one node reached another in {t:?}; node3 sent {} KB meanwhile, {} messages in two datagrams, {} oversize",
-                bytes / 1000,
-                (stats[2].bytes_sent.load(Ordering::Relaxed) - sent0) / 1000,
-                stats[2].split.load(Ordering::Relaxed),
-                stats[2].oversize.load(Ordering::Relaxed),
-            );
-            assert_eq!(stats[2].oversize.load(Ordering::Relaxed), 0);
-            assert_eq!(live(&nodes[0]).await, all, "still a cluster");
-        });
+        let t = wait_for(
+            "5,000 endpoints of node3 on node1",
+            Duration::from_secs(60),
+            async || {
+                let peers = nodes[0]
+                    .with_chitchat(|c| {
+                        let live = c.live_nodes_watcher().borrow().clone();
+                        peers::from_states("node1", &live)
+                    })
+                    .await;
+                peers
+                    .get("node3")
+                    .is_some_and(|p| p.endpoints.len() == 5_000)
+            },
+        )
+        .await;
+        println!(
+            "5,000 endpoints ({} KB of key-values) of one node reached another in {t:?}; node3 sent {} KB meanwhile, {} messages in two datagrams, {} oversize",
+            bytes / 1000,
+            (stats[2].bytes_sent.load(Ordering::Relaxed) - sent0) / 1000,
+            stats[2].split.load(Ordering::Relaxed),
+            stats[2].oversize.load(Ordering::Relaxed),
+        );
+        assert_eq!(stats[2].oversize.load(Ordering::Relaxed), 0);
+        assert_eq!(live(&nodes[0]).await, all, "still a cluster");
     });
 }
 
 #[test]
 fn membership_ends_when_the_gossip_server_does() {
-    let ns = Netns::new(&unique("mge"));
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let key = [5u8; 32];
-            let a = start(config(1, key), vec![], Arc::default())
-                .await
-                .expect("gossip starts");
-            let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
-            let b = start(config(2, key), vec![], Arc::default())
-                .await
-                .expect("gossip starts");
-            let t = Instant::now();
-            while !m.peers().contains_key("node2") {
-                let changed = tokio::time::timeout(Duration::from_secs(5), m.changed()).await;
-                assert_eq!(changed.ok(), Some(true), "changes until node2 is live");
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "node2 live within 5 s"
-                );
-            }
-            // The server ends (as on a broken socket, or a panic): the
-            // membership says so, where its live set alone would not.
-            a.abort();
-            let t = Instant::now();
-            let mut ended = None;
-            while t.elapsed() < Duration::from_secs(5) {
-                match tokio::time::timeout(Duration::from_secs(5), m.changed()).await {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        ended = Some(t.elapsed());
-                        break;
-                    }
-                    Err(_) => break,
+    in_namespace("mge", async || {
+        let key = [5u8; 32];
+        let a = start(config(1, key), vec![], Arc::default())
+            .await
+            .expect("gossip starts");
+        let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
+        let b = start(config(2, key), vec![], Arc::default())
+            .await
+            .expect("gossip starts");
+        let t = Instant::now();
+        while !m.peers().contains_key("node2") {
+            let changed = tokio::time::timeout(Duration::from_secs(5), m.changed()).await;
+            assert_eq!(changed.ok(), Some(true), "changes until node2 is live");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "node2 live within 5 s"
+            );
+        }
+        // The server ends (as on a broken socket, or a panic): the
+        // membership says so, where its live set alone would not.
+        a.abort();
+        let t = Instant::now();
+        let mut ended = None;
+        while t.elapsed() < Duration::from_secs(5) {
+            match tokio::time::timeout(Duration::from_secs(5), m.changed()).await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    ended = Some(t.elapsed());
+                    break;
                 }
+                Err(_) => break,
             }
-            let ended = ended.expect("membership ends with its gossip server");
-            println!("membership ended {ended:?} after its gossip server was aborted");
-            mesh_agent::gossip::stop(b).await.expect("shutdown");
-        });
+        }
+        let ended = ended.expect("membership ends with its gossip server");
+        println!("membership ended {ended:?} after its gossip server was aborted");
+        mesh_agent::gossip::stop(b).await.expect("shutdown");
     });
 }
