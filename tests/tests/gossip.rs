@@ -54,6 +54,16 @@ async fn live(h: &ChitchatHandle) -> Vec<String> {
     .await
 }
 
+/// Whether every node's live set is `all`.
+async fn all_see(nodes: &[Arc<ChitchatHandle>], all: &[&str]) -> bool {
+    for h in nodes {
+        if live(h).await != all {
+            return false;
+        }
+    }
+    true
+}
+
 async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f().await {
@@ -96,14 +106,7 @@ fn sealed_gossip_membership_and_failure_detection() {
         let t = wait_for(
             "three nodes see each other",
             Duration::from_secs(10),
-            async || {
-                for h in &nodes {
-                    if live(h).await != all {
-                        return false;
-                    }
-                }
-                true
-            },
+            async || all_see(&nodes, &all).await,
         )
         .await;
         println!("3 nodes converged in {t:?}");
@@ -308,12 +311,7 @@ fn replays_impostors_and_large_states() {
         }
         let all = ["node1", "node2", "node3"];
         let t = wait_for("three nodes", Duration::from_secs(10), async || {
-            for h in &nodes {
-                if live(h).await != all {
-                    return false;
-                }
-            }
-            true
+            all_see(&nodes, &all).await
         })
         .await;
         println!("3 nodes at their own addresses converged in {t:?}");
