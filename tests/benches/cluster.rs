@@ -15,9 +15,8 @@
 //!
 //! All N share this machine's 2 cores: where they saturate them, the
 //! figures measure the machine, and the CPU line says so. Gossip runs on
-//! two threads shared by every node (`gossip::start_here`; the agent runs
-//! it on a thread of its own, `gossip::start`), the control-plane passes
-//! on two more at the lowest CPU priority (nice 19). On real hosts one node's pass never holds
+//! two threads shared by every node, the control-plane passes on two more
+//! at the lowest CPU priority (nice 19). On real hosts one node's pass never holds
 //! up another node's heartbeats; here, at normal priority, 200 nodes
 //! rebuilding their rings at once for a dead peer (2 s of CPU) silenced
 //! everyone's gossip long enough to be taken for dead, and the passes for
@@ -61,7 +60,7 @@ use mesh_agent::{
     gossip::{
         GossipConfig, authority,
         peers::{self, Endpoint},
-        start_here,
+        start,
         subnet::{self, Claim},
         transport::{ClusterKey, GossipStats},
     },
@@ -283,9 +282,7 @@ async fn start_node(
     let claim = claim(i);
     let kvs = keys(i, &claim, endpoints);
     let stats = Arc::new(GossipStats::default());
-    let handle = start_here(cfg, kvs, stats.clone())
-        .await
-        .expect("gossip starts");
+    let handle = start(cfg, kvs, stats.clone()).await.expect("gossip starts");
     let live = handle.chitchat().lock().await.live_nodes_watcher();
     let maps = Arc::new(Mutex::new(HashSet::new()));
     let task = passes.spawn(control_plane(

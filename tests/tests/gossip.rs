@@ -2,9 +2,7 @@
 //! namespace this test creates (needs root): sealed with the cluster key,
 //! a wrong key never joins, garbage is dropped and counted, a silent node
 //! leaves the live set within the configured time; a captured datagram
-//! replayed is refused, so is one sent on to another node; the thread
-//! that started gossip stuck for twice the detection time takes no node
-//! for dead (gossip has a thread of its own); a host taking
+//! replayed is refused, so is one sent on to another node; a host taking
 //! another node's name is ignored; 5,000 endpoints of one node reach the
 //! others; a node's membership ends when its gossip server does.
 
@@ -73,8 +71,8 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> boo
     start.elapsed()
 }
 
-/// Runs `test` on a current-thread runtime, as the agent's main task runs,
-/// in a network namespace of its own (`prefix` names it).
+/// Runs `test` on a current-thread runtime, as the agent runs, in a
+/// network namespace of its own (`prefix` names it).
 fn in_namespace(prefix: &str, test: impl AsyncFnOnce() + Send) {
     Netns::new(&unique(prefix)).run(|| {
         tokio::runtime::Builder::new_current_thread()
@@ -162,24 +160,6 @@ fn sealed_gossip_membership_and_failure_detection() {
             "a new key on node1 reached node3 in {t:?}; exchanges pushed since, by node: {p:?}"
         );
         assert!(p[0] > 0, "node1 pushed its own news");
-
-        // Gossip keeps its own time: the thread that started it (in the
-        // agent, the main task, where the passes run) stuck for twice
-        // the detection time, and no node takes another for dead, then
-        // or in the rounds after (chitchat, on this thread, would find
-        // every peer silent for 6 s at its first round).
-        std::thread::sleep(DEAD_AFTER * 2);
-        let watch = Instant::now();
-        while watch.elapsed() < GossipConfig::interval_for(DEAD_AFTER) * 3 {
-            for h in &nodes {
-                assert_eq!(live(h).await, all, "after the caller's thread was stuck");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        println!(
-            "the starting thread stuck for {:?}: no node taken for dead",
-            DEAD_AFTER * 2
-        );
 
         // The wrong key never joins; its datagrams are counted.
         assert_eq!(

@@ -78,62 +78,7 @@ impl GossipConfig {
 /// generation id is the start time, so a restarted agent is a new
 /// generation of the same node: peers keep the old one (and its
 /// endpoints) until it times out, by which time the new one has published.
-///
-/// Gossip runs on a thread of its own (`mesh-gossip`, with its own
-/// runtime) until it stops, so that nothing else the agent does (a
-/// control-plane pass: 0.4 s when it programs 10,000 services; a slow
-/// Docker call) holds up heartbeats, digests and the failure detector.
-/// On the agent's one thread, a long pass was a silence its peers could
-/// take for death, and a node that rebuilds rings when a peer dies was
-/// slow to hear the others meanwhile (the cluster benchmark's cascades).
-/// The thread is made from the caller's, so it is in the caller's
-/// network namespace.
 pub async fn start(
-    cfg: GossipConfig,
-    kvs: Vec<(String, String)>,
-    stats: Arc<GossipStats>,
-) -> anyhow::Result<Arc<ChitchatHandle>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("mesh-gossip".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::Error::new(e).context("gossip's runtime")));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                match start_here(cfg, kvs, stats).await {
-                    Ok(handle) => {
-                        // Until the server stops: shut down, aborted, or
-                        // every handle dropped.
-                        let done = handle.termination_watcher();
-                        if tx.send(Ok(handle)).is_ok()
-                            && let Err(e) = done.await
-                        {
-                            tracing::error!(error = %e, "gossip stopped");
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        })
-        .map_err(|e| anyhow::Error::new(e).context("gossip's thread"))?;
-    rx.await
-        .map_err(|_| anyhow::anyhow!("gossip's thread ended before gossip started"))?
-}
-
-/// [`start`] on the caller's runtime, not a thread of its own: for a
-/// benchmark that runs hundreds of nodes in one process on a few shared
-/// threads, as many hosts would each on their own cores.
-pub async fn start_here(
     cfg: GossipConfig,
     mut kvs: Vec<(String, String)>,
     stats: Arc<GossipStats>,
