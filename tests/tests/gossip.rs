@@ -52,6 +52,18 @@ async fn live(h: &ChitchatHandle) -> Vec<String> {
     .await
 }
 
+/// The live peers as node `me` (gossiping through `h`) decodes them.
+async fn peers_seen_by(
+    h: &ChitchatHandle,
+    me: &str,
+) -> std::collections::BTreeMap<String, peers::Peer> {
+    h.with_chitchat(|c| {
+        let live = c.live_nodes_watcher().borrow().clone();
+        peers::from_states(me, &live)
+    })
+    .await
+}
+
 /// Whether every node's live set is `all`.
 async fn all_see(nodes: &[Arc<ChitchatHandle>], all: &[&str]) -> bool {
     for h in nodes {
@@ -352,12 +364,7 @@ fn replays_impostors_and_large_states() {
             "node1 sees the impostor's generation",
             Duration::from_secs(10),
             async || {
-                let peers = nodes[0]
-                    .with_chitchat(|c| {
-                        let live = c.live_nodes_watcher().borrow().clone();
-                        peers::from_states("node1", &live)
-                    })
-                    .await;
+                let peers = peers_seen_by(&nodes[0], "node1").await;
                 let p = &peers["node2"];
                 assert_eq!(p.underlay, Some("127.0.0.2".parse().expect("ip")));
                 !p.ignored.is_empty()
@@ -397,12 +404,7 @@ fn replays_impostors_and_large_states() {
             "5,000 endpoints of node3 on node1",
             Duration::from_secs(60),
             async || {
-                let peers = nodes[0]
-                    .with_chitchat(|c| {
-                        let live = c.live_nodes_watcher().borrow().clone();
-                        peers::from_states("node1", &live)
-                    })
-                    .await;
+                let peers = peers_seen_by(&nodes[0], "node1").await;
                 peers
                     .get("node3")
                     .is_some_and(|p| p.endpoints.len() == 5_000)
