@@ -57,7 +57,32 @@ pub struct Cluster {
     pub claim: subnet::Claim,
     /// Where the claim is kept (removed when the claim is lost).
     pub claim_file: PathBuf,
+    /// How long peers may keep this node's endpoints while its agent
+    /// restarts (it says so when it stops: `gossip::peers`).
+    pub restart_hold: Duration,
 }
+
+impl Cluster {
+    /// Tells the peers this agent is stopping, so they keep its endpoints
+    /// until its next generation has published its own (for at most
+    /// `restart_hold`), and gives the news a moment to leave: it is pushed
+    /// at once, one exchange with each of a few peers, milliseconds on a
+    /// LAN.
+    pub async fn say_stopping(&self) {
+        let hold = self.restart_hold.as_millis().to_string();
+        let said = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.membership.set(peers::KEY_STOPPING, &hold),
+        )
+        .await;
+        if said.is_ok() {
+            tokio::time::sleep(STOPPING_SPREAD).await;
+        }
+    }
+}
+
+/// How long a stopping agent keeps gossiping after saying so.
+const STOPPING_SPREAD: Duration = Duration::from_millis(300);
 
 /// Starts gossip and settles a /24; returns it with the cluster.
 pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
@@ -152,6 +177,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         stats,
         claim,
         claim_file,
+        restart_hold: cfg.dead_after * 2,
     };
     Ok((node_subnet, cluster))
 }

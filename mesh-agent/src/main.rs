@@ -406,15 +406,15 @@ async fn run(args: Args) -> Result<()> {
         dns,
     };
     let mut daemon = Daemon::new(settings, cluster, ebpf, lb, overlay, shared)?;
-    tokio::select! {
-        r = daemon.run() => r,
-        r = shutdown() => {
-            // Maps and links stay pinned: traffic keeps flowing until the
-            // next agent adopts them.
-            info!("stopping; the data plane stays in place");
-            r
-        }
-    }
+    let stop = tokio::select! {
+        r = daemon.run() => return r,
+        r = shutdown() => r,
+    };
+    // Maps and links stay pinned: traffic keeps flowing until the next
+    // agent adopts them, and the peers keep this node's endpoints.
+    daemon.stopping().await;
+    info!("stopping; the data plane stays in place");
+    stop
 }
 
 /// Alone: the given subnet or 10.42.0.0/24. In a cluster: start gossip and

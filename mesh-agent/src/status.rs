@@ -30,6 +30,10 @@ pub struct Node {
     pub name: String,
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Peers whose agent said it was stopping and is not back yet: their
+    /// endpoints are kept meanwhile (for a bounded time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarting: Vec<String>,
     /// Gossip datagrams that did not authenticate (a wrong cluster key on
     /// one side, or tampering).
     #[serde(default)]
@@ -128,8 +132,16 @@ impl Node {
         } else {
             String::new()
         };
+        let restarting = if self.restarting.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; restarting (endpoints kept): {}",
+                self.restarting.join(", ")
+            )
+        };
         format!(
-            "{} peers: {}{rejected}",
+            "{} peers: {}{restarting}{rejected}",
             self.peers.len(),
             self.peers.join(", ")
         )

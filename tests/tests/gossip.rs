@@ -463,3 +463,140 @@ fn membership_ends_when_the_gossip_server_does() {
         mesh_agent::gossip::stop(b).await.expect("shutdown");
     });
 }
+
+/// A node's key-values: one endpoint per address in `ips`.
+fn endpoints(ips: &[&str]) -> Vec<(String, String)> {
+    ips.iter()
+        .map(|ip| {
+            let ep = Endpoint {
+                service: "web".into(),
+                created: "2026-11-30T00:00:00.000000000Z".into(),
+                ip: ip.parse().expect("ip"),
+                ports: vec![(80, 8080, Proto::Tcp)],
+                state: 0,
+                publish: vec![],
+            };
+            (
+                peers::endpoint_key(&ep),
+                serde_json::to_string(&ep).expect("json"),
+            )
+        })
+        .collect()
+}
+
+/// Node `name`'s endpoint addresses as `m` sees them (None: not a peer),
+/// and whether it is held for a restart.
+fn seen(m: &membership::Chitchat, name: &str) -> Option<(Vec<String>, bool)> {
+    m.peers().get(name).map(|p| {
+        let mut ips: Vec<String> = p.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        ips.sort();
+        (ips, p.restarting)
+    })
+}
+
+#[test]
+fn a_restarting_node_keeps_its_endpoints_and_a_silent_one_does_not() {
+    in_namespace("mgr", async || {
+        let key = [6u8; 32];
+        let a = start(config(1, key), vec![], Arc::default())
+            .await
+            .expect("gossip starts");
+        let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
+        let b = start(config(2, key), endpoints(&["10.42.2.5"]), Arc::default())
+            .await
+            .expect("gossip starts");
+        let c = start(config(3, key), endpoints(&["10.42.3.5"]), Arc::default())
+            .await
+            .expect("gossip starts");
+        wait_for("node1 sees both", Duration::from_secs(10), async || {
+            seen(&m, "node2").is_some() && seen(&m, "node3").is_some()
+        })
+        .await;
+
+        // node2's agent stops as on `docker restart` (it says so first);
+        // node3's gossip dies without a word, as in a crash.
+        let hold = DEAD_AFTER * 2;
+        let bm = membership::Chitchat::new("node2".into(), b.clone()).await;
+        bm.set(peers::KEY_STOPPING, &hold.as_millis().to_string())
+            .await;
+        drop(bm);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopped = Instant::now();
+        mesh_agent::gossip::stop(b).await.expect("shutdown");
+        c.abort();
+        let mut node3_gone = None;
+        let mut node2_lowest = usize::MAX;
+        let mut node2_held = None;
+        while stopped.elapsed() < DEAD_AFTER + Duration::from_secs(1) {
+            let _ = tokio::time::timeout(Duration::from_millis(100), m.changed()).await;
+            if node3_gone.is_none() && seen(&m, "node3").is_none() {
+                node3_gone = Some(stopped.elapsed());
+            }
+            let two = seen(&m, "node2");
+            node2_lowest = node2_lowest.min(two.as_ref().map_or(0, |s| s.0.len()));
+            if node2_held.is_none() && two.is_some_and(|s| s.1) {
+                node2_held = Some(stopped.elapsed());
+            }
+        }
+        let node3_gone = node3_gone.expect("node3, silent, dropped within DEAD_AFTER + 1 s");
+        let node2_held = node2_held.expect("node2 left the live set and is held");
+        println!(
+            "node3 (silent) dropped after {node3_gone:?}; node2 (stopping) left the live set \
+             after {node2_held:?} and kept its endpoint"
+        );
+        assert_eq!(node2_lowest, 1, "node2's endpoint kept throughout");
+
+        // node2's next generation: both endpoints until it is ready, then
+        // only its own.
+        let b = start(config(2, key), endpoints(&["10.42.2.6"]), Arc::default())
+            .await
+            .expect("gossip starts again");
+        wait_for(
+            "node2's new generation is live",
+            Duration::from_secs(10),
+            async || seen(&m, "node2").is_some_and(|s| !s.1),
+        )
+        .await;
+        assert_eq!(
+            seen(&m, "node2"),
+            Some((vec!["10.42.2.5".into(), "10.42.2.6".into()], false)),
+            "the held endpoint and the new one"
+        );
+        let bm = membership::Chitchat::new("node2".into(), b.clone()).await;
+        bm.set(peers::KEY_READY, "1").await;
+        let t = wait_for(
+            "node2's held generation goes",
+            Duration::from_secs(5),
+            async || seen(&m, "node2").is_some_and(|s| s.0 == ["10.42.2.6"]),
+        )
+        .await;
+        println!("node2's new generation ready: the old one's endpoint went {t:?} later");
+
+        // A stop that is not followed by a restart: the hold ends on time,
+        // and membership says so then (no other change wakes it).
+        let short = Duration::from_secs(2);
+        let said = Instant::now();
+        bm.set(peers::KEY_STOPPING, &short.as_millis().to_string())
+            .await;
+        drop(bm);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        mesh_agent::gossip::stop(b).await.expect("shutdown");
+        let mut gone = None;
+        while said.elapsed() < DEAD_AFTER * 3 {
+            if tokio::time::timeout(Duration::from_secs(1), m.changed()).await == Ok(false) {
+                break;
+            }
+            if seen(&m, "node2").is_none() {
+                gone = Some(said.elapsed());
+                break;
+            }
+        }
+        let gone = gone.expect("node2 dropped when its hold ended");
+        println!("node2 stopped for good: dropped {gone:?} after it said so (hold {short:?})");
+        // Kept past its detection (about 1.5 s after it stopped here),
+        // dropped soon after the hold.
+        assert!(gone >= short, "held for {short:?}: {gone:?}");
+        assert!(gone <= short + Duration::from_secs(1), "{gone:?}");
+        mesh_agent::gossip::stop(a).await.ok();
+    });
+}

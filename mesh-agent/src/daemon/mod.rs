@@ -121,6 +121,8 @@ struct Written {
     bridge_mask_be: Option<u32>,
     /// Our endpoints as last published in gossip (key -> JSON).
     endpoints: BTreeMap<String, String>,
+    /// `ready` is published (with the first endpoints).
+    ready: bool,
 }
 
 pub struct Daemon {
@@ -180,6 +182,7 @@ impl Daemon {
                 .map(|(k, service_id)| (k, Published { service_id }))
                 .collect(),
             endpoints: BTreeMap::new(),
+            ready: false,
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
         let vips = pass::load_vips(&settings.state_dir);
@@ -393,6 +396,15 @@ impl Daemon {
             );
         }
         rejected
+    }
+
+    /// The agent is told to stop: in a cluster, its peers are told to
+    /// keep its endpoints while it restarts.
+    pub async fn stopping(&self) {
+        if let Some(c) = &self.cluster {
+            c.say_stopping().await;
+            info!(hold = ?c.restart_hold, "told the peers this agent is stopping");
+        }
     }
 
     fn set_docker(&self, connected: bool) {

@@ -254,11 +254,16 @@ impl Daemon {
             .iter()
             .filter_map(|e| Some((peers::endpoint_key(e), serde_json::to_string(e).ok()?)))
             .collect();
-        let set: Vec<(String, String)> = want
+        let mut set: Vec<(String, String)> = want
             .iter()
             .filter(|(k, v)| self.written.endpoints.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if !self.written.ready {
+            // After the endpoints (a higher version: a peer that has it
+            // has them): an older generation held for this restart goes.
+            set.push((peers::KEY_READY.to_owned(), "1".to_owned()));
+        }
         let delete: Vec<String> = self
             .written
             .endpoints
@@ -271,6 +276,7 @@ impl Daemon {
         }
         if c.membership.try_update(&set, &delete) {
             self.written.endpoints = want;
+            self.written.ready = true;
         } else {
             // Busy gossiping: the retry tick tries again.
             self.retry = true;
@@ -371,6 +377,11 @@ impl Daemon {
         if let Some(c) = &self.cluster {
             sh.status.node.name = c.node_id.clone();
             sh.status.node.peers = peers.keys().cloned().collect();
+            sh.status.node.restarting = peers
+                .iter()
+                .filter(|(_, p)| p.restarting)
+                .map(|(n, _)| n.clone())
+                .collect();
             sh.status.node.clustered = true;
         }
         sh.service_names = self

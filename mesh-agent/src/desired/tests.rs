@@ -160,7 +160,7 @@ fn node_table_skips_incomplete_peers_and_our_own_subnet() {
             since_ms: 0,
         }),
         endpoints: Default::default(),
-        ignored: Vec::new(),
+        ..Peer::default()
     };
     let peers: BTreeMap<String, Peer> = [
         ("n2".to_string(), peer(2)),

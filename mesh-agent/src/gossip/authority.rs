@@ -161,7 +161,7 @@ mod tests {
             mac: Some([2, 0, 0, 0, 0, 1]),
             subnet: c,
             endpoints: std::sync::Arc::new(eps.iter().map(|e| ep(e)).collect()),
-            ignored: vec![],
+            ..Peer::default()
         }
     }
 

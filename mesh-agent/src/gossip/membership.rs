@@ -28,8 +28,9 @@ pub trait Membership: Send {
         key: &'a str,
         value: &'a str,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-    /// Resolves when the live set or a peer's keys changed; `false` once
-    /// membership has stopped (the gossip server ended).
+    /// Resolves when the live set or a peer's keys changed, or a peer's
+    /// hold for its restart ended; `false` once membership has stopped
+    /// (the gossip server ended).
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
@@ -96,10 +97,17 @@ impl Membership for Chitchat {
         // the server too, or a node whose gossip died would go on with
         // the last view while its peers count it dead.
         let ended = self.handle.termination_watcher();
+        // A generation held for its restart lets go at a set time.
+        let expiry = self
+            .decoder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_expiry();
         Box::pin(async move {
             tokio::select! {
                 r = self.live.changed() => r.is_ok(),
                 _ = ended => false,
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(std::time::Instant::now).into()), if expiry.is_some() => true,
             }
         })
     }

@@ -6,8 +6,21 @@
 //! gossips one small value, and a node's endpoints are never one value too
 //! large for a datagram. (Agents before per-endpoint keys published one
 //! `endpoints` list; it is still read.)
+//!
+//! A restart: the agent that stops publishes `stopping` (how long, in ms,
+//! peers may keep its endpoints); a generation that said so and then falls
+//! silent is held, its endpoints still counted, until a newer generation
+//! of the same node has published `ready` (set with its first endpoints)
+//! or the time is up. So a restart never races failure detection, while
+//! a node that falls silent without saying so (a crash, a cut cable) is
+//! dropped as soon as it is detected.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +33,14 @@ pub const KEY_SUBNET: &str = "subnet";
 pub const KEY_ENDPOINTS: &str = "endpoints";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
+/// Set by an agent that stops: milliseconds its peers may keep its
+/// endpoints while it restarts.
+pub const KEY_STOPPING: &str = "stopping";
+/// Set with a generation's first endpoints: it has said what it serves, and
+/// an older generation held for its restart can go.
+pub const KEY_READY: &str = "ready";
+/// The longest hold a peer grants, whatever a stopping node asks.
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// The gossip key of one of this node's endpoints.
 pub fn endpoint_key(e: &Endpoint) -> String {
@@ -54,6 +75,9 @@ pub struct Peer {
     pub endpoints: Arc<Vec<Endpoint>>,
     /// Generations of this node ignored, and why (see [`from_states`]).
     pub ignored: Vec<String>,
+    /// No generation is live: the node said it was stopping, and its
+    /// endpoints are kept until it is back or the hold ends.
+    pub restarting: bool,
 }
 
 /// One generation of a node, as its keys say (before any check against
@@ -64,6 +88,10 @@ struct Generation {
     mac: Option<[u8; 6]>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
+    /// The hold it asked for when it said it was stopping.
+    stopping: Option<Duration>,
+    /// It has published its endpoints.
+    ready: bool,
 }
 
 impl Generation {
@@ -85,6 +113,11 @@ impl Generation {
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
             endpoints: Arc::new(listed.into_iter().chain(keyed).collect()),
+            stopping: state
+                .get(KEY_STOPPING)
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|ms| Duration::from_millis(ms).min(MAX_HOLD)),
+            ready: state.get(KEY_READY).is_some(),
         }
     }
 }
@@ -94,10 +127,23 @@ impl Generation {
 /// with every key it sets or deletes, so an unchanged version is unchanged
 /// keys. At 200 nodes of 10 endpoints each, a pass parsed 2,000 JSON
 /// values for the one that changed.
+///
+/// It also holds the generations that said they were stopping and left
+/// the live set (see the module's header).
 #[derive(Debug, Default)]
 pub struct Decoder {
     /// Each live generation with the max version it was decoded at.
-    known: BTreeMap<chitchat::ChitchatId, (u64, Generation)>,
+    known: BTreeMap<chitchat::ChitchatId, Known>,
+    /// Generations held for their restart, until when.
+    held: BTreeMap<chitchat::ChitchatId, (Instant, Generation)>,
+}
+
+#[derive(Debug)]
+struct Known {
+    version: u64,
+    generation: Generation,
+    /// When this node first read its `stopping`.
+    stopping_since: Option<Instant>,
 }
 
 impl Decoder {
@@ -107,27 +153,83 @@ impl Decoder {
         me: &str,
         live: &BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
     ) -> BTreeMap<String, Peer> {
-        self.known.retain(|id, _| live.contains_key(id));
-        let mut out: BTreeMap<String, Peer> = BTreeMap::new();
-        // Ascending generations: later ones overwrite the location.
+        self.peers_at(me, live, Instant::now())
+    }
+
+    /// When the next held generation's time is up (a pass is due then).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.held.values().map(|(until, _)| *until).min()
+    }
+
+    /// [`Decoder::peers`] at `now`.
+    pub fn peers_at(
+        &mut self,
+        me: &str,
+        live: &BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
+        now: Instant,
+    ) -> BTreeMap<String, Peer> {
+        // Generations that left the live set after saying they were
+        // stopping are held; the others are forgotten.
+        for (id, k) in std::mem::take(&mut self.known) {
+            if live.contains_key(&id) {
+                self.known.insert(id, k);
+            } else if let (Some(hold), Some(since)) = (k.generation.stopping, k.stopping_since) {
+                self.held.insert(id, (since + hold, k.generation));
+            }
+        }
         for (id, state) in live {
             if &*id.node_id == me {
                 continue;
             }
             let version = state.max_version();
-            let g = match self.known.get(id) {
-                Some((v, g)) if *v == version => g,
-                _ => {
-                    let g = Generation::of(&id.node_id, state);
-                    &self
-                        .known
-                        .entry(id.clone())
-                        .insert_entry((version, g))
-                        .into_mut()
-                        .1
-                }
-            };
-            merge(out.entry(id.node_id.to_string()).or_default(), id, g);
+            if self.known.get(id).is_some_and(|k| k.version == version) {
+                continue;
+            }
+            let generation = Generation::of(&id.node_id, state);
+            let stopping_since = generation.stopping.and(
+                self.known
+                    .get(id)
+                    .and_then(|k| k.stopping_since)
+                    .or(Some(now)),
+            );
+            self.known.insert(
+                id.clone(),
+                Known {
+                    version,
+                    generation,
+                    stopping_since,
+                },
+            );
+        }
+        // A held generation goes when its time is up, when it is live
+        // again, or once a newer generation of its node is ready.
+        let known = &self.known;
+        self.held.retain(|id, (until, _)| {
+            now < *until
+                && !known.contains_key(id)
+                && !known.iter().any(|(k, g)| {
+                    k.node_id == id.node_id
+                        && k.generation_id > id.generation_id
+                        && g.generation.ready
+                })
+        });
+        let mut out: BTreeMap<String, Peer> = BTreeMap::new();
+        // Ascending generations: later ones overwrite the location.
+        let mut all: Vec<(&chitchat::ChitchatId, &Generation, bool)> = self
+            .known
+            .iter()
+            .map(|(id, k)| (id, &k.generation, true))
+            .chain(self.held.iter().map(|(id, (_, g))| (id, g, false)))
+            .filter(|(id, _, _)| &*id.node_id != me)
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        for (id, g, is_live) in all {
+            let p = out.entry(id.node_id.to_string()).or_insert_with(|| Peer {
+                restarting: true,
+                ..Peer::default()
+            });
+            p.restarting &= !is_live;
+            merge(p, id, g);
         }
         out
     }
@@ -260,5 +362,81 @@ mod tests {
         assert_eq!(d.known.len(), 1);
         // This node itself is never a peer.
         assert!(d.peers("n2", &live).is_empty());
+    }
+
+    fn node(eps: &[&str]) -> NodeState {
+        let mut state = NodeState::for_test();
+        state.set(KEY_UNDERLAY, "192.168.0.2");
+        for ip in eps {
+            let (k, v) = ep(ip);
+            state.set(k, v);
+        }
+        state
+    }
+
+    #[test]
+    fn a_node_that_said_it_was_stopping_keeps_its_endpoints_until_its_next_generation_is_ready() {
+        let t0 = Instant::now();
+        let mut d = Decoder::default();
+        let mut old = node(&["10.42.2.5"]);
+        let mut live = BTreeMap::from([(id(1), old.clone())]);
+        assert!(!d.peers_at("n1", &live, t0)["n2"].restarting);
+        // It says it stops (a 10 s hold), then falls silent.
+        old.set(KEY_STOPPING, "10000");
+        live.insert(id(1), old);
+        d.peers_at("n1", &live, t0 + Duration::from_secs(1));
+        live.clear();
+        let held = d.peers_at("n1", &live, t0 + Duration::from_secs(3));
+        assert_eq!(ips(&held["n2"]), ["10.42.2.5"]);
+        assert!(held["n2"].restarting);
+        assert_eq!(d.next_expiry(), Some(t0 + Duration::from_secs(11)));
+        // Its next generation is live but has not published yet: both.
+        live.insert(id(2), node(&["10.42.2.6"]));
+        let both = d.peers_at("n1", &live, t0 + Duration::from_secs(4));
+        assert_eq!(ips(&both["n2"]), ["10.42.2.5", "10.42.2.6"]);
+        assert!(!both["n2"].restarting);
+        // Ready: the old generation goes at once, long before its time.
+        let mut new = node(&["10.42.2.6"]);
+        new.set(KEY_READY, "1");
+        live.insert(id(2), new);
+        let after = d.peers_at("n1", &live, t0 + Duration::from_secs(5));
+        assert_eq!(ips(&after["n2"]), ["10.42.2.6"]);
+        assert_eq!(d.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_hold_ends_on_time_and_a_silent_node_that_said_nothing_is_not_held() {
+        let t0 = Instant::now();
+        let mut d = Decoder::default();
+        let mut stopping = node(&["10.42.2.5"]);
+        // More than any peer grants.
+        stopping.set(KEY_STOPPING, "3600000");
+        let mut live = BTreeMap::from([(id(1), stopping)]);
+        d.peers_at("n1", &live, t0);
+        live.clear();
+        assert_eq!(d.next_expiry(), None);
+        assert_eq!(d.peers_at("n1", &live, t0).len(), 1);
+        assert_eq!(d.next_expiry(), Some(t0 + MAX_HOLD));
+        assert_eq!(
+            d.peers_at("n1", &live, t0 + MAX_HOLD - Duration::from_millis(1))
+                .len(),
+            1
+        );
+        assert!(d.peers_at("n1", &live, t0 + MAX_HOLD).is_empty());
+        assert_eq!(d.next_expiry(), None);
+
+        // A node that fell silent without a word (a crash, a cut cable)
+        // is dropped as soon as it leaves the live set; so is a malformed
+        // hold.
+        for said in [None, Some("soon")] {
+            let mut state = node(&["10.42.2.7"]);
+            if let Some(v) = said {
+                state.set(KEY_STOPPING, v);
+            }
+            let mut live = BTreeMap::from([(id(3), state)]);
+            d.peers_at("n1", &live, t0);
+            live.clear();
+            assert!(d.peers_at("n1", &live, t0).is_empty(), "{said:?}");
+        }
     }
 }
