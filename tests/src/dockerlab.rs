@@ -473,6 +473,39 @@ impl Agent {
         }
     }
 
+    /// Stopped the way a user would (`docker stop mesh-agent`, SIGTERM
+    /// for a process), left stopped for `pause`, then started again: a
+    /// restart as slow as its host makes it.
+    pub fn stop_and_start(&mut self, pause: Duration) {
+        match &mut self.run {
+            Run::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    // SAFETY: signals the child this Agent started.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                    let _ = c.wait();
+                }
+            }
+            Run::Container { .. } => {
+                let out = self.docker(&["stop", lab::agent::NAME]);
+                assert!(
+                    out.is_some_and(|o| o.status.success()),
+                    "docker stop mesh-agent"
+                );
+            }
+        }
+        std::thread::sleep(pause);
+        match &self.run {
+            Run::Process { .. } => self.spawn(),
+            Run::Container { .. } => {
+                let out = self.docker(&["start", lab::agent::NAME]);
+                assert!(
+                    out.is_some_and(|o| o.status.success()),
+                    "docker start mesh-agent"
+                );
+            }
+        }
+    }
+
     /// The agent's status, if it answers.
     pub fn status(&self) -> Option<Status> {
         let raw = mesh_agent::api::ask(&self.api_socket, "status").ok()?;
