@@ -41,6 +41,18 @@ fn config(n: u16, key: [u8; 32]) -> GossipConfig {
     }
 }
 
+/// Node `n` of [`config`], gossiping `kvs` and counting in `stats`.
+async fn node(
+    n: u16,
+    key: [u8; 32],
+    kvs: Vec<(String, String)>,
+    stats: Arc<GossipStats>,
+) -> Arc<ChitchatHandle> {
+    start(config(n, key), kvs, stats)
+        .await
+        .expect("gossip starts")
+}
+
 async fn live(h: &ChitchatHandle) -> Vec<String> {
     h.with_chitchat(|c| {
         let mut v: Vec<String> = c.live_nodes().map(|id| id.node_id.to_string()).collect();
@@ -103,15 +115,9 @@ fn sealed_gossip_membership_and_failure_detection() {
         let mut nodes = Vec::new();
         for n in 1..=3u16 {
             let kvs = vec![("underlay".to_string(), format!("192.168.50.{n}"))];
-            nodes.push(
-                start(config(n, key), kvs, stats[n as usize - 1].clone())
-                    .await
-                    .expect("gossip starts"),
-            );
+            nodes.push(node(n, key, kvs, stats[n as usize - 1].clone()).await);
         }
-        let intruder = start(config(4, [9u8; 32]), vec![], stats[3].clone())
-            .await
-            .expect("starts");
+        let intruder = node(4, [9u8; 32], vec![], stats[3].clone()).await;
         let all = ["node1", "node2", "node3"];
         let t = wait_for(
             "three nodes see each other",
@@ -427,13 +433,9 @@ fn replays_impostors_and_large_states() {
 fn membership_ends_when_the_gossip_server_does() {
     in_namespace("mge", async || {
         let key = [5u8; 32];
-        let a = start(config(1, key), vec![], Arc::default())
-            .await
-            .expect("gossip starts");
+        let a = node(1, key, vec![], Arc::default()).await;
         let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
-        let b = start(config(2, key), vec![], Arc::default())
-            .await
-            .expect("gossip starts");
+        let b = node(2, key, vec![], Arc::default()).await;
         let t = Instant::now();
         while !m.peers().contains_key("node2") {
             let changed = tokio::time::timeout(Duration::from_secs(5), m.changed()).await;
@@ -498,16 +500,10 @@ fn seen(m: &membership::Chitchat, name: &str) -> Option<(Vec<String>, bool)> {
 fn a_restarting_node_keeps_its_endpoints_and_a_silent_one_does_not() {
     in_namespace("mgr", async || {
         let key = [6u8; 32];
-        let a = start(config(1, key), vec![], Arc::default())
-            .await
-            .expect("gossip starts");
+        let a = node(1, key, vec![], Arc::default()).await;
         let mut m = membership::Chitchat::new("node1".into(), a.clone()).await;
-        let b = start(config(2, key), endpoints(&["10.42.2.5"]), Arc::default())
-            .await
-            .expect("gossip starts");
-        let c = start(config(3, key), endpoints(&["10.42.3.5"]), Arc::default())
-            .await
-            .expect("gossip starts");
+        let b = node(2, key, endpoints(&["10.42.2.5"]), Arc::default()).await;
+        let c = node(3, key, endpoints(&["10.42.3.5"]), Arc::default()).await;
         wait_for("node1 sees both", Duration::from_secs(10), async || {
             seen(&m, "node2").is_some() && seen(&m, "node3").is_some()
         })
@@ -548,9 +544,7 @@ fn a_restarting_node_keeps_its_endpoints_and_a_silent_one_does_not() {
 
         // node2's next generation: both endpoints until it is ready, then
         // only its own.
-        let b = start(config(2, key), endpoints(&["10.42.2.6"]), Arc::default())
-            .await
-            .expect("gossip starts again");
+        let b = node(2, key, endpoints(&["10.42.2.6"]), Arc::default()).await;
         wait_for(
             "node2's new generation is live",
             Duration::from_secs(10),
