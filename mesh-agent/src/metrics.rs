@@ -150,6 +150,14 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             "mesh_gossip_compact_refused_total {}",
             g.compact_refused.load(Relaxed)
         );
+        out.push_str("# HELP mesh_peers Nodes this node counts as peers (live, or held while they restart).\n# TYPE mesh_peers gauge\n");
+        let _ = writeln!(out, "mesh_peers {}", sh.status.node.peers.len());
+        out.push_str("# HELP mesh_peers_restarting Peers whose agent said it was stopping and is not back: their endpoints are kept meanwhile.\n# TYPE mesh_peers_restarting gauge\n");
+        let _ = writeln!(
+            out,
+            "mesh_peers_restarting {}",
+            sh.status.node.restarting.len()
+        );
         out.push_str("# HELP mesh_gossip_ignored_total What peers published and this node ignored, by kind.\n# TYPE mesh_gossip_ignored_total counter\n");
         for kind in ["claim", "endpoint", "identity"] {
             let _ = writeln!(

@@ -727,10 +727,12 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     let restart = Instant::now();
     let (first, rest) = agents.split_at_mut(1);
     let node3 = &rest[1];
-    let (lowest, held) = std::thread::scope(|s| {
+    let (lowest, held, gauge) = std::thread::scope(|s| {
         let watch = s.spawn(|| {
             let mut lowest = usize::MAX;
             let mut held: Option<(Duration, Duration)> = None;
+            // Node 3's mesh_peers_restarting when n1 was first held.
+            let mut gauge = None;
             while restart.elapsed() < pause + Duration::from_secs(7) {
                 if let Some(st) = node3.status() {
                     let active = st
@@ -741,12 +743,18 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
                     lowest = lowest.min(active);
                     if st.node.restarting.iter().any(|n| n == "n1") {
                         let now = restart.elapsed();
+                        if held.is_none() {
+                            gauge = agent_metrics(e3)
+                                .lines()
+                                .find_map(|l| l.strip_prefix("mesh_peers_restarting "))
+                                .map(str::to_owned);
+                        }
                         held = Some((held.map_or(now, |h| h.0), now));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            (lowest, held)
+            (lowest, held, gauge)
         });
         first[0].stop_and_start(pause);
         watch.join().expect("the watch")
@@ -757,9 +765,16 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     let said = held.map_or("never".into(), |(a, b)| format!("from {a:.1?} to {b:.1?}"));
     println!(
         "node 1's agent stopped, started again {pause:?} later: node 3 held its endpoints as \
-         restarting {said} after the stop, and saw at least {lowest} of 3 backends throughout"
+         restarting {said} after the stop (mesh_peers_restarting {}), and saw at least {lowest} \
+         of 3 backends throughout",
+        gauge.as_deref().unwrap_or("not read")
     );
     assert!(held.is_some(), "node 1 held while it restarted");
+    assert_eq!(
+        gauge.as_deref(),
+        Some("1"),
+        "node 3's mesh_peers_restarting while n1 was held"
+    );
     assert_eq!(lowest, 3, "no backend withdrawn by a restart");
 
     // After the restart, a new replica on node 1 is reachable from the
@@ -834,14 +849,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         .cluster_line();
     println!("node 1's meshctl status: cluster: {line1}");
     assert!(line1.contains("datagrams rejected"), "{line1}");
-    let metrics = engines[0].ns.run(|| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("req");
-        let mut b = String::new();
-        s.read_to_string(&mut b).expect("resp");
-        b
-    });
+    let metrics = agent_metrics(&engines[0]);
     let dropped: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("mesh_gossip_dropped_total"))
@@ -920,4 +928,16 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     assert_eq!(names.len(), 4, "every replica: {names:?}");
     let ping = e3.docker(&["exec", "client", "ping", "-c", "2", "-W", "2", &w1_after]);
     assert!(ping.status.success(), "client -> w1 at its new address");
+}
+
+/// The agent's /metrics on `e` (its namespace's loopback).
+fn agent_metrics(e: &Engine) -> String {
+    e.ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("req");
+        let mut b = String::new();
+        s.read_to_string(&mut b).expect("resp");
+        b
+    })
 }
