@@ -170,10 +170,8 @@ impl Decoder {
     ) -> BTreeMap<String, Peer> {
         // Generations that left the live set after saying they were
         // stopping are held; the others are forgotten.
-        for (id, k) in std::mem::take(&mut self.known) {
-            if live.contains_key(&id) {
-                self.known.insert(id, k);
-            } else if let (Some(hold), Some(since)) = (k.generation.stopping, k.stopping_since) {
+        for (id, k) in self.known.extract_if(.., |id, _| !live.contains_key(id)) {
+            if let (Some(hold), Some(since)) = (k.generation.stopping, k.stopping_since) {
                 self.held.insert(id, (since + hold, k.generation));
             }
         }
