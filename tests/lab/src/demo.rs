@@ -84,6 +84,9 @@ const NAMES: [(usize, &str); 3] = [(1, "whoami-1"), (2, "whoami-2"), (1, "whoami
 /// Runs the demo on nodes 1 to 3 of `h`, printing as it goes.
 pub fn run(h: &dyn Hosts) -> Result<Report> {
     let mut report = Report::default();
+    for n in 1..=3 {
+        wait_ready(h, n)?;
+    }
     println!("\n== whoami replicas on nodes 1 and 2; a client on node 3");
     for (n, name) in NAMES {
         let _ = h.docker(n, &["rm", "-f", name]);
@@ -183,6 +186,31 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
 fn status(h: &dyn Hosts, n: usize) -> String {
     h.docker(n, &["exec", "mesh-agent", "/meshctl", "status", "--json"])
         .unwrap_or_default()
+}
+
+/// Waits until node `n`'s agent is connected to Docker, with its `mesh`
+/// network made (a new node makes it once its /24 claim has settled,
+/// seconds after it starts), and sees the two other nodes.
+fn wait_ready(h: &dyn Hosts, n: usize) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let st = status(h, n);
+        let ready = serde_json::from_str::<serde_json::Value>(&st)
+            .ok()
+            .is_some_and(|v| {
+                v.pointer("/docker/connected") == Some(&serde_json::Value::Bool(true))
+                    && v.pointer("/node/peers")
+                        .and_then(|p| p.as_array())
+                        .is_some_and(|p| p.len() == 2)
+            });
+        if ready {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("node {n}'s agent is not ready (Docker and two peers) after 120 s:\n{st}");
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Waits until node `n`'s agent sees `count` active whoami backends; the VIP.
