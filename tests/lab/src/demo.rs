@@ -188,60 +188,57 @@ fn status(h: &dyn Hosts, n: usize) -> String {
         .unwrap_or_default()
 }
 
+/// Polls node `n`'s `meshctl status --json` until `found` reads a `T` in
+/// it, for at most `timeout`; the error says `what` was not seen, with the
+/// last status.
+fn wait_status<T>(
+    h: &dyn Hosts,
+    n: usize,
+    timeout: Duration,
+    what: &str,
+    found: impl Fn(&str) -> Option<T>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        let st = status(h, n);
+        if let Some(t) = found(&st) {
+            return Ok(t);
+        }
+        if start.elapsed() > timeout {
+            bail!("node {n}: {what} not seen within {timeout:?}:\n{st}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until node `n`'s agent is connected to Docker, with its `mesh`
 /// network made (a new node makes it once its /24 claim has settled,
 /// seconds after it starts), and sees the two other nodes.
 fn wait_ready(h: &dyn Hosts, n: usize) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let st = status(h, n);
-        let ready = serde_json::from_str::<serde_json::Value>(&st)
-            .ok()
-            .is_some_and(|v| {
-                v.pointer("/docker/connected") == Some(&serde_json::Value::Bool(true))
-                    && v.pointer("/node/peers")
-                        .and_then(|p| p.as_array())
-                        .is_some_and(|p| p.len() == 2)
-            });
-        if ready {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            bail!("node {n}'s agent is not ready (Docker and two peers) after 120 s:\n{st}");
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
+    let what = "the agent connected to Docker, with two peers";
+    wait_status(h, n, Duration::from_secs(120), what, |st| {
+        let v: serde_json::Value = serde_json::from_str(st).ok()?;
+        let connected = v.pointer("/docker/connected")?.as_bool()?;
+        let peers = v.pointer("/node/peers")?.as_array()?.len();
+        (connected && peers == 2).then_some(())
+    })
 }
 
 /// Waits until node `n`'s agent sees `count` active whoami backends; the VIP.
 fn wait_replicas(h: &dyn Hosts, n: usize, count: usize) -> Result<String> {
-    let start = Instant::now();
-    loop {
-        let st = status(h, n);
-        if let Some(vip) = whoami_vip(&st, count) {
-            return Ok(vip);
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("node {n} does not see {count} whoami replicas:\n{st}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    let what = format!("{count} whoami replicas");
+    wait_status(h, n, Duration::from_secs(60), &what, |st| {
+        whoami_vip(st, count)
+    })
 }
 
 /// Waits until node `n`'s agent publishes whoami's port.
 fn wait_published(h: &dyn Hosts, n: usize) -> Result<()> {
-    let start = Instant::now();
     let want = format!("\"{PUBLISHED}/tcp -> {}\"", whoami::HTTP_PORT);
-    loop {
-        let st = status(h, n);
-        if st.contains(&want) {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("node {n} does not publish {PUBLISHED}/tcp:\n{st}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    let what = format!("{PUBLISHED}/tcp published");
+    wait_status(h, n, Duration::from_secs(30), &what, |st| {
+        st.contains(&want).then_some(())
+    })
 }
 
 /// The VIP of whoami in a `meshctl status --json` answer, when it has
