@@ -4,7 +4,8 @@
 //! the forwarder busy, to show that forwarding does not slow mesh answers.
 //! The server and the load share the machine's cores: the load generator's
 //! own CPU is measured (per thread) and printed beside the server's.
-//! Prints figures; asserts nothing.
+//! Only replies that decode to the expected answer count (the others are
+//! printed). Prints figures; asserts nothing.
 
 use std::{
     net::Ipv4Addr,
@@ -15,12 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hickory_proto::{
-    op::{Message, MessageType, OpCode, Query},
-    rr::{Name, RecordType},
-};
 use mesh_agent::labels::Proto;
-use mesh_tests::dnslab::{DnsLab, SERVER, zone_of};
+use mesh_tests::{
+    dnslab::{DnsLab, SERVER, UPSTREAM_ANSWER, zone_of},
+    dnsprobe::{self, Expect},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
 
 /// CPU seconds used so far by the calling thread (`who` = RUSAGE_THREAD)
 /// or the whole process (RUSAGE_SELF).
@@ -32,45 +34,51 @@ fn cpu_seconds(who: i32) -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-/// A query for `name` (type A), encoded once; the load patches the id.
-fn query(name: &str) -> Vec<u8> {
-    let mut m = Message::new(0, MessageType::Query, OpCode::Query);
-    m.metadata.recursion_desired = true;
-    m.queries.push(Query::query(
-        Name::from_ascii(name).expect("name"),
-        RecordType::A,
-    ));
-    m.to_vec().expect("encode")
-}
-
-/// What one client thread measured.
+/// What one client thread measured: the latency of each answer that
+/// checked out, and the replies that did not (wrong id, code or record).
 struct Client {
     lat: Vec<Duration>,
+    wrong: u64,
     cpu: f64,
 }
 
 /// One client: `count` queries for `q`, one outstanding at a time, until
 /// `count` or the deadline (or `stop`, if given).
-fn client(q: &[u8], id: u16, count: usize, deadline: Instant, stop: Option<&AtomicBool>) -> Client {
+fn client(
+    q: &[u8],
+    expect: Expect,
+    id: u16,
+    count: usize,
+    deadline: Instant,
+    stop: Option<&AtomicBool>,
+) -> Client {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(1)))
         .expect("timeout");
     s.connect(SERVER).expect("connect");
     let mut q = q.to_vec();
     let mut lat = Vec::with_capacity(count.min(1 << 20));
+    let mut wrong = 0;
     let mut buf = [0u8; 512];
     for i in 0..count {
         if Instant::now() > deadline || stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             break;
         }
-        q[..2].copy_from_slice(&(id.wrapping_mul(4099).wrapping_add(i as u16)).to_be_bytes());
+        let qid = id.wrapping_mul(4099).wrapping_add(i as u16);
+        q[..2].copy_from_slice(&qid.to_be_bytes());
         let t = Instant::now();
-        if s.send(&q).is_ok() && s.recv(&mut buf).is_ok() {
-            lat.push(t.elapsed());
+        if s.send(&q).is_err() {
+            continue;
+        }
+        match s.recv(&mut buf) {
+            Ok(n) if dnsprobe::check(&buf[..n], qid, expect).is_ok() => lat.push(t.elapsed()),
+            Ok(_) => wrong += 1,
+            Err(_) => {}
         }
     }
     Client {
         lat,
+        wrong,
         cpu: cpu_seconds(libc::RUSAGE_THREAD),
     }
 }
@@ -80,8 +88,9 @@ fn client(q: &[u8], id: u16, count: usize, deadline: Instant, stop: Option<&Atom
 /// Prints one line.
 fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usize) {
     let per_client = total / clients;
-    let mesh_q = Arc::new(query("whoami.mesh."));
-    let fwd_q = Arc::new(query("upstream.example."));
+    let mesh_q = Arc::new(dnsprobe::query(0, "whoami.mesh."));
+    let fwd_q = Arc::new(dnsprobe::query(0, "upstream.example."));
+    let wrong = Arc::new(AtomicU64::new(0));
     let forwarded = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let process0 = cpu_seconds(libc::RUSAGE_SELF);
@@ -89,13 +98,28 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
     let deadline = started + Duration::from_secs(30);
     let (mut lat, load_cpu) = lab.ns.run({
         let forwarded = forwarded.clone();
+        let wrong = wrong.clone();
         move || {
             let fwd: Vec<_> = (0..forwarders)
                 .map(|c| {
-                    let (q, stop, forwarded) = (fwd_q.clone(), stop.clone(), forwarded.clone());
+                    let (q, stop, forwarded, wrong) = (
+                        fwd_q.clone(),
+                        stop.clone(),
+                        forwarded.clone(),
+                        wrong.clone(),
+                    );
                     std::thread::spawn(move || {
-                        let r = client(&q, 1000 + c as u16, usize::MAX, deadline, Some(&stop));
+                        let upstream = Expect::A(UPSTREAM_ANSWER);
+                        let r = client(
+                            &q,
+                            upstream,
+                            1000 + c as u16,
+                            usize::MAX,
+                            deadline,
+                            Some(&stop),
+                        );
                         forwarded.fetch_add(r.lat.len() as u64, Ordering::Relaxed);
+                        wrong.fetch_add(r.wrong, Ordering::Relaxed);
                         r.cpu
                     })
                 })
@@ -103,7 +127,9 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
             let mesh: Vec<_> = (0..clients)
                 .map(|c| {
                     let q = mesh_q.clone();
-                    std::thread::spawn(move || client(&q, c as u16, per_client, deadline, None))
+                    std::thread::spawn(move || {
+                        client(&q, Expect::A(VIP), c as u16, per_client, deadline, None)
+                    })
                 })
                 .collect();
             let mut lat = Vec::with_capacity(total);
@@ -111,6 +137,7 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
             for h in mesh {
                 if let Ok(r) = h.join() {
                     lat.extend(r.lat);
+                    wrong.fetch_add(r.wrong, Ordering::Relaxed);
                     cpu += r.cpu;
                 }
             }
@@ -152,6 +179,10 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
         load_cpu * 50.0 / elapsed,
         (process - load_cpu).max(0.0) * 50.0 / elapsed,
     );
+    let wrong = wrong.load(Ordering::Relaxed);
+    if wrong > 0 {
+        println!("  {wrong} replies did not check out (id, code or record)");
+    }
 }
 
 fn main() {
@@ -159,12 +190,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let lab = DnsLab::start(zone_of(
-        "whoami",
-        Ipv4Addr::new(10, 43, 0, 10),
-        3,
-        &[(80, Proto::Tcp)],
-    ));
+    let lab = DnsLab::start(zone_of("whoami", VIP, 3, &[(80, Proto::Tcp)]));
     println!(
         "dns ({} build; the agent's layout: one current-thread runtime, one UDP socket, a task per query), queries for whoami.mesh (A), one outstanding per client, server and load generator on the same 2 cores:",
         if cfg!(debug_assertions) {

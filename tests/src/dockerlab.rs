@@ -231,6 +231,16 @@ impl Engine {
                 _ => {}
             }
         }
+        // Every request is accounted for: a client that did not run, ended
+        // early or printed nothing is an error, never an empty success.
+        let seen = names.values().sum::<usize>() + errors.len();
+        if !out.status.success() || seen != count as usize {
+            errors.push(format!(
+                "client: {} with {seen} of {count} results: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
         (names, errors)
     }
 

@@ -6,6 +6,7 @@
 //! without it: CI runs as root, so a skip there would hide a broken data plane.
 
 pub mod dnslab;
+pub mod dnsprobe;
 pub mod dockerlab;
 pub mod empty;
 pub mod fixtures;

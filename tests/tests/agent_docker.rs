@@ -234,6 +234,7 @@ fn docker_stop_drains_at_once_and_start_brings_it_back() {
     engine.docker_ok(&["stop", "w2"]);
     let stopped_at = now_ms();
     let r1 = results(loop1);
+    assert_eq!(r1.len(), 800, "every request of the loop accounted for");
     let late: Vec<_> = r1
         .iter()
         .filter(|(t, r)| *t > stop_at + 1000 && r.as_deref() == Ok("w2"))
@@ -258,15 +259,18 @@ fn docker_stop_drains_at_once_and_start_brings_it_back() {
     engine.docker_ok(&["start", "w2"]);
     let started_at = now_ms();
     let r2 = results(engine.ask_in_background("tcp", &target, 300, 10, 2000));
+    assert_eq!(r2.len(), 300, "every request of the loop accounted for");
     let first_w2 = r2
         .iter()
         .find(|(_, r)| r.as_deref() == Ok("w2"))
         .map(|(t, _)| *t);
     let back_after = first_w2.map(|t| t.saturating_sub(started_at));
     println!("docker start w2: first request answered by w2 after {back_after:?} ms");
+    // A started container is a backend again at once (the start event):
+    // 5 s holds on a machine several times slower than the measured figure.
     assert!(
-        back_after.is_some_and(|ms| ms <= 1000),
-        "w2 back within 1 s: {back_after:?}"
+        back_after.is_some_and(|ms| ms <= 5000),
+        "w2 back within 5 s: {back_after:?}"
     );
     assert!(
         r2.iter().all(|(_, r)| r.is_ok()),
@@ -410,7 +414,9 @@ fn docker_health_checks_gate_backends() {
             .iter()
             .any(|x| x.name == "whoami" && x.active == 3 && x.waiting == 1)
     });
-    let (names, _) = engine.ask("tcp", &format!("{vip}:80"), 60, 0);
+    let (names, errors) = engine.ask("tcp", &format!("{vip}:80"), 60, 0);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(names.values().sum::<usize>(), 60, "{names:?}");
     assert!(
         !names.contains_key("h1"),
         "no request reaches an unhealthy container: {names:?}"

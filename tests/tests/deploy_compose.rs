@@ -150,7 +150,9 @@ fn compose_deploys_survives_a_dockerd_restart_and_upgrades_without_loss() {
         first
     );
     let first = first.expect("the VIP answers again within 30 s");
-    assert!(first <= Duration::from_secs(5), "within 5 s: {first:?}");
+    // The engine restarts the agent and the containers it serves; the VIP
+    // answers once both are up. 10 s holds on a machine half as fast.
+    assert!(first <= Duration::from_secs(10), "within 10 s: {first:?}");
     agent.wait_for("agent back", WAIT, |s| {
         s.docker.connected
             && s.services
@@ -191,7 +193,7 @@ fn compose_deploys_survives_a_dockerd_restart_and_upgrades_without_loss() {
     );
     assert_eq!(image, "mesh-agent:upgrade");
     assert!(failed.is_empty(), "no request lost: {failed:?}");
-    assert!(ok >= 400, "the loop ran: {ok}");
+    assert_eq!(ok, 500, "every request of the loop answered");
     agent.wait_for("upgraded agent serves", WAIT, |s| {
         s.docker.connected
             && s.services

@@ -4,7 +4,10 @@
 use std::net::Ipv4Addr;
 
 use mesh_agent::{dns::ZoneService, labels::Proto};
-use mesh_tests::dnslab::{DnsLab, SERVER, UPSTREAM_ANSWER, zone_of};
+use mesh_tests::{
+    dnslab::{DnsLab, SERVER, UPSTREAM_ANSWER, zone_of},
+    dnsprobe::{self, Expect},
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
 
@@ -253,17 +256,12 @@ fn the_server_never_forwards_to_itself() {
 
 /// A flood of queries for external names with a dead upstream: at most
 /// MAX_FORWARDS wait on it (the rest get SERVFAIL at once, counted), so
-/// descriptors stay bounded, and mesh names keep answering fast meanwhile.
+/// descriptors stay bounded, and mesh names keep answering meanwhile
+/// (each within 500 ms, sent once, decoded; the p99 is printed).
 #[test]
 fn a_flood_with_a_dead_upstream_costs_a_bounded_amount() {
-    use std::{
-        net::UdpSocket,
-        time::{Duration, Instant},
-    };
-    let lab = DnsLab::start_with(
-        zone_of("whoami", "10.43.0.10".parse().expect("ip"), 3, &[]),
-        &["198.51.100.2:53"],
-    );
+    use std::{net::UdpSocket, time::Duration};
+    let lab = DnsLab::start_with(zone_of("whoami", VIP, 3, &[]), &["198.51.100.2:53"]);
     let base = open_fds();
     let server: std::net::SocketAddr = SERVER.parse().expect("addr");
     let flood = |n: u16, sock: &UdpSocket| {
@@ -290,41 +288,24 @@ fn a_flood_with_a_dead_upstream_costs_a_bounded_amount() {
         let mut peak = 0;
         let mut lat = Vec::new();
         let probe = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        probe
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
         for i in 0..50u16 {
             peak = peak.max(open_fds());
-            let mut q = hickory_proto::op::Message::query();
-            q.metadata.id = 60_000 + i;
-            q.add_query(hickory_proto::op::Query::query(
-                hickory_proto::rr::Name::from_ascii("whoami.mesh.").expect("name"),
-                hickory_proto::rr::RecordType::A,
+            lat.push(dnsprobe::ask(
+                &probe,
+                server,
+                60_000 + i,
+                "whoami.mesh.",
+                Expect::A(VIP),
+                Duration::from_millis(500),
             ));
-            // As a resolver does: one retry.
-            let mut got = false;
-            let mut took = Duration::ZERO;
-            for _ in 0..2 {
-                let t = Instant::now();
-                probe
-                    .send_to(&q.to_vec().expect("encode"), server)
-                    .expect("send");
-                let mut buf = [0u8; 512];
-                got = probe.recv_from(&mut buf).is_ok();
-                took = t.elapsed();
-                if got {
-                    break;
-                }
-            }
-            lat.push((got, took));
             std::thread::sleep(Duration::from_millis(10));
         }
         (peak, lat)
     });
-    let answered = latencies.iter().filter(|(ok, _)| *ok).count();
-    let mut times: Vec<Duration> = latencies.iter().map(|(_, t)| *t).collect();
-    times.sort();
-    let p99 = times[(times.len() - 1) * 99 / 100];
+    let mut times: Vec<Duration> = latencies.iter().flatten().copied().collect();
+    let answered = times.len();
+    let failed: Vec<&String> = latencies.iter().filter_map(|l| l.as_ref().err()).collect();
+    let p99 = dnsprobe::percentile(&mut times, 99);
     let queries = lab.stats.queries.lock().expect("stats").clone();
     let overload: u64 = queries
         .iter()
@@ -340,6 +321,9 @@ fn a_flood_with_a_dead_upstream_costs_a_bounded_amount() {
         peak <= base + mesh_agent::dns::MAX_FORWARDS + 16,
         "descriptors bounded: {base} -> {peak}"
     );
-    assert_eq!(answered, 50, "mesh names answer during the flood");
-    assert!(p99 < Duration::from_millis(50), "and fast: p99 {p99:?}");
+    assert_eq!(latencies.len(), 50);
+    assert!(
+        failed.is_empty(),
+        "mesh names answer during the flood: {failed:?}"
+    );
 }

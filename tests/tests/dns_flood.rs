@@ -2,7 +2,8 @@
 //! its container, two hosts gossiping): 20,000 queries a second for 10 s of
 //! random external names with a dead upstream, plus 200 idle TCP
 //! connections. The agent's memory stays bounded, gossip keeps its peer,
-//! and mesh names keep answering fast. Every loop is bounded; the traffic
+//! and mesh names keep answering (each within 500 ms; the p99 is
+//! printed). Every loop is bounded; the traffic
 //! stays in the namespaces this test made (the dead upstream is a TEST-NET
 //! address on the test's own underlay, where nothing answers).
 
@@ -15,25 +16,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hickory_proto::{
-    op::{Message, Query},
-    rr::{Name, RecordType},
+use mesh_tests::{
+    dnsprobe::{self, Expect},
+    dockerlab::{Agent, Engine, Underlay, cluster_flags},
 };
-use mesh_tests::dockerlab::{Agent, Engine, Underlay, cluster_flags};
 
 const WAIT: Duration = Duration::from_secs(60);
 const RATE: u64 = 20_000;
 const SECONDS: u64 = 10;
-
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Message::query();
-    q.metadata.id = id;
-    q.add_query(Query::query(
-        Name::from_ascii(name).expect("name"),
-        RecordType::A,
-    ));
-    q.to_vec().expect("encode")
-}
+/// A mesh name must be answered within this during the flood: 50 times
+/// what it takes on a quiet machine (about 1 ms), so only a server that
+/// stopped answering fails; the measured p99 is printed.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn rss_kb(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -112,7 +106,7 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
                     let name = format!("r{:x}.flood.example.", seed);
-                    let _ = sock.send_to(&query(sent as u16, &name), server);
+                    let _ = sock.send_to(&dnsprobe::query(sent as u16, &name), server);
                     sent += 1;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -120,28 +114,24 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
             (sent, start.elapsed())
         })
     };
-    // Mesh names during the flood: one query every 50 ms.
-    let probes: Vec<Option<Duration>> = e1.ns.run(|| {
+    // Mesh names during the flood: one query every 50 ms, each sent once
+    // and decoded (an authoritative NXDOMAIN for a service that does not
+    // exist), timed from its send.
+    let probes: Vec<Result<Duration, String>> = e1.ns.run(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
         let mut out = Vec::new();
         let start = Instant::now();
         let mut id = 60_000u16;
         while start.elapsed() < Duration::from_secs(SECONDS - 1) {
             id = id.wrapping_add(1);
-            let q = query(id, "tasks.nothing.mesh.");
-            let t = Instant::now();
-            let _ = sock.send_to(&q, server);
-            let mut buf = [0u8; 1500];
-            let mut got = None;
-            while let Ok((n, _)) = sock.recv_from(&mut buf) {
-                if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
-                    got = Some(t.elapsed());
-                    break;
-                }
-            }
-            out.push(got);
+            out.push(dnsprobe::ask(
+                &sock,
+                server,
+                id,
+                "tasks.nothing.mesh.",
+                Expect::NxDomain,
+                PROBE_TIMEOUT,
+            ));
             std::thread::sleep(Duration::from_millis(50));
         }
         out
@@ -152,13 +142,9 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
     let peak_kb = peak.load(Ordering::Relaxed);
-    let answered: Vec<Duration> = probes.iter().flatten().copied().collect();
-    let mut sorted = answered.clone();
-    sorted.sort();
-    let p99 = sorted
-        .get((sorted.len().max(1) - 1) * 99 / 100)
-        .copied()
-        .unwrap_or(Duration::MAX);
+    let mut answered: Vec<Duration> = probes.iter().flatten().copied().collect();
+    let failed: Vec<&String> = probes.iter().filter_map(|p| p.as_ref().err()).collect();
+    let p99 = dnsprobe::percentile(&mut answered, 99);
     let st = agents[0]
         .status()
         .expect("the agent answers after the flood");
@@ -176,8 +162,8 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
     drop(idle);
     assert!(rate >= RATE as f64 * 0.9, "the flood ran at {rate:.0}/s");
     assert!(peak_kb < 64 * 1024, "RSS under 64 MB: {peak_kb} kB");
-    assert_eq!(answered.len(), probes.len(), "every mesh name answered");
-    assert!(p99 < Duration::from_millis(10), "p99 {p99:?}");
+    assert!(!probes.is_empty());
+    assert!(failed.is_empty(), "every mesh name answered: {failed:?}");
     assert_eq!(
         st.node.peers,
         vec!["n2".to_string()],

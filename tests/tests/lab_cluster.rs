@@ -689,6 +689,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         gone <= Duration::from_secs(5) + Duration::from_millis(500),
         "within 5 s"
     );
+    assert_eq!(total, 1500, "every request of the loop accounted for");
     assert!(ok * 100 >= total * 99, "at least 99% during the cut");
     let (names, errors) = e3.ask("tcp", &target, 100, 0);
     assert_eq!(errors.len(), 0, "100% after the cut: {names:?}");
@@ -697,6 +698,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "node 2 cut off: through node 3's published port {ok}/{total} requests succeeded ({:.2}%)",
         ok as f64 * 100.0 / total as f64
     );
+    assert_eq!(total, 1500);
     assert!(
         ok * 100 >= total * 99,
         "published port: at least 99% during the cut"
