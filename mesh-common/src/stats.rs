@@ -100,7 +100,7 @@ counters! {
     XdpVxlanNotOurs = 39, "xdp_vxlan_not_ours", Path, "VXLAN whose outer destination is not this node's address: passed untouched.";
     XdpVxlanBad = 40, "xdp_vxlan_bad", Path, "VXLAN with outer TTL 0 or a UDP length that disagrees with the IPv4 length: passed untouched.";
     TunnelUnmarked = 41, "tunnel_unmarked", Path, "Underlay TC: a frame for a local container that this node did not decapsulate: left to the stack and its firewall.";
-    XdpMetaFail = 42, "xdp_meta_fail", Path, "XDP: no room to mark a decapsulated frame (driver without metadata): passed unmarked.";
+    XdpForgedMark = 42, "xdp_forged_mark", Drop, "XDP: a frame from the wire whose destination MAC is this node's mark for its underlay TC program (only XDP writes one).";
     LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
     NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";
     LbReverseRestored = 45, "lb_reverse_restored", Path, "A tracked flow idle for over a second had lost its reverse entry (LRU): restored.";

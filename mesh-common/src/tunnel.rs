@@ -19,24 +19,36 @@ pub const VXLAN_FLAG_I: u8 = 0x08;
 pub const SPORT_BASE: u16 = 49152;
 pub const SPORT_MASK: u16 = 0x3fff;
 
-/// XDP metadata in front of a frame this node decapsulated, so the underlay
-/// TC program delivers to containers only what came through the tunnel
-/// (never a plain frame from the wire). Native byte order.
-pub const DECAP_MARK: u32 = 0x4d53_4831;
-/// XDP metadata in front of a reply of a routing-mesh flow that XDP took
-/// out of the tunnel and translated back to the published port: the
-/// underlay TC program sends it on to the client (FIB lookup).
-pub const REPLY_MARK: u32 = 0x4d53_4832;
+/// What XDP on the underlay NIC did to a frame travels to the underlay TC
+/// program in the frame's destination MAC: `[MARK_MAC_TAG, mark, this
+/// node's underlay address (4 bytes)]`; TC puts the NIC's own MAC back.
+/// (XDP metadata would be the natural place, but some kernels refuse
+/// `bpf_xdp_adjust_meta` to XDP programs.) XDP drops a frame that arrives
+/// with such a destination: only XDP writes one.
+pub const MARK_MAC_TAG: u8 = 0x06;
+/// A frame this node decapsulated (or a routing-mesh request it balanced
+/// here), so the underlay TC program delivers to containers only what came
+/// through the tunnel (never a plain frame from the wire).
+pub const DECAP_MARK: u8 = 1;
+/// A reply of a routing-mesh flow that XDP took out of the tunnel: the
+/// underlay TC program translates it back to the published port and sends
+/// it on to the client (FIB lookup).
+pub const REPLY_MARK: u8 = 2;
 /// skb mark of a packet the underlay TC program hands to a container (it
 /// came through the tunnel or the routing mesh): the container's veth
 /// tells such packets from ones the host stack delivers (Docker's own
 /// `-p`, routing).
 pub const DELIVERED_MARK: u32 = 0x4d53_0001;
 
-/// XDP metadata in front of a routing-mesh packet too large for the tunnel
-/// with DF set: the underlay TC program answers it with ICMP
-/// fragmentation needed.
-pub const TOO_BIG_MARK: u32 = 0x4d53_4833;
+/// A routing-mesh packet too large for the tunnel with DF set: the
+/// underlay TC program answers it with ICMP fragmentation needed.
+pub const TOO_BIG_MARK: u8 = 3;
+
+/// The destination MAC that carries `mark` on the node at `underlay_ip_be`.
+pub const fn mark_mac(mark: u8, underlay_ip_be: u32) -> [u8; 6] {
+    let ip = underlay_ip_be.to_ne_bytes();
+    [MARK_MAC_TAG, mark, ip[0], ip[1], ip[2], ip[3]]
+}
 
 /// Prefix length of a node's subnet.
 pub const NODE_PREFIX: u8 = 24;

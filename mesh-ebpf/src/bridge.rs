@@ -26,11 +26,12 @@ use mesh_common::{
 
 use crate::{
     ctx::{Packet, Verdict, pass},
+    hdr::{ETH_HLEN, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr},
     ingress::{self, IP_DF, TCP_IP_HLEN},
     lb,
     maps::{BRIDGES, CONFIG, PUBLISHED},
     nat::{self, End},
-    parse::{self, ETH_HLEN, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Parsed},
+    parse::{self, Parsed},
     stats::bump,
     tunnel, veth,
 };

@@ -32,22 +32,6 @@ fn fold(mut sum: u32) -> u16 {
 pub const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 pub const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-/// The header checksum of `h` (its own checksum field taken as 0).
-#[inline(always)]
-pub fn ipv4_header(h: &crate::parse::Ipv4Hdr) -> u16 {
-    let h = crate::parse::Ipv4Hdr { csum_be: 0, ..*h };
-    // SAFETY: Ipv4Hdr is repr(C), 20 bytes, no padding.
-    let words: [u16; 10] = unsafe { core::mem::transmute(h) };
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 10 {
-        sum += words[i] as u32;
-        i += 1;
-    }
-    // Summed in memory order, so the result is in network order already.
-    !fold(sum)
-}
-
 /// The Internet checksum of `N` 16-bit words in memory order (the result is
 /// in network order, ready to store).
 #[inline(always)]

@@ -10,8 +10,8 @@ use mesh_common::{
 };
 
 use crate::{
+    hdr::IPPROTO_TCP,
     maps::{CT, CT_NEW},
-    parse::IPPROTO_TCP,
 };
 
 /// An entry found in one of the two tables.

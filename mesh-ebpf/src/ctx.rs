@@ -22,7 +22,7 @@ use mesh_common::stats::Stat;
 
 use crate::{
     csum::{self, BPF_F_MARK_MANGLED_0},
-    parse::{ETH_HLEN, ptr_at},
+    hdr::{ETH_HLEN, ptr_at},
     stats::bump,
 };
 

@@ -35,15 +35,17 @@ use mesh_common::{
 use crate::{
     csum, ct,
     ctx::{AF_INET, Packet, Verdict, pass},
+    hdr::{
+        ETH_HLEN, EthHdr, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN,
+        IcmpHdr, Ipv4Hdr, TcpHdr,
+    },
     lb,
     maps::{NODES, PEERS, PUBLISHED},
+    mark,
     nat::{self, End},
-    parse::{
-        ETH_HLEN, EthHdr, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN,
-        IcmpHdr, Ipv4Hdr, Parsed, TcpHdr,
-    },
+    parse::Parsed,
     stats::bump,
-    tunnel, underlay,
+    tunnel,
 };
 
 /// ICMP destination unreachable, code: fragmentation needed and DF set.
@@ -115,18 +117,14 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
         if u16::from_be(ip.frag_be) & IP_DF == 0 {
             return Err(Stat::IngressTooBigNoDf);
         }
-        if !underlay::mark(ctx, TOO_BIG_MARK, l.underlay_ip_be) {
-            bump(Stat::XdpMetaFail);
-        }
+        mark::write(ctx, TOO_BIG_MARK, l.underlay_ip_be)?;
         return pass(Stat::IngressTooBig);
     }
     nat::translate(ctx, pk.l4_off, &t, End::Dst, (b.ip_be, b.port_be))?;
     lb::count_service(service_id, ctx.len() as u32, c.new_flow);
     // The underlay TC program hands it to the backend's veth, or to the
     // tunnel toward the backend's node.
-    if !underlay::mark(ctx, DECAP_MARK, l.underlay_ip_be) {
-        bump(Stat::XdpMetaFail);
-    }
+    mark::write(ctx, DECAP_MARK, l.underlay_ip_be)?;
     if remote {
         clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)?;
         return pass(Stat::IngressRemote);
@@ -317,10 +315,7 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     // veth hands over the sender's offloaded checksum), and arithmetic on
     // such a field breaks it wherever the checksum is completed later (a
     // Docker bridge on the way to the client does). TC's helpers know.
-    if !underlay::mark(ctx, REPLY_MARK, l.underlay_ip_be) {
-        bump(Stat::XdpMetaFail);
-        return Ok(Verdict::DROP);
-    }
+    mark::write(ctx, REPLY_MARK, l.underlay_ip_be)?;
     pass(Stat::IngressReplyDecap)
 }
 

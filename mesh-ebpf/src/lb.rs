@@ -9,8 +9,8 @@ use mesh_common::{
 
 use crate::{
     ct,
+    hdr::IPPROTO_TCP,
     maps::{BACKENDS, MESH_MAGLEV, SVC_STATS},
-    parse::IPPROTO_TCP,
     stats::bump,
 };
 

@@ -6,10 +6,12 @@ mod bridge;
 mod csum;
 mod ct;
 mod ctx;
+mod hdr;
 mod host;
 mod ingress;
 mod lb;
 mod maps;
+mod mark;
 mod nat;
 mod parse;
 mod sock;
@@ -49,7 +51,7 @@ pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
 /// containers go straight to their veths.
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(tunnel::underlay_ingress(&ctx))
+    ctx::finish::<ctx::Tc>(underlay::tc_ingress(&ctx))
 }
 
 /// TC ingress on the bridge of another Docker network (the default

@@ -5,7 +5,7 @@ use mesh_common::{ct::Tuple, stats::Stat};
 use crate::{
     csum::{self, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     ctx::Packet,
-    parse::{
+    hdr::{
         ETH_HLEN, ICMP_CSUM_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IPPROTO_TCP, IPPROTO_UDP,
         L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF,
     },

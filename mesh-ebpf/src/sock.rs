@@ -19,9 +19,9 @@ use mesh_common::{
 };
 
 use crate::{
+    hdr::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
     maps::{CONFIG, PUBLISHED, SERVICES, SOCK_ORIG, SOCK_REV},
-    parse::{IPPROTO_TCP, IPPROTO_UDP},
     stats::bump,
     tunnel,
 };

@@ -1,19 +1,18 @@
-//! The overlay: which node an address lives on, VXLAN encapsulation (for
-//! either hook), and handing decapsulated packets to local containers.
+//! The overlay: which node an address lives on and VXLAN encapsulation,
+//! for either hook. The hooks that decapsulate and deliver are in
+//! `underlay`.
 
-use aya_ebpf::programs::TcContext;
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DECAP_MARK, DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, REPLY_MARK, SPORT_BASE,
-        SPORT_MASK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_PORT,
+        ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I, VXLAN_PORT,
     },
 };
 
 use crate::{
-    ctx::{Packet, Verdict, pass},
-    maps::{LOCAL_EPS, LOCAL_NODE, NODES},
-    parse::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
+    ctx::{Packet, Verdict},
+    hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
+    maps::{LOCAL_NODE, NODES},
 };
 
 /// This node's settings, when the agent has enabled the overlay.
@@ -104,94 +103,6 @@ pub fn encap<P: Packet>(
     };
     p.store(0, &h).ok_or(Stat::TunnelEncapFail)?;
     Ok(Verdict::redirect(l.underlay_ifindex))
-}
-
-/// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
-/// packet for a container on this node goes straight to its veth (as the
-/// bridge would deliver it), so forwarding never depends on the host's
-/// FORWARD chain, but only when XDP marked it as decapsulated here: a plain
-/// frame from the wire for a container is left to the stack and the
-/// host's firewall (`tunnel_unmarked`). Everything else is left to the stack.
-#[inline(always)]
-pub fn underlay_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
-    let Some(local) = local() else {
-        return pass(Stat::TunnelPass);
-    };
-    let mark = xdp_mark(ctx, local.underlay_ip_be);
-    if mark == REPLY_MARK {
-        return crate::ingress::forward_reply(ctx, &local);
-    }
-    if mark == TOO_BIG_MARK {
-        return crate::ingress::frag_needed(ctx, &local);
-    }
-    let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
-        return pass(Stat::TunnelPass);
-    };
-    let Some(ip) = Packet::load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return pass(Stat::TunnelPass);
-    };
-    if u16::from_be(eth.proto_be) != ETH_P_IP {
-        return pass(Stat::TunnelPass);
-    }
-    if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
-        // XDP sent a routing-mesh request to a backend on another node.
-        if mark == DECAP_MARK
-            && let Route::Remote(node) = route(&local, ip.dst_be)?
-        {
-            let hash = crate::parse::ipv4(ctx).map_or(0, |pk| pk.route_hash());
-            let v = encap(ctx, &local, &node, hash)?;
-            crate::stats::bump(Stat::TunnelEncap);
-            return Ok(v);
-        }
-        return pass(Stat::TunnelPass);
-    }
-    if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {
-        // For the host itself (a backend's answer to a VIP connect of the
-        // host's): into the stack through the host link, where the route
-        // back to the sender lies, so reverse-path filtering agrees.
-        set_macs(ctx, &local.host_mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
-        crate::stats::bump(Stat::HostDeliver);
-        return Ok(Verdict::redirect_ingress(local.host_ifindex));
-    }
-    // SAFETY: plain data written by the agent.
-    let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
-        return pass(Stat::TunnelPass);
-    };
-    if mark != DECAP_MARK {
-        return pass(Stat::TunnelUnmarked);
-    }
-    set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
-    // SAFETY: the context's own skb; TC may write its mark.
-    unsafe { (*ctx.skb.skb).mark = DELIVERED_MARK };
-    crate::stats::bump(Stat::TunnelDeliver);
-    Ok(Verdict::redirect(ep.ifindex))
-}
-
-/// The mark XDP left in front of this frame ([`DECAP_MARK`]: decapsulated
-/// or routed here; [`REPLY_MARK`]: a routing-mesh reply), or 0: also when
-/// the metadata is not this node's (its tag is another address: see
-/// `underlay::mark`). A plain u32, not an Option: the verifier refuses
-/// reading an Option's undefined payload.
-#[inline(always)]
-fn xdp_mark(ctx: &TcContext, tag: u32) -> u32 {
-    // SAFETY: the context's own fields.
-    let (meta, data) = unsafe {
-        (
-            (*ctx.skb.skb).data_meta as usize,
-            (*ctx.skb.skb).data as usize,
-        )
-    };
-    if meta + 8 > data {
-        return 0;
-    }
-    // SAFETY: [meta, meta + 8) lies before data, checked just above.
-    let (mark, by) = unsafe {
-        (
-            (meta as *const u32).read_unaligned(),
-            (meta as *const u32).add(1).read_unaligned(),
-        )
-    };
-    if by == tag { mark } else { 0 }
 }
 
 /// Sets the frame's destination and source MACs.

@@ -1,28 +1,33 @@
-//! XDP on the underlay NIC.
+//! The underlay NIC's two hooks.
 //!
-//! It classifies every frame with the shared parser (Ethernet / IPv4 / TCP
-//! or UDP), then looks for VXLAN, and counts the path it took and its
-//! verdict. VXLAN with the cluster VNI for this node's /24 is decapsulated
-//! and passed up; everything else passes untouched. The routing mesh will
-//! hook in at the `XdpNotMesh` point.
+//! XDP ([`run`]) classifies every frame with the shared parser (Ethernet /
+//! IPv4 / TCP or UDP) and counts the path it took and its verdict: VXLAN
+//! with the cluster VNI for this node's /24 is decapsulated and passed up,
+//! a request to a published port of this node goes to the routing mesh
+//! (`ingress`), everything else passes untouched.
+//!
+//! TC ingress ([`tc_ingress`]) then hands what XDP marked (`mark`) to
+//! local containers, the routing mesh's replies and legs, or the stack.
 
 use aya_ebpf::{
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
-    programs::XdpContext,
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
 };
 use mesh_common::{
     stats::Stat,
-    tunnel::{DECAP_MARK, NODE_MASK, VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT},
+    tunnel::{
+        DECAP_MARK, DELIVERED_MARK, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
+        VXLAN_PORT,
+    },
 };
 
 use crate::{
     ctx::{Packet, Verdict, pass},
+    hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
     ingress,
-    maps::PEERS,
-    parse::{
-        self, ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, ParseError, Parsed,
-        UdpHdr, VxlanHdr,
-    },
+    maps::{LOCAL_EPS, PEERS},
+    mark,
+    parse::{self, ParseError, Parsed},
     stats::bump,
     tunnel,
 };
@@ -30,6 +35,9 @@ use crate::{
 /// The verdict for one frame; its path is counted here.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
+    if mark::forged(ctx) {
+        return Err(Stat::XdpForgedMark);
+    }
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
         Err(e) => {
@@ -114,39 +122,67 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
         return pass(Stat::XdpVxlanForeign);
     }
     // Packet pointers are stale after adjust_head: `store` reads them again.
-    if ctx.store(0, &local.underlay_mac).is_none() {
-        bump(Stat::XdpTruncated);
-        return Ok(Verdict::DROP);
-    }
-    if !mark(ctx, DECAP_MARK, local.underlay_ip_be) {
-        bump(Stat::XdpMetaFail);
-    }
+    mark::write(ctx, DECAP_MARK, local.underlay_ip_be)?;
     pass(Stat::XdpDecap)
 }
 
-/// Puts `value` ([`DECAP_MARK`], `REPLY_MARK`, `TOO_BIG_MARK`) in the
-/// frame's XDP metadata for the underlay TC program, with this node's
-/// underlay address (`tag`) beside it. TC acts only on a mark with its own
-/// node's tag: an skb can arrive carrying metadata another node's XDP wrote
-/// (a veth underlay hands the skb over whole), which it must never act on.
-/// Found by a node's own connect balanced back to it through another node:
-/// the replies came with that node's REPLY_MARK and were sent away instead
-/// of delivered. (Writing a zero mark on every frame instead cost 12 ns a
-/// frame.)
+/// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
+/// packet for a container on this node goes straight to its veth (as the
+/// bridge would deliver it), so forwarding never depends on the host's
+/// FORWARD chain, but only when XDP marked it as decapsulated here: a plain
+/// frame from the wire for a container is left to the stack and the
+/// host's firewall (`tunnel_unmarked`). Everything else is left to the stack.
 #[inline(always)]
-pub fn mark(ctx: &XdpContext, value: u32, tag: u32) -> bool {
-    // SAFETY: ctx is the program's context.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -8) } != 0 {
-        return false;
+pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
+    let Some(local) = tunnel::local() else {
+        return pass(Stat::TunnelPass);
+    };
+    let mark = mark::take(ctx, &local);
+    if mark == REPLY_MARK {
+        return ingress::forward_reply(ctx, &local);
     }
-    let (meta, data) = (ctx.metadata(), ctx.data());
-    if meta + 8 > data {
-        return false;
+    if mark == TOO_BIG_MARK {
+        return ingress::frag_needed(ctx, &local);
     }
-    // SAFETY: [meta, meta + 8) lies before data, checked just above.
-    unsafe {
-        (meta as *mut u32).write_unaligned(value);
-        (meta as *mut u32).add(1).write_unaligned(tag);
+    let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
+        return pass(Stat::TunnelPass);
+    };
+    let Some(ip) = Packet::load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return pass(Stat::TunnelPass);
+    };
+    if u16::from_be(eth.proto_be) != ETH_P_IP {
+        return pass(Stat::TunnelPass);
     }
-    true
+    if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+        // XDP sent a routing-mesh request to a backend on another node.
+        if mark == DECAP_MARK
+            && let tunnel::Route::Remote(node) = tunnel::route(&local, ip.dst_be)?
+        {
+            let hash = parse::ipv4(ctx).map_or(0, |pk| pk.route_hash());
+            let v = tunnel::encap(ctx, &local, &node, hash)?;
+            bump(Stat::TunnelEncap);
+            return Ok(v);
+        }
+        return pass(Stat::TunnelPass);
+    }
+    if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {
+        // For the host itself (a backend's answer to a VIP connect of the
+        // host's): into the stack through the host link, where the route
+        // back to the sender lies, so reverse-path filtering agrees.
+        tunnel::set_macs(ctx, &local.host_mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+        bump(Stat::HostDeliver);
+        return Ok(Verdict::redirect_ingress(local.host_ifindex));
+    }
+    // SAFETY: plain data written by the agent.
+    let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
+        return pass(Stat::TunnelPass);
+    };
+    if mark != DECAP_MARK {
+        return pass(Stat::TunnelUnmarked);
+    }
+    tunnel::set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+    // SAFETY: the context's own skb; TC may write its mark.
+    unsafe { (*ctx.skb.skb).mark = DELIVERED_MARK };
+    bump(Stat::TunnelDeliver);
+    Ok(Verdict::redirect(ep.ifindex))
 }

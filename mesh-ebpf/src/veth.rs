@@ -18,13 +18,14 @@ use mesh_common::{
 use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
+    hdr::{
+        ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
+    },
     lb,
     maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC},
     nat::{self, End},
-    parse::{
-        self, ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr, ParseError, Parsed,
-    },
+    parse::{self, ParseError, Parsed},
     stats::bump,
     tunnel,
 };

@@ -324,17 +324,7 @@ impl Harness {
             })
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN ({} byte packet): {e:?}", input.len()));
         data_out.truncate((res.data_size_out as usize).saturating_sub(pad));
-        // The output starts with the XDP metadata (`data` in the returned
-        // context is its length). The program writes a zero mark on every
-        // frame and a later mark in front of it: the output keeps the mark
-        // the TC program would read when it is not zero, then the frame.
-        let meta_len = (u32::from_ne_bytes([md_out[0], md_out[1], md_out[2], md_out[3]]) as usize)
-            .min(data_out.len());
-        let (meta, frame) = data_out.split_at(meta_len);
-        let output = match meta.get(..4) {
-            Some(m) if m != [0; 4] => [m, frame].concat(),
-            _ => frame.to_vec(),
-        };
+        let output = data_out;
         Run {
             code: res.return_value,
             output,
