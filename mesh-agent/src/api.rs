@@ -14,7 +14,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::daemon::Shared;
+use crate::shared::Shared;
 
 /// Binds the socket (replacing a stale one) and serves it forever.
 pub async fn serve(path: &Path, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {

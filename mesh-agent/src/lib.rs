@@ -20,6 +20,7 @@ pub mod logging;
 pub mod maglev;
 pub mod metrics;
 pub mod reconcile;
+pub mod shared;
 pub mod status;
 pub mod veth;
 pub mod vip;

@@ -20,10 +20,11 @@ use clap::Parser;
 use mesh_agent::{
     DEFAULT_BPFFS_DIR,
     cluster::{self, Cluster, JoinConfig},
-    daemon::{self, Daemon, Settings, Shared},
+    daemon::{Daemon, Settings},
     dataplane::{self, lb::LbMaps, progs},
     iface,
     logging::{self, LogFormat},
+    shared::Shared,
     vip::Cidr,
 };
 use tracing::{error, info, warn};
@@ -339,7 +340,7 @@ async fn run(args: Args) -> Result<()> {
         sh.status.docker.socket = args.docker_socket.display().to_string();
         sh.sweep = Some(sweep_stats);
     }
-    daemon::serve_interfaces(
+    serve_interfaces(
         args.api_socket.clone(),
         args.metrics_addr,
         args.bpffs_dir.clone(),
@@ -494,4 +495,26 @@ async fn shutdown() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Starts the control socket and /metrics: they answer from the start,
+/// while the node still settles its subnet and waits for Docker.
+fn serve_interfaces(
+    api_socket: PathBuf,
+    metrics_addr: SocketAddr,
+    bpffs_dir: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+) {
+    info!(api = %api_socket.display(), metrics = %metrics_addr, "serving");
+    let api_shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = mesh_agent::api::serve(&api_socket, api_shared).await {
+            tracing::error!(path = %api_socket.display(), error = %e, "control socket failed");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = mesh_agent::metrics::serve(metrics_addr, bpffs_dir, shared).await {
+            tracing::error!(addr = %metrics_addr, error = %e, "metrics endpoint failed");
+        }
+    });
 }

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::{daemon::Shared, dataplane::stats};
+use crate::{dataplane::stats, shared::Shared};
 
 pub async fn serve(
     addr: SocketAddr,
@@ -134,22 +134,14 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             "mesh_gossip_withheld_total {}",
             g.withheld.load(Relaxed)
         );
-        out.push_str("# HELP mesh_gossip_compact_total Gossip messages sent with a digest relative to the peer's directory.\n# TYPE mesh_gossip_compact_total counter\n");
-        let _ = writeln!(out, "mesh_gossip_compact_total {}", g.compact.load(Relaxed));
-        out.push_str("# HELP mesh_gossip_compact_exact_total Of those, digests relative to exactly what the peer last said.\n# TYPE mesh_gossip_compact_exact_total counter\n");
+        out.push_str("# HELP mesh_gossip_referenced_total Gossip messages sent compressed against a message of the peer's.\n# TYPE mesh_gossip_referenced_total counter\n");
         let _ = writeln!(
             out,
-            "mesh_gossip_compact_exact_total {}",
-            g.compact_exact.load(Relaxed)
+            "mesh_gossip_referenced_total {}",
+            g.referenced.load(Relaxed)
         );
         out.push_str("# HELP mesh_gossip_pushed_total Gossip exchanges begun at once because this node learned something new.\n# TYPE mesh_gossip_pushed_total counter\n");
         let _ = writeln!(out, "mesh_gossip_pushed_total {}", g.pushed.load(Relaxed));
-        out.push_str("# HELP mesh_gossip_compact_refused_total Compact gossip digests received that did not read back (dropped).\n# TYPE mesh_gossip_compact_refused_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_gossip_compact_refused_total {}",
-            g.compact_refused.load(Relaxed)
-        );
         out.push_str("# HELP mesh_peers Nodes this node counts as peers (live, or held while they restart).\n# TYPE mesh_peers gauge\n");
         let _ = writeln!(out, "mesh_peers {}", sh.status.node.peers.len());
         out.push_str("# HELP mesh_peers_restarting Peers whose agent said it was stopping and is not back: their endpoints are kept meanwhile.\n# TYPE mesh_peers_restarting gauge\n");
@@ -175,6 +167,8 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
             ("replayed", &g.replayed),
             ("stale", &g.stale),
             ("misaddressed", &g.misaddressed),
+            ("unknown_reference", &g.unknown_reference),
+            ("no_nonce", &g.no_nonce),
         ] {
             let _ = writeln!(
                 out,

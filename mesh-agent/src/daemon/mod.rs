@@ -29,11 +29,10 @@ use tracing::{info, warn};
 use crate::{
     cluster::Cluster,
     dataplane::{lb::LbMaps, overlay::OverlayMaps},
-    dns::{DnsConfig, DnsStats, Zone},
+    dns::{DnsConfig, Zone},
     docker::{self, Container},
-    gossip::transport::GossipStats,
     reconcile::Actual,
-    status::{Samples, Status},
+    shared::Shared,
     veth::Attachments,
     vip::Cidr,
 };
@@ -51,45 +50,6 @@ pub struct Settings {
     /// DNS: where to listen (None: the mesh gateway address, port 53) and
     /// how to answer; None disables the server.
     pub dns: Option<(Option<SocketAddr>, DnsConfig)>,
-}
-
-/// State shared with the control socket and /metrics.
-#[derive(Default)]
-pub struct Shared {
-    pub status: Status,
-    pub latency: Samples,
-    pub reconcile_seconds: Samples,
-    /// Service id -> (name, VIP:port/proto), for /metrics labels.
-    pub service_names: BTreeMap<u32, (String, String)>,
-    pub dns: Option<Arc<DnsStats>>,
-    pub gossip: Option<Arc<GossipStats>>,
-    pub sweep: Option<Arc<crate::conntrack::sweep::SweepStats>>,
-    /// Map writes that failed (each retried by a later pass).
-    pub write_errors: u64,
-    /// Gossip content ignored, by kind (claim, endpoint, identity).
-    pub gossip_ignored: BTreeMap<&'static str, u64>,
-}
-
-/// Starts the control socket and /metrics: they answer from the start,
-/// while the node still settles its subnet and waits for Docker.
-pub fn serve_interfaces(
-    api_socket: PathBuf,
-    metrics_addr: SocketAddr,
-    bpffs_dir: PathBuf,
-    shared: Arc<Mutex<Shared>>,
-) {
-    info!(api = %api_socket.display(), metrics = %metrics_addr, "serving");
-    let api_shared = shared.clone();
-    tokio::spawn(async move {
-        if let Err(e) = crate::api::serve(&api_socket, api_shared).await {
-            tracing::error!(path = %api_socket.display(), error = %e, "control socket failed");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = crate::metrics::serve(metrics_addr, bpffs_dir, shared).await {
-            tracing::error!(addr = %metrics_addr, error = %e, "metrics endpoint failed");
-        }
-    });
 }
 
 /// What Docker told us: the inputs of the desired state that come from it.

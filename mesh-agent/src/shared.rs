@@ -1,0 +1,29 @@
+//! The state the daemon shares with its readers: the control socket
+//! (`api`) and /metrics (`metrics`). The daemon writes it after every
+//! pass; the readers only read it.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use crate::{
+    conntrack::sweep::SweepStats,
+    dns::DnsStats,
+    gossip::transport::GossipStats,
+    status::{Samples, Status},
+};
+
+/// State shared with the control socket and /metrics.
+#[derive(Default)]
+pub struct Shared {
+    pub status: Status,
+    pub latency: Samples,
+    pub reconcile_seconds: Samples,
+    /// Service id -> (name, VIP:port/proto), for /metrics labels.
+    pub service_names: BTreeMap<u32, (String, String)>,
+    pub dns: Option<Arc<DnsStats>>,
+    pub gossip: Option<Arc<GossipStats>>,
+    pub sweep: Option<Arc<SweepStats>>,
+    /// Map writes that failed (each retried by a later pass).
+    pub write_errors: u64,
+    /// Gossip content ignored, by kind (claim, endpoint, identity).
+    pub gossip_ignored: BTreeMap<&'static str, u64>,
+}
