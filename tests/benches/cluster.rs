@@ -367,12 +367,12 @@ fn total(nodes: &[Node], counter: impl Fn(&GossipStats) -> &AtomicU64) -> u64 {
         .sum()
 }
 
-fn compact(nodes: &[Node]) -> u64 {
-    total(nodes, |s| &s.compact)
+fn referenced(nodes: &[Node]) -> u64 {
+    total(nodes, |s| &s.referenced)
 }
 
 fn refused(nodes: &[Node]) -> u64 {
-    total(nodes, |s| &s.compact_refused)
+    total(nodes, |s| &s.unknown_reference)
 }
 
 fn traffic(nodes: &[Node]) -> (u64, u64) {
@@ -560,12 +560,12 @@ async fn run(
     }
 
     // Idle: right after convergence, then at rest (once every node has
-    // heard every peer's node list: compact digests need it).
+    // exchanged messages with most peers: references need it).
     let mut idle_kbs = 0.0;
     for (when, settle) in [("just after convergence", 0.0), ("at rest", 15.0)] {
         tokio::time::sleep(Duration::from_secs_f64(settle)).await;
         let (b0, d0) = traffic(&nodes);
-        let (c0, k0) = (cpu_seconds(), compact(&nodes));
+        let (c0, k0) = (cpu_seconds(), referenced(&nodes));
         let window = 5.0;
         tokio::time::sleep(Duration::from_secs_f64(window)).await;
         let (b1, d1) = traffic(&nodes);
@@ -575,10 +575,10 @@ async fn run(
         idle_kbs = per(b1 - b0) / 1e3;
         let sent = (d1 - d0) as f64 / 2.0;
         println!(
-            "idle gossip per node, {when}: {:.1} KB/s, {:.1} datagrams/s ({:.0}% of messages with a compact digest); CPU {:.1}% of a core per node ({:.0}% of the machine's 2 cores in all)",
+            "idle gossip per node, {when}: {:.1} KB/s, {:.1} datagrams/s ({:.0}% of messages compressed against the peer's); CPU {:.1}% of a core per node ({:.0}% of the machine's 2 cores in all)",
             idle_kbs,
             per(d1 - d0),
-            (compact(&nodes) - k0) as f64 * 100.0 / sent.max(1.0),
+            (referenced(&nodes) - k0) as f64 * 100.0 / sent.max(1.0),
             idle_cpu * 100.0 / n as f64,
             idle_cpu * 50.0
         );
@@ -710,9 +710,8 @@ async fn run(
         "backends withdrawn from maps in the whole run: {withdrawn} (a stopped node's endpoints, or a live node taken for dead)"
     );
     println!(
-        "compact digests sent {} ({} exact: relative to what the peer last said), refused on receipt {} (dropped: a directory or reference no longer known, or numbers that failed the check); exchanges begun to push news {}",
-        compact(&nodes),
-        total(&nodes, |s| &s.compact_exact),
+        "messages sent compressed against the peer's {}, refused on receipt {} (dropped: a reference no longer held); exchanges begun to push news {}",
+        referenced(&nodes),
         refused(&nodes),
         total(&nodes, |s| &s.pushed)
     );

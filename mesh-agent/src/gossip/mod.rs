@@ -2,7 +2,6 @@
 //! phi-accrual failure detection), sealed with the cluster key.
 
 pub mod authority;
-pub mod compact;
 pub mod membership;
 pub mod peers;
 pub mod push;
@@ -11,34 +10,14 @@ pub mod subnet;
 pub mod transport;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
-use compact::Reads;
-use transport::{ClusterKey, GossipStats, KnownPeers, Readers, Sealed};
-
-/// The key a node publishes when it reads compact digests (`compact.rs`):
-/// peers send it those only then, and only in the forms it names, so
-/// agents from before them, or from before a form (which refuse a datagram
-/// they cannot read), keep gossiping with the rest.
-pub const COMPACT_KEY: &str = "gossip";
-/// What this release publishes: it reads 13-bit heartbeats and exact
-/// references too.
-pub const COMPACT_VALUE: &str = "compact3";
-
-/// The compact forms a peer that published `value` reads.
-pub fn reads(value: Option<&str>) -> Reads {
-    match value {
-        Some("compact3") => Reads::Exact,
-        Some("compact2") => Reads::Compact13,
-        Some("compact") => Reads::Compact,
-        _ => Reads::Chitchat,
-    }
-}
+use transport::{ClusterKey, GossipStats, KnownPeers, Sealed};
 
 /// How this node gossips.
 #[derive(Clone)]
@@ -80,10 +59,9 @@ impl GossipConfig {
 /// stopping, until the new one is `ready` (`peers.rs`).
 pub async fn start(
     cfg: GossipConfig,
-    mut kvs: Vec<(String, String)>,
+    kvs: Vec<(String, String)>,
     stats: Arc<GossipStats>,
 ) -> anyhow::Result<Arc<ChitchatHandle>> {
-    kvs.push((COMPACT_KEY.to_string(), COMPACT_VALUE.to_string()));
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -106,14 +84,12 @@ pub async fn start(
         extra_liveness_predicate: None,
     };
     let known = Arc::new(KnownPeers::default());
-    let compact = Arc::new(Readers::default());
     let mut seeds = seed_ips(&cfg.seeds).await;
     known.replace(seeds.clone());
     let transport = Sealed {
         key: cfg.key,
         stats: stats.clone(),
         known: known.clone(),
-        compact: compact.clone(),
     };
     let handle = Arc::new(spawn_chitchat(config, kvs, &transport).await?);
     push::start(&handle, cfg.interval, stats).await;
@@ -133,25 +109,17 @@ pub async fn start(
             let Some(chitchat) = state.upgrade() else {
                 break;
             };
-            let (mut ips, readers): (HashSet<IpAddr>, HashMap<SocketAddr, Reads>) = {
+            let mut ips: HashSet<IpAddr> = {
                 let guard = chitchat.lock().await;
-                let states = guard.node_states();
-                (
-                    states
-                        .keys()
-                        .map(|id| id.gossip_advertise_addr.ip())
-                        .collect(),
-                    states
-                        .iter()
-                        .map(|(id, s)| (id.gossip_advertise_addr, reads(s.get(COMPACT_KEY))))
-                        .filter(|(_, r)| *r != Reads::Chitchat)
-                        .collect(),
-                )
+                guard
+                    .node_states()
+                    .keys()
+                    .map(|id| id.gossip_advertise_addr.ip())
+                    .collect()
             };
             drop(chitchat);
             ips.extend(seeds.iter().copied());
             known.replace(ips);
-            compact.replace(readers);
         }
     });
     Ok(handle)

@@ -29,8 +29,6 @@ use crate::labels::Proto;
 pub const KEY_UNDERLAY: &str = "underlay";
 pub const KEY_MAC: &str = "mac";
 pub const KEY_SUBNET: &str = "subnet";
-/// The list of endpoints of older agents.
-pub const KEY_ENDPOINTS: &str = "endpoints";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
 /// Set by an agent that stops: milliseconds its peers may keep its
@@ -96,11 +94,7 @@ struct Generation {
 
 impl Generation {
     fn of(node: &str, state: &chitchat::NodeState) -> Self {
-        let listed = state
-            .get(KEY_ENDPOINTS)
-            .and_then(|v| serde_json::from_str::<Vec<Endpoint>>(v).ok())
-            .unwrap_or_default();
-        let keyed = state
+        let endpoints = state
             .iter_prefix(EP_PREFIX)
             .filter_map(|(_, v)| serde_json::from_str::<Endpoint>(&v.value).ok());
         Generation {
@@ -112,7 +106,7 @@ impl Generation {
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
-            endpoints: Arc::new(listed.into_iter().chain(keyed).collect()),
+            endpoints: Arc::new(endpoints.collect()),
             stopping: state
                 .get(KEY_STOPPING)
                 .and_then(|v| v.parse::<u64>().ok())

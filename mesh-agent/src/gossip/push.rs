@@ -24,6 +24,7 @@ use std::{
 };
 
 use chitchat::ChitchatHandle;
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::Notify;
 
 use super::transport::GossipStats;
@@ -50,7 +51,8 @@ pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration, stats: Arc<
     tokio::spawn(async move {
         // Kept for as long as the task runs: dropping it unsubscribes.
         let _listener = listener;
-        let mut rng = Rng::new();
+        // Seeded from the OS; Send, unlike the thread's generator.
+        let mut rng = StdRng::from_rng(&mut rand::rng());
         loop {
             tokio::select! {
                 () = news.notified() => {}
@@ -72,7 +74,7 @@ pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration, stats: Arc<
 
 /// One push: a gossip exchange with [`FANOUT`] random live peers. `false`
 /// once the node is gone.
-async fn push(weak: &Weak<ChitchatHandle>, rng: &mut Rng, stats: &GossipStats) -> bool {
+async fn push(weak: &Weak<ChitchatHandle>, rng: &mut impl rand::Rng, stats: &GossipStats) -> bool {
     let Some(handle) = weak.upgrade() else {
         return false;
     };
@@ -99,29 +101,9 @@ async fn push(weak: &Weak<ChitchatHandle>, rng: &mut Rng, stats: &GossipStats) -
 }
 
 /// `k` of `peers`, picked at random, each once (all of them if fewer).
-fn pick(mut peers: Vec<SocketAddr>, k: usize, rng: &mut Rng) -> Vec<SocketAddr> {
-    let k = k.min(peers.len());
-    for i in 0..k {
-        let j = i + (rng.next() % (peers.len() - i) as u64) as usize;
-        peers.swap(i, j);
-    }
-    peers.truncate(k);
-    peers
-}
-
-/// SplitMix64 (the project's `mix64` over a counter), seeded from the
-/// kernel: which peers to tell needs no more.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        Rng(u64::from_le_bytes(super::transport::random::<8>()))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mesh_common::hash::mix64(self.0)
-    }
+fn pick(mut peers: Vec<SocketAddr>, k: usize, rng: &mut impl rand::Rng) -> Vec<SocketAddr> {
+    let (chosen, _) = peers.partial_shuffle(rng, k);
+    chosen.to_vec()
 }
 
 #[cfg(test)]
@@ -138,7 +120,7 @@ mod tests {
 
     #[test]
     fn picks_distinct_peers_and_all_of_them_over_time() {
-        let mut rng = Rng::new();
+        let mut rng = rand::rng();
         let mut seen = HashSet::new();
         for _ in 0..200 {
             let p = pick(peers(10), 2, &mut rng);

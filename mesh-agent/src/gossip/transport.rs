@@ -1,16 +1,27 @@
 //! Gossip over UDP, every datagram authenticated and encrypted with the
-//! cluster key (ChaCha20-Poly1305): `MAGIC | nonce (12) | ciphertext+tag`.
+//! cluster key (XChaCha20-Poly1305, a random 192-bit nonce per datagram:
+//! with one key shared by the whole cluster, random 96-bit nonces would
+//! risk a repeat): `MAGIC | nonce (24) | ciphertext+tag`. A nonce comes
+//! from the OS's random source or the datagram is not sent.
 //!
 //! Inside the seal, a header before chitchat's message: the part (whole,
-//! first or second of two), the sender's session and counter and its send
-//! time (replay protection, `replay.rs`) and the destination address (a
-//! datagram captured on its way to one node is refused by every other).
-//! chitchat fills messages up to the largest UDP payload; one that does not
-//! fit once sealed goes as two datagrams, put together again on receipt.
-//! Messages are compressed (zstd, when that makes them smaller) before
-//! sealing: chitchat's digests name every node in every round and repeat
-//! much. A compressed message never opens to more than
-//! [`MAX_DECOMPRESSED`] bytes.
+//! first or second of two) and its flags, the sender's session and counter
+//! and its send time (replay protection, `replay.rs`), the destination
+//! address (a datagram captured on its way to one node is refused by every
+//! other) and the reference (below). chitchat fills messages up to the
+//! largest UDP payload; one that does not fit once sealed goes as two
+//! datagrams, put together again on receipt.
+//!
+//! Messages are compressed (zstd) when that makes them smaller. chitchat's
+//! digests name every node in every round, so two nodes' digests are
+//! nearly the same bytes: a message to a peer is compressed against the
+//! last digest-carrying message heard from that peer (zstd with that
+//! message as a raw-content dictionary), named in the header by its hash.
+//! The peer keeps the last few such messages it sent to each node and
+//! opens it with the same one; a reference it no longer holds drops the
+//! datagram (counted), and the next round goes through. The messages are
+//! opaque bytes here: nothing depends on chitchat's wire format. A
+//! compressed message never opens to more than [`MAX_DECOMPRESSED`] bytes.
 //!
 //! A reply (SynAck, Ack) to an address that is not a known node's (a
 //! node of the cluster state, or a seed) carries no state: a spoofed source
@@ -33,7 +44,7 @@ use std::{
 
 use anyhow::Context;
 use chacha20poly1305::{
-    ChaCha20Poly1305, KeyInit, Nonce,
+    KeyInit, XChaCha20Poly1305, XNonce,
     aead::{Aead, Payload},
 };
 use chitchat::{
@@ -42,33 +53,26 @@ use chitchat::{
 };
 use tracing::debug;
 
-use super::{
-    compact::{Directories, Reads},
-    replay::{Replay, Verdict},
-};
+use super::replay::{Replay, Verdict};
 
-const MAGIC: &[u8; 4] = b"MSH2";
-const NONCE_LEN: usize = 12;
+const MAGIC: &[u8; 4] = b"MSH3";
+const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Bound to the key: a message for another purpose never authenticates.
-const AAD: &[u8] = b"mesh gossip v2";
+const AAD: &[u8] = b"mesh gossip v3";
 /// Largest UDP payload over IPv4.
 const MAX_DATAGRAM: usize = 65_507;
-/// part (1) | session (8) | counter (8) | sent_ms (8) | destination (16).
-const HEADER_LEN: usize = 41;
+/// part (1) | session (8) | counter (8) | sent_ms (8) | destination (16) |
+/// reference (8).
+const HEADER_LEN: usize = 49;
 /// Most message bytes one datagram carries.
 const MAX_PART: usize = MAX_DATAGRAM - MAGIC.len() - NONCE_LEN - TAG_LEN - HEADER_LEN;
 const WHOLE: u8 = 0;
 const FIRST: u8 = 1;
 const SECOND: u8 = 2;
-/// Flag on the part byte: the message is zstd-compressed.
+/// Flag on the part byte: the message is zstd-compressed (against the
+/// header's reference when that is not 0).
 const COMPRESSED: u8 = 0x80;
-/// Flag on the part byte: its digest is relative to a directory
-/// (`compact.rs`); sent only to peers that publish [`super::COMPACT_KEY`].
-const COMPACT: u8 = 0x40;
-/// With [`COMPACT`]: relative to exactly what the receiver last said
-/// (`compact.rs`, `exact`); sent only to peers that read it.
-const EXACT: u8 = 0x20;
 /// Messages shorter than this go as they are.
 const COMPRESS_FROM: usize = 256;
 /// The most a compressed message may open to (two datagrams' worth).
@@ -76,6 +80,11 @@ pub const MAX_DECOMPRESSED: usize = 2 * MAX_DATAGRAM;
 /// First halves waiting for their second one, and for how long.
 const MAX_PARTIAL: usize = 16;
 const PARTIAL_TTL: Duration = Duration::from_secs(2);
+/// Messages kept per peer that it may compress against (sent to it since
+/// the one it last heard: more than this many in flight is rare).
+const SENT_KEPT: usize = 3;
+/// Peers whose messages are kept; beyond this the tables start afresh.
+const MAX_PEERS: usize = 4096;
 
 /// A 32-byte cluster key.
 #[derive(Clone)]
@@ -127,6 +136,8 @@ pub struct GossipStats {
     pub undecodable: AtomicU64,
     /// Too large to send even in two datagrams.
     pub oversize: AtomicU64,
+    /// Not sent: the OS's random source failed (no nonce).
+    pub no_nonce: AtomicU64,
     /// Seen before (a replay), or too many senders to remember.
     pub replayed: AtomicU64,
     /// Sent longer ago (or later) than the freshness window: a replay, or
@@ -138,13 +149,10 @@ pub struct GossipStats {
     pub split: AtomicU64,
     /// Replies to unknown addresses sent without their state.
     pub withheld: AtomicU64,
-    /// Messages sent with a compact digest.
-    pub compact: AtomicU64,
-    /// Of those, exact ones (relative to what the peer last said).
-    pub compact_exact: AtomicU64,
-    /// Compact digests received that did not read back (a directory no
-    /// longer known, or numbers that failed the check): dropped.
-    pub compact_refused: AtomicU64,
+    /// Messages sent compressed against a message of the peer's.
+    pub referenced: AtomicU64,
+    /// Received against a message this node no longer holds: dropped.
+    pub unknown_reference: AtomicU64,
     /// Exchanges begun with a peer because this node learned something
     /// new (`push.rs`), not in a gossip round.
     pub pushed: AtomicU64,
@@ -168,34 +176,11 @@ impl KnownPeers {
     }
 }
 
-/// What each peer reads of compact digests (by its gossip address and
-/// port: nodes may share an address; absent:
-/// chitchat's messages only).
-#[derive(Default)]
-pub struct Readers(RwLock<HashMap<SocketAddr, Reads>>);
-
-impl Readers {
-    pub fn reads(&self, peer: SocketAddr) -> Reads {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            .copied()
-            .unwrap_or(Reads::Chitchat)
-    }
-
-    pub fn replace(&self, readers: HashMap<SocketAddr, Reads>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = readers;
-    }
-}
-
 /// A chitchat transport that seals every datagram with the cluster key.
 pub struct Sealed {
     pub key: ClusterKey,
     pub stats: Arc<GossipStats>,
     pub known: Arc<KnownPeers>,
-    /// Peers that read compact digests, and which forms.
-    pub compact: Arc<Readers>,
 }
 
 #[async_trait::async_trait]
@@ -204,14 +189,13 @@ impl Transport for Sealed {
         let socket = tokio::net::UdpSocket::bind(listen)
             .await
             .with_context(|| format!("binding {listen}/udp for gossip"))?;
-        let cipher = ChaCha20Poly1305::new_from_slice(&self.key.0)
+        let cipher = XChaCha20Poly1305::new_from_slice(&self.key.0)
             .map_err(|e| anyhow::anyhow!("cluster key: {e}"))?;
-        let dirs = Arc::new(Mutex::new(Directories::default()));
-        let mut tx = Sender::new(cipher.clone(), self.stats.clone());
-        tx.dirs = dirs.clone();
-        tx.compact_peers = self.compact.clone();
+        let refs = Arc::new(Mutex::new(References::default()));
+        let mut tx = Sender::new(cipher.clone(), self.stats.clone())?;
+        tx.refs = refs.clone();
         let mut rx = Receiver::new(cipher, self.stats.clone(), listen.ip());
-        rx.dirs = dirs;
+        rx.refs = refs;
         Ok(Box::new(SealedSocket {
             socket,
             tx,
@@ -220,6 +204,68 @@ impl Transport for Sealed {
             buf: vec![0u8; MAX_DATAGRAM],
         }))
     }
+}
+
+/// The messages compression refers to, shared by a node's sender and
+/// receiver: what it sent to each peer lately (the peer may compress
+/// against any of them) and the last it heard from each (what it
+/// compresses against), each with its hash.
+#[derive(Default)]
+struct References {
+    sent: HashMap<SocketAddr, VecDeque<Kept>>,
+    heard: HashMap<SocketAddr, Kept>,
+}
+
+/// A message kept as a reference, with its hash.
+type Kept = (u64, Arc<[u8]>);
+
+impl References {
+    fn note_sent(&mut self, to: SocketAddr, msg: &[u8]) {
+        if self.sent.len() >= MAX_PEERS && !self.sent.contains_key(&to) {
+            self.sent.clear();
+        }
+        let kept = self.sent.entry(to).or_default();
+        if kept.len() == SENT_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((hash(msg), msg.into()));
+    }
+
+    fn note_heard(&mut self, from: SocketAddr, msg: &[u8]) {
+        if self.heard.len() >= MAX_PEERS && !self.heard.contains_key(&from) {
+            self.heard.clear();
+        }
+        self.heard.insert(from, (hash(msg), msg.into()));
+    }
+
+    /// The message sent to `peer` that `reference` names; any peer's when
+    /// the peer's address as seen differs from the one it gossips under
+    /// (a source address the kernel chose).
+    fn sent_to(&self, peer: SocketAddr, reference: u64) -> Option<Arc<[u8]>> {
+        let find = |kept: &VecDeque<Kept>| {
+            kept.iter()
+                .find(|(h, _)| *h == reference)
+                .map(|(_, m)| m.clone())
+        };
+        self.sent
+            .get(&peer)
+            .and_then(find)
+            .or_else(|| self.sent.values().find_map(find))
+    }
+}
+
+/// A message's name as a reference: FNV-1a, finished with SplitMix64; never
+/// 0 (the header's "none").
+fn hash(msg: &[u8]) -> u64 {
+    mesh_common::hash::name(msg).max(1)
+}
+
+/// Messages that carry a digest: the ones worth compressing against.
+fn has_digest(msg: &ChitchatMessage) -> bool {
+    matches!(
+        msg,
+        ChitchatMessage::Syn { .. } | ChitchatMessage::SynAck { .. }
+    )
 }
 
 /// This node's own addresses, for the destination check.
@@ -268,16 +314,13 @@ struct SealedSocket {
 
 /// Seals messages into datagrams: this agent's session and counter.
 struct Sender {
-    cipher: ChaCha20Poly1305,
+    cipher: XChaCha20Poly1305,
     stats: Arc<GossipStats>,
     session: u64,
     counter: u64,
     /// Compress messages that shrink (always, but in tests of the rest).
     compress: bool,
-    /// Directories of digests sent and received (shared with the receiver).
-    dirs: Arc<Mutex<Directories>>,
-    /// Peers that read compact digests, and which forms.
-    compact_peers: Arc<Readers>,
+    refs: Arc<Mutex<References>>,
     /// One zstd context for every message (making one per message was 2%
     /// of a 200-node cluster's CPU); None if it could not be made.
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -286,33 +329,22 @@ struct Sender {
 /// Opens datagrams: the replay windows, halves waiting for their other
 /// half, this node's addresses.
 struct Receiver {
-    cipher: ChaCha20Poly1305,
+    cipher: XChaCha20Poly1305,
     stats: Arc<GossipStats>,
     replay: Replay,
     /// (session, counter, bytes, when) of first halves.
     partial: VecDeque<(u64, u64, Vec<u8>, Instant)>,
     local: Local,
-    /// Directories of digests sent and received (shared with the sender).
-    dirs: Arc<Mutex<Directories>>,
+    refs: Arc<Mutex<References>>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
-pub(crate) fn random<const N: usize>() -> [u8; N] {
+/// `N` bytes from the OS's random source; an error, never a weaker
+/// fallback, when it fails.
+pub(crate) fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut n = [0u8; N];
-    // SAFETY: getrandom writes at most `N` bytes into our buffer.
-    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), N, 0) };
-    if got != N as isize {
-        // Never reuse a nonce silently: mix the clock in as a last resort.
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            .to_le_bytes();
-        for (i, b) in n.iter_mut().enumerate() {
-            *b ^= t[i % t.len()];
-        }
-    }
-    n
+    getrandom::fill(&mut n).map_err(|e| anyhow::anyhow!("the OS's random source: {e}"))?;
+    Ok(n)
 }
 
 fn now_ms() -> u64 {
@@ -330,6 +362,8 @@ struct Header {
     counter: u64,
     sent_ms: u64,
     dest: IpAddr,
+    /// The hash of the peer's message this one is compressed against, or 0.
+    reference: u64,
 }
 
 impl Header {
@@ -343,6 +377,7 @@ impl Header {
             IpAddr::V6(a) => a,
         };
         out.extend_from_slice(&dest.octets());
+        out.extend_from_slice(&self.reference.to_be_bytes());
     }
 
     fn read(b: &[u8]) -> Option<(Header, &[u8])> {
@@ -361,20 +396,21 @@ impl Header {
                 counter: u64_at(9)?,
                 sent_ms: u64_at(17)?,
                 dest: dest.to_ipv4_mapped().map_or(IpAddr::V6(dest), IpAddr::V4),
+                reference: u64_at(41)?,
             },
             rest,
         ))
     }
 }
 
-fn seal(cipher: &ChaCha20Poly1305, h: &Header, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+fn seal(cipher: &XChaCha20Poly1305, h: &Header, body: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut plain = Vec::with_capacity(HEADER_LEN + body.len());
     h.write(&mut plain);
     plain.extend_from_slice(body);
-    let nonce = random::<NONCE_LEN>();
+    let nonce = random::<NONCE_LEN>()?;
     let sealed = cipher
         .encrypt(
-            &Nonce::from(nonce),
+            &XNonce::from(nonce),
             Payload {
                 msg: &plain,
                 aad: AAD,
@@ -420,7 +456,17 @@ impl Socket for SealedSocket {
             }
             m
         };
-        for datagram in self.tx.seal(to, &msg)? {
+        let datagrams = match self.tx.seal(to, &msg) {
+            Ok(d) => d,
+            Err(e) => {
+                // No nonce: this message is not sent; the next round is
+                // another try (an error here would end chitchat's loop).
+                self.tx.stats.no_nonce.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "gossip message not sent");
+                return Ok(());
+            }
+        };
+        for datagram in datagrams {
             // A send failure is transient (a peer gone, no route yet).
             if self.socket.send_to(&datagram, to).await.is_ok() {
                 self.tx.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -466,6 +512,7 @@ impl Socket for SealedSocket {
                         Reject::Replayed => &s.replayed,
                         Reject::Stale => &s.stale,
                         Reject::Misaddressed => &s.misaddressed,
+                        Reject::UnknownReference => &s.unknown_reference,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     debug!(%from, len, ?reason, "gossip datagram dropped");
@@ -476,17 +523,31 @@ impl Socket for SealedSocket {
 }
 
 impl Sender {
-    fn new(cipher: ChaCha20Poly1305, stats: Arc<GossipStats>) -> Self {
-        Sender {
+    fn new(cipher: XChaCha20Poly1305, stats: Arc<GossipStats>) -> anyhow::Result<Self> {
+        Ok(Sender {
             cipher,
             stats,
-            session: u64::from_le_bytes(random::<8>()),
+            session: u64::from_le_bytes(random::<8>()?),
             counter: 0,
             compress: true,
-            dirs: Arc::default(),
-            compact_peers: Arc::default(),
+            refs: Arc::default(),
             zstd: zstd::bulk::Compressor::new(1).ok(),
-        }
+        })
+    }
+
+    /// `body` compressed, against `reference` when given; None when that
+    /// does not make it smaller.
+    fn compressed(&mut self, body: &[u8], reference: Option<&[u8]>) -> Option<Vec<u8>> {
+        let z = match &mut self.zstd {
+            Some(z) => z,
+            None => {
+                return zstd::bulk::compress(body, 1)
+                    .ok()
+                    .filter(|c| c.len() < body.len());
+            }
+        };
+        z.set_dictionary(1, reference.unwrap_or_default()).ok()?;
+        z.compress(body).ok().filter(|c| c.len() < body.len())
     }
 
     /// The datagrams that carry `msg` to `dest`: one, or two when it does
@@ -495,30 +556,26 @@ impl Sender {
         let dest = to.ip();
         let mut body = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut body);
-        let mut flag = 0;
-        {
-            let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            let reads = self.compact_peers.reads(to);
-            if let Some((c, exact)) = dirs.outgoing(to, &body, Instant::now(), reads) {
-                body = c;
-                flag |= COMPACT;
-                if exact {
-                    flag |= EXACT;
-                    self.stats.compact_exact.fetch_add(1, Ordering::Relaxed);
+        let (mut flag, mut reference) = (0, 0);
+        if self.compress && body.len() >= COMPRESS_FROM {
+            let heard = {
+                let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+                if has_digest(msg) {
+                    refs.note_sent(to, &body);
                 }
-                self.stats.compact.fetch_add(1, Ordering::Relaxed);
+                refs.heard.get(&to).cloned()
+            };
+            // A zstd context without the zstd library's own allocation
+            // cannot compress against a reference: plain then.
+            let against = heard.filter(|_| self.zstd.is_some());
+            if let Some(c) = self.compressed(&body, against.as_ref().map(|(_, m)| &m[..])) {
+                body = c;
+                flag = COMPRESSED;
+                if let Some((h, _)) = against {
+                    reference = h;
+                    self.stats.referenced.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
-        if self.compress
-            && body.len() >= COMPRESS_FROM
-            && let Ok(c) = match &mut self.zstd {
-                Some(z) => z.compress(&body),
-                None => zstd::bulk::compress(&body, 1),
-            }
-            && c.len() < body.len()
-        {
-            body = c;
-            flag |= COMPRESSED;
         }
         let parts: Vec<(u8, &[u8])> = if body.len() <= MAX_PART {
             vec![(WHOLE | flag, &body[..])]
@@ -541,6 +598,7 @@ impl Sender {
                     counter: self.counter,
                     sent_ms,
                     dest,
+                    reference,
                 };
                 seal(&self.cipher, &h, bytes)
             })
@@ -549,14 +607,14 @@ impl Sender {
 }
 
 impl Receiver {
-    fn new(cipher: ChaCha20Poly1305, stats: Arc<GossipStats>, listen: IpAddr) -> Self {
+    fn new(cipher: XChaCha20Poly1305, stats: Arc<GossipStats>, listen: IpAddr) -> Self {
         Receiver {
             cipher,
             stats,
             replay: Replay::default(),
             partial: VecDeque::new(),
             local: Local::new(listen),
-            dirs: Arc::default(),
+            refs: Arc::default(),
             zstd: zstd::bulk::Decompressor::new().ok(),
         }
     }
@@ -578,13 +636,7 @@ impl Receiver {
             Verdict::Replayed | Verdict::Full => return Err(Reject::Replayed),
             Verdict::Stale => return Err(Reject::Stale),
         }
-        let compressed = h.part & COMPRESSED != 0;
-        let compact = h.part & COMPACT != 0;
-        let exact = h.part & EXACT != 0;
-        if exact && !compact {
-            return Err(Reject::Decode);
-        }
-        let whole = match h.part & !(COMPRESSED | COMPACT | EXACT) {
+        let whole = match h.part & !COMPRESSED {
             WHOLE => body.to_vec(),
             FIRST => {
                 self.partial
@@ -609,35 +661,51 @@ impl Receiver {
             }
             _ => return Err(Reject::Decode),
         };
-        let whole = if compressed {
-            match &mut self.zstd {
-                Some(z) => z.decompress(&whole, MAX_DECOMPRESSED),
-                None => zstd::bulk::decompress(&whole, MAX_DECOMPRESSED),
-            }
-            .map_err(|_| Reject::Decode)?
+        let whole = if h.part & COMPRESSED != 0 {
+            self.decompress(from, &whole, h.reference)?
+        } else if h.reference != 0 {
+            return Err(Reject::Decode);
         } else {
             whole
         };
-        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        let whole = if compact {
-            // A directory this node no longer remembers: undecodable (the
-            // peer learns this node's current one from its next digest).
-            match dirs.expand(&whole, MAX_DECOMPRESSED, from, exact) {
-                Some(w) => w,
-                None => {
-                    dirs.refused_from(from);
-                    self.stats.compact_refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Reject::Decode);
-                }
-            }
-        } else {
-            whole
-        };
-        dirs.note_from(from, &whole, Instant::now());
-        drop(dirs);
         let mut slice = whole.as_slice();
-        ChitchatMessage::deserialize(&mut slice)
-            .map(Some)
+        let msg = ChitchatMessage::deserialize(&mut slice).map_err(|_| Reject::Decode)?;
+        if has_digest(&msg) && whole.len() >= COMPRESS_FROM {
+            self.refs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note_heard(from, &whole);
+        }
+        Ok(Some(msg))
+    }
+
+    /// A compressed message opened, against the message of this node's
+    /// that `reference` names (0: none).
+    fn decompress(
+        &mut self,
+        from: SocketAddr,
+        c: &[u8],
+        reference: u64,
+    ) -> Result<Vec<u8>, Reject> {
+        let against = if reference == 0 {
+            None
+        } else {
+            let refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+            Some(
+                refs.sent_to(from, reference)
+                    .ok_or(Reject::UnknownReference)?,
+            )
+        };
+        let z = match (&mut self.zstd, &against) {
+            (Some(z), _) => z,
+            (None, None) => {
+                return zstd::bulk::decompress(c, MAX_DECOMPRESSED).map_err(|_| Reject::Decode);
+            }
+            (None, Some(_)) => return Err(Reject::Decode),
+        };
+        z.set_dictionary(against.as_deref().unwrap_or_default())
+            .map_err(|_| Reject::Decode)?;
+        z.decompress(c, MAX_DECOMPRESSED)
             .map_err(|_| Reject::Decode)
     }
 }
@@ -650,17 +718,18 @@ enum Reject {
     Replayed,
     Stale,
     Misaddressed,
+    UnknownReference,
 }
 
 /// Authenticates and decrypts one datagram.
-fn open(cipher: &ChaCha20Poly1305, datagram: &[u8]) -> Result<Vec<u8>, Reject> {
+fn open(cipher: &XChaCha20Poly1305, datagram: &[u8]) -> Result<Vec<u8>, Reject> {
     if datagram.len() < MAGIC.len() + NONCE_LEN + TAG_LEN || &datagram[..MAGIC.len()] != MAGIC {
         return Err(Reject::Garbage);
     }
     let (nonce, sealed) = datagram[MAGIC.len()..].split_at(NONCE_LEN);
     cipher
         .decrypt(
-            <&Nonce>::try_from(nonce).map_err(|_| Reject::Garbage)?,
+            <&XNonce>::try_from(nonce).map_err(|_| Reject::Garbage)?,
             Payload {
                 msg: sealed,
                 aad: AAD,
@@ -695,10 +764,10 @@ mod tests {
     }
 
     fn pair(key: [u8; 32], listen: &str) -> (Sender, Receiver) {
-        let c = ChaCha20Poly1305::new_from_slice(&key).expect("key");
+        let c = XChaCha20Poly1305::new_from_slice(&key).expect("key");
         let stats = Arc::new(GossipStats::default());
         (
-            Sender::new(c.clone(), stats.clone()),
+            Sender::new(c.clone(), stats.clone()).expect("random"),
             Receiver::new(c, stats, listen.parse().expect("ip")),
         )
     }
@@ -710,72 +779,67 @@ mod tests {
         d.remove(0)
     }
 
-    /// chitchat's message from `bytes`.
-    fn chitchat(bytes: &[u8]) -> ChitchatMessage {
-        let mut b = bytes;
-        ChitchatMessage::deserialize(&mut b).expect("a chitchat message")
+    /// A SYN whose bytes do not compress on their own (a digest's numbers
+    /// and names stand for them), with `changed` of them different.
+    fn noisy_syn(changed: usize) -> ChitchatMessage {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut text: Vec<u8> = (0..4000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b'a' + (x % 26) as u8
+            })
+            .collect();
+        for i in 0..changed {
+            text[i * 97] = b'Z';
+        }
+        ChitchatMessage::Syn {
+            cluster_id: String::from_utf8(text).expect("ascii"),
+            digest: Default::default(),
+        }
     }
 
     #[test]
-    fn digests_go_compact_to_peers_that_read_them() {
-        use crate::gossip::compact::{cluster, message, refs};
+    fn messages_go_compressed_against_what_the_peer_last_said() {
         let key = [7u8; 32];
         let (a, b): (SocketAddr, SocketAddr) = (
             "127.0.0.1:7000".parse().expect("addr"),
             "127.0.0.2:7000".parse().expect("addr"),
         );
-        // Two nodes, each a sender and a receiver sharing its directories;
-        // each reads compact digests and knows the other does.
-        let node = |me: SocketAddr, other: SocketAddr| {
+        // Two nodes, each a sender and a receiver sharing its references.
+        let node = |me: SocketAddr| {
             let (mut tx, mut rx) = pair(key, &me.ip().to_string());
-            let dirs = Arc::new(Mutex::new(Directories::default()));
-            tx.dirs = dirs.clone();
-            rx.dirs = dirs;
-            tx.compact_peers
-                .replace(HashMap::from([(other, Reads::Exact)]));
+            let refs = Arc::new(Mutex::new(References::default()));
+            tx.refs = refs.clone();
+            rx.refs = refs;
             (tx, rx)
         };
-        let (mut tx_a, mut rx_a) = node(a, b);
-        let (mut tx_b, mut rx_b) = node(b, a);
-        // chitchat's own empty SYN-ACK: its delta's bytes follow the
-        // digest's count.
-        let mut empty = Vec::new();
-        ChitchatMessage::SynAck {
-            digest: Default::default(),
-            delta: Default::default(),
-        }
-        .serialize(&mut empty);
-        let delta = &empty[6..];
-        // B opens with its digest of 200 nodes (full: it knows nothing of
-        // A's directory); A answers relative to it.
-        let syn = chitchat(&message(0, &refs(&cluster(200, 500)), b"\x04\x00mesh"));
-        let d = tx_b.seal(a, &syn).expect("seal");
-        assert_eq!(rx_a.accept(b, &d[0]), Ok(Some(syn)));
-        assert_eq!(tx_b.stats.compact.load(Ordering::Relaxed), 0);
-        let mut ours = cluster(200, 530);
-        ours.push(("node-zz".into(), 1, 252, 7));
-        let synack_bytes = message(1, &refs(&ours), delta);
-        let synack = chitchat(&synack_bytes);
-        let full = {
-            let mut plain = Sender::new(
-                ChaCha20Poly1305::new_from_slice(&key).expect("key"),
-                Arc::default(),
-            );
-            plain.seal(b, &synack).expect("seal")[0].len()
-        };
-        let d = tx_a.seal(b, &synack).expect("seal");
-        assert_eq!(tx_a.stats.compact.load(Ordering::Relaxed), 1);
+        let (mut tx_a, mut rx_a) = node(a);
+        let (mut tx_b, mut rx_b) = node(b);
+        // B speaks first: nothing to refer to.
+        let first = noisy_syn(0);
+        let d = tx_b.seal(a, &first).expect("seal");
+        assert_eq!(tx_b.stats.referenced.load(Ordering::Relaxed), 0);
+        let alone = d[0].len();
+        assert_eq!(rx_a.accept(b, &d[0]), Ok(Some(first)));
+        // A answers with nearly the same bytes, against what B said.
+        let answer = noisy_syn(20);
+        let d = tx_a.seal(b, &answer).expect("seal");
+        assert_eq!(tx_a.stats.referenced.load(Ordering::Relaxed), 1);
         println!(
-            "SYN-ACK with a digest of 201 nodes: {full} bytes sealed, {} compact",
+            "a 4 kB message: {alone} bytes sealed alone, {} against the peer's",
             d[0].len()
         );
-        assert!(d[0].len() * 2 < full, "{} vs {full}", d[0].len());
-        assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(chitchat(&synack_bytes))));
-        // A node that does not read them gets chitchat's bytes.
-        tx_a.compact_peers.replace(HashMap::new());
-        let d = tx_a.seal(b, &synack).expect("seal");
-        assert_eq!(tx_a.stats.compact.load(Ordering::Relaxed), 1);
-        assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(synack)));
+        assert!(d[0].len() * 10 < alone, "{} vs {alone}", d[0].len());
+        assert_eq!(rx_b.accept(a, &d[0]), Ok(Some(answer)));
+        // A node that no longer holds the message referred to drops it.
+        let (_, mut forgetful) = pair(key, "127.0.0.2");
+        let d = tx_a.seal(b, &noisy_syn(30)).expect("seal");
+        assert_eq!(
+            forgetful.accept(a, &d[0]).err(),
+            Some(Reject::UnknownReference)
+        );
     }
 
     #[test]
@@ -811,7 +875,7 @@ mod tests {
             Some(Reject::Misaddressed),
             "sealed for another node"
         );
-        assert_eq!(rx.accept(PEER, b"MSH2short").err(), Some(Reject::Garbage));
+        assert_eq!(rx.accept(PEER, b"MSH3short").err(), Some(Reject::Garbage));
         assert_eq!(rx.accept(PEER, &[0u8; 100]).err(), Some(Reject::Garbage));
         let junk = Header {
             part: WHOLE,
@@ -819,6 +883,7 @@ mod tests {
             counter: 1,
             sent_ms: now_ms(),
             dest: "127.0.0.1".parse().expect("ip"),
+            reference: 0,
         };
         let sealed = seal(&tx.cipher, &junk, b"\xffjunk").expect("seal");
         assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
@@ -889,6 +954,7 @@ mod tests {
             counter: 1,
             sent_ms: now_ms(),
             dest: "127.0.0.1".parse().expect("ip"),
+            reference: 0,
         };
         let sealed = seal(&tx.cipher, &h, &bomb).expect("seal");
         assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
