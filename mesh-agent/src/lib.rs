@@ -1,29 +1,22 @@
 //! mesh agent library: the data plane loader and map access, shared by the
 //! `mesh-agent` daemon, `meshctl` and the tests.
 
+pub use mesh_core::{
+    desired, dns, docker, gossip, hostports, iface, labels, maglev, reconcile, status, vip,
+};
+
 pub mod api;
 pub mod cluster;
 pub mod conntrack;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
-pub mod desired;
-pub mod dns;
-pub mod docker;
-pub mod gossip;
 pub mod hostlink;
-pub mod hostports;
-pub mod iface;
 pub mod kernel;
-pub mod labels;
 pub mod logging;
-pub mod maglev;
 pub mod metrics;
-pub mod reconcile;
 pub mod shared;
-pub mod status;
 pub mod veth;
-pub mod vip;
 
 /// Where the agent pins its maps and links (one directory per agent).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";

@@ -366,7 +366,7 @@ async fn run(args: Args) -> Result<()> {
     {
         anyhow::bail!("--dns-domain {:?} is not a domain name", args.dns_domain);
     }
-    let gateway = std::net::Ipv4Addr::from(u32::from(node_subnet.base) + 1);
+    let gateway = node_subnet.gateway();
     let upstreams = if args.dns_upstream.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         mesh_agent::dns::upstreams_from_resolv_conf(&text, gateway.into())

@@ -372,12 +372,10 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // listens on localhost only.
     let gw = {
         let subnet = agents[0].status().expect("status").node.subnet;
-        let base: std::net::Ipv4Addr = subnet
-            .split('/')
-            .next()
-            .and_then(|b| b.parse().ok())
-            .expect("node 1's subnet");
-        std::net::Ipv4Addr::from(u32::from(base) + 1)
+        subnet
+            .parse::<mesh_agent::vip::Cidr>()
+            .expect("node 1's subnet")
+            .gateway()
     };
     outside.ip(&["route", "add", "10.42.0.0/16", "via", "192.168.91.1"]);
     let dig = std::process::Command::new("ip")

@@ -236,7 +236,7 @@ impl Daemon {
     /// route and its program made sure of. Without it (an error, logged)
     /// the host reaches only VIPs' backends on this node.
     fn host_link(&mut self, mut local: LocalNode, cluster: Cidr) -> LocalNode {
-        let gateway = Ipv4Addr::from(u32::from(self.settings.node_subnet.base) + 1);
+        let gateway = self.settings.node_subnet.gateway();
         let link = crate::hostlink::ensure(cluster, gateway, self.settings.mtu)
             .map_err(anyhow::Error::from)
             .and_then(|h| {

@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Daemon;
 use crate::{
+    dataplane::overlay::Keyed,
     desired::{self, Inputs, State},
     gossip::{
         authority::{self, Rejection},
@@ -133,7 +134,11 @@ impl Daemon {
             want.insert(key, mesh_common::lb::Published { service_id });
         }
         let ops = table::plan(&want, &self.written.published);
-        let errors = table::apply(&ops, &mut self.lb.published, &mut self.written.published);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.lb.published),
+            &mut self.written.published,
+        );
         failed.extend(errors.iter().map(|e| format!("published ports: {e}")));
         conflicts
     }
@@ -182,23 +187,35 @@ impl Daemon {
                     }
                 }
             }
-            let errors = table::apply(&ops, &mut self.overlay.nodes, &mut self.written.nodes);
+            let errors = table::apply(
+                &ops,
+                &mut Keyed(&mut self.overlay.nodes),
+                &mut self.written.nodes,
+            );
             failed.extend(errors.iter().map(|e| format!("node table: {e}")));
             let want = desired::peers(&want);
             let ops = table::plan(&want, &self.written.peers);
-            let errors = table::apply(&ops, &mut self.overlay.peers, &mut self.written.peers);
+            let errors = table::apply(
+                &ops,
+                &mut Keyed(&mut self.overlay.peers),
+                &mut self.written.peers,
+            );
             failed.extend(errors.iter().map(|e| format!("peer table: {e}")));
         }
         let ops = table::plan(&st.local_eps, &self.written.local_eps);
         let errors = table::apply(
             &ops,
-            &mut self.overlay.local_eps,
+            &mut Keyed(&mut self.overlay.local_eps),
             &mut self.written.local_eps,
         );
         failed.extend(errors.iter().map(|e| format!("local endpoints: {e}")));
         let want = crate::dataplane::overlay::veth_src(&st.local_eps);
         let ops = table::plan(&want, &self.written.veth_src);
-        let errors = table::apply(&ops, &mut self.overlay.veth_src, &mut self.written.veth_src);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.overlay.veth_src),
+            &mut self.written.veth_src,
+        );
         failed.extend(errors.iter().map(|e| format!("veth sources: {e}")));
         failed
     }
@@ -221,7 +238,11 @@ impl Daemon {
             }
         }
         let ops = table::plan(&want, &self.written.bridges);
-        let errors = table::apply(&ops, &mut self.overlay.bridges, &mut self.written.bridges);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.overlay.bridges),
+            &mut self.written.bridges,
+        );
         failed.extend(errors.iter().map(|e| format!("bridge table: {e}")));
         // The program's prefilter: the widest of their masks (all ones
         // without any bridge: nothing passes it, nothing is looked up).
@@ -410,7 +431,7 @@ impl Daemon {
         if self.dns_started {
             return;
         }
-        let gateway = Ipv4Addr::from(u32::from(self.settings.node_subnet.base) + 1);
+        let gateway = self.settings.node_subnet.gateway();
         let addr = listen.unwrap_or_else(|| std::net::SocketAddr::from((gateway, 53)));
         let stats = Arc::new(crate::dns::DnsStats::default());
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).dns = Some(stats.clone());

@@ -72,7 +72,8 @@ impl OverlayMaps {
     /// A node's underlay address (network order) as a VXLAN source, with
     /// its /24.
     pub fn set_peer(&mut self, ip_be: u32, subnet_be: u32) -> Result<(), MapsError> {
-        KeyedWriter::set(&mut self.peers, &ip_be, &subnet_be).map_err(err(maps::PEERS.name))
+        KeyedWriter::set(&mut Keyed(&mut self.peers), &ip_be, &subnet_be)
+            .map_err(err(maps::PEERS.name))
     }
 
     /// This node's settings; `enabled` set turns the overlay on.
@@ -82,12 +83,13 @@ impl OverlayMaps {
 
     /// Another node, by its /24 (`subnet_be`: network order, host bits 0).
     pub fn set_node(&mut self, subnet_be: u32, n: &Node) -> Result<(), MapsError> {
-        KeyedWriter::set(&mut self.nodes, &subnet_be, n).map_err(err(maps::NODES.name))
+        KeyedWriter::set(&mut Keyed(&mut self.nodes), &subnet_be, n).map_err(err(maps::NODES.name))
     }
 
     /// A container on this node (by address, network order).
     pub fn set_local_ep(&mut self, ip_be: u32, ep: &LocalEndpoint) -> Result<(), MapsError> {
-        KeyedWriter::set(&mut self.local_eps, &ip_be, ep).map_err(err(maps::LOCAL_EPS.name))
+        KeyedWriter::set(&mut Keyed(&mut self.local_eps), &ip_be, ep)
+            .map_err(err(maps::LOCAL_EPS.name))
     }
 
     /// The data plane's settings.
@@ -105,7 +107,8 @@ impl OverlayMaps {
     /// Veth `ifindex`'s container has address `ip_be` (the anti-spoofing
     /// fast path; indexes beyond the array are left to `MESH_LOCAL_EPS`).
     pub fn set_veth_src(&mut self, ifindex: u32, ip_be: u32) -> Result<(), MapsError> {
-        KeyedWriter::set(&mut self.veth_src, &ifindex, &ip_be).map_err(err(maps::VETH_SRC.name))
+        KeyedWriter::set(&mut Keyed(&mut self.veth_src), &ifindex, &ip_be)
+            .map_err(err(maps::VETH_SRC.name))
     }
 
     /// The written slots of the veth array (a restarted agent starts here).
@@ -135,14 +138,18 @@ fn read_all<K: Pod + Ord, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<BTreeMap
     m.iter().collect()
 }
 
+/// An agent-written map as a keyed table for the generic reconciler
+/// (`reconcile::table`, which knows no kernel maps).
+pub struct Keyed<'a, M>(pub &'a mut M);
+
 /// The veth array is a keyed table too: removing a slot writes 0.
-impl KeyedWriter<u32, u32> for Array<MapData, u32> {
+impl KeyedWriter<u32, u32> for Keyed<'_, Array<MapData, u32>> {
     type Error = MapError;
     fn set(&mut self, key: &u32, value: &u32) -> Result<(), MapError> {
-        Array::set(self, *key, value, 0)
+        self.0.set(*key, value, 0)
     }
     fn remove(&mut self, key: &u32) -> Result<(), MapError> {
-        Array::set(self, *key, 0, 0)
+        self.0.set(*key, 0, 0)
     }
 }
 
@@ -157,13 +164,13 @@ pub fn veth_src(local_eps: &BTreeMap<u32, LocalEndpoint>) -> BTreeMap<u32, u32> 
 }
 
 /// Agent-written hash maps are keyed tables for the generic reconciler.
-impl<K: Pod + Ord, V: Pod> KeyedWriter<K, V> for HashMap<MapData, K, V> {
+impl<K: Pod + Ord, V: Pod> KeyedWriter<K, V> for Keyed<'_, HashMap<MapData, K, V>> {
     type Error = MapError;
     fn set(&mut self, key: &K, value: &V) -> Result<(), MapError> {
-        self.insert(key, value, 0)
+        self.0.insert(key, value, 0)
     }
     fn remove(&mut self, key: &K) -> Result<(), MapError> {
-        match HashMap::remove(self, key) {
+        match self.0.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e),
         }

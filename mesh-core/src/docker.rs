@@ -118,7 +118,7 @@ pub async fn ensure_network(
 }
 
 async fn create(d: &Docker, subnet: Cidr, bridge: &str, mtu: u32) -> Result<(), DockerError> {
-    let gateway = Ipv4Addr::from(u32::from(subnet.base) + 1);
+    let gateway = subnet.gateway();
     let opts = CreateNetworkOptions {
         name: NETWORK.to_string(),
         check_duplicate: true,

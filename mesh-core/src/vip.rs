@@ -48,6 +48,12 @@ impl std::fmt::Display for Cidr {
 }
 
 impl Cidr {
+    /// The first host address: a Docker network's gateway (the bridge's
+    /// own address, where the agent serves DNS).
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+
     /// Usable host addresses (without network and broadcast).
     fn hosts(&self) -> u32 {
         (1u32 << (32 - self.prefix)) - 2
