@@ -86,33 +86,17 @@ const STOPPING_SPREAD: Duration = Duration::from_millis(300);
 
 /// Starts gossip and settles a /24; returns it with the cluster.
 pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
-    let iface_name = cfg.underlay_iface.as_str();
     let bytes = std::fs::read(&cfg.key_file)
         .with_context(|| format!("reading {}", cfg.key_file.display()))?;
     let key = ClusterKey::from_file_bytes(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.key_file.display()))?;
-    let ip = cfg
-        .advertise_addr
-        .or_else(|| iface::ipv4(iface_name))
-        .with_context(|| format!("{iface_name} has no IPv4 address: pass --advertise-addr"))?;
-    let mac = iface::mac(iface_name).with_context(|| format!("reading the MAC of {iface_name}"))?;
-    // VXLAN adds 50 bytes: the mesh network's MTU must leave room for them.
-    let underlay_mtu =
-        iface::mtu(iface_name).with_context(|| format!("reading the MTU of {iface_name}"))?;
-    let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
-    if cfg.mtu + overhead > underlay_mtu {
-        anyhow::bail!(
-            "--mtu {} plus the {overhead}-byte VXLAN header exceeds {iface_name}'s MTU {underlay_mtu}: use --mtu {} or less",
-            cfg.mtu,
-            underlay_mtu.saturating_sub(overhead)
-        );
-    }
+    let underlay = Underlay::of(cfg)?;
     let node_id = cfg.node_name.clone().unwrap_or_else(hostname);
     let interval = GossipConfig::interval_for(cfg.dead_after);
     let gossip_cfg = GossipConfig {
         node_id: node_id.clone(),
         listen: cfg.gossip_listen,
-        advertise: SocketAddr::new(ip.into(), cfg.gossip_listen.port()),
+        advertise: SocketAddr::new(underlay.ip.into(), cfg.gossip_listen.port()),
         seeds: cfg.join.clone(),
         key,
         cluster_id: "mesh".into(),
@@ -120,31 +104,15 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         dead_after: cfg.dead_after,
     };
     let kvs = vec![
-        (peers::KEY_UNDERLAY.to_string(), ip.to_string()),
-        (peers::KEY_MAC.to_string(), Mac(mac).to_string()),
+        (peers::KEY_UNDERLAY.to_string(), underlay.ip.to_string()),
+        (peers::KEY_MAC.to_string(), Mac(underlay.mac).to_string()),
     ];
     let stats = Arc::new(GossipStats::default());
     let handle = gossip::start(gossip_cfg, kvs, stats.clone()).await?;
-    info!(node = %node_id, %ip, seeds = ?cfg.join, "gossiping");
+    info!(node = %node_id, ip = %underlay.ip, seeds = ?cfg.join, "gossiping");
     let membership = membership::Chitchat::new(node_id.clone(), handle).await;
-
     let claim_file = cfg.state_dir.join("subnet");
-    let previous = std::fs::read_to_string(&claim_file)
-        .ok()
-        .and_then(|v| subnet::decode(&node_id, v.trim()));
-    let mine = match cfg.node_subnet {
-        Some(s) => Some(subnet::Claim {
-            node: node_id.clone(),
-            index: subnet::index_of(cfg.cluster_cidr, s).with_context(|| {
-                format!(
-                    "--node-subnet {s} is not a /24 of --cluster-cidr {}",
-                    cfg.cluster_cidr
-                )
-            })?,
-            since_ms: 0,
-        }),
-        None => previous,
-    };
+    let mine = wanted_claim(cfg, &node_id, &claim_file)?;
     let claim = settle_claim(&membership, &node_id, cfg.cluster_cidr, mine, interval).await?;
     // The claim must survive a restart (or the /24 could change under the
     // `mesh` network): failing to keep it is an error, not a warning.
@@ -161,12 +129,12 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         subnet_be: u32::from(node_subnet.base).to_be(),
         cluster_be: u32::from(cfg.cluster_cidr.base).to_be(),
         cluster_mask_be: (u32::MAX << (32 - cfg.cluster_cidr.prefix)).to_be(),
-        underlay_ip_be: u32::from(ip).to_be(),
-        underlay_ifindex: iface::index(iface_name)?,
+        underlay_ip_be: u32::from(underlay.ip).to_be(),
+        underlay_ifindex: underlay.ifindex,
         vni: cfg.vni,
-        underlay_mac: mac,
+        underlay_mac: underlay.mac,
         enabled: 1,
-        tunnel_mss: u16::try_from(underlay_mtu.saturating_sub(TUNNEL_TCP_OVERHEAD)).unwrap_or(0),
+        tunnel_mss: u16::try_from(underlay.mtu.saturating_sub(TUNNEL_TCP_OVERHEAD)).unwrap_or(0),
         ..Default::default()
     };
     let cluster = Cluster {
@@ -180,6 +148,67 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         restart_hold: cfg.dead_after * 2,
     };
     Ok((node_subnet, cluster))
+}
+
+/// The underlay NIC as the overlay uses it.
+struct Underlay {
+    ip: std::net::Ipv4Addr,
+    mac: [u8; 6],
+    mtu: u32,
+    ifindex: u32,
+}
+
+impl Underlay {
+    /// `--underlay-iface`'s address (or `--advertise-addr`), MAC, MTU and
+    /// index; refused when `--mtu` plus VXLAN's 50 bytes exceeds its MTU.
+    fn of(cfg: &JoinConfig) -> Result<Self> {
+        let name = cfg.underlay_iface.as_str();
+        let ip = cfg
+            .advertise_addr
+            .or_else(|| iface::ipv4(name))
+            .with_context(|| format!("{name} has no IPv4 address: pass --advertise-addr"))?;
+        let mac = iface::mac(name).with_context(|| format!("reading the MAC of {name}"))?;
+        let mtu = iface::mtu(name).with_context(|| format!("reading the MTU of {name}"))?;
+        let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
+        if cfg.mtu + overhead > mtu {
+            anyhow::bail!(
+                "--mtu {} plus the {overhead}-byte VXLAN header exceeds {name}'s MTU {mtu}: use --mtu {} or less",
+                cfg.mtu,
+                mtu.saturating_sub(overhead)
+            );
+        }
+        Ok(Underlay {
+            ip,
+            mac,
+            mtu,
+            ifindex: iface::index(name)?,
+        })
+    }
+}
+
+/// The /24 this node asks for: `--node-subnet`, else the claim it kept in
+/// `claim_file` (None: a new one).
+fn wanted_claim(
+    cfg: &JoinConfig,
+    node_id: &str,
+    claim_file: &std::path::Path,
+) -> Result<Option<subnet::Claim>> {
+    let Some(s) = cfg.node_subnet else {
+        return Ok(std::fs::read_to_string(claim_file)
+            .ok()
+            .and_then(|v| subnet::decode(node_id, v.trim())));
+    };
+    let index = subnet::index_of(cfg.cluster_cidr, s).with_context(|| {
+        format!(
+            "--node-subnet {s} is not a /24 of --cluster-cidr {}",
+            cfg.cluster_cidr
+        )
+    })?;
+    Ok(Some(subnet::Claim {
+        node: node_id.to_string(),
+        index,
+        since_ms: 0,
+    }))
 }
 
 /// Claims a /24, then lets the claim stand unchallenged for a while: nodes

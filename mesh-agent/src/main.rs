@@ -21,7 +21,7 @@ use mesh_agent::{
     DEFAULT_BPFFS_DIR,
     cluster::{self, Cluster, JoinConfig},
     daemon::{Daemon, Settings},
-    dataplane::{self, lb::LbMaps, progs},
+    dataplane::{self, lb::LbMaps, overlay::OverlayMaps, progs},
     iface,
     logging::{self, LogFormat},
     shared::Shared,
@@ -272,62 +272,13 @@ async fn run(args: Args) -> Result<()> {
             args.cluster_cidr
         );
     }
-    let sweep_interval = args.conntrack.sweep_interval()?;
-    let sizes: Vec<(&'static str, u32)> = args
-        .conntrack
-        .sizes()
-        .into_iter()
-        .chain(args.maps.sizes())
-        .collect();
-    let (mut ebpf, retired) =
-        dataplane::load_pinned(&args.bpffs_dir, &sizes).context("loading the data plane")?;
-    for r in &retired {
-        warn!(
-            map = r.name,
-            pinned = %r.pinned,
-            ours = %r.ours,
-            "a pinned map had another layout than this build's: created anew"
-        );
-    }
-    for name in [
-        progs::TC_FROM_CONTAINER,
-        progs::TC_TO_CONTAINER,
-        progs::TC_BRIDGE_IN,
-        progs::TC_HOST_OUT,
-    ] {
-        dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
-    }
-    if let Some(iface) = &args.underlay_iface {
-        attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
-    }
-    let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
-    let mut overlay =
-        mesh_agent::dataplane::overlay::OverlayMaps::take(&mut ebpf).context("overlay maps")?;
-    let mut config = args.vip_cidr.config();
-    if args.cgroup.as_os_str() != "none" {
-        match dataplane::sockets::attach(&mut ebpf, &args.cgroup, &args.bpffs_dir).and_then(|dir| {
-            let cookie = dataplane::sockets::netns_cookie().map_err(|e| e.to_string())?;
-            Ok((dir, cookie))
-        }) {
-            Ok((dir, cookie)) => {
-                config.host_netns_cookie = cookie;
-                info!(cgroup = %dir.display(), "socket-level balancing for this host's connects");
-            }
-            Err(e) => warn!(
-                error = %e,
-                "no socket-level balancing: this host's own connects to published ports are not balanced (--cgroup)"
-            ),
-        }
-    }
-    overlay
-        .set_config(&config)
-        .context("writing the data plane's settings")?;
-    info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
+    let (ebpf, lb, overlay) = load_data_plane(&args)?;
     let sweeper =
         mesh_agent::conntrack::sweep::Sweeper::open(&args.bpffs_dir, args.conntrack.timeouts())
             .context("conntrack sweep")?;
-    let sweep_stats = mesh_agent::conntrack::sweep::spawn(sweeper, sweep_interval)
-        .context("starting the conntrack sweep")?;
+    let sweep_stats =
+        mesh_agent::conntrack::sweep::spawn(sweeper, args.conntrack.sweep_interval()?)
+            .context("starting the conntrack sweep")?;
 
     // The control socket and /metrics answer from the start, while the
     // node still settles its subnet and waits for Docker.
@@ -357,45 +308,7 @@ async fn run(args: Args) -> Result<()> {
             sh.status.node.name = c.node_id.clone();
         }
     }
-
-    let domain = args.dns_domain.trim_matches('.').to_ascii_lowercase();
-    if domain.is_empty()
-        || domain
-            .split('.')
-            .any(|l| mesh_agent::labels::service_name(l).is_err())
-    {
-        anyhow::bail!("--dns-domain {:?} is not a domain name", args.dns_domain);
-    }
-    let gateway = node_subnet.gateway();
-    let upstreams = if args.dns_upstream.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        mesh_agent::dns::upstreams_from_resolv_conf(&text, gateway.into())
-    } else {
-        args.dns_upstream.clone()
-    };
-    let dns = (!args.no_dns).then(|| {
-        let clients = if args.dns_allow_any {
-            mesh_agent::dns::Clients::Any
-        } else {
-            let cluster = mesh_agent::dns::Net {
-                base: args.cluster_cidr.base,
-                prefix: args.cluster_cidr.prefix,
-            };
-            mesh_agent::dns::Clients::Only(
-                std::iter::once(cluster)
-                    .chain(args.dns_allow.iter().copied())
-                    .collect(),
-            )
-        };
-        let cfg = mesh_agent::dns::DnsConfig {
-            domain,
-            vip_ttl: args.dns_vip_ttl,
-            tasks_ttl: args.dns_tasks_ttl,
-            upstreams,
-            clients,
-        };
-        (args.dns_listen, cfg)
-    });
+    let dns = dns_settings(&args, node_subnet)?;
     let settings = Settings {
         docker_socket: args.docker_socket,
         node_subnet,
@@ -416,6 +329,107 @@ async fn run(args: Args) -> Result<()> {
     daemon.stopping().await;
     info!("stopping; the data plane stays in place");
     stop
+}
+
+/// Loads the data plane with every map pinned (adopting an earlier run's),
+/// verifies the programs, attaches the underlay NIC's and the socket
+/// programs, and writes the data plane's settings.
+fn load_data_plane(args: &Args) -> Result<(aya::Ebpf, LbMaps, OverlayMaps)> {
+    let sizes: Vec<(&'static str, u32)> = args
+        .conntrack
+        .sizes()
+        .into_iter()
+        .chain(args.maps.sizes())
+        .collect();
+    let (mut ebpf, retired) =
+        dataplane::load_pinned(&args.bpffs_dir, &sizes).context("loading the data plane")?;
+    for r in &retired {
+        warn!(
+            map = r.name,
+            pinned = %r.pinned,
+            ours = %r.ours,
+            "a pinned map had another layout than this build's: created anew"
+        );
+    }
+    for name in [
+        progs::TC_FROM_CONTAINER,
+        progs::TC_TO_CONTAINER,
+        progs::TC_BRIDGE_IN,
+        progs::TC_HOST_OUT,
+    ] {
+        dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
+    }
+    if let Some(iface) = &args.underlay_iface {
+        attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
+    }
+    let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
+    let mut overlay = OverlayMaps::take(&mut ebpf).context("overlay maps")?;
+    let mut config = args.vip_cidr.config();
+    if args.cgroup.as_os_str() != "none" {
+        match dataplane::sockets::attach(&mut ebpf, &args.cgroup, &args.bpffs_dir).and_then(|dir| {
+            let cookie = dataplane::sockets::netns_cookie().map_err(|e| e.to_string())?;
+            Ok((dir, cookie))
+        }) {
+            Ok((dir, cookie)) => {
+                config.host_netns_cookie = cookie;
+                info!(cgroup = %dir.display(), "socket-level balancing for this host's connects");
+            }
+            Err(e) => warn!(
+                error = %e,
+                "no socket-level balancing: this host's own connects to published ports are not balanced (--cgroup)"
+            ),
+        }
+    }
+    overlay
+        .set_config(&config)
+        .context("writing the data plane's settings")?;
+    info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
+    Ok((ebpf, lb, overlay))
+}
+
+/// Where DNS listens and how it answers (None: `--no-dns`).
+fn dns_settings(
+    args: &Args,
+    node_subnet: Cidr,
+) -> Result<Option<(Option<SocketAddr>, mesh_agent::dns::DnsConfig)>> {
+    let domain = args.dns_domain.trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty()
+        || domain
+            .split('.')
+            .any(|l| mesh_agent::labels::service_name(l).is_err())
+    {
+        anyhow::bail!("--dns-domain {:?} is not a domain name", args.dns_domain);
+    }
+    if args.no_dns {
+        return Ok(None);
+    }
+    let upstreams = if args.dns_upstream.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        mesh_agent::dns::upstreams_from_resolv_conf(&text, node_subnet.gateway().into())
+    } else {
+        args.dns_upstream.clone()
+    };
+    let clients = if args.dns_allow_any {
+        mesh_agent::dns::Clients::Any
+    } else {
+        let cluster = mesh_agent::dns::Net {
+            base: args.cluster_cidr.base,
+            prefix: args.cluster_cidr.prefix,
+        };
+        mesh_agent::dns::Clients::Only(
+            std::iter::once(cluster)
+                .chain(args.dns_allow.iter().copied())
+                .collect(),
+        )
+    };
+    let cfg = mesh_agent::dns::DnsConfig {
+        domain,
+        vip_ttl: args.dns_vip_ttl,
+        tasks_ttl: args.dns_tasks_ttl,
+        upstreams,
+        clients,
+    };
+    Ok(Some((args.dns_listen, cfg)))
 }
 
 /// Alone: the given subnet or 10.42.0.0/24. In a cluster: start gossip and

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use crate::{dataplane::stats, shared::Shared};
+use crate::{dataplane::stats, dns::DnsStats, gossip::transport::GossipStats, shared::Shared};
 
 pub async fn serve(
     addr: SocketAddr,
@@ -63,9 +63,59 @@ fn open<V: aya::Pod>(dir: &std::path::Path, name: &str) -> Option<PerCpuArray<Ma
     PerCpuArray::try_from(Map::PerCpuArray(data)).ok()
 }
 
+/// The Prometheus text format (0.0.4), the part of it the agent writes:
+/// each family's HELP and TYPE lines, then its samples.
+///
+/// Written here, not with prometheus-client: every series is read at
+/// scrape time from the kernel's maps or the agent's own counters, so the
+/// crate's registry would hold nothing but custom collectors; its encoder
+/// writes OpenMetrics, which renames counters (`_total` on samples only)
+/// and ends with `# EOF`, changing what every scraper and test reads; and
+/// it has no summary for the latency quantiles.
+#[derive(Default)]
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample; label values are escaped as the format asks.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{}{k}=\"{v}\"", if i > 0 { "," } else { "" });
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    fn summary(&mut self, name: &str, help: &str, s: &crate::status::Samples, scale: f64) {
+        let q = s.summary();
+        self.family(name, "summary", help);
+        self.sample(name, &[("quantile", "0.5")], q.p50 * scale);
+        self.sample(name, &[("quantile", "0.99")], q.p99 * scale);
+        self.sample(&format!("{name}_sum"), &[], s.sum * scale);
+        self.sample(&format!("{name}_count"), &[], s.count);
+    }
+}
+
 /// The exposition text.
 pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
-    let mut out = String::new();
+    let mut out = Text::default();
     if let Some(map) = open::<u64>(dir, maps::STATS.name)
         && let Ok(readings) = stats::read(&map)
     {
@@ -73,13 +123,64 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
     }
     let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(map) = open::<ServiceStats>(dir, maps::SERVICE_STATS.name) {
-        out.push_str("# HELP mesh_service_packets_total Packets to and from a service VIP.\n# TYPE mesh_service_packets_total counter\n");
-        let mut bytes = String::new();
-        let mut flows = String::new();
-        for (id, (name, addr)) in &sh.service_names {
-            let Ok(per_cpu) = map.get(id, 0) else {
-                continue;
-            };
+        services(&mut out, &map, &sh);
+    }
+    if let Some(g) = &sh.gossip {
+        gossip(&mut out, g, &sh);
+    }
+    if let Some(sw) = &sh.sweep {
+        conntrack_sweep(&mut out, sw);
+    }
+    if let Some(d) = &sh.dns {
+        dns(&mut out, d);
+    }
+    out.single(
+        "mesh_reconcile_write_errors_total",
+        "counter",
+        "Map writes that failed (each retried by a later pass, with backoff).",
+        sh.write_errors,
+    );
+    out.summary(
+        "mesh_reconcile_duration_seconds",
+        "Time of one reconcile pass.",
+        &sh.reconcile_seconds,
+        1.0,
+    );
+    out.summary(
+        "mesh_docker_event_to_map_seconds",
+        "From a Docker event to its map writes.",
+        &sh.latency,
+        1e-3,
+    );
+    out.0
+}
+
+/// The data-path counters: every counter of the table by name, and the
+/// drop-class ones again as drop reasons.
+fn datapath(out: &mut Text, readings: &[stats::Reading]) {
+    let name = "mesh_datapath_packets_total";
+    out.family(
+        name,
+        "counter",
+        "Packets by the path they took in the data plane.",
+    );
+    for r in readings {
+        out.sample(name, &[("counter", r.counter.name)], r.value);
+    }
+    let name = "mesh_drops_total";
+    out.family(name, "counter", "Packets dropped, by reason.");
+    for r in readings.iter().filter(|r| r.counter.class == Class::Drop) {
+        out.sample(name, &[("reason", r.counter.name)], r.value);
+    }
+}
+
+/// Each service's packets, bytes and new flows, summed over the CPUs.
+fn services(out: &mut Text, map: &PerCpuArray<MapData, ServiceStats>, sh: &Shared) {
+    let totals: Vec<(&str, &str, ServiceStats)> = sh
+        .service_names
+        .iter()
+        .filter_map(|(id, (name, addr))| {
+            let per_cpu = map.get(id, 0).ok()?;
             let s = per_cpu
                 .iter()
                 .fold(ServiceStats::default(), |a, s| ServiceStats {
@@ -87,240 +188,211 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
                     bytes: a.bytes + s.bytes,
                     new_flows: a.new_flows + s.new_flows,
                 });
-            let labels = format!("service=\"{name}\",address=\"{addr}\"");
-            let _ = writeln!(out, "mesh_service_packets_total{{{labels}}} {}", s.packets);
-            let _ = writeln!(bytes, "mesh_service_bytes_total{{{labels}}} {}", s.bytes);
-            let _ = writeln!(
-                flows,
-                "mesh_service_new_flows_total{{{labels}}} {}",
-                s.new_flows
-            );
-        }
-        out.push_str("# TYPE mesh_service_bytes_total counter\n");
-        out.push_str(&bytes);
-        out.push_str("# TYPE mesh_service_new_flows_total counter\n");
-        out.push_str(&flows);
-    }
-    if let Some(g) = &sh.gossip {
-        use std::sync::atomic::Ordering::Relaxed;
-        for (name, help, received, sent) in [
-            (
-                "mesh_gossip_datagrams_total",
-                "Gossip datagrams received and sent.",
-                &g.received,
-                &g.sent,
-            ),
-            (
-                "mesh_gossip_bytes_total",
-                "Gossip bytes received and sent (sealed datagrams).",
-                &g.bytes_received,
-                &g.bytes_sent,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (direction, v) in [("received", received), ("sent", sent)] {
-                let _ = writeln!(
-                    out,
-                    "{name}{{direction=\"{direction}\"}} {}",
-                    v.load(Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP mesh_gossip_split_total Gossip messages sent as two datagrams.\n# TYPE mesh_gossip_split_total counter\n");
-        let _ = writeln!(out, "mesh_gossip_split_total {}", g.split.load(Relaxed));
-        out.push_str("# HELP mesh_gossip_withheld_total Gossip replies to unknown addresses sent without state.\n# TYPE mesh_gossip_withheld_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_gossip_withheld_total {}",
-            g.withheld.load(Relaxed)
-        );
-        out.push_str("# HELP mesh_gossip_referenced_total Gossip messages sent compressed against a message of the peer's.\n# TYPE mesh_gossip_referenced_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_gossip_referenced_total {}",
-            g.referenced.load(Relaxed)
-        );
-        out.push_str("# HELP mesh_gossip_pushed_total Gossip exchanges begun at once because this node learned something new.\n# TYPE mesh_gossip_pushed_total counter\n");
-        let _ = writeln!(out, "mesh_gossip_pushed_total {}", g.pushed.load(Relaxed));
-        out.push_str("# HELP mesh_peers Nodes this node counts as peers (live, or held while they restart).\n# TYPE mesh_peers gauge\n");
-        let _ = writeln!(out, "mesh_peers {}", sh.status.node.peers.len());
-        out.push_str("# HELP mesh_peers_restarting Peers whose agent said it was stopping and is not back: their endpoints are kept meanwhile.\n# TYPE mesh_peers_restarting gauge\n");
-        let _ = writeln!(
-            out,
-            "mesh_peers_restarting {}",
-            sh.status.node.restarting.len()
-        );
-        out.push_str("# HELP mesh_gossip_ignored_total What peers published and this node ignored, by kind.\n# TYPE mesh_gossip_ignored_total counter\n");
-        for kind in ["claim", "endpoint", "identity"] {
-            let _ = writeln!(
-                out,
-                "mesh_gossip_ignored_total{{kind=\"{kind}\"}} {}",
-                sh.gossip_ignored.get(kind).copied().unwrap_or(0)
-            );
-        }
-        out.push_str("# HELP mesh_gossip_dropped_total Gossip datagrams dropped, by reason.\n# TYPE mesh_gossip_dropped_total counter\n");
-        for (reason, v) in [
-            ("garbage", &g.garbage),
-            ("bad_auth", &g.bad_auth),
-            ("undecodable", &g.undecodable),
-            ("oversize", &g.oversize),
-            ("replayed", &g.replayed),
-            ("stale", &g.stale),
-            ("misaddressed", &g.misaddressed),
-            ("unknown_reference", &g.unknown_reference),
-            ("no_nonce", &g.no_nonce),
-        ] {
-            let _ = writeln!(
-                out,
-                "mesh_gossip_dropped_total{{reason=\"{reason}\"}} {}",
-                v.load(Relaxed)
+            Some((name.as_str(), addr.as_str(), s))
+        })
+        .collect();
+    type Field = fn(&ServiceStats) -> u64;
+    let families: [(&str, &str, Field); 3] = [
+        (
+            "mesh_service_packets_total",
+            "Packets to and from a service's VIP (or published port).",
+            |s| s.packets,
+        ),
+        (
+            "mesh_service_bytes_total",
+            "Bytes to and from a service's VIP (or published port).",
+            |s| s.bytes,
+        ),
+        (
+            "mesh_service_new_flows_total",
+            "Flows balanced to a backend of the service.",
+            |s| s.new_flows,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "counter", help);
+        for (service, address, s) in &totals {
+            out.sample(
+                name,
+                &[("service", service), ("address", address)],
+                value(s),
             );
         }
     }
-    if let Some(sw) = &sh.sweep {
-        conntrack_sweep(&mut out, sw);
-    }
-    if let Some(dns) = &sh.dns {
-        out.push_str("# HELP mesh_dns_queries_total DNS queries by type and result.\n# TYPE mesh_dns_queries_total counter\n");
-        for ((qtype, result), n) in dns.queries.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "mesh_dns_queries_total{{type=\"{qtype}\",result=\"{result}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP mesh_dns_tcp_refused_total DNS TCP clients closed at accept: the connection limit was reached.\n# TYPE mesh_dns_tcp_refused_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_dns_tcp_refused_total {}",
-            dns.tcp_refused.load(std::sync::atomic::Ordering::Relaxed)
-        );
-        out.push_str("# HELP mesh_dns_refused_source_total DNS queries and TCP connections dropped: their source may not ask.\n# TYPE mesh_dns_refused_source_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_dns_refused_source_total {}",
-            dns.refused_source
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
-        out.push_str("# HELP mesh_dns_malformed_total DNS packets dropped as malformed.\n# TYPE mesh_dns_malformed_total counter\n");
-        let _ = writeln!(
-            out,
-            "mesh_dns_malformed_total {}",
-            dns.malformed.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP mesh_reconcile_write_errors_total Map writes that failed (each retried by a later pass, with backoff).\n# TYPE mesh_reconcile_write_errors_total counter\n");
-    let _ = writeln!(out, "mesh_reconcile_write_errors_total {}", sh.write_errors);
-    summary(
-        &mut out,
-        "mesh_reconcile_duration_seconds",
-        "Time of one reconcile pass.",
-        &sh.reconcile_seconds,
-        1.0,
-    );
-    summary(
-        &mut out,
-        "mesh_docker_event_to_map_seconds",
-        "From a Docker event to its map writes.",
-        &sh.latency,
-        1e-3,
-    );
-    out
 }
 
-/// The data-path counters: every counter of the table by name, and the
-/// drop-class ones again as drop reasons.
-pub fn datapath(out: &mut String, readings: &[stats::Reading]) {
-    out.push_str(
-        "# HELP mesh_datapath_packets_total Packets by the path they took in the data plane.\n",
-    );
-    out.push_str("# TYPE mesh_datapath_packets_total counter\n");
-    for r in readings {
-        let _ = writeln!(
-            out,
-            "mesh_datapath_packets_total{{counter=\"{}\"}} {}",
-            r.counter.name, r.value
-        );
+/// Gossip's datagrams, drops and peers.
+fn gossip(out: &mut Text, g: &GossipStats, sh: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, help, received, sent) in [
+        (
+            "mesh_gossip_datagrams_total",
+            "Gossip datagrams received and sent.",
+            &g.received,
+            &g.sent,
+        ),
+        (
+            "mesh_gossip_bytes_total",
+            "Gossip bytes received and sent (sealed datagrams).",
+            &g.bytes_received,
+            &g.bytes_sent,
+        ),
+    ] {
+        out.family(name, "counter", help);
+        for (direction, v) in [("received", received), ("sent", sent)] {
+            out.sample(name, &[("direction", direction)], v.load(Relaxed));
+        }
     }
-    out.push_str(
-        "# HELP mesh_drops_total Packets dropped, by reason.\n# TYPE mesh_drops_total counter\n",
-    );
-    for r in readings.iter().filter(|r| r.counter.class == Class::Drop) {
-        let _ = writeln!(
-            out,
-            "mesh_drops_total{{reason=\"{}\"}} {}",
-            r.counter.name, r.value
-        );
+    for (name, help, v) in [
+        (
+            "mesh_gossip_split_total",
+            "Gossip messages sent as two datagrams.",
+            &g.split,
+        ),
+        (
+            "mesh_gossip_withheld_total",
+            "Gossip replies to unknown addresses sent without state.",
+            &g.withheld,
+        ),
+        (
+            "mesh_gossip_referenced_total",
+            "Gossip messages sent compressed against a message of the peer's.",
+            &g.referenced,
+        ),
+        (
+            "mesh_gossip_pushed_total",
+            "Gossip exchanges begun at once because this node learned something new.",
+            &g.pushed,
+        ),
+    ] {
+        out.single(name, "counter", help, v.load(Relaxed));
     }
+    peers(out, sh);
+    let name = "mesh_gossip_ignored_total";
+    out.family(
+        name,
+        "counter",
+        "What peers published and this node ignored, by kind.",
+    );
+    for kind in ["claim", "endpoint", "identity"] {
+        let n = sh.gossip_ignored.get(kind).copied().unwrap_or(0);
+        out.sample(name, &[("kind", kind)], n);
+    }
+    let name = "mesh_gossip_dropped_total";
+    out.family(name, "counter", "Gossip datagrams dropped, by reason.");
+    for (reason, v) in [
+        ("garbage", &g.garbage),
+        ("bad_auth", &g.bad_auth),
+        ("undecodable", &g.undecodable),
+        ("oversize", &g.oversize),
+        ("replayed", &g.replayed),
+        ("stale", &g.stale),
+        ("misaddressed", &g.misaddressed),
+        ("unknown_reference", &g.unknown_reference),
+        ("no_nonce", &g.no_nonce),
+    ] {
+        out.sample(name, &[("reason", reason)], v.load(Relaxed));
+    }
+}
+
+/// The peers, and those held while they restart.
+fn peers(out: &mut Text, sh: &Shared) {
+    out.single(
+        "mesh_peers",
+        "gauge",
+        "Nodes this node counts as peers (live, or held while they restart).",
+        sh.status.node.peers.len(),
+    );
+    out.single(
+        "mesh_peers_restarting",
+        "gauge",
+        "Peers whose agent said it was stopping and is not back: their endpoints are kept meanwhile.",
+        sh.status.node.restarting.len(),
+    );
 }
 
 /// The conntrack sweep's work and the tables' fill.
-pub fn conntrack_sweep(out: &mut String, sw: &crate::conntrack::sweep::SweepStats) {
+fn conntrack_sweep(out: &mut Text, sw: &crate::conntrack::sweep::SweepStats) {
     use std::sync::atomic::Ordering::Relaxed;
 
     use crate::conntrack::FlowState;
-    let mut series = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    series(
-        "mesh_conntrack_entries",
+    let name = "mesh_conntrack_entries";
+    out.family(
+        name,
         "gauge",
         "Conntrack entries at the last sweep (two per flow), by table.",
-        &[
-            ("{table=\"confirmed\"}".into(), sw.entries[0].load(Relaxed)),
-            ("{table=\"new\"}".into(), sw.entries[1].load(Relaxed)),
-        ],
     );
-    let expired: Vec<(String, u64)> = FlowState::ALL
-        .iter()
-        .zip(&sw.expired)
-        .map(|(s, v)| (format!("{{state=\"{}\"}}", s.name()), v.load(Relaxed)))
-        .collect();
-    series(
-        "mesh_conntrack_expired_total",
+    out.sample(name, &[("table", "confirmed")], sw.entries[0].load(Relaxed));
+    out.sample(name, &[("table", "new")], sw.entries[1].load(Relaxed));
+    let name = "mesh_conntrack_expired_total";
+    out.family(
+        name,
         "counter",
         "Flows removed by the sweep after their state's timeout, by state.",
-        &expired,
     );
-    series(
-        "mesh_conntrack_sweep_deleted_total",
+    for (state, v) in FlowState::ALL.iter().zip(&sw.expired) {
+        out.sample(name, &[("state", state.name())], v.load(Relaxed));
+    }
+    for (name, help, v) in [
+        (
+            "mesh_conntrack_sweep_deleted_total",
+            "Conntrack entries the sweep deleted.",
+            &sw.deleted,
+        ),
+        (
+            "mesh_conntrack_sweeps_total",
+            "Conntrack sweeps run.",
+            &sw.runs,
+        ),
+        (
+            "mesh_conntrack_sweep_errors_total",
+            "Conntrack sweeps that failed.",
+            &sw.errors,
+        ),
+    ] {
+        out.single(name, "counter", help, v.load(Relaxed));
+    }
+    out.single(
+        "mesh_conntrack_sweep_seconds",
+        "gauge",
+        "Time of the last sweep.",
+        sw.last_micros.load(Relaxed) as f64 / 1e6,
+    );
+    out.single(
+        "mesh_conntrack_sweep_seconds_total",
         "counter",
-        "Conntrack entries the sweep deleted.",
-        &[(String::new(), sw.deleted.load(Relaxed))],
-    );
-    series(
-        "mesh_conntrack_sweeps_total",
-        "counter",
-        "Conntrack sweeps run.",
-        &[(String::new(), sw.runs.load(Relaxed))],
-    );
-    series(
-        "mesh_conntrack_sweep_errors_total",
-        "counter",
-        "Conntrack sweeps that failed.",
-        &[(String::new(), sw.errors.load(Relaxed))],
-    );
-    let _ = writeln!(
-        out,
-        "# HELP mesh_conntrack_sweep_seconds Time of the last sweep.\n# TYPE mesh_conntrack_sweep_seconds gauge\nmesh_conntrack_sweep_seconds {}",
-        sw.last_micros.load(Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(
-        out,
-        "# HELP mesh_conntrack_sweep_seconds_total Time spent sweeping.\n# TYPE mesh_conntrack_sweep_seconds_total counter\nmesh_conntrack_sweep_seconds_total {}",
-        sw.total_micros.load(Relaxed) as f64 / 1e6
+        "Time spent sweeping.",
+        sw.total_micros.load(Relaxed) as f64 / 1e6,
     );
 }
 
-fn summary(out: &mut String, name: &str, help: &str, s: &crate::status::Samples, scale: f64) {
-    let q = s.summary();
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    let _ = writeln!(out, "{name}{{quantile=\"0.5\"}} {}", q.p50 * scale);
-    let _ = writeln!(out, "{name}{{quantile=\"0.99\"}} {}", q.p99 * scale);
-    let _ = writeln!(out, "{name}_sum {}", s.sum * scale);
-    let _ = writeln!(out, "{name}_count {}", s.count);
+/// The DNS server's queries and refusals.
+fn dns(out: &mut Text, d: &DnsStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "mesh_dns_queries_total";
+    out.family(name, "counter", "DNS queries by type and result.");
+    for ((qtype, result), n) in d.queries.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        out.sample(name, &[("type", qtype), ("result", result)], n);
+    }
+    for (name, help, v) in [
+        (
+            "mesh_dns_tcp_refused_total",
+            "DNS TCP clients closed at accept: the connection limit was reached.",
+            &d.tcp_refused,
+        ),
+        (
+            "mesh_dns_refused_source_total",
+            "DNS queries and TCP connections dropped: their source may not ask.",
+            &d.refused_source,
+        ),
+        (
+            "mesh_dns_malformed_total",
+            "DNS packets dropped as malformed.",
+            &d.malformed,
+        ),
+    ] {
+        out.single(name, "counter", help, v.load(Relaxed));
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +400,13 @@ mod tests {
     use mesh_common::stats::{COUNTERS, Class};
 
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut t = Text::default();
+        t.sample("m", &[("a", "x\"y\\z\nw"), ("b", "c")], 1);
+        assert_eq!(t.0, "m{a=\"x\\\"y\\\\z\\nw\",b=\"c\"} 1\n");
+    }
 
     /// Every drop reason of the counter table is a `mesh_drops_total`
     /// series, and every counter a `mesh_datapath_packets_total` one.
@@ -341,8 +420,9 @@ mod tests {
                 value: 1000 + i as u64,
             })
             .collect();
-        let mut out = String::new();
-        datapath(&mut out, &readings);
+        let mut text = Text::default();
+        datapath(&mut text, &readings);
+        let out = text.0;
         let drops: Vec<_> = COUNTERS.iter().filter(|c| c.class == Class::Drop).collect();
         assert!(drops.len() >= 5, "the table has drop reasons");
         for (i, c) in COUNTERS.iter().enumerate() {

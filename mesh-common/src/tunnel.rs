@@ -97,8 +97,8 @@ pub struct LocalNode {
     /// from it through [`LocalNode::host_ifindex`]; tunnelled packets for
     /// it are handed to the stack there. 0: no host link.
     pub host_ip_be: u32,
-    /// The host link (`mesh-host`, a dummy device the cluster CIDR is
-    /// routed to) and its MAC.
+    /// The host link (`mesh-host`, the veth the cluster CIDR is routed
+    /// to) and its MAC.
     pub host_ifindex: u32,
     pub host_mac: [u8; 6],
     pub _pad3: [u8; 2],

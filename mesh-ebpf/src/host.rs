@@ -1,5 +1,5 @@
 //! The host link (`mesh-host`, TC egress): the host's own way into the
-//! overlay. The agent routes the cluster CIDR to this dummy device with the
+//! overlay. The agent routes the cluster CIDR to this veth with the
 //! `mesh` network's gateway as the preferred source, so a socket of the
 //! host's that a VIP sent to a backend on another node (cgroup `connect4`,
 //! `sendmsg4`) sends from the host's overlay address through here; the

@@ -25,9 +25,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
-/// XDP on the underlay NIC: classifies and counts every frame, and
-/// decapsulates VXLAN for this node's /24 (the routing mesh will hook in
-/// here too). Everything else passes untouched.
+/// XDP on the underlay NIC: classifies and counts every frame,
+/// decapsulates VXLAN for this node's /24 and balances requests to its
+/// published ports (the routing mesh). Everything else passes untouched.
 #[xdp]
 pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
     ctx::finish::<ctx::Xdp>(underlay::run(&ctx))

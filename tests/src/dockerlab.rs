@@ -1,6 +1,6 @@
 //! Docker engines and mesh agents for the agent tests, each in a network
 //! namespace of its own (Debian's dockerd, started here with private data,
-//! exec and socket paths; see ../shared/TOOLCHAIN.md). Images are built
+//! exec and socket paths; `mesh_lab::engine`). Images are built
 //! locally: the static whoami binary, imported FROM scratch.
 //!
 //! Everything started here is stopped and removed on drop.

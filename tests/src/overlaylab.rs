@@ -202,7 +202,7 @@ impl OverlayLab {
 
 impl OverlayLab {
     /// Gives node `i` (0-based) its host link as the agent does
-    /// (`mesh_agent::hostlink`: the dummy device, the cluster CIDR routed
+    /// (`mesh_agent::hostlink`: the veth, the cluster CIDR routed
     /// to it from the node's gateway 10.42.N.1, its TC program) and writes
     /// it into the node's `LocalNode`. Strict reverse-path filtering is on
     /// in the node, so answers must come in through the link.

@@ -4,10 +4,11 @@
 //! image  the release agent image (`docker save` archive)
 //! test   setup, lint, packet benchmark, then every test (the CI command)
 //! bench  the packet, publishing and DNS benchmarks (`bench lb`, `bench cluster`: the others)
-//! lint   rustfmt and clippy
+//! lint   rustfmt, import cycles, clippy
 //! lab    the demo (`lab demo`)
 //! vagrant the same lab and demo on real VMs (`vagrant up|demo|down|test`)
 
+mod cycles;
 mod lab;
 mod setup;
 mod vagrant;
@@ -264,6 +265,9 @@ fn disk_report() {
 
 fn lint() -> Result<()> {
     cmd::cargo(&["fmt", "--all", "--", "--check"])?;
+    for krate in ["mesh-common", "mesh-core", "mesh-ebpf", "mesh-agent"] {
+        cycles::check(&cmd::root().join(krate).join("src"))?;
+    }
     // Default members only: mesh-ebpf cannot build for the host target.
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
 }

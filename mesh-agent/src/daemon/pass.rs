@@ -381,7 +381,10 @@ impl Daemon {
             }
         } else {
             let e = failed.join("; ");
-            error!(error = %e, "reconcile failed; retrying in 1 s");
+            let retry_in = self
+                .retry_at
+                .saturating_duration_since(tokio::time::Instant::now());
+            error!(error = %e, ?retry_in, "reconcile failed; retrying");
             r.last_error = Some(e);
         }
         for s in &st.skipped {

@@ -73,10 +73,49 @@ struct Member<'a> {
     local: Option<(u32, [u8; 6], String)>,
 }
 
+/// Everything this node should have, from `i`.
 pub fn compute(i: &Inputs) -> State {
     let mut st = State::default();
+    let (mut members, waiting) = local_members(i, &mut st);
+    for p in i.peers.values() {
+        members.extend(p.endpoints.iter().map(|ep| Member {
+            ep: std::borrow::Cow::Borrowed(ep),
+            local: None,
+        }));
+    }
+    let ages = service_ages(&members, &waiting);
+    st.vips = vip::assign(i.vip_cidr, &ages, i.vips);
+    let mut rows = Rows::default();
+    for m in &members {
+        add_member(i, &mut st, &mut rows, m);
+    }
+    for (name, n) in waiting {
+        let vip = st.vips.get(&name).copied();
+        st.zone.entry(name.clone()).or_default().vip = vip;
+        rows.row(&name, vip).waiting += n;
+    }
+    for z in st.zone.values_mut() {
+        z.tasks.sort();
+        z.ports.sort();
+    }
+    let (published, conflicts) = published(&members, &ages, &st.vips);
+    for (&(port, proto), (name, addr)) in &published {
+        if let Some(row) = rows.rows.get_mut(name) {
+            row.published
+                .push(format!("{port}/{proto} -> {}", addr.port));
+        }
+    }
+    st.published = published.into_iter().map(|(k, (_, a))| (k, a)).collect();
+    st.publish_conflicts = conflicts;
+    st.services = rows.finish();
+    st
+}
+
+/// This node's containers: each gets its local endpoint (and veth), and
+/// the backends among them become members. Also, per service, how many
+/// containers wait for their health check.
+fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<String, usize>) {
     let mut members = Vec::new();
-    // Services with containers that are not backends yet (health).
     let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
     for c in i.containers.values() {
         let Some((ip, mac)) = c.mesh else { continue };
@@ -135,17 +174,15 @@ pub fn compute(i: &Inputs) -> State {
             local: Some((ifindex, mac, c.name.clone())),
         });
     }
-    for p in i.peers.values() {
-        members.extend(p.endpoints.iter().map(|ep| Member {
-            ep: std::borrow::Cow::Borrowed(ep),
-            local: None,
-        }));
-    }
+    (members, waiting)
+}
 
-    // VIPs: services claim in order of age (their oldest container
-    // anywhere); assigned ones stay.
+/// Each service's age: its oldest container anywhere (services claim VIPs
+/// and published ports in this order); one whose containers all wait for
+/// their health check comes last.
+fn service_ages(members: &[Member], waiting: &BTreeMap<String, usize>) -> BTreeMap<String, String> {
     let mut ages: BTreeMap<String, String> = BTreeMap::new();
-    for m in &members {
+    for m in members {
         match ages.get_mut(&m.ep.service) {
             Some(age) if m.ep.created < *age => age.clone_from(&m.ep.created),
             Some(_) => {}
@@ -157,105 +194,87 @@ pub fn compute(i: &Inputs) -> State {
     for name in waiting.keys() {
         ages.entry(name.clone()).or_insert_with(|| "9999".into());
     }
-    st.vips = vip::assign(i.vip_cidr, &ages, i.vips);
+    ages
+}
 
-    let mut rows: BTreeMap<String, ServiceStatus> = BTreeMap::new();
-    // Each row's ports as (VIP port, protocol, container port), in the
-    // order first seen; formatted once at the end.
-    let mut row_ports: BTreeMap<&str, Vec<(u16, Proto, u16)>> = BTreeMap::new();
-    for m in &members {
-        let e = &m.ep;
-        let Some(vip) = st.vips.get(&e.service).copied() else {
-            if let Some((_, _, name)) = &m.local {
-                st.skipped.push(Skipped {
-                    container: name.clone(),
-                    error: format!("no free VIP in {}", i.vip_cidr),
-                });
-            }
-            continue;
-        };
-        if !rows.contains_key(&e.service) {
-            rows.insert(
-                e.service.clone(),
-                ServiceStatus {
-                    name: e.service.clone(),
-                    vip: vip.to_string(),
-                    ..ServiceStatus::default()
-                },
-            );
-            st.zone.insert(e.service.clone(), Default::default());
-        }
-        let (Some(row), Some(zone)) = (rows.get_mut(&e.service), st.zone.get_mut(&e.service))
-        else {
-            continue;
-        };
-        zone.vip = Some(vip);
-        let ports = row_ports.entry(&e.service).or_default();
-        if e.state == backend_state::ACTIVE {
-            row.active += 1;
-            zone.tasks.push(e.ip);
-        } else {
-            row.draining += 1;
-        }
-        let (ifindex, mac) = m.local.as_ref().map_or((0, [0; 6]), |(i, m, _)| (*i, *m));
-        for &(vip_port, container_port, proto) in &e.ports {
-            if !zone.ports.contains(&(vip_port, proto)) {
-                zone.ports.push((vip_port, proto));
-            }
-            if !ports.contains(&(vip_port, proto, container_port)) {
-                ports.push((vip_port, proto, container_port));
-            }
-            let addr = SvcAddr {
-                vip,
-                port: vip_port,
-                proto: proto.number(),
-            };
-            st.lb.entry(addr).or_default().insert(
-                (e.ip, container_port),
-                DesiredBackend {
-                    state: e.state,
-                    ifindex,
-                    mac,
-                },
-            );
-        }
-    }
-    for (name, n) in waiting {
-        let vip = st.vips.get(&name).copied();
-        st.zone.entry(name.clone()).or_default().vip = vip;
-        rows.entry(name.clone())
+/// The status rows being built: each service's row, and its ports as
+/// (VIP port, protocol, container port) in the order first seen.
+#[derive(Default)]
+struct Rows {
+    rows: BTreeMap<String, ServiceStatus>,
+    ports: BTreeMap<String, Vec<(u16, Proto, u16)>>,
+}
+
+impl Rows {
+    fn row(&mut self, name: &str, vip: Option<Ipv4Addr>) -> &mut ServiceStatus {
+        self.rows
+            .entry(name.to_string())
             .or_insert_with(|| ServiceStatus {
-                name,
+                name: name.to_string(),
                 vip: vip.map(|v| v.to_string()).unwrap_or_default(),
                 ..ServiceStatus::default()
             })
-            .waiting += n;
     }
-    for (name, ports) in row_ports {
-        if let Some(row) = rows.get_mut(name) {
-            row.ports = ports
-                .into_iter()
-                .map(|(vip_port, proto, container_port)| {
-                    format!("{vip_port}/{proto} -> {container_port}")
-                })
-                .collect();
+
+    fn finish(mut self) -> Vec<ServiceStatus> {
+        for (name, ports) in self.ports {
+            if let Some(row) = self.rows.get_mut(&name) {
+                row.ports = ports
+                    .into_iter()
+                    .map(|(vip_port, proto, container_port)| {
+                        format!("{vip_port}/{proto} -> {container_port}")
+                    })
+                    .collect();
+            }
         }
+        self.rows.into_values().collect()
     }
-    for z in st.zone.values_mut() {
-        z.tasks.sort();
-        z.ports.sort();
-    }
-    let (published, conflicts) = published(&members, &ages, &st.vips);
-    for (&(port, proto), (name, addr)) in &published {
-        if let Some(row) = rows.get_mut(name) {
-            row.published
-                .push(format!("{port}/{proto} -> {}", addr.port));
+}
+
+/// One backend into the load-balancing maps, the zone and its row.
+fn add_member(i: &Inputs, st: &mut State, rows: &mut Rows, m: &Member) {
+    let e = &m.ep;
+    let Some(vip) = st.vips.get(&e.service).copied() else {
+        if let Some((_, _, name)) = &m.local {
+            st.skipped.push(Skipped {
+                container: name.clone(),
+                error: format!("no free VIP in {}", i.vip_cidr),
+            });
         }
+        return;
+    };
+    let row = rows.row(&e.service, Some(vip));
+    let zone = st.zone.entry(e.service.clone()).or_default();
+    zone.vip = Some(vip);
+    if e.state == backend_state::ACTIVE {
+        row.active += 1;
+        zone.tasks.push(e.ip);
+    } else {
+        row.draining += 1;
     }
-    st.published = published.into_iter().map(|(k, (_, a))| (k, a)).collect();
-    st.publish_conflicts = conflicts;
-    st.services = rows.into_values().collect();
-    st
+    let ports = rows.ports.entry(e.service.clone()).or_default();
+    let (ifindex, mac) = m.local.as_ref().map_or((0, [0; 6]), |(i, m, _)| (*i, *m));
+    for &(vip_port, container_port, proto) in &e.ports {
+        if !zone.ports.contains(&(vip_port, proto)) {
+            zone.ports.push((vip_port, proto));
+        }
+        if !ports.contains(&(vip_port, proto, container_port)) {
+            ports.push((vip_port, proto, container_port));
+        }
+        let addr = SvcAddr {
+            vip,
+            port: vip_port,
+            proto: proto.number(),
+        };
+        st.lb.entry(addr).or_default().insert(
+            (e.ip, container_port),
+            DesiredBackend {
+                state: e.state,
+                ifindex,
+                mac,
+            },
+        );
+    }
 }
 
 /// A published port: (port, protocol).

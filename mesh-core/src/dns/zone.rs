@@ -22,9 +22,17 @@ use tracing::{debug, warn};
 use crate::labels::Proto;
 
 use super::{
-    DnsConfig, DnsStats, Zone,
+    DnsConfig, DnsStats, Zone, ZoneService,
     forward::{forward_tcp, forward_udp},
 };
+
+/// A lookup's response code, answers and additional records.
+type Answer = (ResponseCode, Vec<Record>, Vec<Record>);
+
+/// An A record.
+fn a(ip: Ipv4Addr, ttl: u32, name: &Name) -> Record {
+    Record::from_rdata(name.clone(), ttl, RData::A(A(ip)))
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Target {
@@ -241,105 +249,93 @@ impl Handler {
     }
 
     /// (rcode, answers, additionals) for a name in the mesh namespace.
-    fn lookup(
-        &self,
-        target: &Target,
-        qname: &Name,
-        qtype: RecordType,
-    ) -> (ResponseCode, Vec<Record>, Vec<Record>) {
+    fn lookup(&self, target: &Target, qname: &Name, qtype: RecordType) -> Answer {
         let zone = self.zone.read().unwrap_or_else(|p| p.into_inner());
-        let a = |ip: Ipv4Addr, ttl: u32, name: &Name| {
-            Record::from_rdata(name.clone(), ttl, RData::A(A(ip)))
-        };
         let wants_a = matches!(qtype, RecordType::A | RecordType::ANY);
-        match target {
-            Target::Service(svc) => match zone.get(svc) {
-                Some(s) => {
-                    let answers = match (wants_a, s.vip) {
-                        (true, Some(vip)) => vec![a(vip, self.cfg.vip_ttl, qname)],
-                        _ => Vec::new(),
-                    };
-                    (ResponseCode::NoError, answers, Vec::new())
-                }
-                None => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
-            },
-            Target::Tasks(svc) => match zone.get(svc) {
-                Some(s) => {
-                    let answers = if wants_a {
-                        s.tasks
-                            .iter()
-                            .map(|ip| a(*ip, self.cfg.tasks_ttl, qname))
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    (ResponseCode::NoError, answers, Vec::new())
-                }
-                None => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
-            },
-            Target::Srv(svc, proto) => match zone.get(svc) {
-                Some(s) => {
-                    let target = self.fqdn(svc);
-                    let answers: Vec<Record> = if matches!(qtype, RecordType::SRV | RecordType::ANY)
-                    {
-                        s.ports
-                            .iter()
-                            .filter(|(_, p)| p == proto)
-                            .map(|(port, _)| {
-                                Record::from_rdata(
-                                    qname.clone(),
-                                    self.cfg.vip_ttl,
-                                    RData::SRV(SRV::new(0, 0, *port, target.clone())),
-                                )
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let extra = match (answers.is_empty(), s.vip) {
-                        (false, Some(vip)) => vec![a(vip, self.cfg.vip_ttl, &target)],
-                        _ => Vec::new(),
-                    };
-                    (ResponseCode::NoError, answers, extra)
-                }
-                None => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
-            },
-            Target::Apex => {
-                let answers = match qtype {
+        let found = |svc: &String| zone.get(svc).ok_or(ResponseCode::NXDomain);
+        let answer = match target {
+            Target::Service(svc) => found(svc).map(|s| match (wants_a, s.vip) {
+                (true, Some(vip)) => (vec![a(vip, self.cfg.vip_ttl, qname)], Vec::new()),
+                _ => (Vec::new(), Vec::new()),
+            }),
+            Target::Tasks(svc) => found(svc).map(|s| {
+                let tasks = s.tasks.iter().map(|ip| a(*ip, self.cfg.tasks_ttl, qname));
+                (
+                    if wants_a { tasks.collect() } else { Vec::new() },
+                    Vec::new(),
+                )
+            }),
+            Target::Srv(svc, proto) => found(svc).map(|s| self.srv(svc, s, *proto, qname, qtype)),
+            Target::Apex => Ok((
+                match qtype {
                     RecordType::SOA => vec![self.soa()],
                     RecordType::NS => vec![self.ns()],
                     RecordType::ANY => vec![self.soa(), self.ns()],
                     _ => Vec::new(),
-                };
-                (ResponseCode::NoError, answers, Vec::new())
+                },
+                Vec::new(),
+            )),
+            Target::Reverse(ip) if matches!(qtype, RecordType::PTR | RecordType::ANY) => {
+                Ok((self.ptr(&zone, *ip, qname), Vec::new()))
             }
-            Target::Reverse(ip) => {
-                let answers = if matches!(qtype, RecordType::PTR | RecordType::ANY) {
-                    zone.iter()
-                        .filter_map(|(name, s)| {
-                            if s.vip == Some(*ip) {
-                                Some(self.fqdn(name))
-                            } else if s.tasks.contains(ip) {
-                                Some(self.fqdn(&format!("tasks.{name}")))
-                            } else {
-                                None
-                            }
-                        })
-                        .map(|target| {
-                            Record::from_rdata(
-                                qname.clone(),
-                                self.cfg.tasks_ttl,
-                                RData::PTR(PTR(target)),
-                            )
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                (ResponseCode::NoError, answers, Vec::new())
-            }
-            Target::Unknown | Target::Forward => (ResponseCode::NXDomain, Vec::new(), Vec::new()),
+            Target::Reverse(_) => Ok((Vec::new(), Vec::new())),
+            Target::Unknown | Target::Forward => Err(ResponseCode::NXDomain),
+        };
+        match answer {
+            Ok((answers, extra)) => (ResponseCode::NoError, answers, extra),
+            Err(code) => (code, Vec::new(), Vec::new()),
         }
+    }
+
+    /// SRV records for `svc`'s ports of `proto`, and its VIP as the
+    /// additional record for their target.
+    fn srv(
+        &self,
+        svc: &str,
+        s: &ZoneService,
+        proto: Proto,
+        qname: &Name,
+        qtype: RecordType,
+    ) -> (Vec<Record>, Vec<Record>) {
+        let target = self.fqdn(svc);
+        if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
+            return (Vec::new(), Vec::new());
+        }
+        let answers: Vec<Record> = s
+            .ports
+            .iter()
+            .filter(|(_, p)| *p == proto)
+            .map(|(port, _)| {
+                Record::from_rdata(
+                    qname.clone(),
+                    self.cfg.vip_ttl,
+                    RData::SRV(SRV::new(0, 0, *port, target.clone())),
+                )
+            })
+            .collect();
+        let extra = match (answers.is_empty(), s.vip) {
+            (false, Some(vip)) => vec![a(vip, self.cfg.vip_ttl, &target)],
+            _ => Vec::new(),
+        };
+        (answers, extra)
+    }
+
+    /// PTR records for `ip`: the service whose VIP it is, or whose task.
+    fn ptr(&self, zone: &Zone, ip: Ipv4Addr, qname: &Name) -> Vec<Record> {
+        zone.iter()
+            .filter_map(|(name, s)| {
+                if s.vip == Some(ip) {
+                    Some(self.fqdn(name))
+                } else if s.tasks.contains(&ip) {
+                    Some(self.fqdn(&format!("tasks.{name}")))
+                } else {
+                    None
+                }
+            })
+            .map(|target| {
+                Record::from_rdata(qname.clone(), self.cfg.tasks_ttl, RData::PTR(PTR(target)))
+            })
+            .collect()
     }
 
     /// Whether `ip` is a VIP or a task of the zone (its reverse name is

@@ -217,28 +217,8 @@ pub trait LbWriter {
 /// name it until the pass completes).
 pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
     let mut p = Plan::default();
-    let mut used_svc: BTreeSet<u32> = actual.services.values().copied().collect();
-    used_svc.extend(
-        actual
-            .rings
-            .iter()
-            .filter(|(_, r)| r.slots > 0)
-            .map(|(id, _)| *id),
-    );
-    let mut used_be: BTreeSet<u32> = actual.backends.keys().copied().collect();
-    let mut next_svc = Allocator::default();
-    let mut next_be = Allocator::default();
-
-    // Backends by owner, as written.
-    let mut owned: BTreeMap<u32, BTreeMap<(Ipv4Addr, u16), u32>> = BTreeMap::new();
-    for (id, b) in &actual.backends {
-        let ident = (
-            Ipv4Addr::from(u32::from_be(b.ip_be)),
-            u16::from_be(b.port_be),
-        );
-        owned.entry(b.service_id).or_default().insert(ident, *id);
-    }
-
+    let mut ids = Ids::of(actual);
+    let mut owned = owned_backends(actual);
     for (addr, sid) in &actual.services {
         if !desired.contains_key(addr) {
             p.remove_services.push(*addr);
@@ -249,61 +229,133 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
                 .extend(owned.get(sid).into_iter().flat_map(|m| m.values().copied()));
         }
     }
-
     for (addr, backends) in desired {
         let sid = match actual.services.get(addr) {
             Some(id) => *id,
-            None => next_svc.take(&mut used_svc),
+            None => ids.service(),
         };
-        let mut existing = owned.remove(&sid).unwrap_or_default();
-        let mut members = Vec::new();
-        for (&(ip, port), want) in backends {
-            let id = existing
-                .remove(&(ip, port))
-                .unwrap_or_else(|| next_be.take(&mut used_be));
-            let b = Backend {
-                ip_be: u32::from(ip).to_be(),
-                port_be: port.to_be(),
-                state: want.state,
-                ifindex: want.ifindex,
-                mac: want.mac,
-                service_id: sid,
-                ..Backend::default()
-            };
-            if actual.backends.get(&id) != Some(&b) {
-                p.set_backends.push((id, b));
-            }
-            if want.state == backend_state::ACTIVE {
-                members.push((id, Identity { ip, port }));
-            }
-        }
-        let ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
-        let unchanged = actual.ring_members.get(&sid) == Some(&ids)
-            && actual.rings.contains_key(&sid) != ids.is_empty();
-        if !unchanged {
-            let ring = maglev::build_ids(&members);
-            let built = Built {
-                sid,
-                members: ids,
-                slots: ring.len(),
-                fingerprint: fingerprint(&ring),
-            };
-            let in_place = actual.rings.get(&sid).map_or(ring.is_empty(), |r| {
-                r.slots == built.slots && r.fingerprint == built.fingerprint
-            });
-            if !in_place {
-                p.set_rings.push((sid, ring));
-            }
-            p.built_from.push(built);
-        }
+        let existing = owned.remove(&sid).unwrap_or_default();
+        plan_service(&mut p, &mut ids, actual, sid, backends, existing);
         if !actual.services.contains_key(addr) {
             p.add_services.push((*addr, sid));
         }
-        // What is left of this service's backends is gone.
-        p.clear_backends.extend(existing.into_values());
     }
-    // Left over with no service at all (found when adopting pinned maps
-    // after a crash between writes): rings and backends of unowned ids.
+    plan_orphans(&mut p, actual, owned);
+    p.clear_backends.sort_unstable();
+    p.clear_backends.dedup();
+    p
+}
+
+/// Ids in use and the allocators that hand out free ones.
+struct Ids {
+    used_svc: BTreeSet<u32>,
+    used_be: BTreeSet<u32>,
+    next_svc: Allocator,
+    next_be: Allocator,
+}
+
+impl Ids {
+    /// What `actual` uses: its services, rings and backends.
+    fn of(actual: &Actual) -> Self {
+        let mut used_svc: BTreeSet<u32> = actual.services.values().copied().collect();
+        used_svc.extend(
+            actual
+                .rings
+                .iter()
+                .filter(|(_, r)| r.slots > 0)
+                .map(|(id, _)| *id),
+        );
+        Ids {
+            used_svc,
+            used_be: actual.backends.keys().copied().collect(),
+            next_svc: Allocator::default(),
+            next_be: Allocator::default(),
+        }
+    }
+
+    fn service(&mut self) -> u32 {
+        self.next_svc.take(&mut self.used_svc)
+    }
+
+    fn backend(&mut self) -> u32 {
+        self.next_be.take(&mut self.used_be)
+    }
+}
+
+/// Backends as written, by owning service: (address, port) -> id.
+fn owned_backends(actual: &Actual) -> BTreeMap<u32, BTreeMap<(Ipv4Addr, u16), u32>> {
+    let mut owned: BTreeMap<u32, BTreeMap<(Ipv4Addr, u16), u32>> = BTreeMap::new();
+    for (id, b) in &actual.backends {
+        let ident = (
+            Ipv4Addr::from(u32::from_be(b.ip_be)),
+            u16::from_be(b.port_be),
+        );
+        owned.entry(b.service_id).or_default().insert(ident, *id);
+    }
+    owned
+}
+
+/// One desired service `sid`: its backends (keeping the ids of `existing`
+/// ones; what is left of `existing` is cleared) and its ring, rebuilt only
+/// when its active members changed.
+fn plan_service(
+    p: &mut Plan,
+    ids: &mut Ids,
+    actual: &Actual,
+    sid: u32,
+    backends: &BTreeMap<(Ipv4Addr, u16), DesiredBackend>,
+    mut existing: BTreeMap<(Ipv4Addr, u16), u32>,
+) {
+    let mut members = Vec::new();
+    for (&(ip, port), want) in backends {
+        let id = existing
+            .remove(&(ip, port))
+            .unwrap_or_else(|| ids.backend());
+        let b = Backend {
+            ip_be: u32::from(ip).to_be(),
+            port_be: port.to_be(),
+            state: want.state,
+            ifindex: want.ifindex,
+            mac: want.mac,
+            service_id: sid,
+            ..Backend::default()
+        };
+        if actual.backends.get(&id) != Some(&b) {
+            p.set_backends.push((id, b));
+        }
+        if want.state == backend_state::ACTIVE {
+            members.push((id, Identity { ip, port }));
+        }
+    }
+    let member_ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
+    let unchanged = actual.ring_members.get(&sid) == Some(&member_ids)
+        && actual.rings.contains_key(&sid) != member_ids.is_empty();
+    if !unchanged {
+        let ring = maglev::build_ids(&members);
+        let built = Built {
+            sid,
+            members: member_ids,
+            slots: ring.len(),
+            fingerprint: fingerprint(&ring),
+        };
+        let in_place = actual.rings.get(&sid).map_or(ring.is_empty(), |r| {
+            r.slots == built.slots && r.fingerprint == built.fingerprint
+        });
+        if !in_place {
+            p.set_rings.push((sid, ring));
+        }
+        p.built_from.push(built);
+    }
+    p.clear_backends.extend(existing.into_values());
+}
+
+/// Rings and backends of ids no service owns (found when adopting pinned
+/// maps after a crash between writes).
+fn plan_orphans(
+    p: &mut Plan,
+    actual: &Actual,
+    owned: BTreeMap<u32, BTreeMap<(Ipv4Addr, u16), u32>>,
+) {
     let owners: BTreeSet<u32> = actual
         .services
         .values()
@@ -320,9 +372,6 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
             p.clear_backends.extend(rest.into_values());
         }
     }
-    p.clear_backends.sort_unstable();
-    p.clear_backends.dedup();
-    p
 }
 
 #[derive(Default)]
@@ -356,6 +405,15 @@ pub struct ApplyError {
 #[derive(Debug, Default)]
 pub struct Failed(pub Vec<ApplyError>);
 
+impl Failed {
+    fn push<E: std::error::Error + Send + Sync + 'static>(&mut self, what: String, e: E) {
+        self.0.push(ApplyError {
+            what,
+            source: Box::new(e),
+        });
+    }
+}
+
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let all: Vec<String> = self.0.iter().map(|e| e.to_string()).collect();
@@ -373,16 +431,12 @@ impl std::error::Error for Failed {}
 /// by the next pass (retried).
 pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result<(), Failed> {
     let mut failed = Failed::default();
-    let err = |what: String, e: W::Error| ApplyError {
-        what,
-        source: Box::new(e),
-    };
     for addr in &plan.remove_services {
         match w.remove_service(&addr.key()) {
             Ok(()) => {
                 actual.services.remove(addr);
             }
-            Err(e) => failed.0.push(err(format!("removing service {addr:?}"), e)),
+            Err(e) => failed.push(format!("removing service {addr:?}"), e),
         }
     }
     let mut missing_backends = BTreeSet::new();
@@ -393,12 +447,59 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
             }
             Err(e) => {
                 missing_backends.insert(*id);
-                failed.0.push(err(format!("writing backend {id}"), e));
+                failed.push(format!("writing backend {id}"), e);
             }
         }
     }
-    // Rings whose backends are all there; the others wait for them. (A
-    // ring is 65,521 slots at most: copied only when some must wait.)
+    let missing_rings = apply_rings(plan, w, actual, &missing_backends, &mut failed);
+    for (addr, sid) in &plan.add_services {
+        if missing_rings.contains(sid) {
+            continue;
+        }
+        match w.set_service(&addr.key(), &Service { id: *sid, flags: 0 }) {
+            Ok(()) => {
+                actual.services.insert(*addr, *sid);
+            }
+            Err(e) => failed.push(format!("adding service {addr:?}"), e),
+        }
+    }
+    // A backend is cleared only once no ring names it: rings that failed
+    // may still name it.
+    let still_named: BTreeSet<u32> = actual
+        .rings
+        .values()
+        .flat_map(|r| r.names.iter().copied())
+        .collect();
+    for id in &plan.clear_backends {
+        if still_named.contains(id) {
+            continue;
+        }
+        match w.clear_backend(*id) {
+            Ok(()) => {
+                actual.backends.remove(id);
+            }
+            Err(e) => failed.push(format!("clearing backend {id}"), e),
+        }
+    }
+    if failed.0.is_empty() {
+        Ok(())
+    } else {
+        Err(failed)
+    }
+}
+
+/// Writes the plan's rings whose backends are all there (the others wait
+/// for them): in one batch, or one by one to find the bad ones when the
+/// batch fails. Records what each ring in place holds and was built from;
+/// returns the services whose ring is not in place.
+fn apply_rings<W: LbWriter>(
+    plan: &Plan,
+    w: &mut W,
+    actual: &mut Actual,
+    missing_backends: &BTreeSet<u32>,
+    failed: &mut Failed,
+) -> BTreeSet<u32> {
+    // A ring is 65,521 slots at most: copied only when some must wait.
     let (ready, waiting): (std::borrow::Cow<'_, [Ring]>, Vec<_>) = if missing_backends.is_empty() {
         (std::borrow::Cow::Borrowed(&plan.set_rings), Vec::new())
     } else {
@@ -411,27 +512,23 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
     };
     let mut missing_rings: BTreeSet<u32> = waiting.iter().map(|(sid, _)| *sid).collect();
     let mut written: Vec<&Ring> = Vec::new();
+    let ring_failed = |failed: &mut Failed, sid: u32, e: W::Error| {
+        failed.push(format!("writing the Maglev ring of service {sid}"), e);
+    };
     if !ready.is_empty() {
         match w.set_rings(&ready) {
             Ok(()) => written = ready.iter().collect(),
             Err(e) if ready.len() == 1 => {
                 missing_rings.insert(ready[0].0);
-                failed.0.push(err(
-                    format!("writing the Maglev ring of service {}", ready[0].0),
-                    e,
-                ));
+                ring_failed(failed, ready[0].0, e);
             }
             Err(_) => {
-                // Find the bad ones: each ring on its own.
                 for r in ready.iter() {
                     match w.set_rings(std::slice::from_ref(r)) {
                         Ok(()) => written.push(r),
                         Err(e) => {
                             missing_rings.insert(r.0);
-                            failed.0.push(err(
-                                format!("writing the Maglev ring of service {}", r.0),
-                                e,
-                            ));
+                            ring_failed(failed, r.0, e);
                         }
                     }
                 }
@@ -460,38 +557,5 @@ pub fn apply<W: LbWriter>(plan: &Plan, w: &mut W, actual: &mut Actual) -> Result
     actual
         .ring_members
         .retain(|sid, _| actual.rings.contains_key(sid) || built.contains_key(sid));
-    for (addr, sid) in &plan.add_services {
-        if missing_rings.contains(sid) {
-            continue;
-        }
-        match w.set_service(&addr.key(), &Service { id: *sid, flags: 0 }) {
-            Ok(()) => {
-                actual.services.insert(*addr, *sid);
-            }
-            Err(e) => failed.0.push(err(format!("adding service {addr:?}"), e)),
-        }
-    }
-    // A backend is cleared only once no ring names it: rings that failed
-    // may still name it.
-    let still_named: BTreeSet<u32> = actual
-        .rings
-        .values()
-        .flat_map(|r| r.names.iter().copied())
-        .collect();
-    for id in &plan.clear_backends {
-        if still_named.contains(id) {
-            continue;
-        }
-        match w.clear_backend(*id) {
-            Ok(()) => {
-                actual.backends.remove(id);
-            }
-            Err(e) => failed.0.push(err(format!("clearing backend {id}"), e)),
-        }
-    }
-    if failed.0.is_empty() {
-        Ok(())
-    } else {
-        Err(failed)
-    }
+    missing_rings
 }

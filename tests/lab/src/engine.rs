@@ -1,6 +1,6 @@
 //! A Docker engine in a network namespace of its own: Debian's dockerd with
-//! private data, exec and socket paths (several run side by side; see
-//! ../shared/TOOLCHAIN.md). It is started with `nsenter --net`, not `ip
+//! private data, exec and socket paths (several run side by side, each
+//! with its own `--bip` and `--cgroup-parent`). It is started with `nsenter --net`, not `ip
 //! netns exec`, which remounts /sys and hides the cgroup mounts dockerd
 //! needs.
 
