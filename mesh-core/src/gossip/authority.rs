@@ -130,19 +130,10 @@ pub fn vet(mut peers: BTreeMap<String, Peer>, cluster: Cidr, mine: Option<&Claim
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::labels::Proto;
-
-    fn cidr() -> Cidr {
-        "10.42.0.0/16".parse().expect("cidr")
-    }
-
-    fn claim(node: &str, index: u32, since_ms: u64) -> Claim {
-        Claim {
-            node: node.into(),
-            index,
-            since_ms,
-        }
-    }
+    use crate::{
+        gossip::subnet::tests::{cidr, claim},
+        labels::Proto,
+    };
 
     fn ep(ip: &str) -> Endpoint {
         Endpoint {

@@ -95,14 +95,14 @@ pub fn decode(node: &str, v: &str) -> Option<Claim> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cidr() -> Cidr {
+    pub(crate) fn cidr() -> Cidr {
         "10.42.0.0/16".parse().expect("cidr")
     }
 
-    fn claim(node: &str, index: u32, since_ms: u64) -> Claim {
+    pub(crate) fn claim(node: &str, index: u32, since_ms: u64) -> Claim {
         Claim {
             node: node.into(),
             index,
