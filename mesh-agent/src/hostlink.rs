@@ -13,10 +13,26 @@
 //! through the same device. This node's /24 keeps its own, more specific
 //! route on the `mesh` bridge.
 //!
-//! Set up over rtnetlink (the agent's image has no `ip`), idempotently: a
-//! restarted agent finds the device and route in place and leaves them.
+//! Set up over rtnetlink (the agent's image has no `ip`) with rust-netlink's
+//! message and socket crates, idempotently: a restarted agent finds the
+//! device and route in place and leaves them.
 
-use std::{io, net::Ipv4Addr};
+use std::{io, net::Ipv4Addr, os::fd::AsRawFd};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use crate::vip::Cidr;
 
@@ -68,7 +84,7 @@ pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, Ho
     }
     // Up only once both ends exist (a veth cannot open without its peer).
     for (name, mac) in [NAME, PEER].into_iter().zip(macs) {
-        nl.request(&set_link(name, mtu, true, mac))
+        nl.request(&set_link(name, mtu, mac))
             .map_err(netlink("setting up the host link"))?;
     }
     let ifindex = crate::iface::index(NAME).map_err(|e| HostLinkError::Netlink {
@@ -83,108 +99,16 @@ pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, Ho
     // refused the packet as not the host's, and the connect timed out.)
     for stale in crate::iface::ipv4_of(NAME) {
         if stale != gateway {
-            nl.request(&address(libc::RTM_DELADDR, ifindex, stale))
+            nl.request(&address(false, ifindex, stale))
                 .map_err(netlink("removing an old address of the host link"))?;
         }
     }
-    nl.request(&address(libc::RTM_NEWADDR, ifindex, gateway))
+    nl.request(&address(true, ifindex, gateway))
         .map_err(netlink("giving the host link the gateway address"))?;
     nl.request(&route(cluster, ifindex, gateway))
         .map_err(netlink("routing the cluster CIDR to the host link"))?;
     let mac = crate::iface::mac(NAME).ok_or(HostLinkError::NoMac)?;
     Ok(HostLink { ifindex, mac })
-}
-
-// rtnetlink constants (linux/rtnetlink.h, linux/if_link.h); libc has the
-// message types and flags but not every attribute.
-const IFLA_ADDRESS: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MTU: u16 = 4;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_INFO_DATA: u16 = 2;
-const VETH_INFO_PEER: u16 = 1;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_PREFSRC: u16 = 7;
-const NLA_F_NESTED: u16 = 1 << 15;
-const RT_TABLE_MAIN: u8 = 254;
-const RTPROT_STATIC: u8 = 4;
-const RT_SCOPE_LINK: u8 = 253;
-const RTN_UNICAST: u8 = 1;
-
-/// One netlink request being built: header, fixed part, attributes.
-struct Msg {
-    buf: Vec<u8>,
-}
-
-impl Msg {
-    fn new(kind: u16, flags: u16, fixed: &[u8]) -> Msg {
-        let mut buf = vec![0u8; 16];
-        buf[4..6].copy_from_slice(&kind.to_ne_bytes());
-        buf[6..8].copy_from_slice(&flags.to_ne_bytes());
-        // Sequence 1, port 0 (the kernel).
-        buf[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        buf.extend_from_slice(fixed);
-        Msg { buf }
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-
-    fn attr(&mut self, kind: u16, data: &[u8]) {
-        self.pad();
-        let len = (4 + data.len()) as u16;
-        self.buf.extend_from_slice(&len.to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(data);
-    }
-
-    /// Starts a nested attribute; [`Msg::end_nested`] closes it.
-    fn nested(&mut self, kind: u16) -> usize {
-        self.pad();
-        let at = self.buf.len();
-        self.attr(kind | NLA_F_NESTED, &[]);
-        at
-    }
-
-    fn end_nested(&mut self, at: usize) {
-        // Its length includes the padding of its last attribute, as the
-        // kernel's nla_nest_end counts it.
-        self.pad();
-        let len = (self.buf.len() - at) as u16;
-        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.pad();
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
-}
-
-/// struct ifinfomsg for a link without ARP (its neighbours need no
-/// resolution: every packet goes to the program), up if `up`: family, pad,
-/// type, index, flags, change.
-fn ifinfo(up: bool) -> [u8; 16] {
-    let change = (libc::IFF_UP | libc::IFF_NOARP) as u32;
-    let flags = if up { change } else { libc::IFF_NOARP as u32 };
-    let mut fixed = [0u8; 16];
-    fixed[8..12].copy_from_slice(&flags.to_ne_bytes());
-    fixed[12..16].copy_from_slice(&change.to_ne_bytes());
-    fixed
-}
-
-fn name_attr(m: &mut Msg, name: &str) {
-    let mut bytes = name.as_bytes().to_vec();
-    bytes.push(0);
-    m.attr(IFLA_IFNAME, &bytes);
 }
 
 /// The host link's MAC (`peer`: its peer's), set by the agent, not left to
@@ -200,176 +124,156 @@ pub fn mac(gateway: Ipv4Addr, peer: bool) -> [u8; 6] {
     [if peer { 0x06 } else { 0x02 }, 0x6d, g[0], g[1], g[2], g[3]]
 }
 
-/// RTM_NEWLINK creating the veth pair, both ends without ARP, with `mtu`,
-/// down (see [`set_link`]).
-fn new_veth(mtu: u32, [mac, peer_mac]: [[u8; 6]; 2]) -> Vec<u8> {
-    let flags =
-        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
-    let mut m = Msg::new(libc::RTM_NEWLINK, flags, &ifinfo(false));
-    name_attr(&mut m, NAME);
-    m.attr(IFLA_MTU, &mtu.to_ne_bytes());
-    m.attr(IFLA_ADDRESS, &mac);
-    let info = m.nested(IFLA_LINKINFO);
-    m.attr(IFLA_INFO_KIND, b"veth");
-    let data = m.nested(IFLA_INFO_DATA);
-    // VETH_INFO_PEER: an ifinfomsg, then the peer's own attributes.
-    let peer = m.nested(VETH_INFO_PEER);
-    m.buf.extend_from_slice(&ifinfo(false));
-    name_attr(&mut m, PEER);
-    m.attr(IFLA_MTU, &mtu.to_ne_bytes());
-    m.attr(IFLA_ADDRESS, &peer_mac);
-    m.end_nested(peer);
-    m.end_nested(data);
-    m.end_nested(info);
-    m.finish()
+/// A link message for `name`: without ARP (its neighbours need no
+/// resolution: every packet goes to the program), `mtu`, `mac`, up if
+/// `up`.
+fn link(name: &str, mtu: u32, mac: [u8; 6], up: bool) -> LinkMessage {
+    let mut m = LinkMessage::default();
+    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
+    m.header.flags = if up {
+        LinkFlags::Up | LinkFlags::Noarp
+    } else {
+        LinkFlags::Noarp
+    };
+    m.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::Mtu(mtu),
+        LinkAttribute::Address(mac.to_vec()),
+    ];
+    m
 }
 
-/// RTM_NEWLINK for the existing link `name`: without ARP, `mtu`, `mac`,
-/// up if `up`.
-fn set_link(name: &str, mtu: u32, up: bool, mac: [u8; 6]) -> Vec<u8> {
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    let mut m = Msg::new(libc::RTM_NEWLINK, flags, &ifinfo(up));
-    name_attr(&mut m, name);
-    m.attr(IFLA_MTU, &mtu.to_ne_bytes());
-    m.attr(IFLA_ADDRESS, &mac);
-    m.finish()
+/// RTM_NEWLINK creating the veth pair, both ends down (see [`ensure`]).
+fn new_veth(mtu: u32, [mac, peer_mac]: [[u8; 6]; 2]) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = link(NAME, mtu, mac, false);
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(link(
+            PEER, mtu, peer_mac, false,
+        )))),
+    ]));
+    request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
 }
 
-/// RTM_NEWADDR (create or replace) or RTM_DELADDR of `ip`/32 on `ifindex`.
-fn address(kind: u16, ifindex: u32, ip: Ipv4Addr) -> Vec<u8> {
-    // struct ifaddrmsg: family, prefixlen, flags, scope, index (u32).
-    let mut fixed = [libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0];
-    fixed[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK;
-    if kind == libc::RTM_NEWADDR {
-        flags |= libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
+/// RTM_NEWLINK for the existing link `name`: without ARP, `mtu`, `mac`, up.
+fn set_link(name: &str, mtu: u32, mac: [u8; 6]) -> NetlinkMessage<RouteNetlinkMessage> {
+    request(RouteNetlinkMessage::NewLink(link(name, mtu, mac, true)), 0)
+}
+
+/// RTM_NEWADDR (create or replace; `add`) or RTM_DELADDR of `ip`/32 on
+/// `ifindex`.
+fn address(add: bool, ifindex: u32, ip: Ipv4Addr) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.prefix_len = 32;
+    m.header.index = ifindex;
+    m.attributes = vec![
+        AddressAttribute::Local(ip.into()),
+        AddressAttribute::Address(ip.into()),
+    ];
+    if add {
+        request(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    } else {
+        request(RouteNetlinkMessage::DelAddress(m), 0)
     }
-    let mut m = Msg::new(kind, flags as u16, &fixed);
-    m.attr(IFA_LOCAL, &ip.octets());
-    m.attr(IFA_ADDRESS, &ip.octets());
-    m.finish()
 }
 
 /// RTM_NEWROUTE (create or replace) for `cluster` on `ifindex`, preferred
 /// source `src`, in the main table.
-fn route(cluster: Cidr, ifindex: u32, src: Ipv4Addr) -> Vec<u8> {
-    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope,
-    // type, flags (u32).
-    let fixed = [
-        libc::AF_INET as u8,
-        cluster.prefix,
-        0,
-        0,
-        RT_TABLE_MAIN,
-        RTPROT_STATIC,
-        RT_SCOPE_LINK,
-        RTN_UNICAST,
-        0,
-        0,
-        0,
-        0,
+fn route(cluster: Cidr, ifindex: u32, src: Ipv4Addr) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = cluster.prefix;
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Static;
+    m.header.scope = RouteScope::Link;
+    m.header.kind = RouteType::Unicast;
+    m.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::Inet(cluster.base)),
+        RouteAttribute::Oif(ifindex),
+        RouteAttribute::PrefSource(RouteAddress::Inet(src)),
     ];
-    let flags =
-        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
-    let mut m = Msg::new(libc::RTM_NEWROUTE, flags, &fixed);
-    m.attr(RTA_DST, &cluster.base.octets());
-    m.attr(RTA_OIF, &ifindex.to_ne_bytes());
-    m.attr(RTA_PREFSRC, &src.octets());
-    m.finish()
+    request(
+        RouteNetlinkMessage::NewRoute(m),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
 }
 
-/// A NETLINK_ROUTE socket, closed on drop.
+/// A request the kernel acknowledges, with `flags` besides.
+fn request(msg: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    header.sequence_number = 1;
+    let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    m.finalize();
+    m
+}
+
+/// A NETLINK_ROUTE socket (rust-netlink's), answers awaited for 5 s.
 struct Netlink {
-    fd: std::os::fd::OwnedFd,
+    socket: Socket,
 }
 
 impl Netlink {
     fn open() -> io::Result<Netlink> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket(2) call.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
         let tv = libc::timeval {
             tv_sec: 5,
             tv_usec: 0,
         };
-        // SAFETY: setsockopt with a timeval of the right size.
-        unsafe {
+        // SAFETY: setsockopt on the socket's own descriptor with a timeval
+        // of the right size.
+        let r = unsafe {
             libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&tv as *const libc::timeval).cast(),
                 size_of::<libc::timeval>() as u32,
             )
         };
-        Ok(Netlink { fd })
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Netlink { socket })
     }
 
     /// Sends `msg` and waits for its acknowledgement: Ok, or the kernel's
     /// error.
-    fn request(&self, msg: &[u8]) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let fd = self.fd.as_raw_fd();
-        // SAFETY: zeroed sockaddr_nl is valid; port 0 is the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: msg and kernel are valid for their lengths.
-        let sent = unsafe {
-            libc::sendto(
-                fd,
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = [0u8; 4096];
+    fn request(&self, msg: &NetlinkMessage<RouteNetlinkMessage>) -> io::Result<()> {
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
         loop {
-            // SAFETY: buf is a valid buffer of its length.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(r) = ack(&buf[..n as usize]) {
+            let (reply, _) = self.socket.recv_from_full()?;
+            if let Some(r) = ack(&reply) {
                 return r;
             }
         }
     }
 }
 
-/// The acknowledgement in a reply, if it holds one: Ok for error 0, the
-/// error otherwise.
+/// The acknowledgement in a reply, if it holds one: Ok for an ACK, the
+/// kernel's error otherwise; a reply that does not parse is an error.
 fn ack(mut reply: &[u8]) -> Option<io::Result<()>> {
-    while reply.len() >= 16 {
-        let len = u32::from_ne_bytes(reply[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(reply[4..6].try_into().ok()?);
-        if len < 16 || len > reply.len() {
-            return Some(Err(io::Error::other("malformed netlink reply")));
-        }
-        if kind == libc::NLMSG_ERROR as u16 {
-            let code = i32::from_ne_bytes(reply.get(16..20)?.try_into().ok()?);
-            return Some(if code == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-code))
+    while !reply.is_empty() {
+        let m = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(io::Error::other(format!("netlink reply: {e}")))),
+        };
+        let len = (m.header.length as usize).max(16);
+        if let NetlinkPayload::Error(e) = m.payload {
+            return Some(match e.code {
+                None => Ok(()),
+                Some(_) => Err(e.to_io()),
             });
         }
-        reply = &reply[len.next_multiple_of(4).min(reply.len())..];
+        reply = reply.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
     None
 }
@@ -378,47 +282,43 @@ fn ack(mut reply: &[u8]) -> Option<io::Result<()>> {
 mod tests {
     use super::*;
 
-    fn u16_at(m: &[u8], at: usize) -> u16 {
-        u16::from_ne_bytes([m[at], m[at + 1]])
-    }
-
-    fn u32_at(m: &[u8], at: usize) -> u32 {
-        u32::from_ne_bytes([m[at], m[at + 1], m[at + 2], m[at + 3]])
-    }
-
     #[test]
-    fn the_veth_request_is_laid_out_as_rtnetlink_wants() {
+    fn the_veth_request_carries_both_ends() {
         let gw = Ipv4Addr::new(10, 42, 7, 1);
         let m = new_veth(1450, [mac(gw, false), mac(gw, true)]);
-        assert_eq!(u32_at(&m, 0) as usize, m.len());
-        assert_eq!(m.len() % 4, 0);
-        // Header 16, ifinfomsg 16 (no ARP, down), then IFLA_IFNAME
-        // "mesh-host\0" (4 + 10, padded to 16).
-        assert_eq!(u32_at(&m, 24), libc::IFF_NOARP as u32);
-        assert_eq!(u32_at(&m, 28), (libc::IFF_UP | libc::IFF_NOARP) as u32);
-        assert_eq!(u16_at(&m, 32), 14);
-        assert_eq!(u16_at(&m, 34), IFLA_IFNAME);
-        assert_eq!(&m[36..46], b"mesh-host\0");
-        // IFLA_MTU, IFLA_ADDRESS (4 + 6, padded to 12).
-        assert_eq!(u16_at(&m, 50), IFLA_MTU);
-        assert_eq!(u32_at(&m, 52), 1450);
-        assert_eq!((u16_at(&m, 56), u16_at(&m, 58)), (10, IFLA_ADDRESS));
-        assert_eq!(&m[60..66], &[0x02, 0x6d, 10, 42, 7, 1]);
-        // IFLA_LINKINFO (nested) to the end: IFLA_INFO_KIND "veth" (4 + 4),
-        // IFLA_INFO_DATA holding VETH_INFO_PEER: an ifinfomsg, the peer's
-        // name "mesh-host-p\0" (4 + 12), MTU (8) and MAC (12).
-        assert_eq!(u16_at(&m, 70), IFLA_LINKINFO | NLA_F_NESTED);
-        assert_eq!(u16_at(&m, 68) as usize, m.len() - 68);
-        assert_eq!(&m[76..80], b"veth");
-        assert_eq!(u16_at(&m, 82), IFLA_INFO_DATA | NLA_F_NESTED);
-        assert_eq!(u16_at(&m, 80) as usize, m.len() - 80);
-        assert_eq!(u16_at(&m, 86), VETH_INFO_PEER | NLA_F_NESTED);
-        assert_eq!(u16_at(&m, 84), 4 + 16 + 16 + 8 + 12);
-        assert_eq!(u16_at(&m, 106), IFLA_IFNAME);
-        assert_eq!(&m[108..120], b"mesh-host-p\0");
-        assert_eq!(u32_at(&m, 124), 1450);
-        assert_eq!(&m[132..138], &[0x06, 0x6d, 10, 42, 7, 1]);
-        assert_eq!(m.len(), 140);
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        let back = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).expect("parses");
+        assert_eq!(
+            back.header.flags,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        );
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) = back.payload else {
+            panic!("a new link: {:?}", back.payload);
+        };
+        assert_eq!(l.header.flags, LinkFlags::Noarp, "down, without ARP");
+        assert!(l.attributes.contains(&LinkAttribute::IfName(NAME.into())));
+        assert!(l.attributes.contains(&LinkAttribute::Mtu(1450)));
+        assert!(
+            l.attributes
+                .contains(&LinkAttribute::Address(vec![0x02, 0x6d, 10, 42, 7, 1]))
+        );
+        let peer = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) => Some(p.clone()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let peer = peer.expect("the peer");
+        assert!(
+            peer.attributes
+                .contains(&LinkAttribute::IfName(PEER.into()))
+        );
+        assert!(
+            peer.attributes
+                .contains(&LinkAttribute::Address(vec![0x06, 0x6d, 10, 42, 7, 1]))
+        );
     }
 
     #[test]
@@ -434,6 +334,6 @@ mod tests {
         let mut junk = ok.clone();
         junk[0..4].copy_from_slice(&9u32.to_ne_bytes());
         assert!(matches!(ack(&junk), Some(Err(_))));
-        assert!(ack(&[1, 2, 3]).is_none());
+        assert!(matches!(ack(&[1, 2, 3]), Some(Err(_))));
     }
 }
