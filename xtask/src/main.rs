@@ -3,7 +3,7 @@
 //! setup  installs what a fresh Debian bookworm root machine lacks (idempotent)
 //! image  the release agent image (`docker save` archive)
 //! test   setup, lint, packet benchmark, then every test (the CI command)
-//! bench  the packet, publishing and DNS benchmarks (`bench lb`, `bench cluster`: the others)
+//! bench  the packet, publishing, bulk and DNS benchmarks (`bench lb`, `bench cluster`: the others)
 //! lint   rustfmt, import cycles, clippy
 //! lab    the demo (`lab demo`)
 //! vagrant the same lab and demo on real VMs (`vagrant up|demo|down|test`)
@@ -336,7 +336,7 @@ fn bench_lb(runs: usize, services_ahead: usize) -> Result<()> {
 fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
-        .args(["--bench", "packet", "--bench", "publish"])
+        .args(["--bench", "packet", "--bench", "publish", "--bench", "bulk"])
         .env("MESH_BENCH_REPEAT", repeat.to_string());
     if let Some(image) = image {
         c = c.env("MESH_AGENT_IMAGE", image);

@@ -33,6 +33,7 @@ const APT: &[(&str, &str)] = &[
     ("curl", "the lab demo's client of the routing mesh"),
     ("wrk", "the load generator of `cargo xtask bench lb`"),
     ("nginx", "the backends of `cargo xtask bench lb`"),
+    ("iperf3", "bulk throughput in `cargo xtask bench`"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
