@@ -85,6 +85,13 @@ struct Args {
     /// The underlay NIC: XDP attaches here (optional on a single host).
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
+    /// How XDP runs on the underlay NIC: `generic`, once the kernel has
+    /// built the packet (the NIC keeps GRO and its offloads: the host's
+    /// own bulk traffic keeps its speed), or `native`, in the driver where
+    /// it has XDP (cheaper per small packet, but veth and virtio_net give
+    /// up their offloads for it). A link pinned by an earlier agent keeps its mode.
+    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Generic)]
+    xdp_mode: XdpAttach,
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
@@ -360,7 +367,7 @@ fn load_data_plane(args: &Args) -> Result<(aya::Ebpf, LbMaps, OverlayMaps)> {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }
     if let Some(iface) = &args.underlay_iface {
-        attach_underlay(&mut ebpf, iface, &args.bpffs_dir)?;
+        attach_underlay(&mut ebpf, iface, &args.bpffs_dir, args.xdp_mode)?;
     }
     let lb = LbMaps::take(&mut ebpf).context("load-balancing maps")?;
     let mut overlay = OverlayMaps::take(&mut ebpf).context("overlay maps")?;
@@ -467,7 +474,19 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
 /// XDP and the underlay TC program on the underlay NIC, pinned; links an
 /// earlier run pinned are adopted and switched to this build's programs if
 /// they run others.
-fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path) -> Result<()> {
+/// Where XDP runs on the underlay NIC (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum XdpAttach {
+    Generic,
+    Native,
+}
+
+fn attach_underlay(
+    ebpf: &mut aya::Ebpf,
+    iface_name: &str,
+    dir: &std::path::Path,
+    mode: XdpAttach,
+) -> Result<()> {
     let ifindex = iface::index(iface_name)?;
     std::fs::create_dir_all(dir.join("links"))?;
     let xdp_pin = dir.join("links").join(format!("xdp_{ifindex}"));
@@ -476,7 +495,14 @@ fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path
         dataplane::links::upgrade_xdp(&xdp_pin, prog)?;
     } else {
         let id = prog
-            .attach_to_if_index(ifindex, aya::programs::XdpMode::default())
+            .attach_to_if_index(
+                ifindex,
+                match mode {
+                    XdpAttach::Generic => aya::programs::XdpMode::Skb,
+                    // The kernel's choice: the driver's, where it has one.
+                    XdpAttach::Native => aya::programs::XdpMode::Default,
+                },
+            )
             .with_context(|| format!("attaching XDP to {iface_name}"))?;
         let fd: aya::programs::links::FdLink =
             prog.take_link(id)?.try_into().context("XDP link")?;
@@ -496,7 +522,9 @@ fn attach_underlay(ebpf: &mut aya::Ebpf, iface_name: &str, dir: &std::path::Path
     }
     info!(
         iface = iface_name,
-        ifindex, "XDP and TC on the underlay NIC"
+        ifindex,
+        xdp = ?mode,
+        "XDP and TC on the underlay NIC"
     );
     Ok(())
 }

@@ -109,7 +109,8 @@ impl OverlayLab {
                 let ebpf = harness.ebpf_mut();
                 dataplane::xdp_underlay(ebpf)
                     .expect("xdp")
-                    .attach("eth0", XdpMode::default())
+                    // As the agent attaches it by default (`--xdp-mode`).
+                    .attach("eth0", XdpMode::Skb)
                     .expect("attach XDP to the underlay");
                 dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
                     .expect("tc")
