@@ -85,12 +85,13 @@ struct Args {
     /// The underlay NIC: XDP attaches here (optional on a single host).
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
-    /// How XDP runs on the underlay NIC: `generic`, once the kernel has
-    /// built the packet (the NIC keeps GRO and its offloads: the host's
-    /// own bulk traffic keeps its speed), or `native`, in the driver where
-    /// it has XDP (cheaper per small packet, but veth and virtio_net give
-    /// up their offloads for it). A link pinned by an earlier agent keeps its mode.
-    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Generic)]
+    /// How XDP runs on the underlay NIC: `native`, in the driver where it
+    /// has XDP, or `generic`, once the kernel has built the packet (the NIC
+    /// keeps GRO and its offloads: in namespaces the host's own bulk
+    /// traffic kept its speed, but on virtio_net VMs the routing mesh's
+    /// legs to other nodes failed; see docs/benchmarks.md). A link pinned
+    /// by an earlier agent keeps its mode.
+    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Native)]
     xdp_mode: XdpAttach,
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]

@@ -110,7 +110,7 @@ impl OverlayLab {
                 dataplane::xdp_underlay(ebpf)
                     .expect("xdp")
                     // As the agent attaches it by default (`--xdp-mode`).
-                    .attach("eth0", XdpMode::Skb)
+                    .attach("eth0", XdpMode::default())
                     .expect("attach XDP to the underlay");
                 dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
                     .expect("tc")
