@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use mesh_common::{
     mac::Mac,
-    tunnel::{LocalNode, TUNNEL_TCP_OVERHEAD},
+    tunnel::{ENCAP_LEN, LocalNode, TUNNEL_TCP_OVERHEAD},
 };
 use tracing::info;
 
@@ -134,7 +134,10 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         vni: cfg.vni,
         underlay_mac: underlay.mac,
         enabled: 1,
-        tunnel_mss: u16::try_from(underlay.mtu.saturating_sub(TUNNEL_TCP_OVERHEAD)).unwrap_or(0),
+        // The tunnel carries inner IPv4 packets of up to --mtu bytes (the
+        // containers' MTU): that less IPv4 and TCP headers.
+        tunnel_mss: u16::try_from((cfg.mtu + ENCAP_LEN as u32).saturating_sub(TUNNEL_TCP_OVERHEAD))
+            .unwrap_or(0),
         ..Default::default()
     };
     let cluster = Cluster {
@@ -154,7 +157,6 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
 struct Underlay {
     ip: std::net::Ipv4Addr,
     mac: [u8; 6],
-    mtu: u32,
     ifindex: u32,
 }
 
@@ -180,7 +182,6 @@ impl Underlay {
         Ok(Underlay {
             ip,
             mac,
-            mtu,
             ifindex: iface::index(name)?,
         })
     }

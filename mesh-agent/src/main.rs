@@ -79,7 +79,9 @@ struct Args {
     /// Linux bridge name of the `mesh` network.
     #[arg(long, env = "MESH_BRIDGE", default_value = "mesh0", value_parser = parse_iface)]
     bridge: String,
-    /// MTU of the `mesh` network (leaves 50 bytes for VXLAN on a 1500 underlay).
+    /// MTU of the `mesh` network: the largest packet the tunnel carries. With
+    /// VXLAN's 50 bytes it must fit the smallest MTU on the path between
+    /// hosts (1450 for 1500-byte paths, 1350 across a 1400-byte hop).
     #[arg(long, env = "MESH_MTU", default_value_t = 1450)]
     mtu: u32,
     /// The underlay NIC: XDP attaches here (optional on a single host).

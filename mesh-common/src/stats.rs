@@ -132,6 +132,9 @@ counters! {
     HostOther = 71, "host_other", Path, "Host link: not IPv4, or an address no other node owns: left to the link, which discards it.";
     HostDeliver = 72, "host_deliver", Path, "Underlay TC: a packet tunnelled to this host's overlay address (a backend's answer to the host): handed to the stack through the host link.";
     HostForwarded = 73, "host_forwarded", Drop, "Host link: a packet the host forwards (no socket of its own sent it), even with the host's address after masquerading: dropped, never tunnelled.";
+    TunnelNeighResolve = 74, "tunnel_neigh_resolve", Path, "Encapsulated for a node whose next hop's MAC the neighbour table does not hold yet: handed to the stack, which resolves it.";
+    TunnelNoRoute = 75, "tunnel_no_route", Drop, "Encapsulated for a node the routing table has no route to (blackhole, unreachable, prohibit).";
+    TunnelTooBig = 76, "tunnel_too_big", Drop, "Encapsulated, longer than the MTU of the device the route to its node leaves by (not GSO): the tunnel MTU (--mtu) is too large for the path.";
 }
 
 impl Stat {

@@ -58,15 +58,15 @@ pub const NODE_MASK: u32 = 0xffff_ff00;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Node {
-    /// Its underlay address.
+    /// Its underlay address. The next hop toward it (its NIC on a shared
+    /// segment, a router otherwise) comes from the kernel's FIB.
     pub underlay_ip_be: u32,
-    /// Next-hop MAC on the underlay for it (its NIC on a shared L2).
-    pub mac: [u8; 6],
     /// Destination MAC of the frames it gets inside the tunnel: the MAC of
     /// the device that decapsulates them. A mesh node rewrites it on
     /// decapsulation (its NIC's MAC is used); a standard Linux vxlan device
     /// (RFC 7348 peer) takes only frames for its own MAC.
     pub inner_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// This node, slot 0 of the config array (written by the agent).
@@ -146,7 +146,7 @@ impl Bridge {
 
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
-const _: () = assert!(core::mem::size_of::<Node>() == 16);
+const _: () = assert!(core::mem::size_of::<Node>() == 12);
 const _: () = assert!(core::mem::size_of::<LocalNode>() == 52);
 
 #[cfg(feature = "user")]

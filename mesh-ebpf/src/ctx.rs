@@ -1,6 +1,6 @@
 //! One packet interface for both hooks (cilium's overloadable skb/xdp
-//! helpers, without macros): the parser, NAT, checksums and encapsulation
-//! are written once over [`Packet`], which TC's `TcContext` and XDP's
+//! helpers, without macros): the parser, NAT and checksums are written
+//! once over [`Packet`], which TC's `TcContext` and XDP's
 //! `XdpContext` implement; and one [`Verdict`] whose counting is the same
 //! for every program ([`finish`]).
 //!
@@ -10,19 +10,17 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
-        xdp_action,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1, xdp_action,
     },
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
 };
 use mesh_common::stats::Stat;
 
 use crate::{
     csum::{self, BPF_F_MARK_MANGLED_0},
-    hdr::{ETH_HLEN, ptr_at},
+    hdr::ptr_at,
     stats::bump,
 };
 
@@ -41,11 +39,6 @@ pub trait Packet {
     /// bpf_l4_csum_replace (size in the low bits, `BPF_F_PSEUDO_HDR`,
     /// `BPF_F_MARK_MANGLED_0`).
     fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()>;
-    /// Makes room for `len` bytes of VXLAN encapsulation right after the
-    /// Ethernet header (TC) or in front of the frame (XDP); either way a
-    /// write of `len + 14` bytes at offset 0 then lays out the outer headers
-    /// and the inner Ethernet header. Packet pointers are stale afterwards.
-    fn grow_for_vxlan(&self, len: usize) -> Option<()>;
 }
 
 impl Packet for TcContext {
@@ -100,21 +93,6 @@ impl Packet for TcContext {
     fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()> {
         TcContext::l4_csum_replace(self, csum_off, from as u64, to as u64, flags).ok()
     }
-    #[inline(always)]
-    fn grow_for_vxlan(&self, len: usize) -> Option<()> {
-        // The flags tell the kernel it is a UDP tunnel with an inner
-        // Ethernet header, so GSO segments large TCP sends correctly.
-        let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
-            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
-            | encap_l2(ETH_HLEN as u64);
-        self.adjust_room(len as i32, BPF_ADJ_ROOM_MAC, flags).ok()
-    }
-}
-
-/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.
-const fn encap_l2(len: u64) -> u64 {
-    (len & 0xff) << 56
 }
 
 impl Packet for XdpContext {
@@ -168,11 +146,6 @@ impl Packet for XdpContext {
             new = 0xffff;
         }
         self.store(csum_off, &new)
-    }
-    #[inline(always)]
-    fn grow_for_vxlan(&self, len: usize) -> Option<()> {
-        // SAFETY: ctx is the program's context.
-        (unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) } == 0).then_some(())
     }
 }
 

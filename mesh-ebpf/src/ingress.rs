@@ -21,8 +21,7 @@
 //!   neighbour tables, never hard-coded).
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams,
-    helpers::{bpf_fib_lookup, bpf_skb_change_tail, bpf_xdp_adjust_head},
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use mesh_common::{
@@ -34,7 +33,8 @@ use mesh_common::{
 
 use crate::{
     csum, ct,
-    ctx::{AF_INET, Packet, Verdict, pass},
+    ctx::{Packet, Verdict, pass},
+    fib::{self, Hop},
     hdr::{
         ETH_HLEN, EthHdr, ICMP_DEST_UNREACH, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN,
         IcmpHdr, Ipv4Hdr, TcpHdr,
@@ -50,13 +50,6 @@ use crate::{
 
 /// ICMP destination unreachable, code: fragmentation needed and DF set.
 const ICMP_FRAG_NEEDED: u8 = 4;
-
-/// `BPF_FIB_LKUP_RET_*` codes that mean "no route": blackhole,
-/// unreachable, prohibit.
-const FIB_SUCCESS: i64 = 0;
-const FIB_BLACKHOLE: i64 = 1;
-const FIB_PROHIBIT: i64 = 3;
-const FIB_NO_NEIGH: i64 = 7;
 
 /// Whether `ip_be` is outside the cluster CIDR (a routing-mesh client:
 /// containers are inside it).
@@ -398,40 +391,12 @@ pub fn forward_reply(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
 /// Sends a translated reply (source `src_be`, now the address the client
 /// called) to its client: the kernel's FIB gives the interface (the
 /// underlay NIC for a client outside, a Docker bridge for a container on
-/// another network of this host), the next hop and its MAC. The lookup is
-/// the one for a packet forwarded from the underlay NIC: an output lookup
-/// would be bound to one interface. Without a neighbour entry yet, or
-/// where the FIB helper declines (forwarding off on the underlay NIC),
-/// `bpf_redirect_neigh` does the route and neighbour lookup in the stack's
-/// own way.
+/// another network of this host), the next hop and its MAC (`fib`).
 #[inline(always)]
 fn to_client(ctx: &TcContext, l: &LocalNode, src_be: u32, t: &Tuple) -> Result<Verdict, Stat> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET as u8;
-    fib.l4_protocol = t.proto;
-    fib.ifindex = l.underlay_ifindex;
-    fib.__bindgen_anon_3.ipv4_src = src_be;
-    fib.__bindgen_anon_4.ipv4_dst = t.dst_be;
-    // SAFETY: the context's own skb and a valid parameter block.
-    let r = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    match r {
-        FIB_SUCCESS => {
-            tunnel::set_macs(ctx, &fib.dmac, &fib.smac).ok_or(Stat::NatRewriteFail)?;
-            Ok(Verdict::redirect(fib.ifindex))
-        }
-        // SAFETY: the lookup filled in the next hop.
-        FIB_NO_NEIGH => Ok(Verdict::redirect_neigh(fib.ifindex, unsafe {
-            fib.__bindgen_anon_4.ipv4_dst
-        })),
-        FIB_BLACKHOLE..=FIB_PROHIBIT => Err(Stat::IngressNoRoute),
-        _ => Ok(Verdict::redirect_neigh(l.underlay_ifindex, 0)),
+    let hop = fib::lookup(ctx, l.underlay_ifindex, (src_be, t.dst_be), t.proto, 0);
+    if let Hop::Resolved { dmac, smac, .. } = hop {
+        tunnel::set_macs(ctx, &dmac, &smac).ok_or(Stat::NatRewriteFail)?;
     }
+    hop.verdict(l.underlay_ifindex).ok_or(Stat::IngressNoRoute)
 }

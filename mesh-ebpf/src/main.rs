@@ -6,6 +6,7 @@ mod bridge;
 mod csum;
 mod ct;
 mod ctx;
+mod fib;
 mod hdr;
 mod host;
 mod ingress;

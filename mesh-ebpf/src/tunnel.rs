@@ -2,6 +2,13 @@
 //! for either hook. The hooks that decapsulate and deliver are in
 //! `underlay`.
 
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    programs::TcContext,
+};
 use mesh_common::{
     stats::Stat,
     tunnel::{
@@ -11,8 +18,10 @@ use mesh_common::{
 
 use crate::{
     ctx::{Packet, Verdict},
+    fib::{self, Hop},
     hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{LOCAL_NODE, NODES},
+    stats::bump,
 };
 
 /// This node's settings, when the agent has enabled the overlay.
@@ -59,24 +68,48 @@ struct Encap {
 const _: () = assert!(core::mem::size_of::<Encap>() == ENCAP_LEN + ETH_HLEN);
 
 /// Wraps the whole frame in outer Ethernet / IPv4 / UDP / VXLAN for `node`
-/// and sends it out of the underlay NIC. The UDP source port comes from
-/// the inner flow hash (ECMP spreads flows, RFC 7348 section 5).
+/// and sends it toward that node's address the way the kernel's FIB says
+/// (a peer on this segment directly, one behind a router through it). The
+/// UDP source port comes from the inner flow hash (ECMP spreads flows,
+/// RFC 7348 section 5).
 #[inline(always)]
-pub fn encap<P: Packet>(
-    p: &P,
-    l: &LocalNode,
-    node: &Node,
-    flow_hash: u32,
-) -> Result<Verdict, Stat> {
-    let inner_len = p.len();
-    let inner_eth: EthHdr = p.load(0).ok_or(Stat::TunnelEncapFail)?;
-    p.grow_for_vxlan(ENCAP_LEN).ok_or(Stat::TunnelEncapFail)?;
+pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Result<Verdict, Stat> {
+    let inner_len = Packet::len(ctx);
+    let inner_eth: EthHdr = Packet::load(ctx, 0).ok_or(Stat::TunnelEncapFail)?;
     let ip_len = (inner_len + ENCAP_LEN - ETH_HLEN) as u16;
+    // SAFETY: the context's own skb; gso_size is readable by TC programs.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // Asked before anything changes, so a drop leaves the packet as it was.
+    let hop = fib::lookup(
+        ctx,
+        l.underlay_ifindex,
+        (l.underlay_ip_be, node.underlay_ip_be),
+        IPPROTO_UDP,
+        if gso { 0 } else { ip_len },
+    );
+    let (dst, src) = match hop {
+        Hop::Resolved { dmac, smac, .. } => (dmac, smac),
+        Hop::NoNeigh { .. } => {
+            bump(Stat::TunnelNeighResolve);
+            ([0; 6], l.underlay_mac)
+        }
+        Hop::Declined => ([0; 6], l.underlay_mac),
+        Hop::NoRoute => return Err(Stat::TunnelNoRoute),
+        Hop::TooBig => return Err(Stat::TunnelTooBig),
+    };
+    // The flags tell the kernel it is a UDP tunnel with an inner Ethernet
+    // header, so GSO segments large TCP sends correctly.
+    let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+        | encap_l2(ETH_HLEN as u64);
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Stat::TunnelEncapFail)?;
     let ip = Ipv4Hdr::ours(IPPROTO_UDP, l.underlay_ip_be, node.underlay_ip_be, ip_len);
     let h = Encap {
         eth: EthHdr {
-            dst: node.mac,
-            src: l.underlay_mac,
+            dst,
+            src,
             proto_be: ETH_P_IP.to_be(),
         },
         ip,
@@ -101,8 +134,13 @@ pub fn encap<P: Packet>(
             proto_be: inner_eth.proto_be,
         },
     };
-    p.store(0, &h).ok_or(Stat::TunnelEncapFail)?;
-    Ok(Verdict::redirect(l.underlay_ifindex))
+    Packet::store(ctx, 0, &h).ok_or(Stat::TunnelEncapFail)?;
+    hop.verdict(l.underlay_ifindex).ok_or(Stat::TunnelNoRoute)
+}
+
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.
+const fn encap_l2(len: u64) -> u64 {
+    (len & 0xff) << 56
 }
 
 /// Sets the frame's destination and source MACs.

@@ -43,7 +43,7 @@ fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
 /// the tunnel, or (this node, outside the cluster, overlay off) to the
 /// stack. `path`, if any, is counted when it stays here.
 #[inline(always)]
-fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
+fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
     let here = || {
         if let Some(s) = path {
             bump(s);
@@ -56,7 +56,7 @@ fn deliver<P: Packet>(p: &P, dst_be: u32, hash: u32, path: Option<Stat>) -> Resu
     match tunnel::route(&local, dst_be)? {
         tunnel::Route::Here => here(),
         tunnel::Route::Remote(node) => {
-            let v = tunnel::encap(p, &local, &node, hash)?;
+            let v = tunnel::encap(ctx, &local, &node, hash)?;
             bump(Stat::TunnelEncap);
             Ok(v)
         }

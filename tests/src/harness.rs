@@ -137,6 +137,9 @@ pub struct Harness {
     pub lb: LbMaps,
     /// The overlay maps (off until a fixture sets the local node).
     pub overlay: OverlayMaps,
+    /// Where TC test runs happen, when a fixture needs a FIB of its own
+    /// (`Harness::run_in`); the process's namespace otherwise.
+    netns: Option<crate::netns::Netns>,
 }
 
 impl Harness {
@@ -190,7 +193,19 @@ impl Harness {
         overlay
             .set_config(&vips.config())
             .unwrap_or_else(|e| panic!("data-plane settings: {e}"));
-        Harness { ebpf, lb, overlay }
+        Harness {
+            ebpf,
+            lb,
+            overlay,
+            netns: None,
+        }
+    }
+
+    /// Runs the TC programs inside `ns` from now on: their FIB lookups
+    /// (the tunnel's next hop, a client's route) see its routes and
+    /// neighbours (BPF_PROG_TEST_RUN runs in the caller's namespace).
+    pub fn run_in(&mut self, ns: crate::netns::Netns) {
+        self.netns = Some(ns);
     }
 
     /// Registers `ip` as the container behind the veth TC programs run on
@@ -340,14 +355,19 @@ impl Harness {
         );
         let prog = dataplane::tc(&mut self.ebpf, name).expect("TC program loaded");
         let mut data_out = vec![0u8; input.len() + OUT_HEADROOM];
-        let res = prog
-            .test_run(TestRunOptions {
+        let mut test_run = || {
+            prog.test_run(TestRunOptions {
                 data_in: Some(input),
                 data_out: Some(&mut data_out),
                 repeat,
                 ..Default::default()
             })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {name} ({} bytes): {e:?}", input.len()));
+        };
+        let res = match &self.netns {
+            Some(ns) => ns.run(test_run),
+            None => test_run(),
+        }
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {name} ({} bytes): {e:?}", input.len()));
         data_out.truncate(res.data_size_out as usize);
         Run {
             code: res.return_value,

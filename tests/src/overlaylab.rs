@@ -157,8 +157,8 @@ impl OverlayLab {
             };
             let peer = Node {
                 underlay_ip_be: u32::from(nodes[other].underlay_ip).to_be(),
-                mac: nodes[other].underlay_mac,
                 inner_mac: nodes[other].underlay_mac,
+                ..Node::default()
             };
             let subnet = u32::from(Ipv4Addr::new(10, 42, nodes[other].n, 0)).to_be();
             nodes[me]

@@ -425,8 +425,8 @@ fn a_linux_vxlan_device_is_a_peer() {
                 subnet_2,
                 &Node {
                     underlay_ip_be: u32::from(underlay_2).to_be(),
-                    mac: mac_2,
                     inner_mac,
+                    ..Node::default()
                 },
             )
             .expect("node entry");

@@ -374,9 +374,9 @@ pub fn nodes(
             u32::from(s.base).to_be(),
             Node {
                 underlay_ip_be: u32::from(ip).to_be(),
-                mac,
                 // A mesh node decapsulates in XDP on that NIC.
                 inner_mac: mac,
+                _pad: [0; 2],
             },
         );
     }
