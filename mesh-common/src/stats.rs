@@ -135,6 +135,7 @@ counters! {
     TunnelNeighResolve = 74, "tunnel_neigh_resolve", Path, "Encapsulated for a node whose next hop's MAC the neighbour table does not hold yet: handed to the stack, which resolves it.";
     TunnelNoRoute = 75, "tunnel_no_route", Drop, "Encapsulated for a node the routing table has no route to (blackhole, unreachable, prohibit).";
     TunnelTooBig = 76, "tunnel_too_big", Drop, "Encapsulated, longer than the MTU of the device the route to its node leaves by (not GSO): the tunnel MTU (--mtu) is too large for the path.";
+    IngressRequestLost = 77, "ingress_request_lost", Drop, "Underlay TC: a routing-mesh request whose flow left conntrack after XDP balanced it.";
 }
 
 impl Stat {

@@ -43,6 +43,12 @@ pub const DELIVERED_MARK: u32 = 0x4d53_0001;
 /// A routing-mesh packet too large for the tunnel with DF set: the
 /// underlay TC program answers it with ICMP fragmentation needed.
 pub const TOO_BIG_MARK: u8 = 3;
+/// A routing-mesh request XDP balanced (its flow is in conntrack): the
+/// underlay TC program translates it to the backend and sends it there.
+/// XDP leaves the packet as it came: its TCP/UDP checksum may still be
+/// partial (a virtual NIC hands over the sender's offloaded checksum), which
+/// only TC's helpers can update right.
+pub const BALANCED_MARK: u8 = 4;
 
 /// The destination MAC that carries `mark` on the node at `underlay_ip_be`.
 pub const fn mark_mac(mark: u8, underlay_ip_be: u32) -> [u8; 6] {

@@ -5,10 +5,13 @@
 //! - Request, in XDP on the underlay NIC: `MESH_PUBLISHED[(port, proto)]`
 //!   gives the service; conntrack and Maglev (the same ring as its VIP, a
 //!   hash without this node's address, so every node picks the same backend
-//!   for a client's flow) give the backend; the destination is DNATed and
-//!   the frame marked for the underlay TC program (as decapsulated traffic
-//!   is), which hands it to the backend's veth, or encapsulates it to the
-//!   backend's node and sends it back out of the NIC. (Not `XDP_TX`: a
+//!   for a client's flow) give the backend; the frame is marked for the
+//!   underlay TC program (`BALANCED_MARK`), which DNATs it to the backend
+//!   its flow names and hands it to the backend's veth, or encapsulates it
+//!   to the backend's node and sends it back out of the NIC. The
+//!   translation is TC's: a frame's TCP/UDP checksum may still be partial
+//!   (a virtual NIC hands over the sender's offloaded checksum), which XDP
+//!   cannot see and only the skb helpers update right. (Not `XDP_TX`: a
 //!   veth, as in the lab, drops what its peer's XDP sends back unless the
 //!   peer runs an XDP program too; the TC path works on every driver.)
 //! - The backend's node records which node a tunnelled flow came in
@@ -28,7 +31,7 @@ use mesh_common::{
     ct::{CT_F_INGRESS, CT_F_RETURN, Tuple, tcp_flag},
     lb::{PublishedKey, published_hash},
     stats::Stat,
-    tunnel::{DECAP_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD},
+    tunnel::{BALANCED_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD},
 };
 
 use crate::{
@@ -119,16 +122,43 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
         mark::write(ctx, TOO_BIG_MARK, l.underlay_ip_be)?;
         return pass(Stat::IngressTooBig);
     }
-    nat::translate(ctx, pk.l4_off, &t, End::Dst, (b.ip_be, b.port_be))?;
     lb::count_service(service_id, ctx.len() as u32, c.new_flow);
-    // The underlay TC program hands it to the backend's veth, or to the
-    // tunnel toward the backend's node.
-    mark::write(ctx, DECAP_MARK, l.underlay_ip_be)?;
-    if remote {
-        clamp(ctx, pk.l4_off, t.proto, pk.tcp_flags, l)?;
-        return pass(Stat::IngressRemote);
+    // The underlay TC program translates it (`forward_request`) and hands
+    // it to the backend's veth, or to the tunnel toward the backend's node.
+    mark::write(ctx, BALANCED_MARK, l.underlay_ip_be)?;
+    pass(if remote {
+        Stat::IngressRemote
+    } else {
+        Stat::IngressLocal
+    })
+}
+
+/// TC on the underlay NIC: a request XDP balanced (`BALANCED_MARK`) is
+/// DNATed to the backend its flow names (client address kept), its MSS
+/// clamped when it crosses the tunnel, and handed to the backend's veth or
+/// the tunnel.
+#[inline(always)]
+pub fn forward_request(ctx: &TcContext, l: &LocalNode) -> Result<Verdict, Stat> {
+    let (t, l4, flags) = inner_tuple(ctx, ETH_HLEN).ok_or(Stat::IngressRequestLost)?;
+    // XDP balanced it an instant ago; gone now (flushed), it is dropped.
+    let f = ct::lookup(&t.key(mesh_common::ct::dir::FORWARD)).ok_or(Stat::IngressRequestLost)?;
+    // SAFETY: pointer from a successful lookup.
+    let e = unsafe { *f.entry };
+    nat::translate(ctx, l4, &t, End::Dst, (e.nat_ip_be, e.nat_port_be))?;
+    match tunnel::route(l, e.nat_ip_be)? {
+        tunnel::Route::Remote(node) => {
+            clamp(ctx, l4, t.proto, flags, l)?;
+            let to = Tuple {
+                dst_be: e.nat_ip_be,
+                dport_be: e.nat_port_be,
+                ..t
+            };
+            let v = tunnel::encap(ctx, l, &node, to.hash())?;
+            bump(Stat::TunnelEncap);
+            Ok(v)
+        }
+        tunnel::Route::Here => tunnel::deliver_local(ctx, l, e.nat_ip_be),
     }
-    pass(Stat::IngressLocal)
 }
 
 /// IPv4 and TCP headers without options: the MSS plus these is the

@@ -12,7 +12,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I, VXLAN_PORT,
+        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK,
+        VXLAN_FLAG_I, VXLAN_PORT,
     },
 };
 
@@ -20,7 +21,7 @@ use crate::{
     ctx::{Packet, Verdict},
     fib::{self, Hop},
     hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
-    maps::{LOCAL_NODE, NODES},
+    maps::{LOCAL_EPS, LOCAL_NODE, NODES},
     stats::bump,
 };
 
@@ -141,6 +142,24 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.
 const fn encap_l2(len: u64) -> u64 {
     (len & 0xff) << 56
+}
+
+/// Hands a packet this node took from the tunnel or the routing mesh to
+/// the local container at `dst_be` (as the bridge would deliver it, so
+/// forwarding never depends on the host's FORWARD chain), marked for the
+/// container's veth; one that is not here is left to the stack.
+#[inline(always)]
+pub fn deliver_local(ctx: &TcContext, l: &LocalNode, dst_be: u32) -> Result<Verdict, Stat> {
+    // SAFETY: plain data written by the agent.
+    let Some(ep) = (unsafe { LOCAL_EPS.get(&dst_be) }).copied() else {
+        bump(Stat::TunnelPass);
+        return Ok(Verdict::PASS);
+    };
+    set_macs(ctx, &ep.mac, &l.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+    // SAFETY: the context's own skb; TC may write its mark.
+    unsafe { (*ctx.skb.skb).mark = DELIVERED_MARK };
+    bump(Stat::TunnelDeliver);
+    Ok(Verdict::redirect(ep.ifindex))
 }
 
 /// Sets the frame's destination and source MACs.

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DECAP_MARK, DELIVERED_MARK, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
+        BALANCED_MARK, DECAP_MARK, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
         VXLAN_PORT,
     },
 };
@@ -144,6 +144,9 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     if mark == TOO_BIG_MARK {
         return ingress::frag_needed(ctx, &local);
     }
+    if mark == BALANCED_MARK {
+        return ingress::forward_request(ctx, &local);
+    }
     let Some(eth) = Packet::load::<EthHdr>(ctx, 0) else {
         return pass(Stat::TunnelPass);
     };
@@ -154,15 +157,6 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         return pass(Stat::TunnelPass);
     }
     if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
-        // XDP sent a routing-mesh request to a backend on another node.
-        if mark == DECAP_MARK
-            && let tunnel::Route::Remote(node) = tunnel::route(&local, ip.dst_be)?
-        {
-            let hash = parse::ipv4(ctx).map_or(0, |pk| pk.route_hash());
-            let v = tunnel::encap(ctx, &local, &node, hash)?;
-            bump(Stat::TunnelEncap);
-            return Ok(v);
-        }
         return pass(Stat::TunnelPass);
     }
     if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {
@@ -173,16 +167,12 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         bump(Stat::HostDeliver);
         return Ok(Verdict::redirect_ingress(local.host_ifindex));
     }
-    // SAFETY: plain data written by the agent.
-    let Some(ep) = unsafe { LOCAL_EPS.get(&ip.dst_be) }.copied() else {
-        return pass(Stat::TunnelPass);
-    };
     if mark != DECAP_MARK {
-        return pass(Stat::TunnelUnmarked);
+        // SAFETY: plain data written by the agent.
+        if unsafe { LOCAL_EPS.get(&ip.dst_be) }.is_some() {
+            return pass(Stat::TunnelUnmarked);
+        }
+        return pass(Stat::TunnelPass);
     }
-    tunnel::set_macs(ctx, &ep.mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
-    // SAFETY: the context's own skb; TC may write its mark.
-    unsafe { (*ctx.skb.skb).mark = DELIVERED_MARK };
-    bump(Stat::TunnelDeliver);
-    Ok(Verdict::redirect(ep.ifindex))
+    tunnel::deliver_local(ctx, &local, ip.dst_be)
 }

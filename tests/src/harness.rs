@@ -81,6 +81,8 @@ pub enum Prog {
     /// TC egress on the host link (`mesh-host`): the host's own packets
     /// for other nodes.
     TcHostOut,
+    /// TC ingress on the underlay NIC: what XDP passed up (marked).
+    TcUnderlayIn,
 }
 
 /// One row of a packet-test table. Rows run in order against the same maps,
@@ -301,6 +303,7 @@ impl Harness {
             Prog::TcToContainer => self.run_tc(progs::TC_TO_CONTAINER, input, repeat),
             Prog::TcFromBridge => self.run_tc(progs::TC_BRIDGE_IN, input, repeat),
             Prog::TcHostOut => self.run_tc(progs::TC_HOST_OUT, input, repeat),
+            Prog::TcUnderlayIn => self.run_tc(progs::TC_UNDERLAY_IN, input, repeat),
         }
     }
 

@@ -1,14 +1,18 @@
-//! The lab: N nodes as network namespaces on one underlay bridge, each with
-//! its own Docker engine and a mesh agent started as a user would start it
-//! (the container `mesh_lab::agent` defines: host network and PID, bpffs and
-//! the Docker socket mounted, the cluster key, --join). The same library
-//! builds the multi-host tests.
+//! The lab: N nodes as network namespaces on an underlay, each with its own
+//! Docker engine and a mesh agent started as a user would start it (the
+//! container `mesh_lab::agent` defines: host network and PID, bpffs and the
+//! Docker socket mounted, the cluster key, --join). The same library builds
+//! the multi-host tests.
 //!
-//! Everything lives in namespaces and directories this lab creates:
-//! `meshlab-u` (the underlay bridge, 192.168.100.0/24), `meshlab-nN` (node
-//! N: `eth0` = 192.168.100.N), `meshlab-c` (a host outside the cluster,
-//! 192.168.100.200: the routing mesh's client), `/run/meshlab/nN`,
-//! `/var/lib/meshlab/nN`, `/sys/fs/bpf/meshlab-nN`.
+//! The underlay is routed by default (`mesh_lab::underlay::Layout`): node N
+//! on 192.168.10S.N/24 for subnet S = (N - 1) % 3 + 1, routers in
+//! `meshlab-u` and `meshlab-u-r2` (subnet 3, behind a 1400-byte link, so
+//! the agents run with `--mtu 1350`); `--flat` puts every node on one
+//! bridge, 192.168.100.N. Everything lives in namespaces and directories
+//! this lab creates: those, `meshlab-nN` (node N), `meshlab-c` (a host
+//! outside the cluster, 192.168.100.200: the routing mesh's client, on a
+//! subnet of its own when routed), `/run/meshlab/nN`, `/var/lib/meshlab/nN`,
+//! `/sys/fs/bpf/meshlab-nN`.
 
 use std::{
     fs,
@@ -24,7 +28,7 @@ use mesh_lab::{
     demo,
     engine::{Engine, EngineSpec},
     image::{self, WHOAMI_IMAGE},
-    underlay::{self, Underlay},
+    underlay::{self, Layout, Underlay},
 };
 
 const UNDERLAY_NS: &str = "meshlab-u";
@@ -35,8 +39,21 @@ const PREFIX: &str = "192.168.100";
 const RUN: &str = "/run/meshlab";
 const LIB: &str = "/var/lib/meshlab";
 
+/// Where the lab keeps which layout it was brought up with.
+fn layout_file() -> PathBuf {
+    PathBuf::from(RUN).join("layout")
+}
+
+/// The layout of the lab that is up (routed when none is).
+fn layout() -> Layout {
+    match fs::read_to_string(layout_file()).as_deref() {
+        Ok("flat") => Layout::Flat,
+        _ => Layout::Routed,
+    }
+}
+
 fn node_ip(n: usize) -> String {
-    format!("{PREFIX}.{n}")
+    underlay::node_addr(PREFIX, layout(), n as u8)
 }
 
 fn spec(n: usize) -> EngineSpec {
@@ -70,11 +87,12 @@ pub fn nodes() -> Vec<usize> {
 /// Brings the lab up with `count` nodes; a lab already up with that many
 /// healthy nodes is left as it is; anything else (a crashed run) is torn
 /// down first.
-pub fn up(count: usize, images: &Images) -> Result<()> {
+pub fn up(count: usize, layout: Layout, images: &Images) -> Result<()> {
     if !(1..=20).contains(&count) {
         bail!("--nodes must be 1 to 20");
     }
     if nodes() == (1..=count).collect::<Vec<_>>()
+        && self::layout() == layout
         && (1..=count).all(|n| {
             let e = engine(n);
             e.up() && agent::running(&e)
@@ -85,7 +103,19 @@ pub fn up(count: usize, images: &Images) -> Result<()> {
     }
     down()?;
     fs::create_dir_all(RUN)?;
-    let underlay = Underlay::new(UNDERLAY_NS, PREFIX)?.keep();
+    fs::write(
+        layout_file(),
+        if layout == Layout::Flat {
+            "flat"
+        } else {
+            "routed"
+        },
+    )?;
+    let underlay = match layout {
+        Layout::Flat => Underlay::new(UNDERLAY_NS, PREFIX)?,
+        Layout::Routed => Underlay::routed(UNDERLAY_NS, PREFIX)?,
+    }
+    .keep();
     Cmd::new("ip").args(["netns", "add", OUTSIDE_NS]).run()?;
     underlay.attach_outside(OUTSIDE_NS, OUTSIDE_HOST)?;
     let key = PathBuf::from(RUN).join("cluster.key");
@@ -142,6 +172,11 @@ fn agent_spec(n: usize, key: &Path, join: &[String]) -> AgentSpec {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if layout() == Layout::Routed {
+        // The tunnel crosses the 1400-byte link between the routers.
+        flags.push("--mtu".into());
+        flags.push(underlay::ROUTED_TUNNEL_MTU.to_string());
+    }
     for j in join {
         flags.push("--join".into());
         flags.push(j.clone());
@@ -186,7 +221,7 @@ pub fn down() -> Result<()> {
             let _ = Cmd::new("ip").args(["netns", "del", &ns]).ok();
         }
     }
-    for ns in [UNDERLAY_NS, OUTSIDE_NS] {
+    for ns in [UNDERLAY_NS, &format!("{UNDERLAY_NS}-r2"), OUTSIDE_NS] {
         if Path::new("/var/run/netns").join(ns).exists() {
             let _ = Cmd::new("ip").args(["netns", "del", ns]).ok();
         }
@@ -309,8 +344,8 @@ impl demo::Hosts for LabHosts {
 }
 
 /// The demo (`mesh_lab::demo`) on a fresh three-node lab. Leaves the lab up.
-pub fn demo(images: &Images) -> Result<()> {
-    up(3, images)?;
+pub fn demo(layout: Layout, images: &Images) -> Result<()> {
+    up(3, layout, images)?;
     demo::run(&LabHosts)?.check(&demo::Hosts::outside_ip(&LabHosts))?;
     println!("The lab is still up: cargo xtask lab status, cargo xtask lab exec n3 -- docker ps,");
     println!("cargo xtask lab down to remove it.");

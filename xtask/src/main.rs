@@ -110,11 +110,14 @@ enum VagrantCmd {
 
 #[derive(Subcommand)]
 enum LabCmd {
-    /// N nodes (namespaces on one underlay bridge), each with its own
-    /// Docker engine and a mesh agent container.
+    /// N nodes (namespaces on three routed subnets, one behind a 1400-byte
+    /// link), each with its own Docker engine and a mesh agent container.
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// All nodes on one bridge (one subnet) instead.
+        #[arg(long)]
+        flat: bool,
     },
     /// Run a command in a node's namespace (DOCKER_HOST set to its engine).
     Exec {
@@ -129,7 +132,11 @@ enum LabCmd {
     Down,
     /// Three nodes, whoami scaled over two of them, a client on the third,
     /// requests rotating over the replicas, meshctl on every node.
-    Demo,
+    Demo {
+        /// All nodes on one bridge (one subnet) instead of routed subnets.
+        #[arg(long)]
+        flat: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -215,9 +222,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             setup::run()?;
             let images = lab::build(&build_whoami()?)?;
+            let layout = |flat| {
+                if flat {
+                    mesh_lab::underlay::Layout::Flat
+                } else {
+                    mesh_lab::underlay::Layout::Routed
+                }
+            };
             match cmd {
-                LabCmd::Up { nodes } => lab::up(nodes, &images),
-                _ => lab::demo(&images),
+                LabCmd::Up { nodes, flat } => lab::up(nodes, layout(flat), &images),
+                LabCmd::Demo { flat } => lab::demo(layout(flat), &images),
+                _ => Ok(()),
             }
         }
     }

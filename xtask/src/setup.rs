@@ -34,6 +34,11 @@ const APT: &[(&str, &str)] = &[
     ("wrk", "the load generator of `cargo xtask bench lb`"),
     ("nginx", "the backends of `cargo xtask bench lb`"),
     ("iperf3", "bulk throughput in `cargo xtask bench`"),
+    (
+        "ethtool",
+        "the lab's underlay completes checksums as a real wire does",
+    ),
+    ("tcpdump", "captures on the lab's underlay in tests"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
