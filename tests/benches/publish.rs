@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE, cluster_flags};
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE};
 
 /// Busy and total CPU time of the machine so far, in clock ticks.
 fn cpu_ticks() -> (u64, u64) {
@@ -66,7 +66,7 @@ fn main() {
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
     )
     .expect("key");
-    let agent = Agent::in_container(&engine, Some(&key), &cluster_flags("n1", &[]));
+    let agent = Agent::in_container(&engine, Some(&key), &underlay.cluster_flags("n1", &[]));
     agent.wait_for("docker connected", Duration::from_secs(60), |s| {
         s.docker.connected
     });

@@ -572,17 +572,24 @@ impl Drop for Agent {
     }
 }
 
-/// An underlay for several engines: the lab's bridge in a namespace of its
-/// own; engine N joins with `eth0` = 192.168.91.N/24.
+/// An underlay for several engines, routed as the lab's is
+/// (`mesh_lab::underlay`): engine N on subnet `(N - 1) % 3 + 1` of
+/// 192.168.92-94.0/24 at host number N, subnet 3 behind a 1400-byte link;
+/// hosts outside the cluster on 192.168.91.0/24.
 pub struct Underlay {
     inner: lab::underlay::Underlay,
 }
 
 impl Underlay {
     pub fn new() -> Self {
-        let inner = lab::underlay::Underlay::new(&unique("mul"), "192.168.91")
+        let inner = lab::underlay::Underlay::routed(&unique("mul"), "192.168.91")
             .unwrap_or_else(|e| panic!("{e:#}"));
         Underlay { inner }
+    }
+
+    /// Node `n`'s address.
+    pub fn addr(&self, n: u8) -> String {
+        self.inner.addr(n)
     }
 
     /// Connects `engine` as node `n`.
@@ -601,11 +608,43 @@ impl Underlay {
         ns
     }
 
+    /// The routers send packets for `cidr` from outside hosts to node `n`
+    /// (as a hostile or careless network could).
+    pub fn steer(&self, cidr: &str, n: u8) {
+        self.inner
+            .steer(cidr, n)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// Cuts node `n` off the underlay (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) {
         self.inner
             .set_link(n, up)
             .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// Agent flags for node `name` of a cluster on this underlay, for the
+    /// agent container (the key mounted at its usual place), joining
+    /// through the nodes `seeds`; the tunnel MTU fits the narrow link.
+    pub fn cluster_flags(&self, name: &str, seeds: &[u8]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--cluster-key-file",
+            lab::agent::KEY_PATH,
+            "--underlay-iface",
+            lab::underlay::IFACE,
+            "--node-name",
+            name,
+            "--mtu",
+            &lab::underlay::ROUTED_TUNNEL_MTU.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for &s in seeds {
+            v.push("--join".into());
+            v.push(format!("{}:7946", self.addr(s)));
+        }
+        v
     }
 }
 
@@ -613,25 +652,4 @@ impl Default for Underlay {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Agent flags for node `name` of a cluster on an [`Underlay`], for the
-/// agent container (the key mounted at its usual place).
-pub fn cluster_flags(name: &str, seeds: &[u8]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--cluster-key-file",
-        lab::agent::KEY_PATH,
-        "--underlay-iface",
-        lab::underlay::IFACE,
-        "--node-name",
-        name,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for s in seeds {
-        v.push("--join".into());
-        v.push(format!("192.168.91.{s}:7946"));
-    }
-    v
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::dockerlab::{Agent, Engine, Underlay, cluster_flags};
+use mesh_tests::dockerlab::{Agent, Engine, Underlay};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -569,6 +569,82 @@ fn docker_containers_resolve_service_names_with_no_extra_flags() {
     assert_eq!(nslookup(&engine, &["whoami"]), [vip], "the VIP stays");
 }
 
+/// `nslookup NAME` in a new container on Docker network `network` (not
+/// `mesh`): the addresses answered.
+fn nslookup_on(engine: &Engine, network: &str, name: &str) -> Vec<String> {
+    let out = engine.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        network,
+        "--entrypoint",
+        "nslookup",
+        mesh_tests::dockerlab::WHOAMI_IMAGE,
+        name,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split("\n\n")
+        .skip(1)
+        .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|l| l.strip_prefix("Address: ").map(str::to_owned))
+        .collect()
+}
+
+/// The engine's own networks use the agent's DNS too (the engine's `--dns`
+/// is the agent's address, as the README configures it): a container on
+/// the default bridge and one on a user-defined bridge resolve mesh names
+/// and forwarded names; a host on the underlay whose packets reach the
+/// same address gets nothing.
+#[test]
+fn docker_the_engines_other_networks_resolve_names_and_the_underlay_does_not() {
+    let underlay = Underlay::new();
+    let engine = Engine::start();
+    underlay.attach(&engine, 1);
+    engine.import_whoami();
+    let _upstream = engine
+        .ns
+        .spawn(|| mesh_tests::dnslab::fake_upstream("127.0.0.2:53"));
+    let agent = Agent::start(&engine, &["--dns-upstream", "127.0.0.2:53"]);
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    engine.run_whoami("w1", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
+    let vip = whoami_vip(&agent, 1);
+    engine.docker_ok(&["network", "create", "--subnet", "172.30.5.0/24", "userbr"]);
+    let upstream = mesh_tests::dnslab::UPSTREAM_ANSWER.to_string();
+    for network in ["bridge", "userbr"] {
+        let start = std::time::Instant::now();
+        // The agent learns of a new network from Docker's events.
+        let mut got = nslookup_on(&engine, network, "whoami.mesh");
+        while got.is_empty() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(500));
+            got = nslookup_on(&engine, network, "whoami.mesh");
+        }
+        println!("{network}: whoami.mesh -> {got:?}");
+        assert_eq!(got, std::slice::from_ref(&vip), "{network}: a mesh name");
+        assert_eq!(
+            nslookup_on(&engine, network, "upstream.example"),
+            std::slice::from_ref(&upstream),
+            "{network}: a forwarded name"
+        );
+    }
+
+    let outside = underlay.outside(100);
+    underlay.steer("10.42.0.0/16", 1);
+    let dig = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.name, "dig", "@10.42.0.1"])
+        .args(["+time=1", "+tries=2", "whoami.mesh"])
+        .output()
+        .expect("dig");
+    let dig = String::from_utf8_lossy(&dig.stdout);
+    println!(
+        "dig from the underlay: {}",
+        dig.lines().find(|l| l.contains(";;")).unwrap_or("")
+    );
+    assert!(
+        !dig.contains("ANSWER SECTION") && !dig.contains("status:"),
+        "the underlay gets no DNS answer: {dig}"
+    );
+}
+
 #[test]
 fn docker_two_nodes_share_services_over_the_overlay() {
     let underlay = Underlay::new();
@@ -581,8 +657,8 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d911017c592\n",
     )
     .expect("key");
-    let a1 = Agent::in_container(&e1, Some(&key), &cluster_flags("n1", &[1, 2]));
-    let a2 = Agent::in_container(&e2, Some(&key), &cluster_flags("n2", &[1, 2]));
+    let a1 = Agent::in_container(&e1, Some(&key), &underlay.cluster_flags("n1", &[1, 2]));
+    let a2 = Agent::in_container(&e2, Some(&key), &underlay.cluster_flags("n2", &[1, 2]));
     let s1 = a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);
     let s2 = a2.wait_for("n2 connected", WAIT, |s| s.docker.connected);
     println!("node subnets: n1 {}, n2 {}", s1.node.subnet, s2.node.subnet);

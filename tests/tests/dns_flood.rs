@@ -18,7 +18,7 @@ use std::{
 
 use mesh_tests::{
     dnsprobe::{self, Expect},
-    dockerlab::{Agent, Engine, Underlay, cluster_flags},
+    dockerlab::{Agent, Engine, Underlay},
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -56,7 +56,7 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
     .expect("key");
     let agents: Vec<Agent> = (1..=2u8)
         .map(|n| {
-            let mut flags = cluster_flags(&format!("n{n}"), &[1]);
+            let mut flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
             flags.extend(["--dns-upstream".into(), "198.51.100.2:53".into()]);
             Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
         })

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE, cluster_flags};
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -111,7 +111,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     .expect("key");
     let agents: Vec<Agent> = (1..=3u8)
         .map(|n| {
-            let flags = cluster_flags(&format!("n{n}"), &[1, 2]);
+            let flags = underlay.cluster_flags(&format!("n{n}"), &[1, 2]);
             Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
         })
         .collect();
@@ -177,7 +177,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     }
     let outside = underlay.outside(100);
     for n in 1..=3u8 {
-        let to: std::net::SocketAddr = format!("192.168.91.{n}:8080").parse().expect("address");
+        let to: std::net::SocketAddr = format!("{}:8080", underlay.addr(n as u8))
+            .parse()
+            .expect("address");
         let start = Instant::now();
         let (tcp, udp) = outside.run(|| {
             let tcp: Vec<Result<(String, String), String>> =
@@ -223,9 +225,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         let n = i + 1;
         for (to, proto) in [
             ("127.0.0.1:8080".to_string(), "tcp"),
-            (format!("192.168.91.{n}:8080"), "tcp"),
+            (format!("{}:8080", underlay.addr(n as u8)), "tcp"),
             ("127.0.0.1:8080".to_string(), "udp"),
-            (format!("192.168.91.{n}:8080"), "udp"),
+            (format!("{}:8080", underlay.addr(n as u8)), "udp"),
             (target.clone(), "tcp"),
             (target.clone(), "udp"),
         ] {
@@ -280,7 +282,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             "bclient",
         ]);
         for to in [
-            format!("192.168.91.{n}:8080"),
+            format!("{}:8080", underlay.addr(n as u8)),
             "172.30.0.1:8080".to_string(),
         ] {
             for proto in ["tcp", "udp"] {
@@ -319,7 +321,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         .into_iter()
         .enumerate()
     {
-        let to = format!("192.168.91.{}:8080", n + 1);
+        let to = format!("{}:8080", underlay.addr(n as u8 + 1));
         for proto in ["tcp", "udp"] {
             let args = mesh_lab::whoami::ask_args(c, proto, &to, 30, 0, 3000);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -377,7 +379,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             .expect("node 1's subnet")
             .gateway()
     };
-    outside.ip(&["route", "add", "10.42.0.0/16", "via", "192.168.91.1"]);
+    underlay.steer("10.42.0.0/16", 1);
     let dig = std::process::Command::new("ip")
         .args([
             "netns",
@@ -402,7 +404,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     );
     let metrics = outside.run(|| {
         std::net::TcpStream::connect_timeout(
-            &"192.168.91.1:9464".parse().expect("address"),
+            &format!("{}:9464", underlay.addr(1))
+                .parse()
+                .expect("address"),
             Duration::from_secs(1),
         )
     });
@@ -439,9 +443,21 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
             .any(|x| x.name == "rival" && x.published.iter().any(|p| p.starts_with("8081/tcp")))
     });
     let (rival, whoami_8080) = outside.run(|| {
-        let rival = ask_peer_tcp("192.168.91.1:8081".parse().expect("address")).map(|(n, _)| n);
+        let rival = ask_peer_tcp(
+            format!("{}:8081", underlay.addr(1))
+                .parse()
+                .expect("address"),
+        )
+        .map(|(n, _)| n);
         let whoami: Vec<Result<String, String>> = (0..30)
-            .map(|_| ask_peer_tcp("192.168.91.2:8080".parse().expect("address")).map(|(n, _)| n))
+            .map(|_| {
+                ask_peer_tcp(
+                    format!("{}:8080", underlay.addr(2))
+                        .parse()
+                        .expect("address"),
+                )
+                .map(|(n, _)| n)
+            })
             .collect();
         (rival, whoami)
     });
@@ -461,7 +477,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     let d1 = mesh_lab::whoami::run_args_serving("d1", &labels, &[], &["--term-delay-ms", "3000"]);
     e1.docker_ok(&d1.iter().map(String::as_str).collect::<Vec<_>>());
     whoami(&agents[2], 4);
-    let drain_to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
+    let drain_to: std::net::SocketAddr = format!("{}:8080", underlay.addr(3))
+        .parse()
+        .expect("address");
     let loop_start = Instant::now();
     let drain_loop = outside.spawn(move || {
         (0..600)
@@ -499,7 +517,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     let start = Instant::now();
     let (got, bad) = outside.run(|| {
         use std::io::{BufRead, BufReader, Read, Write};
-        let to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
+        let to: std::net::SocketAddr = format!("{}:8080", underlay.addr(3))
+            .parse()
+            .expect("address");
         let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
@@ -653,7 +673,9 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // and from outside the cluster to node 3's published port (node 3 has
     // no replica: every flow crosses the tunnel).
     let client_loop = e3.ask_in_background("tcp", &target, 1500, 5, 1000);
-    let mesh_to: std::net::SocketAddr = "192.168.91.3:8080".parse().expect("address");
+    let mesh_to: std::net::SocketAddr = format!("{}:8080", underlay.addr(3))
+        .parse()
+        .expect("address");
     let mesh_loop = outside.spawn(move || {
         let (mut ok, mut total) = (0usize, 0usize);
         for _ in 0..1500 {
@@ -815,13 +837,17 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n",
     )
     .expect("key");
-    let intruder = Agent::in_container(&e4, Some(&bad_key), &cluster_flags("intruder", &[1]));
+    let intruder = Agent::in_container(
+        &e4,
+        Some(&bad_key),
+        &underlay.cluster_flags("intruder", &[1]),
+    );
     // Garbage from a host on the underlay (node 4's address).
     e4.ns.run(|| {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
         for i in 0..100u32 {
             let junk: Vec<u8> = (0..(i % 200)).map(|j| (j * 7 + i) as u8).collect();
-            let _ = s.send_to(&junk, "192.168.91.1:7946");
+            let _ = s.send_to(&junk, format!("{}:7946", underlay.addr(1)));
         }
     });
     std::thread::sleep(Duration::from_secs(3));

@@ -98,7 +98,8 @@ pub struct Daemon {
     shared: Arc<Mutex<Shared>>,
     /// What DNS answers; replaced by every pass.
     zone: Arc<std::sync::RwLock<Zone>>,
-    dns_started: bool,
+    /// The DNS server, once started.
+    dns: Option<Arc<crate::dns::Handler>>,
     /// Event times (ns since the epoch) waiting for their map writes.
     pending_events: Vec<i64>,
     /// A pass left something unwritten: the retry tick runs another.
@@ -158,7 +159,7 @@ impl Daemon {
             vips,
             shared,
             zone: Arc::default(),
-            dns_started: false,
+            dns: None,
             pending_events: Vec::new(),
             retry: false,
             failed_passes: 0,
@@ -317,6 +318,22 @@ impl Daemon {
         }
     }
 
+    /// DNS answers the containers of the engine's other networks too.
+    fn tell_dns_engine_nets(&self) {
+        if let Some(dns) = &self.dns {
+            let nets = self
+                .docker
+                .bridges
+                .values()
+                .map(|b| crate::dns::Net {
+                    base: Ipv4Addr::from(u32::from_be(b.net_be)),
+                    prefix: u32::from_be(b.mask_be).count_ones() as u8,
+                })
+                .collect();
+            dns.set_engine_nets(nets);
+        }
+    }
+
     /// Lists Docker's other bridge networks again (at connect, and when
     /// one is created or removed). On failure the last list is kept.
     async fn list_bridges(&mut self, d: &bollard::Docker) {
@@ -326,6 +343,7 @@ impl Daemon {
                     info!(bridges = ?b.keys().collect::<Vec<_>>(), "Docker's other bridge networks");
                 }
                 self.docker.bridges = b;
+                self.tell_dns_engine_nets();
             }
             Err(e) => warn!(error = %e, "listing Docker's networks failed; keeping what we knew"),
         }

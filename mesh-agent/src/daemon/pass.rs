@@ -431,7 +431,7 @@ impl Daemon {
         let Some((listen, cfg)) = self.settings.dns.clone() else {
             return;
         };
-        if self.dns_started {
+        if self.dns.is_some() {
             return;
         }
         let gateway = self.settings.node_subnet.gateway();
@@ -444,12 +444,13 @@ impl Daemon {
             stats,
         ));
         info!(%addr, domain = %cfg.domain, upstreams = ?cfg.upstreams, "DNS serving");
+        self.dns = Some(handler.clone());
+        self.tell_dns_engine_nets();
         tokio::spawn(async move {
             if let Err(e) = crate::dns::serve(addr, handler).await {
                 error!(%addr, error = %e, "DNS server stopped");
             }
         });
-        self.dns_started = true;
     }
 }
 

@@ -104,14 +104,23 @@ impl std::str::FromStr for Net {
     }
 }
 
-/// Whether `src` may ask, `local` being this host's addresses.
-pub fn allowed(clients: &Clients, local: &[std::net::IpAddr], src: std::net::IpAddr) -> bool {
+/// Whether `src` may ask, `local` being this host's addresses and
+/// `engine` the subnets of the engine's other networks (its default
+/// bridge, user-defined bridges: their containers use this host's DNS too).
+pub fn allowed(
+    clients: &Clients,
+    local: &[std::net::IpAddr],
+    engine: &[Net],
+    src: std::net::IpAddr,
+) -> bool {
     if src.is_loopback() || local.contains(&src) {
         return true;
     }
     match (clients, src) {
         (Clients::Any, _) => true,
-        (Clients::Only(nets), std::net::IpAddr::V4(v4)) => nets.iter().any(|n| n.contains(v4)),
+        (Clients::Only(nets), std::net::IpAddr::V4(v4)) => {
+            nets.iter().chain(engine).any(|n| n.contains(v4))
+        }
         (Clients::Only(_), std::net::IpAddr::V6(_)) => false,
     }
 }
@@ -255,17 +264,20 @@ mod tests {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
         let nets = Clients::Only(vec!["10.42.0.0/16".parse().expect("net")]);
         let local = [ip("192.168.100.1")];
+        let engine = ["172.17.0.0/16".parse().expect("net")];
         for (src, ok) in [
             ("127.0.0.1", true),
             ("192.168.100.1", true),
             ("10.42.3.9", true),
+            ("172.17.0.2", true),
+            ("172.18.0.2", false),
             ("192.168.100.200", false),
             ("::1", true),
             ("fd00::1", false),
         ] {
-            assert_eq!(allowed(&nets, &local, ip(src)), ok, "{src}");
+            assert_eq!(allowed(&nets, &local, &engine, ip(src)), ok, "{src}");
         }
-        assert!(allowed(&Clients::Any, &local, ip("192.168.100.200")));
+        assert!(allowed(&Clients::Any, &local, &[], ip("192.168.100.200")));
         assert_eq!(
             "0.0.0.0/0"
                 .parse::<Net>()

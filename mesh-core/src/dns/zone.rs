@@ -115,6 +115,9 @@ pub struct Handler {
     forwarding: tokio::sync::Semaphore,
     /// This host's addresses (always allowed to ask), set when serving.
     local: std::sync::OnceLock<Vec<std::net::IpAddr>>,
+    /// The subnets of the engine's other networks (allowed to ask), as
+    /// the agent last listed them.
+    engine_nets: RwLock<Vec<super::Net>>,
 }
 
 impl Handler {
@@ -126,7 +129,13 @@ impl Handler {
             upstreams: std::sync::OnceLock::new(),
             forwarding: tokio::sync::Semaphore::new(super::MAX_FORWARDS),
             local: std::sync::OnceLock::new(),
+            engine_nets: RwLock::default(),
         }
+    }
+
+    /// The engine's other networks changed: their containers may ask.
+    pub fn set_engine_nets(&self, nets: Vec<super::Net>) {
+        *self.engine_nets.write().unwrap_or_else(|p| p.into_inner()) = nets;
     }
 
     /// Records this host's addresses (always allowed to ask).
@@ -137,7 +146,8 @@ impl Handler {
     /// Whether `src` may ask; refusals are counted.
     pub fn admits(&self, src: std::net::IpAddr) -> bool {
         let local = self.local.get().map_or(&[][..], Vec::as_slice);
-        let ok = super::allowed(&self.cfg.clients, local, src);
+        let engine = self.engine_nets.read().unwrap_or_else(|p| p.into_inner());
+        let ok = super::allowed(&self.cfg.clients, local, &engine, src);
         if !ok {
             self.stats.refused_source.fetch_add(1, Ordering::Relaxed);
         }

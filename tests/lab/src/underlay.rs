@@ -221,6 +221,22 @@ impl Underlay {
         Ok(())
     }
 
+    /// Packets for `cidr` from hosts outside the cluster go to node `n`: a
+    /// route on the outside host (flat), or on the routers (routed).
+    pub fn steer(&self, cidr: &str, n: u8) -> Result<()> {
+        let node = self.addr(n);
+        match self.layout {
+            Layout::Flat => anyhow::bail!(
+                "steering is for the routed layout: on a flat one, route on the outside host"
+            ),
+            Layout::Routed if subnet_of(n) == 3 => {
+                self.ip(&["route", "add", cidr, "via", TRANSIT.1])?;
+                ip(&["-n", &self.router2(), "route", "add", cidr, "via", &node])
+            }
+            Layout::Routed => self.ip(&["route", "add", cidr, "via", &node]),
+        }
+    }
+
     /// Cuts node `n` off (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) -> Result<()> {
         let (router, _, _) = self.segment(Some(n));
