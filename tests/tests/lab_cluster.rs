@@ -177,7 +177,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     }
     let outside = underlay.outside(100);
     for n in 1..=3u8 {
-        let to: std::net::SocketAddr = format!("{}:8080", underlay.addr(n as u8))
+        let to: std::net::SocketAddr = format!("{}:8080", underlay.addr(n))
             .parse()
             .expect("address");
         let start = Instant::now();
