@@ -99,7 +99,7 @@ counters! {
     XdpVxlanUntrusted = 38, "xdp_vxlan_untrusted", Path, "VXLAN from an address that is not a cluster node's: passed untouched, to the host's firewall.";
     XdpVxlanNotOurs = 39, "xdp_vxlan_not_ours", Path, "VXLAN whose outer destination is not this node's address: passed untouched.";
     XdpVxlanBad = 40, "xdp_vxlan_bad", Path, "VXLAN with outer TTL 0 or a UDP length that disagrees with the IPv4 length: passed untouched.";
-    TunnelUnmarked = 41, "tunnel_unmarked", Path, "Underlay TC: a frame for a local container that this node did not decapsulate: left to the stack and its firewall.";
+    TunnelUnmarked = 41, "tunnel_unmarked", Drop, "Underlay TC: a frame from the wire for this node's /24 that did not come through the tunnel from a cluster node: dropped (containers are reachable from outside only through published ports).";
     XdpForgedMark = 42, "xdp_forged_mark", Drop, "XDP: a frame from the wire whose destination MAC is this node's mark for its underlay TC program (only XDP writes one).";
     LbHairpin = 43, "lb_hairpin", Path, "A backend reached its own service and Maglev picked it: its source NATed to the hairpin address.";
     NatFragment = 44, "nat_fragment", Path, "A non-first fragment of a translated datagram: translated as its first fragment was.";

@@ -25,7 +25,7 @@ use crate::{
     ctx::{Packet, Verdict, pass},
     hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
     ingress,
-    maps::{LOCAL_EPS, PEERS},
+    maps::PEERS,
     mark,
     parse::{self, ParseError, Parsed},
     stats::bump,
@@ -130,8 +130,9 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
 /// packet for a container on this node goes straight to its veth (as the
 /// bridge would deliver it), so forwarding never depends on the host's
 /// FORWARD chain, but only when XDP marked it as decapsulated here: a plain
-/// frame from the wire for a container is left to the stack and the
-/// host's firewall (`tunnel_unmarked`). Everything else is left to the stack.
+/// frame from the wire for this node's /24 is dropped (`tunnel_unmarked`):
+/// containers are reachable from outside the cluster only through what
+/// mesh publishes. Everything else is left to the stack.
 #[inline(always)]
 pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     let Some(local) = tunnel::local() else {
@@ -168,11 +169,11 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         return Ok(Verdict::redirect_ingress(local.host_ifindex));
     }
     if mark != DECAP_MARK {
-        // SAFETY: plain data written by the agent.
-        if unsafe { LOCAL_EPS.get(&ip.dst_be) }.is_some() {
-            return pass(Stat::TunnelUnmarked);
-        }
-        return pass(Stat::TunnelPass);
+        // Plain from the wire, for this node's /24: not through the tunnel
+        // from a cluster node, so not for a container, whatever the host's
+        // FORWARD policy would say. (Answers to the containers' own
+        // connections are addressed to the node, which masquerades them.)
+        return Err(Stat::TunnelUnmarked);
     }
     tunnel::deliver_local(ctx, &local, ip.dst_be)
 }

@@ -130,8 +130,22 @@ pub struct Engine {
 
 impl Engine {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// An engine on a host that forwarded IP before dockerd started (a
+    /// router, libvirt, another runtime): Docker then leaves the FORWARD
+    /// policy at ACCEPT.
+    pub fn start_forwarding() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(forwarding: bool) -> Self {
         let tag = unique("mdk");
         let ns = Netns::new(&tag);
+        if forwarding {
+            ns.sysctl("net.ipv4.ip_forward", "1");
+        }
         let dir = PathBuf::from("/tmp").join(&tag);
         let _ = fs::remove_dir_all(&dir);
         let inner = lab::engine::Engine::start(lab::engine::EngineSpec {
@@ -150,6 +164,19 @@ impl Engine {
             dir,
             socket,
         }
+    }
+
+    /// The data plane's counters by name, from `meshctl stats --all` in
+    /// the agent container.
+    pub fn mesh_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let out = self.docker(&["exec", lab::agent::NAME, "/meshctl", "stats", "--all"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
+            })
+            .collect()
     }
 
     /// Restarts dockerd (containers with a restart policy come back).
@@ -606,6 +633,11 @@ impl Underlay {
             .attach_outside(&ns.name, n)
             .unwrap_or_else(|e| panic!("{e:#}"));
         ns
+    }
+
+    /// The address of the outside host attached as `n`.
+    pub fn outside_addr(&self, n: u8) -> String {
+        self.inner.outside_addr(n)
     }
 
     /// The routers send packets for `cidr` from outside hosts to node `n`

@@ -645,6 +645,124 @@ fn docker_the_engines_other_networks_resolve_names_and_the_underlay_does_not() {
     );
 }
 
+/// A host that forwarded IP before dockerd started: Docker leaves the
+/// FORWARD policy at ACCEPT, and the stack would route anything from the
+/// underlay to a container. mesh drops such frames in the kernel: an
+/// outsider whose network routes the cluster CIDR to this node gets no
+/// answer from a container's address by ping, TCP or UDP, and every
+/// attempt is counted; the container's own outbound connections still get
+/// their answers.
+#[test]
+fn docker_containers_are_not_open_to_the_underlay_whatever_the_forward_policy() {
+    let underlay = Underlay::new();
+    let engine = Engine::start_forwarding();
+    underlay.attach(&engine, 1);
+    engine.import_whoami();
+    let key = engine.dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\n",
+    )
+    .expect("key");
+    let agent = Agent::in_container(&engine, Some(&key), &underlay.cluster_flags("n1", &[]));
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    let policy = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &engine.ns.name,
+            "iptables",
+            "-S",
+            "FORWARD",
+        ])
+        .output()
+        .expect("iptables");
+    let policy = String::from_utf8_lossy(&policy.stdout);
+    println!("FORWARD: {}", policy.lines().next().unwrap_or(""));
+    assert!(
+        policy.contains("-P FORWARD ACCEPT"),
+        "the case under test: Docker left FORWARD at ACCEPT: {policy}"
+    );
+    engine.run_whoami("w1", &[], &[]);
+    let w1 = ip_of(&engine, "w1");
+    let outside = underlay.outside(100);
+    underlay.steer("10.42.0.0/16", 1);
+    let before = engine.mesh_counters();
+    let tries = 3;
+    let ping = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &outside.name,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+        ])
+        .args(["-W", "1", &w1])
+        .output()
+        .expect("ping");
+    let ping = String::from_utf8_lossy(&ping.stdout).to_string();
+    let (tcp, udp) = outside.run(|| {
+        let tcp = (0..tries)
+            .filter(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &format!("{w1}:8000").parse().expect("address"),
+                    Duration::from_secs(1),
+                )
+                .is_ok()
+            })
+            .count();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let udp = (0..tries)
+            .filter(|_| {
+                let _ = s.send_to(b"who", format!("{w1}:80"));
+                s.recv_from(&mut [0u8; 512]).is_ok()
+            })
+            .count();
+        (tcp, udp)
+    });
+    let after = engine.mesh_counters();
+    let dropped = after.get("tunnel_unmarked").copied().unwrap_or(0)
+        - before.get("tunnel_unmarked").copied().unwrap_or(0);
+    println!(
+        "outsider to {w1}: ping {:?}, tcp {tcp}/{tries}, udp {udp}/{tries} answered; \
+         tunnel_unmarked +{dropped}",
+        ping.lines().find(|l| l.contains("received"))
+    );
+    assert!(ping.contains(" 0 received"), "no ping answered: {ping}");
+    assert_eq!((tcp, udp), (0, 0), "no TCP or UDP answered");
+    // 3 echo requests, 3 SYNs (each retried at most once within its
+    // second), 3 datagrams.
+    assert!(
+        (9..=12).contains(&dropped),
+        "every attempt dropped and counted: {dropped}"
+    );
+
+    // The container's own connection out: answered (masqueraded by the
+    // host, so addressed to the node).
+    let server = outside.spawn(|| {
+        let l = std::net::TcpListener::bind("0.0.0.0:9000").expect("listen");
+        l.set_nonblocking(false).expect("blocking");
+        let (mut c, _) = l.accept().expect("accept");
+        std::io::Write::write_all(&mut c, b"hello from outside\n").expect("write");
+    });
+    let out = engine.docker_ok(&[
+        "exec",
+        "w1",
+        "nc",
+        "-w",
+        "3",
+        &underlay.outside_addr(100),
+        "9000",
+    ]);
+    server.join().expect("server");
+    assert_eq!(out, "hello from outside", "outbound connections work");
+}
+
 #[test]
 fn docker_two_nodes_share_services_over_the_overlay() {
     let underlay = Underlay::new();

@@ -80,14 +80,7 @@ fn split_peer(answer: &str) -> Result<(String, String), String> {
 
 /// The node's packet counters (`meshctl stats`), by name.
 fn counters(e: &Engine) -> std::collections::BTreeMap<String, u64> {
-    let out = e.docker(&["exec", mesh_lab::agent::NAME, "/meshctl", "stats", "--all"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
-        })
-        .collect()
+    e.mesh_counters()
 }
 
 fn quantile(v: &mut [Duration], q: f64) -> Duration {

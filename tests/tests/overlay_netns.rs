@@ -294,7 +294,7 @@ fn off_cluster_senders_and_spoofing_containers_reach_no_container() {
     let spoofed =
         b.harness.counters()[Stat::TcSpoofed as usize] - b_before[Stat::TcSpoofed as usize];
     println!(
-        "node 1: {} VXLAN frames from a non-node refused, {} plain frames for a container left to the stack; node 2: {spoofed} forged packets dropped; the container got {got:?}",
+        "node 1: {} VXLAN frames from a non-node refused, {} plain frames for a container dropped; node 2: {spoofed} forged packets dropped; the container got {got:?}",
         delta(Stat::XdpVxlanUntrusted),
         delta(Stat::TunnelUnmarked),
     );
