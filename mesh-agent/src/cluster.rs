@@ -42,6 +42,8 @@ pub struct JoinConfig {
     pub node_subnet: Option<Cidr>,
     pub cluster_cidr: Cidr,
     pub vni: u32,
+    /// The VXLAN UDP port, the same on every node.
+    pub vxlan_port: u16,
     pub state_dir: PathBuf,
 }
 
@@ -106,6 +108,10 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
     let kvs = vec![
         (peers::KEY_UNDERLAY.to_string(), underlay.ip.to_string()),
         (peers::KEY_MAC.to_string(), Mac(underlay.mac).to_string()),
+        (
+            peers::KEY_VXLAN_PORT.to_string(),
+            cfg.vxlan_port.to_string(),
+        ),
     ];
     let stats = Arc::new(GossipStats::default());
     let handle = gossip::start(gossip_cfg, kvs, stats.clone()).await?;
@@ -114,6 +120,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
     let claim_file = cfg.state_dir.join("subnet");
     let mine = wanted_claim(cfg, &node_id, &claim_file)?;
     let claim = settle_claim(&membership, &node_id, cfg.cluster_cidr, mine, interval).await?;
+    same_vxlan_port(&membership, cfg.vxlan_port)?;
     // The claim must survive a restart (or the /24 could change under the
     // `mesh` network): failing to keep it is an error, not a warning.
     std::fs::create_dir_all(&cfg.state_dir)
@@ -132,6 +139,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         underlay_ip_be: u32::from(underlay.ip).to_be(),
         underlay_ifindex: underlay.ifindex,
         vni: cfg.vni,
+        vxlan_port_be: cfg.vxlan_port.to_be(),
         underlay_mac: underlay.mac,
         enabled: 1,
         // The tunnel carries inner IPv4 packets of up to --mtu bytes (the
@@ -261,6 +269,26 @@ async fn settle_claim(
         );
         tokio::time::sleep(interval).await;
     }
+}
+
+/// Refuses to join a cluster whose nodes tunnel on another UDP port: they
+/// would drop this node's VXLAN and it theirs.
+fn same_vxlan_port(m: &dyn Membership, mine: u16) -> Result<()> {
+    let others: Vec<String> = m
+        .peers()
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let theirs = p.vxlan_port.unwrap_or(mesh_common::tunnel::VXLAN_PORT);
+            (theirs != mine).then(|| format!("{name} uses {theirs}"))
+        })
+        .collect();
+    anyhow::ensure!(
+        others.is_empty(),
+        "this node's VXLAN port is {mine} but {}: every node of a cluster must use the same \
+         --vxlan-port",
+        others.join(", ")
+    );
+    Ok(())
 }
 
 fn hostname() -> String {

@@ -67,6 +67,10 @@ struct Args {
     /// underlay NIC's IPv4).
     #[arg(long, env = "MESH_ADVERTISE_ADDR")]
     advertise_addr: Option<std::net::Ipv4Addr>,
+    /// The UDP port of the overlay's VXLAN, the same on every node (a node
+    /// whose port differs from the cluster's is refused at join).
+    #[arg(long, env = "MESH_VXLAN_PORT", default_value_t = mesh_common::tunnel::VXLAN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    vxlan_port: u16,
     /// VXLAN network identifier of the cluster (24 bits).
     #[arg(long, env = "MESH_VNI", default_value_t = 4242, value_parser = clap::value_parser!(u32).range(1..16_777_216))]
     vni: u32,
@@ -84,7 +88,8 @@ struct Args {
     /// hosts (1450 for 1500-byte paths, 1350 across a 1400-byte hop).
     #[arg(long, env = "MESH_MTU", default_value_t = 1450)]
     mtu: u32,
-    /// The underlay NIC: XDP attaches here (optional on a single host).
+    /// The underlay NIC: XDP attaches here. In a cluster, default: the
+    /// interface holding --advertise-addr, else the default route's.
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
     /// How XDP runs on the underlay NIC: `native`, in the driver where it
@@ -260,8 +265,15 @@ fn parse_iface(s: &str) -> Result<String, String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     logging::init(args.log_format);
+    match underlay_iface(&args) {
+        Ok(iface) => args.underlay_iface = iface,
+        Err(e) => {
+            error!("{e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -269,6 +281,29 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The underlay NIC: `--underlay-iface`; in a cluster without it, the
+/// interface holding `--advertise-addr` (hosts with several), else the one
+/// of the default route; on a single host, none.
+fn underlay_iface(args: &Args) -> Result<Option<String>> {
+    if let Some(i) = &args.underlay_iface {
+        return Ok(Some(i.clone()));
+    }
+    if args.cluster_key_file.is_none() {
+        return Ok(None);
+    }
+    let (iface, why) = match args.advertise_addr.and_then(mesh_agent::iface::holding) {
+        Some(i) => (i, "the interface holding --advertise-addr"),
+        None => (
+            mesh_agent::iface::default_route_iface().context(
+                "no default route to take the underlay interface from: pass --underlay-iface",
+            )?,
+            "the default route's interface",
+        ),
+    };
+    info!(%iface, "underlay: {why} (--underlay-iface to choose another)");
+    Ok(Some(iface))
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -455,7 +490,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
     let underlay_iface = args
         .underlay_iface
         .clone()
-        .context("a cluster (--cluster-key-file) needs --underlay-iface: the overlay runs on it")?;
+        .context("a cluster (--cluster-key-file) needs an underlay interface (--underlay-iface)")?;
     let cfg = JoinConfig {
         key_file: key_file.clone(),
         underlay_iface,
@@ -468,6 +503,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         node_subnet: args.node_subnet,
         cluster_cidr: args.cluster_cidr,
         vni: args.vni,
+        vxlan_port: args.vxlan_port,
         state_dir: args.state_dir.clone(),
     };
     let (subnet, cluster) = cluster::join(&cfg).await?;

@@ -6,7 +6,7 @@
 //! backend there) is encapsulated: outer Ethernet / IPv4 / UDP 4789 /
 //! VXLAN (the cluster VNI) / the original frame.
 
-/// IANA-assigned VXLAN UDP destination port.
+/// IANA-assigned VXLAN UDP destination port, the default.
 pub const VXLAN_PORT: u16 = 4789;
 /// VXLAN header length.
 pub const VXLAN_HLEN: usize = 8;
@@ -97,7 +97,9 @@ pub struct LocalNode {
     /// MTU less the VXLAN, IPv4 and TCP headers); SYNs of routing-mesh
     /// flows through the tunnel are clamped to it. 0: no clamping.
     pub tunnel_mss: u16,
-    pub _pad2: [u8; 2],
+    /// The VXLAN UDP port, the same on every node (network order; 0:
+    /// [`VXLAN_PORT`]).
+    pub vxlan_port_be: u16,
     /// The host's address on the overlay: the `mesh` network's gateway
     /// (network order). The host's own packets to other nodes' /24s leave
     /// from it through [`LocalNode::host_ifindex`]; tunnelled packets for
@@ -140,6 +142,18 @@ pub struct Bridge {
     pub mask_be: u32,
     /// The bridge's own address on it (0: none known).
     pub gateway_be: u32,
+}
+
+impl LocalNode {
+    /// The VXLAN UDP port (network order).
+    #[inline(always)]
+    pub const fn vxlan_port_be(&self) -> u16 {
+        if self.vxlan_port_be == 0 {
+            VXLAN_PORT.to_be()
+        } else {
+            self.vxlan_port_be
+        }
+    }
 }
 
 impl Bridge {

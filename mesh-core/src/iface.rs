@@ -56,6 +56,37 @@ pub fn ipv4_of(name: &str) -> Vec<std::net::Ipv4Addr> {
         .collect()
 }
 
+/// The interface of this namespace's default IPv4 route (the lowest metric
+/// if several), from `/proc/net/route`.
+pub fn default_route_iface() -> Option<String> {
+    default_route_in(&std::fs::read_to_string("/proc/net/route").ok()?)
+}
+
+/// [`default_route_iface`] from the text of `/proc/net/route`: columns
+/// Iface, Destination, Gateway, Flags, RefCnt, Use, Metric, Mask (hex,
+/// network order).
+fn default_route_in(text: &str) -> Option<String> {
+    const RTF_UP: u32 = 1;
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let default = f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000");
+            (default && flags & RTF_UP != 0).then_some((f.get(6)?.parse::<u32>().ok()?, f[0]))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, name)| name.to_owned())
+}
+
+/// The interface that holds `addr`.
+pub fn holding(addr: std::net::Ipv4Addr) -> Option<String> {
+    ipv4_addrs()
+        .into_iter()
+        .find(|(_, a)| *a == addr)
+        .map(|(n, _)| n)
+}
+
 /// Every IPv4 address of this network namespace.
 pub fn local_addrs() -> Vec<std::net::IpAddr> {
     ipv4_addrs().into_iter().map(|(_, a)| a.into()).collect()
@@ -139,6 +170,18 @@ pub fn mtu(name: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_route_with_the_lowest_metric() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+            wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
+            enp1s0\t00000000\t0100000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            down0\t00000000\t0100000A\t0002\t0\t0\t1\t00000000\t0\t0\t0\n";
+        assert_eq!(super::default_route_in(text).as_deref(), Some("enp1s0"));
+        assert_eq!(super::default_route_in("Iface\tDestination\n"), None);
+        assert_eq!(super::default_route_in("garbage\n\tx y\n"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -12,8 +12,7 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK,
-        VXLAN_FLAG_I, VXLAN_PORT,
+        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I,
     },
 };
 
@@ -116,7 +115,7 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
         ip,
         udp: UdpHdr {
             sport_be: (SPORT_BASE | (flow_hash as u16 & SPORT_MASK)).to_be(),
-            dport_be: VXLAN_PORT.to_be(),
+            dport_be: l.vxlan_port_be(),
             len_be: (ip_len - 20).to_be(),
             // 0: no checksum, allowed for VXLAN over IPv4 (RFC 7348 section 5).
             csum_be: 0,

@@ -51,8 +51,11 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
     if pk.fragment {
         return pass(Stat::XdpFragment);
     }
+    // A plain scalar: an Option<LocalNode> carried across branches leaves
+    // the verifier registers it cannot prove were written.
+    let vxlan_port_be = tunnel::local().map_or(VXLAN_PORT.to_be(), |l| l.vxlan_port_be());
     match pk.t.proto {
-        IPPROTO_UDP if u16::from_be(pk.t.dport_be) == VXLAN_PORT => vxlan(ctx, &pk),
+        IPPROTO_UDP if pk.t.dport_be == vxlan_port_be => vxlan(ctx, &pk),
         IPPROTO_UDP | IPPROTO_TCP => {
             // The routing mesh: a published port of this node.
             if let Some(local) = tunnel::local()

@@ -763,6 +763,64 @@ fn docker_containers_are_not_open_to_the_underlay_whatever_the_forward_policy() 
     assert_eq!(out, "hello from outside", "outbound connections work");
 }
 
+/// Sensible defaults on a real host: without --underlay-iface the agent
+/// takes the default route's interface (and says so); a node whose VXLAN
+/// port differs from the cluster's is refused at join, with a message that
+/// names the port each side uses.
+#[test]
+fn docker_a_node_takes_the_default_route_and_another_vxlan_port_is_refused() {
+    let underlay = Underlay::new();
+    let (e1, e2) = (Engine::start(), Engine::start());
+    underlay.attach(&e1, 1);
+    underlay.attach(&e2, 2);
+    let key = e1.dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "8899aabbccddeeff00112233445566778899aabbccddeeff0011223344556677\n",
+    )
+    .expect("key");
+    let a1 = Agent::in_container(&e1, Some(&key), &underlay.cluster_flags("n1", &[]));
+    a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);
+    let seed = format!("{}:7946", underlay.addr(1));
+    let key_arg = key.display().to_string();
+    let mut a2 = Agent::start(
+        &e2,
+        &[
+            "--cluster-key-file",
+            &key_arg,
+            "--node-name",
+            "n2",
+            "--join",
+            &seed,
+            "--mtu",
+            "1350",
+            "--vxlan-port",
+            "4790",
+        ],
+    );
+    let status = a2.wait_exit(Duration::from_secs(60));
+    let log = a2.log_text();
+    println!(
+        "n2: {status:?}; {}",
+        log.lines()
+            .filter(|l| l.contains("underlay:") || l.contains("VXLAN port"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "n2 is refused: {status:?}"
+    );
+    assert!(
+        log.contains("underlay: the default route's interface") && log.contains("eth0"),
+        "the underlay from the default route: {log}"
+    );
+    assert!(
+        log.contains("this node's VXLAN port is 4790 but n1 uses 4789"),
+        "the message names both ports: {log}"
+    );
+}
+
 #[test]
 fn docker_two_nodes_share_services_over_the_overlay() {
     let underlay = Underlay::new();

@@ -28,6 +28,8 @@ use crate::labels::Proto;
 
 pub const KEY_UNDERLAY: &str = "underlay";
 pub const KEY_MAC: &str = "mac";
+/// The UDP port its VXLAN listens on (absent: 4789).
+pub const KEY_VXLAN_PORT: &str = "vxlan_port";
 pub const KEY_SUBNET: &str = "subnet";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
@@ -67,6 +69,8 @@ pub struct Endpoint {
 pub struct Peer {
     pub underlay: Option<Ipv4Addr>,
     pub mac: Option<[u8; 6]>,
+    /// Its VXLAN UDP port ([`KEY_VXLAN_PORT`]).
+    pub vxlan_port: Option<u16>,
     pub subnet: Option<super::subnet::Claim>,
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
@@ -84,6 +88,7 @@ pub struct Peer {
 struct Generation {
     underlay: Option<Ipv4Addr>,
     mac: Option<[u8; 6]>,
+    vxlan_port: Option<u16>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
     /// The hold it asked for when it said it was stopping.
@@ -103,6 +108,7 @@ impl Generation {
                 .get(KEY_MAC)
                 .and_then(|v| v.parse::<mesh_common::mac::Mac>().ok())
                 .map(|m| m.0),
+            vxlan_port: state.get(KEY_VXLAN_PORT).and_then(|v| v.parse().ok()),
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
@@ -251,6 +257,9 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     }
     if let Some(mac) = g.mac {
         p.mac = Some(mac);
+    }
+    if let Some(port) = g.vxlan_port {
+        p.vxlan_port = Some(port);
     }
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
