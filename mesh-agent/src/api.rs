@@ -53,6 +53,9 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
                 node.gossip_received = g.received.load(Relaxed);
                 node.clustered = true;
             }
+            if let Some(p) = sh.probe.clone() {
+                sh.status.node.tunnels = p.report();
+            }
             serde_json::to_vec_pretty(&sh.status)?
         }
         other => serde_json::to_vec(

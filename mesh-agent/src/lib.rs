@@ -15,6 +15,7 @@ pub mod hostlink;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 pub mod shared;
 pub mod veth;
 

@@ -297,6 +297,17 @@ fn gossip(out: &mut Text, g: &GossipStats, sh: &Shared) {
 
 /// The peers, and those held while they restart.
 fn peers(out: &mut Text, sh: &Shared) {
+    if let Some(p) = &sh.probe {
+        let name = "mesh_peer_tunnel_up";
+        out.family(
+            name,
+            "gauge",
+            "1 if the peer's tunnel answered this node's probes within the last 3 s.",
+        );
+        for t in p.report() {
+            out.sample(name, &[("peer", &t.peer)], u8::from(t.up));
+        }
+    }
     out.single(
         "mesh_peers",
         "gauge",

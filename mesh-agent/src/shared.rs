@@ -22,6 +22,8 @@ pub struct Shared {
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
     pub sweep: Option<Arc<SweepStats>>,
+    /// The tunnel probes, once the host link is up.
+    pub probe: Option<Arc<crate::probe::Probe>>,
     /// Map writes that failed (each retried by a later pass).
     pub write_errors: u64,
     /// Gossip content ignored, by kind (claim, endpoint, identity).

@@ -53,6 +53,25 @@ pub struct Node {
     /// (then only backends on this node).
     #[serde(default)]
     pub host_link: String,
+    /// Whether each peer's tunnel carries traffic both ways (probes).
+    #[serde(default)]
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// One peer's tunnel, as this node's probes find it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Tunnel {
+    pub peer: String,
+    /// It answered within the last few seconds.
+    pub up: bool,
+    /// It ever answered.
+    pub ever_up: bool,
+    /// Seconds since its last answer (or since probing began).
+    pub silent_s: f64,
+    /// The last answer's round trip.
+    pub rtt_ms: f64,
+    /// The VXLAN UDP port the tunnel uses.
+    pub vxlan_port: u16,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -109,6 +128,39 @@ pub struct Samples {
 }
 
 impl Node {
+    /// What to say about the tunnels: each peer's, and what to open when
+    /// one does not answer while gossip reaches it.
+    pub fn tunnels_line(&self) -> Option<String> {
+        if self.tunnels.is_empty() {
+            return None;
+        }
+        let each: Vec<String> = self
+            .tunnels
+            .iter()
+            .map(|t| {
+                if t.up {
+                    format!("{} ok ({:.2} ms)", t.peer, t.rtt_ms)
+                } else {
+                    format!(
+                        "{} NO ANSWER for {:.0} s{}",
+                        t.peer,
+                        t.silent_s,
+                        if t.ever_up { "" } else { " (never answered)" }
+                    )
+                }
+            })
+            .collect();
+        let mut line = each.join(", ");
+        if let Some(t) = self.tunnels.iter().find(|t| !t.up) {
+            line.push_str(&format!(
+                "; gossip reaches these nodes but the overlay does not: the network between \
+                 the hosts must pass UDP {} (VXLAN) both ways",
+                t.vxlan_port
+            ));
+        }
+        Some(line)
+    }
+
     /// What to say about the cluster: the live peers, or why there are
     /// none (a wrong key shows as rejected datagrams and no peer at all).
     pub fn cluster_line(&self) -> String {

@@ -648,6 +648,13 @@ impl Underlay {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
+    /// The network drops UDP to `port` on node `n` (or passes it again).
+    pub fn block_udp(&self, n: u8, port: u16, block: bool) {
+        self.inner
+            .block_udp(n, port, block)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// Cuts node `n` off the underlay (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) {
         self.inner

@@ -910,6 +910,34 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         "{names:?} {errors:?}"
     );
 
+    // Both tunnels answer the probes; then the network drops VXLAN to node
+    // 2 (gossip still passes): node 1 reports it within seconds, with the
+    // port to open; passed again, the tunnel is back.
+    let tunnel = |s: &mesh_agent::status::Status| {
+        s.node.tunnels.iter().find(|t| t.peer == "n2").map(|t| t.up)
+    };
+    a1.wait_for("n2's tunnel answers", WAIT, |s| tunnel(s) == Some(true));
+    let blocked = std::time::Instant::now();
+    underlay.block_udp(2, 4789, true);
+    let st = a1.wait_for("n2's tunnel reported down", WAIT, |s| {
+        tunnel(s) == Some(false)
+    });
+    let line = st.node.tunnels_line().unwrap_or_default();
+    println!(
+        "VXLAN to n2 blocked: after {:?}: tunnels: {line}",
+        blocked.elapsed()
+    );
+    assert!(
+        st.node.peers.contains(&"n2".to_string()),
+        "gossip still reaches n2"
+    );
+    assert!(
+        line.contains("n2 NO ANSWER") && line.contains("must pass UDP 4789"),
+        "{line}"
+    );
+    underlay.block_udp(2, 4789, false);
+    a1.wait_for("n2's tunnel back", WAIT, |s| tunnel(s) == Some(true));
+
     // Node 2 is cut off: its backends leave node 1's maps within 5 s.
     let cut = std::time::Instant::now();
     underlay.set_link(2, false);

@@ -27,6 +27,9 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
         st.node.subnet, st.node.vip_cidr, st.node.bpffs_dir
     );
     let _ = writeln!(out, "cluster: {}", st.node.cluster_line());
+    if let Some(line) = st.node.tunnels_line() {
+        let _ = writeln!(out, "tunnels: {line}");
+    }
     if !st.node.host_link.is_empty() {
         let _ = writeln!(out, "host:    {}", st.node.host_link);
     }

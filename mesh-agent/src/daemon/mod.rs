@@ -256,6 +256,7 @@ impl Daemon {
                 local.host_ip_be = u32::from(gateway).to_be();
                 local.host_ifindex = h.ifindex;
                 local.host_mac = h.mac;
+                self.start_probe(gateway, u16::from_be(local.vxlan_port_be()));
                 format!(
                     "VIPs' backends on every node, through {} ({cluster} from {gateway})",
                     crate::hostlink::NAME
@@ -315,6 +316,21 @@ impl Daemon {
             if self.fatal.is_some() {
                 return self.fatal.take();
             }
+        }
+    }
+
+    /// Tunnel probes from the host's overlay address (once).
+    fn start_probe(&self, gateway: Ipv4Addr, vxlan_port: u16) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if sh.probe.is_some() {
+            return;
+        }
+        match crate::probe::spawn(gateway, vxlan_port) {
+            Ok(p) => sh.probe = Some(p),
+            Err(e) => warn!(
+                error = %e,
+                "no tunnel probes: meshctl status cannot tell whether peers' tunnels work"
+            ),
         }
     }
 

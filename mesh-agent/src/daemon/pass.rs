@@ -167,12 +167,37 @@ impl Daemon {
         v.veths.retain(|id, _| v.containers.contains_key(id));
     }
 
+    /// Every peer with a /24 is probed at its overlay address (its /24's
+    /// gateway).
+    fn probe_targets(&self, peers: &BTreeMap<String, Peer>, cluster: crate::vip::Cidr) {
+        let probe = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .probe
+            .clone();
+        if let Some(probe) = probe {
+            probe.set_targets(
+                peers
+                    .iter()
+                    .filter(|(_, p)| !p.restarting)
+                    .filter_map(|(name, p)| {
+                        let claim = p.subnet.as_ref()?;
+                        let s = crate::gossip::subnet::subnet(cluster, claim.index);
+                        Some((name.clone(), s.gateway()))
+                    })
+                    .collect(),
+            );
+        }
+    }
+
     /// The node table and the local endpoints, through the keyed diff.
     fn write_tables(&mut self, st: &State, peers: &BTreeMap<String, Peer>) -> Vec<String> {
         let mut failed = Vec::new();
         if let Some(c) = &self.cluster {
             let (want, conflicts) =
                 desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);
+            self.probe_targets(peers, c.cluster_cidr);
             for name in conflicts {
                 warn!(node = %name, "a peer claims our subnet; ignoring it");
             }

@@ -237,6 +237,23 @@ impl Underlay {
         }
     }
 
+    /// The routed layout's routers drop UDP to `port` on node `n` (a
+    /// security group or a router ACL that passes gossip but not VXLAN),
+    /// or pass it again.
+    pub fn block_udp(&self, n: u8, port: u16, block: bool) -> Result<()> {
+        anyhow::ensure!(
+            self.layout == Layout::Routed,
+            "blocking a port needs the routed layout's routers"
+        );
+        let (router, _, _) = self.segment(Some(n));
+        let (addr, port) = (self.addr(n), port.to_string());
+        crate::cmd::Cmd::new("ip")
+            .args(["netns", "exec", &router, "iptables"])
+            .args([if block { "-I" } else { "-D" }, "FORWARD", "-p", "udp"])
+            .args(["-d", &addr, "--dport", &port, "-j", "DROP"])
+            .run()
+    }
+
     /// Cuts node `n` off (or reconnects it).
     pub fn set_link(&self, n: u8, up: bool) -> Result<()> {
         let (router, _, _) = self.segment(Some(n));
