@@ -5,15 +5,18 @@
 //!     TCP: writes "<name>\n" on accept, then answers each line read with "<name>\n"
 //!     (the line "peer": "<name> <client address:port as seen here>\n"; the line
 //!     "bytes N": N bytes, byte i being i % 251, then it closes; N <= 1 GiB).
-//!     UDP: answers each datagram with "<name>" ("peer": "<name> <client>").
+//!     UDP: answers each datagram with "<name>" ("peer": "<name> <client>"; one
+//!     longer than 64 bytes: "<name> <its length>").
 //!     HTTP: `GET /` (any path) answers 200 with "<name> <client>\n" (curl, wget).
 //!     Name: --name, else /etc/hostname.
 //!     On SIGTERM it keeps serving for --term-delay-ms (default 0), then exits 0.
 //! whoami ask tcp|udp HOST:PORT [--count N] [--interval-ms MS] [--timeout-ms MS] [--peer]
+//!     [--size BYTES]
 //!     N requests (default 1), one new connection / socket each; prints
 //!     "<unix-ms> ok <name>" (with --peer: "<unix-ms> ok <name> <client as the
 //!     server saw it>") or "<unix-ms> err <why>" per request, then
-//!     "total N ok K err E"; exits 1 if any failed.
+//!     "total N ok K err E"; exits 1 if any failed. UDP with --size: each
+//!     datagram padded to BYTES (at most 65,000).
 //! whoami sink PORT
 //!     accepts one TCP connection, reads it to the end (60 s idle cap) and
 //!     prints "received N bytes checksum C".
@@ -129,10 +132,12 @@ fn serve(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("udp {p}: {e}"))?;
         let name = name.clone();
         thread::spawn(move || {
-            let mut buf = [0u8; 1500];
+            let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = s.recv_from(&mut buf) {
                 let answer = if &buf[..n] == b"peer" {
                     format!("{name} {from}")
+                } else if n > 64 {
+                    format!("{name} {n}")
                 } else {
                     name.clone()
                 };
@@ -259,11 +264,18 @@ fn ask(args: &[String]) -> ExitCode {
     let count = count.min(1_000_000);
     let timeout = Duration::from_millis(timeout.clamp(1, 60_000));
     let peer = args.iter().any(|a| a == "--peer");
+    let size = match num(args, "--size", 0usize) {
+        Ok(n) => n.min(65_000),
+        Err(e) => {
+            eprintln!("whoami: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (mut ok, mut err) = (0u64, 0u64);
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
         let r = if proto == "udp" {
-            ask_udp(addr, timeout, peer)
+            ask_udp(addr, timeout, peer, size)
         } else {
             ask_tcp(addr, timeout, peer)
         };
@@ -313,12 +325,19 @@ fn ask_tcp(addr: SocketAddr, timeout: Duration, peer: bool) -> Result<String, St
     Ok(line.trim().to_string())
 }
 
-fn ask_udp(addr: SocketAddr, timeout: Duration, peer: bool) -> Result<String, String> {
+fn ask_udp(addr: SocketAddr, timeout: Duration, peer: bool, size: usize) -> Result<String, String> {
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    let ask: &[u8] = if peer { b"peer" } else { b"who" };
-    s.send_to(ask, addr).map_err(|e| format!("send: {e}"))?;
+    let mut ask: Vec<u8> = if peer {
+        b"peer".to_vec()
+    } else {
+        b"who".to_vec()
+    };
+    if size > ask.len() {
+        ask.resize(size, b'.');
+    }
+    s.send_to(&ask, addr).map_err(|e| format!("send: {e}"))?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
     if from != addr {
