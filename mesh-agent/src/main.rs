@@ -92,13 +92,13 @@ struct Args {
     /// interface holding --advertise-addr, else the default route's.
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
-    /// How XDP runs on the underlay NIC: `native`, in the driver where it
-    /// has XDP, or `generic`, once the kernel has built the packet (the NIC
-    /// keeps GRO and its offloads: in namespaces the host's own bulk
-    /// traffic kept its speed, but on virtio_net VMs the routing mesh's
-    /// legs to other nodes failed; see docs/benchmarks.md). A link pinned
-    /// by an earlier agent keeps its mode.
-    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Native)]
+    /// How XDP runs on the underlay NIC: `generic`, once the kernel has
+    /// built the packet (the NIC keeps GRO and its offloads, so the host's
+    /// own bulk traffic and the overlay keep their speed), or `native`, in
+    /// the driver where it has XDP (veth and virtio_net then give up GRO
+    /// and their offloads; see docs/benchmarks.md). A link pinned by an
+    /// earlier agent keeps its mode.
+    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Generic)]
     xdp_mode: XdpAttach,
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
@@ -510,9 +510,6 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
     Ok((subnet, Some(cluster)))
 }
 
-/// XDP and the underlay TC program on the underlay NIC, pinned; links an
-/// earlier run pinned are adopted and switched to this build's programs if
-/// they run others.
 /// Where XDP runs on the underlay NIC (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum XdpAttach {
@@ -520,6 +517,9 @@ enum XdpAttach {
     Native,
 }
 
+/// XDP and the underlay TC program on the underlay NIC, pinned; links an
+/// earlier run pinned are adopted and switched to this build's programs if
+/// they run others.
 fn attach_underlay(
     ebpf: &mut aya::Ebpf,
     iface_name: &str,

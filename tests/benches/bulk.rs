@@ -10,13 +10,16 @@
 //! - container to container across two hosts over Linux's own VXLAN device
 //!   and a bridge (Swarm's overlay), on the same kind of veth underlay.
 //!
-//! `cargo xtask bench` runs it (MESH_BULK_SECONDS sets the length).
+//! The mesh rows run twice: XDP in generic mode (the agent's default) and
+//! in native mode (`--xdp-mode native`). `cargo xtask bench` runs it
+//! (MESH_BULK_SECONDS sets the length).
 
 use std::{
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
+use aya::programs::XdpMode;
 use mesh_tests::{
     netns::{Netns, unique},
     overlaylab::OverlayLab,
@@ -110,14 +113,24 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let lab = OverlayLab::new();
-    let outside = [lab.outside_client(1), lab.outside_client(2)];
-    let vxlan = LinuxVxlan::new();
-    let node1 = lab.nodes[0].underlay_ip.to_string();
-    let c1 = lab.nodes[0].container_ip().to_string();
     println!(
         "bulk TCP (iperf3, one stream, {seconds} s, two rounds), Gbit/s; veth underlays in namespaces on this machine:"
     );
+    let vxlan = LinuxVxlan::new();
+    for (mode, xdp) in [
+        ("XDP generic (default)", XdpMode::Skb),
+        ("XDP native", XdpMode::default()),
+    ] {
+        println!(" {mode}:");
+        measure(&OverlayLab::with_xdp(xdp), &vxlan, seconds);
+    }
+}
+
+/// Every path, two rounds taking turns.
+fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32) {
+    let outside = [lab.outside_client(1), lab.outside_client(2)];
+    let node1 = lab.nodes[0].underlay_ip.to_string();
+    let c1 = lab.nodes[0].container_ip().to_string();
     type Path<'a> = (&'a str, &'a Netns, &'a Netns, &'a str);
     let paths: [Path; 4] = [
         (

@@ -52,8 +52,14 @@ fn mac(v: serde_json::Value) -> [u8; 6] {
 }
 
 impl OverlayLab {
-    /// Nodes 1 and 2, underlay 192.168.77.N.
+    /// Nodes 1 and 2, underlay 192.168.77.N, XDP attached as the agent
+    /// attaches it by default (generic).
     pub fn new() -> Self {
+        Self::with_xdp(XdpMode::Skb)
+    }
+
+    /// [`OverlayLab::new`] with XDP attached in `mode`.
+    pub fn with_xdp(mode: XdpMode) -> Self {
         let underlay = Netns::new(&unique("mou"));
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
@@ -109,8 +115,7 @@ impl OverlayLab {
                 let ebpf = harness.ebpf_mut();
                 dataplane::xdp_underlay(ebpf)
                     .expect("xdp")
-                    // As the agent attaches it by default (`--xdp-mode`).
-                    .attach("eth0", XdpMode::default())
+                    .attach("eth0", mode)
                     .expect("attach XDP to the underlay");
                 dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
                     .expect("tc")
