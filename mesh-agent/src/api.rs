@@ -58,6 +58,10 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             }
             serde_json::to_vec_pretty(&sh.status)?
         }
+        "backends" => {
+            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec_pretty(&sh.backend_names)?
+        }
         other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown command {other:?}") }),
         )?,

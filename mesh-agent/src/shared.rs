@@ -11,6 +11,13 @@ use crate::{
     status::{Samples, Status},
 };
 
+/// Where a backend lives and what it is called.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct BackendName {
+    pub node: String,
+    pub container: String,
+}
+
 /// State shared with the control socket and /metrics.
 #[derive(Default)]
 pub struct Shared {
@@ -22,6 +29,8 @@ pub struct Shared {
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
     pub sweep: Option<Arc<SweepStats>>,
+    /// Every backend's address -> (node, container), for `meshctl backends`.
+    pub backend_names: BTreeMap<std::net::Ipv4Addr, BackendName>,
     /// The tunnel probes, once the host link is up.
     pub probe: Option<Arc<crate::probe::Probe>>,
     /// Map writes that failed (each retried by a later pass).

@@ -253,10 +253,20 @@ pub const BRIDGES: MapDef = def(
     "bridge ifindex -> Bridge{subnet, mask, gateway}: Docker's other networks",
 );
 
+/// Hash `VIP -> 0`: every service's VIP, so a ping to one is answered.
+pub const VIPS: MapDef = def(
+    "MESH_VIPS",
+    Hash,
+    MAX_SERVICES,
+    Agent,
+    "VIP -> 0: the addresses that answer ICMP echo",
+);
+
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 18] = [
+pub const ALL: [MapDef; 19] = [
     STATS,
     SERVICES,
+    VIPS,
     PUBLISHED,
     BACKENDS,
     MAGLEV,

@@ -136,6 +136,7 @@ counters! {
     TunnelNoRoute = 75, "tunnel_no_route", Drop, "Encapsulated for a node the routing table has no route to (blackhole, unreachable, prohibit).";
     TunnelTooBig = 76, "tunnel_too_big", Drop, "Encapsulated, longer than the MTU of the device the route to its node leaves by (not GSO): the tunnel MTU (--mtu) is too large for the path.";
     IngressRequestLost = 77, "ingress_request_lost", Drop, "Underlay TC: a routing-mesh request whose flow left conntrack after XDP balanced it.";
+    VipEcho = 78, "vip_echo", Path, "A ping to a service's VIP: answered by the data plane, as the VIP's own address would answer it.";
 }
 
 impl Stat {

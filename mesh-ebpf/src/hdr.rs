@@ -138,7 +138,9 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 #[repr(C)]

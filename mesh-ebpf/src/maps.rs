@@ -104,5 +104,9 @@ pub static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
 /// Docker's other bridge networks by their bridge's ifindex.
+/// Every service's VIP (a ping to one is answered).
+#[map(name = "MESH_VIPS")]
+pub static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
 #[map(name = "MESH_BRIDGES")]
 pub static BRIDGES: HashMap<u32, Bridge> = HashMap::with_max_entries(MAX_BRIDGES, 0);

@@ -19,11 +19,12 @@ use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     hdr::{
-        ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
+        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
     },
     lb,
-    maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC},
+    maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC, VIPS},
     nat::{self, End},
     parse::{self, ParseError, Parsed},
     stats::bump,
@@ -61,6 +62,32 @@ fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Resul
             Ok(v)
         }
     }
+}
+
+/// A ping to a VIP, answered here as the VIP's own address would answer
+/// it (`ping NAME` works, as with Swarm's VIPs): the echo request goes
+/// back into the container as the reply, addresses and MACs swapped.
+/// Anything else to a VIP that is not a service's port is left alone.
+#[inline(always)]
+fn vip_echo(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+    let icmp: IcmpHdr = Packet::load(ctx, pk.l4_off).ok_or(Stat::TcMalformed)?;
+    if icmp.kind != ICMP_ECHO_REQUEST || icmp.code != 0 {
+        return deliver(ctx, pk.t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
+    }
+    let macs: [[u8; 6]; 2] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+    tunnel::set_macs(ctx, &macs[1], &macs[0]).ok_or(Stat::NatRewriteFail)?;
+    // Swapped addresses leave the IPv4 checksum as it is.
+    let addrs = [pk.t.dst_be, pk.t.src_be];
+    Packet::store(ctx, ETH_HLEN + IP_SRC_OFF, &addrs).ok_or(Stat::NatRewriteFail)?;
+    // Type 8 -> 0 in the first 16-bit word of the ICMP header (as it lies
+    // in the packet: the helper takes network-order values).
+    let csum_off = pk.l4_off + ICMP_CSUM_OFF;
+    let from = u16::from_ne_bytes([ICMP_ECHO_REQUEST, 0]);
+    Packet::l4_csum_replace(ctx, csum_off, from as u32, 0, 2).ok_or(Stat::NatRewriteFail)?;
+    Packet::store(ctx, pk.l4_off, &ICMP_ECHO_REPLY).ok_or(Stat::NatRewriteFail)?;
+    bump(Stat::VipEcho);
+    // SAFETY: the context's own field: the veth this program runs on.
+    Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
 }
 
 /// Whether `src_be` is the address of the container behind this veth (the
@@ -108,6 +135,12 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     }
     let t = pk.t;
     if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
+        if t.proto == IPPROTO_ICMP && may_be_vip(t.dst_be) {
+            // SAFETY: plain data written by the agent.
+            if unsafe { VIPS.get(&t.dst_be) }.is_some() {
+                return vip_echo(ctx, &pk);
+            }
+        }
         return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
     }
     if t.dst_be == HAIRPIN_IP_BE {

@@ -97,6 +97,7 @@ fn endpoint(i: usize, j: usize) -> Endpoint {
         ports: vec![(80, 8080, Proto::Tcp)],
         state: mesh_common::lb::backend_state::ACTIVE,
         publish: vec![],
+        container: String::new(),
     }
 }
 

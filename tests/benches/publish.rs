@@ -107,10 +107,11 @@ fn main() {
         "", "req/s", "p50", "p99", "CPU/req"
     );
     for (name, port) in [
-        ("mesh (XDP DNAT, mesh.publish)", 8080u16),
+        ("mesh (XDP balances, TC DNATs; mesh.publish)", 8080u16),
         ("Docker -p (iptables DNAT, docker-proxy)", 9080),
     ] {
-        let to = SocketAddr::from(([192, 168, 91, 1], port));
+        let node: std::net::Ipv4Addr = underlay.addr(1).parse().expect("node 1's address");
+        let to = SocketAddr::from((node, port));
         // Warm-up; the last answer says how the replica saw the client.
         let seen = outside.run(|| {
             let mut seen = String::new();
@@ -121,6 +122,10 @@ fn main() {
             }
             seen
         });
+        assert!(
+            !seen.is_empty(),
+            "{name}: {to} answered none of 50 warm-up requests"
+        );
         let (busy0, _) = cpu_ticks();
         let start = Instant::now();
         let per = requests / clients;

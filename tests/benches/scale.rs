@@ -106,6 +106,7 @@ fn peers(services: usize, per: usize) -> BTreeMap<String, Peer> {
                 ports: vec![(80, 8080, Proto::Tcp)],
                 state: mesh_common::lb::backend_state::ACTIVE,
                 publish: vec![],
+                container: String::new(),
             });
         }
     }

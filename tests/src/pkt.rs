@@ -82,6 +82,16 @@ pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
     write_out(r, out)
 }
 
+/// Ethernet / IPv4 / ICMP echo reply with payload "ping".
+pub fn icmp4_echo_reply(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4_echo_reply(id, seq);
+    let mut out = Vec::new();
+    let r = b.write(&mut out, b"ping");
+    write_out(r, out)
+}
+
 /// Ethernet / IPv6 / UDP.
 pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_PEER, MAC_NODE)

@@ -391,6 +391,7 @@ fn replays_impostors_and_large_states() {
                     ports: vec![(80, 8080, Proto::Tcp), (443, 8443, Proto::Tcp)],
                     state: 0,
                     publish: vec![],
+                    container: String::new(),
                 };
                 (
                     peers::endpoint_key(&ep),
@@ -478,6 +479,7 @@ fn endpoints(ips: &[&str]) -> Vec<(String, String)> {
                 ports: vec![(80, 8080, Proto::Tcp)],
                 state: 0,
                 publish: vec![],
+                container: String::new(),
             };
             (
                 peers::endpoint_key(&ep),

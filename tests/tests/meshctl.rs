@@ -93,12 +93,19 @@ fn views_show_what_the_kernel_did() {
         "{table}"
     );
 
-    let backends = json(&dir, Cmd::Backends);
+    // No agent answers here: names are "-", the kernel's view is shown.
+    let backends = json(
+        &dir,
+        Cmd::Backends {
+            api_socket: dir.0.join("no-agent.sock"),
+        },
+    );
     let addrs: Vec<&str> = backends
         .iter()
         .filter_map(|b| b["address"].as_str())
         .collect();
     assert_eq!(addrs, ["10.42.0.11:8080", "10.42.0.12:5353"]);
+    assert!(backends.iter().all(|b| b["node"] == "-"), "{backends:?}");
 
     let ring = json(
         &dir,

@@ -318,6 +318,9 @@ impl demo::Hosts for LabHosts {
     fn node_ip(&self, n: usize) -> String {
         node_ip(n)
     }
+    fn node_name(&self, n: usize) -> String {
+        format!("n{n}")
+    }
     fn curl_outside(&self, url: &str) -> Result<String> {
         Cmd::new("ip")
             .args([

@@ -9,28 +9,54 @@ use mesh_common::{
 use serde::Serialize;
 
 use super::{CtlError, addr, table::Table};
-use crate::dataplane::lb::{LbMaps, MapsError};
+use crate::{
+    dataplane::lb::{LbMaps, MapsError},
+    shared::BackendName,
+};
 
 #[derive(Serialize)]
 pub struct BackendRow {
     pub id: u32,
     pub address: String,
     pub state: String,
+    /// The node it runs on and its container, as the agent knows them
+    /// ("-" when the agent does not answer).
+    pub node: String,
+    pub container: String,
     pub ifindex: u32,
     pub mac: String,
 }
 
 impl Table for BackendRow {
-    const HEADER: &'static [&'static str] = &["ID", "ADDRESS", "STATE", "IFINDEX", "MAC"];
+    const HEADER: &'static [&'static str] = &[
+        "ID",
+        "ADDRESS",
+        "STATE",
+        "NODE",
+        "CONTAINER",
+        "IFINDEX",
+        "MAC",
+    ];
     fn cells(&self) -> Vec<String> {
         vec![
             self.id.to_string(),
             self.address.clone(),
             self.state.clone(),
+            self.node.clone(),
+            self.container.clone(),
             self.ifindex.to_string(),
             self.mac.clone(),
         ]
     }
+}
+
+/// Every backend's node and container, from the agent (empty when it does
+/// not answer: the kernel's view is shown anyway).
+fn names(api_socket: &std::path::Path) -> BTreeMap<std::net::Ipv4Addr, BackendName> {
+    crate::api::ask(api_socket, "backends")
+        .ok()
+        .and_then(|raw| serde_json::from_str(&raw).ok())
+        .unwrap_or_default()
 }
 
 fn state_name(s: u8) -> String {
@@ -55,13 +81,30 @@ pub(super) fn all_backends(lb: &LbMaps) -> Result<BTreeMap<u32, Backend>, CtlErr
     Ok(m)
 }
 
-pub fn backends(lb: &LbMaps) -> Result<Vec<BackendRow>, CtlError> {
+pub fn backends(lb: &LbMaps, api_socket: &std::path::Path) -> Result<Vec<BackendRow>, CtlError> {
+    let names = names(api_socket);
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     Ok(all_backends(lb)?
         .into_iter()
-        .map(|(id, b)| BackendRow {
+        .map(|(id, b)| {
+            let name = names
+                .get(&std::net::Ipv4Addr::from(u32::from_be(b.ip_be)))
+                .cloned()
+                .unwrap_or_default();
+            (id, b, name)
+        })
+        .map(|(id, b, name)| BackendRow {
             id,
             address: addr(b.ip_be, b.port_be),
             state: state_name(b.state),
+            node: dash(&name.node),
+            container: dash(&name.container),
             ifindex: b.ifindex,
             mac: mesh_common::mac::Mac(b.mac).to_string(),
         })

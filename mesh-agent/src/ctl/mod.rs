@@ -67,8 +67,13 @@ pub enum Cmd {
         #[arg(long)]
         published: bool,
     },
-    /// Backends: id, address, state, local veth.
-    Backends,
+    /// Backends: id, address, state, local veth, and (from the agent) the
+    /// node and container each one is.
+    Backends {
+        /// The agent's control socket (names; without it, "-").
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
     /// A service's Maglev ring: slots and share per backend.
     Maglev {
         /// The service, as VIP:PORT/PROTO (e.g. 10.43.0.10:80/tcp).
@@ -122,9 +127,9 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
             let lb = open_lb(dir)?;
             render(args.json, &services(&lb, *published)?)
         }
-        Cmd::Backends => {
+        Cmd::Backends { api_socket } => {
             let lb = open_lb(dir)?;
-            render(args.json, &backends(&lb)?)
+            render(args.json, &backends(&lb, api_socket)?)
         }
         Cmd::Maglev { service } => {
             let key = parse_service(service)?;

@@ -77,6 +77,8 @@ struct Written {
     published: BTreeMap<PublishedKey, Published>,
     /// Docker's other bridges, by ifindex (`MESH_BRIDGES`).
     bridges: BTreeMap<u32, mesh_common::tunnel::Bridge>,
+    /// Every service's VIP (`MESH_VIPS`).
+    vips: BTreeMap<u32, u32>,
     /// Their widest mask, as written into `MESH_CONFIG` (None: not yet).
     bridge_mask_be: Option<u32>,
     /// Our endpoints as last published in gossip (key -> JSON).
@@ -136,6 +138,7 @@ impl Daemon {
             local_eps: overlay.read_local_eps()?,
             veth_src: overlay.read_veth_src()?,
             bridges: overlay.read_bridges()?,
+            vips: overlay.read_vips()?,
             bridge_mask_be: None,
             published: lb
                 .read_published()?

@@ -74,6 +74,7 @@ impl Daemon {
         }
         self.attachments.sweep(&st.veths);
         self.write_bridges(&mut failed);
+        self.write_vips(&mut failed);
         self.publish(&st);
         let plan = reconcile::plan(&st.lb, &self.written.lb);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
@@ -243,6 +244,25 @@ impl Daemon {
         );
         failed.extend(errors.iter().map(|e| format!("veth sources: {e}")));
         failed
+    }
+
+    /// Every service's VIP in `MESH_VIPS`, so a ping to one is answered
+    /// (a VIP is an address containers are told to use).
+    fn write_vips(&mut self, failed: &mut Vec<String>) {
+        let want: BTreeMap<u32, u32> = self
+            .written
+            .lb
+            .services
+            .keys()
+            .map(|a| (u32::from(a.vip).to_be(), 0))
+            .collect();
+        let ops = table::plan(&want, &self.written.vips);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.overlay.vips),
+            &mut self.written.vips,
+        );
+        failed.extend(errors.iter().map(|e| format!("VIP table: {e}")));
     }
 
     /// Docker's other bridges: their subnets in `MESH_BRIDGES`, then the
@@ -419,6 +439,24 @@ impl Daemon {
                 debug!(container = %s.container, error = %s.error, "container skipped");
             }
         }
+        let own = self
+            .cluster
+            .as_ref()
+            .map_or_else(|| "this node".to_owned(), |c| c.node_id.clone());
+        sh.backend_names = st
+            .endpoints
+            .iter()
+            .map(|e| (own.clone(), e))
+            .chain(
+                peers
+                    .iter()
+                    .flat_map(|(n, p)| p.endpoints.iter().map(move |e| (n.clone(), e))),
+            )
+            .map(|(node, e)| {
+                let container = e.container.clone();
+                (e.ip, crate::shared::BackendName { node, container })
+            })
+            .collect();
         sh.status.services = st.services.clone();
         sh.status.skipped = st.skipped.clone();
         sh.status.docker.containers = self.docker.containers.len();

@@ -28,6 +28,8 @@ pub struct OverlayMaps {
     pub config: Array<MapData, Config>,
     /// Docker's other bridge networks, by bridge ifindex.
     pub bridges: HashMap<MapData, u32, Bridge>,
+    /// Every service's VIP (a ping to one is answered).
+    pub vips: HashMap<MapData, u32, u32>,
 }
 
 fn err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -39,7 +41,7 @@ impl OverlayMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let mut take =
             |def: &maps::MapDef| ebpf.take_map(def.name).ok_or(MapsError::Missing(def.name));
-        let (local, nodes, eps, peers, veth_src, config, bridges) = (
+        let (local, nodes, eps, peers, veth_src, config, bridges, vips) = (
             take(&maps::LOCAL_NODE)?,
             take(&maps::NODES)?,
             take(&maps::LOCAL_EPS)?,
@@ -47,6 +49,7 @@ impl OverlayMaps {
             take(&maps::VETH_SRC)?,
             take(&maps::CONFIG)?,
             take(&maps::BRIDGES)?,
+            take(&maps::VIPS)?,
         );
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE.name))?,
@@ -56,7 +59,13 @@ impl OverlayMaps {
             veth_src: veth_src.try_into().map_err(err(maps::VETH_SRC.name))?,
             config: config.try_into().map_err(err(maps::CONFIG.name))?,
             bridges: bridges.try_into().map_err(err(maps::BRIDGES.name))?,
+            vips: vips.try_into().map_err(err(maps::VIPS.name))?,
         })
+    }
+
+    /// The VIPs that answer pings, as the kernel has them.
+    pub fn read_vips(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
+        read_all(&self.vips).map_err(err(maps::VIPS.name))
     }
 
     /// Docker's other bridge networks as the kernel has them.

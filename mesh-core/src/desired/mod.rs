@@ -167,6 +167,7 @@ fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<S
                 .iter()
                 .map(|p| (p.published, p.vip_port, p.proto))
                 .collect(),
+            container: c.name.trim_start_matches('/').to_owned(),
         };
         st.endpoints.push(ep.clone());
         members.push(Member {

@@ -78,6 +78,7 @@ fn local_and_remote_backends_share_one_service() {
                 ports: vec![(80, 8080, Proto::Tcp)],
                 state: backend_state::ACTIVE,
                 publish: vec![],
+                container: String::new(),
             }]),
             ..Peer::default()
         },

@@ -143,6 +143,7 @@ mod tests {
             ports: vec![(80, 80, Proto::Tcp)],
             state: 0,
             publish: vec![],
+            container: String::new(),
         }
     }
 

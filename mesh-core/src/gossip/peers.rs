@@ -62,6 +62,10 @@ pub struct Endpoint {
     /// this service (the same on every node; absent from older agents).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<(u16, u16, Proto)>,
+    /// Its container's name (for `meshctl backends`; absent from older
+    /// agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
 }
 
 /// Another node as gossip describes it.
@@ -316,6 +320,7 @@ mod tests {
             ports: vec![(80, 8080, Proto::Tcp)],
             state: 0,
             publish: vec![],
+            container: String::new(),
         };
         (endpoint_key(&e), serde_json::to_string(&e).expect("json"))
     }

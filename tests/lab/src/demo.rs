@@ -25,6 +25,8 @@ pub trait Hosts {
     fn docker(&self, n: usize, args: &[&str]) -> Result<String>;
     /// Node `n`'s underlay address.
     fn node_ip(&self, n: usize) -> String;
+    /// Node `n`'s name in the cluster.
+    fn node_name(&self, n: usize) -> String;
     /// `curl -s --max-time 3 URL` from a host outside the cluster.
     fn curl_outside(&self, url: &str) -> Result<String>;
     /// That host's address (as the replicas should see it).
@@ -44,6 +46,12 @@ pub struct Report {
     pub curls: Vec<(String, String)>,
     /// (node, answer) of every curl of the VIP on a node itself.
     pub host_curls: Vec<(usize, String)>,
+    /// `ping -c 2 whoami` from node 3's client: its summary line.
+    pub ping: String,
+    /// `meshctl backends` on node 3.
+    pub backends: String,
+    /// The nodes' names in the cluster (nodes 1 to 3).
+    pub node_names: Vec<String>,
 }
 
 impl Report {
@@ -51,8 +59,25 @@ impl Report {
     /// one replica (12 random flows miss one of 3 replicas 2% of the time,
     /// so all 3 is not asked), every node's published port answered by a
     /// replica that saw `outside` (the client's own address) as the client,
-    /// and the VIP answered on every node itself.
+    /// the VIP answered on every node itself, the VIP answered a ping, and
+    /// `meshctl backends` names every replica's node and container.
     pub fn check(&self, outside: &str) -> Result<()> {
+        if !self.ping.contains("2 packets received") {
+            bail!("ping whoami: 2 answers expected: {:?}", self.ping);
+        }
+        for (n, name) in NAMES {
+            let node = self.node_names.get(n - 1).map_or("?", String::as_str);
+            if !self
+                .backends
+                .lines()
+                .any(|l| l.contains(&format!(" {node} ")) && l.contains(&format!(" {name} ")))
+            {
+                bail!(
+                    "meshctl backends names {name} on node {node}:\n{}",
+                    self.backends
+                );
+            }
+        }
         if self.answers.len() < 2 || self.answers.values().sum::<usize>() != 12 {
             bail!("12 requests over the replicas expected: {:?}", self.answers);
         }
@@ -120,12 +145,26 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
             report.vip
         );
     }
-    println!("\n== from the client on node 3: the name, then 12 requests to the VIP");
+    println!(
+        "\n== from the client on node 3: the name, a ping (the VIP answers), then 12 requests to the VIP"
+    );
     println!(
         "{}",
         h.docker(3, &["exec", "client", "nslookup", "whoami"])
             .unwrap_or_else(|e| e.to_string())
     );
+    let ping = h
+        .docker(
+            3,
+            &["exec", "client", "ping", "-c", "2", "-W", "2", "whoami"],
+        )
+        .unwrap_or_else(|e| e.to_string());
+    println!("{ping}");
+    report.ping = ping
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_string();
     let target = format!("{}:80", report.vip);
     let args = whoami::ask_args("client", "tcp", &target, 12, 100, 2000);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -146,6 +185,13 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
             println!("{}\n", h.docker(n, &a).unwrap_or_else(|e| e.to_string()));
         }
     }
+    println!("== node 3: meshctl backends (the node and container of each)");
+    let backends = h
+        .docker(3, &["exec", "mesh-agent", "/meshctl", "backends"])
+        .unwrap_or_else(|e| e.to_string());
+    println!("{backends}\n");
+    report.backends = backends;
+    report.node_names = (1..=3).map(|n| h.node_name(n)).collect();
     println!(
         "== the routing mesh: from {}, a host outside the cluster, curl every node's port \
          {PUBLISHED} (whoami answers with its name and the client it sees)",

@@ -259,6 +259,10 @@ impl crate::demo::Hosts for Lab {
     fn node_ip(&self, n: usize) -> String {
         format!("{PREFIX}.{}", 10 + n)
     }
+    fn node_name(&self, n: usize) -> String {
+        // vagrant/provision.sh: MESH_NODE_NAME=node$n.
+        format!("node{n}")
+    }
     fn curl_outside(&self, url: &str) -> Result<String> {
         // The host itself: on the VMs' network, not a node.
         Cmd::new("curl")
