@@ -320,7 +320,7 @@ fn routing_mesh() {
     );
     one_run_row(
         &mut h,
-        "new flow, backend here (conntrack inserts, Maglev, DNAT)",
+        "new flow, backend here (conntrack inserts, Maglev; TC translates)",
         &|i| from(20_000 + i, ingress::PUBLISHED_LOCAL, |b| b.syn()),
         &[Stat::LbNewFlow, Stat::IngressLocal],
     );
@@ -351,7 +351,7 @@ fn routing_mesh() {
     );
     one_run_row(
         &mut h,
-        "new flow, backend on another node (+ MSS clamp)",
+        "new flow, backend on another node",
         &|i| from(30_000 + i, ingress::PUBLISHED_TCP, |b| b.syn()),
         &[Stat::LbNewFlow, Stat::IngressRemote],
     );
