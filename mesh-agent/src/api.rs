@@ -58,6 +58,10 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             }
             serde_json::to_vec_pretty(&sh.status)?
         }
+        "nodes" => {
+            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec_pretty(&node_rows(&sh))?
+        }
         "backends" => {
             let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
             serde_json::to_vec_pretty(&sh.backend_names)?
@@ -68,6 +72,58 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
     };
     w.write_all(&body).await?;
     w.shutdown().await
+}
+
+/// The node table: this node, then every node gossip showed, with its
+/// state now and its tunnel as the probes find it.
+fn node_rows(sh: &crate::shared::Shared) -> Vec<crate::status::NodeRow> {
+    let st = &sh.status;
+    let tunnels = sh.probe.as_ref().map(|p| p.report()).unwrap_or_default();
+    let mut rows = vec![crate::status::NodeRow {
+        name: st.node.name.clone(),
+        this: true,
+        underlay: st.node.underlay.clone(),
+        subnet: st.node.subnet.clone(),
+        state: "alive".into(),
+        gone_s: 0.0,
+        version: st.version.clone(),
+        tunnel: String::new(),
+    }];
+    for (name, k) in &sh.known_nodes {
+        let live = st.node.peers.contains(name);
+        let state = if !live {
+            "dead"
+        } else if st.node.restarting.contains(name) {
+            "restarting"
+        } else {
+            "alive"
+        };
+        let tunnel = tunnels
+            .iter()
+            .find(|t| &t.peer == name)
+            .map_or_else(String::new, |t| {
+                if t.up {
+                    format!("ok ({:.2} ms)", t.rtt_ms)
+                } else {
+                    format!("NO ANSWER for {:.0} s", t.silent_s)
+                }
+            });
+        rows.push(crate::status::NodeRow {
+            name: name.clone(),
+            this: false,
+            underlay: k.underlay.clone(),
+            subnet: k.subnet.clone(),
+            state: state.into(),
+            gone_s: if live {
+                0.0
+            } else {
+                k.seen.elapsed().as_secs_f64()
+            },
+            version: k.version.clone(),
+            tunnel,
+        });
+    }
+    rows
 }
 
 /// Asks the agent at `path` for `command`; the raw JSON answer.

@@ -112,6 +112,10 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
             peers::KEY_VXLAN_PORT.to_string(),
             cfg.vxlan_port.to_string(),
         ),
+        (
+            peers::KEY_VERSION.to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
     ];
     let stats = Arc::new(GossipStats::default());
     let handle = gossip::start(gossip_cfg, kvs, stats.clone()).await?;

@@ -11,6 +11,16 @@ use crate::{
     status::{Samples, Status},
 };
 
+/// A node as gossip last showed it.
+#[derive(Clone, Debug)]
+pub struct KnownNode {
+    pub underlay: String,
+    pub subnet: String,
+    pub version: String,
+    /// When a pass last found it among the live peers.
+    pub seen: std::time::Instant,
+}
+
 /// Where a backend lives and what it is called.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BackendName {
@@ -31,6 +41,8 @@ pub struct Shared {
     pub sweep: Option<Arc<SweepStats>>,
     /// Every backend's address -> (node, container), for `meshctl backends`.
     pub backend_names: BTreeMap<std::net::Ipv4Addr, BackendName>,
+    /// Every node this agent has seen in gossip, this one included.
+    pub known_nodes: BTreeMap<String, KnownNode>,
     /// The tunnel probes, once the host link is up.
     pub probe: Option<Arc<crate::probe::Probe>>,
     /// Map writes that failed (each retried by a later pass).

@@ -47,6 +47,9 @@ pub struct Node {
     #[serde(default)]
     pub clustered: bool,
     pub subnet: String,
+    /// Its underlay address (in a cluster).
+    #[serde(default)]
+    pub underlay: String,
     pub vip_cidr: String,
     pub bpffs_dir: String,
     /// How the host itself reaches VIPs: its host link, or why it has none
@@ -56,6 +59,24 @@ pub struct Node {
     /// Whether each peer's tunnel carries traffic both ways (probes).
     #[serde(default)]
     pub tunnels: Vec<Tunnel>,
+}
+
+/// One node of the cluster, as this node knows it (`meshctl nodes`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeRow {
+    pub name: String,
+    /// This node itself.
+    pub this: bool,
+    pub underlay: String,
+    pub subnet: String,
+    /// `alive`, `restarting` (it said it was stopping; its endpoints are
+    /// held) or `dead` (gone from gossip).
+    pub state: String,
+    /// Seconds since gossip last showed it alive (0 while it is).
+    pub gone_s: f64,
+    pub version: String,
+    /// Its tunnel as the probes find it: `ok`, `NO ANSWER`, or empty.
+    pub tunnel: String,
 }
 
 /// One peer's tunnel, as this node's probes find it.

@@ -938,6 +938,29 @@ fn docker_two_nodes_share_services_over_the_overlay() {
     underlay.block_udp(2, 4789, false);
     a1.wait_for("n2's tunnel back", WAIT, |s| tunnel(s) == Some(true));
 
+    // The node table (`meshctl nodes`) as node 1's agent answers it.
+    let nodes = || -> Vec<mesh_agent::status::NodeRow> {
+        let raw = mesh_agent::api::ask(&a1.api_socket, "nodes").expect("the agent answers");
+        serde_json::from_str(&raw).expect("a node table")
+    };
+    let row = |rows: &[mesh_agent::status::NodeRow], name: &str| {
+        rows.iter().find(|r| r.name == name).cloned()
+    };
+    let table = nodes();
+    println!("meshctl nodes on n1: {table:?}");
+    let n2 = row(&table, "n2").expect("n2 listed");
+    assert!(row(&table, "n1").is_some_and(|r| r.this && r.state == "alive"));
+    assert_eq!(
+        (n2.state.as_str(), n2.underlay.as_str(), n2.version.as_str()),
+        (
+            "alive",
+            underlay.addr(2).as_str(),
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert!(n2.tunnel.starts_with("ok"), "{n2:?}");
+    assert_eq!(n2.subnet, s2.node.subnet);
+
     // Node 2 is cut off: its backends leave node 1's maps within 5 s.
     let cut = std::time::Instant::now();
     underlay.set_link(2, false);
@@ -948,6 +971,9 @@ fn docker_two_nodes_share_services_over_the_overlay() {
     });
     let gone = cut.elapsed();
     println!("n2 cut off: its backends left n1's maps after {gone:?}");
+    let n2 = row(&nodes(), "n2").expect("n2 still listed");
+    println!("n2 in n1's node table after the cut: {n2:?}");
+    assert_eq!(n2.state, "dead", "{n2:?}");
     assert!(
         gone <= Duration::from_secs(5) + Duration::from_millis(500),
         "within 5 s (status polled every 50 ms)"

@@ -5,6 +5,7 @@ mod backends;
 mod conntrack;
 mod maglev;
 mod maps;
+mod nodes;
 mod services;
 mod stats;
 mod status;
@@ -56,6 +57,13 @@ pub enum Cmd {
     /// The agent's own view: node, Docker connection, services with VIPs and
     /// endpoint counts, containers skipped and why (asks the control socket).
     Status {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Nodes of the cluster: underlay address, /24, state (alive,
+    /// restarting, dead), agent version, whether its tunnel answers.
+    Nodes {
         /// The agent's control socket.
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
@@ -122,6 +130,7 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
     match &args.cmd {
         Cmd::Status { api_socket } => status::status_view(api_socket, args.json),
         Cmd::Stats { all } => stats::stats_view(dir, *all, args.json),
+        Cmd::Nodes { api_socket } => render(args.json, &nodes::nodes(api_socket)?),
         Cmd::Maps => render(args.json, &maps(dir)?),
         Cmd::Services { published } => {
             let lb = open_lb(dir)?;

@@ -462,7 +462,36 @@ impl Daemon {
         sh.status.docker.containers = self.docker.containers.len();
         sh.status.event_to_map_ms = sh.latency.summary();
         if let Some(c) = &self.cluster {
+            let now = std::time::Instant::now();
+            for (name, p) in peers.iter() {
+                let subnet = p.subnet.as_ref().map_or_else(String::new, |claim| {
+                    crate::gossip::subnet::subnet(c.cluster_cidr, claim.index).to_string()
+                });
+                sh.known_nodes.insert(
+                    name.clone(),
+                    crate::shared::KnownNode {
+                        underlay: p.underlay.map_or_else(String::new, |u| u.to_string()),
+                        subnet,
+                        version: p.version.clone().unwrap_or_default(),
+                        seen: now,
+                    },
+                );
+            }
+            // Bounded: the oldest dead beyond the node table's size go.
+            while sh.known_nodes.len() > mesh_common::maps::MAX_NODES as usize {
+                let Some(oldest) = sh
+                    .known_nodes
+                    .iter()
+                    .min_by_key(|(_, k)| k.seen)
+                    .map(|(n, _)| n.clone())
+                else {
+                    break;
+                };
+                sh.known_nodes.remove(&oldest);
+            }
             sh.status.node.name = c.node_id.clone();
+            sh.status.node.underlay =
+                Ipv4Addr::from(u32::from_be(c.local.underlay_ip_be)).to_string();
             sh.status.node.peers = peers.keys().cloned().collect();
             sh.status.node.restarting = peers
                 .iter()

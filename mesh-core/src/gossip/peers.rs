@@ -30,6 +30,8 @@ pub const KEY_UNDERLAY: &str = "underlay";
 pub const KEY_MAC: &str = "mac";
 /// The UDP port its VXLAN listens on (absent: 4789).
 pub const KEY_VXLAN_PORT: &str = "vxlan_port";
+/// The version of its agent.
+pub const KEY_VERSION: &str = "version";
 pub const KEY_SUBNET: &str = "subnet";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
@@ -75,6 +77,8 @@ pub struct Peer {
     pub mac: Option<[u8; 6]>,
     /// Its VXLAN UDP port ([`KEY_VXLAN_PORT`]).
     pub vxlan_port: Option<u16>,
+    /// Its agent's version ([`KEY_VERSION`]).
+    pub version: Option<String>,
     pub subnet: Option<super::subnet::Claim>,
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
@@ -93,6 +97,7 @@ struct Generation {
     underlay: Option<Ipv4Addr>,
     mac: Option<[u8; 6]>,
     vxlan_port: Option<u16>,
+    version: Option<String>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
     /// The hold it asked for when it said it was stopping.
@@ -113,6 +118,11 @@ impl Generation {
                 .and_then(|v| v.parse::<mesh_common::mac::Mac>().ok())
                 .map(|m| m.0),
             vxlan_port: state.get(KEY_VXLAN_PORT).and_then(|v| v.parse().ok()),
+            // Bounded: a version string, not a document.
+            version: state
+                .get(KEY_VERSION)
+                .filter(|v| v.len() <= 64)
+                .map(str::to_owned),
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
@@ -264,6 +274,9 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     }
     if let Some(port) = g.vxlan_port {
         p.vxlan_port = Some(port);
+    }
+    if let Some(v) = &g.version {
+        p.version = Some(v.clone());
     }
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());

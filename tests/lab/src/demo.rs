@@ -185,6 +185,12 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
             println!("{}\n", h.docker(n, &a).unwrap_or_else(|e| e.to_string()));
         }
     }
+    println!("== node 3: meshctl nodes");
+    println!(
+        "{}\n",
+        h.docker(3, &["exec", "mesh-agent", "/meshctl", "nodes"])
+            .unwrap_or_else(|e| e.to_string())
+    );
     println!("== node 3: meshctl backends (the node and container of each)");
     let backends = h
         .docker(3, &["exec", "mesh-agent", "/meshctl", "backends"])
