@@ -569,6 +569,78 @@ fn docker_containers_resolve_service_names_with_no_extra_flags() {
     assert_eq!(nslookup(&engine, &["whoami"]), [vip], "the VIP stays");
 }
 
+/// The agent's /metrics pass `promtool check metrics` (Debian's
+/// Prometheus): names, units, help and types as Prometheus wants them.
+#[test]
+fn docker_metrics_pass_promtool() {
+    // A node of a cluster (alone), so every family is there.
+    let underlay = Underlay::new();
+    let engine = Engine::start();
+    underlay.attach(&engine, 1);
+    engine.import_whoami();
+    let key = engine.dir.join("cluster.key");
+    std::fs::write(
+        &key,
+        "1f1e1d1c1b1a19181716151413121110f1e1d1c1b1a191817161514131211100\n",
+    )
+    .expect("key");
+    let key = key.display().to_string();
+    let agent = Agent::start(
+        &engine,
+        &[
+            "--cluster-key-file",
+            &key,
+            "--node-name",
+            "n1",
+            "--mtu",
+            "1350",
+        ],
+    );
+    agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
+    engine.run_whoami("w1", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
+    whoami_vip(&agent, 1);
+    let body = engine.ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("/metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("ask");
+        let mut out = String::new();
+        s.take(4 << 20).read_to_string(&mut out).expect("read");
+        out
+    });
+    let metrics = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .expect("an HTTP answer");
+    assert!(metrics.contains("mesh_service_bytes_total"), "{metrics}");
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus)");
+    std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), metrics.as_bytes())
+        .expect("to promtool");
+    let out = check.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "promtool check metrics on {} lines: {}",
+        metrics.lines().count(),
+        if said.trim().is_empty() {
+            "clean"
+        } else {
+            said.trim()
+        }
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
 /// `nslookup NAME` in a new container on Docker network `network` (not
 /// `mesh`): the addresses answered.
 fn nslookup_on(engine: &Engine, network: &str, name: &str) -> Vec<String> {

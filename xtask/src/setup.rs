@@ -39,6 +39,10 @@ const APT: &[(&str, &str)] = &[
         "the lab's underlay completes checksums as a real wire does",
     ),
     ("tcpdump", "captures on the lab's underlay in tests"),
+    (
+        "prometheus",
+        "promtool checks the agent's /metrics (the server is not started)",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
