@@ -27,7 +27,15 @@ use crate::{
 /// This node's settings, when the agent has enabled the overlay.
 #[inline(always)]
 pub fn local() -> Option<LocalNode> {
-    LOCAL_NODE.get(0).copied().filter(|l| l.enabled == 1)
+    local_ref().copied()
+}
+
+/// [`local`] in the map, not copied: a pointer the verifier follows
+/// through branches, where a copied `Option<LocalNode>` may leave stack
+/// slots it cannot prove written.
+#[inline(always)]
+pub fn local_ref() -> Option<&'static LocalNode> {
+    LOCAL_NODE.get(0).filter(|l| l.enabled == 1)
 }
 
 /// Where an address lives.

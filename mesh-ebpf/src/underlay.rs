@@ -16,8 +16,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        BALANCED_MARK, DECAP_MARK, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
-        VXLAN_PORT,
+        BALANCED_MARK, DECAP_MARK, LocalNode, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I,
+        VXLAN_HLEN, VXLAN_PORT,
     },
 };
 
@@ -51,16 +51,15 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
     if pk.fragment {
         return pass(Stat::XdpFragment);
     }
-    // A plain scalar: an Option<LocalNode> carried across branches leaves
-    // the verifier registers it cannot prove were written.
-    let vxlan_port_be = tunnel::local().map_or(VXLAN_PORT.to_be(), |l| l.vxlan_port_be());
+    let local = tunnel::local_ref();
+    let vxlan_port_be = local.map_or(VXLAN_PORT.to_be(), |l| l.vxlan_port_be());
     match pk.t.proto {
-        IPPROTO_UDP if pk.t.dport_be == vxlan_port_be => vxlan(ctx, &pk),
+        IPPROTO_UDP if pk.t.dport_be == vxlan_port_be => vxlan(ctx, &pk, local),
         IPPROTO_UDP | IPPROTO_TCP => {
             // The routing mesh: a published port of this node.
-            if let Some(local) = tunnel::local()
+            if let Some(local) = local
                 && pk.t.dst_be == local.underlay_ip_be
-                && let Some(r) = ingress::request(ctx, &pk, &local)
+                && let Some(r) = ingress::request(ctx, &pk, local)
             {
                 return r;
             }
@@ -73,12 +72,12 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
 /// VXLAN: decapsulated and passed up only when it comes from a current
 /// cluster node to this node's address, is well formed, carries the
 /// cluster VNI and a packet for this node's /24. The decapsulated frame is
-/// marked (XDP metadata) so the underlay TC program hands it to the
+/// marked (`mark`, in its destination MAC) so the underlay TC program hands it to the
 /// container; the container's veth egress program then does any reverse
 /// NAT. Anything else passes untouched, to the stack and the host's firewall.
 #[inline(always)]
-fn vxlan(ctx: &XdpContext, pk: &Parsed) -> Result<Verdict, Stat> {
-    let Some(local) = tunnel::local() else {
+fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Verdict, Stat> {
+    let Some(local) = local.copied() else {
         return pass(Stat::XdpVxlan);
     };
     if pk.t.dst_be != local.underlay_ip_be {

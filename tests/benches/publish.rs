@@ -60,12 +60,7 @@ fn main() {
     let engine = Engine::start();
     underlay.attach(&engine, 1);
     engine.import_whoami();
-    let key = engine.dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )
-    .expect("key");
+    let key = engine.write_cluster_key();
     let agent = Agent::in_container(&engine, Some(&key), &underlay.cluster_flags("n1", &[]));
     agent.wait_for("docker connected", Duration::from_secs(60), |s| {
         s.docker.connected

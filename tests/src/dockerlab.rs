@@ -166,6 +166,18 @@ impl Engine {
         }
     }
 
+    /// Writes a cluster key (the same on every engine of a test) into this
+    /// engine's directory; its path.
+    pub fn write_cluster_key(&self) -> PathBuf {
+        let key = self.dir.join("cluster.key");
+        fs::write(
+            &key,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+        )
+        .expect("cluster key");
+        key
+    }
+
     /// The data plane's counters by name, from `meshctl stats --all` in
     /// the agent container.
     pub fn mesh_counters(&self) -> std::collections::BTreeMap<String, u64> {

@@ -578,12 +578,7 @@ fn docker_metrics_pass_promtool() {
     let engine = Engine::start();
     underlay.attach(&engine, 1);
     engine.import_whoami();
-    let key = engine.dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "1f1e1d1c1b1a19181716151413121110f1e1d1c1b1a191817161514131211100\n",
-    )
-    .expect("key");
+    let key = engine.write_cluster_key();
     let key = key.display().to_string();
     let agent = Agent::start(
         &engine,
@@ -730,12 +725,7 @@ fn docker_containers_are_not_open_to_the_underlay_whatever_the_forward_policy() 
     let engine = Engine::start_forwarding();
     underlay.attach(&engine, 1);
     engine.import_whoami();
-    let key = engine.dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\n",
-    )
-    .expect("key");
+    let key = engine.write_cluster_key();
     let agent = Agent::in_container(&engine, Some(&key), &underlay.cluster_flags("n1", &[]));
     agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
     let policy = std::process::Command::new("ip")
@@ -845,12 +835,7 @@ fn docker_a_node_takes_the_default_route_and_another_vxlan_port_is_refused() {
     let (e1, e2) = (Engine::start(), Engine::start());
     underlay.attach(&e1, 1);
     underlay.attach(&e2, 2);
-    let key = e1.dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "8899aabbccddeeff00112233445566778899aabbccddeeff0011223344556677\n",
-    )
-    .expect("key");
+    let key = e1.write_cluster_key();
     let a1 = Agent::in_container(&e1, Some(&key), &underlay.cluster_flags("n1", &[]));
     a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);
     let seed = format!("{}:7946", underlay.addr(1));
@@ -899,12 +884,7 @@ fn docker_two_nodes_share_services_over_the_overlay() {
     let (e1, e2) = (Engine::start(), Engine::start());
     underlay.attach(&e1, 1);
     underlay.attach(&e2, 2);
-    let key = e1.dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d911017c592\n",
-    )
-    .expect("key");
+    let key = e1.write_cluster_key();
     let a1 = Agent::in_container(&e1, Some(&key), &underlay.cluster_flags("n1", &[1, 2]));
     let a2 = Agent::in_container(&e2, Some(&key), &underlay.cluster_flags("n2", &[1, 2]));
     let s1 = a1.wait_for("n1 connected", WAIT, |s| s.docker.connected);

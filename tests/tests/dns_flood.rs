@@ -48,12 +48,7 @@ fn dns_flood_with_a_dead_upstream_and_idle_tcp_clients() {
     for (i, e) in engines.iter().enumerate() {
         underlay.attach(e, i as u8 + 1);
     }
-    let key = engines[0].dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )
-    .expect("key");
+    let key = engines[0].write_cluster_key();
     let agents: Vec<Agent> = (1..=2u8)
         .map(|n| {
             let mut flags = underlay.cluster_flags(&format!("n{n}"), &[1]);

@@ -79,10 +79,6 @@ fn split_peer(answer: &str) -> Result<(String, String), String> {
 }
 
 /// The node's packet counters (`meshctl stats`), by name.
-fn counters(e: &Engine) -> std::collections::BTreeMap<String, u64> {
-    e.mesh_counters()
-}
-
 fn quantile(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * q).round() as usize]
@@ -96,12 +92,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         underlay.attach(e, i as u8 + 1);
         e.import_whoami();
     }
-    let key = engines[0].dir.join("cluster.key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )
-    .expect("key");
+    let key = engines[0].write_cluster_key();
     let agents: Vec<Agent> = (1..=3u8)
         .map(|n| {
             let flags = underlay.cluster_flags(&format!("n{n}"), &[1, 2]);
@@ -331,7 +322,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         }
     }
     for (i, e) in engines.iter().enumerate() {
-        let c = counters(e);
+        let c = e.mesh_counters();
         let get = |k: &str| c.get(k).copied().unwrap_or(0);
         println!(
             "node {}: bridge_local {}, bridge_remote {}, bridge_spoofed {}",
