@@ -1,6 +1,7 @@
 //! The control socket (default /run/mesh/agent.sock). A client connects,
 //! sends one line with a command ("status"), and reads one JSON document
-//! until EOF. Unknown commands get `{"error": ...}`.
+//! until EOF. Unknown commands get `{"error": ...}`, and so do requests
+//! the agent refuses (`network create|rm`).
 
 use std::{
     path::Path,
@@ -66,12 +67,74 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
             serde_json::to_vec_pretty(&sh.backend_names)?
         }
+        "networks" => {
+            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec_pretty(&sh.networks)?
+        }
+        cmd if cmd.starts_with("network ") => network(cmd, &shared).await?,
         other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown command {other:?}") }),
         )?,
     };
     w.write_all(&body).await?;
     w.shutdown().await
+}
+
+/// `network create NAME [SUBNET]` or `network rm NAME`, handed to the
+/// daemon; its answer (the new network's row, `{}`) or `{"error": ...}`.
+async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
+    use crate::daemon::NetworkRequest as R;
+    let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
+    let Some(tx) = shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .net_requests
+        .clone()
+    else {
+        return Ok(err("the agent takes no network requests yet".into())?);
+    };
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let ask = |r: R| async {
+        tx.send(r)
+            .await
+            .map_err(|_| "the agent is stopping".to_owned())
+    };
+    let wait = Duration::from_secs(10);
+    let body = match words.as_slice() {
+        ["network", "create", name, rest @ ..] if rest.len() <= 1 => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let r = R::Create {
+                name: (*name).to_owned(),
+                subnet: rest.first().map(|s| (*s).to_owned()),
+                reply,
+            };
+            match ask(r).await {
+                Err(e) => err(e)?,
+                Ok(()) => match tokio::time::timeout(wait, answer).await {
+                    Ok(Ok(Ok(row))) => serde_json::to_vec_pretty(&row)?,
+                    Ok(Ok(Err(e))) => err(e)?,
+                    _ => err("the agent did not answer in time".into())?,
+                },
+            }
+        }
+        ["network", "rm", name] => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let r = R::Remove {
+                name: (*name).to_owned(),
+                reply,
+            };
+            match ask(r).await {
+                Err(e) => err(e)?,
+                Ok(()) => match tokio::time::timeout(wait, answer).await {
+                    Ok(Ok(Ok(()))) => b"{}".to_vec(),
+                    Ok(Ok(Err(e))) => err(e)?,
+                    _ => err("the agent did not answer in time".into())?,
+                },
+            }
+        }
+        _ => err(format!("unknown command {cmd:?}"))?,
+    };
+    Ok(body)
 }
 
 /// The node table: this node, then every node gossip showed, with its

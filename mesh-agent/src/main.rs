@@ -360,11 +360,17 @@ async fn run(args: Args) -> Result<()> {
         vip_cidr: args.vip_cidr,
         bridge: args.bridge,
         mtu: args.mtu,
+        vni: args.vni,
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
         dns,
     };
-    let mut daemon = Daemon::new(settings, cluster, ebpf, lb, overlay, shared)?;
+    let (net_tx, net_rx) = mesh_agent::daemon::network_channel();
+    shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .net_requests = Some(net_tx);
+    let mut daemon = Daemon::new(settings, cluster, ebpf, lb, overlay, shared, net_rx)?;
     let stop = tokio::select! {
         r = daemon.run() => return r,
         r = shutdown() => r,

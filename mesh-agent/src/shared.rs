@@ -47,6 +47,10 @@ pub struct Shared {
     pub probe: Option<Arc<crate::probe::Probe>>,
     /// Map writes that failed (each retried by a later pass).
     pub write_errors: u64,
+    /// The overlay networks (`meshctl network ls`), `mesh` first.
+    pub networks: Vec<crate::status::NetworkRow>,
+    /// Where `meshctl network create|rm` go (the daemon's loop).
+    pub net_requests: Option<tokio::sync::mpsc::Sender<crate::daemon::NetworkRequest>>,
     /// Gossip content ignored, by kind (claim, endpoint, identity).
     pub gossip_ignored: BTreeMap<&'static str, u64>,
 }

@@ -22,6 +22,9 @@ use crate::vip::Cidr;
 pub const NETWORK: &str = "mesh";
 /// Label marking the network as created by the agent.
 const MANAGED: &str = "mesh.managed";
+/// Label naming the overlay network (`crate::network`) a Docker network
+/// is this node's part of.
+pub const OVERLAY_LABEL: &str = "mesh.network";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -218,6 +221,147 @@ async fn renumber(
     Ok(())
 }
 
+/// Makes sure the Docker network `name` is this node's part of the
+/// overlay network `name`: a bridge whose subnet is the whole network
+/// (`cidr`, so a container's route to every node's slice, and to the VIPs,
+/// leaves through it), giving out addresses from this node's `slice`,
+/// gateway its first address. Returns the bridge interface's name. A
+/// network of that name that mesh did not make is never touched.
+pub async fn ensure_overlay(
+    d: &Docker,
+    name: &str,
+    cidr: Cidr,
+    slice: Cidr,
+    mtu: u32,
+) -> Result<String, String> {
+    match d
+        .inspect_network(name, None::<InspectNetworkOptions<String>>)
+        .await
+    {
+        Ok(net) => {
+            let ours = net
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get(OVERLAY_LABEL).is_some_and(|v| v == name));
+            if !ours {
+                return Err(format!(
+                    "a Docker network {name:?} that mesh did not make exists on this engine: \
+                     remove it (docker network rm {name}) or use another name"
+                ));
+            }
+            let configs = net.ipam.clone().and_then(|i| i.config).unwrap_or_default();
+            let same = configs.iter().any(|c| {
+                c.subnet.as_deref() == Some(&cidr.to_string())
+                    && c.ip_range.as_deref() == Some(&slice.to_string())
+            });
+            if same {
+                return Ok(bridge_dev(&net));
+            }
+            let users = net.containers.as_ref().map_or(0, |c| c.len());
+            if users > 0 {
+                return Err(format!(
+                    "its Docker network has another subnet or slice than {cidr} / {slice}, and \
+                     {users} containers on it"
+                ));
+            }
+            d.remove_network(name).await.map_err(|e| e.to_string())?;
+            create_overlay(d, name, cidr, slice, mtu).await
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => create_overlay(d, name, cidr, slice, mtu).await,
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn create_overlay(
+    d: &Docker,
+    name: &str,
+    cidr: Cidr,
+    slice: Cidr,
+    mtu: u32,
+) -> Result<String, String> {
+    let gateway = slice.gateway();
+    let opts = CreateNetworkOptions {
+        name: name.to_string(),
+        check_duplicate: true,
+        driver: "bridge".to_string(),
+        ipam: Ipam {
+            config: Some(vec![IpamConfig {
+                subnet: Some(cidr.to_string()),
+                ip_range: Some(slice.to_string()),
+                gateway: Some(gateway.to_string()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        options: HashMap::from([("com.docker.network.driver.mtu".to_string(), mtu.to_string())]),
+        labels: HashMap::from([
+            (MANAGED.to_string(), "true".to_string()),
+            (OVERLAY_LABEL.to_string(), name.to_string()),
+        ]),
+        ..Default::default()
+    };
+    d.create_network(opts).await.map_err(|e| e.to_string())?;
+    info!(network = name, %cidr, %slice, %gateway, mtu, "created an overlay network's Docker network");
+    let net = d
+        .inspect_network(name, None::<InspectNetworkOptions<String>>)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(bridge_dev(&net))
+}
+
+/// Removes this node's Docker network of the overlay network `name`, if
+/// mesh made it; refused while containers are on it (their names).
+pub async fn remove_overlay(d: &Docker, name: &str) -> Result<(), String> {
+    match d
+        .inspect_network(name, None::<InspectNetworkOptions<String>>)
+        .await
+    {
+        Ok(net) => {
+            let ours = net
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get(OVERLAY_LABEL).is_some_and(|v| v == name));
+            if !ours {
+                return Ok(());
+            }
+            let users: Vec<String> = net
+                .containers
+                .unwrap_or_default()
+                .into_values()
+                .filter_map(|c| c.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(format!(
+                    "removed from the cluster, but containers are on it here: {users:?}"
+                ));
+            }
+            d.remove_network(name).await.map_err(|e| e.to_string())?;
+            info!(
+                network = name,
+                "removed an overlay network's Docker network"
+            );
+            Ok(())
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A bridge network's interface: its `bridge.name` option, else `br-`
+/// and the id's first 12 characters (Docker's rule).
+fn bridge_dev(n: &bollard::models::Network) -> String {
+    let id = n.id.clone().unwrap_or_default();
+    n.options
+        .as_ref()
+        .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)))
+}
+
 /// Container health as Docker reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -239,8 +383,8 @@ pub struct Container {
     pub running: bool,
     pub pid: u32,
     pub labels: HashMap<String, String>,
-    /// Address and MAC on the mesh network; None when not attached.
-    pub mesh: Option<(Ipv4Addr, [u8; 6])>,
+    /// Address and MAC on each network it is attached to (IPv4 ones).
+    pub nets: std::collections::BTreeMap<String, (Ipv4Addr, [u8; 6])>,
     pub health: Health,
 }
 
@@ -258,7 +402,6 @@ pub async fn inspect(d: &Docker, id: &str) -> Result<Option<Container>, DockerEr
     }
 }
 
-/// Every running container on the mesh network.
 /// Docker's bridge networks other than `mesh`, by bridge interface name
 /// (IPv4 only): their containers may call published ports
 /// (`mesh_tc_bridge_in`).
@@ -278,15 +421,15 @@ pub async fn list_bridges(
 /// A bridge network's interface name and IPv4 subnet, unless it is mesh's
 /// own or has no IPv4 subnet.
 fn other_bridge(n: bollard::models::Network) -> Option<(String, Bridge)> {
-    if n.name.as_deref() == Some(NETWORK) || n.driver.as_deref() != Some("bridge") {
+    if n.name.as_deref() == Some(NETWORK)
+        || n.driver.as_deref() != Some("bridge")
+        || n.labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(OVERLAY_LABEL))
+    {
         return None;
     }
-    let id = n.id.unwrap_or_default();
-    let dev = n
-        .options
-        .and_then(|mut o| o.remove("com.docker.network.bridge.name"))
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+    let dev = bridge_dev(&n);
     n.ipam?.config?.into_iter().find_map(|c| {
         let (base, len) = c
             .subnet?
@@ -310,10 +453,13 @@ fn other_bridge(n: bollard::models::Network) -> Option<(String, Bridge)> {
     })
 }
 
-pub async fn list_mesh(d: &Docker) -> Result<Vec<Container>, DockerError> {
+/// Every running container on `mesh` or one of `overlays`.
+pub async fn list_mesh(d: &Docker, overlays: &[String]) -> Result<Vec<Container>, DockerError> {
+    let mut nets = vec![NETWORK.to_string()];
+    nets.extend(overlays.iter().cloned());
     let opts = ListContainersOptions::<String> {
         all: false,
-        filters: HashMap::from([("network".to_string(), vec![NETWORK.to_string()])]),
+        filters: HashMap::from([("network".to_string(), nets)]),
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -335,15 +481,17 @@ fn from_inspect(c: ContainerInspectResponse) -> Container {
         Some(HealthStatusEnum::STARTING) => Health::Starting,
         _ => Health::None,
     };
-    let mesh = c
+    let nets = c
         .network_settings
         .and_then(|n| n.networks)
-        .and_then(|mut n| n.remove(NETWORK))
-        .and_then(|ep| {
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, ep)| {
             let ip: Ipv4Addr = ep.ip_address?.parse().ok()?;
             let mac = ep.mac_address?.parse::<Mac>().ok()?.0;
-            Some((ip, mac))
-        });
+            Some((name, (ip, mac)))
+        })
+        .collect();
     Container {
         id: c.id.unwrap_or_default(),
         name: c
@@ -355,7 +503,7 @@ fn from_inspect(c: ContainerInspectResponse) -> Container {
         running: state.running.unwrap_or(false),
         pid: state.pid.unwrap_or(0).max(0) as u32,
         labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
-        mesh,
+        nets,
         health,
     }
 }

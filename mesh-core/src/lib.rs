@@ -16,6 +16,7 @@ pub mod hostports;
 pub mod iface;
 pub mod labels;
 pub mod maglev;
+pub mod network;
 pub mod reconcile;
 pub mod status;
 pub mod vip;

@@ -19,6 +19,10 @@ pub struct Status {
     /// contested or invalid /24 claims, a name taken by another host).
     #[serde(default)]
     pub gossip_ignored: Vec<String>,
+    /// Overlay networks that lost to another record or are not served,
+    /// and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_conflicts: Vec<String>,
     pub reconcile: ReconcileStatus,
     pub event_to_map_ms: Latency,
 }
@@ -105,6 +109,9 @@ pub struct DockerState {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceStatus {
     pub name: String,
+    /// Its overlay network (`mesh` by default).
+    #[serde(default)]
+    pub network: String,
     pub vip: String,
     /// "80/tcp -> 8080" per port mapping seen on its containers.
     pub ports: Vec<String>,
@@ -250,4 +257,23 @@ impl Samples {
             max: v.last().copied().unwrap_or(0.0),
         }
     }
+}
+
+/// A network as `meshctl network ls|inspect` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkRow {
+    pub name: String,
+    pub subnet: String,
+    pub vni: u32,
+    /// This node's /24 of it (its containers' addresses).
+    pub slice: String,
+    /// Where its VIPs come from.
+    pub vips: String,
+    /// The node that created it and when (ms since the epoch; 0: `mesh`).
+    pub creator: String,
+    pub created_ms: u64,
+    /// Its Docker network on this engine: `ok`, or what is wrong.
+    pub docker: String,
+    /// Containers on it, as NODE/CONTAINER, across the cluster.
+    pub containers: Vec<String>,
 }

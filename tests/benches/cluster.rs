@@ -162,6 +162,7 @@ impl ControlPlane {
             peers: &vetted.peers,
             vips: &self.vips,
             vip_cidr,
+            networks: &[],
         });
         self.vips = st.vips;
         lap(2);

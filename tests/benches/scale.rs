@@ -150,6 +150,7 @@ fn main() {
                 peers: &peers,
                 vips,
                 vip_cidr,
+                networks: &[],
             })
         };
         let t = Instant::now();

@@ -5,6 +5,7 @@ mod backends;
 mod conntrack;
 mod maglev;
 mod maps;
+mod networks;
 mod nodes;
 mod services;
 mod stats;
@@ -68,6 +69,15 @@ pub enum Cmd {
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
     },
+    /// Overlay networks of the cluster: create, list, inspect, remove (as
+    /// `docker network create -d overlay` does for Swarm).
+    Network {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET, global = true)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
     /// Services: VIP:port/proto, published ports, ring size, backends in
     /// the ring, traffic.
     Services {
@@ -106,6 +116,27 @@ pub enum Cmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// A new network, on every node of the cluster (each gets a /24 of it
+    /// and a Docker network of that name): `docker run --network NAME`.
+    Create {
+        name: String,
+        /// Its /16 (default: the first free one from 10.44.0.0/16).
+        #[arg(long)]
+        subnet: Option<String>,
+    },
+    /// Every network, `mesh` (the default) first.
+    #[command(alias = "list")]
+    Ls,
+    /// One network: subnet, VNI, this node's slice, VIPs, its containers
+    /// across the cluster.
+    Inspect { name: String },
+    /// Removes a network from the cluster; refused while containers use it.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     #[error("{0} does not exist: is mesh-agent running on this host, with the same --bpffs-dir?")]
@@ -132,6 +163,21 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
         Cmd::Stats { all } => stats::stats_view(dir, *all, args.json),
         Cmd::Nodes { api_socket } => render(args.json, &nodes::nodes(api_socket)?),
         Cmd::Maps => render(args.json, &maps(dir)?),
+        Cmd::Network { api_socket, cmd } => match cmd {
+            NetworkCmd::Ls => render(args.json, &networks::list(api_socket)?),
+            NetworkCmd::Create { name, subnet } => {
+                let row = networks::create(api_socket, name, subnet.as_deref())?;
+                render(args.json, &[row])
+            }
+            NetworkCmd::Inspect { name } => {
+                let row = networks::inspect(api_socket, name)?;
+                Ok(serde_json::to_string_pretty(&row).unwrap_or_default() + "\n")
+            }
+            NetworkCmd::Rm { name } => {
+                networks::remove(api_socket, name)?;
+                Ok(format!("{name}\n"))
+            }
+        },
         Cmd::Services { published } => {
             let lb = open_lb(dir)?;
             render(args.json, &services(&lb, *published)?)

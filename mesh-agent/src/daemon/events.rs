@@ -45,7 +45,10 @@ impl Daemon {
                 ev.actor.and_then(|a| a.id)
             }
             Some(EventMessageTypeEnum::NETWORK) => {
-                if attrs.get("name").map(String::as_str) != Some(docker::NETWORK) {
+                let name = attrs.get("name").map(String::as_str).unwrap_or_default();
+                let ours =
+                    name == docker::NETWORK || self.nets.served.iter().any(|n| n.name == name);
+                if !ours {
                     // Another network: its bridge matters to the routing
                     // mesh (its containers may call published ports).
                     if matches!(action.as_str(), "create" | "destroy")
@@ -70,6 +73,13 @@ impl Daemon {
         changed
     }
 
+    /// Whether `c` is on `mesh` or an overlay network this node serves.
+    fn attached(&self, c: &docker::Container) -> bool {
+        c.nets
+            .keys()
+            .any(|n| n == docker::NETWORK || self.nets.served.iter().any(|s| &s.name == n))
+    }
+
     async fn apply_event(&mut self, d: &Docker, action: &str, id: String) -> bool {
         let v = &mut self.docker;
         match action {
@@ -83,24 +93,24 @@ impl Daemon {
             }
             "die" | "destroy" => {
                 v.draining.remove(&id);
-                v.veths.remove(&id);
+                v.veths.retain(|(c, _), _| c != &id);
                 return v.containers.remove(&id).is_some();
             }
             "start" | "restart" | "unpause" => {
                 v.draining.remove(&id);
-                v.veths.remove(&id);
+                v.veths.retain(|(c, _), _| c != &id);
             }
             _ => {}
         }
         match docker::inspect(d, &id).await {
-            Ok(Some(c)) if c.running && c.mesh.is_some() => {
+            Ok(Some(c)) if c.running && self.attached(&c) => {
                 self.docker.containers.insert(id, c);
             }
             Ok(_) => {
                 let v = &mut self.docker;
                 v.containers.remove(&id);
                 v.draining.remove(&id);
-                v.veths.remove(&id);
+                v.veths.retain(|(c, _), _| c != &id);
             }
             Err(e) => warn!(container = %id, error = %e, "inspect failed; keeping what we knew"),
         }

@@ -9,7 +9,10 @@
 //! own that read what this one shares.
 
 mod events;
+mod networks;
 mod pass;
+
+pub use networks::{Request as NetworkRequest, channel as network_channel};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,6 +48,8 @@ pub struct Settings {
     pub vip_cidr: Cidr,
     pub bridge: String,
     pub mtu: u32,
+    /// The default network's VNI.
+    pub vni: u32,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
     /// DNS: where to listen (None: the mesh gateway address, port 53) and
@@ -58,8 +63,9 @@ struct DockerView {
     containers: BTreeMap<String, Container>,
     /// Containers being stopped: no new flows, existing ones continue.
     draining: BTreeSet<String>,
-    /// Host-side veth per container id, or why it was not found.
-    veths: BTreeMap<String, Result<u32, String>>,
+    /// Host-side veth per (container id, network), or why it was not
+    /// found.
+    veths: BTreeMap<(String, String), Result<u32, String>>,
     /// Docker's other bridge networks, by bridge interface name.
     bridges: BTreeMap<String, mesh_common::tunnel::Bridge>,
 }
@@ -112,6 +118,10 @@ pub struct Daemon {
     retry_at: tokio::time::Instant,
     /// Why the agent must stop (this node lost its /24 to an older claim).
     fatal: Option<String>,
+    /// The overlay networks.
+    nets: networks::Networks,
+    /// `meshctl network` requests.
+    requests: tokio::sync::mpsc::Receiver<networks::Request>,
 }
 
 impl Daemon {
@@ -122,6 +132,7 @@ impl Daemon {
         lb: LbMaps,
         overlay: OverlayMaps,
         shared: Arc<Mutex<Shared>>,
+        requests: tokio::sync::mpsc::Receiver<networks::Request>,
     ) -> anyhow::Result<Self> {
         let actual = lb.read_actual()?;
         if !actual.services.is_empty() {
@@ -150,6 +161,10 @@ impl Daemon {
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
         let vips = pass::load_vips(&settings.state_dir);
+        let nets = networks::Networks {
+            table: networks::load(&settings.state_dir),
+            ..Default::default()
+        };
         Ok(Daemon {
             settings,
             cluster,
@@ -168,6 +183,8 @@ impl Daemon {
             failed_passes: 0,
             retry_at: tokio::time::Instant::now(),
             fatal: None,
+            nets,
+            requests,
         })
     }
 
@@ -204,7 +221,13 @@ impl Daemon {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            match docker::list_mesh(&d).await {
+            // The overlay networks this node knew: their Docker networks
+            // before their containers are listed.
+            self.merge_networks(&BTreeMap::new());
+            self.nets.dirty = true;
+            self.sync_networks(&d).await;
+            let served: Vec<String> = self.nets.served.iter().map(|n| n.name.clone()).collect();
+            match docker::list_mesh(&d, &served).await {
                 Ok(list) => {
                     let v = &mut self.docker;
                     v.containers = list.into_iter().map(|c| (c.id.clone(), c)).collect();
@@ -312,6 +335,7 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(self.retry_at), if self.retry => self.pass(),
+                Some(r) = self.requests.recv() => self.on_request(r),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
                 }
@@ -319,6 +343,7 @@ impl Daemon {
             if self.fatal.is_some() {
                 return self.fatal.take();
             }
+            self.sync_networks(d).await;
         }
     }
 

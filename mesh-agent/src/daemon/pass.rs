@@ -40,6 +40,7 @@ impl Daemon {
             }
             None => BTreeMap::new(),
         };
+        self.merge_networks(&peers);
         let st = desired::compute(&Inputs {
             containers: &self.docker.containers,
             draining: &self.docker.draining,
@@ -47,6 +48,7 @@ impl Daemon {
             peers: &peers,
             vips: &self.vips,
             vip_cidr: self.settings.vip_cidr,
+            networks: &self.nets.served,
         });
         let mut vips_failed = None;
         if st.vips != self.vips {
@@ -76,6 +78,8 @@ impl Daemon {
         self.write_bridges(&mut failed);
         self.write_vips(&mut failed);
         self.publish(&st);
+        self.publish_networks();
+        self.report_networks();
         let plan = reconcile::plan(&st.lb, &self.written.lb);
         let result = reconcile::apply(&plan, &mut self.lb, &mut self.written.lb);
         if let Err(e) = &result {
@@ -158,14 +162,25 @@ impl Daemon {
     fn resolve_veths(&mut self) {
         let v = &mut self.docker;
         for c in v.containers.values() {
-            let Some((_, mac)) = c.mesh else { continue };
-            if matches!(v.veths.get(&c.id), Some(Ok(_))) {
-                continue;
+            for (net, (_, mac)) in &c.nets {
+                let key = (c.id.clone(), net.clone());
+                if matches!(v.veths.get(&key), Some(Ok(_))) {
+                    continue;
+                }
+                let served = net == crate::network::DEFAULT
+                    || self.nets.served.iter().any(|n| &n.name == net);
+                if !served {
+                    continue;
+                }
+                let found = veth::host_ifindex(c.pid, *mac).map_err(|e| e.to_string());
+                v.veths.insert(key, found);
             }
-            let found = veth::host_ifindex(c.pid, mac).map_err(|e| e.to_string());
-            v.veths.insert(c.id.clone(), found);
         }
-        v.veths.retain(|id, _| v.containers.contains_key(id));
+        v.veths.retain(|(id, net), _| {
+            v.containers
+                .get(id)
+                .is_some_and(|c| c.nets.contains_key(net))
+        });
     }
 
     /// Every peer with a /24 is probed at its overlay address (its /24's

@@ -22,10 +22,31 @@ use crate::{
     docker::{Container, Health},
     gossip::{peers::Endpoint, peers::Peer, subnet},
     labels::{self, Proto},
+    network::{self, Network},
     reconcile::{Desired, DesiredBackend, SvcAddr},
     status::{ServiceStatus, Skipped},
     vip::{self, Cidr},
 };
+
+/// A service's key in the VIP table, the zone and the status rows: its
+/// name on `mesh`, `NAME@NETWORK` on another network (`@` is in no DNS
+/// label, so the two never meet).
+pub fn service_key(service: &str, network: &str) -> String {
+    if network == network::DEFAULT {
+        service.to_owned()
+    } else {
+        format!("{service}@{network}")
+    }
+}
+
+/// The network an address belongs to: a served overlay network's, else
+/// `mesh`.
+pub fn network_of(networks: &[Network], ip: Ipv4Addr) -> &str {
+    networks
+        .iter()
+        .find(|n| n.cidr.contains(ip))
+        .map_or(network::DEFAULT, |n| n.name.as_str())
+}
 
 /// What the desired state is computed from.
 pub struct Inputs<'a> {
@@ -33,8 +54,11 @@ pub struct Inputs<'a> {
     pub containers: &'a BTreeMap<String, Container>,
     /// Containers being stopped: no new flows, existing ones go on.
     pub draining: &'a BTreeSet<String>,
-    /// Each container's host-side veth, or why it could not be found.
-    pub veths: &'a BTreeMap<String, Result<u32, String>>,
+    /// Each container's host-side veth per network (container id,
+    /// network), or why it could not be found.
+    pub veths: &'a BTreeMap<(String, String), Result<u32, String>>,
+    /// The overlay networks served besides `mesh`.
+    pub networks: &'a [Network],
     /// Live peers, from gossip.
     pub peers: &'a BTreeMap<String, Peer>,
     /// VIPs assigned so far: an assigned VIP never moves.
@@ -83,8 +107,8 @@ pub fn compute(i: &Inputs) -> State {
             local: None,
         }));
     }
-    let ages = service_ages(&members, &waiting);
-    st.vips = vip::assign(i.vip_cidr, &ages, i.vips);
+    let ages = service_ages(i.networks, &members, &waiting);
+    st.vips = assign_vips(i, &ages);
     let mut rows = Rows::default();
     for m in &members {
         add_member(i, &mut st, &mut rows, m);
@@ -98,7 +122,7 @@ pub fn compute(i: &Inputs) -> State {
         z.tasks.sort();
         z.ports.sort();
     }
-    let (published, conflicts) = published(&members, &ages, &st.vips);
+    let (published, conflicts) = published(i.networks, &members, &ages, &st.vips);
     for (&(port, proto), (name, addr)) in &published {
         if let Some(row) = rows.rows.get_mut(name) {
             row.published
@@ -118,14 +142,35 @@ fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<S
     let mut members = Vec::new();
     let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
     for c in i.containers.values() {
-        let Some((ip, mac)) = c.mesh else { continue };
-        let ifindex = match i.veths.get(&c.id) {
-            Some(Ok(ifindex)) => *ifindex,
-            Some(Err(e)) => {
-                st.skipped.push(skip(c, format!("its veth: {e}")));
+        for (net, (ip, mac)) in &c.nets {
+            if net != network::DEFAULT && !i.networks.iter().any(|n| &n.name == net) {
                 continue;
             }
-            None => continue,
+            local_member(i, st, c, net, (*ip, *mac), &mut members, &mut waiting);
+        }
+    }
+    (members, waiting)
+}
+
+/// One container on one network: its local endpoint (and veth); a member
+/// if it is a backend.
+fn local_member<'a>(
+    i: &Inputs,
+    st: &mut State,
+    c: &Container,
+    net: &str,
+    (ip, mac): (Ipv4Addr, [u8; 6]),
+    members: &mut Vec<Member<'a>>,
+    waiting: &mut BTreeMap<String, usize>,
+) {
+    {
+        let ifindex = match i.veths.get(&(c.id.clone(), net.to_owned())) {
+            Some(Ok(ifindex)) => *ifindex,
+            Some(Err(e)) => {
+                st.skipped.push(skip(c, format!("its veth on {net}: {e}")));
+                return;
+            }
+            None => return,
         };
         st.veths.insert(ifindex);
         st.local_eps.insert(
@@ -138,10 +183,10 @@ fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<S
         );
         let svc = match labels::parse(&c.labels) {
             Ok(Some(s)) => s,
-            Ok(None) => continue,
+            Ok(None) => return,
             Err(e) => {
                 st.skipped.push(skip(c, e.to_string()));
-                continue;
+                return;
             }
         };
         let state = if i.draining.contains(&c.id) {
@@ -149,8 +194,8 @@ fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<S
         } else if matches!(c.health, Health::None | Health::Healthy) {
             backend_state::ACTIVE
         } else {
-            *waiting.entry(svc.service.clone()).or_default() += 1;
-            continue;
+            *waiting.entry(service_key(&svc.service, net)).or_default() += 1;
+            return;
         };
         let ep = Endpoint {
             service: svc.service.clone(),
@@ -175,20 +220,24 @@ fn local_members<'a>(i: &Inputs, st: &mut State) -> (Vec<Member<'a>>, BTreeMap<S
             local: Some((ifindex, mac, c.name.clone())),
         });
     }
-    (members, waiting)
 }
 
 /// Each service's age: its oldest container anywhere (services claim VIPs
 /// and published ports in this order); one whose containers all wait for
 /// their health check comes last.
-fn service_ages(members: &[Member], waiting: &BTreeMap<String, usize>) -> BTreeMap<String, String> {
+fn service_ages(
+    networks: &[Network],
+    members: &[Member],
+    waiting: &BTreeMap<String, usize>,
+) -> BTreeMap<String, String> {
     let mut ages: BTreeMap<String, String> = BTreeMap::new();
     for m in members {
-        match ages.get_mut(&m.ep.service) {
+        let key = service_key(&m.ep.service, network_of(networks, m.ep.ip));
+        match ages.get_mut(&key) {
             Some(age) if m.ep.created < *age => age.clone_from(&m.ep.created),
             Some(_) => {}
             None => {
-                ages.insert(m.ep.service.clone(), m.ep.created.clone());
+                ages.insert(key, m.ep.created.clone());
             }
         }
     }
@@ -196,6 +245,27 @@ fn service_ages(members: &[Member], waiting: &BTreeMap<String, usize>) -> BTreeM
         ages.entry(name.clone()).or_insert_with(|| "9999".into());
     }
     ages
+}
+
+/// Every service's VIP: `mesh`'s from the VIP range, another network's
+/// from its slice 0 (inside its subnet, so a container on several
+/// networks sends to it through that network's interface, from its
+/// address there).
+fn assign_vips(i: &Inputs, ages: &BTreeMap<String, String>) -> BTreeMap<String, Ipv4Addr> {
+    let of = |net: &str| -> BTreeMap<String, String> {
+        ages.iter()
+            .filter(|(k, _)| match k.rsplit_once('@') {
+                Some((_, n)) => n == net,
+                None => net == network::DEFAULT,
+            })
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect()
+    };
+    let mut out = vip::assign(i.vip_cidr, &of(network::DEFAULT), i.vips);
+    for n in i.networks {
+        out.extend(vip::assign(n.vips(), &of(&n.name), i.vips));
+    }
+    out
 }
 
 /// The status rows being built: each service's row, and its ports as
@@ -208,13 +278,15 @@ struct Rows {
 
 impl Rows {
     fn row(&mut self, name: &str, vip: Option<Ipv4Addr>) -> &mut ServiceStatus {
-        self.rows
-            .entry(name.to_string())
-            .or_insert_with(|| ServiceStatus {
-                name: name.to_string(),
+        self.rows.entry(name.to_string()).or_insert_with(|| {
+            let (service, network) = name.split_once('@').unwrap_or((name, network::DEFAULT));
+            ServiceStatus {
+                name: service.to_string(),
+                network: network.to_string(),
                 vip: vip.map(|v| v.to_string()).unwrap_or_default(),
                 ..ServiceStatus::default()
-            })
+            }
+        })
     }
 
     fn finish(mut self) -> Vec<ServiceStatus> {
@@ -235,17 +307,18 @@ impl Rows {
 /// One backend into the load-balancing maps, the zone and its row.
 fn add_member(i: &Inputs, st: &mut State, rows: &mut Rows, m: &Member) {
     let e = &m.ep;
-    let Some(vip) = st.vips.get(&e.service).copied() else {
+    let key = service_key(&e.service, network_of(i.networks, e.ip));
+    let Some(vip) = st.vips.get(&key).copied() else {
         if let Some((_, _, name)) = &m.local {
             st.skipped.push(Skipped {
                 container: name.clone(),
-                error: format!("no free VIP in {}", i.vip_cidr),
+                error: format!("no free VIP for {key}"),
             });
         }
         return;
     };
-    let row = rows.row(&e.service, Some(vip));
-    let zone = st.zone.entry(e.service.clone()).or_default();
+    let row = rows.row(&key, Some(vip));
+    let zone = st.zone.entry(key.clone()).or_default();
     zone.vip = Some(vip);
     if e.state == backend_state::ACTIVE {
         row.active += 1;
@@ -253,7 +326,7 @@ fn add_member(i: &Inputs, st: &mut State, rows: &mut Rows, m: &Member) {
     } else {
         row.draining += 1;
     }
-    let ports = rows.ports.entry(e.service.clone()).or_default();
+    let ports = rows.ports.entry(key).or_default();
     let (ifindex, mac) = m.local.as_ref().map_or((0, [0; 6]), |(i, m, _)| (*i, *m));
     for &(vip_port, container_port, proto) in &e.ports {
         if !zone.ports.contains(&(vip_port, proto)) {
@@ -289,6 +362,7 @@ type Claim = (String, String, u16);
 /// port whose VIP port the service does not have is not served. Both are
 /// reported.
 fn published(
+    networks: &[Network],
     members: &[Member<'_>],
     ages: &BTreeMap<String, String>,
     vips: &BTreeMap<String, Ipv4Addr>,
@@ -297,19 +371,19 @@ fn published(
     let mut conflicts = BTreeSet::new();
     for m in members {
         let e = &m.ep;
+        let key = service_key(&e.service, network_of(networks, e.ip));
         for &(port, vip_port, proto) in &e.publish {
             if !e.ports.iter().any(|&(v, _, p)| v == vip_port && p == proto) {
                 conflicts.insert(format!(
-                    "{port}/{proto}: service {} has no VIP port {vip_port}/{proto} to publish",
-                    e.service
+                    "{port}/{proto}: service {key} has no VIP port {vip_port}/{proto} to publish"
                 ));
                 continue;
             }
-            let age = ages.get(&e.service).cloned().unwrap_or_default();
+            let age = ages.get(&key).cloned().unwrap_or_default();
             claims
                 .entry((port, proto))
                 .or_default()
-                .insert((age, e.service.clone(), vip_port));
+                .insert((age, key.clone(), vip_port));
         }
     }
     let mut out = BTreeMap::new();

@@ -21,7 +21,11 @@ fn container(id: &str, last: u8, labels: &[(&str, &str)], health: Health) -> Con
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<HashMap<_, _>>(),
-        mesh: Some((Ipv4Addr::new(10, 42, 1, last), [2, 0, 0, 0, 0, last])),
+        nets: [(
+            network::DEFAULT.to_owned(),
+            (Ipv4Addr::new(10, 42, 1, last), [2, 0, 0, 0, 0, last]),
+        )]
+        .into(),
         health,
     }
 }
@@ -31,16 +35,24 @@ const WEB: [(&str, &str); 2] = [("mesh.service", "web"), ("mesh.port", "80:8080/
 struct World {
     containers: BTreeMap<String, Container>,
     draining: BTreeSet<String>,
-    veths: BTreeMap<String, Result<u32, String>>,
+    veths: BTreeMap<(String, String), Result<u32, String>>,
     peers: BTreeMap<String, Peer>,
     vips: BTreeMap<String, Ipv4Addr>,
+    networks: Vec<Network>,
 }
 
 impl World {
     fn new(cs: Vec<Container>) -> Self {
         let veths = cs
             .iter()
-            .map(|c| (c.id.clone(), Ok(c.pid + 1000)))
+            .flat_map(|c| {
+                c.nets.iter().enumerate().map(|(k, (net, _))| {
+                    (
+                        (c.id.clone(), net.clone()),
+                        Ok(c.pid + 1000 + 100 * k as u32),
+                    )
+                })
+            })
             .collect();
         World {
             containers: cs.into_iter().map(|c| (c.id.clone(), c)).collect(),
@@ -48,6 +60,7 @@ impl World {
             veths,
             peers: BTreeMap::new(),
             vips: BTreeMap::new(),
+            networks: Vec::new(),
         }
     }
     fn compute(&self) -> State {
@@ -58,6 +71,7 @@ impl World {
             peers: &self.peers,
             vips: &self.vips,
             vip_cidr: CIDR,
+            networks: &self.networks,
         })
     }
 }
@@ -125,7 +139,8 @@ fn draining_unhealthy_bad_labels_and_missing_veths() {
         container("e", 6, &WEB, Health::None),
     ]);
     w.draining.insert("d".into());
-    w.veths.insert("e".into(), Err("gone".into()));
+    w.veths
+        .insert(("e".into(), network::DEFAULT.into()), Err("gone".into()));
     let st = w.compute();
     let row = &st.services[0];
     assert_eq!(
@@ -135,7 +150,7 @@ fn draining_unhealthy_bad_labels_and_missing_veths() {
     );
     let skipped: Vec<&str> = st.skipped.iter().map(|s| s.container.as_str()).collect();
     assert_eq!(skipped, ["c-c", "c-e"]);
-    assert!(st.skipped[1].error.contains("its veth: gone"));
+    assert!(st.skipped[1].error.contains("its veth on mesh: gone"));
     assert_eq!(st.zone["web"].tasks, [Ipv4Addr::new(10, 42, 1, 2)]);
     let backends = st.lb.values().next().expect("one service");
     assert_eq!(
@@ -259,4 +274,51 @@ fn published_ports_are_agreed_and_conflicts_reported() {
     assert_eq!(there.published, st.published);
     w.vips = st.vips.clone();
     assert_eq!(w.compute().published, st.published);
+}
+
+#[test]
+fn a_service_per_network_with_a_vip_in_the_network() {
+    let front = Network {
+        name: "front".into(),
+        cidr: "10.44.0.0/16".parse().expect("cidr"),
+        vni: 2604,
+    };
+    let mut on_front = container("f", 2, &WEB, Health::None);
+    on_front.nets = [(
+        "front".to_owned(),
+        (Ipv4Addr::new(10, 44, 1, 2), [2, 0, 0, 0, 1, 2]),
+    )]
+    .into();
+    let mut on_both = container("b", 3, &WEB, Health::None);
+    on_both.nets.insert(
+        "front".into(),
+        (Ipv4Addr::new(10, 44, 1, 3), [2, 0, 0, 0, 1, 3]),
+    );
+    // Not served here: its attachment is left alone.
+    let mut elsewhere = container("x", 4, &WEB, Health::None);
+    elsewhere.nets = [(
+        "back".to_owned(),
+        (Ipv4Addr::new(10, 45, 1, 4), [2, 0, 0, 0, 1, 4]),
+    )]
+    .into();
+    let mut w = World::new(vec![on_front, on_both, elsewhere]);
+    w.networks = vec![front];
+    let st = w.compute();
+    let mesh_vip = st.vips["web"];
+    let front_vip = st.vips["web@front"];
+    assert!(CIDR.contains(mesh_vip), "{mesh_vip}");
+    assert_eq!(front_vip.octets()[..3], [10, 44, 0], "{front_vip}");
+    assert_eq!(st.zone["web"].tasks, [Ipv4Addr::new(10, 42, 1, 3)]);
+    assert_eq!(
+        st.zone["web@front"].tasks,
+        [Ipv4Addr::new(10, 44, 1, 2), Ipv4Addr::new(10, 44, 1, 3)]
+    );
+    // Three local endpoints (the container on both has one per network).
+    assert_eq!(st.local_eps.len(), 3);
+    let rows: Vec<(&str, &str)> = st
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.network.as_str()))
+        .collect();
+    assert_eq!(rows, [("web", "mesh"), ("web", "front")]);
 }

@@ -83,6 +83,10 @@ pub struct Peer {
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
     pub endpoints: Arc<Vec<Endpoint>>,
+    /// The overlay networks it knows (`net:NAME`, see `crate::network`).
+    pub networks: BTreeMap<String, crate::network::Def>,
+    /// Its containers on each network (`netuse:NAME`), for `network rm`.
+    pub net_users: BTreeMap<String, Vec<String>>,
     /// Generations of this node ignored, and why (see [`from_states`]).
     pub ignored: Vec<String>,
     /// No generation is live: the node said it was stopping, and its
@@ -100,6 +104,8 @@ struct Generation {
     version: Option<String>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
+    networks: BTreeMap<String, crate::network::Def>,
+    net_users: BTreeMap<String, Vec<String>>,
     /// The hold it asked for when it said it was stopping.
     stopping: Option<Duration>,
     /// It has published its endpoints.
@@ -127,6 +133,26 @@ impl Generation {
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
             endpoints: Arc::new(endpoints.collect()),
+            // Bounded: at most the cluster's number of networks, each a
+            // short value.
+            networks: state
+                .iter_prefix(crate::network::KEY_PREFIX)
+                .filter(|(_, v)| v.value.len() <= 512)
+                .filter_map(|(k, v)| {
+                    let name = k.strip_prefix(crate::network::KEY_PREFIX)?;
+                    Some((name.to_owned(), serde_json::from_str(&v.value).ok()?))
+                })
+                .take(crate::network::MAX_NETWORKS)
+                .collect(),
+            net_users: state
+                .iter_prefix(crate::network::USE_PREFIX)
+                .filter(|(_, v)| v.value.len() <= 16 * 1024)
+                .filter_map(|(k, v)| {
+                    let name = k.strip_prefix(crate::network::USE_PREFIX)?;
+                    Some((name.to_owned(), serde_json::from_str(&v.value).ok()?))
+                })
+                .take(crate::network::MAX_NETWORKS)
+                .collect(),
             stopping: state
                 .get(KEY_STOPPING)
                 .and_then(|v| v.parse::<u64>().ok())
@@ -281,6 +307,11 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
     }
+    // The newest generation says what the node knows and runs now.
+    if !g.networks.is_empty() {
+        p.networks.clone_from(&g.networks);
+    }
+    p.net_users.clone_from(&g.net_users);
     if p.endpoints.is_empty() {
         p.endpoints = g.endpoints.clone();
     } else {

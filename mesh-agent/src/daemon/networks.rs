@@ -1,0 +1,357 @@
+//! Overlay networks on this node (`crate::network`): the cluster's table
+//! (kept in the state directory, merged from gossip, published again),
+//! their Docker networks on this engine, and `meshctl network` requests.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::Daemon;
+use crate::{
+    docker,
+    gossip::peers::Peer,
+    network::{self, Def, Network, Space},
+    status::NetworkRow,
+};
+
+/// What `meshctl network` asks of the daemon.
+pub enum Request {
+    Create {
+        name: String,
+        subnet: Option<String>,
+        reply: oneshot::Sender<Result<NetworkRow, String>>,
+    },
+    Remove {
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The daemon's side of the requests.
+pub fn channel() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
+    mpsc::channel(8)
+}
+
+/// This node's view of the overlay networks.
+#[derive(Default)]
+pub(super) struct Networks {
+    /// The cluster's table as this node knows it (kept and published).
+    pub table: BTreeMap<String, Def>,
+    /// The live networks this node serves.
+    pub served: Vec<Network>,
+    pub conflicts: Vec<String>,
+    /// Each network's Docker network here: its bridge, or what is wrong.
+    pub docker: BTreeMap<String, Result<String, String>>,
+    /// Docker's networks are not what `served` says yet.
+    pub dirty: bool,
+    /// Every network's containers across the cluster, as NODE/CONTAINER.
+    pub users: BTreeMap<String, Vec<String>>,
+    /// The `net:` and `netuse:` keys as last published.
+    pub published: BTreeMap<String, String>,
+}
+
+fn table_file(dir: &Path) -> PathBuf {
+    dir.join("networks.json")
+}
+
+/// The table an earlier run kept.
+pub(super) fn load(dir: &Path) -> BTreeMap<String, Def> {
+    std::fs::read_to_string(table_file(dir))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save(dir: &Path, table: &BTreeMap<String, Def>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("networks.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(table)?)?;
+    std::fs::rename(tmp, table_file(dir))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Daemon {
+    /// The address space networks must stay out of.
+    fn space(&self) -> Space {
+        Space {
+            cluster: self
+                .cluster
+                .as_ref()
+                .map_or(self.settings.node_subnet, |c| c.cluster_cidr),
+            vip: self.settings.vip_cidr,
+            cluster_vni: self.settings.vni,
+        }
+    }
+
+    /// The index of this node's /24: its slice of every network.
+    pub(super) fn slice_index(&self) -> u32 {
+        match &self.cluster {
+            Some(c) => c.claim.index,
+            None => ((u32::from(self.settings.node_subnet.base) >> 8) & 0xff).max(1),
+        }
+    }
+
+    fn node_name(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map_or_else(|| "this node".to_owned(), |c| c.node_id.clone())
+    }
+
+    /// Merges the peers' tables into this node's (kept when it changed)
+    /// and works out what to serve.
+    pub(super) fn merge_networks(&mut self, peers: &BTreeMap<String, Peer>) {
+        let merged = network::merge(
+            std::iter::once(&self.nets.table).chain(peers.values().map(|p| &p.networks)),
+        );
+        if merged.table != self.nets.table {
+            if let Err(e) = save(&self.settings.state_dir, &merged.table) {
+                warn!(error = %e, "could not keep the network table");
+            }
+            self.nets.table.clone_from(&merged.table);
+        }
+        let (served, more) = network::serve(&merged, &self.space());
+        let mut conflicts = merged.conflicts;
+        conflicts.extend(more);
+        for c in &conflicts {
+            if !self.nets.conflicts.contains(c) {
+                warn!(conflict = %c, "overlay network");
+            }
+        }
+        self.nets.conflicts = conflicts;
+        let want: Vec<&str> = served.iter().map(|n| n.name.as_str()).collect();
+        let have: Vec<&str> = self.nets.docker.keys().map(String::as_str).collect();
+        if served != self.nets.served || want != have {
+            self.nets.dirty = true;
+        }
+        self.nets.served = served;
+        // Who uses each network: this node's containers, then the peers'.
+        let me = self.node_name();
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (net, names) in self.local_users() {
+            users
+                .entry(net)
+                .or_default()
+                .extend(names.into_iter().map(|c| format!("{me}/{c}")));
+        }
+        for (node, p) in peers {
+            for (net, names) in &p.net_users {
+                users
+                    .entry(net.clone())
+                    .or_default()
+                    .extend(names.iter().map(|c| format!("{node}/{c}")));
+            }
+        }
+        self.nets.users = users;
+    }
+
+    /// This node's containers on each overlay network (not `mesh`).
+    fn local_users(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for c in self.docker.containers.values() {
+            for net in c.nets.keys() {
+                if self.nets.table.contains_key(net) {
+                    out.entry(net.clone()).or_default().push(c.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The table and this node's users of each network, in gossip.
+    pub(super) fn publish_networks(&mut self) {
+        let Some(c) = &self.cluster else { return };
+        let mut want: BTreeMap<String, String> = BTreeMap::new();
+        for (name, d) in &self.nets.table {
+            if let Ok(v) = serde_json::to_string(d) {
+                want.insert(format!("{}{name}", network::KEY_PREFIX), v);
+            }
+        }
+        for (name, users) in self.local_users() {
+            if let Ok(v) = serde_json::to_string(&users) {
+                want.insert(format!("{}{name}", network::USE_PREFIX), v);
+            }
+        }
+        let set: Vec<(String, String)> = want
+            .iter()
+            .filter(|(k, v)| self.nets.published.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let delete: Vec<String> = self
+            .nets
+            .published
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        if set.is_empty() && delete.is_empty() {
+            return;
+        }
+        if c.membership.try_update(&set, &delete) {
+            self.nets.published = want;
+        } else {
+            self.retry = true;
+        }
+    }
+
+    /// Makes this engine's Docker networks what `served` says: each served
+    /// network's made (with proxy ARP on its bridge, so a container's ARP
+    /// for another node's address or a VIP gets the gateway), each one no
+    /// longer served removed once no container is on it.
+    pub(super) async fn sync_networks(&mut self, d: &bollard::Docker) {
+        if !self.nets.dirty {
+            return;
+        }
+        self.nets.dirty = false;
+        let index = self.slice_index();
+        let mtu = self.settings.mtu;
+        for n in self.nets.served.clone() {
+            let r = match docker::ensure_overlay(d, &n.name, n.cidr, n.slice(index), mtu).await {
+                Ok(dev) => crate::iface::proxy_arp(&dev)
+                    .map(|()| dev.clone())
+                    .map_err(|e| format!("proxy ARP on {dev}: {e}")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &r
+                && self.nets.docker.get(&n.name) != Some(&r)
+            {
+                warn!(network = %n.name, error = %e, "overlay network not set up on this engine");
+            }
+            self.nets.docker.insert(n.name.clone(), r);
+        }
+        let gone: Vec<String> = self
+            .nets
+            .docker
+            .keys()
+            .filter(|k| !self.nets.served.iter().any(|n| &n.name == *k))
+            .cloned()
+            .collect();
+        for name in gone {
+            match docker::remove_overlay(d, &name).await {
+                Ok(()) => {
+                    self.nets.docker.remove(&name);
+                }
+                Err(e) => {
+                    // Tried again at the next change.
+                    warn!(network = %name, error = %e, "overlay network removed, its Docker network kept");
+                    self.nets.docker.insert(name, Err(e));
+                }
+            }
+        }
+        self.report_networks();
+    }
+
+    /// The rows `meshctl network ls|inspect` shows.
+    pub(super) fn report_networks(&self) {
+        let index = self.slice_index();
+        let mut rows = vec![NetworkRow {
+            name: network::DEFAULT.into(),
+            subnet: self.space().cluster.to_string(),
+            vni: self.settings.vni,
+            slice: self.settings.node_subnet.to_string(),
+            vips: self.settings.vip_cidr.to_string(),
+            creator: String::new(),
+            created_ms: 0,
+            docker: "ok".into(),
+            containers: Vec::new(),
+        }];
+        for n in &self.nets.served {
+            let d = self.nets.table.get(&n.name);
+            rows.push(NetworkRow {
+                name: n.name.clone(),
+                subnet: n.cidr.to_string(),
+                vni: n.vni,
+                slice: n.slice(index).to_string(),
+                vips: n.vips().to_string(),
+                creator: d.map(|d| d.creator.clone()).unwrap_or_default(),
+                created_ms: d.map_or(0, |d| d.created_ms),
+                docker: match self.nets.docker.get(&n.name) {
+                    Some(Ok(dev)) => format!("ok ({dev})"),
+                    Some(Err(e)) => e.clone(),
+                    None => "being made".into(),
+                },
+                containers: self.nets.users.get(&n.name).cloned().unwrap_or_default(),
+            });
+        }
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.networks = rows;
+        sh.status.network_conflicts.clone_from(&self.nets.conflicts);
+    }
+
+    /// One `meshctl network` request.
+    pub(super) fn on_request(&mut self, r: Request) {
+        match r {
+            Request::Create {
+                name,
+                subnet,
+                reply,
+            } => {
+                let merged = network::merge([&self.nets.table]);
+                let made = network::create(
+                    &merged,
+                    &self.space(),
+                    &name,
+                    subnet.as_deref(),
+                    &self.node_name(),
+                    now_ms(),
+                );
+                let answer = match made {
+                    Ok(def) => {
+                        info!(network = %name, subnet = %def.subnet, "network created");
+                        self.nets.table.insert(name.clone(), def);
+                        self.pass();
+                        let sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                        sh.networks
+                            .iter()
+                            .find(|r| r.name == name)
+                            .cloned()
+                            .ok_or_else(|| {
+                                self.nets
+                                    .conflicts
+                                    .iter()
+                                    .find(|c| c.contains(&format!("network {name}:")))
+                                    .cloned()
+                                    .unwrap_or_else(|| format!("network {name} is not served"))
+                            })
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(answer);
+            }
+            Request::Remove { name, reply } => {
+                let answer = match self.nets.table.get(&name) {
+                    _ if name == network::DEFAULT => Err(format!(
+                        "{name} is the default network; it cannot be removed"
+                    )),
+                    Some(d) if d.live() => match self.nets.users.get(&name) {
+                        Some(users) if !users.is_empty() => Err(format!(
+                            "network {name} is in use by {} container(s): {}",
+                            users.len(),
+                            users.join(", ")
+                        )),
+                        _ => {
+                            let mut dead = d.clone();
+                            dead.removed_ms = Some(now_ms().max(d.created_ms + 1));
+                            info!(network = %name, "network removed");
+                            self.nets.table.insert(name.clone(), dead);
+                            self.pass();
+                            Ok(())
+                        }
+                    },
+                    _ => Err(format!("no network {name}")),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
