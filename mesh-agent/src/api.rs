@@ -83,7 +83,7 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
 /// `network create NAME [SUBNET]` or `network rm NAME`, handed to the
 /// daemon; its answer (the new network's row, `{}`) or `{"error": ...}`.
 async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
-    use crate::daemon::NetworkRequest as R;
+    use crate::requests::Request as R;
     let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
     let Some(tx) = shared
         .lock()

@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod logging;
 pub mod metrics;
 pub mod probe;
+pub mod requests;
 pub mod shared;
 pub mod veth;
 

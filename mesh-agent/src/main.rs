@@ -365,7 +365,7 @@ async fn run(args: Args) -> Result<()> {
         state_dir: args.state_dir,
         dns,
     };
-    let (net_tx, net_rx) = mesh_agent::daemon::network_channel();
+    let (net_tx, net_rx) = mesh_agent::requests::channel();
     shared
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -50,7 +50,7 @@ pub struct Shared {
     /// The overlay networks (`meshctl network ls`), `mesh` first.
     pub networks: Vec<crate::status::NetworkRow>,
     /// Where `meshctl network create|rm` go (the daemon's loop).
-    pub net_requests: Option<tokio::sync::mpsc::Sender<crate::daemon::NetworkRequest>>,
+    pub net_requests: Option<tokio::sync::mpsc::Sender<crate::requests::Request>>,
     /// Gossip content ignored, by kind (claim, endpoint, identity).
     pub gossip_ignored: BTreeMap<&'static str, u64>,
 }

@@ -61,6 +61,11 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_BACKENDS: u32 = 131_072;
 /// Nodes in a cluster.
 pub const MAX_NODES: u32 = 1024;
+/// Overlay networks besides `mesh` (one /16 each).
+pub const MAX_NETS: u32 = 64;
+/// Other nodes' slices of every network (`MESH_NODES`): nodes times
+/// networks, e.g. 256 nodes on 64 networks.
+pub const MAX_SLICES: u32 = 16_384;
 /// Containers on one node.
 pub const MAX_LOCAL_EPS: u32 = 4096;
 /// Conntrack entries of confirmed flows (two per flow).
@@ -174,13 +179,22 @@ pub const LOCAL_NODE: MapDef = def(
     Agent,
     "0 -> LocalNode{subnet, cluster, underlay ip/ifindex/mac, vni, enabled, mss, host ip/ifindex/mac}",
 );
-/// Hash `/24 (network order) -> Node`: the other nodes.
+/// Hash `/24 (network order) -> Node`: the other nodes' slices of every
+/// network.
 pub const NODES: MapDef = def(
     "MESH_NODES",
     Hash,
-    MAX_NODES,
+    MAX_SLICES,
     Agent,
-    "node /24 -> Node{underlay ip, mac}",
+    "slice /24 -> Node{underlay ip, inner mac, vni}: the node it lives on",
+);
+/// Hash `/16 (network order) -> VNI`: the overlay networks besides `mesh`.
+pub const NETS: MapDef = def(
+    "MESH_NETS",
+    Hash,
+    MAX_NETS,
+    Agent,
+    "network /16 -> its VNI: the overlay networks besides mesh",
 );
 /// Hash `container IP (network order) -> LocalEndpoint`: this node's containers.
 pub const LOCAL_EPS: MapDef = def(
@@ -199,7 +213,7 @@ pub const VETH_SRC: MapDef = def(
     Array,
     VETH_SLOTS,
     Agent,
-    "veth ifindex -> its container's ip (anti-spoofing)",
+    "veth ifindex -> VethSrc{container ip, vni}: anti-spoofing, isolation",
 );
 /// Array of one `Config`: settings of the whole data plane.
 pub const CONFIG: MapDef = def("MESH_CONFIG", Array, 1, Agent, "0 -> Config{vip range}");
@@ -253,17 +267,18 @@ pub const BRIDGES: MapDef = def(
     "bridge ifindex -> Bridge{subnet, mask, gateway}: Docker's other networks",
 );
 
-/// Hash `VIP -> 0`: every service's VIP, so a ping to one is answered.
+/// Hash `VIP -> VNI`: every service's VIP and its network, so a ping to
+/// one is answered and a new flow to one is allowed only from its network.
 pub const VIPS: MapDef = def(
     "MESH_VIPS",
     Hash,
     MAX_SERVICES,
     Agent,
-    "VIP -> 0: the addresses that answer ICMP echo",
+    "VIP -> its network's VNI: the addresses that answer ICMP echo",
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 19] = [
+pub const ALL: [MapDef; 20] = [
     STATS,
     SERVICES,
     VIPS,
@@ -276,6 +291,7 @@ pub const ALL: [MapDef; 19] = [
     SERVICE_STATS,
     LOCAL_NODE,
     NODES,
+    NETS,
     PEERS,
     LOCAL_EPS,
     VETH_SRC,

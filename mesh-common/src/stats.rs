@@ -137,6 +137,9 @@ counters! {
     TunnelTooBig = 76, "tunnel_too_big", Drop, "Encapsulated, longer than the MTU of the device the route to its node leaves by (not GSO): the tunnel MTU (--mtu) is too large for the path.";
     IngressRequestLost = 77, "ingress_request_lost", Drop, "Underlay TC: a routing-mesh request whose flow left conntrack after XDP balanced it.";
     VipEcho = 78, "vip_echo", Path, "A ping to a service's VIP: answered by the data plane, as the VIP's own address would answer it.";
+    NetIsolated = 79, "net_isolated", Drop, "A container's packet to an address, a VIP or a task of another overlay network than the one its veth is on (the host's own gateway addresses excepted).";
+    XdpVxlanBadVni = 80, "xdp_vxlan_bad_vni", Drop, "VXLAN from a cluster node whose VNI is not the network of its inner destination, or a VNI this node does not serve.";
+    ArpReply = 81, "arp_reply", Path, "A container asked ARP for an address of its network on another node or a VIP: answered by the data plane (the frames then come to its veth program, which tunnels or balances them).";
 }
 
 impl Stat {

@@ -60,6 +60,12 @@ pub const fn mark_mac(mark: u8, underlay_ip_be: u32) -> [u8; 6] {
 pub const NODE_PREFIX: u8 = 24;
 pub const NODE_MASK: u32 = 0xffff_ff00;
 
+/// The MAC the data plane answers a container's ARP with, for addresses
+/// of its network on other nodes and its network's VIPs (`02` local, then
+/// "mesh" and `fe`): frames to it come to the container's veth program,
+/// which always tunnels, balances or drops them.
+pub const ARP_MAC: [u8; 6] = [0x02, 0x6d, 0x65, 0x73, 0x68, 0xfe];
+
 /// A remote node, keyed by its /24 (network order, host bits zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,6 +79,18 @@ pub struct Node {
     /// (RFC 7348 peer) takes only frames for its own MAC.
     pub inner_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The VNI of the network the slice belongs to.
+    pub vni: u32,
+}
+
+/// A veth's container (`MESH_VETH_SRC`, by the veth's ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VethSrc {
+    /// Its address (network order; 0: none).
+    pub ip_be: u32,
+    /// The VNI of the network the veth is on.
+    pub vni: u32,
 }
 
 /// This node, slot 0 of the config array (written by the agent).
@@ -92,7 +110,9 @@ pub struct LocalNode {
     pub underlay_mac: [u8; 6],
     /// 1 once the agent has written this slot; the overlay is off until then.
     pub enabled: u8,
-    pub _pad: u8,
+    /// The index of this node's /24 in the cluster CIDR: its slice of
+    /// every other network (the /24 with this third octet).
+    pub slice_index: u8,
     /// The largest TCP MSS whose segments fit the tunnel (the underlay's
     /// MTU less the VXLAN, IPv4 and TCP headers); SYNs of routing-mesh
     /// flows through the tunnel are clamped to it. 0: no clamping.
@@ -166,7 +186,8 @@ impl Bridge {
 
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
-const _: () = assert!(core::mem::size_of::<Node>() == 12);
+const _: () = assert!(core::mem::size_of::<Node>() == 16);
+const _: () = assert!(core::mem::size_of::<VethSrc>() == 8);
 const _: () = assert!(core::mem::size_of::<LocalNode>() == 52);
 
 #[cfg(feature = "user")]
@@ -176,4 +197,5 @@ mod pod {
     unsafe impl aya::Pod for super::LocalNode {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::Bridge {}
+    unsafe impl aya::Pod for super::VethSrc {}
 }

@@ -291,7 +291,14 @@ async fn create_overlay(
                 subnet: Some(cidr.to_string()),
                 ip_range: Some(slice.to_string()),
                 gateway: Some(gateway.to_string()),
-                ..Default::default()
+                // Never a container's: the slice's first and last address.
+                auxiliary_addresses: Some(HashMap::from([
+                    ("slice-net".to_string(), slice.base.to_string()),
+                    (
+                        "slice-end".to_string(),
+                        Ipv4Addr::from(u32::from(slice.base) | 0xff).to_string(),
+                    ),
+                ])),
             }]),
             ..Default::default()
         },

@@ -29,30 +29,6 @@ pub fn validate(name: &str) -> Result<(), IfaceError> {
 }
 
 /// The interface index of `name` in the current network namespace.
-/// Turns on proxy ARP on bridge `dev` for every address routed through it
-/// (`proxy_arp_pvlan`: answered on the interface it arrived on), with no
-/// delay: an overlay network's bridge answers a container's ARP for
-/// another node's address or a VIP with its own MAC, so the frame reaches
-/// the container's veth program, which tunnels or balances it.
-pub fn proxy_arp(dev: &str) -> std::io::Result<()> {
-    validate(dev)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    for (path, value) in [
-        (format!("/proc/sys/net/ipv4/conf/{dev}/proxy_arp"), "1"),
-        (
-            format!("/proc/sys/net/ipv4/conf/{dev}/proxy_arp_pvlan"),
-            "1",
-        ),
-        (format!("/proc/sys/net/ipv4/neigh/{dev}/proxy_delay"), "0"),
-    ] {
-        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
-            continue;
-        }
-        std::fs::write(&path, value)?;
-    }
-    Ok(())
-}
-
 pub fn index(name: &str) -> Result<u32, IfaceError> {
     validate(name)?;
     let c = CString::new(name).map_err(|_| IfaceError::InvalidName(name.to_owned()))?;

@@ -392,7 +392,10 @@ mod tests {
         let m = merge([&t]);
         let c = |name: &str, subnet: Option<&str>| create(&m, &space(), name, subnet, "n1", 100);
         assert_eq!(c("b", None).expect("created").subnet, "10.45.0.0/16");
-        assert_eq!(c("b", Some("10.60.0.0/16")).expect("created").subnet, "10.60.0.0/16");
+        assert_eq!(
+            c("b", Some("10.60.0.0/16")).expect("created").subnet,
+            "10.60.0.0/16"
+        );
         assert!(matches!(c("a", None), Err(CreateError::Exists(..))));
         assert!(matches!(c("mesh", None), Err(CreateError::Reserved(_))));
         assert!(matches!(c("Bad Name", None), Err(CreateError::Name(_))));

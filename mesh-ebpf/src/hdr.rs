@@ -13,6 +13,25 @@ use crate::csum;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+/// An ARP packet for IPv4 over Ethernet (RFC 826), after the Ethernet
+/// header.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+pub struct ArpEth {
+    pub htype_be: u16,
+    pub ptype_be: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub op_be: u16,
+    pub sha: [u8; 6],
+    pub spa_be: u32,
+    pub tha: [u8; 6],
+    pub tpa_be: u32,
+}
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPV4_MIN_HLEN: usize = 20;

@@ -54,11 +54,11 @@ use crate::{
 /// ICMP destination unreachable, code: fragmentation needed and DF set.
 const ICMP_FRAG_NEEDED: u8 = 4;
 
-/// Whether `ip_be` is outside the cluster CIDR (a routing-mesh client:
-/// containers are inside it).
+/// Whether `ip_be` is outside every overlay network (a routing-mesh
+/// client, or a node: containers are inside one).
 #[inline(always)]
 fn outside(l: &LocalNode, ip_be: u32) -> bool {
-    ip_be & l.cluster_mask_be != l.cluster_be
+    tunnel::vni_of(l, ip_be) == 0
 }
 
 /// A container's packet to a node's underlay address (this one or a peer's)

@@ -16,11 +16,11 @@ use mesh_common::{
     },
     maps::{
         BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_BRIDGES,
-        MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, RING_FLAGS, SOCK_ORIG_ENTRIES,
-        VETH_SLOTS,
+        MAX_LOCAL_EPS, MAX_NETS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES, RING_FLAGS,
+        SOCK_ORIG_ENTRIES, VETH_SLOTS,
     },
     stats::STATS_SLOTS,
-    tunnel::{Bridge, LocalEndpoint, LocalNode, Node},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, Node, VethSrc},
 };
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
@@ -67,9 +67,13 @@ pub static MESH_MAGLEV: ArrayOfMaps<Ring, { MAX_SERVICES as usize }> = ArrayOfMa
 #[map(name = "MESH_LOCAL_NODE")]
 pub static LOCAL_NODE: Array<LocalNode> = Array::with_max_entries(1, 0);
 
-/// The other nodes, by /24.
+/// The other nodes' slices of every network, by /24.
 #[map(name = "MESH_NODES")]
-pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_NODES, 0);
+pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_SLICES, 0);
+
+/// The overlay networks besides `mesh`: /16 -> VNI.
+#[map(name = "MESH_NETS")]
+pub static NETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NETS, 0);
 
 /// This node's containers, by address.
 #[map(name = "MESH_LOCAL_EPS")]
@@ -78,7 +82,7 @@ pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MA
 /// Veth ifindex -> its container's address: the anti-spoofing check in
 /// one array slot (`MESH_LOCAL_EPS` covers what this does not).
 #[map(name = "MESH_VETH_SRC")]
-pub static VETH_SRC: Array<u32> = Array::with_max_entries(VETH_SLOTS, 0);
+pub static VETH_SRC: Array<VethSrc> = Array::with_max_entries(VETH_SLOTS, 0);
 
 /// Socket cookie -> where a socket balanced at connect asked to go.
 #[map(name = "MESH_SOCK_ORIG")]

@@ -20,7 +20,7 @@ use crate::{
     ctx::{Packet, Verdict},
     fib::{self, Hop},
     hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
-    maps::{LOCAL_EPS, LOCAL_NODE, NODES},
+    maps::{LOCAL_EPS, LOCAL_NODE, NETS, NODES},
     stats::bump,
 };
 
@@ -43,21 +43,77 @@ pub enum Route {
     /// On this node, or outside the cluster: the stack delivers it.
     Here,
     /// On another node.
-    Remote(Node),
+    /// On another node (its entry in the map, not a copy: less stack).
+    Remote(&'static Node),
 }
 
 #[inline(always)]
 pub fn route(l: &LocalNode, dst_be: u32) -> Result<Route, Stat> {
-    if dst_be & l.cluster_mask_be != l.cluster_be {
-        return Ok(Route::Here);
-    }
-    let subnet = dst_be & NODE_MASK.to_be();
-    if subnet == l.subnet_be {
-        return Ok(Route::Here);
+    locate(l, dst_be).map(|(_, r)| r)
+}
+
+/// The /16 of an address (network order), the key of `MESH_NETS`.
+const NET16_MASK_BE: u32 = 0xffff_0000u32.to_be();
+
+/// The VNI of the overlay network `ip_be` belongs to: `mesh` (the cluster
+/// CIDR) or another network (`MESH_NETS`); 0 for any other address.
+#[inline(always)]
+pub fn vni_of(l: &LocalNode, ip_be: u32) -> u32 {
+    if ip_be & l.cluster_mask_be == l.cluster_be {
+        return l.vni;
     }
     // SAFETY: plain data written by the agent.
+    unsafe { NETS.get(&(ip_be & NET16_MASK_BE)) }.map_or(0, |v| *v)
+}
+
+/// The index of the /24 `ip_be` lies in within its /16 (its third octet).
+#[inline(always)]
+fn slice_of(ip_be: u32) -> u8 {
+    (u32::from_be(ip_be) >> 8) as u8
+}
+
+/// Whether `ip_be` is in one of this node's own slices: its /24 of the
+/// cluster CIDR or of another network.
+#[inline(always)]
+pub fn is_local_slice(l: &LocalNode, ip_be: u32) -> bool {
+    if ip_be & NODE_MASK.to_be() == l.subnet_be {
+        return true;
+    }
+    ip_be & l.cluster_mask_be != l.cluster_be
+        && slice_of(ip_be) == l.slice_index
+        && l.slice_index != 0
+        // SAFETY: plain data written by the agent.
+        && unsafe { NETS.get(&(ip_be & NET16_MASK_BE)) }.is_some()
+}
+
+/// Where an address lives and the VNI of its network (0: no overlay
+/// network's). A slice no node holds is a counted drop; so is another
+/// network's VIP slice (slice 0) beyond its services.
+#[inline(always)]
+pub fn locate(l: &LocalNode, dst_be: u32) -> Result<(u32, Route), Stat> {
+    let subnet = dst_be & NODE_MASK.to_be();
+    let vni = if dst_be & l.cluster_mask_be == l.cluster_be {
+        if subnet == l.subnet_be {
+            return Ok((l.vni, Route::Here));
+        }
+        l.vni
+    } else {
+        // SAFETY: plain data written by the agent.
+        let Some(vni) = (unsafe { NETS.get(&(dst_be & NET16_MASK_BE)) }).copied() else {
+            return Ok((0, Route::Here));
+        };
+        let slice = slice_of(dst_be);
+        if slice == l.slice_index {
+            return Ok((vni, Route::Here));
+        }
+        if slice == 0 {
+            return Err(Stat::TunnelNoNode);
+        }
+        vni
+    };
+    // SAFETY: plain data written by the agent.
     match unsafe { NODES.get(&subnet) } {
-        Some(n) => Ok(Route::Remote(*n)),
+        Some(n) => Ok((vni, Route::Remote(n))),
         None => Err(Stat::TunnelNoNode),
     }
 }
@@ -131,7 +187,9 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
         vxlan: VxlanHdr {
             flags: VXLAN_FLAG_I,
             _reserved: [0; 3],
-            vni_be: (l.vni << 8).to_be(),
+            // The network of the inner destination's slice (the cluster
+            // VNI for the host link's and the routing mesh's legs).
+            vni_be: ((if node.vni == 0 { l.vni } else { node.vni }) << 8).to_be(),
         },
         // The inner frame keeps the container's source MAC; its destination
         // is the device that decapsulates it (a mesh node's NIC, or a Linux

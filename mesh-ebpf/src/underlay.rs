@@ -16,8 +16,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        BALANCED_MARK, DECAP_MARK, LocalNode, NODE_MASK, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I,
-        VXLAN_HLEN, VXLAN_PORT,
+        BALANCED_MARK, DECAP_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
+        VXLAN_PORT,
     },
 };
 
@@ -98,7 +98,7 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     let Some(h) = ctx.load::<VxlanHdr>(vx) else {
         return pass(Stat::XdpTruncated);
     };
-    if h.flags & VXLAN_FLAG_I == 0 || h.vni() != local.vni {
+    if h.flags & VXLAN_FLAG_I == 0 {
         return pass(Stat::XdpVxlanForeign);
     }
     let inner = vx + VXLAN_HLEN;
@@ -111,7 +111,14 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     let Some(ip) = ctx.load::<Ipv4Hdr>(inner + ETH_HLEN) else {
         return pass(Stat::XdpTruncated);
     };
-    if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+    // The VNI must be the network of the inner destination (the cluster
+    // VNI for an address of no network: a routing-mesh reply): a node
+    // never takes one network's frame into another.
+    let vni = tunnel::vni_of(&local, ip.dst_be);
+    if h.vni() != if vni == 0 { local.vni } else { vni } {
+        return Err(Stat::XdpVxlanBadVni);
+    }
+    if !tunnel::is_local_slice(&local, ip.dst_be) {
         // Not for a container here: a routing-mesh reply to translate, or
         // nothing of ours.
         return ingress::tunnelled_reply(ctx, &local, inner);
@@ -159,7 +166,7 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     if u16::from_be(eth.proto_be) != ETH_P_IP {
         return pass(Stat::TunnelPass);
     }
-    if ip.dst_be & NODE_MASK.to_be() != local.subnet_be {
+    if !tunnel::is_local_slice(&local, ip.dst_be) {
         return pass(Stat::TunnelPass);
     }
     if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {

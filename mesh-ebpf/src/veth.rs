@@ -12,16 +12,16 @@ use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
-    tunnel::DELIVERED_MARK,
+    tunnel::{ARP_MAC, DELIVERED_MARK},
 };
 
 use crate::{
     ct,
     ctx::{Packet, Verdict, pass},
     hdr::{
-        ETH_HLEN, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
+        ARP_REPLY, ARP_REQUEST, ArpEth, ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ICMP_CSUM_OFF,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED, IP_DST_OFF,
+        IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
     },
     lb,
     maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC, VIPS},
@@ -42,26 +42,62 @@ fn unparsed(e: ParseError) -> Result<Verdict, Stat> {
 
 /// Sends a packet leaving a container on its way: to another node through
 /// the tunnel, or (this node, outside the cluster, overlay off) to the
-/// stack. `path`, if any, is counted when it stays here.
+/// stack. `path`, if any, is counted when it stays here. An address of
+/// another overlay network than the sender's (`src_vni`) is dropped, but
+/// for this node's own gateways (the host: its DNS).
 #[inline(always)]
-fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Result<Verdict, Stat> {
+fn deliver(
+    ctx: &TcContext,
+    src_vni: u32,
+    dst_be: u32,
+    hash: u32,
+    path: Option<Stat>,
+) -> Result<Verdict, Stat> {
     let here = || {
         if let Some(s) = path {
             bump(s);
         }
         Ok(Verdict::PASS)
     };
-    let Some(local) = tunnel::local() else {
+    let Some(local) = tunnel::local_ref() else {
         return here();
     };
-    match tunnel::route(&local, dst_be)? {
+    let (vni, route) = tunnel::locate(local, dst_be)?;
+    if vni != 0 && vni != src_vni {
+        let gateway = matches!(route, tunnel::Route::Here)
+            && u32::from_be(dst_be) & 0xff == 1
+            && tunnel::is_local_slice(local, dst_be);
+        if !gateway {
+            return Err(Stat::NetIsolated);
+        }
+    }
+    match route {
         tunnel::Route::Here => here(),
         tunnel::Route::Remote(node) => {
-            let v = tunnel::encap(ctx, &local, &node, hash)?;
+            let v = tunnel::encap(ctx, local, &node, hash)?;
             bump(Stat::TunnelEncap);
             Ok(v)
         }
     }
+}
+
+/// Whether `dst_be` may be another network's VIP: in its slice 0.
+#[inline(always)]
+fn may_be_net_vip(dst_be: u32) -> bool {
+    (u32::from_be(dst_be) >> 8) & 0xff == 0
+        && tunnel::local_ref().is_some_and(|l| {
+            dst_be & l.cluster_mask_be != l.cluster_be && tunnel::vni_of(l, dst_be) != 0
+        })
+}
+
+/// Whether VIP `vip_be` is of the sender's network (`MESH_VIPS` holds
+/// every VIP's VNI; the agent writes it before the service). A VIP it does
+/// not hold is of no network: reachable only from a veth of none either
+/// (the agent gives every veth its network's VNI, never 0).
+#[inline(always)]
+fn same_network(vip_be: u32, src_vni: u32) -> bool {
+    // SAFETY: plain data written by the agent.
+    unsafe { VIPS.get(&vip_be) }.map_or(src_vni == 0, |v| *v == src_vni)
 }
 
 /// A ping to a VIP, answered here as the VIP's own address would answer
@@ -69,10 +105,19 @@ fn deliver(ctx: &TcContext, dst_be: u32, hash: u32, path: Option<Stat>) -> Resul
 /// back into the container as the reply, addresses and MACs swapped.
 /// Anything else to a VIP that is not a service's port is left alone.
 #[inline(always)]
-fn vip_echo(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+fn vip_echo(ctx: &TcContext, pk: &Parsed, src_vni: u32) -> Result<Verdict, Stat> {
     let icmp: IcmpHdr = Packet::load(ctx, pk.l4_off).ok_or(Stat::TcMalformed)?;
     if icmp.kind != ICMP_ECHO_REQUEST || icmp.code != 0 {
-        return deliver(ctx, pk.t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
+        return deliver(
+            ctx,
+            src_vni,
+            pk.t.dst_be,
+            pk.route_hash(),
+            Some(Stat::TcNotService),
+        );
+    }
+    if !same_network(pk.t.dst_be, src_vni) {
+        return Err(Stat::NetIsolated);
     }
     let macs: [[u8; 6]; 2] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
     tunnel::set_macs(ctx, &macs[1], &macs[0]).ok_or(Stat::NatRewriteFail)?;
@@ -90,25 +135,28 @@ fn vip_echo(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
 }
 
-/// Whether `src_be` is the address of the container behind this veth (the
-/// agent writes every local container's address and veth). A container may
-/// hold NET_RAW (Docker grants it by default) and forge any source; these
-/// programs run before netfilter, so this check is the firewall's. One
-/// array slot by ifindex says yes for the common case; anything else (a
-/// veth beyond the array, a slot not written, another address) is judged
-/// by `MESH_LOCAL_EPS`.
+/// The VNI of the network of the container behind this veth, if `src_be`
+/// is its address (the agent writes every local container's address and
+/// veth). A container may hold NET_RAW (Docker grants it by default) and
+/// forge any source; these programs run before netfilter, so this check is
+/// the firewall's. One array slot by ifindex says yes for the common case;
+/// anything else (a veth beyond the array, a slot not written, another
+/// address) is judged by `MESH_LOCAL_EPS`, the network then by address.
 #[inline(always)]
-fn own_source(ctx: &TcContext, src_be: u32) -> bool {
+fn own_source(ctx: &TcContext, src_be: u32) -> Option<u32> {
     // SAFETY: the context's own field: the veth this program runs on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if VETH_SRC
-        .get(ifindex)
-        .is_some_and(|ip| *ip == src_be && src_be != 0)
+    if let Some(v) = VETH_SRC.get(ifindex)
+        && v.ip_be == src_be
+        && src_be != 0
     {
-        return true;
+        return Some(v.vni);
     }
     // SAFETY: plain data written by the agent.
-    unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex)
+    if !unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex) {
+        return None;
+    }
+    Some(tunnel::local_ref().map_or(0, |l| tunnel::vni_of(l, src_be)))
 }
 
 /// Whether `dst_be` may be a VIP: outside the VIP range (most of a
@@ -125,30 +173,37 @@ fn may_be_vip(dst_be: u32) -> bool {
 pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
+        Err(ParseError::NotIpv4) => return arp_reply(ctx).unwrap_or_else(|| pass(Stat::TcNotIpv4)),
         Err(e) => return unparsed(e),
     };
-    if !own_source(ctx, pk.t.src_be) {
+    let Some(src_vni) = own_source(ctx, pk.t.src_be) else {
         return Err(Stat::TcSpoofed);
-    }
+    };
     if pk.fragment {
-        return fragment_out(ctx, &pk);
+        return fragment_out(ctx, &pk, src_vni);
     }
     let t = pk.t;
+    let vip_range = may_be_vip(t.dst_be) || may_be_net_vip(t.dst_be);
     if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
-        if t.proto == IPPROTO_ICMP && may_be_vip(t.dst_be) {
+        if t.proto == IPPROTO_ICMP && vip_range {
             // SAFETY: plain data written by the agent.
             if unsafe { VIPS.get(&t.dst_be) }.is_some() {
-                return vip_echo(ctx, &pk);
+                return vip_echo(ctx, &pk, src_vni);
             }
         }
-        return deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService));
+        return deliver(
+            ctx,
+            src_vni,
+            t.dst_be,
+            pk.route_hash(),
+            Some(Stat::TcNotService),
+        );
     }
     if t.dst_be == HAIRPIN_IP_BE {
         return hairpin_reply(ctx, &pk);
     }
     // To the VIP range: a tracked flow first (its forward entry names its
     // backend and service: one lookup), then the service for a new one.
-    let vip_range = may_be_vip(t.dst_be);
     let fwd = if vip_range {
         ct::lookup(&t.key(dir::FORWARD))
     } else {
@@ -158,7 +213,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         // SAFETY: pointer from a successful lookup.
         && let Some(c) = lb::follow(&t, f, unsafe { (*f.entry).service_id }, pk.tcp_flags, 0)
     {
-        return to_backend(ctx, &pk, &c);
+        return to_backend(ctx, &pk, &c, src_vni);
     }
     if vip_range {
         let key = ServiceKey {
@@ -169,22 +224,24 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         };
         // SAFETY: map values are plain data; the agent replaces them atomically.
         if let Some(s) = unsafe { SERVICES.get(&key) } {
+            // A new flow only from the service's own network.
+            if !same_network(t.dst_be, src_vni) {
+                return Err(Stat::NetIsolated);
+            }
             let c = lb::pick_new(&t, fwd, s.id, t.hash(), pk.tcp_flags, 0)?;
-            return to_backend(ctx, &pk, &c);
+            return to_backend(ctx, &pk, &c, src_vni);
         }
     }
-    let local = tunnel::local();
+    let local = tunnel::local_ref();
     // A node's address and a published port: balanced here, as a VIP (the
-    // routing mesh from inside the cluster).
-    if let Some(service_id) = local
-        .as_ref()
-        .and_then(|l| crate::ingress::published_at_node(l, &t))
-    {
+    // routing mesh from inside the cluster), whatever the service's
+    // network: published ports answer anyone who reaches a node.
+    if let Some(service_id) = local.and_then(|l| crate::ingress::published_at_node(l, &t)) {
         let c = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
-        return to_backend(ctx, &pk, &c);
+        return to_backend(ctx, &pk, &c, 0);
     }
     // A backend's reply to a client of the routing mesh.
-    if let Some(l) = &local
+    if let Some(l) = local
         && let Some(r) = crate::ingress::reply_out(ctx, l, &pk)
     {
         return r;
@@ -196,13 +253,74 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     if opens && ct::supersede_reverse(&t) {
         bump(Stat::LbStaleReverse);
     }
-    deliver(ctx, t.dst_be, pk.route_hash(), Some(Stat::TcNotService))
+    deliver(
+        ctx,
+        src_vni,
+        t.dst_be,
+        pk.route_hash(),
+        Some(Stat::TcNotService),
+    )
+}
+
+/// A container's ARP request for an address of its network that lives
+/// on another node, or for one of its network's VIPs: its network's
+/// Docker network spans the whole /16, so the container asks ARP for
+/// them. Answered here with [`ARP_MAC`], turned into the reply and sent
+/// back into the container; frames to that MAC come back to this program.
+/// None: not such a request (the bridge and the containers answer the
+/// rest).
+#[inline(always)]
+fn arp_reply(ctx: &TcContext) -> Option<Result<Verdict, Stat>> {
+    let eth: EthHdr = Packet::load(ctx, 0)?;
+    if u16::from_be(eth.proto_be) != ETH_P_ARP {
+        return None;
+    }
+    let a: ArpEth = Packet::load(ctx, ETH_HLEN)?;
+    if u16::from_be(a.op_be) != ARP_REQUEST
+        || u16::from_be(a.htype_be) != 1
+        || u16::from_be(a.ptype_be) != ETH_P_IP
+        || a.hlen != 6
+        || a.plen != 4
+    {
+        return None;
+    }
+    let l = tunnel::local_ref()?;
+    let (sender, target) = (a.spa_be, a.tpa_be);
+    // Only a container of this node asking in its own network (its
+    // address is its veth's), about an address of that network elsewhere.
+    let src_vni = own_source(ctx, sender)?;
+    if src_vni == 0 || tunnel::vni_of(l, target) != src_vni || tunnel::is_local_slice(l, target) {
+        return None;
+    }
+    let reply = ArpEth {
+        op_be: ARP_REPLY.to_be(),
+        sha: ARP_MAC,
+        spa_be: target,
+        tha: a.sha,
+        tpa_be: sender,
+        ..a
+    };
+    let out = (|| {
+        tunnel::set_macs(ctx, &eth.src, &ARP_MAC)?;
+        Packet::store(ctx, ETH_HLEN, &reply)
+    })();
+    Some(match out {
+        Some(()) => {
+            bump(Stat::ArpReply);
+            // SAFETY: the context's own field: the veth this program runs on.
+            Ok(Verdict::redirect(unsafe { (*ctx.skb.skb).ifindex }))
+        }
+        None => Err(Stat::NatRewriteFail),
+    })
 }
 
 /// A balanced packet on its way to its backend: DNAT (and the hairpin's
 /// SNAT), counted, then to the backend's veth, the tunnel or the stack.
+///
+/// `src_vni`: the sender's network, which the backend's is (checked when
+/// the flow began); 0 for a published port's, whose backend may be on any.
 #[inline(always)]
-fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice) -> Result<Verdict, Stat> {
+fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice, src_vni: u32) -> Result<Verdict, Stat> {
     let t = &pk.t;
     let b = &c.backend;
     nat::translate(ctx, pk.l4_off, t, End::Dst, (b.ip_be, b.port_be))?;
@@ -217,7 +335,12 @@ fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice) -> Result<Verdict, S
     remember_fragments(pk, b.ip_be, c.backend_id);
     if b.ifindex == 0 {
         // Not a local veth: another node's (tunnelled) or the stack's.
-        return deliver(ctx, b.ip_be, pk.route_hash(), None);
+        let vni = if src_vni == 0 {
+            tunnel::local_ref().map_or(0, |l| tunnel::vni_of(l, b.ip_be))
+        } else {
+            src_vni
+        };
+        return deliver(ctx, vni, b.ip_be, pk.route_hash(), None);
     }
     // Local backend: straight to its veth.
     to_local(ctx, b)
@@ -229,10 +352,16 @@ fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice) -> Result<Verdict, S
 /// address like any packet (to a local backend, through the tunnel, or to
 /// the stack).
 #[inline(always)]
-fn fragment_out(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
+fn fragment_out(ctx: &TcContext, pk: &Parsed, src_vni: u32) -> Result<Verdict, Stat> {
     // SAFETY: plain data written by this program.
     let Some(f) = unsafe { FRAGS.get(&pk.frag_key()) }.copied() else {
-        return deliver(ctx, pk.t.dst_be, pk.route_hash(), Some(Stat::TcFragment));
+        return deliver(
+            ctx,
+            src_vni,
+            pk.t.dst_be,
+            pk.route_hash(),
+            Some(Stat::TcFragment),
+        );
     };
     nat::rewrite_address(ctx, IP_DST_OFF, pk.t.dst_be, f.nat_ip_be).ok_or(Stat::NatRewriteFail)?;
     bump(Stat::NatFragment);
@@ -241,7 +370,10 @@ fn fragment_out(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
     {
         return to_local(ctx, &b);
     }
-    deliver(ctx, f.nat_ip_be, pk.route_hash(), None)
+    // Its first fragment's flow was allowed (a published port's backend
+    // may be on any network).
+    let vni = tunnel::local_ref().map_or(0, |l| tunnel::vni_of(l, f.nat_ip_be));
+    deliver(ctx, vni, f.nat_ip_be, pk.route_hash(), None)
 }
 
 /// A fragment other than the first, entering a container: from the VIP
@@ -335,7 +467,7 @@ fn direct_from_outside(ctx: &TcContext, pk: &Parsed) {
         return;
     }
     let Some(l) = tunnel::local() else { return };
-    if t.src_be & l.cluster_mask_be == l.cluster_be {
+    if tunnel::vni_of(&l, t.src_be) != 0 {
         return;
     }
     if ct::supersede_mesh_reverse(t) {

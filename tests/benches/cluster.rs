@@ -153,7 +153,7 @@ impl ControlPlane {
         };
         let decoded = self.decoder.peers(&self.me, live);
         lap(0);
-        let vetted = authority::vet(decoded, cluster(), Some(&self.claim));
+        let vetted = authority::vet(decoded, cluster(), Some(&self.claim), &[]);
         lap(1);
         let st = mesh_agent::desired::compute(&mesh_agent::desired::Inputs {
             containers: &containers,

@@ -222,6 +222,14 @@ impl Harness {
     /// anti-spoofing) and its veth's slot (`MESH_VETH_SRC`, the
     /// anti-spoofing check's one-step path).
     pub fn container(&mut self, ip: std::net::Ipv4Addr, ifindex: u32, mac: [u8; 6]) {
+        // On `mesh`: the cluster VNI, as this node's settings say (0
+        // before they are written, with the overlay off).
+        let vni = self.overlay.local.get(&0, 0).map_or(0, |l| l.vni);
+        self.container_on(ip, ifindex, mac, vni);
+    }
+
+    /// [`Harness::container`] on the network with VNI `vni`.
+    pub fn container_on(&mut self, ip: std::net::Ipv4Addr, ifindex: u32, mac: [u8; 6], vni: u32) {
         let ep = mesh_common::tunnel::LocalEndpoint {
             ifindex,
             mac,
@@ -231,9 +239,9 @@ impl Harness {
         self.overlay
             .set_local_ep(u32::from(ip).to_be(), &ep)
             .unwrap_or_else(|e| panic!("local endpoint {ip}: {e}"));
-        for (ifindex, ip_be) in dataplane::overlay::veth_src(&eps) {
+        for (ifindex, v) in dataplane::overlay::veth_src(&eps, |_| vni) {
             self.overlay
-                .set_veth_src(ifindex, ip_be)
+                .set_veth_src(ifindex, &v)
                 .unwrap_or_else(|e| panic!("veth source {ip}: {e}"));
         }
     }

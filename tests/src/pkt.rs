@@ -117,6 +117,25 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f
 }
 
+/// The reply to [`arp_request`] from `sender` (who has `sender_mac`) to
+/// `target` (at `target_mac`), padding kept.
+pub fn arp_reply(
+    (sender, sender_mac): (Ipv4Addr, [u8; 6]),
+    (target, target_mac): (Ipv4Addr, [u8; 6]),
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&target_mac);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&target_mac);
+    f.extend_from_slice(&target.octets());
+    f.resize(60, 0);
+    f
+}
+
 /// A VXLAN frame (RFC 7348): outer Ethernet / IPv4 / UDP to 4789 / VXLAN
 /// header with `vni`, carrying `inner` (an Ethernet frame).
 pub fn vxlan4(

@@ -129,7 +129,7 @@ fn pins_of_another_layout_are_retired_and_the_rest_adopted() {
     let names: Vec<&str> = retired.iter().map(|r| r.name).collect();
     assert_eq!(names, ["MESH_NODES"], "{retired:?}");
     assert_eq!(retired[0].pinned.max_entries, 512);
-    assert_eq!(retired[0].ours.max_entries, mesh_common::maps::MAX_NODES);
+    assert_eq!(retired[0].ours.max_entries, mesh_common::maps::MAX_SLICES);
     let new_ids = ids(&new);
     for (name, id) in &old_ids {
         if name == "MESH_NODES" {

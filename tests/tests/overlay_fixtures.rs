@@ -1,7 +1,7 @@
 //! Packet tests of the overlay (needs root).
 
 use mesh_tests::{
-    fixtures::{bridge, ingress, overlay},
+    fixtures::{bridge, ingress, networks, overlay},
     harness::Harness,
 };
 
@@ -24,4 +24,11 @@ fn docker_bridge_fixtures() {
     let mut h = Harness::new();
     bridge::install(&mut h);
     h.check(&bridge::fixtures());
+}
+
+#[test]
+fn network_isolation_fixtures() {
+    let mut h = Harness::new();
+    networks::install(&mut h);
+    h.check(&networks::fixtures());
 }

@@ -88,6 +88,7 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
 #[derive(Serialize)]
 struct StatusRow {
     name: String,
+    network: String,
     vip: String,
     ports: String,
     published: String,
@@ -100,6 +101,11 @@ impl From<&crate::status::ServiceStatus> for StatusRow {
     fn from(s: &crate::status::ServiceStatus) -> Self {
         StatusRow {
             name: s.name.clone(),
+            network: if s.network.is_empty() {
+                crate::network::DEFAULT.into()
+            } else {
+                s.network.clone()
+            },
             vip: s.vip.clone(),
             ports: if s.ports.is_empty() {
                 "-".into()
@@ -121,6 +127,7 @@ impl From<&crate::status::ServiceStatus> for StatusRow {
 impl Table for StatusRow {
     const HEADER: &'static [&'static str] = &[
         "SERVICE",
+        "NETWORK",
         "VIP",
         "PORTS",
         "PUBLISHED",
@@ -131,6 +138,7 @@ impl Table for StatusRow {
     fn cells(&self) -> Vec<String> {
         vec![
             self.name.clone(),
+            self.network.clone(),
             self.vip.clone(),
             self.ports.clone(),
             self.published.clone(),

@@ -12,8 +12,6 @@ mod events;
 mod networks;
 mod pass;
 
-pub use networks::{Request as NetworkRequest, channel as network_channel};
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -77,8 +75,10 @@ struct Written {
     nodes: BTreeMap<u32, Node>,
     peers: BTreeMap<u32, u32>,
     local_eps: BTreeMap<u32, LocalEndpoint>,
-    /// Veth ifindex -> container address (`MESH_VETH_SRC`).
-    veth_src: BTreeMap<u32, u32>,
+    /// Veth ifindex -> container address and network (`MESH_VETH_SRC`).
+    veth_src: BTreeMap<u32, mesh_common::tunnel::VethSrc>,
+    /// The overlay networks besides `mesh` (`MESH_NETS`: /16 -> VNI).
+    nets: BTreeMap<u32, u32>,
     /// The routing mesh's ports.
     published: BTreeMap<PublishedKey, Published>,
     /// Docker's other bridges, by ifindex (`MESH_BRIDGES`).
@@ -121,7 +121,7 @@ pub struct Daemon {
     /// The overlay networks.
     nets: networks::Networks,
     /// `meshctl network` requests.
-    requests: tokio::sync::mpsc::Receiver<networks::Request>,
+    requests: tokio::sync::mpsc::Receiver<crate::requests::Request>,
 }
 
 impl Daemon {
@@ -132,7 +132,7 @@ impl Daemon {
         lb: LbMaps,
         overlay: OverlayMaps,
         shared: Arc<Mutex<Shared>>,
-        requests: tokio::sync::mpsc::Receiver<networks::Request>,
+        requests: tokio::sync::mpsc::Receiver<crate::requests::Request>,
     ) -> anyhow::Result<Self> {
         let actual = lb.read_actual()?;
         if !actual.services.is_empty() {
@@ -148,6 +148,7 @@ impl Daemon {
             peers: overlay.read_peers()?,
             local_eps: overlay.read_local_eps()?,
             veth_src: overlay.read_veth_src()?,
+            nets: overlay.read_nets()?,
             bridges: overlay.read_bridges()?,
             vips: overlay.read_vips()?,
             bridge_mask_be: None,
@@ -212,7 +213,8 @@ impl Daemon {
             // Connected, with the mesh network in place.
             self.start_dns();
             if let Some(local) = self.cluster.as_ref().map(|c| (c.local, c.cluster_cidr)) {
-                let local = self.host_link(local.0, local.1);
+                let mut local = self.host_link(local.0, local.1);
+                local.slice_index = u8::try_from(self.slice_index()).unwrap_or(0);
                 self.overlay.set_local(&local)?;
             }
             self.set_docker(true);

@@ -8,7 +8,6 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::Daemon;
@@ -16,26 +15,9 @@ use crate::{
     docker,
     gossip::peers::Peer,
     network::{self, Def, Network, Space},
+    requests::Request,
     status::NetworkRow,
 };
-
-/// What `meshctl network` asks of the daemon.
-pub enum Request {
-    Create {
-        name: String,
-        subnet: Option<String>,
-        reply: oneshot::Sender<Result<NetworkRow, String>>,
-    },
-    Remove {
-        name: String,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-}
-
-/// The daemon's side of the requests.
-pub fn channel() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
-    mpsc::channel(8)
-}
 
 /// This node's view of the overlay networks.
 #[derive(Default)]
@@ -135,6 +117,7 @@ impl Daemon {
             self.nets.dirty = true;
         }
         self.nets.served = served;
+        self.tell_dns_networks();
         // Who uses each network: this node's containers, then the peers'.
         let me = self.node_name();
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -153,6 +136,25 @@ impl Daemon {
             }
         }
         self.nets.users = users;
+    }
+
+    /// DNS answers each network's containers from that network's view.
+    pub(super) fn tell_dns_networks(&self) {
+        if let Some(dns) = &self.dns {
+            dns.set_networks(
+                self.nets
+                    .served
+                    .iter()
+                    .map(|n| {
+                        let net = crate::dns::Net {
+                            base: n.cidr.base,
+                            prefix: n.cidr.prefix,
+                        };
+                        (net, n.name.clone())
+                    })
+                    .collect(),
+            );
+        }
     }
 
     /// This node's containers on each overlay network (not `mesh`).
@@ -205,9 +207,8 @@ impl Daemon {
     }
 
     /// Makes this engine's Docker networks what `served` says: each served
-    /// network's made (with proxy ARP on its bridge, so a container's ARP
-    /// for another node's address or a VIP gets the gateway), each one no
-    /// longer served removed once no container is on it.
+    /// network's made, each one no longer served removed once no container
+    /// is on it.
     pub(super) async fn sync_networks(&mut self, d: &bollard::Docker) {
         if !self.nets.dirty {
             return;
@@ -216,12 +217,7 @@ impl Daemon {
         let index = self.slice_index();
         let mtu = self.settings.mtu;
         for n in self.nets.served.clone() {
-            let r = match docker::ensure_overlay(d, &n.name, n.cidr, n.slice(index), mtu).await {
-                Ok(dev) => crate::iface::proxy_arp(&dev)
-                    .map(|()| dev.clone())
-                    .map_err(|e| format!("proxy ARP on {dev}: {e}")),
-                Err(e) => Err(e),
-            };
+            let r = docker::ensure_overlay(d, &n.name, n.cidr, n.slice(index), mtu).await;
             if let Err(e) = &r
                 && self.nets.docker.get(&n.name) != Some(&r)
             {

@@ -23,6 +23,7 @@ use crate::{
     reconcile::{self, table},
     veth,
 };
+use mesh_common::tunnel::Node;
 
 impl Daemon {
     /// One reconcile pass.
@@ -31,16 +32,25 @@ impl Daemon {
         self.resolve_veths();
         let peers: BTreeMap<String, Peer> = match &self.cluster {
             Some(c) => {
-                let v = authority::vet(c.membership.peers(), c.cluster_cidr, Some(&c.claim));
+                // The networks first: a node's endpoints may lie in its
+                // slice of any of them.
+                let raw = c.membership.peers();
+                let cluster_cidr = c.cluster_cidr;
+                self.merge_networks(&raw);
+                let Some(c) = &self.cluster else { return };
+                let nets: Vec<crate::vip::Cidr> = self.nets.served.iter().map(|n| n.cidr).collect();
+                let v = authority::vet(raw, cluster_cidr, Some(&c.claim), &nets);
                 self.report_ignored(&v.rejected);
                 if let Some(w) = &v.lost_to {
                     self.give_up_subnet(w);
                 }
                 v.peers
             }
-            None => BTreeMap::new(),
+            None => {
+                self.merge_networks(&BTreeMap::new());
+                BTreeMap::new()
+            }
         };
-        self.merge_networks(&peers);
         let st = desired::compute(&Inputs {
             containers: &self.docker.containers,
             draining: &self.docker.draining,
@@ -76,7 +86,7 @@ impl Daemon {
         }
         self.attachments.sweep(&st.veths);
         self.write_bridges(&mut failed);
-        self.write_vips(&mut failed);
+        self.write_vips(&st, &mut failed);
         self.publish(&st);
         self.publish_networks();
         self.report_networks();
@@ -207,25 +217,73 @@ impl Daemon {
         }
     }
 
-    /// The node table and the local endpoints, through the keyed diff.
+    /// The VNI of the network `ip_be` (network order) belongs to: a served
+    /// overlay network's, else `mesh`'s.
+    fn vni_of(&self, ip_be: u32) -> u32 {
+        let ip = Ipv4Addr::from(u32::from_be(ip_be));
+        self.nets
+            .served
+            .iter()
+            .find(|n| n.cidr.contains(ip))
+            .map_or(self.settings.vni, |n| n.vni)
+    }
+
+    /// The node table (every other node's slice of every network), the
+    /// networks and the local endpoints, through the keyed diff.
     fn write_tables(&mut self, st: &State, peers: &BTreeMap<String, Peer>) -> Vec<String> {
         let mut failed = Vec::new();
+        // The networks before the slices that point into them.
+        let want: BTreeMap<u32, u32> = self
+            .nets
+            .served
+            .iter()
+            .map(|n| (u32::from(n.cidr.base).to_be(), n.vni))
+            .collect();
+        let ops = table::plan(&want, &self.written.nets);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.overlay.nets),
+            &mut self.written.nets,
+        );
+        failed.extend(errors.iter().map(|e| format!("network table: {e}")));
         if let Some(c) = &self.cluster {
-            let (want, conflicts) =
+            let (mesh_nodes, conflicts) =
                 desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);
             self.probe_targets(peers, c.cluster_cidr);
             for name in conflicts {
                 warn!(node = %name, "a peer claims our subnet; ignoring it");
             }
+            let mut want = mesh_nodes.clone();
+            for claim in peers.values().filter_map(|p| p.subnet.as_ref()) {
+                if claim.index == self.slice_index() || claim.index > 255 {
+                    continue;
+                }
+                let s = crate::gossip::subnet::subnet(c.cluster_cidr, claim.index);
+                let Some(node) = mesh_nodes.get(&u32::from(s.base).to_be()) else {
+                    continue;
+                };
+                for n in &self.nets.served {
+                    want.insert(
+                        u32::from(n.slice(claim.index).base).to_be(),
+                        Node {
+                            vni: n.vni,
+                            ..*node
+                        },
+                    );
+                }
+            }
             let ops = table::plan(&want, &self.written.nodes);
             for op in &ops {
                 match op {
-                    table::Op::Set(k, n) => {
+                    table::Op::Set(k, n) if mesh_nodes.contains_key(k) => {
                         info!(subnet = %Ipv4Addr::from(u32::from_be(*k)), underlay = %Ipv4Addr::from(u32::from_be(n.underlay_ip_be)), "node joined")
                     }
-                    table::Op::Remove(k) => {
+                    table::Op::Remove(k)
+                        if self.written.nodes.get(k).is_some_and(|n| n.vni == 0) =>
+                    {
                         info!(subnet = %Ipv4Addr::from(u32::from_be(*k)), "node left")
                     }
+                    _ => {}
                 }
             }
             let errors = table::apply(
@@ -234,7 +292,7 @@ impl Daemon {
                 &mut self.written.nodes,
             );
             failed.extend(errors.iter().map(|e| format!("node table: {e}")));
-            let want = desired::peers(&want);
+            let want = desired::peers(&mesh_nodes);
             let ops = table::plan(&want, &self.written.peers);
             let errors = table::apply(
                 &ops,
@@ -250,7 +308,7 @@ impl Daemon {
             &mut self.written.local_eps,
         );
         failed.extend(errors.iter().map(|e| format!("local endpoints: {e}")));
-        let want = crate::dataplane::overlay::veth_src(&st.local_eps);
+        let want = crate::dataplane::overlay::veth_src(&st.local_eps, |ip| self.vni_of(ip));
         let ops = table::plan(&want, &self.written.veth_src);
         let errors = table::apply(
             &ops,
@@ -263,13 +321,18 @@ impl Daemon {
 
     /// Every service's VIP in `MESH_VIPS`, so a ping to one is answered
     /// (a VIP is an address containers are told to use).
-    fn write_vips(&mut self, failed: &mut Vec<String>) {
-        let want: BTreeMap<u32, u32> = self
-            .written
+    fn write_vips(&mut self, st: &State, failed: &mut Vec<String>) {
+        // What the services about to be written need (a new flow to a VIP
+        // is allowed only from its network, which this table tells), and
+        // what is written until those are gone.
+        let want: BTreeMap<u32, u32> = st
             .lb
-            .services
             .keys()
-            .map(|a| (u32::from(a.vip).to_be(), 0))
+            .chain(self.written.lb.services.keys())
+            .map(|a| {
+                let vip_be = u32::from(a.vip).to_be();
+                (vip_be, self.vni_of(vip_be))
+            })
             .collect();
         let ops = table::plan(&want, &self.written.vips);
         let errors = table::apply(
@@ -553,6 +616,7 @@ impl Daemon {
         info!(%addr, domain = %cfg.domain, upstreams = ?cfg.upstreams, "DNS serving");
         self.dns = Some(handler.clone());
         self.tell_dns_engine_nets();
+        self.tell_dns_networks();
         tokio::spawn(async move {
             if let Err(e) = crate::dns::serve(addr, handler).await {
                 error!(%addr, error = %e, "DNS server stopped");

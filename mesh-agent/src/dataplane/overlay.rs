@@ -9,7 +9,7 @@ use aya::{
 use mesh_common::{
     lb::Config,
     maps,
-    tunnel::{Bridge, LocalEndpoint, LocalNode, Node},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, Node, VethSrc},
 };
 
 use super::lb::MapsError;
@@ -22,8 +22,11 @@ pub struct OverlayMaps {
     /// Underlay address -> /24 of every other node: VXLAN is accepted only
     /// from these.
     pub peers: HashMap<MapData, u32, u32>,
-    /// Veth ifindex -> its container's address (anti-spoofing fast path).
-    pub veth_src: Array<MapData, u32>,
+    /// Veth ifindex -> its container's address and network
+    /// (anti-spoofing fast path, isolation).
+    pub veth_src: Array<MapData, VethSrc>,
+    /// The overlay networks besides `mesh`: /16 -> VNI.
+    pub nets: HashMap<MapData, u32, u32>,
     /// Settings of the whole data plane.
     pub config: Array<MapData, Config>,
     /// Docker's other bridge networks, by bridge ifindex.
@@ -41,7 +44,7 @@ impl OverlayMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let mut take =
             |def: &maps::MapDef| ebpf.take_map(def.name).ok_or(MapsError::Missing(def.name));
-        let (local, nodes, eps, peers, veth_src, config, bridges, vips) = (
+        let (local, nodes, eps, peers, veth_src, config, bridges, vips, nets) = (
             take(&maps::LOCAL_NODE)?,
             take(&maps::NODES)?,
             take(&maps::LOCAL_EPS)?,
@@ -50,6 +53,7 @@ impl OverlayMaps {
             take(&maps::CONFIG)?,
             take(&maps::BRIDGES)?,
             take(&maps::VIPS)?,
+            take(&maps::NETS)?,
         );
         Ok(OverlayMaps {
             local: local.try_into().map_err(err(maps::LOCAL_NODE.name))?,
@@ -60,7 +64,13 @@ impl OverlayMaps {
             config: config.try_into().map_err(err(maps::CONFIG.name))?,
             bridges: bridges.try_into().map_err(err(maps::BRIDGES.name))?,
             vips: vips.try_into().map_err(err(maps::VIPS.name))?,
+            nets: nets.try_into().map_err(err(maps::NETS.name))?,
         })
+    }
+
+    /// The overlay networks as the kernel has them.
+    pub fn read_nets(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
+        read_all(&self.nets).map_err(err(maps::NETS.name))
     }
 
     /// The VIPs that answer pings, as the kernel has them.
@@ -113,20 +123,21 @@ impl OverlayMaps {
         self.set_config(&c)
     }
 
-    /// Veth `ifindex`'s container has address `ip_be` (the anti-spoofing
-    /// fast path; indexes beyond the array are left to `MESH_LOCAL_EPS`).
-    pub fn set_veth_src(&mut self, ifindex: u32, ip_be: u32) -> Result<(), MapsError> {
-        KeyedWriter::set(&mut Keyed(&mut self.veth_src), &ifindex, &ip_be)
+    /// Veth `ifindex`'s container has address `v.ip_be` on network `v.vni`
+    /// (the anti-spoofing fast path; indexes beyond the array are left to
+    /// `MESH_LOCAL_EPS`).
+    pub fn set_veth_src(&mut self, ifindex: u32, v: &VethSrc) -> Result<(), MapsError> {
+        KeyedWriter::set(&mut Keyed(&mut self.veth_src), &ifindex, v)
             .map_err(err(maps::VETH_SRC.name))
     }
 
     /// The written slots of the veth array (a restarted agent starts here).
-    pub fn read_veth_src(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
+    pub fn read_veth_src(&self) -> Result<BTreeMap<u32, VethSrc>, MapsError> {
         let mut out = BTreeMap::new();
-        for (i, ip) in self.veth_src.iter().enumerate() {
-            let ip = ip.map_err(err(maps::VETH_SRC.name))?;
-            if ip != 0 {
-                out.insert(i as u32, ip);
+        for (i, v) in self.veth_src.iter().enumerate() {
+            let v = v.map_err(err(maps::VETH_SRC.name))?;
+            if v.ip_be != 0 {
+                out.insert(i as u32, v);
             }
         }
         Ok(out)
@@ -151,24 +162,36 @@ fn read_all<K: Pod + Ord, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<BTreeMap
 /// (`reconcile::table`, which knows no kernel maps).
 pub struct Keyed<'a, M>(pub &'a mut M);
 
-/// The veth array is a keyed table too: removing a slot writes 0.
-impl KeyedWriter<u32, u32> for Keyed<'_, Array<MapData, u32>> {
+/// The veth array is a keyed table too: removing a slot writes zeros.
+impl KeyedWriter<u32, VethSrc> for Keyed<'_, Array<MapData, VethSrc>> {
     type Error = MapError;
-    fn set(&mut self, key: &u32, value: &u32) -> Result<(), MapError> {
+    fn set(&mut self, key: &u32, value: &VethSrc) -> Result<(), MapError> {
         self.0.set(*key, value, 0)
     }
     fn remove(&mut self, key: &u32) -> Result<(), MapError> {
-        self.0.set(*key, 0, 0)
+        self.0.set(*key, VethSrc::default(), 0)
     }
 }
 
 /// The veth array's contents for `local_eps` (container address ->
-/// endpoint): one slot per veth within the array.
-pub fn veth_src(local_eps: &BTreeMap<u32, LocalEndpoint>) -> BTreeMap<u32, u32> {
+/// endpoint): one slot per veth within the array, with the VNI of the
+/// address's network (`vni_of`).
+pub fn veth_src(
+    local_eps: &BTreeMap<u32, LocalEndpoint>,
+    vni_of: impl Fn(u32) -> u32,
+) -> BTreeMap<u32, VethSrc> {
     local_eps
         .iter()
         .filter(|(ip, ep)| ep.ifindex != 0 && ep.ifindex < maps::VETH_SLOTS && **ip != 0)
-        .map(|(ip, ep)| (ep.ifindex, *ip))
+        .map(|(ip, ep)| {
+            (
+                ep.ifindex,
+                VethSrc {
+                    ip_be: *ip,
+                    vni: vni_of(*ip),
+                },
+            )
+        })
         .collect()
 }
 
@@ -204,6 +227,10 @@ mod tests {
             // No veth (yet).
             (13, ep(0)),
         ]);
-        assert_eq!(veth_src(&eps), BTreeMap::from([(7, 10), (8, 11)]));
+        let v = |ip_be| VethSrc { ip_be, vni: 42 };
+        assert_eq!(
+            veth_src(&eps, |_| 42),
+            BTreeMap::from([(7, v(10)), (8, v(11))])
+        );
     }
 }

@@ -452,6 +452,7 @@ pub fn nodes(
                 // A mesh node decapsulates in XDP on that NIC.
                 inner_mac: mac,
                 _pad: [0; 2],
+                vni: 0,
             },
         );
     }

@@ -118,6 +118,18 @@ pub struct Handler {
     /// The subnets of the engine's other networks (allowed to ask), as
     /// the agent last listed them.
     engine_nets: RwLock<Vec<super::Net>>,
+    /// The overlay networks besides `mesh`, by subnet: an asker there sees
+    /// its network's services (allowed to ask).
+    networks: RwLock<Vec<(super::Net, String)>>,
+}
+
+/// The zone's key for `service` as seen from network `view` (None: `mesh`),
+/// as `crate::desired::service_key` makes them.
+fn key(service: &str, view: Option<&str>) -> String {
+    match view {
+        Some(n) => format!("{service}@{n}"),
+        None => service.to_owned(),
+    }
 }
 
 impl Handler {
@@ -130,7 +142,24 @@ impl Handler {
             forwarding: tokio::sync::Semaphore::new(super::MAX_FORWARDS),
             local: std::sync::OnceLock::new(),
             engine_nets: RwLock::default(),
+            networks: RwLock::default(),
         }
+    }
+
+    /// The overlay networks changed: their containers ask, each in its view.
+    pub fn set_networks(&self, nets: Vec<(super::Net, String)>) {
+        *self.networks.write().unwrap_or_else(|p| p.into_inner()) = nets;
+    }
+
+    /// The network whose view `src` gets (None: `mesh`'s).
+    fn view(&self, src: std::net::IpAddr) -> Option<String> {
+        let std::net::IpAddr::V4(v4) = src else {
+            return None;
+        };
+        let nets = self.networks.read().unwrap_or_else(|p| p.into_inner());
+        nets.iter()
+            .find(|(n, _)| n.contains(v4))
+            .map(|(_, name)| name.clone())
     }
 
     /// The engine's other networks changed: their containers may ask.
@@ -146,7 +175,18 @@ impl Handler {
     /// Whether `src` may ask; refusals are counted.
     pub fn admits(&self, src: std::net::IpAddr) -> bool {
         let local = self.local.get().map_or(&[][..], Vec::as_slice);
-        let engine = self.engine_nets.read().unwrap_or_else(|p| p.into_inner());
+        let mut engine = self
+            .engine_nets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        engine.extend(
+            self.networks
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(n, _)| *n),
+        );
         let ok = super::allowed(&self.cfg.clients, local, &engine, src);
         if !ok {
             self.stats.refused_source.fetch_add(1, Ordering::Relaxed);
@@ -231,7 +271,8 @@ impl Handler {
         if target == Target::Forward {
             return self.forward(request, responder, qtype, edns.as_ref()).await;
         }
-        let (code, answers, additionals) = self.lookup(&target, &qname, qtype);
+        let view = self.view(request.src().ip());
+        let (code, answers, additionals) = self.lookup(&target, &qname, qtype, view.as_deref());
         let result = match (code, answers.is_empty()) {
             (ResponseCode::NXDomain, _) => "nxdomain",
             (_, true) => "nodata",
@@ -259,10 +300,18 @@ impl Handler {
     }
 
     /// (rcode, answers, additionals) for a name in the mesh namespace.
-    fn lookup(&self, target: &Target, qname: &Name, qtype: RecordType) -> Answer {
+    /// `view`: the asker's network (None: `mesh`); a name of another
+    /// network's is NXDOMAIN.
+    fn lookup(
+        &self,
+        target: &Target,
+        qname: &Name,
+        qtype: RecordType,
+        view: Option<&str>,
+    ) -> Answer {
         let zone = self.zone.read().unwrap_or_else(|p| p.into_inner());
         let wants_a = matches!(qtype, RecordType::A | RecordType::ANY);
-        let found = |svc: &String| zone.get(svc).ok_or(ResponseCode::NXDomain);
+        let found = |svc: &String| zone.get(&key(svc, view)).ok_or(ResponseCode::NXDomain);
         let answer = match target {
             Target::Service(svc) => found(svc).map(|s| match (wants_a, s.vip) {
                 (true, Some(vip)) => (vec![a(vip, self.cfg.vip_ttl, qname)], Vec::new()),
@@ -286,7 +335,7 @@ impl Handler {
                 Vec::new(),
             )),
             Target::Reverse(ip) if matches!(qtype, RecordType::PTR | RecordType::ANY) => {
-                Ok((self.ptr(&zone, *ip, qname), Vec::new()))
+                Ok((self.ptr(&zone, *ip, qname, view), Vec::new()))
             }
             Target::Reverse(_) => Ok((Vec::new(), Vec::new())),
             Target::Unknown | Target::Forward => Err(ResponseCode::NXDomain),
@@ -331,9 +380,15 @@ impl Handler {
     }
 
     /// PTR records for `ip`: the service whose VIP it is, or whose task.
-    fn ptr(&self, zone: &Zone, ip: Ipv4Addr, qname: &Name) -> Vec<Record> {
+    fn ptr(&self, zone: &Zone, ip: Ipv4Addr, qname: &Name, view: Option<&str>) -> Vec<Record> {
         zone.iter()
-            .filter_map(|(name, s)| {
+            .filter_map(|(k, s)| {
+                // Only names of the asker's network, by their name there.
+                let name = match (k.split_once('@'), view) {
+                    (None, None) => k.as_str(),
+                    (Some((name, net)), Some(v)) if net == v => name,
+                    _ => return None,
+                };
                 if s.vip == Some(ip) {
                     Some(self.fqdn(name))
                 } else if s.tasks.contains(&ip) {

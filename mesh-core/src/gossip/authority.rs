@@ -44,8 +44,15 @@ pub struct Vetted {
 }
 
 /// Vets the peers' claims and endpoints against `mine` (None when this
-/// node holds no claim, e.g. alone or with a fixed subnet).
-pub fn vet(mut peers: BTreeMap<String, Peer>, cluster: Cidr, mine: Option<&Claim>) -> Vetted {
+/// node holds no claim, e.g. alone or with a fixed subnet). `networks`:
+/// the /16s of the overlay networks besides `mesh`, of which a node holds
+/// the slice with its /24's index.
+pub fn vet(
+    mut peers: BTreeMap<String, Peer>,
+    cluster: Cidr,
+    mine: Option<&Claim>,
+    networks: &[Cidr],
+) -> Vetted {
     let mut out = Vetted::default();
     let n = subnet::count(cluster);
     for (name, p) in peers.iter_mut() {
@@ -103,10 +110,16 @@ pub fn vet(mut peers: BTreeMap<String, Peer>, cluster: Cidr, mine: Option<&Claim
             p.subnet = None;
         }
     }
-    // Endpoints inside the node's own /24 only.
+    // Endpoints inside the node's own /24 (or its slice of a network) only.
     for (name, p) in peers.iter_mut() {
         let own = p.subnet.as_ref().map(|c| subnet::subnet(cluster, c.index));
-        let inside = |e: &Endpoint| own.is_some_and(|s| s.contains(e.ip));
+        let index = p.subnet.as_ref().map(|c| c.index);
+        let inside = |e: &Endpoint| {
+            own.is_some_and(|s| s.contains(e.ip))
+                || networks
+                    .iter()
+                    .any(|n| n.contains(e.ip) && index == Some((u32::from(e.ip) >> 8) & 0xff))
+        };
         let dropped = p.endpoints.iter().filter(|e| !inside(e)).count();
         if dropped > 0 {
             // Copied only then: the decoder's copy is shared otherwise.
@@ -169,7 +182,7 @@ mod tests {
             ),
             ("c".to_string(), peer(None, &["10.42.9.9"])),
         ]);
-        let v = vet(peers, cidr(), Some(&claim("a", 1, 5)));
+        let v = vet(peers, cidr(), Some(&claim("a", 1, 5)), &[]);
         assert_eq!(*v.peers["b"].endpoints, vec![ep("10.42.2.5")]);
         assert!(v.peers["c"].endpoints.is_empty());
         assert_eq!(v.rejected.len(), 2, "{:?}", v.rejected);
@@ -184,7 +197,7 @@ mod tests {
             ("c".to_string(), peer(Some(claim("c", u32::MAX, 10)), &[])),
             ("d".to_string(), peer(Some(claim("d", 256, 10)), &[])),
         ]);
-        let v = vet(peers, cidr(), None);
+        let v = vet(peers, cidr(), None, &[]);
         assert!(v.peers.values().all(|p| p.subnet.is_none()));
         assert_eq!(v.rejected.len(), 3);
     }
@@ -202,18 +215,18 @@ mod tests {
                 peer(Some(claim("c", 4, 200)), &["10.42.4.3"]),
             ),
         ]);
-        let v = vet(peers.clone(), cidr(), Some(&claim("a", 1, 5)));
+        let v = vet(peers.clone(), cidr(), Some(&claim("a", 1, 5)), &[]);
         assert_eq!(v.peers["b"].subnet, Some(claim("b", 4, 100)));
         assert_eq!(v.peers["c"].subnet, None, "the younger claim loses");
         assert!(v.peers["c"].endpoints.is_empty());
         // c itself sees that it lost, and to whom.
         let mut from_c = peers;
         let mine = from_c.remove("c").and_then(|p| p.subnet);
-        let v = vet(from_c, cidr(), mine.as_ref());
+        let v = vet(from_c, cidr(), mine.as_ref(), &[]);
         assert_eq!(v.lost_to, Some(claim("b", 4, 100)));
         // A peer claiming this node's /24 with a younger claim is ignored.
         let peers = BTreeMap::from([("z".to_string(), peer(Some(claim("z", 1, 50)), &[]))]);
-        let v = vet(peers, cidr(), Some(&claim("a", 1, 5)));
+        let v = vet(peers, cidr(), Some(&claim("a", 1, 5)), &[]);
         assert_eq!(v.peers["z"].subnet, None);
         assert_eq!(v.lost_to, None);
     }

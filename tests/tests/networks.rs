@@ -1,0 +1,341 @@
+//! Several isolated overlay networks on two Docker hosts (routed underlay,
+//! agents run as the lab and the README run them; needs root): networks
+//! made with `meshctl network create` on either node, a service of the
+//! same name on each, isolation on the same node and across nodes, a
+//! container on both, DNS by the asker's network, and `network rm`.
+//! Every loop is bounded.
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::dockerlab::{Agent, Engine, Underlay, WHOAMI_IMAGE};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `meshctl ARGS` in node `e`'s agent container: (success, stdout + stderr).
+fn meshctl(e: &Engine, args: &[&str]) -> (bool, String) {
+    let mut full = vec!["exec", mesh_lab::agent::NAME, "/meshctl"];
+    full.extend_from_slice(args);
+    let out = e.docker(&full);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_owned())
+}
+
+/// The networks node `e` serves, as `meshctl network ls --json` gives them.
+fn networks(e: &Engine) -> Vec<serde_json::Value> {
+    let (ok, text) = meshctl(e, &["network", "ls", "--json"]);
+    if !ok {
+        return Vec::new();
+    }
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+/// Waits until node `e` has network `name`'s Docker network in place.
+fn wait_network(e: &Engine, name: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Some(n) = networks(e).into_iter().find(|n| {
+            n["name"] == name && n["docker"].as_str().is_some_and(|d| d.starts_with("ok"))
+        }) {
+            return n;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "network {name} not ready: {:?}",
+            networks(e)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A whoami replica named `name` on `networks` (the first at `docker run`,
+/// the others connected after), with `labels`; its address on each.
+fn run_on(e: &Engine, name: &str, networks: &[&str], labels: &[&str]) -> Vec<String> {
+    let mut args = vec!["run", "-d", "--name", name, "--hostname", name];
+    args.extend(["--network", networks[0]]);
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    args.extend([WHOAMI_IMAGE, "serve", "--tcp", "80", "--udp", "80"]);
+    e.docker_ok(&args);
+    for n in &networks[1..] {
+        e.docker_ok(&["network", "connect", n, name]);
+    }
+    networks
+        .iter()
+        .map(|n| {
+            e.docker_ok(&[
+                "inspect",
+                "-f",
+                &format!("{{{{(index .NetworkSettings.Networks \"{n}\").IPAddress}}}}"),
+                name,
+            ])
+        })
+        .collect()
+}
+
+/// The VIP of service `name` on `network` once it has `active` backends.
+fn vip(agent: &Agent, name: &str, network: &str, active: usize) -> String {
+    agent
+        .wait_for(
+            &format!("{name} on {network}: {active} active"),
+            WAIT,
+            |s| {
+                s.services
+                    .iter()
+                    .any(|x| x.name == name && x.network == network && x.active == active)
+            },
+        )
+        .services
+        .iter()
+        .find(|x| x.name == name && x.network == network)
+        .map(|x| x.vip.clone())
+        .expect("service")
+}
+
+/// `nslookup NAME SERVER` in a fresh container on `network`: the addresses.
+fn nslookup_on(e: &Engine, network: &str, name: &str, server: &str) -> Vec<String> {
+    let out = e.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        network,
+        "--entrypoint",
+        "nslookup",
+        WHOAMI_IMAGE,
+        name,
+        server,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split("\n\n")
+        .skip(1)
+        .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|l| l.strip_prefix("Address: ").map(str::to_owned))
+        .collect()
+}
+
+/// `count` requests over `proto` from container `from` to `target`:
+/// (answers by replica, failures).
+fn ask(e: &Engine, from: &str, proto: &str, target: &str, count: u32) -> (usize, usize) {
+    let args = mesh_lab::whoami::ask_args(from, proto, target, count, 0, 1000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = e.docker(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kind = |l: &str| l.split_whitespace().nth(1).map(str::to_owned);
+    let ok = text
+        .lines()
+        .filter(|l| kind(l).as_deref() == Some("ok"))
+        .count();
+    let err = text
+        .lines()
+        .filter(|l| kind(l).as_deref() == Some("err"))
+        .count();
+    if err > 0 {
+        println!("{from} -> {target}/{proto}:\n{text}");
+    }
+    (ok, err)
+}
+
+#[test]
+fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
+    let underlay = Underlay::new();
+    let engines: Vec<Engine> = (0..2).map(|_| Engine::start()).collect();
+    for (i, e) in engines.iter().enumerate() {
+        underlay.attach(e, i as u8 + 1);
+        e.import_whoami();
+    }
+    let key = engines[0].write_cluster_key();
+    let agents: Vec<Agent> = (1..=2u8)
+        .map(|n| {
+            let flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
+            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
+        })
+        .collect();
+    for a in &agents {
+        a.wait_for("one peer", WAIT, |s| {
+            s.docker.connected && s.node.peers.len() == 1
+        });
+    }
+    let (e1, e2) = (&engines[0], &engines[1]);
+
+    // Made on either node, served on both.
+    let (ok, made) = meshctl(e1, &["network", "create", "front"]);
+    println!("n1$ meshctl network create front\n{made}");
+    assert!(ok, "{made}");
+    let (ok, made) = meshctl(
+        e2,
+        &["network", "create", "back", "--subnet", "10.50.0.0/16"],
+    );
+    println!("n2$ meshctl network create back --subnet 10.50.0.0/16\n{made}");
+    assert!(ok, "{made}");
+    for e in &engines {
+        for n in ["front", "back"] {
+            let row = wait_network(e, n);
+            println!("{n}: {row}");
+        }
+    }
+    // Once a node knows a network, a colliding one is refused there.
+    let (ok, refused) = meshctl(
+        e1,
+        &["network", "create", "clash", "--subnet", "10.50.0.0/16"],
+    );
+    println!("n1$ meshctl network create clash --subnet 10.50.0.0/16\n{refused}");
+    assert!(!ok && refused.contains("collides"), "{refused}");
+    let front = wait_network(e1, "front");
+    assert_eq!(front["subnet"], "10.44.0.0/16");
+    println!(
+        "n1$ meshctl network ls\n{}",
+        meshctl(e1, &["network", "ls"]).1
+    );
+
+    // `web` on each network; a client on front; a container on both.
+    let fweb = run_on(
+        e2,
+        "fweb",
+        &["front"],
+        &["mesh.service=web", "mesh.port=80/tcp,80/udp"],
+    );
+    let bweb1 = run_on(
+        e1,
+        "bweb1",
+        &["back"],
+        &["mesh.service=web", "mesh.port=80/tcp,80/udp"],
+    );
+    let bweb2 = run_on(
+        e2,
+        "bweb2",
+        &["back"],
+        &["mesh.service=web", "mesh.port=80/tcp,80/udp"],
+    );
+    run_on(e1, "client", &["front"], &[]);
+    run_on(e1, "both", &["front", "back"], &[]);
+    let front_vip = vip(&agents[0], "web", "front", 1);
+    let back_vip = vip(&agents[0], "web", "back", 2);
+    println!("web: front VIP {front_vip} ({fweb:?}), back VIP {back_vip} ({bweb1:?}, {bweb2:?})");
+    assert!(front_vip.starts_with("10.44.0."), "{front_vip}");
+    assert!(back_vip.starts_with("10.50.0."), "{back_vip}");
+    println!("n1$ meshctl status (services)");
+    for s in &agents[0].status().expect("status").services {
+        println!("  {} {} {} active {}", s.name, s.network, s.vip, s.active);
+    }
+
+    // DNS by the asker's network, from the agent on its node.
+    let subnet = agents[0].status().expect("status").node.subnet;
+    let gateway = subnet.replace(".0/24", ".1");
+    let by_front = nslookup_on(e1, "front", "web.mesh", &gateway);
+    let by_back = nslookup_on(e1, "back", "web.mesh", &gateway);
+    let tasks_front = nslookup_on(e1, "front", "tasks.web.mesh", &gateway);
+    println!(
+        "web.mesh from front: {by_front:?}; from back: {by_back:?}; tasks from front: {tasks_front:?}"
+    );
+    assert_eq!(by_front, std::slice::from_ref(&front_vip));
+    assert_eq!(by_back, std::slice::from_ref(&back_vip));
+    assert_eq!(tasks_front, fweb);
+    // A name only another network has does not exist for this one.
+    run_on(
+        e2,
+        "bonly",
+        &["back"],
+        &["mesh.service=backonly", "mesh.port=80/tcp"],
+    );
+    vip(&agents[0], "backonly", "back", 1);
+    let none = nslookup_on(e1, "front", "backonly.mesh", &gateway);
+    println!("backonly.mesh from front: {none:?}");
+    assert!(none.is_empty(), "{none:?}");
+
+    // The client reaches its network's service by VIP, and a ping to it
+    // is answered.
+    let before: Vec<_> = engines.iter().map(Engine::mesh_counters).collect();
+    let (ok, err) = ask(e1, "client", "tcp", &format!("{front_vip}:80"), 10);
+    println!("client -> front VIP tcp: {ok} ok, {err} failed");
+    if err > 0 {
+        for (i, e) in engines.iter().enumerate() {
+            let now = e.mesh_counters();
+            let moved: Vec<String> = now
+                .iter()
+                .filter(|(k, v)| before[i].get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k} +{}", v - before[i].get(k).copied().unwrap_or(0)))
+                .collect();
+            println!("n{}: {}", i + 1, moved.join(", "));
+        }
+    }
+    assert_eq!((ok, err), (10, 0));
+    let ping = e1.docker(&["exec", "client", "ping", "-c", "2", "-W", "2", &front_vip]);
+    let ping = String::from_utf8_lossy(&ping.stdout);
+    println!(
+        "client$ ping -c 2 {front_vip}: {}",
+        ping.lines().find(|l| l.contains("packets")).unwrap_or("")
+    );
+    assert!(ping.contains("2 packets received"), "{ping}");
+
+    // Not back's: by VIP, by task here and by task on the other node. Each
+    // datagram is one drop, counted.
+    let before = e1.mesh_counters();
+    let n = 5;
+    let mut answered = 0;
+    for target in [&back_vip, &bweb1[0], &bweb2[0]] {
+        let (ok, err) = ask(e1, "client", "udp", &format!("{target}:80"), n);
+        println!("client -> back's {target} udp: {ok} ok, {err} failed");
+        answered += ok;
+    }
+    let after = e1.mesh_counters();
+    let dropped = after["net_isolated"] - before["net_isolated"];
+    println!("net_isolated on n1: +{dropped} for {} attempts", 3 * n);
+    assert_eq!(answered, 0);
+    assert_eq!(dropped, 3 * n as u64);
+    let ping = e1.docker(&["exec", "client", "ping", "-c", "1", "-W", "1", &back_vip]);
+    assert!(
+        !ping.status.success(),
+        "a ping to back's VIP is not answered"
+    );
+
+    // A container on both networks reaches both services.
+    for (target, what) in [(&front_vip, "front"), (&back_vip, "back")] {
+        let (ok, err) = ask(e1, "both", "tcp", &format!("{target}:80"), 10);
+        println!("both -> {what} VIP tcp: {ok} ok, {err} failed");
+        assert_eq!((ok, err), (10, 0), "{what}");
+    }
+
+    // `network rm` is refused while containers use it, from any node.
+    let (ok, refused) = meshctl(e1, &["network", "rm", "back"]);
+    println!("n1$ meshctl network rm back\n{refused}");
+    assert!(!ok && refused.contains("in use"), "{refused}");
+    assert!(
+        refused.contains("bweb2"),
+        "names the other node's container: {refused}"
+    );
+    for (e, c) in [(e1, "bweb1"), (e2, "bweb2"), (e2, "bonly")] {
+        e.docker_ok(&["rm", "-f", c]);
+    }
+    e1.docker_ok(&["network", "disconnect", "back", "both"]);
+    let start = Instant::now();
+    let removed = loop {
+        let (ok, text) = meshctl(e1, &["network", "rm", "back"]);
+        if ok || start.elapsed() > WAIT {
+            break (ok, text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "n1$ meshctl network rm back (after its containers left)\n{}",
+        removed.1
+    );
+    assert!(removed.0, "{}", removed.1);
+    // Gone from both engines.
+    for e in &engines {
+        let start = Instant::now();
+        while e.docker(&["network", "inspect", "back"]).status.success() {
+            assert!(start.elapsed() < WAIT, "back's Docker network stays");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let left: Vec<String> = networks(e2)
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_owned))
+        .collect();
+    println!("n2: networks after rm: {left:?}");
+    assert_eq!(left, ["mesh", "front"]);
+}
