@@ -31,9 +31,12 @@ pub const KEY_PREFIX: &str = "net:";
 /// The prefix of the keys naming this node's containers on a network
 /// (`netuse:NAME`), so `network rm` anywhere knows who uses it.
 pub const USE_PREFIX: &str = "netuse:";
-/// Networks besides `mesh`, live or removed: each costs 256 entries of the
-/// slice table and a key in gossip.
+/// Live networks besides `mesh`: each costs 256 entries of the slice
+/// table and a key in gossip (`mesh_common::maps::MAX_NETS`).
 pub const MAX_NETWORKS: usize = 64;
+/// How long a removed network's tombstone is kept (ms): a host away for
+/// longer brings back what was removed meanwhile.
+pub const TOMBSTONE_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Where default subnets come from: the /16s of 10.0.0.0/8 from 10.44 on.
 const POOL_FIRST: u32 = 44;
 
@@ -176,6 +179,14 @@ pub fn merge<'a>(tables: impl IntoIterator<Item = &'a BTreeMap<String, Def>>) ->
     out
 }
 
+/// Drops the tombstones older than [`TOMBSTONE_MS`] at `now_ms`.
+pub fn forget_old(table: &mut BTreeMap<String, Def>, now_ms: u64) {
+    table.retain(|_, d| {
+        d.removed_ms
+            .is_none_or(|r| now_ms.saturating_sub(r) < TOMBSTONE_MS)
+    });
+}
+
 /// The networks to serve from a merged table: the live ones, oldest
 /// first, without those that overlap an older one, the cluster CIDR or the
 /// VIP range, or whose VNI is the default network's (reported in
@@ -232,7 +243,7 @@ pub enum CreateError {
     Collides(String, String),
     #[error("no free /16 left in 10.{POOL_FIRST}.0.0-10.255.0.0; give one with --subnet")]
     NoSubnet,
-    #[error("the cluster has {MAX_NETWORKS} networks (removed ones count until re-created)")]
+    #[error("the cluster has {MAX_NETWORKS} networks besides mesh: remove one first")]
     TooMany,
 }
 
@@ -250,7 +261,7 @@ pub fn create(
     if let Some(d) = m.table.get(name).filter(|d| d.live()) {
         return Err(CreateError::Exists(name.to_owned(), d.subnet.clone()));
     }
-    if m.table.len() >= MAX_NETWORKS && !m.table.contains_key(name) {
+    if m.table.values().filter(|d| d.live()).count() >= MAX_NETWORKS {
         return Err(CreateError::TooMany);
     }
     let (live, _) = serve(m, space);
@@ -415,6 +426,33 @@ mod tests {
             c("b", Some("nonsense")),
             Err(CreateError::NotSixteen(_))
         ));
+    }
+
+    #[test]
+    fn sixty_four_live_networks_and_old_tombstones_go() {
+        let mut t: BTreeMap<String, Def> = (0..MAX_NETWORKS)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    def(&format!("10.{}.0.0/16", 100 + i), 1, "a"),
+                )
+            })
+            .collect();
+        let m = merge([&t]);
+        assert_eq!(serve_m(&m).0.len(), MAX_NETWORKS);
+        assert_eq!(
+            create(&m, &space(), "one-more", None, "a", 2),
+            Err(CreateError::TooMany)
+        );
+        // A removed one frees its place; its tombstone goes after a week.
+        let mut dead = t["n0"].clone();
+        dead.removed_ms = Some(10);
+        t.insert("n0".into(), dead);
+        assert!(create(&merge([&t]), &space(), "one-more", None, "a", 20).is_ok());
+        forget_old(&mut t, 10 + TOMBSTONE_MS - 1);
+        assert!(t.contains_key("n0"));
+        forget_old(&mut t, 10 + TOMBSTONE_MS);
+        assert!(!t.contains_key("n0"));
     }
 
     #[test]

@@ -64,12 +64,10 @@ fn outside(l: &LocalNode, ip_be: u32) -> bool {
 /// A container's packet to a node's underlay address (this one or a peer's)
 /// on a published port: the service that answers it. Balanced at the
 /// container's veth like a VIP, replies restored to the node's address.
+/// The caller checked that `t`'s destination is outside every network
+/// (node addresses are: containers' own traffic pays nothing).
 #[inline(always)]
 pub fn published_at_node(l: &LocalNode, t: &Tuple) -> Option<u32> {
-    // Node addresses are outside the cluster CIDR: containers pay nothing.
-    if !outside(l, t.dst_be) {
-        return None;
-    }
     // SAFETY: plain data written by the agent.
     if t.dst_be != l.underlay_ip_be && unsafe { PEERS.get(&t.dst_be) }.is_none() {
         return None;
@@ -348,16 +346,14 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     pass(Stat::IngressReplyDecap)
 }
 
-/// TC, a backend's veth: a packet leaving it for an address outside the
-/// cluster is a routing-mesh reply if a reverse entry says so: translated
-/// and sent to the client (`CT_F_INGRESS`), or tunnelled back to the node
-/// the flow came in through (`CT_F_RETURN`). `None`: not one.
+/// TC, a backend's veth: a packet leaving it for an address outside every
+/// network (the caller checked) is a routing-mesh reply if a reverse entry
+/// says so: translated and sent to the client (`CT_F_INGRESS`), or
+/// tunnelled back to the node the flow came in through (`CT_F_RETURN`).
+/// `None`: not one.
 #[inline(always)]
 pub fn reply_out(ctx: &TcContext, l: &LocalNode, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
     let t = &pk.t;
-    if !outside(l, t.dst_be) {
-        return None;
-    }
     let e = ct::reply_entry(t, pk.tcp_flags)?;
     if e.flags & CT_F_INGRESS != 0 {
         let r = nat::translate(ctx, pk.l4_off, t, End::Src, (e.nat_ip_be, e.nat_port_be))

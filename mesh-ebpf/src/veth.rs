@@ -12,7 +12,7 @@ use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
-    tunnel::{ARP_MAC, DELIVERED_MARK},
+    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode},
 };
 
 use crate::{
@@ -53,16 +53,28 @@ fn deliver(
     hash: u32,
     path: Option<Stat>,
 ) -> Result<Verdict, Stat> {
-    let here = || {
+    let Some(local) = tunnel::local_ref() else {
         if let Some(s) = path {
             bump(s);
         }
-        Ok(Verdict::PASS)
+        return Ok(Verdict::PASS);
     };
-    let Some(local) = tunnel::local_ref() else {
-        return here();
-    };
-    let (vni, route) = tunnel::locate(local, dst_be)?;
+    let located = tunnel::locate(local, dst_be)?;
+    forward(ctx, local, src_vni, dst_be, located, hash, path)
+}
+
+/// [`deliver`] once the destination is located (its network's VNI, where
+/// it lives).
+#[inline(always)]
+fn forward(
+    ctx: &TcContext,
+    local: &LocalNode,
+    src_vni: u32,
+    dst_be: u32,
+    (vni, route): (u32, tunnel::Route),
+    hash: u32,
+    path: Option<Stat>,
+) -> Result<Verdict, Stat> {
     if vni != 0 && vni != src_vni {
         let gateway = matches!(route, tunnel::Route::Here)
             && u32::from_be(dst_be) & 0xff == 1
@@ -72,9 +84,14 @@ fn deliver(
         }
     }
     match route {
-        tunnel::Route::Here => here(),
+        tunnel::Route::Here => {
+            if let Some(s) = path {
+                bump(s);
+            }
+            Ok(Verdict::PASS)
+        }
         tunnel::Route::Remote(node) => {
-            let v = tunnel::encap(ctx, local, &node, hash)?;
+            let v = tunnel::encap(ctx, local, node, hash)?;
             bump(Stat::TunnelEncap);
             Ok(v)
         }
@@ -233,18 +250,24 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         }
     }
     let local = tunnel::local_ref();
-    // A node's address and a published port: balanced here, as a VIP (the
-    // routing mesh from inside the cluster), whatever the service's
-    // network: published ports answer anyone who reaches a node.
-    if let Some(service_id) = local.and_then(|l| crate::ingress::published_at_node(l, &t)) {
-        let c = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
-        return to_backend(ctx, &pk, &c, 0);
-    }
-    // A backend's reply to a client of the routing mesh.
-    if let Some(l) = local
-        && let Some(r) = crate::ingress::reply_out(ctx, l, &pk)
-    {
-        return r;
+    // Located once: its network, where it lives (the overlay on).
+    let located = match local {
+        Some(l) => Some(tunnel::locate(l, t.dst_be)?),
+        None => None,
+    };
+    if let (Some(local), Some((0, _))) = (local, &located) {
+        // Outside every network. A node's address and a published port:
+        // balanced here, as a VIP (the routing mesh from inside the
+        // cluster), whatever the service's network: published ports
+        // answer anyone who reaches a node.
+        if let Some(service_id) = crate::ingress::published_at_node(local, &t) {
+            let c = lb::balance(&t, service_id, t.hash(), pk.tcp_flags, 0)?;
+            return to_backend(ctx, &pk, &c, 0);
+        }
+        // A backend's reply to a client of the routing mesh.
+        if let Some(r) = crate::ingress::reply_out(ctx, local, &pk) {
+            return r;
+        }
     }
     // A new direct flow: only a TCP SYN (without ACK) or any UDP packet can
     // start one; both are cheap to check against stale reverse entries.
@@ -253,13 +276,18 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     if opens && ct::supersede_reverse(&t) {
         bump(Stat::LbStaleReverse);
     }
-    deliver(
-        ctx,
-        src_vni,
-        t.dst_be,
-        pk.route_hash(),
-        Some(Stat::TcNotService),
-    )
+    match (local, located) {
+        (Some(local), Some(located)) => forward(
+            ctx,
+            local,
+            src_vni,
+            t.dst_be,
+            located,
+            pk.route_hash(),
+            Some(Stat::TcNotService),
+        ),
+        _ => pass(Stat::TcNotService),
+    }
 }
 
 /// A container's ARP request for an address of its network that lives

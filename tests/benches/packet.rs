@@ -21,6 +21,7 @@ fn main() {
 
     if std::env::var_os("MESH_BENCH_OWN_COST_ONLY").is_some() {
         own_cost(repeat);
+        network_cost(repeat);
         return;
     }
     let mut h = Harness::new();
@@ -37,6 +38,7 @@ fn main() {
     drop(h);
 
     own_cost(repeat);
+    network_cost(repeat);
     routing_mesh();
 
     println!(
@@ -287,6 +289,83 @@ fn own_cost(repeat: u32) {
         println!(
             "  {name:<70} {ns:>8.1} {base:>7.1} {own:>7.1} {goal:>6.0} {:>6.2}x   ({} on every run)",
             own / goal,
+            stat.name()
+        );
+    }
+}
+
+/// What overlay networks cost a container's packet: the same paths from a
+/// container of `mesh` (its network known from the cluster CIDR, no
+/// lookup) and of another network (its /16 looked up in `MESH_NETS`, the
+/// isolation check), each less an empty TC program, and the drop.
+fn network_cost(repeat: u32) {
+    use fixtures::{networks, overlay};
+    let empty = EmptyProg::tc().expect("loading an empty TC program");
+    let mut mesh = Harness::new();
+    overlay::install(&mut mesh);
+    let mut net = Harness::new();
+    networks::install(&mut net);
+    let udp = |src: Ipv4Addr, dst: Ipv4Addr| {
+        pkt::macs(
+            pkt::udp4((src, 5000), (dst, 53), b"data"),
+            overlay::GW_MAC,
+            overlay::C_MAC,
+        )
+    };
+    let base = empty
+        .time(&udp(overlay::HERE_C, Ipv4Addr::new(10, 42, 1, 9)), repeat)
+        .expect("empty program");
+    let (m, f) = (overlay::HERE_C, networks::FRONT_C);
+    let mut table: Vec<(&str, f64, Stat)> = Vec::new();
+    for (name, p, stat) in [
+        (
+            "mesh: to a container of mesh on this node [r]",
+            udp(m, Ipv4Addr::new(10, 42, 1, 9)),
+            Stat::TcNotService,
+        ),
+        (
+            "mesh: to an address outside every network [r]",
+            udp(m, Ipv4Addr::new(192, 0, 2, 1)),
+            Stat::TcNotService,
+        ),
+    ] {
+        let ns = mesh
+            .time_repeated(Prog::TcFromContainer, &p, repeat, &[(stat, 1)])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        table.push((name, ns, stat));
+    }
+    for (name, p, stat) in [
+        (
+            "front: to a container of front on this node (its /16 looked up) [r]",
+            udp(f, Ipv4Addr::new(10, 44, 1, 9)),
+            Stat::TcNotService,
+        ),
+        (
+            "front: to an address outside every network [r]",
+            udp(f, Ipv4Addr::new(192, 0, 2, 1)),
+            Stat::TcNotService,
+        ),
+        (
+            "front: to a container of mesh (isolation drop) [r]",
+            udp(f, overlay::THERE_C),
+            Stat::NetIsolated,
+        ),
+    ] {
+        let ns = net
+            .time_repeated(Prog::TcFromContainer, &p, repeat, &[(stat, 1)])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        table.push((name, ns, stat));
+    }
+    println!(
+        "\noverlay networks: a container's packet from mesh and from another network, ns/packet, \
+         less an empty TC program ({base:.1} ns) timed the same way ({repeat} runs repeating one \
+         packet, the path counter checked to move on every run)"
+    );
+    println!("  {:<72} {:>8} {:>7}", "path", "measured", "own");
+    for (name, ns, stat) in table {
+        println!(
+            "  {name:<72} {ns:>8.1} {:>7.1}   ({} on every run)",
+            (ns - base).max(0.0),
             stat.name()
         );
     }

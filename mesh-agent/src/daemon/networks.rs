@@ -93,9 +93,10 @@ impl Daemon {
     /// Merges the peers' tables into this node's (kept when it changed)
     /// and works out what to serve.
     pub(super) fn merge_networks(&mut self, peers: &BTreeMap<String, Peer>) {
-        let merged = network::merge(
+        let mut merged = network::merge(
             std::iter::once(&self.nets.table).chain(peers.values().map(|p| &p.networks)),
         );
+        network::forget_old(&mut merged.table, now_ms());
         if merged.table != self.nets.table {
             if let Err(e) = save(&self.settings.state_dir, &merged.table) {
                 warn!(error = %e, "could not keep the network table");
