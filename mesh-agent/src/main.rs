@@ -170,6 +170,10 @@ struct MapSizeArgs {
     /// Nodes of the cluster.
     #[arg(long, env = "MESH_MAX_NODES", default_value_t = mesh_common::maps::MAX_NODES, value_parser = clap::value_parser!(u32).range(4..=65_536))]
     max_nodes: u32,
+    /// Other nodes' slices of every network together (nodes times
+    /// networks, `mesh` included).
+    #[arg(long, env = "MESH_MAX_SLICES", default_value_t = mesh_common::maps::MAX_SLICES, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    max_slices: u32,
     /// Containers on this node.
     #[arg(long, env = "MESH_MAX_LOCAL_ENDPOINTS", default_value_t = mesh_common::maps::MAX_LOCAL_EPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     max_local_endpoints: u32,
@@ -189,7 +193,7 @@ impl MapSizeArgs {
             (SERVICE_STATS.name, self.max_services),
             (MAGLEV.name, self.max_services),
             (BACKENDS.name, self.max_backends),
-            (NODES.name, self.max_nodes),
+            (NODES.name, self.max_slices),
             (PEERS.name, self.max_nodes),
             (LOCAL_EPS.name, self.max_local_endpoints),
             (PUBLISHED.name, self.max_published),

@@ -267,14 +267,13 @@ pub const BRIDGES: MapDef = def(
     "bridge ifindex -> Bridge{subnet, mask, gateway}: Docker's other networks",
 );
 
-/// Hash `VIP -> VNI`: every service's VIP and its network, so a ping to
-/// one is answered and a new flow to one is allowed only from its network.
+/// Hash `VIP -> 0`: every service's VIP, so a ping to one is answered.
 pub const VIPS: MapDef = def(
     "MESH_VIPS",
     Hash,
     MAX_SERVICES,
     Agent,
-    "VIP -> its network's VNI: the addresses that answer ICMP echo",
+    "VIP -> 0: the addresses that answer ICMP echo",
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.

@@ -107,14 +107,20 @@ fn may_be_net_vip(dst_be: u32) -> bool {
         })
 }
 
-/// Whether VIP `vip_be` is of the sender's network (`MESH_VIPS` holds
-/// every VIP's VNI; the agent writes it before the service). A VIP it does
-/// not hold is of no network: reachable only from a veth of none either
-/// (the agent gives every veth its network's VNI, never 0).
+/// Whether VIP `vip_be` is of the sender's network, which its address
+/// tells: the VIP range is `mesh`'s, another network's VIPs are its slice
+/// 0. Without the overlay (no cluster) there is only `mesh`.
 #[inline(always)]
 fn same_network(vip_be: u32, src_vni: u32) -> bool {
-    // SAFETY: plain data written by the agent.
-    unsafe { VIPS.get(&vip_be) }.map_or(src_vni == 0, |v| *v == src_vni)
+    let Some(l) = tunnel::local_ref() else {
+        return true;
+    };
+    let vni = if may_be_vip(vip_be) {
+        l.vni
+    } else {
+        tunnel::vni_of(l, vip_be)
+    };
+    vni == src_vni
 }
 
 /// A ping to a VIP, answered here as the VIP's own address would answer

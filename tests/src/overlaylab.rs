@@ -133,7 +133,7 @@ impl OverlayLab {
             });
             let vc0 = node.link_field("vc0", "ifindex").as_u64().expect("ifindex") as u32;
             let c_mac = mac(container.link_field("eth0", "address"));
-            harness.container(Ipv4Addr::new(10, 42, n, 2), vc0, c_mac);
+            harness.container_on(Ipv4Addr::new(10, 42, n, 2), vc0, c_mac, VNI);
             nodes.push(NodeNs {
                 n,
                 harness,

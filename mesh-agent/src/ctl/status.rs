@@ -70,6 +70,12 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
             let _ = writeln!(out, "  {c}");
         }
     }
+    if !st.network_conflicts.is_empty() {
+        out.push_str("\n\nnetworks:\n");
+        for c in &st.network_conflicts {
+            let _ = writeln!(out, "  {c}");
+        }
+    }
     if !st.gossip_ignored.is_empty() {
         out.push_str("\n\nignored from gossip:\n");
         for c in &st.gossip_ignored {

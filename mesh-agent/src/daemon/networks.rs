@@ -293,6 +293,14 @@ impl Daemon {
                 subnet,
                 reply,
             } => {
+                if self.cluster.is_none() {
+                    let _ = reply.send(Err(
+                        "networks need a cluster (--cluster-key-file; one host is enough): \
+                         isolation works on the overlay's settings"
+                            .into(),
+                    ));
+                    return;
+                }
                 let merged = network::merge([&self.nets.table]);
                 let made = network::create(
                     &merged,

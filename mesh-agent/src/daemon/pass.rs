@@ -322,17 +322,13 @@ impl Daemon {
     /// Every service's VIP in `MESH_VIPS`, so a ping to one is answered
     /// (a VIP is an address containers are told to use).
     fn write_vips(&mut self, st: &State, failed: &mut Vec<String>) {
-        // What the services about to be written need (a new flow to a VIP
-        // is allowed only from its network, which this table tells), and
-        // what is written until those are gone.
+        // The services about to be written, and those written until they
+        // are gone.
         let want: BTreeMap<u32, u32> = st
             .lb
             .keys()
             .chain(self.written.lb.services.keys())
-            .map(|a| {
-                let vip_be = u32::from(a.vip).to_be();
-                (vip_be, self.vni_of(vip_be))
-            })
+            .map(|a| (u32::from(a.vip).to_be(), 0))
             .collect();
         let ops = table::plan(&want, &self.written.vips);
         let errors = table::apply(

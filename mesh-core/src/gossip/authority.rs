@@ -230,4 +230,26 @@ mod tests {
         assert_eq!(v.peers["z"].subnet, None);
         assert_eq!(v.lost_to, None);
     }
+
+    #[test]
+    fn endpoints_in_the_nodes_slice_of_a_network_are_its_own() {
+        let front: Cidr = "10.44.0.0/16".parse().expect("cidr");
+        let peers = BTreeMap::from([(
+            "b".to_string(),
+            peer(
+                Some(claim("b", 2, 7)),
+                &["10.42.2.5", "10.44.2.9", "10.44.3.9", "10.45.2.9"],
+            ),
+        )]);
+        let v = vet(peers, cidr(), Some(&claim("a", 1, 5)), &[front]);
+        let kept: Vec<String> = v.peers["b"]
+            .endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect();
+        // Its slice of front (10.44.2.0/24) is its own; another node's
+        // slice, and a network this node does not serve, are not.
+        assert_eq!(kept, ["10.42.2.5", "10.44.2.9"]);
+        assert_eq!(v.rejected.len(), 1, "{:?}", v.rejected);
+    }
 }
