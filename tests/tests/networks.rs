@@ -196,7 +196,11 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
         e2,
         "fweb",
         &["front"],
-        &["mesh.service=web", "mesh.port=80/tcp,80/udp"],
+        &[
+            "mesh.service=web",
+            "mesh.port=80/tcp,80/udp",
+            "mesh.publish=8081:80/tcp",
+        ],
     );
     let bweb1 = run_on(
         e1,
@@ -291,6 +295,25 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
         !ping.status.success(),
         "a ping to back's VIP is not answered"
     );
+
+    // A published port answers for a service of any network: from outside
+    // through node 1 (the replica is on node 2), the client's address kept.
+    let outside = underlay.outside(100);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.name])
+        .arg(mesh_tests::dockerlab::whoami_bin())
+        .args(["ask", "tcp", &format!("{}:8081", underlay.addr(1))])
+        .args(["--count", "5", "--timeout-ms", "3000", "--peer"])
+        .output()
+        .expect("whoami ask");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("outside -> n1:8081 (front's web, published):\n{text}");
+    let client = underlay.outside_addr(100);
+    let seen = text
+        .lines()
+        .filter(|l| l.contains(" ok fweb ") && l.contains(&client))
+        .count();
+    assert_eq!(seen, 5, "{text}");
 
     // A container on both networks reaches both services.
     for (target, what) in [(&front_vip, "front"), (&back_vip, "back")] {

@@ -218,7 +218,16 @@ impl Daemon {
         let index = self.slice_index();
         let mtu = self.settings.mtu;
         for n in self.nets.served.clone() {
-            let r = docker::ensure_overlay(d, &n.name, n.cidr, n.slice(index), mtu).await;
+            // A cluster CIDR wider than a /16 numbers /24s past 255: those
+            // nodes have no slice of a /16.
+            let r = if (1..=255).contains(&index) {
+                docker::ensure_overlay(d, &n.name, n.cidr, n.slice(index), mtu).await
+            } else {
+                Err(format!(
+                    "this node's /24 is number {index} of the cluster CIDR; a network's /16 \
+                     has slices 1 to 255"
+                ))
+            };
             if let Err(e) = &r
                 && self.nets.docker.get(&n.name) != Some(&r)
             {
