@@ -54,8 +54,20 @@ fn wait_network(e: &Engine, name: &str) -> serde_json::Value {
 /// A whoami replica named `name` on `networks` (the first at `docker run`,
 /// the others connected after), with `labels`; its address on each.
 fn run_on(e: &Engine, name: &str, networks: &[&str], labels: &[&str]) -> Vec<String> {
+    run_with(e, name, networks, labels, &[])
+}
+
+/// [`run_on`] with more `docker run` flags.
+fn run_with(
+    e: &Engine,
+    name: &str,
+    networks: &[&str],
+    labels: &[&str],
+    extra: &[&str],
+) -> Vec<String> {
     let mut args = vec!["run", "-d", "--name", name, "--hostname", name];
     args.extend(["--network", networks[0]]);
+    args.extend(extra);
     for l in labels {
         args.extend(["--label", l]);
     }
@@ -214,8 +226,12 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
         &["back"],
         &["mesh.service=web", "mesh.port=80/tcp,80/udp"],
     );
-    run_on(e1, "client", &["front"], &[]);
-    run_on(e1, "both", &["front", "back"], &[]);
+    // Their resolver asks the agent on their node (Docker's embedded DNS
+    // forwards from inside the container, so the agent sees its address).
+    let subnet = agents[0].status().expect("status").node.subnet;
+    let gateway = subnet.replace(".0/24", ".1");
+    run_with(e1, "client", &["front"], &[], &["--dns", &gateway]);
+    run_with(e1, "both", &["front", "back"], &[], &["--dns", &gateway]);
     let front_vip = vip(&agents[0], "web", "front", 1);
     let back_vip = vip(&agents[0], "web", "back", 2);
     println!("web: front VIP {front_vip} ({fweb:?}), back VIP {back_vip} ({bweb1:?}, {bweb2:?})");
@@ -227,8 +243,6 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
     }
 
     // DNS by the asker's network, from the agent on its node.
-    let subnet = agents[0].status().expect("status").node.subnet;
-    let gateway = subnet.replace(".0/24", ".1");
     let by_front = nslookup_on(e1, "front", "web.mesh", &gateway);
     let by_back = nslookup_on(e1, "back", "web.mesh", &gateway);
     let tasks_front = nslookup_on(e1, "front", "tasks.web.mesh", &gateway);
@@ -250,8 +264,8 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
     println!("backonly.mesh from front: {none:?}");
     assert!(none.is_empty(), "{none:?}");
 
-    // The client reaches its network's service by VIP, and a ping to it
-    // is answered.
+    // The client reaches its network's service by name and by VIP, and a
+    // ping to it by name is answered.
     let before: Vec<_> = engines.iter().map(Engine::mesh_counters).collect();
     let (ok, err) = ask(e1, "client", "tcp", &format!("{front_vip}:80"), 10);
     println!("client -> front VIP tcp: {ok} ok, {err} failed");
@@ -267,13 +281,23 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
         }
     }
     assert_eq!((ok, err), (10, 0));
-    let ping = e1.docker(&["exec", "client", "ping", "-c", "2", "-W", "2", &front_vip]);
+    let (ok, err) = ask(e1, "client", "tcp", "web:80", 10);
+    println!("client -> web:80 tcp (by name): {ok} ok, {err} failed");
+    assert_eq!((ok, err), (10, 0));
+    let ping = e1.docker(&["exec", "client", "ping", "-c", "2", "-W", "2", "web"]);
     let ping = String::from_utf8_lossy(&ping.stdout);
     println!(
-        "client$ ping -c 2 {front_vip}: {}",
+        "client$ ping -c 2 web: {} / {}",
+        ping.lines().next().unwrap_or(""),
         ping.lines().find(|l| l.contains("packets")).unwrap_or("")
     );
+    assert!(ping.contains(&format!("({front_vip})")), "{ping}");
     assert!(ping.contains("2 packets received"), "{ping}");
+    // From the container on both, the name is its first network's (the
+    // one its resolver's queries leave from); each VIP answers.
+    let (ok, err) = ask(e1, "both", "tcp", "web:80", 5);
+    println!("both -> web:80 tcp (by name): {ok} ok, {err} failed");
+    assert_eq!((ok, err), (5, 0));
 
     // Not back's: by VIP, by task here and by task on the other node. Each
     // datagram is one drop, counted.

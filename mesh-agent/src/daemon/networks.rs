@@ -158,12 +158,12 @@ impl Daemon {
         }
     }
 
-    /// This node's containers on each overlay network (not `mesh`).
+    /// This node's containers on each network (`mesh` too).
     fn local_users(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for c in self.docker.containers.values() {
             for net in c.nets.keys() {
-                if self.nets.table.contains_key(net) {
+                if net == network::DEFAULT || self.nets.table.contains_key(net) {
                     out.entry(net.clone()).or_default().push(c.name.clone());
                 }
             }
@@ -269,7 +269,12 @@ impl Daemon {
             creator: String::new(),
             created_ms: 0,
             docker: "ok".into(),
-            containers: Vec::new(),
+            containers: self
+                .nets
+                .users
+                .get(network::DEFAULT)
+                .cloned()
+                .unwrap_or_default(),
         }];
         for n in &self.nets.served {
             let d = self.nets.table.get(&n.name);
