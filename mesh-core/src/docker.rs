@@ -239,11 +239,7 @@ pub async fn ensure_overlay(
         .await
     {
         Ok(net) => {
-            let ours = net
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.get(OVERLAY_LABEL).is_some_and(|v| v == name));
-            if !ours {
+            if !made_for(&net, name) {
                 return Err(format!(
                     "a Docker network {name:?} that mesh did not make exists on this engine: \
                      remove it (docker network rm {name}) or use another name"
@@ -326,11 +322,7 @@ pub async fn remove_overlay(d: &Docker, name: &str) -> Result<(), String> {
         .await
     {
         Ok(net) => {
-            let ours = net
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.get(OVERLAY_LABEL).is_some_and(|v| v == name));
-            if !ours {
+            if !made_for(&net, name) {
                 return Ok(());
             }
             let users: Vec<String> = net
@@ -356,6 +348,14 @@ pub async fn remove_overlay(d: &Docker, name: &str) -> Result<(), String> {
         }) => Ok(()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether Docker network `n` is the one mesh made for overlay network
+/// `name` (its label says so).
+fn made_for(n: &bollard::models::Network, name: &str) -> bool {
+    n.labels
+        .as_ref()
+        .is_some_and(|l| l.get(OVERLAY_LABEL).is_some_and(|v| v == name))
 }
 
 /// A bridge network's interface: its `bridge.name` option, else `br-`

@@ -335,6 +335,29 @@ impl Engine {
             .expect("docker exec")
     }
 
+    /// `nslookup NAME [SERVER]` in a fresh container on `network`: the
+    /// addresses it printed (none on any failure).
+    pub fn nslookup(&self, network: &str, name: &str, server: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--network",
+            network,
+            "--entrypoint",
+            "nslookup",
+            WHOAMI_IMAGE,
+            name,
+        ];
+        args.extend(server);
+        let out = self.docker(&args);
+        String::from_utf8_lossy(&out.stdout)
+            .split("\n\n")
+            .skip(1)
+            .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|l| l.strip_prefix("Address: ").map(str::to_owned))
+            .collect()
+    }
+
     /// Runs a whoami container on the mesh network; returns its id.
     pub fn run_whoami(&self, name: &str, labels: &[&str], extra: &[&str]) -> String {
         let args = lab::whoami::run_args(name, labels, extra);

@@ -639,22 +639,7 @@ fn docker_metrics_pass_promtool() {
 /// `nslookup NAME` in a new container on Docker network `network` (not
 /// `mesh`): the addresses answered.
 fn nslookup_on(engine: &Engine, network: &str, name: &str) -> Vec<String> {
-    let out = engine.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        network,
-        "--entrypoint",
-        "nslookup",
-        mesh_tests::dockerlab::WHOAMI_IMAGE,
-        name,
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .split("\n\n")
-        .skip(1)
-        .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
-        .filter_map(|l| l.strip_prefix("Address: ").map(str::to_owned))
-        .collect()
+    engine.nslookup(network, name, None)
 }
 
 /// The engine's own networks use the agent's DNS too (the engine's `--dns`

@@ -110,23 +110,7 @@ fn vip(agent: &Agent, name: &str, network: &str, active: usize) -> String {
 
 /// `nslookup NAME SERVER` in a fresh container on `network`: the addresses.
 fn nslookup_on(e: &Engine, network: &str, name: &str, server: &str) -> Vec<String> {
-    let out = e.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        network,
-        "--entrypoint",
-        "nslookup",
-        WHOAMI_IMAGE,
-        name,
-        server,
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .split("\n\n")
-        .skip(1)
-        .flat_map(|b| b.lines().map(str::to_owned).collect::<Vec<_>>())
-        .filter_map(|l| l.strip_prefix("Address: ").map(str::to_owned))
-        .collect()
+    e.nslookup(network, name, Some(server))
 }
 
 /// `count` requests over `proto` from container `from` to `target`:

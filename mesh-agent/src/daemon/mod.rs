@@ -161,9 +161,9 @@ impl Daemon {
             ready: false,
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
-        let vips = pass::load_vips(&settings.state_dir);
+        let vips = load_json(&settings.state_dir, pass::VIPS_FILE);
         let nets = networks::Networks {
-            table: networks::load(&settings.state_dir),
+            table: load_json(&settings.state_dir, networks::TABLE_FILE),
             ..Default::default()
         };
         Ok(Daemon {
@@ -435,6 +435,26 @@ impl Daemon {
         let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.docker.connected = connected;
     }
+}
+
+/// What an earlier run kept in `dir/name` (JSON), or the default.
+fn load_json<T: serde::de::DeserializeOwned + Default>(dir: &std::path::Path, name: &str) -> T {
+    std::fs::read_to_string(dir.join(name))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+/// Keeps `value` in `dir/name` (JSON), replaced in one step (a rename).
+fn save_json<T: serde::Serialize>(
+    dir: &std::path::Path,
+    name: &str,
+    value: &T,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(tmp, dir.join(name))
 }
 
 /// Resolves when membership changed (`false` once it stopped); never

@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -37,24 +36,8 @@ pub(super) struct Networks {
     pub published: BTreeMap<String, String>,
 }
 
-fn table_file(dir: &Path) -> PathBuf {
-    dir.join("networks.json")
-}
-
-/// The table an earlier run kept.
-pub(super) fn load(dir: &Path) -> BTreeMap<String, Def> {
-    std::fs::read_to_string(table_file(dir))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
-}
-
-fn save(dir: &Path, table: &BTreeMap<String, Def>) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("networks.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(table)?)?;
-    std::fs::rename(tmp, table_file(dir))
-}
+/// Where the network table is kept.
+pub(super) const TABLE_FILE: &str = "networks.json";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -98,7 +81,7 @@ impl Daemon {
         );
         network::forget_old(&mut merged.table, now_ms());
         if merged.table != self.nets.table {
-            if let Err(e) = save(&self.settings.state_dir, &merged.table) {
+            if let Err(e) = super::save_json(&self.settings.state_dir, TABLE_FILE, &merged.table) {
                 warn!(error = %e, "could not keep the network table");
             }
             self.nets.table.clone_from(&merged.table);
@@ -114,7 +97,13 @@ impl Daemon {
         self.nets.conflicts = conflicts;
         let want: Vec<&str> = served.iter().map(|n| n.name.as_str()).collect();
         let have: Vec<&str> = self.nets.docker.keys().map(String::as_str).collect();
-        if served != self.nets.served || want != have {
+        // Also while one is not right (a removed network's Docker network
+        // kept for its containers, a name taken by another network): tried
+        // again at every pass, which Docker's events bring.
+        if served != self.nets.served
+            || want != have
+            || self.nets.docker.values().any(Result::is_err)
+        {
             self.nets.dirty = true;
         }
         self.nets.served = served;
@@ -248,9 +237,12 @@ impl Daemon {
                     self.nets.docker.remove(&name);
                 }
                 Err(e) => {
-                    // Tried again at the next change.
-                    warn!(network = %name, error = %e, "overlay network removed, its Docker network kept");
-                    self.nets.docker.insert(name, Err(e));
+                    // Tried again at the next pass.
+                    let again = Err(e.clone());
+                    if self.nets.docker.get(&name) != Some(&again) {
+                        warn!(network = %name, error = %e, "overlay network removed, its Docker network kept");
+                    }
+                    self.nets.docker.insert(name, again);
                 }
             }
         }

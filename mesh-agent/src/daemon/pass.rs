@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -64,12 +63,12 @@ impl Daemon {
         if st.vips != self.vips {
             // Kept before anything uses them: a VIP must never move, even
             // after a restart. A failed write fails the pass (retried).
-            match save_vips(&self.settings.state_dir, &st.vips) {
+            match super::save_json(&self.settings.state_dir, VIPS_FILE, &st.vips) {
                 Ok(()) => self.vips = st.vips.clone(),
                 Err(e) => {
                     vips_failed = Some(format!(
                         "keeping the VIPs in {}: {e}",
-                        vips_file(&self.settings.state_dir).display()
+                        self.settings.state_dir.join(VIPS_FILE).display()
                     ))
                 }
             }
@@ -621,21 +620,5 @@ impl Daemon {
     }
 }
 
-fn vips_file(dir: &Path) -> PathBuf {
-    dir.join("vips.json")
-}
-
-/// VIPs assigned by an earlier run (so a restart never moves one).
-pub(super) fn load_vips(dir: &Path) -> BTreeMap<String, Ipv4Addr> {
-    std::fs::read_to_string(vips_file(dir))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
-}
-
-fn save_vips(dir: &Path, vips: &BTreeMap<String, Ipv4Addr>) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("vips.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(vips)?)?;
-    std::fs::rename(tmp, vips_file(dir))
-}
+/// Where the VIPs are kept (a restart never moves one).
+pub(super) const VIPS_FILE: &str = "vips.json";
