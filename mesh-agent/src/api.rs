@@ -57,6 +57,9 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             if let Some(p) = sh.probe.clone() {
                 sh.status.node.tunnels = p.report();
             }
+            if let Some(k) = sh.keys.clone() {
+                sh.status.node.cluster_keys = k.ids();
+            }
             serde_json::to_vec_pretty(&sh.status)?
         }
         "nodes" => {

@@ -21,7 +21,7 @@ use crate::{
         self, GossipConfig,
         membership::{self, Membership},
         peers, subnet,
-        transport::{ClusterKey, GossipStats},
+        transport::{GossipStats, Keyring, Keys},
     },
     iface,
     vip::Cidr,
@@ -62,6 +62,9 @@ pub struct Cluster {
     /// How long peers may keep this node's endpoints while its agent
     /// restarts (it says so when it stops: `gossip::peers`).
     pub restart_hold: Duration,
+    /// The cluster keyring in use (the key file, read again when it
+    /// changes).
+    pub keys: Keys,
 }
 
 impl Cluster {
@@ -90,8 +93,11 @@ const STOPPING_SPREAD: Duration = Duration::from_millis(300);
 pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
     let bytes = std::fs::read(&cfg.key_file)
         .with_context(|| format!("reading {}", cfg.key_file.display()))?;
-    let key = ClusterKey::from_file_bytes(&bytes)
+    let ring = Keyring::from_file_bytes(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.key_file.display()))?;
+    let key = Keys::new(&ring);
+    info!(keys = ?ring.ids(), file = %cfg.key_file.display(), "cluster keyring (the primary first)");
+    watch_keys(cfg.key_file.clone(), bytes, key.clone());
     let underlay = Underlay::of(cfg)?;
     let node_id = cfg.node_name.clone().unwrap_or_else(hostname);
     let interval = GossipConfig::interval_for(cfg.dead_after);
@@ -100,7 +106,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         listen: cfg.gossip_listen,
         advertise: SocketAddr::new(underlay.ip.into(), cfg.gossip_listen.port()),
         seeds: cfg.join.clone(),
-        key,
+        key: key.clone(),
         cluster_id: "mesh".into(),
         interval,
         dead_after: cfg.dead_after,
@@ -161,8 +167,43 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         claim,
         claim_file,
         restart_hold: cfg.dead_after * 2,
+        keys: key,
     };
     Ok((node_subnet, cluster))
+}
+
+/// How often the key file is read again.
+const KEY_FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the key file again every [`KEY_FILE_POLL`]: a changed keyring is
+/// used from the next datagram on (the cluster key rotates with no
+/// restart); one that does not parse is refused, said once, and the one in
+/// use kept.
+fn watch_keys(path: PathBuf, mut seen: Vec<u8>, keys: Keys) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(KEY_FILE_POLL).await;
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if bytes == seen {
+                continue;
+            }
+            seen.clone_from(&bytes);
+            match Keyring::from_file_bytes(&bytes) {
+                Ok(ring) => {
+                    keys.set(&ring);
+                    info!(keys = ?ring.ids(), file = %path.display(), "cluster keyring changed (the primary first)");
+                }
+                Err(e) => tracing::error!(
+                    file = %path.display(),
+                    error = %e,
+                    kept = ?keys.ids(),
+                    "the cluster key file does not parse; the keyring in use is kept"
+                ),
+            }
+        }
+    });
 }
 
 /// The underlay NIC as the overlay uses it.

@@ -353,6 +353,7 @@ async fn run(args: Args) -> Result<()> {
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.status.node.subnet = node_subnet.to_string();
         sh.gossip = cluster.as_ref().map(|c| c.stats.clone());
+        sh.keys = cluster.as_ref().map(|c| c.keys.clone());
         if let Some(c) = &cluster {
             sh.status.node.name = c.node_id.clone();
         }

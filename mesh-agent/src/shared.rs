@@ -38,6 +38,8 @@ pub struct Shared {
     pub service_names: BTreeMap<u32, (String, String)>,
     pub dns: Option<Arc<DnsStats>>,
     pub gossip: Option<Arc<GossipStats>>,
+    /// The cluster keyring in use (its check values for `meshctl status`).
+    pub keys: Option<crate::gossip::transport::Keys>,
     pub sweep: Option<Arc<SweepStats>>,
     /// Every backend's address -> (node, container), for `meshctl backends`.
     pub backend_names: BTreeMap<std::net::Ipv4Addr, BackendName>,

@@ -47,6 +47,9 @@ pub struct Node {
     pub gossip_sent: u64,
     #[serde(default)]
     pub gossip_received: u64,
+    /// The cluster keys' check values in use, the primary first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_keys: Vec<String>,
     /// Whether this node runs in a cluster (gossip).
     #[serde(default)]
     pub clustered: bool,

@@ -277,7 +277,7 @@ async fn start_node(
         listen: a,
         advertise: a,
         seeds: (1..=n_seeds).map(|s| format!("{}:7000", addr(s))).collect(),
-        key: ClusterKey::from_bytes(key),
+        key: ClusterKey::from_bytes(key).into(),
         cluster_id: "bench".into(),
         interval: GossipConfig::interval_for(DEAD_AFTER),
         dead_after: DEAD_AFTER,

@@ -34,7 +34,7 @@ fn config(n: u16, key: [u8; 32]) -> GossipConfig {
         listen: addr,
         advertise: addr,
         seeds: vec!["127.0.0.1:7001".into()],
-        key: ClusterKey::from_bytes(key),
+        key: ClusterKey::from_bytes(key).into(),
         cluster_id: "test".into(),
         interval: GossipConfig::interval_for(DEAD_AFTER),
         dead_after: DEAD_AFTER,
@@ -233,7 +233,7 @@ fn at(n: u8, id: &str, key: [u8; 32]) -> GossipConfig {
         listen: addr,
         advertise: addr,
         seeds: vec!["127.0.0.1:7000".into()],
-        key: ClusterKey::from_bytes(key),
+        key: ClusterKey::from_bytes(key).into(),
         cluster_id: "test".into(),
         interval: GossipConfig::interval_for(DEAD_AFTER),
         dead_after: DEAD_AFTER,
@@ -597,5 +597,111 @@ fn a_restarting_node_keeps_its_endpoints_and_a_silent_one_does_not() {
         // after the hold), never at the 60 s cap.
         assert!(gone <= short + DEAD_AFTER, "{gone:?}");
         mesh_agent::gossip::stop(a).await.ok();
+    });
+}
+
+/// The cluster key rotates as memberlist's keyring does, one host at a
+/// time at every step: the new key added (the old one still primary), made
+/// primary, the old one removed. No node ever leaves any node's live set,
+/// news keeps spreading at every step, and a node that holds only the old
+/// key afterwards cannot join.
+#[test]
+fn the_cluster_key_rotates_with_no_node_lost() {
+    in_namespace("mgk", async || {
+        use mesh_agent::gossip::transport::{Keyring, Keys};
+        let (old, new) = ([5u8; 32], [6u8; 32]);
+        let ring = |keys: &[[u8; 32]]| {
+            let text: String = keys
+                .iter()
+                .map(|k| k.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n")
+                .collect();
+            Keyring::from_file_bytes(text.as_bytes()).expect("keyring")
+        };
+        let keys: Vec<Keys> = (0..3).map(|_| Keys::new(&ring(&[old]))).collect();
+        let stats: Vec<Arc<GossipStats>> = (0..4).map(|_| Arc::default()).collect();
+        let mut nodes = Vec::new();
+        for n in 1..=3u16 {
+            let cfg = GossipConfig {
+                key: keys[n as usize - 1].clone(),
+                ..config(n, old)
+            };
+            nodes.push(
+                start(cfg, vec![], stats[n as usize - 1].clone())
+                    .await
+                    .expect("gossip"),
+            );
+        }
+        let all = ["node1", "node2", "node3"];
+        wait_for(
+            "three nodes see each other",
+            Duration::from_secs(10),
+            async || all_see(&nodes, &all).await,
+        )
+        .await;
+        let steps: [(&str, Vec<[u8; 32]>); 3] = [
+            ("add the new key", vec![old, new]),
+            ("make it primary", vec![new, old]),
+            ("remove the old key", vec![new]),
+        ];
+        for (s, (what, ring_now)) in steps.iter().enumerate() {
+            for (i, k) in keys.iter().enumerate() {
+                k.set(&ring(ring_now));
+                // Between two hosts' changes: every node still sees all,
+                // checked every 100 ms for a failure-detection time.
+                let start = Instant::now();
+                while start.elapsed() < DEAD_AFTER {
+                    assert!(
+                        all_see(&nodes, &all).await,
+                        "{what}: a node left after host {} changed its keyring",
+                        i + 1
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            // News still spreads.
+            let value = format!("step{s}");
+            nodes[s]
+                .with_chitchat(|c| c.self_node_state().set("news", &value))
+                .await;
+            let t = wait_for(
+                &format!("{what}: news spreads"),
+                Duration::from_secs(5),
+                async || {
+                    let mut everywhere = true;
+                    for h in &nodes {
+                        everywhere &= h
+                            .with_chitchat(|c| {
+                                c.node_states()
+                                    .values()
+                                    .any(|st| st.get("news") == Some(value.as_str()))
+                            })
+                            .await;
+                    }
+                    everywhere
+                },
+            )
+            .await;
+            println!(
+                "{what} on all three, one at a time: no node lost; news in {t:?}; ids {:?}",
+                keys[0].ids()
+            );
+        }
+        // A node with only the old key is not let in.
+        let stale = start(config(4, old), vec![], stats[3].clone())
+            .await
+            .expect("gossip");
+        tokio::time::sleep(DEAD_AFTER).await;
+        assert_eq!(
+            live(&stale).await,
+            ["node4"],
+            "the old key opens nothing now"
+        );
+        assert!(all_see(&nodes, &all).await);
+        let refused: u64 = stats[..3]
+            .iter()
+            .map(|s| s.bad_auth.load(Ordering::Relaxed))
+            .sum();
+        println!("a node with the old key only: alone; {refused} of its datagrams refused");
+        assert!(refused > 0);
     });
 }

@@ -27,6 +27,16 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
         st.node.subnet, st.node.vip_cidr, st.node.bpffs_dir
     );
     let _ = writeln!(out, "cluster: {}", st.node.cluster_line());
+    if let Some((primary, older)) = st.node.cluster_keys.split_first() {
+        let _ = writeln!(
+            out,
+            "keys:    {primary} (primary){}",
+            older
+                .iter()
+                .map(|k| format!(", {k} (accepted)"))
+                .collect::<String>()
+        );
+    }
     if let Some(line) = st.node.tunnels_line() {
         let _ = writeln!(out, "tunnels: {line}");
     }

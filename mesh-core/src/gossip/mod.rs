@@ -17,7 +17,7 @@ use std::{
 };
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
-use transport::{ClusterKey, GossipStats, KnownPeers, Sealed};
+use transport::{GossipStats, Keys, KnownPeers, Sealed};
 
 /// How this node gossips.
 #[derive(Clone)]
@@ -29,7 +29,8 @@ pub struct GossipConfig {
     pub advertise: SocketAddr,
     /// `HOST:PORT` of nodes to join through.
     pub seeds: Vec<String>,
-    pub key: ClusterKey,
+    /// The keyring, shared: replacing it takes effect at the next datagram.
+    pub key: Keys,
     pub cluster_id: String,
     pub interval: Duration,
     /// At most how long a silent node stays in the live set. chitchat's
@@ -87,7 +88,7 @@ pub async fn start(
     let mut seeds = seed_ips(&cfg.seeds).await;
     known.replace(seeds.clone());
     let transport = Sealed {
-        key: cfg.key,
+        keys: cfg.key,
         stats: stats.clone(),
         known: known.clone(),
     };

@@ -28,6 +28,13 @@
 //! never gets more bytes back than it sent. The peer answers with its own
 //! state, which makes it known for the next round.
 //!
+//! The key is a keyring (memberlist's model): datagrams are sealed with
+//! the primary key and opened with any key of the ring, tried in order, so
+//! the cluster key rotates with no node lost: add the new key on every
+//! host, make it primary on every host, remove the old one (`Keys::set`
+//! swaps the ring in place; the agent reads its key file again when it
+//! changes).
+//!
 //! A datagram that is too short, has no magic, does not authenticate (the
 //! wrong key, or garbage), is replayed, stale or misaddressed, or does not
 //! decode is dropped and counted; the receive loop never stops for it.
@@ -118,6 +125,140 @@ impl ClusterKey {
     pub fn from_bytes(k: [u8; 32]) -> Self {
         ClusterKey(k)
     }
+
+    /// The key's check value: 8 hex digits of a MAC of nothing under it
+    /// (tells keys apart in logs and `meshctl status` and says nothing of
+    /// the key).
+    pub fn id(&self) -> String {
+        let cipher = XChaCha20Poly1305::new(&self.0.into());
+        let tag = cipher
+            .encrypt(
+                &XNonce::default(),
+                Payload {
+                    msg: b"",
+                    aad: b"mesh key check value",
+                },
+            )
+            .unwrap_or_default();
+        tag.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&self.0.into())
+    }
+}
+
+/// The most keys a keyring holds.
+pub const MAX_KEYS: usize = 8;
+
+/// The cluster's keys: the first is the primary (it seals), every one
+/// opens.
+#[derive(Clone)]
+pub struct Keyring(Vec<ClusterKey>);
+
+impl Keyring {
+    /// From a key file: one key (32 raw bytes, or 64 hex digits), or one key
+    /// of 64 hex digits per line, the primary first (blank lines and lines
+    /// starting with `#` are skipped).
+    pub fn from_file_bytes(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() == 32 {
+            return ClusterKey::from_file_bytes(bytes).map(|k| Keyring(vec![k]));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| {
+            "the key file is neither 32 bytes nor lines of 64 hex digits".to_string()
+        })?;
+        let mut keys: Vec<ClusterKey> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let k = ClusterKey::from_file_bytes(line.as_bytes())
+                .map_err(|e| format!("line {}: {e}", i + 1))?;
+            if keys.iter().any(|o| o.0 == k.0) {
+                return Err(format!("line {}: the same key twice", i + 1));
+            }
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            return Err("the key file holds no key".into());
+        }
+        if keys.len() > MAX_KEYS {
+            return Err(format!("{} keys; at most {MAX_KEYS}", keys.len()));
+        }
+        Ok(Keyring(keys))
+    }
+
+    /// The keys' check values, the primary first.
+    pub fn ids(&self) -> Vec<String> {
+        self.0.iter().map(ClusterKey::id).collect()
+    }
+}
+
+impl From<ClusterKey> for Keyring {
+    fn from(k: ClusterKey) -> Self {
+        Keyring(vec![k])
+    }
+}
+
+/// The keyring gossip uses now, shared by its sockets and whoever replaces
+/// it.
+#[derive(Clone)]
+pub struct Keys(Arc<RwLock<Ciphers>>);
+
+struct Ciphers {
+    /// The primary first.
+    all: Vec<XChaCha20Poly1305>,
+    ids: Vec<String>,
+}
+
+impl Keys {
+    pub fn new(ring: &Keyring) -> Self {
+        Keys(Arc::new(RwLock::new(Ciphers::of(ring))))
+    }
+
+    /// Replaces the keyring: the next datagram is sealed with its primary.
+    pub fn set(&self, ring: &Keyring) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Ciphers::of(ring);
+    }
+
+    /// The check values of the keys in use, the primary first.
+    pub fn ids(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).ids.clone()
+    }
+
+    fn primary(&self) -> XChaCha20Poly1305 {
+        let c = self.0.read().unwrap_or_else(|p| p.into_inner());
+        c.all[0].clone()
+    }
+
+    /// Opens `datagram` with the first key that authenticates it.
+    fn open(&self, datagram: &[u8]) -> Result<Vec<u8>, Reject> {
+        let c = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let mut last = Reject::Auth;
+        for cipher in &c.all {
+            match open(cipher, datagram) {
+                Ok(plain) => return Ok(plain),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+impl From<ClusterKey> for Keys {
+    fn from(k: ClusterKey) -> Self {
+        Keys::new(&k.into())
+    }
+}
+
+impl Ciphers {
+    fn of(ring: &Keyring) -> Self {
+        Ciphers {
+            all: ring.0.iter().map(ClusterKey::cipher).collect(),
+            ids: ring.ids(),
+        }
+    }
 }
 
 /// Gossip datagrams by what became of them (for /metrics and tests).
@@ -178,7 +319,7 @@ impl KnownPeers {
 
 /// A chitchat transport that seals every datagram with the cluster key.
 pub struct Sealed {
-    pub key: ClusterKey,
+    pub keys: Keys,
     pub stats: Arc<GossipStats>,
     pub known: Arc<KnownPeers>,
 }
@@ -189,12 +330,10 @@ impl Transport for Sealed {
         let socket = tokio::net::UdpSocket::bind(listen)
             .await
             .with_context(|| format!("binding {listen}/udp for gossip"))?;
-        let cipher = XChaCha20Poly1305::new_from_slice(&self.key.0)
-            .map_err(|e| anyhow::anyhow!("cluster key: {e}"))?;
         let refs = Arc::new(Mutex::new(References::default()));
-        let mut tx = Sender::new(cipher.clone(), self.stats.clone())?;
+        let mut tx = Sender::new(self.keys.clone(), self.stats.clone())?;
         tx.refs = refs.clone();
-        let mut rx = Receiver::new(cipher, self.stats.clone(), listen.ip());
+        let mut rx = Receiver::new(self.keys.clone(), self.stats.clone(), listen.ip());
         rx.refs = refs;
         Ok(Box::new(SealedSocket {
             socket,
@@ -314,7 +453,7 @@ struct SealedSocket {
 
 /// Seals messages into datagrams: this agent's session and counter.
 struct Sender {
-    cipher: XChaCha20Poly1305,
+    keys: Keys,
     stats: Arc<GossipStats>,
     session: u64,
     counter: u64,
@@ -329,7 +468,7 @@ struct Sender {
 /// Opens datagrams: the replay windows, halves waiting for their other
 /// half, this node's addresses.
 struct Receiver {
-    cipher: XChaCha20Poly1305,
+    keys: Keys,
     stats: Arc<GossipStats>,
     replay: Replay,
     /// (session, counter, bytes, when) of first halves.
@@ -523,9 +662,9 @@ impl Socket for SealedSocket {
 }
 
 impl Sender {
-    fn new(cipher: XChaCha20Poly1305, stats: Arc<GossipStats>) -> anyhow::Result<Self> {
+    fn new(keys: Keys, stats: Arc<GossipStats>) -> anyhow::Result<Self> {
         Ok(Sender {
-            cipher,
+            keys,
             stats,
             session: u64::from_le_bytes(random::<8>()?),
             counter: 0,
@@ -588,6 +727,7 @@ impl Sender {
             return Ok(Vec::new());
         };
         let sent_ms = now_ms();
+        let cipher = self.keys.primary();
         parts
             .into_iter()
             .map(|(part, bytes)| {
@@ -600,16 +740,16 @@ impl Sender {
                     dest,
                     reference,
                 };
-                seal(&self.cipher, &h, bytes)
+                seal(&cipher, &h, bytes)
             })
             .collect()
     }
 }
 
 impl Receiver {
-    fn new(cipher: XChaCha20Poly1305, stats: Arc<GossipStats>, listen: IpAddr) -> Self {
+    fn new(keys: Keys, stats: Arc<GossipStats>, listen: IpAddr) -> Self {
         Receiver {
-            cipher,
+            keys,
             stats,
             replay: Replay::default(),
             partial: VecDeque::new(),
@@ -626,7 +766,7 @@ impl Receiver {
         from: SocketAddr,
         datagram: &[u8],
     ) -> Result<Option<ChitchatMessage>, Reject> {
-        let plain = open(&self.cipher, datagram)?;
+        let plain = self.keys.open(datagram)?;
         let (h, body) = Header::read(&plain).ok_or(Reject::Decode)?;
         if !self.local.owns(h.dest) {
             return Err(Reject::Misaddressed);
@@ -763,8 +903,55 @@ mod tests {
         }
     }
 
+    #[test]
+    fn keyrings_from_files() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let hex = |k: &[u8; 32]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let one = Keyring::from_file_bytes(&a).expect("raw");
+        let two = Keyring::from_file_bytes(
+            format!("# rotating\n{}\n\n  {}  \n", hex(&b), hex(&a)).as_bytes(),
+        )
+        .expect("two");
+        assert_eq!(two.ids().len(), 2);
+        assert_eq!(two.ids()[1], one.ids()[0], "the same key, the same id");
+        assert_ne!(two.ids()[0], two.ids()[1]);
+        assert_eq!(one.ids()[0].len(), 8);
+        for bad in [
+            format!("{}\n{}", hex(&a), hex(&a)),
+            "# nothing\n".to_string(),
+            format!("{}\nnot hex", hex(&a)),
+            (0..9).map(|i| hex(&[i as u8 + 10; 32]) + "\n").collect(),
+        ] {
+            assert!(Keyring::from_file_bytes(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_primary_seals_and_every_key_of_the_ring_opens() {
+        let (a, b) = (
+            ClusterKey::from_bytes([1; 32]),
+            ClusterKey::from_bytes([2; 32]),
+        );
+        let (mut tx, _) = pair([1; 32], "127.0.0.1");
+        let (_, mut rx) = pair([2; 32], "127.0.0.1");
+        let to: SocketAddr = "127.0.0.1:7946".parse().expect("addr");
+        let msg = ChitchatMessage::BadCluster;
+        // Sealed with a, opened by a ring of b only: refused.
+        let d = tx.seal(to, &msg).expect("seal").remove(0);
+        assert_eq!(rx.accept(PEER, &d).err(), Some(Reject::Auth));
+        // The receiver accepts a too (b primary): opened.
+        rx.keys.set(&Keyring(vec![b.clone(), a.clone()]));
+        let d = tx.seal(to, &msg).expect("seal").remove(0);
+        assert!(rx.accept(PEER, &d).is_ok());
+        // The sender makes b primary: the receiver, b only again, opens it.
+        tx.keys.set(&Keyring(vec![b.clone(), a]));
+        rx.keys.set(&Keyring(vec![b]));
+        let d = tx.seal(to, &msg).expect("seal").remove(0);
+        assert!(rx.accept(PEER, &d).is_ok());
+    }
+
     fn pair(key: [u8; 32], listen: &str) -> (Sender, Receiver) {
-        let c = XChaCha20Poly1305::new_from_slice(&key).expect("key");
+        let c = Keys::from(ClusterKey::from_bytes(key));
         let stats = Arc::new(GossipStats::default());
         (
             Sender::new(c.clone(), stats.clone()).expect("random"),
@@ -885,14 +1072,14 @@ mod tests {
             dest: "127.0.0.1".parse().expect("ip"),
             reference: 0,
         };
-        let sealed = seal(&tx.cipher, &junk, b"\xffjunk").expect("seal");
+        let sealed = seal(&tx.keys.primary(), &junk, b"\xffjunk").expect("seal");
         assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
         let old = Header {
             counter: 2,
             sent_ms: now_ms() - 10 * 60_000,
             ..junk
         };
-        let sealed = seal(&tx.cipher, &old, b"").expect("seal");
+        let sealed = seal(&tx.keys.primary(), &old, b"").expect("seal");
         assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Stale));
         // Header fields survive the trip.
         let mut buf = Vec::new();
@@ -956,7 +1143,7 @@ mod tests {
             dest: "127.0.0.1".parse().expect("ip"),
             reference: 0,
         };
-        let sealed = seal(&tx.cipher, &h, &bomb).expect("seal");
+        let sealed = seal(&tx.keys.primary(), &h, &bomb).expect("seal");
         assert_eq!(rx.accept(PEER, &sealed).err(), Some(Reject::Decode));
     }
 
