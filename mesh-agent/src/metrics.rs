@@ -1,5 +1,8 @@
 //! Prometheus metrics over plain HTTP/1.0 (`GET /metrics`), read from the
-//! pinned maps at scrape time plus the agent's own figures.
+//! pinned maps at scrape time plus the agent's own figures; and
+//! Prometheus's HTTP service discovery (`GET /sd`, for `http_sd_configs`):
+//! every active backend of every service in the cluster, as gossip tells
+//! this node, one target per TCP container port.
 
 use std::{
     fmt::Write as _,
@@ -35,14 +38,20 @@ pub async fn serve(
                 _ => return,
             };
             let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
+            let (status, kind, body) =
                 if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
-                    ("200 OK", render(&dir, &shared))
+                    ("200 OK", "text/plain; version=0.0.4", render(&dir, &shared))
+                } else if req.starts_with("GET /sd ") || req.starts_with("GET /sd?") {
+                    ("200 OK", "application/json", discovery(&shared))
                 } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /sd\n".to_string(),
+                    )
                 };
             let head = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
             if let Err(e) = async {
@@ -56,6 +65,29 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Prometheus's HTTP service discovery: a JSON list of target groups, one
+/// per backend, with `__meta_mesh_*` labels (service, network, node,
+/// container) for relabelling.
+fn discovery(shared: &Mutex<Shared>) -> String {
+    let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let groups: Vec<serde_json::Value> = sh
+        .sd_targets
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "targets": t.targets,
+                "labels": {
+                    "__meta_mesh_service": t.service,
+                    "__meta_mesh_network": t.network,
+                    "__meta_mesh_node": t.node,
+                    "__meta_mesh_container": t.container,
+                },
+            })
+        })
+        .collect();
+    serde_json::Value::Array(groups).to_string()
 }
 
 fn open<V: aya::Pod>(dir: &std::path::Path, name: &str) -> Option<PerCpuArray<MapData, V>> {

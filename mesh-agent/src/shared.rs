@@ -28,6 +28,17 @@ pub struct BackendName {
     pub container: String,
 }
 
+/// One backend as Prometheus's HTTP service discovery lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SdTarget {
+    /// `ADDRESS:PORT`, one per TCP container port.
+    pub targets: Vec<String>,
+    pub service: String,
+    pub network: String,
+    pub node: String,
+    pub container: String,
+}
+
 /// State shared with the control socket and /metrics.
 #[derive(Default)]
 pub struct Shared {
@@ -43,6 +54,8 @@ pub struct Shared {
     pub sweep: Option<Arc<SweepStats>>,
     /// Every backend's address -> (node, container), for `meshctl backends`.
     pub backend_names: BTreeMap<std::net::Ipv4Addr, BackendName>,
+    /// Every active backend in the cluster, for `/sd`.
+    pub sd_targets: Vec<SdTarget>,
     /// Every node this agent has seen in gossip, this one included.
     pub known_nodes: BTreeMap<String, KnownNode>,
     /// The tunnel probes, once the host link is up.

@@ -113,6 +113,68 @@ fn nslookup_on(e: &Engine, network: &str, name: &str, server: &str) -> Vec<Strin
     e.nslookup(network, name, Some(server))
 }
 
+/// Starts Debian's Prometheus in node `e`'s namespace, discovering targets
+/// from the agent's `/sd` (`http_sd_configs`), and waits (bounded) until it
+/// has `want` targets: (address, service, network, node) of each. It is
+/// stopped before returning.
+fn prometheus_targets(e: &Engine, want: usize) -> Vec<(String, String, String, String)> {
+    let dir = std::env::temp_dir().join(format!("mesh-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        "global:\n  scrape_interval: 15s\nscrape_configs:\n  - job_name: mesh\n    \
+         http_sd_configs:\n      - url: http://127.0.0.1:9464/sd\n        refresh_interval: 2s\n",
+    )
+    .expect("config");
+    let mut prom = std::process::Command::new("ip")
+        .args(["netns", "exec", &e.ns.name, "prometheus"])
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:19090")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus (cargo xtask setup installs Debian's)");
+    let start = Instant::now();
+    let found = loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &e.ns.name, "curl", "-s", "-m", "2"])
+            .arg("http://127.0.0.1:19090/api/v1/targets")
+            .output()
+            .expect("curl");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let found: Vec<(String, String, String, String)> = v["data"]["activeTargets"]
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| {
+                        let l = &t["discoveredLabels"];
+                        let s = |k: &str| l[k].as_str().unwrap_or_default().to_owned();
+                        (
+                            s("__address__"),
+                            s("__meta_mesh_service"),
+                            s("__meta_mesh_network"),
+                            s("__meta_mesh_node"),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if found.len() >= want || start.elapsed() > WAIT {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    found
+}
+
 /// `count` requests over `proto` from container `from` to `target`:
 /// (answers by replica, failures).
 fn ask(e: &Engine, from: &str, proto: &str, target: &str, count: u32) -> (usize, usize) {
@@ -247,6 +309,22 @@ fn lab_networks_isolate_and_a_container_on_two_reaches_both() {
     let none = nslookup_on(e1, "front", "backonly.mesh", &gateway);
     println!("backonly.mesh from front: {none:?}");
     assert!(none.is_empty(), "{none:?}");
+
+    // Prometheus (Debian's) on node 1 finds every backend of the cluster
+    // through the agent's HTTP service discovery, with their labels.
+    let found = prometheus_targets(e1, 4);
+    println!("Prometheus on n1 discovered: {found:?}");
+    let want: Vec<(String, String, String, String)> = [
+        (format!("{}:80", bweb1[0]), "web", "back", "n1"),
+        (format!("{}:80", bweb2[0]), "web", "back", "n2"),
+        (format!("{}:80", fweb[0]), "web", "front", "n2"),
+    ]
+    .into_iter()
+    .map(|(a, s, n, node)| (a, s.into(), n.into(), node.into()))
+    .collect();
+    for w in &want {
+        assert!(found.contains(w), "{w:?} in {found:?}");
+    }
 
     // The client reaches its network's service by name and by VIP, and a
     // ping to it by name is answered.

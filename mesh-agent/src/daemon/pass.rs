@@ -530,6 +530,34 @@ impl Daemon {
                 (e.ip, crate::shared::BackendName { node, container })
             })
             .collect();
+        sh.sd_targets = st
+            .endpoints
+            .iter()
+            .map(|e| (own.as_str(), e))
+            .chain(
+                peers
+                    .iter()
+                    .flat_map(|(n, p)| p.endpoints.iter().map(move |e| (n.as_str(), e))),
+            )
+            .filter(|(_, e)| e.state == mesh_common::lb::backend_state::ACTIVE)
+            .filter_map(|(node, e)| {
+                let mut ports: Vec<u16> = e
+                    .ports
+                    .iter()
+                    .filter(|(_, _, proto)| *proto == crate::labels::Proto::Tcp)
+                    .map(|(_, port, _)| *port)
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                (!ports.is_empty()).then(|| crate::shared::SdTarget {
+                    targets: ports.iter().map(|p| format!("{}:{p}", e.ip)).collect(),
+                    service: e.service.clone(),
+                    network: desired::network_of(&self.nets.served, e.ip).to_owned(),
+                    node: node.to_owned(),
+                    container: e.container.clone(),
+                })
+            })
+            .collect();
         sh.status.services = st.services.clone();
         sh.status.skipped = st.skipped.clone();
         sh.status.docker.containers = self.docker.containers.len();
