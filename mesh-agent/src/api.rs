@@ -159,6 +159,8 @@ fn node_rows(sh: &crate::shared::Shared) -> Vec<crate::status::NodeRow> {
         let live = st.node.peers.contains(name);
         let state = if !live {
             "dead"
+        } else if st.node.agent_down.contains(name) {
+            "agent down (forwarding)"
         } else if st.node.restarting.contains(name) {
             "restarting"
         } else {

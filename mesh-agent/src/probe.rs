@@ -13,6 +13,12 @@
 //! The socket is bound to the overlay address only, which the underlay
 //! cannot reach (the data plane drops plain frames for this node's /24).
 //! An answer must echo the probe's random token.
+//!
+//! Beside it, an ICMP echo to the same address asks the peer's data plane
+//! and kernel, not its agent: the host answers it while its agent is down
+//! (the programs and maps stay pinned). A peer whose gossip fell silent
+//! but whose data plane answers has a crashed or restarting agent, not a
+//! dead host (`Probe::data_plane_up`).
 
 use std::{
     collections::BTreeMap,
@@ -29,7 +35,7 @@ use crate::status::Tunnel;
 /// The UDP port probes are sent to, on overlay addresses only.
 pub const PORT: u16 = 7947;
 /// How often every peer is probed.
-const INTERVAL: Duration = Duration::from_secs(1);
+pub const INTERVAL: Duration = Duration::from_secs(1);
 /// A peer that has not answered for this long is reported.
 pub const SILENT_AFTER: Duration = Duration::from_secs(3);
 
@@ -45,6 +51,8 @@ struct Peer {
     since: Instant,
     last_ok: Option<Instant>,
     rtt: Duration,
+    /// When its host last answered an ICMP echo through the tunnel.
+    last_echo: Option<Instant>,
 }
 
 /// The peers to probe and what they answered.
@@ -67,6 +75,7 @@ impl Probe {
                 since: Instant::now(),
                 last_ok: None,
                 rtt: Duration::ZERO,
+                last_echo: None,
             });
         }
     }
@@ -89,6 +98,23 @@ impl Probe {
                 }
             })
             .collect()
+    }
+
+    /// Whether `peer`'s host answered an ICMP echo through the tunnel
+    /// within `within`: its data plane forwards, whatever its agent does.
+    pub fn data_plane_up(&self, peer: &str, within: Duration) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .get(peer)
+            .and_then(|p| p.last_echo)
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
+    fn echoed(&self, from: Ipv4Addr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.values_mut().find(|p| p.addr == from) {
+            p.last_echo = Some(Instant::now());
+        }
     }
 
     fn answered(&self, from: Ipv4Addr, sent_ns: u64) {
@@ -122,7 +148,155 @@ pub fn spawn(local: Ipv4Addr, vxlan_port: u16) -> std::io::Result<Arc<Probe>> {
     });
     let p = probe.clone();
     tokio::spawn(async move { run(sock, p).await });
+    match echo::Socket::bind(local) {
+        Ok(icmp) => {
+            let p = probe.clone();
+            tokio::spawn(async move { echo::run(icmp, p).await });
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "no ICMP probes (needs CAP_NET_RAW): a peer whose agent is down is taken for a dead host"
+        ),
+    }
     Ok(probe)
+}
+
+/// ICMP echo through the tunnel, answered by the peer's kernel.
+mod echo {
+    use std::{
+        net::Ipv4Addr,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        sync::Arc,
+    };
+
+    use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Ipv4HeaderSlice};
+    use tokio::io::unix::AsyncFd;
+
+    use super::{INTERVAL, Probe};
+
+    /// A raw ICMP socket bound to this host's overlay address.
+    pub struct Socket(AsyncFd<OwnedFd>);
+
+    impl Socket {
+        pub fn bind(local: Ipv4Addr) -> std::io::Result<Self> {
+            // SAFETY: plain socket(2); the descriptor is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_ICMP,
+                )
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a descriptor socket(2) just returned, owned once.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(local).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a valid sockaddr_in of its own size.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: the descriptor is owned by the AsyncFd and stays open
+            // as long as it is registered.
+            Ok(Socket(unsafe { AsyncFd::register(fd) }?))
+        }
+    }
+
+    /// Sends an echo request to every target once per [`INTERVAL`] and
+    /// notes whose host answered.
+    pub async fn run(sock: Socket, probe: Arc<Probe>) {
+        let id = probe.token as u16;
+        let mut seq: u16 = 0;
+        let mut tick = tokio::time::interval(INTERVAL);
+        let mut buf = [0u8; 1500];
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq = seq.wrapping_add(1);
+                    // The ICMP message alone: a raw socket's kernel adds the
+                    // IPv4 header (from the bound address).
+                    let echo = Icmpv4Type::EchoRequest(IcmpEchoHeader { id, seq });
+                    let mut msg = Vec::with_capacity(16);
+                    if Icmpv4Header::with_checksum(echo, b"mesh").write(&mut msg).is_err() {
+                        continue;
+                    }
+                    msg.extend_from_slice(b"mesh");
+                    for addr in probe.targets() {
+                        send(&sock, &msg, addr);
+                    }
+                }
+                r = sock.0.readable() => {
+                    let Ok(mut guard) = r else { continue };
+                    if let Ok(Ok(n)) = guard.try_io(|fd| recv(fd.get_ref().as_raw_fd(), &mut buf))
+                        && let Some(from) = echo_reply_from(&buf[..n], id)
+                    {
+                        probe.echoed(from);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(sock: &Socket, msg: &[u8], to: Ipv4Addr) {
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(to).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a valid buffer and sockaddr_in; a full socket buffer
+        // just loses this probe.
+        unsafe {
+            libc::sendto(
+                sock.0.get_ref().as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_DONTWAIT,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+        }
+    }
+
+    fn recv(fd: i32, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: a valid buffer of its own length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// The sender of `packet` (IPv4 and ICMP, as a raw socket reads it) if
+    /// it is an echo reply to one of ours (`id`).
+    pub fn echo_reply_from(packet: &[u8], id: u16) -> Option<Ipv4Addr> {
+        let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
+        let icmp = etherparse::Icmpv4Slice::from_slice(packet.get(ip.slice().len()..)?).ok()?;
+        match icmp.icmp_type() {
+            Icmpv4Type::EchoReply(IcmpEchoHeader { id: got, .. }) if got == id => {
+                Some(ip.source_addr())
+            }
+            _ => None,
+        }
+    }
 }
 
 async fn run(sock: UdpSocket, probe: Arc<Probe>) {
@@ -182,6 +356,31 @@ fn decode(b: &[u8]) -> Option<(&'static [u8; 4], u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_echo_replies_to_our_id_count() {
+        use etherparse::PacketBuilder;
+        let reply = |id: u16| {
+            let mut v = Vec::new();
+            PacketBuilder::ipv4([10, 42, 2, 1], [10, 42, 1, 1], 64)
+                .icmpv4_echo_reply(id, 1)
+                .write(&mut v, b"mesh")
+                .expect("packet");
+            v
+        };
+        assert_eq!(
+            echo::echo_reply_from(&reply(7), 7),
+            Some(Ipv4Addr::new(10, 42, 2, 1))
+        );
+        assert_eq!(echo::echo_reply_from(&reply(8), 7), None);
+        let mut request = Vec::new();
+        PacketBuilder::ipv4([10, 42, 2, 1], [10, 42, 1, 1], 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut request, b"mesh")
+            .expect("packet");
+        assert_eq!(echo::echo_reply_from(&request, 7), None);
+        assert_eq!(echo::echo_reply_from(&request[..10], 7), None);
+    }
 
     #[test]
     fn probes_round_trip_and_anything_else_is_refused() {

@@ -38,6 +38,10 @@ pub struct Node {
     /// endpoints are kept meanwhile (for a bounded time).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarting: Vec<String>,
+    /// Peers gossip lost whose data plane still answers through the
+    /// tunnel: their agent is down; their backends are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_down: Vec<String>,
     /// Gossip datagrams that did not authenticate (a wrong cluster key on
     /// one side, or tampering).
     #[serde(default)]

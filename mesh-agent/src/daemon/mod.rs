@@ -122,6 +122,11 @@ pub struct Daemon {
     nets: networks::Networks,
     /// `meshctl network` requests.
     requests: tokio::sync::mpsc::Receiver<crate::requests::Request>,
+    /// The peers of the last pass (to see who left gossip).
+    last_peers: BTreeMap<String, crate::gossip::peers::Peer>,
+    /// Peers gossip lost whose data plane still answers: their agent is
+    /// down, not their host; kept as they were, since when.
+    agent_down: BTreeMap<String, (crate::gossip::peers::Peer, std::time::Instant)>,
 }
 
 impl Daemon {
@@ -186,6 +191,8 @@ impl Daemon {
             fatal: None,
             nets,
             requests,
+            last_peers: BTreeMap::new(),
+            agent_down: BTreeMap::new(),
         })
     }
 
@@ -338,6 +345,8 @@ impl Daemon {
                 }
                 _ = tokio::time::sleep_until(self.retry_at), if self.retry => self.pass(),
                 Some(r) = self.requests.recv() => self.on_request(r),
+                // While a peer's agent is down, its data plane is watched.
+                _ = tokio::time::sleep(crate::probe::INTERVAL), if !self.agent_down.is_empty() => self.pass(),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
                 }

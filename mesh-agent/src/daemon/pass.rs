@@ -24,6 +24,9 @@ use crate::{
 };
 use mesh_common::tunnel::Node;
 
+/// The longest a node whose agent is down keeps its backends everywhere.
+const AGENT_DOWN_MAX: Duration = Duration::from_secs(600);
+
 impl Daemon {
     /// One reconcile pass.
     pub(super) fn pass(&mut self) {
@@ -50,6 +53,7 @@ impl Daemon {
                 BTreeMap::new()
             }
         };
+        let peers = self.hold_agent_down(peers);
         let st = desired::compute(&Inputs {
             containers: &self.docker.containers,
             draining: &self.docker.draining,
@@ -190,6 +194,59 @@ impl Daemon {
                 .get(id)
                 .is_some_and(|c| c.nets.contains_key(net))
         });
+    }
+
+    /// Peers that left gossip without saying they stop, but whose data
+    /// plane answers the ICMP probe through the tunnel: their agent is
+    /// down (a crash, an OOM kill, a crash loop), not their host, whose
+    /// programs still forward to its replicas. They are kept as they were
+    /// (frozen) while their data plane answers, for at most
+    /// [`AGENT_DOWN_MAX`], and shown in `meshctl nodes`; a host that
+    /// answers nothing is gone at detection, as before.
+    fn hold_agent_down(&mut self, mut peers: BTreeMap<String, Peer>) -> BTreeMap<String, Peer> {
+        let probe = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .probe
+            .clone();
+        if let Some(probe) = probe {
+            // Fresh: an answer within one and a half probe intervals, so a
+            // host cut off before gossip noticed is not taken for alive.
+            let fresh = crate::probe::INTERVAL * 3 / 2;
+            for (name, p) in &self.last_peers {
+                if !peers.contains_key(name)
+                    && !self.agent_down.contains_key(name)
+                    && probe.data_plane_up(name, fresh)
+                {
+                    warn!(node = %name, "gossip lost the node but its data plane answers: its agent is down; its backends are kept");
+                    self.agent_down
+                        .insert(name.clone(), (p.clone(), Instant::now()));
+                }
+            }
+            self.agent_down.retain(|name, (_, since)| {
+                if peers.contains_key(name) {
+                    info!(node = %name, "the node's agent is back");
+                    return false;
+                }
+                if !probe.data_plane_up(name, crate::probe::SILENT_AFTER) {
+                    warn!(node = %name, "the node's data plane stopped answering too: the node is gone");
+                    return false;
+                }
+                if since.elapsed() > AGENT_DOWN_MAX {
+                    warn!(node = %name, "the node's agent stayed down too long: the node is dropped");
+                    return false;
+                }
+                true
+            });
+            for (name, (p, _)) in &self.agent_down {
+                peers.insert(name.clone(), p.clone());
+            }
+        } else {
+            self.agent_down.clear();
+        }
+        self.last_peers.clone_from(&peers);
+        peers
     }
 
     /// Every peer with a /24 is probed at its overlay address (its /24's
@@ -599,6 +656,7 @@ impl Daemon {
                 .filter(|(_, p)| p.restarting)
                 .map(|(n, _)| n.clone())
                 .collect();
+            sh.status.node.agent_down = self.agent_down.keys().cloned().collect();
             sh.status.node.clustered = true;
         }
         sh.service_names = self

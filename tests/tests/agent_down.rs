@@ -1,0 +1,130 @@
+//! A crashed agent is not a dead host (two Docker hosts, agents run as the
+//! lab and the README run them; needs root). Node 1's agent is killed and
+//! kept down: gossip loses node 1, but its data plane still answers the
+//! ICMP probe through the tunnel, so node 2 keeps node 1's replica in its
+//! maps, flags node 1 as "agent down", and a request loop through the VIP
+//! keeps reaching both replicas. When node 1's host itself is cut off, its
+//! replica leaves node 2's maps. Every loop is bounded.
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::dockerlab::{Agent, Engine, Underlay};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn active(agent: &Agent) -> usize {
+    agent
+        .status()
+        .and_then(|s| {
+            s.services
+                .iter()
+                .find(|x| x.name == "whoami")
+                .map(|x| x.active)
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn docker_a_crashed_agent_keeps_its_hosts_backends_and_a_dead_host_does_not() {
+    let underlay = Underlay::new();
+    let engines: Vec<Engine> = (0..2).map(|_| Engine::start()).collect();
+    let key = engines[0].write_cluster_key();
+    for (i, e) in engines.iter().enumerate() {
+        underlay.attach(e, i as u8 + 1);
+        e.import_whoami();
+    }
+    let agents: Vec<Agent> = (1..=2u8)
+        .map(|n| {
+            let flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
+            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
+        })
+        .collect();
+    for a in &agents {
+        a.wait_for("one peer", WAIT, |s| {
+            s.docker.connected && s.node.peers.len() == 1
+        });
+    }
+    let (e1, e2) = (&engines[0], &engines[1]);
+    e1.run_whoami("w1", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
+    e2.run_whoami("w2", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
+    e2.run_whoami("client", &[], &[]);
+    let vip = agents[1]
+        .wait_for("two replicas on n2", WAIT, |s| {
+            s.services
+                .iter()
+                .any(|x| x.name == "whoami" && x.active == 2)
+        })
+        .services
+        .iter()
+        .find(|x| x.name == "whoami")
+        .map(|x| x.vip.clone())
+        .expect("whoami");
+
+    // Node 1's agent dies and stays down (no restart policy).
+    e1.docker_ok(&["update", "--restart", "no", mesh_lab::agent::NAME]);
+    e1.docker_ok(&["kill", "-s", "KILL", mesh_lab::agent::NAME]);
+    let killed = Instant::now();
+    let loop_ = e2.ask_in_background("tcp", &format!("{vip}:80"), 120, 100, 2000);
+    let mut flagged = None;
+    while killed.elapsed() < Duration::from_secs(14) {
+        let st = agents[1].status().expect("status");
+        let n = st
+            .services
+            .iter()
+            .find(|x| x.name == "whoami")
+            .map_or(0, |x| x.active);
+        assert_eq!(
+            n,
+            2,
+            "n1's replica stays in n2's maps {:?} after the kill",
+            killed.elapsed()
+        );
+        if flagged.is_none() && st.node.agent_down.iter().any(|p| p == "n1") {
+            flagged = Some(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let flagged = flagged.expect("n1 shown as agent down");
+    let nodes = e2.docker(&["exec", mesh_lab::agent::NAME, "/meshctl", "nodes"]);
+    let nodes = String::from_utf8_lossy(&nodes.stdout);
+    println!("n2$ meshctl nodes ({flagged:?} after the kill):\n{nodes}");
+    assert!(nodes.contains("agent down"), "{nodes}");
+    let out = loop_.wait_with_output().expect("loop");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answered = |name: &str| {
+        text.lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some(name))
+            .count()
+    };
+    let failed = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("err"))
+        .count();
+    println!(
+        "the loop on n2 while n1's agent was down: w1 {}, w2 {}, failed {failed}",
+        answered("w1"),
+        answered("w2")
+    );
+    assert_eq!(failed, 0);
+    assert!(answered("w1") > 20, "n1's replica kept its share");
+
+    // The agent comes back; then the host itself goes.
+    e1.docker_ok(&["start", mesh_lab::agent::NAME]);
+    agents[1].wait_for("n1 alive again", WAIT, |s| {
+        s.node.peers.len() == 1 && s.node.agent_down.is_empty()
+    });
+    let cut = Instant::now();
+    underlay.set_link(1, false);
+    while active(&agents[1]) != 1 {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "n1's replica leaves when its host is cut off"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "n1 cut off: its replica left n2's maps after {:?}",
+        cut.elapsed()
+    );
+    underlay.set_link(1, true);
+}
