@@ -352,6 +352,12 @@ fn peers(out: &mut Text, sh: &Shared) {
         "Peers whose agent said it was stopping and is not back: their endpoints are kept meanwhile.",
         sh.status.node.restarting.len(),
     );
+    out.single(
+        "mesh_peers_agent_down",
+        "gauge",
+        "Peers gossip lost whose data plane still answers through the tunnel: their agent is down, their backends are kept.",
+        sh.status.node.agent_down.len(),
+    );
 }
 
 /// The conntrack sweep's work and the tables' fill.

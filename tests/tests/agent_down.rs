@@ -89,6 +89,31 @@ fn docker_a_crashed_agent_keeps_its_hosts_backends_and_a_dead_host_does_not() {
     let nodes = String::from_utf8_lossy(&nodes.stdout);
     println!("n2$ meshctl nodes ({flagged:?} after the kill):\n{nodes}");
     assert!(nodes.contains("agent down"), "{nodes}");
+    let gauge = e2.docker(&[
+        "exec",
+        mesh_lab::agent::NAME,
+        "/meshctl",
+        "status",
+        "--json",
+    ]);
+    assert!(gauge.status.success());
+    let metrics = e2.ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("/metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("ask");
+        let mut out = String::new();
+        s.take(4 << 20).read_to_string(&mut out).expect("read");
+        out
+    });
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("mesh_peers_agent_down "))
+        .unwrap_or_default()
+        .to_owned();
+    println!("n2 /metrics: {line}");
+    assert_eq!(line, "mesh_peers_agent_down 1");
     let out = loop_.wait_with_output().expect("loop");
     let text = String::from_utf8_lossy(&out.stdout);
     let answered = |name: &str| {
