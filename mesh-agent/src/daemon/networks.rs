@@ -174,18 +174,7 @@ impl Daemon {
                 want.insert(format!("{}{name}", network::USE_PREFIX), v);
             }
         }
-        let set: Vec<(String, String)> = want
-            .iter()
-            .filter(|(k, v)| self.nets.published.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let delete: Vec<String> = self
-            .nets
-            .published
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
-            .collect();
+        let (set, delete) = super::pass::key_changes(&want, &self.nets.published);
         if set.is_empty() && delete.is_empty() {
             return;
         }

@@ -24,6 +24,24 @@ use crate::{
 };
 use mesh_common::tunnel::Node;
 
+/// The gossip keys to set and to delete for `want` after `published`.
+pub(super) fn key_changes(
+    want: &BTreeMap<String, String>,
+    published: &BTreeMap<String, String>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let set = want
+        .iter()
+        .filter(|(k, v)| published.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let delete = published
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .cloned()
+        .collect();
+    (set, delete)
+}
+
 /// The longest a node whose agent is down keeps its backends everywhere.
 const AGENT_DOWN_MAX: Duration = Duration::from_secs(600);
 
@@ -450,23 +468,12 @@ impl Daemon {
             .iter()
             .filter_map(|e| Some((peers::endpoint_key(e), serde_json::to_string(e).ok()?)))
             .collect();
-        let mut set: Vec<(String, String)> = want
-            .iter()
-            .filter(|(k, v)| self.written.endpoints.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let (mut set, delete) = key_changes(&want, &self.written.endpoints);
         if !self.written.ready {
             // After the endpoints (a higher version: a peer that has it
             // has them): an older generation held for this restart goes.
             set.push((peers::KEY_READY.to_owned(), "1".to_owned()));
         }
-        let delete: Vec<String> = self
-            .written
-            .endpoints
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
-            .collect();
         if set.is_empty() && delete.is_empty() {
             return;
         }
