@@ -17,12 +17,9 @@
 //! message and socket crates, idempotently: a restarted agent finds the
 //! device and route in place and leaves them.
 
-use std::{io, net::Ipv4Addr, os::fd::AsRawFd};
+use std::{io, net::Ipv4Addr};
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkMessage};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
@@ -32,9 +29,12 @@ use netlink_packet_route::{
         RouteType,
     },
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::protocols::NETLINK_ROUTE;
 
-use crate::vip::Cidr;
+use crate::{
+    netlink::{Netlink, request},
+    vip::Cidr,
+};
 
 /// The host link's name.
 pub const NAME: &str = "mesh-host";
@@ -68,7 +68,7 @@ pub enum HostLinkError {
 /// for `cluster` with preferred source `gateway` (an address of this host:
 /// the `mesh` network's gateway).
 pub fn ensure(cluster: Cidr, gateway: Ipv4Addr, mtu: u32) -> Result<HostLink, HostLinkError> {
-    let nl = Netlink::open().map_err(|source| HostLinkError::Netlink {
+    let nl = Netlink::open(NETLINK_ROUTE).map_err(|source| HostLinkError::Netlink {
         what: "opening rtnetlink",
         source,
     })?;
@@ -202,84 +202,10 @@ fn route(cluster: Cidr, ifindex: u32, src: Ipv4Addr) -> NetlinkMessage<RouteNetl
     )
 }
 
-/// A request the kernel acknowledges, with `flags` besides.
-fn request(msg: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    header.sequence_number = 1;
-    let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-    m.finalize();
-    m
-}
-
-/// A NETLINK_ROUTE socket (rust-netlink's), answers awaited for 5 s.
-struct Netlink {
-    socket: Socket,
-}
-
-impl Netlink {
-    fn open() -> io::Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt on the socket's own descriptor with a timeval
-        // of the right size.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Netlink { socket })
-    }
-
-    /// Sends `msg` and waits for its acknowledgement: Ok, or the kernel's
-    /// error.
-    fn request(&self, msg: &NetlinkMessage<RouteNetlinkMessage>) -> io::Result<()> {
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-        loop {
-            let (reply, _) = self.socket.recv_from_full()?;
-            if let Some(r) = ack(&reply) {
-                return r;
-            }
-        }
-    }
-}
-
-/// The acknowledgement in a reply, if it holds one: Ok for an ACK, the
-/// kernel's error otherwise; a reply that does not parse is an error.
-fn ack(mut reply: &[u8]) -> Option<io::Result<()>> {
-    while !reply.is_empty() {
-        let m = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply) {
-            Ok(m) => m,
-            Err(e) => return Some(Err(io::Error::other(format!("netlink reply: {e}")))),
-        };
-        let len = (m.header.length as usize).max(16);
-        if let NetlinkPayload::Error(e) = m.payload {
-            return Some(match e.code {
-                None => Ok(()),
-                Some(_) => Err(e.to_io()),
-            });
-        }
-        reply = reply.get(len.next_multiple_of(4)..).unwrap_or_default();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkPayload};
+
     use super::*;
 
     #[test]
@@ -319,21 +245,5 @@ mod tests {
             peer.attributes
                 .contains(&LinkAttribute::Address(vec![0x06, 0x6d, 10, 42, 7, 1]))
         );
-    }
-
-    #[test]
-    fn acknowledgements_and_errors_are_read_and_junk_is_refused() {
-        let mut ok = vec![0u8; 36];
-        ok[0..4].copy_from_slice(&36u32.to_ne_bytes());
-        ok[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
-        assert!(matches!(ack(&ok), Some(Ok(()))));
-        let mut err = ok.clone();
-        err[16..20].copy_from_slice(&(-libc::EEXIST).to_ne_bytes());
-        let e = ack(&err).expect("an answer").expect_err("an error");
-        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
-        let mut junk = ok.clone();
-        junk[0..4].copy_from_slice(&9u32.to_ne_bytes());
-        assert!(matches!(ack(&junk), Some(Err(_))));
-        assert!(matches!(ack(&[1, 2, 3]), Some(Err(_))));
     }
 }

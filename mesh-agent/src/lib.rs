@@ -15,10 +15,12 @@ pub mod hostlink;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod probe;
 pub mod requests;
 pub mod shared;
 pub mod veth;
+pub mod wireguard;
 
 /// Where the agent pins its maps and links (one directory per agent).
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";

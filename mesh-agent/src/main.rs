@@ -412,6 +412,7 @@ fn load_data_plane(args: &Args) -> Result<(aya::Ebpf, LbMaps, OverlayMaps)> {
         progs::TC_TO_CONTAINER,
         progs::TC_BRIDGE_IN,
         progs::TC_HOST_OUT,
+        progs::TC_WG_IN,
     ] {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }

@@ -140,6 +140,10 @@ counters! {
     NetIsolated = 79, "net_isolated", Drop, "A container's packet to an address, a VIP or a task of another overlay network than the one its veth is on (the host's own gateway addresses excepted).";
     XdpVxlanBadVni = 80, "xdp_vxlan_bad_vni", Drop, "VXLAN from a cluster node whose VNI is not the network of its inner destination, or a VNI this node does not serve.";
     ArpReply = 81, "arp_reply", Path, "A container asked ARP for an address of its network on another node or a VIP: answered by the data plane (the frames then come to its veth program, which tunnels or balances them).";
+    XdpVxlanPlain = 82, "xdp_vxlan_plain", Drop, "Plain VXLAN from the wire while the cluster encrypts (--encrypt): between nodes the tunnel runs inside WireGuard only, so such a frame is forged or from a node that does not encrypt.";
+    WgDecap = 83, "wg_decap", Path, "VXLAN out of WireGuard (mesh-wg), from a node whose key the kernel checked: decapsulated and handed on as the underlay's.";
+    WgNotVxlan = 84, "wg_not_vxlan", Drop, "Out of WireGuard, not a VXLAN frame of a cluster node for this node: nothing else travels inside mesh's WireGuard.";
+    TunnelEncrypt = 85, "tunnel_encrypt", Path, "Encapsulated and handed to WireGuard (mesh-wg) for its node.";
 }
 
 impl Stat {

@@ -130,6 +130,10 @@ pub struct LocalNode {
     pub host_ifindex: u32,
     pub host_mac: [u8; 6],
     pub _pad3: [u8; 2],
+    /// The WireGuard device (`mesh-wg`) every tunnelled packet leaves by,
+    /// encrypted, when the cluster encrypts (`--encrypt`); plain VXLAN from
+    /// the wire is then dropped. 0: the tunnel is plain.
+    pub wg_ifindex: u32,
 }
 
 /// What the underlay's MTU must hold besides a tunnelled TCP segment's
@@ -137,6 +141,13 @@ pub struct LocalNode {
 /// (as many bytes as the outer one [`ENCAP_LEN`] counts but the MTU does
 /// not), inner IPv4 and TCP headers: 90 bytes.
 pub const TUNNEL_TCP_OVERHEAD: u32 = ENCAP_LEN as u32 + 20 + 20;
+
+/// What WireGuard adds to a packet over IPv4: outer IPv4 (20) and UDP (8)
+/// headers, its data header (16) and authentication tag (16).
+pub const WG_OVERHEAD: u32 = 60;
+/// WireGuard's UDP port on every node of an encrypting cluster, the
+/// default (`--wg-port`).
+pub const WG_PORT: u16 = 51820;
 
 /// A container on this node (by its address): where decapsulated traffic
 /// for it goes.
@@ -188,7 +199,7 @@ const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
 const _: () = assert!(core::mem::size_of::<VethSrc>() == 8);
-const _: () = assert!(core::mem::size_of::<LocalNode>() == 52);
+const _: () = assert!(core::mem::size_of::<LocalNode>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

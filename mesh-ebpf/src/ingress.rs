@@ -307,7 +307,7 @@ pub fn inner_tuple<P: Packet>(p: &P, ip_off: usize) -> Option<(Tuple, usize, u8)
 /// source is outside the cluster came in through `ingress_be`'s published
 /// port: remember it for the replies.
 #[inline(always)]
-pub fn note_return(ctx: &XdpContext, l: &LocalNode, inner_ip_off: usize, ingress_be: u32) {
+pub fn note_return<P: Packet>(ctx: &P, l: &LocalNode, inner_ip_off: usize, ingress_be: u32) {
     if let Some((t, _, flags)) = inner_tuple(ctx, inner_ip_off)
         && outside(l, t.src_be)
     {
@@ -327,10 +327,7 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     if !outside(l, t.dst_be) {
         return pass(Stat::XdpVxlanForeign);
     }
-    if ct::reply_entry(&t, flags)
-        .filter(|e| e.flags & CT_F_INGRESS != 0)
-        .is_none()
-    {
+    if !came_in_here(&t, flags) {
         return pass(Stat::IngressReplyUntracked);
     }
     // SAFETY: ctx is the program's context; `inner_off` is within the packet.
@@ -344,6 +341,21 @@ pub fn tunnelled_reply(ctx: &XdpContext, l: &LocalNode, inner_off: usize) -> Res
     // Docker bridge on the way to the client does). TC's helpers know.
     mark::write(ctx, REPLY_MARK, l.underlay_ip_be)?;
     pass(Stat::IngressReplyDecap)
+}
+
+/// Whether the tunnelled frame at `inner_off` is a reply of a routing-mesh
+/// flow that came in through this node ([`tunnelled_reply`]'s test).
+#[inline(always)]
+pub fn is_tunnelled_reply<P: Packet>(p: &P, l: &LocalNode, inner_off: usize) -> bool {
+    inner_tuple(p, inner_off + ETH_HLEN)
+        .is_some_and(|(t, _, flags)| outside(l, t.dst_be) && came_in_here(&t, flags))
+}
+
+/// Whether the reverse entry of `t` says its flow came in through this
+/// node's published port.
+#[inline(always)]
+fn came_in_here(t: &Tuple, flags: u8) -> bool {
+    ct::reply_entry(t, flags).is_some_and(|e| e.flags & CT_F_INGRESS != 0)
 }
 
 /// TC, a backend's veth: a packet leaving it for an address outside every

@@ -55,6 +55,13 @@ pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc>(underlay::tc_ingress(&ctx))
 }
 
+/// TC ingress on the WireGuard device (`mesh-wg`) of an encrypting
+/// cluster: the tunnel's VXLAN, decrypted, decapsulated and handed on.
+#[classifier]
+pub fn mesh_tc_wg_in(ctx: TcContext) -> i32 {
+    ctx::finish::<ctx::Tc>(underlay::wg_ingress(&ctx))
+}
+
 /// TC ingress on the bridge of another Docker network (the default
 /// bridge, user-defined ones): its containers' calls to published ports.
 #[classifier]

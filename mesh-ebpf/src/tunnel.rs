@@ -12,7 +12,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK, VXLAN_FLAG_I,
+        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK,
+        VXLAN_FLAG_I, WG_OVERHEAD,
     },
 };
 
@@ -144,12 +145,18 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
     // SAFETY: the context's own skb; gso_size is readable by TC programs.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // Asked before anything changes, so a drop leaves the packet as it was.
+    // Encrypted, the underlay carries WireGuard's header too.
+    let wire_len = if l.wg_ifindex != 0 {
+        ip_len + WG_OVERHEAD as u16
+    } else {
+        ip_len
+    };
     let hop = fib::lookup(
         ctx,
         l.underlay_ifindex,
         (l.underlay_ip_be, node.underlay_ip_be),
         IPPROTO_UDP,
-        if gso { 0 } else { ip_len },
+        if gso { 0 } else { wire_len },
     );
     let (dst, src) = match hop {
         Hop::Resolved { dmac, smac, .. } => (dmac, smac),
@@ -201,6 +208,13 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
         },
     };
     Packet::store(ctx, 0, &h).ok_or(Stat::TunnelEncapFail)?;
+    if l.wg_ifindex != 0 {
+        // Into WireGuard, which seals it for the node whose allowed IP is
+        // the outer destination and sends it on its own UDP socket (the
+        // kernel strips the outer Ethernet header: the device is L3).
+        bump(Stat::TunnelEncrypt);
+        return Ok(Verdict::redirect(l.wg_ifindex));
+    }
     hop.verdict(l.underlay_ifindex).ok_or(Stat::TunnelNoRoute)
 }
 

@@ -10,14 +10,15 @@
 //! local containers, the routing mesh's replies and legs, or the stack.
 
 use aya_ebpf::{
-    helpers::bpf_xdp_adjust_head,
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_skb_change_head, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        BALANCED_MARK, DECAP_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I, VXLAN_HLEN,
-        VXLAN_PORT,
+        BALANCED_MARK, DECAP_MARK, ENCAP_LEN, LocalNode, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I,
+        VXLAN_HLEN, VXLAN_PORT,
     },
 };
 
@@ -71,10 +72,13 @@ pub fn run(ctx: &XdpContext) -> Result<Verdict, Stat> {
 
 /// VXLAN: decapsulated and passed up only when it comes from a current
 /// cluster node to this node's address, is well formed, carries the
-/// cluster VNI and a packet for this node's /24. The decapsulated frame is
-/// marked (`mark`, in its destination MAC) so the underlay TC program hands it to the
-/// container; the container's veth egress program then does any reverse
-/// NAT. Anything else passes untouched, to the stack and the host's firewall.
+/// network's VNI and a packet for this node's slices. The decapsulated
+/// frame is marked (`mark`, in its destination MAC) so the underlay TC
+/// program hands it to the container; the container's veth egress program
+/// then does any reverse NAT. Anything else passes untouched, to the stack
+/// and the host's firewall. While the cluster encrypts, nothing plain to
+/// this node's address is taken: its VXLAN comes out of WireGuard
+/// ([`wg_ingress`]).
 #[inline(always)]
 fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Verdict, Stat> {
     let Some(local) = local.copied() else {
@@ -83,42 +87,15 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     if pk.t.dst_be != local.underlay_ip_be {
         return pass(Stat::XdpVxlanNotOurs);
     }
-    // SAFETY: plain data written by the agent.
-    if unsafe { PEERS.get(&pk.t.src_be) }.is_none() {
-        return pass(Stat::XdpVxlanUntrusted);
+    if local.wg_ifindex != 0 {
+        return Err(Stat::XdpVxlanPlain);
     }
-    let Some(udp) = ctx.load::<UdpHdr>(pk.l4_off) else {
-        return pass(Stat::XdpTruncated);
+    let (inner, dst_be) = match checked(ctx, pk, &local) {
+        Ok(v) => v,
+        Err(Stat::XdpVxlanBadVni) => return Err(Stat::XdpVxlanBadVni),
+        Err(s) => return pass(s),
     };
-    let udp_len = u16::from_be(udp.len_be) as usize;
-    if pk.ttl == 0 || udp_len + pk.l4_off - ETH_HLEN != pk.ip_len as usize {
-        return pass(Stat::XdpVxlanBad);
-    }
-    let vx = pk.l4_off + 8;
-    let Some(h) = ctx.load::<VxlanHdr>(vx) else {
-        return pass(Stat::XdpTruncated);
-    };
-    if h.flags & VXLAN_FLAG_I == 0 {
-        return pass(Stat::XdpVxlanForeign);
-    }
-    let inner = vx + VXLAN_HLEN;
-    let Some(eth) = ctx.load::<EthHdr>(inner) else {
-        return pass(Stat::XdpTruncated);
-    };
-    if u16::from_be(eth.proto_be) != ETH_P_IP {
-        return pass(Stat::XdpVxlanForeign);
-    }
-    let Some(ip) = ctx.load::<Ipv4Hdr>(inner + ETH_HLEN) else {
-        return pass(Stat::XdpTruncated);
-    };
-    // The VNI must be the network of the inner destination (the cluster
-    // VNI for an address of no network: a routing-mesh reply): a node
-    // never takes one network's frame into another.
-    let vni = tunnel::vni_of(&local, ip.dst_be);
-    if h.vni() != if vni == 0 { local.vni } else { vni } {
-        return Err(Stat::XdpVxlanBadVni);
-    }
-    if !tunnel::is_local_slice(&local, ip.dst_be) {
+    if !tunnel::is_local_slice(&local, dst_be) {
         // Not for a container here: a routing-mesh reply to translate, or
         // nothing of ours.
         return ingress::tunnelled_reply(ctx, &local, inner);
@@ -133,6 +110,97 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     // Packet pointers are stale after adjust_head: `store` reads them again.
     mark::write(ctx, DECAP_MARK, local.underlay_ip_be)?;
     pass(Stat::XdpDecap)
+}
+
+/// What both ways in check of a VXLAN frame `pk` (UDP to the VXLAN port,
+/// to this node's address): from a current cluster node, well formed
+/// (lengths, TTL, the I flag, an IPv4 inner frame) and with the VNI of its
+/// inner destination's network (the cluster VNI for an address of no
+/// network: a routing-mesh reply), so a node never takes one network's
+/// frame into another. Gives the inner frame's offset and its destination.
+#[inline(always)]
+fn checked<P: Packet>(p: &P, pk: &Parsed, local: &LocalNode) -> Result<(usize, u32), Stat> {
+    // SAFETY: plain data written by the agent.
+    if unsafe { PEERS.get(&pk.t.src_be) }.is_none() {
+        return Err(Stat::XdpVxlanUntrusted);
+    }
+    let udp: UdpHdr = p.load(pk.l4_off).ok_or(Stat::XdpTruncated)?;
+    let udp_len = u16::from_be(udp.len_be) as usize;
+    if pk.ttl == 0 || udp_len + pk.l4_off - ETH_HLEN != pk.ip_len as usize {
+        return Err(Stat::XdpVxlanBad);
+    }
+    let vx = pk.l4_off + 8;
+    let h: VxlanHdr = p.load(vx).ok_or(Stat::XdpTruncated)?;
+    if h.flags & VXLAN_FLAG_I == 0 {
+        return Err(Stat::XdpVxlanForeign);
+    }
+    let inner = vx + VXLAN_HLEN;
+    let eth: EthHdr = p.load(inner).ok_or(Stat::XdpTruncated)?;
+    if u16::from_be(eth.proto_be) != ETH_P_IP {
+        return Err(Stat::XdpVxlanForeign);
+    }
+    let ip: Ipv4Hdr = p.load(inner + ETH_HLEN).ok_or(Stat::XdpTruncated)?;
+    let vni = tunnel::vni_of(local, ip.dst_be);
+    if h.vni() != if vni == 0 { local.vni } else { vni } {
+        return Err(Stat::XdpVxlanBadVni);
+    }
+    Ok((inner, ip.dst_be))
+}
+
+/// TC ingress on the WireGuard device (`mesh-wg`), where the kernel hands
+/// what it decrypted from a node whose key it knows, and whose source
+/// address is that node's (its allowed IP): the same VXLAN as travels plain
+/// between nodes that do not encrypt, decapsulated here and handed on as
+/// the underlay's hooks would (a container here, the host, a routing-mesh
+/// reply to its client). The device is L3: an Ethernet header is put in
+/// front first, so the frame is laid out as on the underlay. Nothing else
+/// travels inside mesh's WireGuard: anything else is dropped.
+#[inline(always)]
+pub fn wg_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
+    let Some(local) = tunnel::local_ref() else {
+        return Err(Stat::WgNotVxlan);
+    };
+    // Its allowed IPs are IPv4 only: the parser below refuses anything
+    // else. SAFETY: the program's own skb; 14 bytes of headroom, zeroed.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
+        return Err(Stat::WgNotVxlan);
+    }
+    let eth = EthHdr {
+        dst: local.underlay_mac,
+        src: [0; 6],
+        proto_be: ETH_P_IP.to_be(),
+    };
+    Packet::store(ctx, 0, &eth).ok_or(Stat::WgNotVxlan)?;
+    let Ok(pk) = parse::ipv4(ctx) else {
+        return Err(Stat::WgNotVxlan);
+    };
+    if pk.fragment
+        || pk.t.proto != IPPROTO_UDP
+        || pk.t.dport_be != local.vxlan_port_be()
+        || pk.t.dst_be != local.underlay_ip_be
+    {
+        return Err(Stat::WgNotVxlan);
+    }
+    let (inner, dst_be) = match checked(ctx, &pk, local) {
+        Ok(v) => v,
+        Err(Stat::XdpVxlanBadVni) => return Err(Stat::XdpVxlanBadVni),
+        Err(_) => return Err(Stat::WgNotVxlan),
+    };
+    let here = tunnel::is_local_slice(local, dst_be);
+    if here {
+        ingress::note_return(ctx, local, inner + ETH_HLEN, pk.t.src_be);
+    } else if !ingress::is_tunnelled_reply(ctx, local, inner) {
+        return Err(Stat::WgNotVxlan);
+    }
+    // Outer IPv4, UDP, VXLAN and the inner Ethernet header go; the one put
+    // in front stays (its MACs are set by whoever sends the frame on).
+    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Stat::WgNotVxlan)?;
+    bump(Stat::WgDecap);
+    if !here {
+        return ingress::forward_reply(ctx, local);
+    }
+    deliver_decapsulated(ctx, local, dst_be)
 }
 
 /// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
@@ -169,14 +237,6 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     if !tunnel::is_local_slice(&local, ip.dst_be) {
         return pass(Stat::TunnelPass);
     }
-    if ip.dst_be == local.host_ip_be && local.host_ifindex != 0 && mark == DECAP_MARK {
-        // For the host itself (a backend's answer to a VIP connect of the
-        // host's): into the stack through the host link, where the route
-        // back to the sender lies, so reverse-path filtering agrees.
-        tunnel::set_macs(ctx, &local.host_mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
-        bump(Stat::HostDeliver);
-        return Ok(Verdict::redirect_ingress(local.host_ifindex));
-    }
     if mark != DECAP_MARK {
         // Plain from the wire, for this node's /24: not through the tunnel
         // from a cluster node, so not for a container, whatever the host's
@@ -184,5 +244,20 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
         // connections are addressed to the node, which masquerades them.)
         return Err(Stat::TunnelUnmarked);
     }
-    tunnel::deliver_local(ctx, &local, ip.dst_be)
+    deliver_decapsulated(ctx, &local, ip.dst_be)
+}
+
+/// A frame out of the tunnel for an address in this node's slices: the
+/// host's own (a backend's answer to a VIP connect of the host's) goes
+/// into the stack through the host link, where the route back to the
+/// sender lies, so reverse-path filtering agrees; a container's to its
+/// veth.
+#[inline(always)]
+fn deliver_decapsulated(ctx: &TcContext, local: &LocalNode, dst_be: u32) -> Result<Verdict, Stat> {
+    if dst_be == local.host_ip_be && local.host_ifindex != 0 {
+        tunnel::set_macs(ctx, &local.host_mac, &local.underlay_mac).ok_or(Stat::NatRewriteFail)?;
+        bump(Stat::HostDeliver);
+        return Ok(Verdict::redirect_ingress(local.host_ifindex));
+    }
+    tunnel::deliver_local(ctx, local, dst_be)
 }

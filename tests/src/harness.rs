@@ -182,6 +182,7 @@ impl Harness {
             progs::TC_UNDERLAY_IN,
             progs::TC_BRIDGE_IN,
             progs::TC_HOST_OUT,
+            progs::TC_WG_IN,
         ] {
             dataplane::tc(&mut ebpf, name).unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
         }

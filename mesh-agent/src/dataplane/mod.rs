@@ -35,6 +35,9 @@ pub mod progs {
     /// TC egress on the host link (`mesh-host`): the host's own packets
     /// for other nodes' /24s, tunnelled.
     pub const TC_HOST_OUT: &str = "mesh_tc_host_out";
+    /// TC ingress on the WireGuard device (`mesh-wg`): the tunnel's
+    /// decrypted VXLAN, decapsulated.
+    pub const TC_WG_IN: &str = "mesh_tc_wg_in";
     /// cgroup connect4: socket-level balancing of the host's own connects.
     pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
     /// cgroup getpeername4: such a socket's peer as it asked for it.
