@@ -74,7 +74,7 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
             serde_json::to_vec_pretty(&sh.networks)?
         }
-        cmd if cmd.starts_with("network ") => network(cmd, &shared).await?,
+        cmd if cmd.starts_with("network ") || cmd == "key renew" => request(cmd, &shared).await?,
         other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown command {other:?}") }),
         )?,
@@ -83,10 +83,11 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
     w.shutdown().await
 }
 
-/// `network create NAME [SUBNET]` or `network rm NAME`, handed to the
-/// daemon; its answer (the new network's row, `{}`) or `{"error": ...}`.
-async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
-    use crate::requests::Request as R;
+/// `network create NAME [SUBNET]`, `network rm NAME` or `key renew`,
+/// handed to the daemon; its answer (the new network's row, `{}`, the new
+/// public key) or `{"error": ...}`.
+async fn request(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
+    use crate::requests::{NetworkRequest, Request as R};
     let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
     let Some(tx) = shared
         .lock()
@@ -94,7 +95,7 @@ async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> 
         .net_requests
         .clone()
     else {
-        return Ok(err("the agent takes no network requests yet".into())?);
+        return Ok(err("the agent takes no requests yet".into())?);
     };
     let words: Vec<&str> = cmd.split_whitespace().collect();
     let ask = |r: R| async {
@@ -106,11 +107,11 @@ async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> 
     let body = match words.as_slice() {
         ["network", "create", name, rest @ ..] if rest.len() <= 1 => {
             let (reply, answer) = tokio::sync::oneshot::channel();
-            let r = R::Create {
+            let r = R::Network(NetworkRequest::Create {
                 name: (*name).to_owned(),
                 subnet: rest.first().map(|s| (*s).to_owned()),
                 reply,
-            };
+            });
             match ask(r).await {
                 Err(e) => err(e)?,
                 Ok(()) => match tokio::time::timeout(wait, answer).await {
@@ -122,14 +123,27 @@ async fn network(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> 
         }
         ["network", "rm", name] => {
             let (reply, answer) = tokio::sync::oneshot::channel();
-            let r = R::Remove {
+            let r = R::Network(NetworkRequest::Remove {
                 name: (*name).to_owned(),
                 reply,
-            };
+            });
             match ask(r).await {
                 Err(e) => err(e)?,
                 Ok(()) => match tokio::time::timeout(wait, answer).await {
                     Ok(Ok(Ok(()))) => b"{}".to_vec(),
+                    Ok(Ok(Err(e))) => err(e)?,
+                    _ => err("the agent did not answer in time".into())?,
+                },
+            }
+        }
+        ["key", "renew"] => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            match ask(R::RenewKey { reply }).await {
+                Err(e) => err(e)?,
+                Ok(()) => match tokio::time::timeout(wait, answer).await {
+                    Ok(Ok(Ok(key))) => {
+                        serde_json::to_vec(&serde_json::json!({ "public_key": key }))?
+                    }
                     Ok(Ok(Err(e))) => err(e)?,
                     _ => err("the agent did not answer in time".into())?,
                 },

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use mesh_common::{
     mac::Mac,
-    tunnel::{ENCAP_LEN, LocalNode, TUNNEL_TCP_OVERHEAD},
+    tunnel::{ENCAP_LEN, LocalNode, TUNNEL_TCP_OVERHEAD, WG_OVERHEAD},
 };
 use tracing::info;
 
@@ -25,6 +25,7 @@ use crate::{
     },
     iface,
     vip::Cidr,
+    wireguard,
 };
 
 /// How this node joins (from the agent's flags).
@@ -45,6 +46,17 @@ pub struct JoinConfig {
     /// The VXLAN UDP port, the same on every node.
     pub vxlan_port: u16,
     pub state_dir: PathBuf,
+    /// `--encrypt`: the tunnel runs inside WireGuard on this UDP port.
+    pub encrypt: Option<u16>,
+}
+
+/// This node's WireGuard (`--encrypt`).
+pub struct Wg {
+    pub device: wireguard::Device,
+    /// Its private key's file (mode 0600).
+    pub key_file: PathBuf,
+    /// What it publishes: its public key and port.
+    pub public: peers::WgKey,
 }
 
 /// This node in a cluster.
@@ -65,6 +77,8 @@ pub struct Cluster {
     /// The cluster keyring in use (the key file, read again when it
     /// changes).
     pub keys: Keys,
+    /// The encrypted tunnel's device, when the cluster encrypts.
+    pub wg: Option<Wg>,
 }
 
 impl Cluster {
@@ -99,6 +113,10 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
     info!(keys = ?ring.ids(), file = %cfg.key_file.display(), "cluster keyring (the primary first)");
     watch_keys(cfg.key_file.clone(), bytes, key.clone());
     let underlay = Underlay::of(cfg)?;
+    let wg = cfg
+        .encrypt
+        .map(|port| encrypted_tunnel(cfg, port))
+        .transpose()?;
     let node_id = cfg.node_name.clone().unwrap_or_else(hostname);
     let interval = GossipConfig::interval_for(cfg.dead_after);
     let gossip_cfg = GossipConfig {
@@ -111,7 +129,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         interval,
         dead_after: cfg.dead_after,
     };
-    let kvs = vec![
+    let mut kvs = vec![
         (peers::KEY_UNDERLAY.to_string(), underlay.ip.to_string()),
         (peers::KEY_MAC.to_string(), Mac(underlay.mac).to_string()),
         (
@@ -123,6 +141,10 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
             env!("CARGO_PKG_VERSION").to_string(),
         ),
     ];
+    kvs.extend(
+        wg.as_ref()
+            .map(|w| (peers::KEY_WG.to_string(), w.public.encode())),
+    );
     let stats = Arc::new(GossipStats::default());
     let handle = gossip::start(gossip_cfg, kvs, stats.clone()).await?;
     info!(node = %node_id, ip = %underlay.ip, seeds = ?cfg.join, "gossiping");
@@ -131,6 +153,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
     let mine = wanted_claim(cfg, &node_id, &claim_file)?;
     let claim = settle_claim(&membership, &node_id, cfg.cluster_cidr, mine, interval).await?;
     same_vxlan_port(&membership, cfg.vxlan_port)?;
+    same_encryption(&membership, cfg.encrypt.is_some())?;
     // The claim must survive a restart (or the /24 could change under the
     // `mesh` network): failing to keep it is an error, not a warning.
     std::fs::create_dir_all(&cfg.state_dir)
@@ -156,6 +179,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         // containers' MTU): that less IPv4 and TCP headers.
         tunnel_mss: u16::try_from((cfg.mtu + ENCAP_LEN as u32).saturating_sub(TUNNEL_TCP_OVERHEAD))
             .unwrap_or(0),
+        wg_ifindex: wg.as_ref().map_or(0, |w| w.device.ifindex),
         ..Default::default()
     };
     let cluster = Cluster {
@@ -168,8 +192,33 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         claim_file,
         restart_hold: cfg.dead_after * 2,
         keys: key,
+        wg,
     };
     Ok((node_subnet, cluster))
+}
+
+/// This node's WireGuard device with its key (kept in the state dir, made
+/// on the first start), for tunnel packets of up to `--mtu` bytes inside
+/// VXLAN.
+fn encrypted_tunnel(cfg: &JoinConfig, port: u16) -> Result<Wg> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let key_file = cfg.state_dir.join(wireguard::KEY_FILE);
+    let key = wireguard::PrivateKey::load_or_make(&key_file)?;
+    let (device, public) = wireguard::Device::ensure(cfg.mtu + ENCAP_LEN as u32, port, &key)?;
+    let public = peers::WgKey { key: public, port };
+    info!(
+        iface = wireguard::NAME,
+        ifindex = device.ifindex,
+        port,
+        public_key = %public.key_base64(),
+        "the tunnel between nodes is encrypted (WireGuard)"
+    );
+    Ok(Wg {
+        device,
+        key_file,
+        public,
+    })
 }
 
 /// How often the key file is read again.
@@ -215,7 +264,8 @@ struct Underlay {
 
 impl Underlay {
     /// `--underlay-iface`'s address (or `--advertise-addr`), MAC, MTU and
-    /// index; refused when `--mtu` plus VXLAN's 50 bytes exceeds its MTU.
+    /// index; refused when `--mtu` plus VXLAN's 50 bytes (and WireGuard's
+    /// 60 with `--encrypt`) exceeds its MTU.
     fn of(cfg: &JoinConfig) -> Result<Self> {
         let name = cfg.underlay_iface.as_str();
         let ip = cfg
@@ -224,10 +274,17 @@ impl Underlay {
             .with_context(|| format!("{name} has no IPv4 address: pass --advertise-addr"))?;
         let mac = iface::mac(name).with_context(|| format!("reading the MAC of {name}"))?;
         let mtu = iface::mtu(name).with_context(|| format!("reading the MTU of {name}"))?;
-        let overhead = mesh_common::tunnel::ENCAP_LEN as u32;
+        let (overhead, what) = if cfg.encrypt.is_some() {
+            (
+                ENCAP_LEN as u32 + WG_OVERHEAD,
+                "VXLAN and WireGuard headers",
+            )
+        } else {
+            (ENCAP_LEN as u32, "VXLAN header")
+        };
         if cfg.mtu + overhead > mtu {
             anyhow::bail!(
-                "--mtu {} plus the {overhead}-byte VXLAN header exceeds {name}'s MTU {mtu}: use --mtu {} or less",
+                "--mtu {} plus the {overhead}-byte {what} exceeds {name}'s MTU {mtu}: use --mtu {} or less",
                 cfg.mtu,
                 mtu.saturating_sub(overhead)
             );
@@ -332,6 +389,34 @@ fn same_vxlan_port(m: &dyn Membership, mine: u16) -> Result<()> {
         "this node's VXLAN port is {mine} but {}: every node of a cluster must use the same \
          --vxlan-port",
         others.join(", ")
+    );
+    Ok(())
+}
+
+/// Refuses to join a cluster whose nodes encrypt when this one does not,
+/// or the other way round: neither side would reach the other's
+/// containers. (They say so on their side too.)
+fn same_encryption(m: &dyn Membership, encrypt: bool) -> Result<()> {
+    let others: Vec<String> = m
+        .peers()
+        .into_iter()
+        .filter(|(_, p)| p.wg.is_some() != encrypt)
+        .map(|(name, _)| name)
+        .collect();
+    anyhow::ensure!(
+        others.is_empty(),
+        "{}: every node of a cluster must use the same --encrypt",
+        if encrypt {
+            format!(
+                "this node encrypts (--encrypt) but {} do(es) not",
+                others.join(", ")
+            )
+        } else {
+            format!(
+                "this node does not encrypt but {} do(es) (--encrypt)",
+                others.join(", ")
+            )
+        }
     );
     Ok(())
 }

@@ -84,10 +84,20 @@ struct Args {
     #[arg(long, env = "MESH_BRIDGE", default_value = "mesh0", value_parser = parse_iface)]
     bridge: String,
     /// MTU of the `mesh` network: the largest packet the tunnel carries. With
-    /// VXLAN's 50 bytes it must fit the smallest MTU on the path between
-    /// hosts (1450 for 1500-byte paths, 1350 across a 1400-byte hop).
-    #[arg(long, env = "MESH_MTU", default_value_t = 1450)]
-    mtu: u32,
+    /// VXLAN's 50 bytes (and WireGuard's 60 with --encrypt) it must fit the
+    /// smallest MTU on the path between hosts (1450 for 1500-byte paths,
+    /// 1350 across a 1400-byte hop; 1390 and 1290 encrypted). Default:
+    /// 1450, or 1390 with --encrypt.
+    #[arg(long, env = "MESH_MTU")]
+    mtu: Option<u32>,
+    /// Encrypt the tunnel between nodes: kernel WireGuard (Linux 5.6+),
+    /// one key pair per node (made here, kept in --state-dir), public keys
+    /// in gossip. Cluster-wide: a node whose setting differs is refused.
+    #[arg(long, env = "MESH_ENCRYPT")]
+    encrypt: bool,
+    /// WireGuard's UDP port with --encrypt (each node publishes its own).
+    #[arg(long, env = "MESH_WG_PORT", default_value_t = mesh_common::tunnel::WG_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    wg_port: u16,
     /// The underlay NIC: XDP attaches here. In a cluster, default: the
     /// interface holding --advertise-addr, else the default route's.
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
@@ -261,6 +271,18 @@ impl ConntrackArgs {
     }
 }
 
+impl Args {
+    /// `--mtu`, or its default: what fits a 1500-byte path with the
+    /// tunnel's headers.
+    fn mtu(&self) -> u32 {
+        self.mtu.unwrap_or(if self.encrypt {
+            1500 - mesh_common::tunnel::ENCAP_LEN as u32 - mesh_common::tunnel::WG_OVERHEAD
+        } else {
+            1500 - mesh_common::tunnel::ENCAP_LEN as u32
+        })
+    }
+}
+
 fn parse_iface(s: &str) -> Result<String, String> {
     iface::validate(s)
         .map(|()| s.to_owned())
@@ -359,12 +381,13 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let dns = dns_settings(&args, node_subnet)?;
+    let mtu = args.mtu();
     let settings = Settings {
         docker_socket: args.docker_socket,
         node_subnet,
         vip_cidr: args.vip_cidr,
         bridge: args.bridge,
-        mtu: args.mtu,
+        mtu,
         vni: args.vni,
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
@@ -493,6 +516,10 @@ fn dns_settings(
 /// claim a /24 (kept across restarts in the state dir).
 async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
     let Some(key_file) = &args.cluster_key_file else {
+        anyhow::ensure!(
+            !args.encrypt,
+            "--encrypt encrypts the tunnel between nodes: it needs a cluster (--cluster-key-file)"
+        );
         let s = args.node_subnet.unwrap_or(Cidr {
             base: std::net::Ipv4Addr::new(10, 42, 0, 0),
             prefix: 24,
@@ -511,12 +538,13 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         gossip_listen: args.gossip_listen,
         join: args.join.clone(),
         dead_after: std::time::Duration::from_secs_f64(args.dead_after.clamp(1.0, 600.0)),
-        mtu: args.mtu,
+        mtu: args.mtu(),
         node_subnet: args.node_subnet,
         cluster_cidr: args.cluster_cidr,
         vni: args.vni,
         vxlan_port: args.vxlan_port,
         state_dir: args.state_dir.clone(),
+        encrypt: args.encrypt.then_some(args.wg_port),
     };
     let (subnet, cluster) = cluster::join(&cfg).await?;
     Ok((subnet, Some(cluster)))

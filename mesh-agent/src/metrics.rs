@@ -306,7 +306,7 @@ fn gossip(out: &mut Text, g: &GossipStats, sh: &Shared) {
         "counter",
         "What peers published and this node ignored, by kind.",
     );
-    for kind in ["claim", "endpoint", "identity"] {
+    for kind in ["claim", "endpoint", "identity", "encryption"] {
         let n = sh.gossip_ignored.get(kind).copied().unwrap_or(0);
         out.sample(name, &[("kind", kind)], n);
     }

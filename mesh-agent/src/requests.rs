@@ -1,12 +1,22 @@
 //! Requests the control socket hands to the daemon's loop (`meshctl
-//! network create|rm`), each with the channel its answer comes back on.
+//! network create|rm`, `meshctl key renew`), each with the channel its
+//! answer comes back on.
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::status::NetworkRow;
 
-/// What `meshctl network` asks of the daemon.
+/// What `meshctl` asks of the daemon.
 pub enum Request {
+    Network(NetworkRequest),
+    /// A new WireGuard key pair for this node; the answer is its public key.
+    RenewKey {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// What `meshctl network` asks of the daemon.
+pub enum NetworkRequest {
     Create {
         name: String,
         subnet: Option<String>,

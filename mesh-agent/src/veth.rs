@@ -65,6 +65,8 @@ const BRIDGE_PIN: &str = "bridge_";
 /// The pin name prefix of the host link's link (then its ifindex). Not
 /// `tc_<number>`, which [`Attachments::sweep`] takes for a veth's.
 const HOST_PIN: &str = "tc_hostlink_";
+/// Pin prefix of the WireGuard device's program.
+const WG_PIN: &str = "tc_wg_";
 
 /// TC attachments to container veths, pinned under `<bpffs>/links`.
 pub struct Attachments {
@@ -151,23 +153,54 @@ impl Attachments {
     }
 
     /// Makes sure the host link's program is attached (egress) to the host
-    /// link `ifindex` (`crate::hostlink`); pins of an earlier host link
-    /// (another ifindex: the device was made anew) are removed.
+    /// link `ifindex` (`crate::hostlink`).
     pub fn ensure_host(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        self.ensure_device(
+            ebpf,
+            ifindex,
+            HOST_PIN,
+            progs::TC_HOST_OUT,
+            TcAttachType::Egress,
+        )
+    }
+
+    /// Makes sure the WireGuard device's program is attached (ingress) to
+    /// `ifindex` (`crate::wireguard`).
+    pub fn ensure_wg(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        self.ensure_device(
+            ebpf,
+            ifindex,
+            WG_PIN,
+            progs::TC_WG_IN,
+            TcAttachType::Ingress,
+        )
+    }
+
+    /// Makes sure `prog` is attached at `at` to the agent's own device
+    /// `ifindex`, pinned as `prefix` and the ifindex; pins of an earlier
+    /// device of the kind (another ifindex: the device was made anew) are
+    /// removed.
+    fn ensure_device(
+        &mut self,
+        ebpf: &mut Ebpf,
+        ifindex: u32,
+        prefix: &str,
+        prog: &'static str,
+        at: TcAttachType,
+    ) -> Result<bool, AttachError> {
         let iface = if_name(ifindex).ok_or(AttachError::NoInterface(ifindex))?;
-        let pin = self.dir.join(format!("{HOST_PIN}{ifindex}"));
+        let pin = self.dir.join(format!("{prefix}{ifindex}"));
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(HOST_PIN) && e.path() != pin {
+                if name.starts_with(prefix) && e.path() != pin {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
         }
-        let attached =
-            self.attach_one(ebpf, &iface, progs::TC_HOST_OUT, TcAttachType::Egress, pin)?;
+        let attached = self.attach_one(ebpf, &iface, prog, at, pin)?;
         if attached {
-            info!(iface, ifindex, "TC program attached to the host link");
+            info!(iface, ifindex, prog, "TC program attached");
         }
         Ok(attached)
     }

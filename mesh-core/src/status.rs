@@ -54,6 +54,10 @@ pub struct Node {
     /// The cluster keys' check values in use, the primary first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_keys: Vec<String>,
+    /// The tunnel's encryption between nodes (`--encrypt`): WireGuard's
+    /// device, port and this node's public key, or off.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encryption: String,
     /// Whether this node runs in a cluster (gossip).
     #[serde(default)]
     pub clustered: bool,

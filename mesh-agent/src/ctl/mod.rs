@@ -78,6 +78,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: NetworkCmd,
     },
+    /// This node's WireGuard key (`--encrypt`).
+    Key {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET, global = true)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
     /// Services: VIP:port/proto, published ports, ring size, backends in
     /// the ring, traffic.
     Services {
@@ -137,6 +145,14 @@ pub enum NetworkCmd {
     Rm { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// A new key pair for this node: kept in its state dir, given to its
+    /// WireGuard device and published; peers follow within a gossip round.
+    /// Prints the new public key.
+    Renew,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     #[error("{0} does not exist: is mesh-agent running on this host, with the same --bpffs-dir?")]
@@ -178,6 +194,19 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
                 Ok(format!("{name}\n"))
             }
         },
+        Cmd::Key {
+            api_socket,
+            cmd: KeyCmd::Renew,
+        } => {
+            let raw = networks::ask(api_socket, "key renew")?;
+            let v: serde_json::Value = serde_json::from_str(&raw)
+                .map_err(|e| CtlError::Usage(format!("bad answer from the agent: {e}")))?;
+            if args.json {
+                return Ok(raw);
+            }
+            let key = v.get("public_key").and_then(|k| k.as_str()).unwrap_or("?");
+            Ok(format!("public key {key}\n"))
+        }
         Cmd::Services { published } => {
             let lb = open_lb(dir)?;
             render(args.json, &services(&lb, *published)?)

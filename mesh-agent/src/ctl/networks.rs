@@ -30,7 +30,8 @@ impl Table for NetworkRow {
     }
 }
 
-fn ask(path: &Path, command: &str) -> Result<String, CtlError> {
+/// The agent's answer to `command`; its `{"error": ...}` as an error.
+pub(super) fn ask(path: &Path, command: &str) -> Result<String, CtlError> {
     let raw = crate::api::ask(path, command).map_err(|source| CtlError::Agent {
         path: path.to_owned(),
         source,

@@ -37,6 +37,9 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
                 .collect::<String>()
         );
     }
+    if !st.node.encryption.is_empty() {
+        let _ = writeln!(out, "crypto:  {}", st.node.encryption);
+    }
     if let Some(line) = st.node.tunnels_line() {
         let _ = writeln!(out, "tunnels: {line}");
     }

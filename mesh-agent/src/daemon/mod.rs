@@ -8,6 +8,7 @@
 //! sweep has a thread of its own (`crate::conntrack::sweep`). DNS, the control socket and /metrics are tasks of their
 //! own that read what this one shares.
 
+mod encryption;
 mod events;
 mod networks;
 mod pass;
@@ -91,6 +92,8 @@ struct Written {
     endpoints: BTreeMap<String, String>,
     /// `ready` is published (with the first endpoints).
     ready: bool,
+    /// The WireGuard device's peers as last made (None: not yet).
+    wg: Option<BTreeMap<crate::wireguard::PublicKey, crate::wireguard::Peer>>,
 }
 
 pub struct Daemon {
@@ -164,6 +167,7 @@ impl Daemon {
                 .collect(),
             endpoints: BTreeMap::new(),
             ready: false,
+            wg: None,
         };
         let attachments = Attachments::new(&settings.bpffs_dir)?;
         let vips = load_json(&settings.state_dir, pass::VIPS_FILE);
@@ -222,7 +226,10 @@ impl Daemon {
             if let Some(local) = self.cluster.as_ref().map(|c| (c.local, c.cluster_cidr)) {
                 let mut local = self.host_link(local.0, local.1);
                 local.slice_index = u8::try_from(self.slice_index()).unwrap_or(0);
+                // What WireGuard decrypts is decapsulated from the start.
+                self.attach_wg()?;
                 self.overlay.set_local(&local)?;
+                self.report_encryption();
             }
             self.set_docker(true);
             // Follow events from before the listing, so nothing falls between.
@@ -344,7 +351,7 @@ impl Daemon {
                     }
                 }
                 _ = tokio::time::sleep_until(self.retry_at), if self.retry => self.pass(),
-                Some(r) = self.requests.recv() => self.on_request(r),
+                Some(r) = self.requests.recv() => self.on_request(r).await,
                 // While a peer's agent is down, its data plane is watched.
                 _ = tokio::time::sleep(crate::probe::INTERVAL), if !self.agent_down.is_empty() => self.pass(),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {

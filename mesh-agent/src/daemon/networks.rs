@@ -14,7 +14,7 @@ use crate::{
     docker,
     gossip::peers::Peer,
     network::{self, Def, Network, Space},
-    requests::Request,
+    requests::NetworkRequest,
     status::NetworkRow,
 };
 
@@ -281,9 +281,9 @@ impl Daemon {
     }
 
     /// One `meshctl network` request.
-    pub(super) fn on_request(&mut self, r: Request) {
+    pub(super) fn on_network_request(&mut self, r: NetworkRequest) {
         match r {
-            Request::Create {
+            NetworkRequest::Create {
                 name,
                 subnet,
                 reply,
@@ -328,7 +328,7 @@ impl Daemon {
                 };
                 let _ = reply.send(answer);
             }
-            Request::Remove { name, reply } => {
+            NetworkRequest::Remove { name, reply } => {
                 let answer = match self.nets.table.get(&name) {
                     _ if name == network::DEFAULT => Err(format!(
                         "{name} is the default network; it cannot be removed"

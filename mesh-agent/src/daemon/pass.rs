@@ -59,7 +59,8 @@ impl Daemon {
                 self.merge_networks(&raw);
                 let Some(c) = &self.cluster else { return };
                 let nets: Vec<crate::vip::Cidr> = self.nets.served.iter().map(|n| n.cidr).collect();
-                let v = authority::vet(raw, cluster_cidr, Some(&c.claim), &nets);
+                let mut v = authority::vet(raw, cluster_cidr, Some(&c.claim), &nets);
+                authority::same_encryption(&mut v, c.wg.is_some());
                 self.report_ignored(&v.rejected);
                 if let Some(w) = &v.lost_to {
                     self.give_up_subnet(w);
@@ -320,6 +321,8 @@ impl Daemon {
             &mut self.written.nets,
         );
         failed.extend(errors.iter().map(|e| format!("network table: {e}")));
+        // WireGuard knows a node before the tables send it anything.
+        failed.extend(self.sync_wg_peers(peers));
         if let Some(c) = &self.cluster {
             let (mesh_nodes, conflicts) =
                 desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);

@@ -43,6 +43,37 @@ pub struct Vetted {
     pub lost_to: Option<Claim>,
 }
 
+/// Refuses the peers whose encryption differs from this node's (`encrypt`:
+/// it runs with `--encrypt`): an encrypting node takes no plain VXLAN and
+/// a plain one cannot open WireGuard, so neither side would reach the
+/// other's containers; such a peer is left out altogether (no tunnel, no
+/// backends) and said so on this side, as the joining node says it on its
+/// own.
+pub fn same_encryption(v: &mut Vetted, encrypt: bool) {
+    let (theirs, ours) = if encrypt {
+        ("does not encrypt", "this node does (--encrypt)")
+    } else {
+        ("encrypts (--encrypt)", "this node does not")
+    };
+    let refused: Vec<String> = v
+        .peers
+        .iter()
+        .filter(|(_, p)| p.wg.is_some() != encrypt)
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in refused {
+        v.peers.remove(&name);
+        v.rejected.push(Rejection {
+            node: name,
+            kind: "encryption",
+            reason: format!(
+                "{theirs} while {ours}: refused; every node of a cluster must use the same \
+                 --encrypt"
+            ),
+        });
+    }
+}
+
 /// Vets the peers' claims and endpoints against `mine` (None when this
 /// node holds no claim, e.g. alone or with a fixed subnet). `networks`:
 /// the /16s of the overlay networks besides `mesh`, of which a node holds
@@ -251,5 +282,36 @@ mod tests {
         // slice, and a network this node does not serve, are not.
         assert_eq!(kept, ["10.42.2.5", "10.44.2.9"]);
         assert_eq!(v.rejected.len(), 1, "{:?}", v.rejected);
+    }
+
+    #[test]
+    fn a_peer_whose_encryption_differs_is_refused_with_the_reason() {
+        let mut enc = peer(Some(claim("b", 2, 7)), &["10.42.2.5"]);
+        enc.wg = Some(crate::gossip::peers::WgKey {
+            key: [1; 32],
+            port: 51820,
+        });
+        let plain = peer(Some(claim("c", 3, 7)), &["10.42.3.5"]);
+        let peers = BTreeMap::from([("b".to_string(), enc), ("c".to_string(), plain)]);
+        let mut v = vet(peers.clone(), cidr(), None, &[]);
+        same_encryption(&mut v, true);
+        assert_eq!(v.peers.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(v.rejected.len(), 1);
+        assert_eq!(v.rejected[0].kind, "encryption");
+        assert!(
+            v.rejected[0]
+                .to_string()
+                .starts_with("c: does not encrypt while this node does (--encrypt): refused"),
+            "{}",
+            v.rejected[0]
+        );
+        let mut v = vet(peers, cidr(), None, &[]);
+        same_encryption(&mut v, false);
+        assert_eq!(v.peers.keys().collect::<Vec<_>>(), ["c"]);
+        assert!(
+            v.rejected[0]
+                .to_string()
+                .starts_with("b: encrypts (--encrypt) while this node does not")
+        );
     }
 }

@@ -32,6 +32,9 @@ pub const KEY_MAC: &str = "mac";
 pub const KEY_VXLAN_PORT: &str = "vxlan_port";
 /// The version of its agent.
 pub const KEY_VERSION: &str = "version";
+/// Its WireGuard public key and port ([`WgKey`]), published by a node of
+/// an encrypting cluster only (`--encrypt`).
+pub const KEY_WG: &str = "wg";
 pub const KEY_SUBNET: &str = "subnet";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
@@ -70,6 +73,44 @@ pub struct Endpoint {
     pub container: String,
 }
 
+/// A node's WireGuard public key and UDP port: `KEY PORT`, the key in
+/// base64 as WireGuard's tools write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WgKey {
+    pub key: [u8; 32],
+    pub port: u16,
+}
+
+impl WgKey {
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        format!(
+            "{} {}",
+            base64::engine::general_purpose::STANDARD.encode(self.key),
+            self.port
+        )
+    }
+
+    /// `None` for anything but 32 bytes of base64 and a port other than 0.
+    pub fn decode(v: &str) -> Option<WgKey> {
+        use base64::Engine;
+        let (key, port) = v.split_once(' ')?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .ok()?
+            .try_into()
+            .ok()?;
+        let port = port.parse().ok().filter(|p| *p != 0)?;
+        Some(WgKey { key, port })
+    }
+
+    /// The key alone, in base64.
+    pub fn key_base64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.key)
+    }
+}
+
 /// Another node as gossip describes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
@@ -79,6 +120,8 @@ pub struct Peer {
     pub vxlan_port: Option<u16>,
     /// Its agent's version ([`KEY_VERSION`]).
     pub version: Option<String>,
+    /// Its WireGuard key ([`KEY_WG`]): it encrypts.
+    pub wg: Option<WgKey>,
     pub subnet: Option<super::subnet::Claim>,
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
@@ -102,6 +145,7 @@ struct Generation {
     mac: Option<[u8; 6]>,
     vxlan_port: Option<u16>,
     version: Option<String>,
+    wg: Option<WgKey>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
     networks: BTreeMap<String, crate::network::Def>,
@@ -129,6 +173,7 @@ impl Generation {
                 .get(KEY_VERSION)
                 .filter(|v| v.len() <= 64)
                 .map(str::to_owned),
+            wg: state.get(KEY_WG).and_then(WgKey::decode),
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
@@ -304,6 +349,11 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     if let Some(v) = &g.version {
         p.version = Some(v.clone());
     }
+    // The newest generation's key: a restarted agent keeps its key file,
+    // a renewed key replaces the old one.
+    if g.wg.is_some() {
+        p.wg = g.wg;
+    }
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
     }
@@ -412,6 +462,31 @@ mod tests {
         assert_eq!(d.known.len(), 1);
         // This node itself is never a peer.
         assert!(d.peers("n2", &live).is_empty());
+    }
+
+    #[test]
+    fn a_wireguard_key_is_read_from_the_newest_generation_and_junk_is_ignored() {
+        let k = WgKey {
+            key: [9; 32],
+            port: 51820,
+        };
+        assert_eq!(WgKey::decode(&k.encode()), Some(k));
+        for junk in ["", "AAAA 51820", "x 1", &format!("{} 0", k.key_base64())] {
+            assert_eq!(WgKey::decode(junk), None, "{junk:?}");
+        }
+        let mut old = node(&[]);
+        old.set(KEY_WG, k.encode());
+        let mut live = BTreeMap::from([(id(1), old)]);
+        assert_eq!(from_states("n1", &live)["n2"].wg, Some(k));
+        let renewed = WgKey { key: [8; 32], ..k };
+        let mut newer = node(&[]);
+        newer.set(KEY_WG, renewed.encode());
+        live.insert(id(2), newer);
+        assert_eq!(from_states("n1", &live)["n2"].wg, Some(renewed));
+        let mut plain = node(&[]);
+        plain.set(KEY_WG, "not a key");
+        let live = BTreeMap::from([(id(3), plain)]);
+        assert_eq!(from_states("n1", &live)["n2"].wg, None);
     }
 
     fn node(eps: &[&str]) -> NodeState {
