@@ -73,6 +73,9 @@ pub async fn connect(socket: &Path) -> Docker {
     }
 }
 
+/// The bridge driver's MTU option.
+const MTU_OPTION: &str = "com.docker.network.driver.mtu";
+
 /// Makes sure the `mesh` bridge network with this node's subnet exists.
 /// The agent's own network (labelled [`MANAGED`]) on another subnet is
 /// moved to this one with its containers (this node took a new /24, see
@@ -97,21 +100,33 @@ pub async fn ensure_network(
                 .into_iter()
                 .filter_map(|c| c.subnet)
                 .collect();
-            if driver == "bridge" && subnets == [subnet.to_string()] {
-                info!(network = NETWORK, %subnet, "mesh network present");
-                return Ok(());
-            }
             let ours = net
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.get(MANAGED).is_some_and(|v| v == "true"));
+            let has_mtu = net
+                .options
+                .as_ref()
+                .and_then(|o| o.get(MTU_OPTION))
+                .and_then(|v| v.parse::<u32>().ok());
+            if driver == "bridge" && subnets == [subnet.to_string()] {
+                if !ours || has_mtu == Some(mtu) {
+                    info!(network = NETWORK, %subnet, "mesh network present");
+                    return Ok(());
+                }
+                // Another --mtu (--encrypt changes the default): a bridge
+                // network's MTU is fixed when it is made.
+                warn!(network = NETWORK, old = ?has_mtu, new = mtu, "the mesh network's MTU differs from --mtu: making it anew with its containers");
+                return renumber(d, subnet, bridge, mtu).await;
+            }
             if !ours || driver != "bridge" {
                 return Err(DockerError::Conflict {
                     what: format!("driver {driver:?} and subnets {subnets:?}"),
                     want: format!("driver \"bridge\" and subnet {subnet}"),
                 });
             }
-            renumber(d, &subnets, subnet, bridge, mtu).await
+            warn!(network = NETWORK, old = ?subnets, new = %subnet, "this node's /24 changed: moving the mesh network and its containers");
+            renumber(d, subnet, bridge, mtu).await
         }
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
@@ -139,7 +154,7 @@ async fn create(d: &Docker, subnet: Cidr, bridge: &str, mtu: u32) -> Result<(), 
                 "com.docker.network.bridge.name".to_string(),
                 bridge.to_string(),
             ),
-            ("com.docker.network.driver.mtu".to_string(), mtu.to_string()),
+            (MTU_OPTION.to_string(), mtu.to_string()),
         ]),
         labels: HashMap::from([(MANAGED.to_string(), "true".to_string())]),
         ..Default::default()
@@ -149,19 +164,13 @@ async fn create(d: &Docker, subnet: Cidr, bridge: &str, mtu: u32) -> Result<(), 
     Ok(())
 }
 
-/// Moves the agent's `mesh` network to `subnet`: every container on it
-/// (running or not) is disconnected, the network made anew, and each
+/// Makes the agent's `mesh` network anew on `subnet` (a new /24, or a new
+/// MTU): every container on it (running or not) is disconnected, the
+/// network made anew, and each
 /// container connected again with its aliases; Docker gives it an address
 /// in the new /24. Running containers keep running; their open
 /// connections over the old address end.
-async fn renumber(
-    d: &Docker,
-    old: &[String],
-    subnet: Cidr,
-    bridge: &str,
-    mtu: u32,
-) -> Result<(), DockerError> {
-    warn!(network = NETWORK, ?old, new = %subnet, "this node's /24 changed: moving the mesh network and its containers");
+async fn renumber(d: &Docker, subnet: Cidr, bridge: &str, mtu: u32) -> Result<(), DockerError> {
     let list = d
         .list_containers(Some(ListContainersOptions::<String> {
             all: true,
@@ -298,7 +307,7 @@ async fn create_overlay(
             }]),
             ..Default::default()
         },
-        options: HashMap::from([("com.docker.network.driver.mtu".to_string(), mtu.to_string())]),
+        options: HashMap::from([(MTU_OPTION.to_string(), mtu.to_string())]),
         labels: HashMap::from([
             (MANAGED.to_string(), "true".to_string()),
             (OVERLAY_LABEL.to_string(), name.to_string()),

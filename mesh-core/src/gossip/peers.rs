@@ -349,11 +349,10 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     if let Some(v) = &g.version {
         p.version = Some(v.clone());
     }
-    // The newest generation's key: a restarted agent keeps its key file,
-    // a renewed key replaces the old one.
-    if g.wg.is_some() {
-        p.wg = g.wg;
-    }
+    // The newest generation's key, or none (a node restarted without
+    // --encrypt): a restarted agent keeps its key file, a renewed key
+    // replaces the old one.
+    p.wg = g.wg;
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
     }
@@ -483,6 +482,9 @@ mod tests {
         newer.set(KEY_WG, renewed.encode());
         live.insert(id(2), newer);
         assert_eq!(from_states("n1", &live)["n2"].wg, Some(renewed));
+        // Restarted without --encrypt: it does not encrypt any more.
+        live.insert(id(4), node(&[]));
+        assert_eq!(from_states("n1", &live)["n2"].wg, None);
         let mut plain = node(&[]);
         plain.set(KEY_WG, "not a key");
         let live = BTreeMap::from([(id(3), plain)]);

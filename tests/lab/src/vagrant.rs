@@ -223,6 +223,59 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Every agent restarted with the tunnel encrypted (`on`: MESH_ENCRYPT
+    /// in its mesh.env) or plain, all stopped first so none meets a peer of
+    /// the other setting; then each has its peers again.
+    pub fn set_encrypt(&self, on: bool) -> Result<()> {
+        for n in 1..=self.nodes {
+            self.ssh(n, &["docker", "stop", "mesh-agent"]).run()?;
+        }
+        for n in 1..=self.nodes {
+            self.set_agent_encrypt(n, on)?;
+        }
+        Ok(())
+    }
+
+    /// Node `n`'s agent recreated with encryption `on` (its peers may
+    /// differ: then it is refused).
+    pub fn set_agent_encrypt(&self, n: usize, on: bool) -> Result<()> {
+        let edit = if on {
+            "sed -i '/^MESH_ENCRYPT=/d' /opt/mesh/mesh.env && echo MESH_ENCRYPT=true >> /opt/mesh/mesh.env"
+        } else {
+            "sed -i '/^MESH_ENCRYPT=/d' /opt/mesh/mesh.env"
+        };
+        self.ssh(n, &["sh", "-c", edit]).run()?;
+        self.ssh(
+            n,
+            &[
+                "sh",
+                "-c",
+                "cd /opt/mesh && docker-compose up -d --force-recreate",
+            ],
+        )
+        .run()
+    }
+
+    /// The host's bridge of the VMs' private network (every frame between
+    /// nodes crosses it).
+    pub fn underlay_bridge(&self) -> Result<String> {
+        let info = Cmd::new("virsh")
+            .args(["-c", "qemu:///system", "net-info", "mesh-underlay"])
+            .output()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Bridge:").map(|b| b.trim().to_string()))
+            .context("virsh net-info mesh-underlay names no bridge")
+    }
+
+    /// Writes `text` to `path` on node `n` in place (as an editor would:
+    /// the agent's bind mount keeps seeing the same file).
+    pub fn write_file(&self, n: usize, path: &str, text: &str) -> Result<()> {
+        let line = format!("printf '%s' {} > {}", quote(text), quote(path));
+        self.ssh(n, &["sh", "-c", &line]).run()
+    }
+}
+
 /// Removes every VM of the lab (`vagrant destroy -f`) and the lab's
 /// libvirt network; fine to run when nothing is there.
 pub fn destroy(nodes: usize) -> Result<()> {
