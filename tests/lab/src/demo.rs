@@ -266,7 +266,7 @@ fn wait_status<T>(
 /// Waits until node `n`'s agent is connected to Docker, with its `mesh`
 /// network made (a new node makes it once its /24 claim has settled,
 /// seconds after it starts), and sees the two other nodes.
-fn wait_ready(h: &dyn Hosts, n: usize) -> Result<()> {
+pub fn wait_ready(h: &dyn Hosts, n: usize) -> Result<()> {
     let what = "the agent connected to Docker, with two peers";
     wait_status(h, n, Duration::from_secs(120), what, |st| {
         let v: serde_json::Value = serde_json::from_str(st).ok()?;
@@ -293,15 +293,30 @@ fn wait_published(h: &dyn Hosts, n: usize) -> Result<()> {
     })
 }
 
+/// Waits until node `n`'s agent sees `count` active backends of
+/// `service`; its VIP.
+pub fn wait_service(h: &dyn Hosts, n: usize, service: &str, count: usize) -> Result<String> {
+    let what = format!("{count} backends of {service}");
+    wait_status(h, n, Duration::from_secs(60), &what, |st| {
+        service_vip(st, service, count)
+    })
+}
+
 /// The VIP of whoami in a `meshctl status --json` answer, when it has
 /// `count` active backends.
 fn whoami_vip(status: &str, count: usize) -> Option<String> {
+    service_vip(status, "whoami", count)
+}
+
+/// The VIP of `service` in a `meshctl status --json` answer, when it has
+/// `count` active backends.
+fn service_vip(status: &str, service: &str, count: usize) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(status).ok()?;
     let svc = v
         .get("services")?
         .as_array()?
         .iter()
-        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some("whoami"))?;
+        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(service))?;
     (svc.get("active")?.as_u64()? == count as u64)
         .then(|| svc.get("vip")?.as_str().map(str::to_owned))
         .flatten()

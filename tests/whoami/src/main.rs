@@ -16,12 +16,15 @@
 //!     "<unix-ms> ok <name>" (with --peer: "<unix-ms> ok <name> <client as the
 //!     server saw it>") or "<unix-ms> err <why>" per request, then
 //!     "total N ok K err E"; exits 1 if any failed. UDP with --size: each
-//!     datagram padded to BYTES (at most 65,000).
+//!     datagram padded to BYTES (at most 65,000). --latency: then
+//!     "latency-us p50 A p99 B max C elapsed-ms D" over the requests that
+//!     succeeded (each from its connect to its answer).
 //! whoami sink PORT
 //!     accepts one TCP connection, reads it to the end (60 s idle cap) and
 //!     prints "received N bytes checksum C".
 //! whoami blast HOST:PORT BYTES
-//!     sends BYTES of a fixed pattern and prints "sent N bytes checksum C".
+//!     sends BYTES of a fixed pattern, waits for the sink to close, and prints
+//!     "sent N bytes in MS ms checksum C".
 //! whoami health | sick | well
 //!     health check: exit 1 while /tmp/sick exists; sick/well create/remove it.
 //! ```
@@ -271,9 +274,13 @@ fn ask(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let latency = args.iter().any(|a| a == "--latency");
+    let mut took: Vec<u128> = Vec::new();
+    let start = std::time::Instant::now();
     let (mut ok, mut err) = (0u64, 0u64);
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
+        let t = std::time::Instant::now();
         let r = if proto == "udp" {
             ask_udp(addr, timeout, peer, size)
         } else {
@@ -282,6 +289,9 @@ fn ask(args: &[String]) -> ExitCode {
         match r {
             Ok(name) => {
                 ok += 1;
+                if latency {
+                    took.push(t.elapsed().as_micros());
+                }
                 let _ = writeln!(out, "{} ok {name}", now_ms());
             }
             Err(e) => {
@@ -294,6 +304,18 @@ fn ask(args: &[String]) -> ExitCode {
         }
     }
     let _ = writeln!(out, "total {count} ok {ok} err {err}");
+    if latency && !took.is_empty() {
+        took.sort_unstable();
+        let at = |q: usize| took[(took.len() * q / 100).min(took.len() - 1)];
+        let _ = writeln!(
+            out,
+            "latency-us p50 {} p99 {} max {} elapsed-ms {}",
+            at(50),
+            at(99),
+            took[took.len() - 1],
+            start.elapsed().as_millis()
+        );
+    }
     if err == 0 {
         ExitCode::SUCCESS
     } else {
@@ -407,6 +429,7 @@ fn blast(args: &[String]) -> Result<(), String> {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let (mut sent, mut sum) = (0u64, Checksum::new());
+    let start = std::time::Instant::now();
     while sent < bytes {
         let k = ((bytes - sent) as usize).min(chunk.len());
         s.write_all(&chunk[..k])
@@ -414,6 +437,14 @@ fn blast(args: &[String]) -> Result<(), String> {
         sum.feed(&chunk[..k]);
         sent += k as u64;
     }
-    println!("sent {sent} bytes checksum {:016x}", sum.0);
+    // Delivered when the sink, having read to the end, closes.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = s.read(&mut [0u8; 1]);
+    println!(
+        "sent {sent} bytes in {} ms checksum {:016x}",
+        start.elapsed().as_millis(),
+        sum.0
+    );
     Ok(())
 }
