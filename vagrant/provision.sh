@@ -4,9 +4,9 @@
 # Docker's DNS pointed at the agent, and the agent started by the compose
 # file, exactly as the README's "Using it on Docker hosts" says.
 #
-# Usage: provision.sh N ADDRESS JOIN
+# Usage: provision.sh N ADDRESS JOIN [ENCRYPT]  (ENCRYPT "true": --encrypt)
 set -euo pipefail
-n=$1 addr=$2 join=$3
+n=$1 addr=$2 join=$3 encrypt=${4:-}
 
 # The data plane needs Linux 6.6 (TCX). A box with an older kernel (e.g.
 # VirtualBox's debian/bookworm64, 6.1) gets the backports kernel here;
@@ -42,6 +42,9 @@ MESH_JOIN=$join
 MESH_NODE_NAME=node$n
 MESH_DNS_LISTEN=$addr:53
 ENV
+if [ "$encrypt" = true ]; then
+    echo MESH_ENCRYPT=true >> /opt/mesh/mesh.env
+fi
 cd /opt/mesh
 docker-compose up -d
 echo "provision: node$n ($addr) runs $(docker inspect -f '{{.Config.Image}}' mesh-agent), kernel $(uname -r)"

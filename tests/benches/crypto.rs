@@ -55,7 +55,7 @@ fn main() {
         let tree = image::whoami_tree(&whoami_bin(), &vagrant::dir().join(".state/img"))
             .unwrap_or_else(|e| panic!("{e:#}"));
         let _ = vagrant::destroy(3);
-        Lab::up(3, &agent_image(), &tree).unwrap_or_else(|e| panic!("{e:#}"))
+        Lab::up(3, &agent_image(), &tree, false).unwrap_or_else(|e| panic!("{e:#}"))
     };
     let mut rows = Vec::new();
     for (mode, encrypt) in [("plain VXLAN", false), ("WireGuard", true)] {

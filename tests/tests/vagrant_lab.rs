@@ -51,7 +51,7 @@ fn vagrant_three_vms_run_the_demo() {
     let _ = vagrant::destroy(3);
     let _destroy = Destroy;
     let t = Instant::now();
-    let lab = Lab::up(3, &agent, &tree).unwrap_or_else(|e| panic!("{e:#}"));
+    let lab = Lab::up(3, &agent, &tree, false).unwrap_or_else(|e| panic!("{e:#}"));
     let up_time = t.elapsed();
     let kernel = lab.ssh(1, &["uname", "-r"]).output().unwrap_or_default();
     let t = Instant::now();
@@ -198,21 +198,27 @@ fn encrypted(lab: &Lab, vip: &str) {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let start = Instant::now();
     let (mine, theirs) = loop {
-        let mine = lab
-            .ssh(3, &["docker", "logs", "mesh-agent"])
+        // The agent logs to stderr.
+        let logs = |n: usize, since: &str| {
+            lab.ssh(
+                n,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("docker logs --since {since} mesh-agent 2>&1"),
+                ],
+            )
             .output()
-            .unwrap_or_default();
-        let theirs = lab
-            .ssh(1, &["docker", "logs", "--since", "2m", "mesh-agent"])
-            .output()
-            .unwrap_or_default();
+            .unwrap_or_default()
+        };
+        let (mine, theirs) = (logs(3, "1m"), logs(1, "1m"));
         let mine = mine
             .lines()
             .find(|l| l.contains("every node of a cluster must use the same --encrypt"))
             .map(str::to_owned);
         let theirs = theirs
             .lines()
-            .find(|l| l.contains("node3: does not encrypt") || l.contains("does not encrypt while"))
+            .find(|l| l.contains("does not encrypt while this node does"))
             .map(str::to_owned);
         if let (Some(m), Some(t)) = (&mine, &theirs) {
             break (m.clone(), t.clone());

@@ -99,6 +99,10 @@ enum VagrantCmd {
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// The tunnel between the VMs encrypted (the agents' --encrypt:
+        /// kernel WireGuard).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// The demo on the VMs (nodes 1 to 3).
     Demo,
@@ -162,7 +166,9 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             setup::vagrant()?;
             match cmd {
-                VagrantCmd::Up { nodes } => vagrant::up(nodes, &build_whoami()?).map(drop),
+                VagrantCmd::Up { nodes, encrypt } => {
+                    vagrant::up(nodes, &build_whoami()?, encrypt).map(drop)
+                }
                 VagrantCmd::Demo => vagrant::demo(),
                 VagrantCmd::Down => vagrant::down(),
                 VagrantCmd::Test => vagrant::test(&build_whoami()?),

@@ -10,8 +10,9 @@ use mesh_lab::{
     vagrant::{self, Lab},
 };
 
-/// Builds what is missing and brings up `nodes` VMs.
-pub fn up(nodes: usize, whoami: &Path) -> Result<Lab> {
+/// Builds what is missing and brings up `nodes` VMs (the tunnel
+/// encrypted with `encrypt`).
+pub fn up(nodes: usize, whoami: &Path, encrypt: bool) -> Result<Lab> {
     if let Some(why) = vagrant::unavailable() {
         bail!("the Vagrant lab cannot run here: {why}");
     }
@@ -19,7 +20,7 @@ pub fn up(nodes: usize, whoami: &Path) -> Result<Lab> {
     vagrant::ensure_box()?;
     let agent = image::release()?;
     let tree = image::whoami_tree(whoami, &target_dir().join("lab-images"))?;
-    Lab::up(nodes, &agent.tarball, &tree)
+    Lab::up(nodes, &agent.tarball, &tree, encrypt)
 }
 
 pub fn demo() -> Result<()> {
@@ -42,7 +43,7 @@ pub fn test(whoami: &Path) -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    let lab = up(3, whoami)?;
+    let lab = up(3, whoami, false)?;
     let up_time = t.elapsed();
     let t = Instant::now();
     let result = demo::run(&lab).and_then(|r| r.check(&demo::Hosts::outside_ip(&lab)));

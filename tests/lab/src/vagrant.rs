@@ -180,8 +180,9 @@ fn with_files(c: Cmd, nodes: usize, agent: &Path, whoami: &Path, key: &Path) -> 
 
 impl Lab {
     /// `vagrant up` of `nodes` VMs with the agent image archive `agent` and
-    /// the whoami image tree `whoami_tree` (the box and libvirt ready).
-    pub fn up(nodes: usize, agent: &Path, whoami_tree: &Path) -> Result<Lab> {
+    /// the whoami image tree `whoami_tree` (the box and libvirt ready), the
+    /// agents started with `--encrypt` when `encrypt`.
+    pub fn up(nodes: usize, agent: &Path, whoami_tree: &Path, encrypt: bool) -> Result<Lab> {
         // Vagrant resolves relative paths from vagrant/.
         let agent = &fs::canonicalize(agent)
             .with_context(|| format!("the agent image {}", agent.display()))?;
@@ -199,6 +200,7 @@ impl Lab {
             .output()?;
         with_files(vagrant(), nodes, agent, &whoami, &key)
             .env("MESH_VM_DRIVER", &driver)
+            .env("MESH_ENCRYPT", if encrypt { "true" } else { "" })
             .args(["up", "--provision", "--provider", "libvirt"])
             .run()?;
         Lab::adopt(nodes)
