@@ -8,11 +8,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr; RUST_LOG overrides the default level (info).
+/// Logs to stderr; RUST_LOG overrides the default level (info). Colours
+/// only on a terminal: `docker logs` and files get plain text.
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -106,6 +106,77 @@ fn encrypted(lab: &Lab, vip: &str) {
         assert!(line.contains("WireGuard"), "node {n} encrypts: {st}");
     }
 
+    // Sizes: datagrams larger than the tunnel's MTU (fragments inside it)
+    // and a bulk transfer, through the VIP to replicas on other nodes.
+    let udp = lab
+        .docker(
+            3,
+            &[
+                "exec",
+                "client",
+                "/whoami",
+                "ask",
+                "udp",
+                &format!("{vip}:80"),
+                "--count",
+                "6",
+                "--size",
+                "8000",
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .unwrap_or_else(|e| e.to_string());
+    let udp = udp.lines().last().unwrap_or("").to_string();
+    println!("encrypted: 8000-byte datagrams through the VIP: {udp}");
+    assert_eq!(udp, "total 6 ok 6 err 0");
+    let _ = lab.docker(1, &["rm", "-f", "sink"]);
+    lab.docker(
+        1,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "sink",
+            "--network",
+            "mesh",
+            "--label",
+            "mesh.service=sink",
+            "--label",
+            "mesh.port=5001/tcp",
+            "mesh-whoami:lab",
+            "sink",
+            "5001",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let sink = demo::wait_service(lab, 3, "sink", 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let sent = lab
+        .docker(
+            3,
+            &[
+                "exec",
+                "client",
+                "/whoami",
+                "blast",
+                &format!("{sink}:5001"),
+                "100000000",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let got = lab
+        .ssh(1, &["sh", "-c", "docker logs sink 2>&1 | tail -1"])
+        .output()
+        .unwrap_or_default();
+    println!(
+        "encrypted: 100 MB through the VIP: {} / {}",
+        sent.trim(),
+        got.trim()
+    );
+    let sum = |s: &str| s.split_whitespace().last().map(str::to_owned);
+    assert!(got.contains("received 100000000 bytes"), "{got}");
+    assert_eq!(sum(sent.trim()), sum(got.trim()), "checksums match");
+
     // Under one loop: node 1's key renewed, then the cluster key rotated in
     // three steps on every node (add, make primary, remove the old).
     let old = lab
