@@ -67,6 +67,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The tunnel plain and encrypted (--encrypt) on the Vagrant VMs, one
+    /// run: bulk TCP and CPU per GB on both nodes, short requests' p50/p99
+    /// and conn/s, through a VIP across nodes.
+    Crypto {
+        /// MiB per bulk transfer.
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+    },
     /// N agent control planes on this machine (real gossip, desired state
     /// and reconcile into fake maps): propagation, failure detection,
     /// gossip traffic, CPU and memory per node.
@@ -216,6 +224,14 @@ fn run(cli: Cli) -> Result<()> {
                     runs,
                     services_ahead,
                 }) => bench_lb(runs, services_ahead),
+                Some(BenchCmd::Crypto { mib }) => {
+                    setup::vagrant()?;
+                    cmd::Cmd::new("cargo")
+                        .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
+                        .args(["--bench", "crypto"])
+                        .env("MESH_CRYPTO_MIB", mib.to_string())
+                        .run()
+                }
             }
         }
         Cmd::Lint => lint(),
