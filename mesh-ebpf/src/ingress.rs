@@ -31,7 +31,9 @@ use mesh_common::{
     ct::{CT_F_INGRESS, CT_F_RETURN, Tuple, tcp_flag},
     lb::{PublishedKey, published_hash},
     stats::Stat,
-    tunnel::{BALANCED_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD},
+    tunnel::{
+        BALANCED_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD, WG_OVERHEAD,
+    },
 };
 
 use crate::{
@@ -104,11 +106,13 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     let b = c.backend;
     let remote = matches!(tunnel::route(l, b.ip_be)?, tunnel::Route::Remote(_));
     // A frame longer than the underlay's MTU (the tunnel's MSS plus the
-    // tunnel's overhead) never came off the wire as it is: generic XDP
-    // sees the kernel's GRO aggregates, whose segments the stack sends on
-    // one by one (their MSS clamped at the handshake).
+    // tunnel's overhead, WireGuard's included when the cluster encrypts)
+    // never came off the wire as it is: generic XDP sees the kernel's GRO
+    // aggregates, whose segments the stack sends on one by one (their MSS
+    // clamped at the handshake).
     let tunnel_mtu = l.tunnel_mss as u32 + TCP_IP_HLEN;
-    let wire_mtu = l.tunnel_mss as u32 + TUNNEL_TCP_OVERHEAD;
+    let wg = if l.wg_ifindex != 0 { WG_OVERHEAD } else { 0 };
+    let wire_mtu = l.tunnel_mss as u32 + TUNNEL_TCP_OVERHEAD + wg;
     if remote && l.tunnel_mss != 0 && (tunnel_mtu + 1..=wire_mtu).contains(&(pk.ip_len as u32)) {
         // It would not fit the tunnel. With DF the client learns the
         // tunnel's MTU (ICMP, built by the TC program from the packet as

@@ -13,6 +13,13 @@ fn encapsulation_and_decapsulation_fixtures() {
 }
 
 #[test]
+fn encrypted_tunnel_fixtures() {
+    let mut h = Harness::new();
+    overlay::install_encrypted(&mut h);
+    h.check(&overlay::encrypted_fixtures());
+}
+
+#[test]
 fn routing_mesh_fixtures() {
     let mut h = Harness::new();
     ingress::install(&mut h);
