@@ -75,12 +75,64 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
             serde_json::to_vec_pretty(&sh.networks)?
         }
         cmd if cmd.starts_with("network ") || cmd == "key renew" => request(cmd, &shared).await?,
+        "check" => check(&shared).await?,
         other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown command {other:?}") }),
         )?,
     };
     w.write_all(&body).await?;
     w.shutdown().await
+}
+
+/// How long `check` waits for every live node's answer.
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// `check`: a consistency check round (every node reports what its kernel
+/// holds now), awaited for at most [`CHECK_WAIT`]; the rows, or
+/// `{"error": ...}`.
+async fn check(shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
+    use crate::requests::Request as R;
+    let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
+    let Some(tx) = shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .net_requests
+        .clone()
+    else {
+        return Ok(err("the agent takes no requests yet".into())?);
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send(R::Check { reply }).await.is_err() {
+        return Ok(err("the agent is stopping".into())?);
+    }
+    let round = match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(e))) => return Ok(err(e)?),
+        _ => return Ok(err("the agent did not answer in time".into())?),
+    };
+    let start = tokio::time::Instant::now();
+    loop {
+        let view = shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check
+            .clone();
+        let waiting: Vec<&str> = view
+            .rows
+            .iter()
+            .filter(|r| !r.answered.contains(&round))
+            .map(|r| r.node.as_str())
+            .collect();
+        if waiting.is_empty() || start.elapsed() >= CHECK_WAIT {
+            let body = serde_json::json!({
+                "round": round,
+                "unanswered": waiting,
+                "rows": view.rows,
+            });
+            return Ok(serde_json::to_vec_pretty(&body)?);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `network create NAME [SUBNET]`, `network rm NAME` or `key renew`,

@@ -2,7 +2,8 @@
 //! `mesh-agent` daemon, `meshctl` and the tests.
 
 pub use mesh_core::{
-    desired, dns, docker, gossip, hostports, iface, labels, maglev, network, reconcile, status, vip,
+    check, desired, dns, docker, gossip, hostports, iface, labels, maglev, network, reconcile,
+    status, vip,
 };
 
 pub mod api;

@@ -358,6 +358,18 @@ fn peers(out: &mut Text, sh: &Shared) {
         "Peers gossip lost whose data plane still answers through the tunnel: their agent is down, their backends are kept.",
         sh.status.node.agent_down.len(),
     );
+    out.single(
+        "mesh_check_diverging_peers",
+        "gauge",
+        "Peers whose kernel, by their last check report, holds other services, published ports or node table than this node's view says it should (meshctl check).",
+        sh.check.diverging,
+    );
+    out.single(
+        "mesh_kernel_drift_total",
+        "counter",
+        "Kernel table entries this agent found changed behind its back (and wrote again).",
+        sh.kernel_drift,
+    );
 }
 
 /// The conntrack sweep's work and the tables' fill.

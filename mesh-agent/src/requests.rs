@@ -13,6 +13,10 @@ pub enum Request {
     RenewKey {
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// A consistency check round (`meshctl check`); the answer is its name.
+    Check {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What `meshctl network` asks of the daemon.

@@ -68,4 +68,38 @@ pub struct Shared {
     pub net_requests: Option<tokio::sync::mpsc::Sender<crate::requests::Request>>,
     /// Gossip content ignored, by kind (claim, endpoint, identity).
     pub gossip_ignored: BTreeMap<&'static str, u64>,
+    /// The consistency check as of the last pass (`meshctl check`).
+    pub check: CheckView,
+    /// Kernel table entries found changed behind the agent's back (and
+    /// written again).
+    pub kernel_drift: u64,
+}
+
+/// The consistency check: one row per node, this one first.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CheckView {
+    pub rows: Vec<CheckRow>,
+    /// Peers whose kernel differs from this node's view.
+    pub diverging: usize,
+    /// The round `meshctl check` waits for (empty: none asked).
+    #[serde(default)]
+    pub round: String,
+}
+
+/// What one node's kernel holds against what it should.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CheckRow {
+    pub node: String,
+    /// The check rounds its report answers.
+    #[serde(default)]
+    pub answered: Vec<String>,
+    /// What differs (empty: it agrees).
+    pub differences: Vec<String>,
+    /// Since when (ms since the epoch; 0: it agrees).
+    pub since_ms: u64,
+    /// Entries its last self-check found changed behind its agent's back.
+    #[serde(default)]
+    pub drift_count: usize,
+    #[serde(default)]
+    pub this_node: bool,
 }

@@ -8,6 +8,7 @@
 //! adds the data plane (the eBPF object, maps, links) and the daemon, and
 //! re-exports these modules under its own name.
 
+pub mod check;
 pub mod desired;
 pub mod dns;
 pub mod docker;

@@ -2,6 +2,7 @@
 //! pinned. Every view renders as a table for people or JSON for scripts.
 
 mod backends;
+mod check;
 mod conntrack;
 mod maglev;
 mod maps;
@@ -77,6 +78,16 @@ pub enum Cmd {
         api_socket: PathBuf,
         #[command(subcommand)]
         cmd: NetworkCmd,
+    },
+    /// Whether every node's kernel holds what it should: asks every node
+    /// for a digest of its services, backends, Maglev rings, published
+    /// ports and node table (through gossip, sealed with the cluster key)
+    /// and compares them; what differs, per node, and since when. Exit
+    /// status 0 only when every node agrees.
+    Check {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
     },
     /// This node's WireGuard key (`--encrypt`).
     Key {
@@ -163,6 +174,10 @@ pub enum CtlError {
     Maps(#[from] MapsError),
     #[error("{0}")]
     Usage(String),
+    /// `meshctl check` found nodes that differ: the report (printed as
+    /// output, with a failing exit status).
+    #[error("{0}")]
+    Disagree(String),
     #[error("cannot reach the agent at {path}: {source} (is mesh-agent running? --api-socket)")]
     Agent {
         path: PathBuf,
@@ -194,6 +209,14 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
                 Ok(format!("{name}\n"))
             }
         },
+        Cmd::Check { api_socket } => {
+            let (out, agree) = check::check(api_socket, args.json)?;
+            if agree {
+                Ok(out)
+            } else {
+                Err(CtlError::Disagree(out))
+            }
+        }
         Cmd::Key {
             api_socket,
             cmd: KeyCmd::Renew,

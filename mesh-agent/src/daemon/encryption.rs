@@ -21,6 +21,21 @@ impl Daemon {
             Request::RenewKey { reply } => {
                 let _ = reply.send(self.renew_wg_key().await);
             }
+            Request::Check { reply } => {
+                let r = self.start_check_round().ok_or_else(|| {
+                    "no check round: this node is not in a cluster, or gossip is busy (try again)"
+                        .to_string()
+                });
+                if let Ok(round) = &r {
+                    self.shared
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .check
+                        .round
+                        .clone_from(round);
+                }
+                let _ = reply.send(r);
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! sweep has a thread of its own (`crate::conntrack::sweep`). DNS, the control socket and /metrics are tasks of their
 //! own that read what this one shares.
 
+mod check;
 mod encryption;
 mod events;
 mod networks;
@@ -130,6 +131,8 @@ pub struct Daemon {
     /// Peers gossip lost whose data plane still answers: their agent is
     /// down, not their host; kept as they were, since when.
     agent_down: BTreeMap<String, (crate::gossip::peers::Peer, std::time::Instant)>,
+    /// The consistency check (`check.rs`).
+    check: check::CheckState,
 }
 
 impl Daemon {
@@ -197,6 +200,7 @@ impl Daemon {
             requests,
             last_peers: BTreeMap::new(),
             agent_down: BTreeMap::new(),
+            check: check::CheckState::default(),
         })
     }
 
@@ -327,6 +331,7 @@ impl Daemon {
         use futures_util::StreamExt;
         let mut events = d.events(Some(events::options(since)));
         let mut diagnose_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut check_tick = tokio::time::interval(check::SELF_CHECK_EVERY);
         let mut rejected_seen = 0u64;
         loop {
             tokio::select! {
@@ -356,6 +361,11 @@ impl Daemon {
                 _ = tokio::time::sleep(crate::probe::INTERVAL), if !self.agent_down.is_empty() => self.pass(),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
+                }
+                _ = check_tick.tick(), if self.cluster.is_some() => {
+                    if self.self_check(None) {
+                        self.pass();
+                    }
                 }
             }
             if self.fatal.is_some() {

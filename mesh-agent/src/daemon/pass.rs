@@ -135,6 +135,11 @@ impl Daemon {
         self.retry_at = tokio::time::Instant::now() + delay;
         self.report(&st, &peers, plan.writes(), &failed, start);
         self.report_publish_conflicts(conflicts);
+        if self.after_pass_check(&peers) {
+            // A repair: the next pass writes it (at once).
+            self.retry = true;
+            self.retry_at = tokio::time::Instant::now();
+        }
     }
 
     /// The routing mesh's ports, after the services they point at exist:

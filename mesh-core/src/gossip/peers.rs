@@ -35,6 +35,13 @@ pub const KEY_VERSION: &str = "version";
 /// Its WireGuard public key and port ([`WgKey`]), published by a node of
 /// an encrypting cluster only (`--encrypt`).
 pub const KEY_WG: &str = "wg";
+/// What its kernel holds, for `meshctl check` (`crate::check::Report`, JSON).
+pub const KEY_CHECK: &str = "check";
+/// A check round it asked for (`N`): every node answers with a fresh
+/// [`KEY_CHECK`] naming the round.
+pub const KEY_CHECK_REQ: &str = "checkreq";
+/// The longest check report read (a few hundred bytes are usual).
+const MAX_CHECK_LEN: usize = 4096;
 pub const KEY_SUBNET: &str = "subnet";
 /// Prefix of the per-endpoint keys.
 pub const EP_PREFIX: &str = "ep:";
@@ -122,6 +129,9 @@ pub struct Peer {
     pub version: Option<String>,
     /// Its WireGuard key ([`KEY_WG`]): it encrypts.
     pub wg: Option<WgKey>,
+    /// Its last check report ([`KEY_CHECK`]) and check round ([`KEY_CHECK_REQ`]).
+    pub check: Option<crate::check::Report>,
+    pub check_req: Option<u64>,
     pub subnet: Option<super::subnet::Claim>,
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
@@ -146,6 +156,8 @@ struct Generation {
     vxlan_port: Option<u16>,
     version: Option<String>,
     wg: Option<WgKey>,
+    check: Option<crate::check::Report>,
+    check_req: Option<u64>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
     networks: BTreeMap<String, crate::network::Def>,
@@ -174,6 +186,11 @@ impl Generation {
                 .filter(|v| v.len() <= 64)
                 .map(str::to_owned),
             wg: state.get(KEY_WG).and_then(WgKey::decode),
+            check: state
+                .get(KEY_CHECK)
+                .filter(|v| v.len() <= MAX_CHECK_LEN)
+                .and_then(|v| serde_json::from_str(v).ok()),
+            check_req: state.get(KEY_CHECK_REQ).and_then(|v| v.parse().ok()),
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
@@ -353,6 +370,8 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     // --encrypt): a restarted agent keeps its key file, a renewed key
     // replaces the old one.
     p.wg = g.wg;
+    p.check.clone_from(&g.check);
+    p.check_req = g.check_req;
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
     }
