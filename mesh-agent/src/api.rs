@@ -223,25 +223,27 @@ fn node_rows(sh: &crate::shared::Shared) -> Vec<crate::status::NodeRow> {
     }];
     for (name, k) in &sh.known_nodes {
         let live = st.node.peers.contains(name);
+        let probe = tunnels.iter().find(|t| &t.peer == name);
         let state = if !live {
             "dead"
         } else if st.node.agent_down.contains(name) {
             "agent down (forwarding)"
         } else if st.node.restarting.contains(name) {
             "restarting"
+        } else if probe.is_some_and(|t| !t.up) {
+            // Gossip still hears it, its tunnel does not answer: a cut
+            // on the way, or a host going down.
+            "suspect (tunnel silent)"
         } else {
             "alive"
         };
-        let tunnel = tunnels
-            .iter()
-            .find(|t| &t.peer == name)
-            .map_or_else(String::new, |t| {
-                if t.up {
-                    format!("ok ({:.2} ms)", t.rtt_ms)
-                } else {
-                    format!("NO ANSWER for {:.0} s", t.silent_s)
-                }
-            });
+        let tunnel = probe.map_or_else(String::new, |t| {
+            if t.up {
+                format!("ok ({:.2} ms)", t.rtt_ms)
+            } else {
+                format!("NO ANSWER for {:.0} s", t.silent_s)
+            }
+        });
         rows.push(crate::status::NodeRow {
             name: name.clone(),
             this: false,

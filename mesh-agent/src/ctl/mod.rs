@@ -63,8 +63,9 @@ pub enum Cmd {
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
     },
-    /// Nodes of the cluster: underlay address, /24, state (alive,
-    /// restarting, dead), agent version, whether its tunnel answers.
+    /// Nodes of the cluster: underlay address, /24, state (alive, suspect:
+    /// gossip hears it but its tunnel does not answer, restarting, agent
+    /// down, dead), agent version, whether its tunnel answers.
     Nodes {
         /// The agent's control socket.
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
