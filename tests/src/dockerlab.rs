@@ -232,6 +232,13 @@ impl Engine {
         self.import_tree(&root, WHOAMI_IMAGE, Some("/whoami"));
     }
 
+    /// Imports Debian's nginx as `mesh-nginx:lab` (`lab::image::nginx_tree`).
+    pub fn import_nginx(&self) {
+        let root =
+            lab::image::nginx_tree(&self.dir.join("img")).unwrap_or_else(|e| panic!("{e:#}"));
+        self.import_tree(&root, "mesh-nginx:lab", Some("/usr/sbin/nginx"));
+    }
+
     /// Loads the release agent image (the lab's and the README's).
     pub fn import_agent(&self) {
         self.inner

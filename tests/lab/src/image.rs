@@ -62,6 +62,26 @@ pub fn whoami_tree(whoami: &Path, out: &Path) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// An image tree with Debian's nginx (this machine's `/usr/sbin/nginx`,
+/// from `cargo xtask setup`) and its libraries, for the front-door example
+/// (`deploy/front-door`): the binary at `/usr/sbin/nginx`, the users its
+/// workers run as, and the directories it writes.
+pub fn nginx_tree(out: &Path) -> Result<PathBuf> {
+    let root = out.join("nginx");
+    let _ = fs::remove_dir_all(&root);
+    copy_with_libs(Path::new("/usr/sbin/nginx"), &root, "usr/sbin/nginx")
+        .context("Debian's nginx (cargo xtask setup)")?;
+    for dir in ["etc/nginx", "tmp", "var/lib/nginx", "var/log/nginx", "run"] {
+        fs::create_dir_all(root.join(dir))?;
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    Ok(root)
+}
+
 /// Copies `bin` to `root/name` and every shared library it loads to the
 /// same path under `root`.
 pub fn copy_with_libs(bin: &Path, root: &Path, name: &str) -> Result<()> {
