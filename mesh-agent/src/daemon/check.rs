@@ -53,6 +53,10 @@ pub(super) struct CheckState {
     own_round: u64,
     /// When each peer was first seen to differ.
     differs_since: BTreeMap<String, u64>,
+    /// The last comparison per peer, by the two digests it compared: a
+    /// pass compares again only what changed (at 200 nodes a pass would
+    /// otherwise rebuild 200 expected node tables).
+    compared: BTreeMap<String, (check::Digest, check::Digest, Vec<String>)>,
 }
 
 fn now_ms() -> u64 {
@@ -331,31 +335,33 @@ impl Daemon {
                 });
                 continue;
             };
-            let their_own: Vec<String> = p
-                .underlay
-                .map(|ip| {
-                    let ip = ip.to_string();
-                    self.check
-                        .nodes
-                        .iter()
-                        .filter(|e| e.split(' ').nth(1) == Some(ip.as_str()))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let want = check::expected_nodes(&self.check.nodes, &their_own, &own);
-            let want_hash = check::digest(&[], &[], &want).nodes_hash;
+            let cached = self
+                .check
+                .compared
+                .get(name)
+                .filter(|(a, b, _)| a == &mine.digest && b == &theirs.digest)
+                .map(|(_, _, d)| d.clone());
+            let diffs = match cached {
+                Some(d) => d,
+                None => {
+                    let d = self.compare_peer(p, theirs, &own);
+                    self.check.compared.insert(
+                        name.clone(),
+                        (
+                            self.check.report.digest.clone(),
+                            theirs.digest.clone(),
+                            d.clone(),
+                        ),
+                    );
+                    d
+                }
+            };
             let mut differences: Vec<String> = theirs
                 .drift
                 .iter()
                 .map(|d| format!("kernel: {d}"))
                 .collect();
-            differences.extend(check::compare(
-                &mine.digest,
-                &self.check.services,
-                &want_hash,
-                &theirs.digest,
-            ));
+            differences.extend(diffs);
             let since = if differences.is_empty() {
                 self.check.differs_since.remove(name);
                 0
@@ -375,12 +381,38 @@ impl Daemon {
         self.check
             .differs_since
             .retain(|n, _| peers.contains_key(n));
+        self.check.compared.retain(|n, _| peers.contains_key(n));
         let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.check = CheckView {
             rows,
             diverging,
             round: sh.check.round.clone(),
         };
+    }
+
+    /// How peer `p`'s digest differs from this node's kernel (`own`: this
+    /// node's node table entries as the others should hold them).
+    fn compare_peer(&self, p: &Peer, theirs: &Report, own: &[String]) -> Vec<String> {
+        let their_own: Vec<String> = p
+            .underlay
+            .map(|ip| {
+                let ip = ip.to_string();
+                self.check
+                    .nodes
+                    .iter()
+                    .filter(|e| e.split(' ').nth(1) == Some(ip.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want = check::expected_nodes(&self.check.nodes, &their_own, own);
+        let want_hash = check::digest(&[], &[], &want).nodes_hash;
+        check::compare(
+            &self.check.report.digest,
+            &self.check.services,
+            &want_hash,
+            &theirs.digest,
+        )
     }
 
     /// This node's slices of every network as its peers' node tables hold
