@@ -10,5 +10,6 @@ pub mod hash;
 pub mod lb;
 pub mod mac;
 pub mod maps;
+pub mod monitor;
 pub mod stats;
 pub mod tunnel;

@@ -16,6 +16,7 @@ pub enum MapKind {
     LruHash,
     PerCpuArray,
     ArrayOfMaps,
+    RingBuf,
 }
 
 impl MapKind {
@@ -26,6 +27,7 @@ impl MapKind {
             MapKind::LruHash => "lru_hash",
             MapKind::PerCpuArray => "percpu_array",
             MapKind::ArrayOfMaps => "array_of_maps",
+            MapKind::RingBuf => "ringbuf",
         }
     }
 }
@@ -103,7 +105,7 @@ const fn def(
     }
 }
 
-use MapKind::{Array, ArrayOfMaps, Hash, LruHash, PerCpuArray};
+use MapKind::{Array, ArrayOfMaps, Hash, LruHash, PerCpuArray, RingBuf};
 use Writer::{Agent, Kernel};
 
 /// Per-CPU packet counters, indexed by [`crate::stats::Stat`].
@@ -276,8 +278,32 @@ pub const VIPS: MapDef = def(
     "VIP -> 0: the addresses that answer ICMP echo",
 );
 
+/// The ring buffer's size in bytes (a power of two of whole pages): 6,500
+/// events of 40 bytes (and an 8-byte header each).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Ring buffer of [`crate::monitor::Event`]s: drops and new flows while a
+/// `meshctl monitor` listens.
+pub const EVENTS: MapDef = def(
+    "MESH_EVENTS",
+    RingBuf,
+    EVENTS_BYTES,
+    Kernel,
+    "ring buffer of Event{drop or new flow, addresses, reason or backend}: meshctl monitor",
+);
+
+/// Per-CPU array `0 -> Budget`: whether a monitor listens, the events'
+/// rate limit and losses, the event being built.
+pub const MONITOR: MapDef = def(
+    "MESH_MONITOR",
+    PerCpuArray,
+    1,
+    Agent,
+    "0 -> Budget{on, second, events written, lost, event being built}: meshctl monitor, per CPU",
+);
+
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 20] = [
+pub const ALL: [MapDef; 22] = [
     STATS,
     SERVICES,
     VIPS,
@@ -298,6 +324,8 @@ pub const ALL: [MapDef; 20] = [
     SOCK_ORIG,
     SOCK_REV,
     BRIDGES,
+    EVENTS,
+    MONITOR,
 ];
 
 /// The row of map `name`, if the inventory has one.

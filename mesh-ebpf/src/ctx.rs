@@ -39,6 +39,9 @@ pub trait Packet {
     /// bpf_l4_csum_replace (size in the low bits, `BPF_F_PSEUDO_HDR`,
     /// `BPF_F_MARK_MANGLED_0`).
     fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()>;
+    /// Tells a listening monitor (its slot `s`) that the packet is
+    /// dropped for `reason`.
+    fn monitor_drop(&self, reason: Stat, s: *mut mesh_common::monitor::Budget);
 }
 
 impl Packet for TcContext {
@@ -93,6 +96,10 @@ impl Packet for TcContext {
     fn l4_csum_replace(&self, csum_off: usize, from: u32, to: u32, flags: u64) -> Option<()> {
         TcContext::l4_csum_replace(self, csum_off, from as u64, to as u64, flags).ok()
     }
+    #[inline(always)]
+    fn monitor_drop(&self, reason: Stat, s: *mut mesh_common::monitor::Budget) {
+        crate::monitor::drop_tc(self.skb.skb, reason as u32, s);
+    }
 }
 
 impl Packet for XdpContext {
@@ -146,6 +153,10 @@ impl Packet for XdpContext {
             new = 0xffff;
         }
         self.store(csum_off, &new)
+    }
+    #[inline(always)]
+    fn monitor_drop(&self, reason: Stat, s: *mut mesh_common::monitor::Budget) {
+        crate::monitor::drop_xdp(self.ctx, reason as u32, s);
     }
 }
 
@@ -298,13 +309,17 @@ impl Hook for Xdp {
 }
 
 /// A program's result: `Ok` is a verdict, `Err` a drop reason. Counts the
-/// drop reason (if any) and the verdict, and returns the hook's code.
+/// drop reason (if any) and the verdict, tells a listening monitor of the
+/// drop, and returns the hook's code.
 #[inline(always)]
-pub fn finish<H: Hook>(r: Result<Verdict, Stat>) -> H::Code {
+pub fn finish<H: Hook, P: Packet>(p: &P, r: Result<Verdict, Stat>) -> H::Code {
     let v = match r {
         Ok(v) => v,
         Err(reason) => {
             bump(reason);
+            if let Some(s) = crate::monitor::on() {
+                p.monitor_drop(reason, s);
+            }
             Verdict::DROP
         }
     };

@@ -147,6 +147,9 @@ pub fn pick_new(
         }
         bump(Stat::LbNewFlow);
     }
+    if let Some(s) = crate::monitor::on() {
+        crate::monitor::new_flow(s, t, id, service_id);
+    }
     Ok(Choice {
         backend_id: id,
         backend: b,

@@ -13,6 +13,7 @@ mod ingress;
 mod lb;
 mod maps;
 mod mark;
+mod monitor;
 mod nat;
 mod parse;
 mod sock;
@@ -31,49 +32,49 @@ use aya_ebpf::{
 /// published ports (the routing mesh). Everything else passes untouched.
 #[xdp]
 pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
-    ctx::finish::<ctx::Xdp>(underlay::run(&ctx))
+    ctx::finish::<ctx::Xdp, _>(&ctx, underlay::run(&ctx))
 }
 
 /// TC ingress on a container's host-side veth: packets leaving the
 /// container (service load balancing, DNAT).
 #[classifier]
 pub fn mesh_tc_from_container(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(veth::from_container(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, veth::from_container(&ctx))
 }
 
 /// TC egress on a container's host-side veth: packets entering the
 /// container (reverse NAT).
 #[classifier]
 pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(veth::to_container(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, veth::to_container(&ctx))
 }
 
 /// TC ingress on the underlay NIC: decapsulated packets for local
 /// containers go straight to their veths.
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(underlay::tc_ingress(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, underlay::tc_ingress(&ctx))
 }
 
 /// TC ingress on the WireGuard device (`mesh-wg`) of an encrypting
 /// cluster: the tunnel's VXLAN, decrypted, decapsulated and handed on.
 #[classifier]
 pub fn mesh_tc_wg_in(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(underlay::wg_ingress(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, underlay::wg_ingress(&ctx))
 }
 
 /// TC ingress on the bridge of another Docker network (the default
 /// bridge, user-defined ones): its containers' calls to published ports.
 #[classifier]
 pub fn mesh_tc_bridge_in(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(bridge::from_bridge(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, bridge::from_bridge(&ctx))
 }
 
 /// TC egress on the host link (`mesh-host`): the host's own packets for
 /// other nodes' /24s (a VIP's backend there) go through the tunnel.
 #[classifier]
 pub fn mesh_tc_host_out(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc>(host::host_out(&ctx))
+    ctx::finish::<ctx::Tc, _>(&ctx, host::host_out(&ctx))
 }
 
 /// cgroup connect4: a connect of this host's to a published port on

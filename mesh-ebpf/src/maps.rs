@@ -6,7 +6,7 @@
 use aya_ebpf::{
     btf_maps::{Array as BtfArray, ArrayOfMaps},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
     ct::{CtEntry, CtKey, FragEntry, FragKey},
@@ -15,10 +15,11 @@ use mesh_common::{
         SockRevKey,
     },
     maps::{
-        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, FRAG_ENTRIES, MAX_BACKENDS, MAX_BRIDGES,
-        MAX_LOCAL_EPS, MAX_NETS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES, RING_FLAGS,
-        SOCK_ORIG_ENTRIES, VETH_SLOTS,
+        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, EVENTS_BYTES, FRAG_ENTRIES, MAX_BACKENDS,
+        MAX_BRIDGES, MAX_LOCAL_EPS, MAX_NETS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES,
+        RING_FLAGS, SOCK_ORIG_ENTRIES, VETH_SLOTS,
     },
+    monitor::Budget,
     stats::STATS_SLOTS,
     tunnel::{Bridge, LocalEndpoint, LocalNode, Node, VethSrc},
 };
@@ -114,3 +115,9 @@ pub static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 #[map(name = "MESH_BRIDGES")]
 pub static BRIDGES: HashMap<u32, Bridge> = HashMap::with_max_entries(MAX_BRIDGES, 0);
+
+#[map(name = "MESH_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map(name = "MESH_MONITOR")]
+pub static MONITOR: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);

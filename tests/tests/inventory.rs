@@ -111,7 +111,8 @@ fn pins_of_another_layout_are_retired_and_the_rest_adopted() {
                     | aya::maps::Map::HashMap(d)
                     | aya::maps::Map::LruHashMap(d)
                     | aya::maps::Map::PerCpuArray(d)
-                    | aya::maps::Map::ArrayOfMaps(d) => d.info().expect("map info").id(),
+                    | aya::maps::Map::ArrayOfMaps(d)
+                    | aya::maps::Map::RingBuf(d) => d.info().expect("map info").id(),
                     other => panic!("unexpected map kind {other:?}"),
                 };
                 (n.to_owned(), id)

@@ -219,6 +219,7 @@ pub fn check_inventory<'a>(
                 | (MapKind::LruHash, aya::maps::Map::LruHashMap(_))
                 | (MapKind::PerCpuArray, aya::maps::Map::PerCpuArray(_))
                 | (MapKind::ArrayOfMaps, aya::maps::Map::ArrayOfMaps(_))
+                | (MapKind::RingBuf, aya::maps::Map::RingBuf(_))
         );
         if !ok {
             errors.push(InventoryError::Kind {
