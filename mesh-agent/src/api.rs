@@ -41,6 +41,9 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
     // Bounded: one short line, within 5 s.
     let mut reader = BufReader::new(r.take(256));
     let _ = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    if line.trim() == "monitor" {
+        return monitor(reader, w, &shared).await;
+    }
     let body = match line.trim() {
         "status" | "" => {
             let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -82,6 +85,47 @@ async fn answer(conn: UnixStream, shared: Arc<Mutex<Shared>>) -> std::io::Result
     };
     w.write_all(&body).await?;
     w.shutdown().await
+}
+
+/// `monitor`: the programs' events, one JSON line each, until the client
+/// goes away (`crate::monitor`).
+async fn monitor(
+    mut r: impl tokio::io::AsyncRead + Unpin,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    shared: &Mutex<Shared>,
+) -> std::io::Result<()> {
+    let Some(m) = shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .monitor
+        .clone()
+    else {
+        w.write_all(b"{\"error\": \"the agent has no monitor\"}\n")
+            .await?;
+        return w.shutdown().await;
+    };
+    let mut l = m.listen();
+    let mut scratch = [0u8; 64];
+    loop {
+        let got = tokio::select! {
+            got = l.lines.recv() => got,
+            // The client closed its end (or sent something: it may not).
+            _ = r.read(&mut scratch) => return Ok(()),
+        };
+        let line = match got {
+            Ok(line) => line.to_string(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                serde_json::json!({ "kind": "lost", "count": n, "why": "this client fell behind" })
+                    .to_string()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        // A client that went away ends the stream (and, the last one, the
+        // programs' events).
+        if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            return Ok(());
+        }
+    }
 }
 
 /// How long `check` waits for every live node's answer.

@@ -16,6 +16,7 @@ pub mod hostlink;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod monitor;
 pub mod netlink;
 pub mod probe;
 pub mod requests;

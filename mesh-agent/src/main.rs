@@ -343,7 +343,8 @@ async fn run(args: Args) -> Result<()> {
             args.cluster_cidr
         );
     }
-    let (ebpf, lb, overlay) = load_data_plane(&args)?;
+    let (mut ebpf, lb, overlay) = load_data_plane(&args)?;
+    let monitor_maps = dataplane::monitor::MonitorMaps::take(&mut ebpf).context("monitor maps")?;
     let sweeper =
         mesh_agent::conntrack::sweep::Sweeper::open(&args.bpffs_dir, args.conntrack.timeouts())
             .context("conntrack sweep")?;
@@ -362,6 +363,8 @@ async fn run(args: Args) -> Result<()> {
         sh.status.docker.socket = args.docker_socket.display().to_string();
         sh.sweep = Some(sweep_stats);
     }
+    let monitor = mesh_agent::monitor::spawn(monitor_maps, &args.bpffs_dir, shared.clone());
+    shared.lock().unwrap_or_else(|p| p.into_inner()).monitor = Some(monitor);
     serve_interfaces(
         args.api_socket.clone(),
         args.metrics_addr,

@@ -70,6 +70,8 @@ pub struct Shared {
     pub gossip_ignored: BTreeMap<&'static str, u64>,
     /// The consistency check as of the last pass (`meshctl check`).
     pub check: CheckView,
+    /// The programs' events (`meshctl monitor`).
+    pub monitor: Option<crate::monitor::Monitor>,
     /// Kernel table entries found changed behind the agent's back (and
     /// written again).
     pub kernel_drift: u64,

@@ -76,6 +76,9 @@ pub fn check(path: &Path, json: bool) -> Result<(String, bool), CtlError> {
         })
         .collect();
     let mut out = super::table::render(false, &lines)?;
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
     out.push_str(&if agree {
         format!("every node agrees (round {})\n", a.round)
     } else {

@@ -6,6 +6,7 @@ mod check;
 mod conntrack;
 mod maglev;
 mod maps;
+mod monitor;
 mod networks;
 mod nodes;
 mod services;
@@ -89,6 +90,30 @@ pub enum Cmd {
         /// The agent's control socket.
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
+    },
+    /// The data plane's events as they happen, one line each: drops with
+    /// their reason and addresses, new flows with the backend chosen. The
+    /// programs write them only while a monitor listens, at most 2,000 per
+    /// second and CPU (what is over is counted and said).
+    Monitor {
+        /// The agent's control socket.
+        #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+        /// Drops only.
+        #[arg(long)]
+        drops: bool,
+        /// Only a service's events (its name, or its VIP).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only new flows to backends on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<f64>,
     },
     /// This node's WireGuard key (`--encrypt`).
     Key {
@@ -210,6 +235,24 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
                 Ok(format!("{name}\n"))
             }
         },
+        Cmd::Monitor {
+            api_socket,
+            drops,
+            service,
+            node,
+            count,
+            seconds,
+        } => monitor::monitor(
+            api_socket,
+            &monitor::Filter {
+                drops: *drops,
+                service: service.as_deref(),
+                node: node.as_deref(),
+                count: *count,
+                seconds: *seconds,
+                json: args.json,
+            },
+        ),
         Cmd::Check { api_socket } => {
             let (out, agree) = check::check(api_socket, args.json)?;
             if agree {

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod layout;
 pub mod lb;
 pub mod links;
+pub mod monitor;
 pub mod overlay;
 mod ring;
 pub mod sockets;

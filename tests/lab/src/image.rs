@@ -85,8 +85,9 @@ pub fn nginx_tree(out: &Path) -> Result<PathBuf> {
 /// Copies `bin` to `root/name` and every shared library it loads to the
 /// same path under `root`.
 pub fn copy_with_libs(bin: &Path, root: &Path, name: &str) -> Result<()> {
-    fs::create_dir_all(root)?;
-    fs::copy(bin, root.join(name)).with_context(|| format!("copying {}", bin.display()))?;
+    let dst = root.join(name);
+    fs::create_dir_all(dst.parent().unwrap_or(root))?;
+    fs::copy(bin, &dst).with_context(|| format!("copying {}", bin.display()))?;
     let out = Cmd::new("ldd").args([bin.as_os_str()]).output()?;
     for lib in out
         .lines()
