@@ -16,4 +16,5 @@ pub mod lblab;
 pub mod netns;
 pub mod overlaylab;
 pub mod pkt;
+pub mod raw;
 pub mod servers;

@@ -98,6 +98,20 @@ impl Drop for Netns {
     }
 }
 
+/// Runs `f` on a fresh thread in the network namespace of process `pid`
+/// (a container's).
+pub fn run_in_pid<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/proc/{pid}/ns/net");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&path);
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
 fn enter(path: &str) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
     // SAFETY: a valid namespace fd; affects only the calling thread.

@@ -448,35 +448,5 @@ fn forge_vxlan(from: std::net::Ipv4Addr, to: std::net::Ipv4Addr, count: usize) -
         1,
     );
     let frame = mesh_tests::pkt::vxlan4(from, to, 50000, 4242, &inner);
-    let ip = &frame[14..];
-    // SAFETY: a raw socket of our own, closed below; sendto with a
-    // sockaddr_in of the right size.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(to).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let mut sent = 0;
-        for _ in 0..count {
-            let r = libc::sendto(
-                fd,
-                ip.as_ptr().cast(),
-                ip.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            );
-            if r == ip.len() as isize {
-                sent += 1;
-            }
-        }
-        libc::close(fd);
-        sent
-    }
+    mesh_tests::raw::send_ipv4(&frame[14..], to, count)
 }
