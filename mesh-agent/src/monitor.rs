@@ -22,7 +22,7 @@ use std::{
     os::fd::AsRawFd,
     path::Path,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -40,7 +40,14 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{dataplane::monitor::MonitorMaps, shared::Shared};
+use crate::dataplane::monitor::MonitorMaps;
+
+/// What names a new flow: its service (name, VIP:port/proto) by id, and a
+/// backend's node and container by address (from the agent's state).
+pub trait Names: Send + Sync + 'static {
+    fn service(&self, id: u32) -> Option<(String, String)>;
+    fn backend(&self, ip: Ipv4Addr) -> Option<(String, String)>;
+}
 
 /// Lines a listener may fall behind by before it loses some.
 const BACKLOG: usize = 4096;
@@ -80,7 +87,7 @@ impl Monitor {
 
 /// Starts the task that reads the ring buffer; `bpffs_dir` holds the
 /// backends' map (events name backends by id).
-pub fn spawn(maps: MonitorMaps, bpffs_dir: &Path, shared: Arc<Mutex<Shared>>) -> Monitor {
+pub fn spawn(maps: MonitorMaps, bpffs_dir: &Path, names: impl Names) -> Monitor {
     let (lines, _) = broadcast::channel(BACKLOG);
     let m = Monitor {
         lines,
@@ -92,7 +99,7 @@ pub fn spawn(maps: MonitorMaps, bpffs_dir: &Path, shared: Arc<Mutex<Shared>>) ->
         .and_then(|d| Array::<MapData, Backend>::try_from(aya::maps::Map::Array(d)).ok());
     let task = m.clone();
     tokio::spawn(async move {
-        if let Err(e) = run(task, maps, backends, shared).await {
+        if let Err(e) = run(task, maps, backends, names).await {
             warn!(error = %e, "the monitor stopped: meshctl monitor shows nothing until the agent restarts");
         }
     });
@@ -103,7 +110,7 @@ async fn run(
     m: Monitor,
     mut maps: MonitorMaps,
     backends: Option<Array<MapData, Backend>>,
-    shared: Arc<Mutex<Shared>>,
+    names: impl Names,
 ) -> anyhow::Result<()> {
     let mut on = false;
     let _ = maps.set_on(false);
@@ -134,8 +141,8 @@ async fn run(
         tokio::select! {
             r = fd.readable() => {
                 let mut guard = r?;
-                while let Some(e) = maps.next() {
-                    let line = render(&e, offset_ns, backends.as_ref(), &shared);
+                while let Some(e) = maps.next_event() {
+                    let line = render(&e, offset_ns, backends.as_ref(), &names);
                     let _ = m.lines.send(line.into());
                 }
                 guard.clear_ready();
@@ -207,7 +214,7 @@ fn render(
     e: &Event,
     offset_ns: u64,
     backends: Option<&Array<MapData, Backend>>,
-    shared: &Mutex<Shared>,
+    names: &impl Names,
 ) -> String {
     let ts_ms = (e.ts_ns + offset_ns) / 1_000_000;
     let mut v = serde_json::json!({
@@ -224,16 +231,17 @@ fn render(
         }
         NEW_FLOW => {
             v["kind"] = "flow".into();
-            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((name, svc)) = sh.service_names.get(&e.service_id) {
-                v["service"] = name.clone().into();
-                v["vip"] = svc.clone().into();
+            if let Some((name, svc)) = names.service(e.service_id) {
+                v["service"] = name.into();
+                v["vip"] = svc.into();
             }
             if let Some(b) = backends.and_then(|a| a.get(&e.backend_id, 0).ok()) {
                 v["backend"] = addr(b.ip_be, b.port_be, 6).into();
-                if let Some(n) = sh.backend_names.get(&Ipv4Addr::from(u32::from_be(b.ip_be))) {
-                    v["node"] = n.node.clone().into();
-                    v["container"] = n.container.clone().into();
+                if let Some((node, container)) =
+                    names.backend(Ipv4Addr::from(u32::from_be(b.ip_be)))
+                {
+                    v["node"] = node.into();
+                    v["container"] = container.into();
                 }
             }
         }

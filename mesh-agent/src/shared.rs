@@ -105,3 +105,17 @@ pub struct CheckRow {
     #[serde(default)]
     pub this_node: bool,
 }
+
+/// The monitor names flows from what the daemon shares.
+impl crate::monitor::Names for Arc<std::sync::Mutex<Shared>> {
+    fn service(&self, id: u32) -> Option<(String, String)> {
+        let sh = self.lock().unwrap_or_else(|p| p.into_inner());
+        sh.service_names.get(&id).cloned()
+    }
+    fn backend(&self, ip: std::net::Ipv4Addr) -> Option<(String, String)> {
+        let sh = self.lock().unwrap_or_else(|p| p.into_inner());
+        sh.backend_names
+            .get(&ip)
+            .map(|n| (n.node.clone(), n.container.clone()))
+    }
+}

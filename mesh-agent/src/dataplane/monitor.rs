@@ -78,7 +78,7 @@ impl MonitorMaps {
     }
 
     /// The next event in the ring, if any.
-    pub fn next(&mut self) -> Option<Event> {
+    pub fn next_event(&mut self) -> Option<Event> {
         let item = self.events.next()?;
         (item.len() >= size_of::<Event>())
             // SAFETY: the programs write whole Events; read unaligned.
