@@ -22,6 +22,7 @@ fn main() {
     if std::env::var_os("MESH_BENCH_OWN_COST_ONLY").is_some() {
         own_cost(repeat);
         network_cost(repeat);
+        monitor_cost(repeat);
         return;
     }
     let mut h = Harness::new();
@@ -39,6 +40,7 @@ fn main() {
 
     own_cost(repeat);
     network_cost(repeat);
+    monitor_cost(repeat);
     routing_mesh();
 
     println!(
@@ -368,6 +370,78 @@ fn network_cost(repeat: u32) {
             (ns - base).max(0.0),
             stat.name()
         );
+    }
+}
+
+/// What `meshctl monitor` costs the programs: a drop (a container's forged
+/// source) and a new flow (a SYN to a VIP), with nobody listening, with a
+/// listener (every event written to the ring) and over the rate limit
+/// (the per-CPU budget spent: counted, not written). The same packets, one
+/// harness, back to back.
+fn monitor_cost(repeat: u32) {
+    use fixtures::overlay;
+    let mut h = Harness::new();
+    overlay::install(&mut h);
+    let mut m = h.monitor_maps();
+    let out = |f: Vec<u8>| pkt::macs(f, overlay::GW_MAC, overlay::C_MAC);
+    let forged = out(pkt::udp4(
+        (Ipv4Addr::new(10, 42, 1, 66), 5000),
+        (overlay::THERE_C, 53),
+        b"forged",
+    ));
+    let syn = |i: u32| {
+        out(pkt::tcp4(
+            (overlay::HERE_C, 10_000 + (i % 50_000) as u16),
+            (overlay::VIP, 80),
+            1,
+            |b| b.syn(),
+            b"",
+        ))
+    };
+    // Within one second's budget (2,000 a CPU) and the ring (about 5,000).
+    let written = 1000.min(repeat);
+    let flows = 1000u32;
+    let drop = [(Stat::TcSpoofed, 1)];
+    let new = [(Stat::LbNewFlow, 1)];
+    let mut rows = Vec::new();
+    for (mode, on) in [("nobody listens", false), ("a listener, written", true)] {
+        m.set_on(on).expect("monitor on/off");
+        let d = h
+            .time_repeated(Prog::TcFromContainer, &forged, written, &drop)
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        m.set_on(on).expect("monitor on/off");
+        let offset = if on { flows } else { 0 };
+        let f = h
+            .time_path(Prog::TcFromContainer, &|i| syn(i + offset), flows, &new)
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        rows.push((mode, d, f));
+        while m.next_event().is_some() {}
+    }
+    m.set_on(true).expect("monitor on");
+    let d = h
+        .time_repeated(Prog::TcFromContainer, &forged, repeat, &drop)
+        .unwrap_or_else(|e| panic!("over the rate: {e}"));
+    rows.push((
+        "a listener, over the rate (counted, not written)",
+        d,
+        f64::NAN,
+    ));
+    let lost = m.lost();
+    m.set_on(false).expect("monitor off");
+    println!(
+        "\nmeshctl monitor's cost, ns/packet (kernel-measured): a drop (forged source, {written} \
+         runs repeating one packet; {repeat} over the rate) and a new flow (a SYN to a VIP, \
+         {flows} single runs on fresh tuples); counters checked on every run; {lost} events \
+         counted lost over the rate"
+    );
+    println!("  {:<52} {:>10} {:>10}", "monitor", "drop", "new flow");
+    for (mode, d, f) in rows {
+        let f = if f.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{f:.1}")
+        };
+        println!("  {mode:<52} {d:>10.1} {f:>10}");
     }
 }
 

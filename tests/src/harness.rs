@@ -145,6 +145,13 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// The monitor's maps (`meshctl monitor`): its ring buffer and the
+    /// word that turns the programs' events on.
+    pub fn monitor_maps(&mut self) -> mesh_agent::dataplane::monitor::MonitorMaps {
+        mesh_agent::dataplane::monitor::MonitorMaps::take(&mut self.ebpf)
+            .unwrap_or_else(|e| panic!("monitor maps: {e}"))
+    }
+
     /// Loads the embedded eBPF object and verifies its programs.
     ///
     /// Panics with the reason when that is impossible (not root, no BPF).
