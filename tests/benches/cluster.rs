@@ -11,7 +11,11 @@
 //!   namespace);
 //! - time for a dead node's endpoints to leave every node's maps;
 //! - gossip bytes and datagrams per second per node, idle and under churn;
-//! - CPU and RSS per control plane (the process's, divided by N).
+//! - CPU and RSS per control plane (the process's, divided by N);
+//! - a `meshctl check` round: every node's report of what its maps hold
+//!   (the agent's digest, published in gossip), node 1 asking for a fresh
+//!   one from all: the time until all have answered, the gossip it costs,
+//!   and node 1's comparison of every report with its own.
 //!
 //! All N share this machine's 2 cores: where they saturate them, the
 //! figures measure the machine, and the CPU line says so. Gossip runs on
@@ -58,6 +62,7 @@ static WITHDRAWN: AtomicU64 = AtomicU64::new(0);
 
 use chitchat::{ChitchatHandle, ChitchatId, NodeState};
 use mesh_agent::{
+    check,
     gossip::{
         GossipConfig, authority,
         peers::{self, Endpoint},
@@ -126,6 +131,11 @@ struct ControlPlane {
     actual: Actual,
     fake: FakeLb,
     decoder: peers::Decoder,
+    /// The check rounds asked by peers (by peer), and the report as last
+    /// published (`meshctl check`).
+    asked: BTreeMap<String, u64>,
+    answered: BTreeMap<String, u64>,
+    report: Option<check::Report>,
 }
 
 impl ControlPlane {
@@ -137,7 +147,78 @@ impl ControlPlane {
             actual: Actual::default(),
             fake: FakeLb::default(),
             decoder: peers::Decoder::default(),
+            asked: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            report: None,
         }
+    }
+
+    /// The report of what its maps hold, as the agent makes it
+    /// (`check::digest`: backends by address, rings by the addresses of
+    /// their slots), answering the rounds its peers asked for; `Some`
+    /// when it changed (to publish).
+    fn check_report(&mut self) -> Option<String> {
+        let name = |b: &mesh_common::lb::Backend| {
+            format!(
+                "{}:{} state {}",
+                Ipv4Addr::from(u32::from_be(b.ip_be)),
+                u16::from_be(b.port_be),
+                b.state
+            )
+        };
+        let services: Vec<check::Service> = self
+            .fake
+            .services
+            .iter()
+            .map(|(addr, id)| {
+                let mut backends: Vec<String> = self
+                    .fake
+                    .backends
+                    .values()
+                    .filter(|b| b.service_id == *id)
+                    .map(name)
+                    .collect();
+                backends.sort();
+                let slots: Vec<String> = self
+                    .fake
+                    .rings
+                    .get(id)
+                    .map(|r| {
+                        r.iter()
+                            .map(|s| self.fake.backends.get(s).map(name).unwrap_or_default())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                check::Service {
+                    addr: addr.to_string(),
+                    backends,
+                    ring: mesh_common::hash::fnv1a(slots.join(",").as_bytes()),
+                }
+            })
+            .collect();
+        let mut rounds: Vec<String> = self
+            .report
+            .as_ref()
+            .map_or(Vec::new(), |r| r.rounds.clone());
+        for (peer, n) in &self.asked {
+            if self.answered.get(peer) != Some(n) {
+                rounds.push(format!("{peer}/{n}"));
+                self.answered.insert(peer.clone(), *n);
+            }
+        }
+        let excess = rounds.len().saturating_sub(check::MAX_ROUNDS);
+        rounds.drain(..excess);
+        let report = check::Report {
+            rounds,
+            digest: check::digest(&services, &[], &[]),
+            ..check::Report::default()
+        };
+        if self.report.as_ref() == Some(&report) {
+            return None;
+        }
+        let json = serde_json::to_string(&report).ok();
+        self.report = Some(report);
+        json
     }
 
     /// One pass as the agent runs it: decode and vet the peers, compute
@@ -154,6 +235,11 @@ impl ControlPlane {
         let decoded = self.decoder.peers(&self.me, live);
         lap(0);
         let vetted = authority::vet(decoded, cluster(), Some(&self.claim), &[]);
+        self.asked = vetted
+            .peers
+            .iter()
+            .filter_map(|(name, p)| Some((name.clone(), p.check_req?)))
+            .collect();
         lap(1);
         let st = mesh_agent::desired::compute(&mesh_agent::desired::Inputs {
             containers: &containers,
@@ -182,15 +268,25 @@ impl ControlPlane {
     }
 }
 
-/// The control plane's task: a pass on every membership change.
+/// The control plane's task: a pass on every membership change, then its
+/// check report published when it changed.
 async fn control_plane(
     mut cp: ControlPlane,
     mut live: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     maps: Arc<Mutex<HashSet<Ipv4Addr>>>,
+    handle: Arc<ChitchatHandle>,
 ) {
     while live.changed().await.is_ok() {
         let t = Instant::now();
         let steps = cp.pass(&live.borrow_and_update());
+        if let Some(report) = cp.check_report() {
+            handle
+                .chitchat()
+                .lock()
+                .await
+                .self_node_state()
+                .set(peers::KEY_CHECK, report);
+        }
         for (total, ns) in STEP_NS.iter().zip(steps) {
             total.fetch_add(ns, Ordering::Relaxed);
         }
@@ -292,6 +388,7 @@ async fn start_node(
         ControlPlane::new(me, claim),
         live,
         maps.clone(),
+        handle.clone(),
     ));
     Node {
         handle: Some(handle),
@@ -618,6 +715,78 @@ async fn run(
     );
     let rss = (rss_mb() - base_rss).max(0.0) / n as f64;
     println!("RSS per control plane: {rss:.2} MB (the process's growth over {n} nodes)");
+
+    // A check round (`meshctl check`): node 1 asks; every node answers
+    // with a fresh report; node 1 compares every report with its own.
+    if let Some(h) = nodes[0].handle.clone() {
+        let (b0, _) = traffic(&nodes);
+        let t = Instant::now();
+        h.chitchat()
+            .lock()
+            .await
+            .self_node_state()
+            .set(peers::KEY_CHECK_REQ, "1");
+        let round = "node1/1";
+        let mut answered = 0;
+        while t.elapsed() < Duration::from_secs(60) {
+            let cc = h.chitchat();
+            let c = cc.lock().await;
+            answered = c
+                .live_nodes()
+                .filter(|id| &*id.node_id != "node1")
+                .filter_map(|id| c.node_state(id))
+                .filter_map(|st| st.get(peers::KEY_CHECK))
+                .filter_map(|v| serde_json::from_str::<check::Report>(v).ok())
+                .filter(|r| r.rounds.iter().any(|x| x == round))
+                .count();
+            drop(c);
+            if answered >= n - 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = t.elapsed();
+        let (b1, _) = traffic(&nodes);
+        // Node 1's comparison: its own report against every other's.
+        let cc = h.chitchat();
+        let mut c = cc.lock().await;
+        let mine = c
+            .self_node_state()
+            .get(peers::KEY_CHECK)
+            .and_then(|v| serde_json::from_str::<check::Report>(v).ok());
+        let reports: Vec<check::Report> = c
+            .live_nodes()
+            .filter_map(|id| c.node_state(id))
+            .filter_map(|st| st.get(peers::KEY_CHECK))
+            .filter_map(|v| serde_json::from_str(v).ok())
+            .collect();
+        drop(c);
+        let tc = Instant::now();
+        let differ = mine.as_ref().map_or(0, |m| {
+            reports
+                .iter()
+                .filter(|r| {
+                    !check::compare(&m.digest, &[], &m.digest.nodes_hash, &r.digest).is_empty()
+                })
+                .count()
+        });
+        let compare = tc.elapsed();
+        let bytes = mine.map_or(0, |m| serde_json::to_string(&m).map_or(0, |s| s.len()));
+        println!(
+            "meshctl check round: {answered} of {} nodes answered in {}; the round's gossip {:.1} KB per node; a report {bytes} bytes; node 1 compared {} reports in {:.2} ms",
+            n - 1,
+            ms(took),
+            (b1 - b0) as f64 / 2.0 / n as f64 / 1e3,
+            reports.len(),
+            compare.as_secs_f64() * 1e3,
+        );
+        if answered < n - 1 {
+            failures.push(format!(
+                "check round: {answered} of {} answered in 60 s",
+                n - 1
+            ));
+        }
+    }
 
     // Loss.
     let mut lossy = Vec::new();
