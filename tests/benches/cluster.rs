@@ -762,14 +762,16 @@ async fn run(
             .collect();
         drop(c);
         let tc = Instant::now();
-        let differ = mine.as_ref().map_or(0, |m| {
+        // (Here a node's maps lack its own endpoints, which the agent's
+        // hold as local backends, so the reports differ; the comparison
+        // runs in full all the same.)
+        let compared: usize = mine.as_ref().map_or(0, |m| {
             reports
                 .iter()
-                .filter(|r| {
-                    !check::compare(&m.digest, &[], &m.digest.nodes_hash, &r.digest).is_empty()
-                })
-                .count()
+                .map(|r| check::compare(&m.digest, &[], &m.digest.nodes_hash, &r.digest).len())
+                .sum()
         });
+        std::hint::black_box(compared);
         let compare = tc.elapsed();
         let bytes = mine.map_or(0, |m| serde_json::to_string(&m).map_or(0, |s| s.len()));
         println!(
