@@ -502,4 +502,29 @@ mod tests {
             );
         }
     }
+
+    /// deploy/grafana/mesh-agent.json asks only for metrics this module
+    /// exports (a renamed metric breaks the dashboard, not silently).
+    #[test]
+    fn the_dashboard_asks_only_for_metrics_the_agent_exports() {
+        let dashboard = include_str!("../../deploy/grafana/mesh-agent.json");
+        let source = include_str!("metrics.rs");
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = dashboard;
+        while let Some(at) = rest.find("mesh_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+        assert!(names.len() > 10, "{names:?}");
+        for name in names {
+            assert!(
+                source.contains(&format!("\"{name}\"")),
+                "the dashboard asks for {name}, which /metrics does not export"
+            );
+        }
+    }
 }
