@@ -119,6 +119,25 @@ pub fn digest(services: &[Service], published: &[String], nodes: &[String]) -> D
     }
 }
 
+/// A ring's hash by the backends of its slots, each as `address << 16 |
+/// port` (0 for a slot naming none): the same on every node whose ring
+/// picks the same backends in the same slots, whatever their ids there.
+/// 0 for an empty ring.
+pub fn ring_hash(slots: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    let mut any = false;
+    for s in slots {
+        h = mesh_common::hash::mix64(h ^ s);
+        any = true;
+    }
+    if any { h } else { 0 }
+}
+
+/// A backend as [`ring_hash`] takes it.
+pub fn backend_key(ip_be: u32, port_be: u16) -> u64 {
+    (u64::from(u32::from_be(ip_be)) << 16) | u64::from(u16::from_be(port_be))
+}
+
 /// The node table entries another node should hold: `mine` (this node's)
 /// without that node's own entries (`theirs`), with this node's
 /// (`own`).
@@ -272,6 +291,17 @@ mod tests {
                 "backend 3: in the kernel, never written"
             ]
         );
+    }
+
+    #[test]
+    fn a_ring_hashes_by_its_slots_backends_in_order() {
+        let (a, b) = (
+            backend_key(1u32.to_be(), 80u16.to_be()),
+            backend_key(2u32.to_be(), 80u16.to_be()),
+        );
+        assert_eq!(ring_hash([a, b, a]), ring_hash([a, b, a]));
+        assert_ne!(ring_hash([a, b, a]), ring_hash([b, a, a]));
+        assert_eq!(ring_hash([]), 0);
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! - gossip bytes and datagrams per second per node, idle and under churn;
 //! - CPU and RSS per control plane (the process's, divided by N);
 //! - a `meshctl check` round: every node's report of what its maps hold
-//!   (the agent's digest, published in gossip), node 1 asking for a fresh
-//!   one from all: the time until all have answered, the gossip it costs,
-//!   and node 1's comparison of every report with its own.
+//!   (the agent's digest, published in gossip; made once, then for each
+//!   round, as the agent's self-check between its 30 s runs), node 1
+//!   asking for a fresh one from all: the time until all have answered,
+//!   the gossip it costs, and node 1's comparison of every report with its
+//!   own.
 //!
 //! All N share this machine's 2 cores: where they saturate them, the
 //! figures measure the machine, and the CPU line says so. Gossip runs on
@@ -158,6 +160,13 @@ impl ControlPlane {
     /// their slots), answering the rounds its peers asked for; `Some`
     /// when it changed (to publish).
     fn check_report(&mut self) -> Option<String> {
+        let asked = self
+            .asked
+            .iter()
+            .any(|(peer, n)| self.answered.get(peer) != Some(n));
+        if self.report.is_some() && !asked {
+            return None;
+        }
         let name = |b: &mesh_common::lb::Backend| {
             format!(
                 "{}:{} state {}",
@@ -179,20 +188,24 @@ impl ControlPlane {
                     .map(name)
                     .collect();
                 backends.sort();
-                let slots: Vec<String> = self
-                    .fake
-                    .rings
-                    .get(id)
-                    .map(|r| {
-                        r.iter()
-                            .map(|s| self.fake.backends.get(s).map(name).unwrap_or_default())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let ring = check::ring_hash(
+                    self.fake
+                        .rings
+                        .get(id)
+                        .map(|r| r.as_slice())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|s| {
+                            self.fake
+                                .backends
+                                .get(s)
+                                .map_or(0, |b| check::backend_key(b.ip_be, b.port_be))
+                        }),
+                );
                 check::Service {
                     addr: addr.to_string(),
                     backends,
-                    ring: mesh_common::hash::fnv1a(slots.join(",").as_bytes()),
+                    ring,
                 }
             })
             .collect();

@@ -190,15 +190,12 @@ impl Daemon {
                 .lb
                 .ring(*id)
                 .map(|slots| {
-                    let named: Vec<String> = slots
-                        .iter()
-                        .map(|s| actual.backends.get(s).map(backend).unwrap_or_default())
-                        .collect();
-                    if named.is_empty() {
-                        0
-                    } else {
-                        mesh_common::hash::fnv1a(named.join(",").as_bytes())
-                    }
+                    check::ring_hash(slots.iter().map(|s| {
+                        actual
+                            .backends
+                            .get(s)
+                            .map_or(0, |b| check::backend_key(b.ip_be, b.port_be))
+                    }))
                 })
                 .unwrap_or(0);
             services.push(Service {
