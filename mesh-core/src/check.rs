@@ -24,8 +24,29 @@ use serde::{Deserialize, Serialize};
 pub const BUCKETS: usize = 32;
 /// The drift lines a report carries at most (the count is whole).
 pub const MAX_DRIFT_LINES: usize = 8;
-/// The rounds a report names at most.
+/// The rounds a node's answer names at most (several nodes may ask at
+/// once).
 pub const MAX_ROUNDS: usize = 8;
+
+/// The rounds a node has answered (`checkack`: `ASKER/N`, space
+/// separated, the newest last) with `round` added. Apart from the report,
+/// which changes only when the kernel does: a round costs every node a
+/// few bytes of gossip, not a report.
+pub fn answer(acks: &str, round: &str) -> String {
+    let mut v: Vec<&str> = acks.split_whitespace().filter(|r| *r != round).collect();
+    v.push(round);
+    let excess = v.len().saturating_sub(MAX_ROUNDS);
+    v[excess..].join(" ")
+}
+
+/// The rounds in a `checkack` value (bounded: a peer's word).
+pub fn acks(v: &str) -> Vec<String> {
+    v.split_whitespace()
+        .filter(|r| r.len() <= 80)
+        .take(MAX_ROUNDS)
+        .map(str::to_owned)
+        .collect()
+}
 
 /// One service as a node's kernel holds it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,10 +75,6 @@ pub struct Digest {
 /// What a node says of its own kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
-    /// The check rounds (`ASKER/N`) this report answers, the newest last
-    /// (at most [`MAX_ROUNDS`]: several nodes may ask at once).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rounds: Vec<String>,
     pub digest: Digest,
     /// Differences between its kernel and what its agent wrote, at most
     /// [`MAX_DRIFT_LINES`] of them, and how many there were.
@@ -305,9 +322,19 @@ mod tests {
     }
 
     #[test]
+    fn answers_keep_the_newest_rounds() {
+        let mut a = String::new();
+        for i in 0..10 {
+            a = answer(&a, &format!("n1/{i}"));
+        }
+        assert_eq!(acks(&a).len(), MAX_ROUNDS);
+        assert_eq!(acks(&a).last().map(String::as_str), Some("n1/9"));
+        assert_eq!(answer("n2/1 n1/1", "n2/1"), "n1/1 n2/1");
+    }
+
+    #[test]
     fn a_report_round_trips_in_json() {
         let r = Report {
-            rounds: vec!["n1/3".into()],
             digest: digest(&[svc("10.43.0.5:80/tcp", &[])], &[], &[]),
             drift: vec!["x".into()],
             drift_count: 1,

@@ -138,6 +138,7 @@ struct ControlPlane {
     asked: BTreeMap<String, u64>,
     answered: BTreeMap<String, u64>,
     report: Option<check::Report>,
+    acks: String,
 }
 
 impl ControlPlane {
@@ -152,20 +153,24 @@ impl ControlPlane {
             asked: BTreeMap::new(),
             answered: BTreeMap::new(),
             report: None,
+            acks: String::new(),
         }
     }
 
-    /// The report of what its maps hold, as the agent makes it
-    /// (`check::digest`: backends by address, rings by the addresses of
-    /// their slots), answering the rounds its peers asked for; `Some`
-    /// when it changed (to publish).
-    fn check_report(&mut self) -> Option<String> {
-        let asked = self
+    /// What to publish of its check, as the agent does: the report of
+    /// what its maps hold (`check::digest`: backends by address, rings by
+    /// the addresses of their slots), made once and then for every round
+    /// a peer asks, set when it changed; and the rounds answered
+    /// (`checkack`). The keys and values to set.
+    fn check_keys(&mut self) -> Vec<(&'static str, String)> {
+        let asked: Vec<String> = self
             .asked
             .iter()
-            .any(|(peer, n)| self.answered.get(peer) != Some(n));
-        if self.report.is_some() && !asked {
-            return None;
+            .filter(|(peer, n)| self.answered.get(*peer) != Some(*n))
+            .map(|(peer, n)| format!("{peer}/{n}"))
+            .collect();
+        if self.report.is_some() && asked.is_empty() {
+            return Vec::new();
         }
         let name = |b: &mesh_common::lb::Backend| {
             format!(
@@ -209,29 +214,27 @@ impl ControlPlane {
                 }
             })
             .collect();
-        let mut rounds: Vec<String> = self
-            .report
-            .as_ref()
-            .map_or(Vec::new(), |r| r.rounds.clone());
-        for (peer, n) in &self.asked {
-            if self.answered.get(peer) != Some(n) {
-                rounds.push(format!("{peer}/{n}"));
-                self.answered.insert(peer.clone(), *n);
-            }
-        }
-        let excess = rounds.len().saturating_sub(check::MAX_ROUNDS);
-        rounds.drain(..excess);
         let report = check::Report {
-            rounds,
             digest: check::digest(&services, &[], &[]),
             ..check::Report::default()
         };
-        if self.report.as_ref() == Some(&report) {
-            return None;
+        let mut keys = Vec::new();
+        if self.report.as_ref() != Some(&report) {
+            keys.extend(
+                serde_json::to_string(&report)
+                    .ok()
+                    .map(|v| (peers::KEY_CHECK, v)),
+            );
+            self.report = Some(report);
         }
-        let json = serde_json::to_string(&report).ok();
-        self.report = Some(report);
-        json
+        if !asked.is_empty() {
+            for r in &asked {
+                self.acks = check::answer(&self.acks, r);
+            }
+            self.answered.extend(self.asked.clone());
+            keys.push((peers::KEY_CHECK_ACK, self.acks.clone()));
+        }
+        keys
     }
 
     /// One pass as the agent runs it: decode and vet the peers, compute
@@ -292,13 +295,13 @@ async fn control_plane(
     while live.changed().await.is_ok() {
         let t = Instant::now();
         let steps = cp.pass(&live.borrow_and_update());
-        if let Some(report) = cp.check_report() {
-            handle
-                .chitchat()
-                .lock()
-                .await
-                .self_node_state()
-                .set(peers::KEY_CHECK, report);
+        let keys = cp.check_keys();
+        if !keys.is_empty() {
+            let chitchat = handle.chitchat();
+            let mut c = chitchat.lock().await;
+            for (k, v) in keys {
+                c.self_node_state().set(k, v);
+            }
         }
         for (total, ns) in STEP_NS.iter().zip(steps) {
             total.fetch_add(ns, Ordering::Relaxed);
@@ -748,9 +751,8 @@ async fn run(
                 .live_nodes()
                 .filter(|id| &*id.node_id != "node1")
                 .filter_map(|id| c.node_state(id))
-                .filter_map(|st| st.get(peers::KEY_CHECK))
-                .filter_map(|v| serde_json::from_str::<check::Report>(v).ok())
-                .filter(|r| r.rounds.iter().any(|x| x == round))
+                .filter_map(|st| st.get(peers::KEY_CHECK_ACK))
+                .filter(|v| check::acks(v).iter().any(|x| x == round))
                 .count();
             drop(c);
             if answered >= n - 1 {

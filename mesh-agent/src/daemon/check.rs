@@ -45,9 +45,10 @@ pub(super) struct CheckState {
     services: Vec<Service>,
     /// Its node table as entries (`check::digest`'s form).
     nodes: Vec<String>,
-    /// The report as last published.
+    /// The report as last published, and the rounds answered.
     report: Report,
     published: bool,
+    acks: String,
     /// Peers' check rounds answered (by peer), and this node's own round.
     answered: BTreeMap<String, u64>,
     own_round: u64,
@@ -220,8 +221,7 @@ impl Daemon {
         let digest = check::digest(&services, &published_lines, &node_lines);
 
         let repaired = !drift.is_empty();
-        let mut report = Report {
-            rounds: self.check.report.rounds.clone(),
+        let report = Report {
             digest,
             drift_count: drift.len(),
             drift: drift.iter().take(check::MAX_DRIFT_LINES).cloned().collect(),
@@ -231,12 +231,6 @@ impl Daemon {
                 self.check.report.drift_at_ms
             },
         };
-        if let Some(r) = round {
-            report.rounds.retain(|x| x != &r);
-            report.rounds.push(r);
-            let excess = report.rounds.len().saturating_sub(check::MAX_ROUNDS);
-            report.rounds.drain(..excess);
-        }
         if repaired {
             warn!(
                 differences = drift.len(),
@@ -267,6 +261,15 @@ impl Daemon {
                 Err(e) => warn!(error = %e, "check: encoding the report"),
             }
             self.check.report = report;
+        }
+        // The round answered, after the report it vouches for.
+        if let Some(r) = round {
+            let acks = check::answer(&self.check.acks, &r);
+            if c.membership.try_set(peers::KEY_CHECK_ACK, &acks) {
+                self.check.acks = acks;
+            } else {
+                self.retry = true;
+            }
         }
         repaired
     }
@@ -315,7 +318,7 @@ impl Daemon {
             .collect();
         let mut rows = vec![CheckRow {
             node: c.node_id.clone(),
-            answered: mine.rounds.clone(),
+            answered: check::acks(&self.check.acks),
             differences: mine.drift.iter().map(|d| format!("kernel: {d}")).collect(),
             since_ms: mine.drift_at_ms,
             drift_count: mine.drift_count,
@@ -368,7 +371,7 @@ impl Daemon {
             };
             rows.push(CheckRow {
                 node: name.clone(),
-                answered: theirs.rounds.clone(),
+                answered: p.check_acks.clone(),
                 differences,
                 since_ms: since,
                 drift_count: theirs.drift_count,

@@ -37,9 +37,11 @@ pub const KEY_VERSION: &str = "version";
 pub const KEY_WG: &str = "wg";
 /// What its kernel holds, for `meshctl check` (`crate::check::Report`, JSON).
 pub const KEY_CHECK: &str = "check";
-/// A check round it asked for (`N`): every node answers with a fresh
-/// [`KEY_CHECK`] naming the round.
+/// A check round it asked for (`N`): every node runs its self-check and
+/// names the round in [`KEY_CHECK_ACK`].
 pub const KEY_CHECK_REQ: &str = "checkreq";
+/// The check rounds it answered (`crate::check::answer`).
+pub const KEY_CHECK_ACK: &str = "checkack";
 /// The longest check report read (a few hundred bytes are usual).
 const MAX_CHECK_LEN: usize = 4096;
 pub const KEY_SUBNET: &str = "subnet";
@@ -132,6 +134,7 @@ pub struct Peer {
     /// Its last check report ([`KEY_CHECK`]) and check round ([`KEY_CHECK_REQ`]).
     pub check: Option<crate::check::Report>,
     pub check_req: Option<u64>,
+    pub check_acks: Vec<String>,
     pub subnet: Option<super::subnet::Claim>,
     /// Shared with the decoder's copy while unchanged: a pass does not
     /// copy 2,000 endpoints at 200 nodes.
@@ -158,6 +161,7 @@ struct Generation {
     wg: Option<WgKey>,
     check: Option<crate::check::Report>,
     check_req: Option<u64>,
+    check_acks: Vec<String>,
     subnet: Option<super::subnet::Claim>,
     endpoints: Arc<Vec<Endpoint>>,
     networks: BTreeMap<String, crate::network::Def>,
@@ -191,6 +195,10 @@ impl Generation {
                 .filter(|v| v.len() <= MAX_CHECK_LEN)
                 .and_then(|v| serde_json::from_str(v).ok()),
             check_req: state.get(KEY_CHECK_REQ).and_then(|v| v.parse().ok()),
+            check_acks: state
+                .get(KEY_CHECK_ACK)
+                .map(crate::check::acks)
+                .unwrap_or_default(),
             subnet: state
                 .get(KEY_SUBNET)
                 .and_then(|v| super::subnet::decode(node, v)),
@@ -372,6 +380,7 @@ fn merge(p: &mut Peer, id: &chitchat::ChitchatId, g: &Generation) {
     p.wg = g.wg;
     p.check.clone_from(&g.check);
     p.check_req = g.check_req;
+    p.check_acks.clone_from(&g.check_acks);
     if let Some(c) = &g.subnet {
         p.subnet = Some(c.clone());
     }
