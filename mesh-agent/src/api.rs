@@ -128,8 +128,9 @@ async fn monitor(
     }
 }
 
-/// How long `check` waits for every live node's answer.
-const CHECK_WAIT: Duration = Duration::from_secs(5);
+/// How long `check` waits for every live node's answer (answers spread
+/// by the regular gossip rounds: a few seconds at 200 nodes).
+const CHECK_WAIT: Duration = Duration::from_secs(10);
 
 /// `check`: a consistency check round (every node reports what its kernel
 /// holds now), awaited for at most [`CHECK_WAIT`]; the rows, or

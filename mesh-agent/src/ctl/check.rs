@@ -61,7 +61,7 @@ pub fn check(path: &Path, json: bool) -> Result<(String, bool), CtlError> {
             };
             let mut differences = r.differences.join("; ");
             if !answered {
-                differences = format!("did not answer round {} within 5 s", a.round);
+                differences = format!("did not answer round {} within 10 s", a.round);
             }
             Line {
                 node: if r.this_node {

@@ -45,7 +45,11 @@ pub async fn start(handle: &Arc<ChitchatHandle>, interval: Duration, stats: Arc<
             .chitchat()
             .lock()
             .await
-            .subscribe_event("", move |_| news.notify_one())
+            .subscribe_event("", move |ev| {
+                if !super::peers::spreads_slowly(ev.key) {
+                    news.notify_one();
+                }
+            })
     };
     let weak = Arc::downgrade(handle);
     tokio::spawn(async move {
