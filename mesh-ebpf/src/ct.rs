@@ -9,9 +9,12 @@ use mesh_common::{
     lb::Backend,
 };
 
+use mesh_common::stats::Stat;
+
 use crate::{
     hdr::IPPROTO_TCP,
     maps::{CT, CT_NEW},
+    stats::bump,
 };
 
 /// An entry found in one of the two tables.
@@ -159,18 +162,47 @@ pub fn create(client: &Tuple, to: &Balanced, tcp_flags: u8, new: bool) -> Result
     let t = table(new);
     t.insert(&client.key(dir::FORWARD), &fwd, 0)?;
     let (key, rev) = reverse(client, to, now);
-    if new {
-        // A finished flow with the same reply tuple (the client reused its
-        // port toward another address: another node's published port, a
-        // VIP) may still have its reverse entry among the confirmed ones,
-        // which lookups try first: it would capture this flow's replies.
-        // Looked up before it is removed: a lookup takes no lock, and there
-        // rarely is one (measured: a new flow 1030 -> 980 ns).
-        if CT.get_ptr(&key).is_some() {
-            let _ = CT.remove(&key);
-        }
+    if new && let Some(old) = lookup(&key) {
+        supersede_flow(client, &key, to, old);
     }
     t.insert(&key, &rev, 0)
+}
+
+/// A finished flow with the same reply tuple as `client`'s new one (the
+/// client reused its port toward another address of the same backend:
+/// another VIP, a node's published port) still has its pair: `old`, its
+/// reverse entry. Left alone, a confirmed reverse entry (looked up first)
+/// would capture the new flow's replies, and the old forward entry, if the
+/// client used that address again with the same port, would follow a flow
+/// whose reverse entry now restores the other address. A client cannot
+/// have both flows at once (the backend would see one connection), so the
+/// new flow ends the old one. Rare: a lookup, which takes no lock, comes
+/// before any removal.
+#[inline(always)]
+fn supersede_flow(client: &Tuple, key: &CtKey, to: &Balanced, old: Found) {
+    // SAFETY: pointer from a successful lookup in this run.
+    let (ip_be, port_be, flags) = unsafe {
+        (
+            (*old.entry).nat_ip_be,
+            (*old.entry).nat_port_be,
+            (*old.entry).flags,
+        )
+    };
+    // A routing-mesh return entry names the ingress node, not an address
+    // the client called: its forward entry is keyed by the backend.
+    if (ip_be, port_be) != to.restore && flags & CT_F_RETURN == 0 {
+        let called = Tuple {
+            dst_be: ip_be,
+            dport_be: port_be,
+            ..*client
+        };
+        if table(old.new).remove(&called.key(dir::FORWARD)).is_ok() {
+            bump(Stat::LbStaleReverse);
+        }
+    }
+    if !old.new {
+        let _ = CT.remove(key);
+    }
 }
 
 /// Moves a new flow's pair to the confirmed table when this packet of the
@@ -207,13 +239,17 @@ pub fn confirm(client: &Tuple, fwd: *mut CtEntry, to: &Balanced, tcp_flags: u8) 
 
 /// Recreates a tracked flow's reverse entry (in its table) if the LRU
 /// evicted it (its replies would otherwise reach the client from the
-/// backend's address, and the client would reset the connection); whether
-/// it did.
+/// backend's address, and the client would reset the connection) or
+/// another flow's took its place; whether it did.
 #[inline(always)]
 pub fn restore_reverse(client: &Tuple, to: &Balanced, new: bool) -> bool {
     let (key, rev) = reverse(client, to, now());
     let t = table(new);
-    t.get_ptr(&key).is_none() && t.insert(&key, &rev, 0).is_ok()
+    // SAFETY: pointer from a successful lookup in this run.
+    let right = t
+        .get_ptr(&key)
+        .is_some_and(|r| unsafe { ((*r).nat_ip_be, (*r).nat_port_be) == to.restore });
+    !right && t.insert(&key, &rev, 0).is_ok()
 }
 
 /// A new direct flow (not to a VIP) from `t`: if a finished VIP flow left a

@@ -208,6 +208,13 @@ fn hairpin_fixtures() {
 }
 
 #[test]
+fn reused_port_fixtures() {
+    let mut h = Harness::new();
+    lb::install_two_vips_one_backend(&mut h);
+    h.check(&lb::reused_port_fixtures());
+}
+
+#[test]
 fn fragment_fixtures() {
     let mut h = Harness::new();
     lb::install(&mut h);
