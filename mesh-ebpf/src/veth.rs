@@ -277,9 +277,13 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     }
     // A new direct flow: only a TCP SYN (without ACK) or any UDP packet can
     // start one; both are cheap to check against stale reverse entries.
+    // An address outside every network never had one: a VIP's backends
+    // are containers, inside their network (so a container's datagrams to
+    // the world skip the lookup).
     let opens =
         t.proto == IPPROTO_UDP || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-    if opens && ct::supersede_reverse(&t) {
+    let outside = matches!(located, Some((0, _)));
+    if opens && !outside && ct::supersede_reverse(&t) {
         bump(Stat::LbStaleReverse);
     }
     match (local, located) {
