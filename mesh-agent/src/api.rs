@@ -132,28 +132,41 @@ async fn monitor(
 /// by the regular gossip rounds: a few seconds at 200 nodes).
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
+/// `{"error": e}`.
+fn error_body(e: String) -> std::io::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&serde_json::json!({ "error": e }))?)
+}
+
+/// Hands the daemon the request `make` builds around its reply channel
+/// and waits (10 s) for the answer; the answer, or why there is none.
+async fn ask_daemon<T>(
+    shared: &Mutex<Shared>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> crate::requests::Request,
+) -> Result<T, String> {
+    let tx = shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .net_requests
+        .clone()
+        .ok_or("the agent takes no requests yet")?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(make(reply))
+        .await
+        .map_err(|_| "the agent is stopping".to_owned())?;
+    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok(r)) => r,
+        _ => Err("the agent did not answer in time".into()),
+    }
+}
+
 /// `check`: a consistency check round (every node reports what its kernel
 /// holds now), awaited for at most [`CHECK_WAIT`]; the rows, or
 /// `{"error": ...}`.
 async fn check(shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
     use crate::requests::Request as R;
-    let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
-    let Some(tx) = shared
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .net_requests
-        .clone()
-    else {
-        return Ok(err("the agent takes no requests yet".into())?);
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if tx.send(R::Check { reply }).await.is_err() {
-        return Ok(err("the agent is stopping".into())?);
-    }
-    let round = match tokio::time::timeout(Duration::from_secs(10), answer).await {
-        Ok(Ok(Ok(r))) => r,
-        Ok(Ok(Err(e))) => return Ok(err(e)?),
-        _ => return Ok(err("the agent did not answer in time".into())?),
+    let round = match ask_daemon(shared, |reply| R::Check { reply }).await {
+        Ok(r) => r,
+        Err(e) => return error_body(e),
     };
     let start = tokio::time::Instant::now();
     loop {
@@ -185,70 +198,42 @@ async fn check(shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
 /// public key) or `{"error": ...}`.
 async fn request(cmd: &str, shared: &Mutex<Shared>) -> std::io::Result<Vec<u8>> {
     use crate::requests::{NetworkRequest, Request as R};
-    let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e }));
-    let Some(tx) = shared
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .net_requests
-        .clone()
-    else {
-        return Ok(err("the agent takes no requests yet".into())?);
-    };
     let words: Vec<&str> = cmd.split_whitespace().collect();
-    let ask = |r: R| async {
-        tx.send(r)
-            .await
-            .map_err(|_| "the agent is stopping".to_owned())
-    };
-    let wait = Duration::from_secs(10);
-    let body = match words.as_slice() {
+    match words.as_slice() {
         ["network", "create", name, rest @ ..] if rest.len() <= 1 => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let r = R::Network(NetworkRequest::Create {
-                name: (*name).to_owned(),
-                subnet: rest.first().map(|s| (*s).to_owned()),
-                reply,
-            });
-            match ask(r).await {
-                Err(e) => err(e)?,
-                Ok(()) => match tokio::time::timeout(wait, answer).await {
-                    Ok(Ok(Ok(row))) => serde_json::to_vec_pretty(&row)?,
-                    Ok(Ok(Err(e))) => err(e)?,
-                    _ => err("the agent did not answer in time".into())?,
-                },
+            let (name, subnet) = ((*name).to_owned(), rest.first().map(|s| (*s).to_owned()));
+            let r = ask_daemon(shared, |reply| {
+                R::Network(NetworkRequest::Create {
+                    name,
+                    subnet,
+                    reply,
+                })
+            })
+            .await;
+            match r {
+                Ok(row) => Ok(serde_json::to_vec_pretty(&row)?),
+                Err(e) => error_body(e),
             }
         }
         ["network", "rm", name] => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let r = R::Network(NetworkRequest::Remove {
-                name: (*name).to_owned(),
-                reply,
-            });
-            match ask(r).await {
-                Err(e) => err(e)?,
-                Ok(()) => match tokio::time::timeout(wait, answer).await {
-                    Ok(Ok(Ok(()))) => b"{}".to_vec(),
-                    Ok(Ok(Err(e))) => err(e)?,
-                    _ => err("the agent did not answer in time".into())?,
-                },
+            let name = (*name).to_owned();
+            let r = ask_daemon(shared, |reply| {
+                R::Network(NetworkRequest::Remove { name, reply })
+            })
+            .await;
+            match r {
+                Ok(()) => Ok(b"{}".to_vec()),
+                Err(e) => error_body(e),
             }
         }
-        ["key", "renew"] => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            match ask(R::RenewKey { reply }).await {
-                Err(e) => err(e)?,
-                Ok(()) => match tokio::time::timeout(wait, answer).await {
-                    Ok(Ok(Ok(key))) => {
-                        serde_json::to_vec(&serde_json::json!({ "public_key": key }))?
-                    }
-                    Ok(Ok(Err(e))) => err(e)?,
-                    _ => err("the agent did not answer in time".into())?,
-                },
-            }
-        }
-        _ => err(format!("unknown command {cmd:?}"))?,
-    };
-    Ok(body)
+        ["key", "renew"] => match ask_daemon(shared, |reply| R::RenewKey { reply }).await {
+            Ok(key) => Ok(serde_json::to_vec(
+                &serde_json::json!({ "public_key": key }),
+            )?),
+            Err(e) => error_body(e),
+        },
+        _ => error_body(format!("unknown command {cmd:?}")),
+    }
 }
 
 /// The node table: this node, then every node gossip showed, with its

@@ -734,3 +734,41 @@ impl Default for Underlay {
         Self::new()
     }
 }
+
+/// `n` Docker hosts on one routed [`Underlay`], each with the whoami image
+/// and the agent container, joined into one cluster through node 1, each
+/// seeing all the others. Dropped agents first, then engines, then the
+/// underlay.
+pub struct Hosts {
+    pub agents: Vec<Agent>,
+    pub engines: Vec<Engine>,
+    pub underlay: Underlay,
+}
+
+impl Hosts {
+    pub fn start(n: u8) -> Hosts {
+        let underlay = Underlay::new();
+        let engines: Vec<Engine> = (0..n).map(|_| Engine::start()).collect();
+        let key = engines[0].write_cluster_key();
+        for (i, e) in engines.iter().enumerate() {
+            underlay.attach(e, i as u8 + 1);
+            e.import_whoami();
+        }
+        let agents: Vec<Agent> = (1..=n)
+            .map(|i| {
+                let flags = underlay.cluster_flags(&format!("n{i}"), &[1]);
+                Agent::in_container(&engines[i as usize - 1], Some(&key), &flags)
+            })
+            .collect();
+        for a in &agents {
+            a.wait_for("every other node a peer", Duration::from_secs(60), |s| {
+                s.docker.connected && s.node.peers.len() == n as usize - 1
+            });
+        }
+        Hosts {
+            agents,
+            engines,
+            underlay,
+        }
+    }
+}

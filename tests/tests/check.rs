@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::dockerlab::{Agent, Engine, Underlay};
+use mesh_tests::dockerlab::{Engine, Hosts};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -23,28 +23,12 @@ fn meshctl_check(e: &Engine) -> (bool, String) {
 
 #[test]
 fn docker_meshctl_check_names_a_node_whose_kernel_was_changed_behind_its_agent() {
-    let underlay = Underlay::new();
-    let engines: Vec<Engine> = (0..2).map(|_| Engine::start()).collect();
-    let key = engines[0].write_cluster_key();
-    for (i, e) in engines.iter().enumerate() {
-        underlay.attach(e, i as u8 + 1);
-        e.import_whoami();
-    }
-    let agents: Vec<Agent> = (1..=2u8)
-        .map(|n| {
-            let flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
-            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
-        })
-        .collect();
-    for a in &agents {
-        a.wait_for("one peer", WAIT, |s| {
-            s.docker.connected && s.node.peers.len() == 1
-        });
-    }
+    let hosts = Hosts::start(2);
+    let (engines, agents) = (&hosts.engines, &hosts.agents);
     let (e1, e2) = (&engines[0], &engines[1]);
     e1.run_whoami("w1", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
     e2.run_whoami("w2", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
-    for a in &agents {
+    for a in agents {
         a.wait_for("two replicas", WAIT, |s| {
             s.services
                 .iter()

@@ -12,7 +12,7 @@ use std::{
 
 use mesh_lab::whoami::HTTP_PORT;
 use mesh_tests::{
-    dockerlab::{Agent, Engine, Underlay},
+    dockerlab::{Agent, Hosts},
     netns::Netns,
 };
 
@@ -66,24 +66,8 @@ fn active(agent: &Agent, service: &str, n: usize) {
 
 #[test]
 fn docker_nginx_front_door_routes_host_names_to_services_as_replicas_come_and_go() {
-    let underlay = Underlay::new();
-    let engines: Vec<Engine> = (0..2).map(|_| Engine::start()).collect();
-    let key = engines[0].write_cluster_key();
-    for (i, e) in engines.iter().enumerate() {
-        underlay.attach(e, i as u8 + 1);
-        e.import_whoami();
-    }
-    let agents: Vec<Agent> = (1..=2u8)
-        .map(|n| {
-            let flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
-            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
-        })
-        .collect();
-    for a in &agents {
-        a.wait_for("one peer", WAIT, |s| {
-            s.docker.connected && s.node.peers.len() == 1
-        });
-    }
+    let hosts = Hosts::start(2);
+    let (underlay, engines, agents) = (&hosts.underlay, &hosts.engines, &hosts.agents);
     let (e1, e2) = (&engines[0], &engines[1]);
     let port = format!("mesh.port={HTTP_PORT}/tcp");
     e1.run_whoami("wa1", &["mesh.service=app-a", &port], &[]);
@@ -119,7 +103,7 @@ fn docker_nginx_front_door_routes_host_names_to_services_as_replicas_come_and_go
         "-c",
         "/etc/nginx/nginx.conf",
     ]);
-    for a in &agents {
+    for a in agents {
         active(a, "app-a", 1);
         active(a, "app-b", 1);
         active(a, "front", 1);

@@ -14,7 +14,7 @@ use std::{
 };
 
 use mesh_tests::{
-    dockerlab::{Agent, Engine, Underlay},
+    dockerlab::{Engine, Hosts},
     netns, pkt, raw,
 };
 
@@ -55,24 +55,8 @@ fn events(lines: &[String]) -> Vec<serde_json::Value> {
 
 #[test]
 fn docker_meshctl_monitor_shows_drops_with_their_reasons_and_stays_bounded() {
-    let underlay = Underlay::new();
-    let engines: Vec<Engine> = (0..2).map(|_| Engine::start()).collect();
-    let key = engines[0].write_cluster_key();
-    for (i, e) in engines.iter().enumerate() {
-        underlay.attach(e, i as u8 + 1);
-        e.import_whoami();
-    }
-    let agents: Vec<Agent> = (1..=2u8)
-        .map(|n| {
-            let flags = underlay.cluster_flags(&format!("n{n}"), &[1]);
-            Agent::in_container(&engines[n as usize - 1], Some(&key), &flags)
-        })
-        .collect();
-    for a in &agents {
-        a.wait_for("one peer", WAIT, |s| {
-            s.docker.connected && s.node.peers.len() == 1
-        });
-    }
+    let hosts = Hosts::start(2);
+    let (underlay, engines, agents) = (&hosts.underlay, &hosts.engines, &hosts.agents);
     let e1 = &engines[0];
     e1.run_whoami("w1", &["mesh.service=whoami", "mesh.port=80/tcp"], &[]);
     agents[0].wait_for("w1", WAIT, |s| {
