@@ -63,8 +63,6 @@ pub const MAX_SERVICES: u32 = 16_384;
 pub const MAX_BACKENDS: u32 = 131_072;
 /// Nodes in a cluster.
 pub const MAX_NODES: u32 = 1024;
-/// Overlay networks besides `mesh` (one /16 each).
-pub const MAX_NETS: u32 = 64;
 /// Other nodes' slices of every network (`MESH_NODES`): nodes times
 /// networks, e.g. 256 nodes on 64 networks.
 pub const MAX_SLICES: u32 = 16_384;
@@ -190,13 +188,15 @@ pub const NODES: MapDef = def(
     Agent,
     "slice /24 -> Node{underlay ip, inner mac, vni}: the node it lives on",
 );
-/// Hash `/16 (network order) -> VNI`: the overlay networks besides `mesh`.
+/// Array `/16 (an address's top 16 bits) -> VNI | NET16_NODES`: the
+/// overlay networks besides `mesh`, and where nodes' addresses lie
+/// (`crate::tunnel::net16`).
 pub const NETS: MapDef = def(
     "MESH_NETS",
-    Hash,
-    MAX_NETS,
+    Array,
+    crate::tunnel::NET16_SLOTS,
     Agent,
-    "network /16 -> its VNI: the overlay networks besides mesh",
+    "/16 -> the VNI of the overlay network there (besides mesh) | NET16_NODES if a node's address is there",
 );
 /// Hash `container IP (network order) -> LocalEndpoint`: this node's containers.
 pub const LOCAL_EPS: MapDef = def(

@@ -83,6 +83,23 @@ pub struct Node {
     pub vni: u32,
 }
 
+/// `MESH_NETS` has one slot per /16 of the address space, indexed by an
+/// address's top 16 bits ([`net16`]): a data-plane program reads it on
+/// every container packet to an address outside `mesh`, and an array slot
+/// costs next to nothing where a hash lookup costs about 20 ns.
+pub const NET16_SLOTS: u32 = 1 << 16;
+/// A `MESH_NETS` slot's VNI: the overlay network of that /16 (0: none).
+pub const NET16_VNI: u32 = (1 << 24) - 1;
+/// A `MESH_NETS` slot's flag: some node's underlay address lies in that
+/// /16 (an address elsewhere is no node's and has no published port).
+pub const NET16_NODES: u32 = 1 << 31;
+
+/// The `MESH_NETS` slot of an address (network order).
+#[inline(always)]
+pub const fn net16(ip_be: u32) -> u32 {
+    u32::from_be(ip_be) >> 16
+}
+
 /// A veth's container (`MESH_VETH_SRC`, by the veth's ifindex).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -91,7 +108,15 @@ pub struct VethSrc {
     pub ip_be: u32,
     /// The VNI of the network the veth is on.
     pub vni: u32,
+    /// `VETH_PUBLISHED` or 0.
+    pub flags: u32,
 }
+
+/// A `VethSrc` flag: the container is (or was, while it lives) a backend
+/// of a published port, so its packets to the world may be replies to the
+/// routing mesh's clients (looked up in conntrack). Other containers'
+/// packets to the world skip that lookup.
+pub const VETH_PUBLISHED: u32 = 1;
 
 /// This node, slot 0 of the config array (written by the agent).
 #[repr(C)]
@@ -198,7 +223,7 @@ impl Bridge {
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
-const _: () = assert!(core::mem::size_of::<VethSrc>() == 8);
+const _: () = assert!(core::mem::size_of::<VethSrc>() == 12);
 const _: () = assert!(core::mem::size_of::<LocalNode>() == 56);
 
 #[cfg(feature = "user")]

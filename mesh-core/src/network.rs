@@ -32,7 +32,7 @@ pub const KEY_PREFIX: &str = "net:";
 /// (`netuse:NAME`), so `network rm` anywhere knows who uses it.
 pub const USE_PREFIX: &str = "netuse:";
 /// Live networks besides `mesh`: each costs 256 entries of the slice
-/// table and a key in gossip (`mesh_common::maps::MAX_NETS`).
+/// table (`mesh_common::maps::MAX_SLICES`) and a key in gossip.
 pub const MAX_NETWORKS: usize = 64;
 /// How long a removed network's tombstone is kept (ms): a host away for
 /// longer brings back what was removed meanwhile.

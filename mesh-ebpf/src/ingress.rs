@@ -32,7 +32,8 @@ use mesh_common::{
     lb::{PublishedKey, published_hash},
     stats::Stat,
     tunnel::{
-        BALANCED_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD, WG_OVERHEAD,
+        BALANCED_MARK, LocalNode, NET16_NODES, REPLY_MARK, TOO_BIG_MARK, TUNNEL_TCP_OVERHEAD,
+        WG_OVERHEAD,
     },
 };
 
@@ -70,8 +71,12 @@ fn outside(l: &LocalNode, ip_be: u32) -> bool {
 /// (node addresses are: containers' own traffic pays nothing).
 #[inline(always)]
 pub fn published_at_node(l: &LocalNode, t: &Tuple) -> Option<u32> {
-    // SAFETY: plain data written by the agent.
-    if t.dst_be != l.underlay_ip_be && unsafe { PEERS.get(&t.dst_be) }.is_none() {
+    // Most such packets go to the world: no node's /16, one array slot.
+    if t.dst_be != l.underlay_ip_be
+        && (tunnel::net16_slot(t.dst_be) & NET16_NODES == 0
+            // SAFETY: plain data written by the agent.
+            || unsafe { PEERS.get(&t.dst_be) }.is_none())
+    {
         return None;
     }
     let key = PublishedKey {

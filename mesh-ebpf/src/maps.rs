@@ -16,12 +16,12 @@ use mesh_common::{
     },
     maps::{
         BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, EVENTS_BYTES, FRAG_ENTRIES, MAX_BACKENDS,
-        MAX_BRIDGES, MAX_LOCAL_EPS, MAX_NETS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES,
-        RING_FLAGS, SOCK_ORIG_ENTRIES, VETH_SLOTS,
+        MAX_BRIDGES, MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES, RING_FLAGS,
+        SOCK_ORIG_ENTRIES, VETH_SLOTS,
     },
     monitor::Budget,
     stats::STATS_SLOTS,
-    tunnel::{Bridge, LocalEndpoint, LocalNode, Node, VethSrc},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, NET16_SLOTS, Node, VethSrc},
 };
 
 /// Packet counters, one slot per `mesh_common::stats::Stat`.
@@ -72,9 +72,10 @@ pub static LOCAL_NODE: Array<LocalNode> = Array::with_max_entries(1, 0);
 #[map(name = "MESH_NODES")]
 pub static NODES: HashMap<u32, Node> = HashMap::with_max_entries(MAX_SLICES, 0);
 
-/// The overlay networks besides `mesh`: /16 -> VNI.
+/// The overlay networks besides `mesh` and the /16s of nodes' addresses:
+/// /16 -> VNI | `NET16_NODES`.
 #[map(name = "MESH_NETS")]
-pub static NETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NETS, 0);
+pub static NETS: Array<u32> = Array::with_max_entries(NET16_SLOTS, 0);
 
 /// This node's containers, by address.
 #[map(name = "MESH_LOCAL_EPS")]

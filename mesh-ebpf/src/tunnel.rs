@@ -12,8 +12,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        DELIVERED_MARK, ENCAP_LEN, LocalNode, NODE_MASK, Node, SPORT_BASE, SPORT_MASK,
-        VXLAN_FLAG_I, WG_OVERHEAD,
+        DELIVERED_MARK, ENCAP_LEN, LocalNode, NET16_VNI, NODE_MASK, Node, SPORT_BASE, SPORT_MASK,
+        VXLAN_FLAG_I, WG_OVERHEAD, net16,
     },
 };
 
@@ -53,8 +53,12 @@ pub fn route(l: &LocalNode, dst_be: u32) -> Result<Route, Stat> {
     locate(l, dst_be).map(|(_, r)| r)
 }
 
-/// The /16 of an address (network order), the key of `MESH_NETS`.
-const NET16_MASK_BE: u32 = 0xffff_0000u32.to_be();
+/// The `MESH_NETS` slot of `ip_be`'s /16: its network's VNI and whether
+/// nodes' addresses lie there.
+#[inline(always)]
+pub fn net16_slot(ip_be: u32) -> u32 {
+    NETS.get(net16(ip_be)).map_or(0, |v| *v)
+}
 
 /// The VNI of the overlay network `ip_be` belongs to: `mesh` (the cluster
 /// CIDR) or another network (`MESH_NETS`); 0 for any other address.
@@ -63,8 +67,7 @@ pub fn vni_of(l: &LocalNode, ip_be: u32) -> u32 {
     if ip_be & l.cluster_mask_be == l.cluster_be {
         return l.vni;
     }
-    // SAFETY: plain data written by the agent.
-    unsafe { NETS.get(&(ip_be & NET16_MASK_BE)) }.map_or(0, |v| *v)
+    net16_slot(ip_be) & NET16_VNI
 }
 
 /// The index of the /24 `ip_be` lies in within its /16 (its third octet).
@@ -83,8 +86,7 @@ pub fn is_local_slice(l: &LocalNode, ip_be: u32) -> bool {
     ip_be & l.cluster_mask_be != l.cluster_be
         && slice_of(ip_be) == l.slice_index
         && l.slice_index != 0
-        // SAFETY: plain data written by the agent.
-        && unsafe { NETS.get(&(ip_be & NET16_MASK_BE)) }.is_some()
+        && net16_slot(ip_be) & NET16_VNI != 0
 }
 
 /// Where an address lives and the VNI of its network (0: no overlay
@@ -99,10 +101,10 @@ pub fn locate(l: &LocalNode, dst_be: u32) -> Result<(u32, Route), Stat> {
         }
         l.vni
     } else {
-        // SAFETY: plain data written by the agent.
-        let Some(vni) = (unsafe { NETS.get(&(dst_be & NET16_MASK_BE)) }).copied() else {
+        let vni = net16_slot(dst_be) & NET16_VNI;
+        if vni == 0 {
             return Ok((0, Route::Here));
-        };
+        }
         let slice = slice_of(dst_be);
         if slice == l.slice_index {
             return Ok((vni, Route::Here));

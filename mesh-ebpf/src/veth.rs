@@ -12,7 +12,7 @@ use mesh_common::{
     ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
-    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode},
+    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode, VETH_PUBLISHED},
 };
 
 use crate::{
@@ -160,26 +160,28 @@ fn vip_echo(ctx: &TcContext, pk: &Parsed, src_vni: u32) -> Result<Verdict, Stat>
 
 /// The VNI of the network of the container behind this veth, if `src_be`
 /// is its address (the agent writes every local container's address and
-/// veth). A container may hold NET_RAW (Docker grants it by default) and
-/// forge any source; these programs run before netfilter, so this check is
-/// the firewall's. One array slot by ifindex says yes for the common case;
-/// anything else (a veth beyond the array, a slot not written, another
-/// address) is judged by `MESH_LOCAL_EPS`, the network then by address.
+/// veth), and its `VethSrc` flags. A container may hold NET_RAW (Docker
+/// grants it by default) and forge any source; these programs run before
+/// netfilter, so this check is the firewall's. One array slot by ifindex
+/// says yes for the common case; anything else (a veth beyond the array, a
+/// slot not written, another address) is judged by `MESH_LOCAL_EPS`, the
+/// network then by address, the flags taken as all set.
 #[inline(always)]
-fn own_source(ctx: &TcContext, src_be: u32) -> Option<u32> {
+fn own_source(ctx: &TcContext, src_be: u32) -> Option<(u32, u32)> {
     // SAFETY: the context's own field: the veth this program runs on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Some(v) = VETH_SRC.get(ifindex)
         && v.ip_be == src_be
         && src_be != 0
     {
-        return Some(v.vni);
+        return Some((v.vni, v.flags));
     }
     // SAFETY: plain data written by the agent.
     if !unsafe { LOCAL_EPS.get(&src_be) }.is_some_and(|ep| ep.ifindex == ifindex) {
         return None;
     }
-    Some(tunnel::local_ref().map_or(0, |l| tunnel::vni_of(l, src_be)))
+    let vni = tunnel::local_ref().map_or(0, |l| tunnel::vni_of(l, src_be));
+    Some((vni, u32::MAX))
 }
 
 /// Whether `dst_be` may be a VIP: outside the VIP range (most of a
@@ -199,7 +201,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         Err(ParseError::NotIpv4) => return arp_reply(ctx).unwrap_or_else(|| pass(Stat::TcNotIpv4)),
         Err(e) => return unparsed(e),
     };
-    let Some(src_vni) = own_source(ctx, pk.t.src_be) else {
+    let Some((src_vni, src_flags)) = own_source(ctx, pk.t.src_be) else {
         return Err(Stat::TcSpoofed);
     };
     if pk.fragment {
@@ -271,7 +273,9 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
             return to_backend(ctx, &pk, &c, 0);
         }
         // A backend's reply to a client of the routing mesh.
-        if let Some(r) = crate::ingress::reply_out(ctx, local, &pk) {
+        if src_flags & VETH_PUBLISHED != 0
+            && let Some(r) = crate::ingress::reply_out(ctx, local, &pk)
+        {
             return r;
         }
     }
@@ -326,7 +330,7 @@ fn arp_reply(ctx: &TcContext) -> Option<Result<Verdict, Stat>> {
     let (sender, target) = (a.spa_be, a.tpa_be);
     // Only a container of this node asking in its own network (its
     // address is its veth's), about an address of that network elsewhere.
-    let src_vni = own_source(ctx, sender)?;
+    let (src_vni, _) = own_source(ctx, sender)?;
     if src_vni == 0 || tunnel::vni_of(l, target) != src_vni || tunnel::is_local_slice(l, target) {
         return None;
     }

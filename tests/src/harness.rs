@@ -247,11 +247,26 @@ impl Harness {
         self.overlay
             .set_local_ep(u32::from(ip).to_be(), &ep)
             .unwrap_or_else(|e| panic!("local endpoint {ip}: {e}"));
-        for (ifindex, v) in dataplane::overlay::veth_src(&eps, |_| vni) {
+        let none = std::collections::BTreeMap::new();
+        for (ifindex, v) in dataplane::overlay::veth_src(&eps, |_| vni, |_| false, &none) {
             self.overlay
                 .set_veth_src(ifindex, &v)
                 .unwrap_or_else(|e| panic!("veth source {ip}: {e}"));
         }
+    }
+
+    /// Marks the container behind veth `ifindex` as a backend of a
+    /// published port, as the agent does (`VETH_PUBLISHED`).
+    pub fn publishes(&mut self, ifindex: u32) {
+        let mut v = self
+            .overlay
+            .veth_src
+            .get(&ifindex, 0)
+            .unwrap_or_else(|e| panic!("veth source {ifindex}: {e}"));
+        v.flags |= mesh_common::tunnel::VETH_PUBLISHED;
+        self.overlay
+            .set_veth_src(ifindex, &v)
+            .unwrap_or_else(|e| panic!("veth source {ifindex}: {e}"));
     }
 
     /// The loaded object, e.g. to attach its programs.

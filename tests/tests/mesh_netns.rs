@@ -71,6 +71,9 @@ fn publish_on(lab: &mut OverlayLab, members: &[usize]) {
     };
     let (tcp_ring, udp_ring) = (ring(1, TCP_PORT), ring(3, UDP_PORT));
     for (n, node) in lab.nodes.iter_mut().enumerate() {
+        if members.contains(&n) {
+            node.harness.publishes(containers[n].1);
+        }
         let lb = &mut node.harness.lb;
         for (i, (ip, ifindex, mac)) in containers.iter().enumerate() {
             let (ifindex, mac) = if i == n {

@@ -312,13 +312,21 @@ impl Daemon {
     /// networks and the local endpoints, through the keyed diff.
     fn write_tables(&mut self, st: &State, peers: &BTreeMap<String, Peer>) -> Vec<String> {
         let mut failed = Vec::new();
+        let cluster = self.cluster.as_ref().map(|c| {
+            let (mesh_nodes, conflicts) =
+                desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);
+            (c.cluster_cidr, mesh_nodes, conflicts)
+        });
         // The networks before the slices that point into them.
-        let want: BTreeMap<u32, u32> = self
-            .nets
-            .served
-            .iter()
-            .map(|n| (u32::from(n.cidr.base).to_be(), n.vni))
-            .collect();
+        let want = crate::dataplane::overlay::net16_slots(
+            self.nets
+                .served
+                .iter()
+                .map(|n| (u32::from(n.cidr.base).to_be(), n.vni)),
+            cluster
+                .iter()
+                .flat_map(|(_, nodes, _)| nodes.values().map(|n| n.underlay_ip_be)),
+        );
         let ops = table::plan(&want, &self.written.nets);
         let errors = table::apply(
             &ops,
@@ -328,10 +336,8 @@ impl Daemon {
         failed.extend(errors.iter().map(|e| format!("network table: {e}")));
         // WireGuard knows a node before the tables send it anything.
         failed.extend(self.sync_wg_peers(peers));
-        if let Some(c) = &self.cluster {
-            let (mesh_nodes, conflicts) =
-                desired::nodes(peers, c.cluster_cidr, self.settings.node_subnet);
-            self.probe_targets(peers, c.cluster_cidr);
+        if let Some((cluster_cidr, mesh_nodes, conflicts)) = cluster {
+            self.probe_targets(peers, cluster_cidr);
             for name in conflicts {
                 warn!(node = %name, "a peer claims our subnet; ignoring it");
             }
@@ -340,7 +346,7 @@ impl Daemon {
                 if claim.index == self.slice_index() || claim.index > 255 {
                     continue;
                 }
-                let s = crate::gossip::subnet::subnet(c.cluster_cidr, claim.index);
+                let s = crate::gossip::subnet::subnet(cluster_cidr, claim.index);
                 let Some(node) = mesh_nodes.get(&u32::from(s.base).to_be()) else {
                     continue;
                 };
@@ -390,7 +396,18 @@ impl Daemon {
             &mut self.written.local_eps,
         );
         failed.extend(errors.iter().map(|e| format!("local endpoints: {e}")));
-        let want = crate::dataplane::overlay::veth_src(&st.local_eps, |ip| self.vni_of(ip));
+        let published: std::collections::BTreeSet<u32> = st
+            .published
+            .values()
+            .filter_map(|addr| st.lb.get(addr))
+            .flat_map(|backends| backends.keys().map(|(ip, _)| u32::from(*ip).to_be()))
+            .collect();
+        let want = crate::dataplane::overlay::veth_src(
+            &st.local_eps,
+            |ip| self.vni_of(ip),
+            |ip| published.contains(&ip),
+            &self.written.veth_src,
+        );
         let ops = table::plan(&want, &self.written.veth_src);
         let errors = table::apply(
             &ops,

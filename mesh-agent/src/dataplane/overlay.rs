@@ -9,7 +9,7 @@ use aya::{
 use mesh_common::{
     lb::Config,
     maps,
-    tunnel::{Bridge, LocalEndpoint, LocalNode, Node, VethSrc},
+    tunnel::{Bridge, LocalEndpoint, LocalNode, NET16_NODES, Node, VETH_PUBLISHED, VethSrc, net16},
 };
 
 use super::lb::MapsError;
@@ -25,8 +25,9 @@ pub struct OverlayMaps {
     /// Veth ifindex -> its container's address and network
     /// (anti-spoofing fast path, isolation).
     pub veth_src: Array<MapData, VethSrc>,
-    /// The overlay networks besides `mesh`: /16 -> VNI.
-    pub nets: HashMap<MapData, u32, u32>,
+    /// By /16 (`net16`): the overlay network there besides `mesh` (its
+    /// VNI) and whether nodes' addresses are there (`NET16_NODES`).
+    pub nets: Array<MapData, u32>,
     /// Settings of the whole data plane.
     pub config: Array<MapData, Config>,
     /// Docker's other bridge networks, by bridge ifindex.
@@ -68,9 +69,27 @@ impl OverlayMaps {
         })
     }
 
-    /// The overlay networks as the kernel has them.
+    /// The written /16 slots as the kernel has them (a restarted agent
+    /// starts here).
     pub fn read_nets(&self) -> Result<BTreeMap<u32, u32>, MapsError> {
-        read_all(&self.nets).map_err(err(maps::NETS.name))
+        let mut out = BTreeMap::new();
+        for (i, v) in self.nets.iter().enumerate() {
+            let v = v.map_err(err(maps::NETS.name))?;
+            if v != 0 {
+                out.insert(i as u32, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A network's /16 (its base address, network order) and VNI, as the
+    /// agent writes them (tests and labs without an agent).
+    pub fn set_net(&mut self, base_be: u32, vni: u32) -> Result<(), MapsError> {
+        let slot = net16(base_be);
+        let old = self.nets.get(&slot, 0).map_err(err(maps::NETS.name))?;
+        self.nets
+            .set(slot, old & NET16_NODES | vni, 0)
+            .map_err(err(maps::NETS.name))
     }
 
     /// The VIPs that answer pings, as the kernel has them.
@@ -92,7 +111,12 @@ impl OverlayMaps {
     /// its /24.
     pub fn set_peer(&mut self, ip_be: u32, subnet_be: u32) -> Result<(), MapsError> {
         KeyedWriter::set(&mut Keyed(&mut self.peers), &ip_be, &subnet_be)
-            .map_err(err(maps::PEERS.name))
+            .map_err(err(maps::PEERS.name))?;
+        let slot = net16(ip_be);
+        let old = self.nets.get(&slot, 0).map_err(err(maps::NETS.name))?;
+        self.nets
+            .set(slot, old | NET16_NODES, 0)
+            .map_err(err(maps::NETS.name))
     }
 
     /// This node's settings; `enabled` set turns the overlay on.
@@ -162,33 +186,65 @@ fn read_all<K: Pod + Ord, V: Pod>(m: &HashMap<MapData, K, V>) -> Result<BTreeMap
 /// (`reconcile::table`, which knows no kernel maps).
 pub struct Keyed<'a, M>(pub &'a mut M);
 
-/// The veth array is a keyed table too: removing a slot writes zeros.
-impl KeyedWriter<u32, VethSrc> for Keyed<'_, Array<MapData, VethSrc>> {
+/// An agent-written array is a keyed table too: removing a slot writes
+/// zeros.
+impl<V: Pod + Default> KeyedWriter<u32, V> for Keyed<'_, Array<MapData, V>> {
     type Error = MapError;
-    fn set(&mut self, key: &u32, value: &VethSrc) -> Result<(), MapError> {
+    fn set(&mut self, key: &u32, value: &V) -> Result<(), MapError> {
         self.0.set(*key, value, 0)
     }
     fn remove(&mut self, key: &u32) -> Result<(), MapError> {
-        self.0.set(*key, VethSrc::default(), 0)
+        self.0.set(*key, V::default(), 0)
     }
+}
+
+/// The /16 array's contents: every served network's VNI at its /16, and
+/// the flag on the /16 of each node's underlay address (`underlays`).
+pub fn net16_slots(
+    nets: impl IntoIterator<Item = (u32, u32)>,
+    underlays: impl IntoIterator<Item = u32>,
+) -> BTreeMap<u32, u32> {
+    let mut out: BTreeMap<u32, u32> = nets
+        .into_iter()
+        .map(|(base_be, vni)| (net16(base_be), vni))
+        .collect();
+    for ip_be in underlays {
+        *out.entry(net16(ip_be)).or_default() |= NET16_NODES;
+    }
+    out
 }
 
 /// The veth array's contents for `local_eps` (container address ->
 /// endpoint): one slot per veth within the array, with the VNI of the
-/// address's network (`vni_of`).
+/// address's network (`vni_of`) and `VETH_PUBLISHED` for a backend of a
+/// published port (`published`). The flag stays while the same container
+/// holds the slot (`written`): its routing-mesh flows outlive its service's
+/// ports.
 pub fn veth_src(
     local_eps: &BTreeMap<u32, LocalEndpoint>,
     vni_of: impl Fn(u32) -> u32,
+    published: impl Fn(u32) -> bool,
+    written: &BTreeMap<u32, VethSrc>,
 ) -> BTreeMap<u32, VethSrc> {
     local_eps
         .iter()
         .filter(|(ip, ep)| ep.ifindex != 0 && ep.ifindex < maps::VETH_SLOTS && **ip != 0)
-        .map(|(ip, ep)| {
+        .map(|(&ip_be, ep)| {
+            let was = written
+                .get(&ep.ifindex)
+                .filter(|w| w.ip_be == ip_be)
+                .map_or(0, |w| w.flags & VETH_PUBLISHED);
+            let flags = if published(ip_be) {
+                VETH_PUBLISHED
+            } else {
+                was
+            };
             (
                 ep.ifindex,
                 VethSrc {
-                    ip_be: *ip,
-                    vni: vni_of(*ip),
+                    ip_be,
+                    vni: vni_of(ip_be),
+                    flags,
                 },
             )
         })
@@ -227,10 +283,29 @@ mod tests {
             // No veth (yet).
             (13, ep(0)),
         ]);
-        let v = |ip_be| VethSrc { ip_be, vni: 42 };
+        let v = |ip_be, flags| VethSrc {
+            ip_be,
+            vni: 42,
+            flags,
+        };
+        let none = BTreeMap::new();
         assert_eq!(
-            veth_src(&eps, |_| 42),
-            BTreeMap::from([(7, v(10)), (8, v(11))])
+            veth_src(&eps, |_| 42, |_| false, &none),
+            BTreeMap::from([(7, v(10, 0)), (8, v(11, 0))])
+        );
+        // 10 backs a published port.
+        let written = veth_src(&eps, |_| 42, |ip| ip == 10, &none);
+        assert_eq!(
+            written,
+            BTreeMap::from([(7, v(10, VETH_PUBLISHED)), (8, v(11, 0))])
+        );
+        // Its port is gone: the flag stays while 10 holds veth 7.
+        assert_eq!(veth_src(&eps, |_| 42, |_| false, &written), written);
+        // Another container on veth 7: no flag.
+        let other = BTreeMap::from([(14, ep(7))]);
+        assert_eq!(
+            veth_src(&other, |_| 42, |_| false, &written),
+            BTreeMap::from([(7, v(14, 0))])
         );
     }
 }
