@@ -19,6 +19,10 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(100_000);
 
+    if std::env::var_os("MESH_BENCH_PROFILE").is_some() {
+        profile_paths();
+        return;
+    }
     if std::env::var_os("MESH_BENCH_OWN_COST_ONLY").is_some() {
         own_cost(repeat);
         network_cost(repeat);
@@ -168,38 +172,13 @@ fn main() {
 /// the empty program's single runs.
 fn own_cost(repeat: u32) {
     let empty = EmptyProg::tc().expect("loading an empty TC program");
-    let mut h = Harness::new();
-    fixtures::overlay::install(&mut h);
-    let (a, b) = lb::install_pair(&mut h);
-    let c = (lb::CLIENT, 40_000);
-    // Both flows opened, answered (SYN-ACK) and confirmed (the client's
-    // next segment), as established connections are.
-    for (vip, other) in [(a, b), (b, a)] {
-        h.run(
-            Prog::TcFromContainer,
-            &pkt::tcp4(c, (vip, 80), 1, |x| x.syn(), b""),
-            1,
-        );
-        h.run(
-            Prog::TcToContainer,
-            &pkt::tcp4((other, 80), c, 1, |x| x.syn().ack(2), b""),
-            1,
-        );
-        h.run(
-            Prog::TcFromContainer,
-            &pkt::tcp4(c, (vip, 80), 2, |x| x.ack(2), b""),
-            1,
-        );
-    }
-    let seg = pkt::tcp4(c, (a, 80), 2, |x| x.ack(2), b"data");
-    let reply = pkt::tcp4((b, 80), c, 2, |x| x.ack(6), b"ok");
-    let world = pkt::tcp4(
-        c,
-        (Ipv4Addr::new(192, 0, 2, 80), 443),
-        2,
-        |x| x.ack(2),
-        b"data",
-    );
+    let Paths {
+        mut h,
+        seg,
+        reply,
+        world,
+        vip: a,
+    } = Paths::new();
     let syn = |p: u32| {
         pkt::tcp4(
             (lb::CLIENT, 20_000 + p as u16),
@@ -298,6 +277,65 @@ fn own_cost(repeat: u32) {
             (ns - base).max(0.0),
             stat.name()
         );
+    }
+}
+
+/// A cluster node (overlay on, peers and other nodes known) with a pair of
+/// services that are each other's backend, both flows opened, answered
+/// (SYN-ACK) and confirmed (the client's next segment), as established
+/// connections are; the packets of the container veth's main paths.
+struct Paths {
+    h: Harness,
+    /// A tracked VIP packet (to service `vip`).
+    seg: Vec<u8>,
+    /// A reply, reverse-NATed into the client.
+    reply: Vec<u8>,
+    /// A packet to an address outside every network.
+    world: Vec<u8>,
+    vip: Ipv4Addr,
+}
+
+impl Paths {
+    fn new() -> Paths {
+        let mut h = Harness::new();
+        fixtures::overlay::install(&mut h);
+        // None of these paths looks up a route.
+        h.run_here();
+        let (a, b) = lb::install_pair(&mut h);
+        let c = (lb::CLIENT, 40_000);
+        for (vip, other) in [(a, b), (b, a)] {
+            h.run(
+                Prog::TcFromContainer,
+                &pkt::tcp4(c, (vip, 80), 1, |x| x.syn(), b""),
+                1,
+            );
+            h.run(
+                Prog::TcToContainer,
+                &pkt::tcp4((other, 80), c, 1, |x| x.syn().ack(2), b""),
+                1,
+            );
+            h.run(
+                Prog::TcFromContainer,
+                &pkt::tcp4(c, (vip, 80), 2, |x| x.ack(2), b""),
+                1,
+            );
+        }
+        let seg = pkt::tcp4(c, (a, 80), 2, |x| x.ack(2), b"data");
+        let reply = pkt::tcp4((b, 80), c, 2, |x| x.ack(6), b"ok");
+        let world = pkt::tcp4(
+            c,
+            (Ipv4Addr::new(192, 0, 2, 80), 443),
+            2,
+            |x| x.ack(2),
+            b"data",
+        );
+        Paths {
+            h,
+            seg,
+            reply,
+            world,
+            vip: a,
+        }
     }
 }
 
@@ -532,4 +570,101 @@ fn one_run_row(h: &mut Harness, name: &str, packets: &dyn Fn(u16) -> Vec<u8>, pa
         .time_path(Prog::XdpUnderlay, &|i| packets(i as u16), RUNS, &path)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     println!("  {name:<58} {ns:>6.0} ns/packet");
+}
+
+/// `cargo xtask bench profile` (`MESH_BENCH_PROFILE`): where each of the
+/// container veth's main paths spends its time. This thread runs on the
+/// last CPU and perf samples only that CPU while the path repeats for about
+/// 3 s (a new flow: 50,000 single runs on fresh tuples); each symbol's
+/// samples become CPU ns per packet. The test run's own work (the syscall,
+/// the skb it builds, its loop) shows as the kernel functions around the
+/// program.
+fn profile_paths() {
+    use mesh_tests::profile::{self, Recording};
+
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    profile::pin_to_cpu(cpu).unwrap_or_else(|e| panic!("{e}"));
+    let Paths {
+        mut h,
+        seg,
+        reply,
+        world,
+        vip,
+    } = Paths::new();
+    let empty = EmptyProg::tc().expect("loading an empty TC program");
+    let file = std::env::temp_dir().join(format!("mesh-profile-{}.data", std::process::id()));
+    let batch = 100_000;
+    type Run<'a> = Box<dyn FnMut(&mut Harness) -> u64 + 'a>;
+    let repeated = |prog: Prog, p: Vec<u8>, stat: Stat| -> Run<'_> {
+        Box::new(move |h: &mut Harness| {
+            let start = Instant::now();
+            let mut n = 0;
+            while start.elapsed().as_secs_f64() < 3.0 {
+                h.time_repeated(prog, &p, batch, &[(stat, 1)])
+                    .unwrap_or_else(|e| panic!("{e}"));
+                n += batch as u64;
+            }
+            n
+        })
+    };
+    let new_flows: Run<'_> = Box::new(move |h: &mut Harness| {
+        let runs = 50_000u32;
+        // Fresh ports, around the open flow's (40,000).
+        let syn = |i: u32| {
+            let port = if i < 30_000 { 1024 + i } else { 11_000 + i };
+            pkt::tcp4((lb::CLIENT, port as u16), (vip, 80), 1, |x| x.syn(), b"")
+        };
+        h.time_path(Prog::TcFromContainer, &syn, runs, &[(Stat::LbNewFlow, 1)])
+            .unwrap_or_else(|e| panic!("new flow: {e}"));
+        runs as u64
+    });
+    let empty_run: Run<'_> = Box::new(|_: &mut Harness| {
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed().as_secs_f64() < 3.0 {
+            empty.time(&world, batch).expect("empty program");
+            n += batch as u64;
+        }
+        n
+    });
+    let paths: Vec<(&str, Run<'_>)> = vec![
+        ("an empty TC program [r]", empty_run),
+        (
+            "tracked VIP packet [r]",
+            repeated(Prog::TcFromContainer, seg, Stat::LbCtHit),
+        ),
+        (
+            "reply [r]",
+            repeated(Prog::TcToContainer, reply, Stat::NatReverse),
+        ),
+        ("new flow [1]", new_flows),
+        (
+            "to the world [r]",
+            repeated(Prog::TcFromContainer, world.clone(), Stat::TcNotService),
+        ),
+    ];
+    println!(
+        "\nwhere the container veth's paths spend their time: perf, cpu-clock at {} Hz on CPU {cpu} \
+         (this thread pinned there), CPU ns per packet by symbol (symbols under 1% left out)",
+        profile::FREQ
+    );
+    for (name, mut run) in paths {
+        let rec = Recording::start(Some(&cpu.to_string()), &file).unwrap_or_else(|e| panic!("{e}"));
+        let packets = run(&mut h);
+        let symbols = rec.stop().unwrap_or_else(|e| panic!("{e}"));
+        let total: u64 = symbols.iter().map(|s| s.samples).sum();
+        println!(
+            "  {name}: {packets} packets, {total} samples, {:.0} ns per packet in all",
+            profile::ns_per(total, packets)
+        );
+        for s in symbols.iter().filter(|s| s.samples * 100 >= total) {
+            println!(
+                "    {:>7.1} ns {:>5.1}%  {}",
+                profile::ns_per(s.samples, packets),
+                s.samples as f64 * 100.0 / total as f64,
+                profile::short_name(&s.name)
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&file);
 }

@@ -16,5 +16,6 @@ pub mod lblab;
 pub mod netns;
 pub mod overlaylab;
 pub mod pkt;
+pub mod profile;
 pub mod raw;
 pub mod servers;
