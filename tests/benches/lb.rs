@@ -747,6 +747,10 @@ fn measure(lab: &mut Lab, mode: Mode, set: &Settings) -> Sample {
 }
 
 fn main() {
+    if std::env::var_os("MESH_LB_BENCH_PROFILE").is_some() {
+        profile_connections(env_or("MESH_LB_BENCH_SECS", 5));
+        return;
+    }
     let set = Settings {
         secs: env_or("MESH_LB_BENCH_SECS", 4),
         ahead: env_or("MESH_LB_BENCH_SERVICES_AHEAD", 1000),
@@ -862,4 +866,96 @@ fn main() {
         over(mesh1, &cpu_pkt),
         over(iptables1, &cpu_pkt),
     );
+}
+
+/// `cargo xtask bench profile` (`MESH_LB_BENCH_PROFILE`): where short
+/// connections spend the machine's CPU, plain routing against mesh with the
+/// same backend: perf samples every CPU by its clock while wrk runs
+/// (connections closed after each request), and each symbol's samples
+/// become CPU ns per connection; then the symbols whose cost differs most
+/// between the two.
+fn profile_connections(secs: u32) {
+    use std::collections::BTreeMap;
+
+    use mesh_tests::profile::{self, Recording};
+
+    let mut lab = Lab::new();
+    let file = lab.dir.join("profile.data");
+    let mut per_conn: Vec<(&str, BTreeMap<String, f64>, f64)> = Vec::new();
+    for (name, mode) in [
+        ("plain routing, 1 backend", Mode::Routing),
+        ("mesh VIP, 1 backend", Mode::Mesh(1)),
+    ] {
+        let url = match mode {
+            Mode::Mesh(n) => {
+                lab.mesh_on(n);
+                format!("http://{VIP}:{HTTP_PORT}/")
+            }
+            _ => format!("http://{}:{HTTP_PORT}/", backend_ip(0)),
+        };
+        // Warm: the first connections fill caches and tables.
+        wrk(&lab, &url, true, 1);
+        let rec = Recording::start(None, &file).unwrap_or_else(|e| panic!("{e}"));
+        let w = wrk(&lab, &url, true, secs);
+        let symbols = rec.stop().unwrap_or_else(|e| panic!("{e}"));
+        if let Mode::Mesh(_) = mode {
+            lab.mesh_off();
+        }
+        let total: u64 = symbols.iter().map(|s| s.samples).sum();
+        let idle: u64 = symbols
+            .iter()
+            .filter(|s| profile::is_idle(&s.name))
+            .map(|s| s.samples)
+            .sum();
+        let busy = total - idle;
+        println!(
+            "\n{name}: {} connections in {secs} s ({:.0}/s), {total} samples on all CPUs, \
+             {:.1}% idle: {:.1} us of busy CPU per connection, by symbol (over 0.5% of all \
+             samples):",
+            w.requests,
+            w.per_sec,
+            idle as f64 * 100.0 / total.max(1) as f64,
+            profile::ns_per(busy, w.requests) / 1e3
+        );
+        let mut by: BTreeMap<String, f64> = BTreeMap::new();
+        for s in symbols.iter().filter(|s| !profile::is_idle(&s.name)) {
+            *by.entry(profile::short_name(&s.name)).or_default() +=
+                profile::ns_per(s.samples, w.requests);
+        }
+        for s in symbols.iter().filter(|s| s.samples * 200 >= total) {
+            println!(
+                "  {:>7.0} ns {:>5.1}%  {}",
+                profile::ns_per(s.samples, w.requests),
+                s.samples as f64 * 100.0 / total as f64,
+                profile::short_name(&s.name)
+            );
+        }
+        per_conn.push((name, by, profile::ns_per(busy, w.requests)));
+    }
+    let (routing, mesh) = (&per_conn[0], &per_conn[1]);
+    let mut diff: Vec<(String, f64, f64)> = routing
+        .1
+        .keys()
+        .chain(mesh.1.keys())
+        .map(|k| {
+            let r = routing.1.get(k).copied().unwrap_or(0.0);
+            let m = mesh.1.get(k).copied().unwrap_or(0.0);
+            (k.clone(), r, m)
+        })
+        .collect();
+    diff.sort_by(|a, b| a.0.cmp(&b.0));
+    diff.dedup_by(|a, b| a.0 == b.0);
+    diff.sort_by(|a, b| (b.2 - b.1).abs().total_cmp(&(a.2 - a.1).abs()));
+    println!(
+        "\nmesh against plain routing, busy CPU per connection: {:.1} us against {:.1} us \
+         ({:+.1} us); the symbols that differ most (ns per connection):",
+        mesh.2 / 1e3,
+        routing.2 / 1e3,
+        (mesh.2 - routing.2) / 1e3
+    );
+    println!("  {:>8} {:>8} {:>8}  symbol", "routing", "mesh", "diff");
+    for (k, r, m) in diff.iter().take(25) {
+        println!("  {r:>8.0} {m:>8.0} {:>+8.0}  {k}", m - r);
+    }
+    let _ = std::fs::remove_file(&file);
 }

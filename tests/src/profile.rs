@@ -148,6 +148,12 @@ pub fn short_name(sym: &str) -> String {
     }
 }
 
+/// Whether a symbol is a CPU waiting for work (sampled while idle, which
+/// is not CPU spent).
+pub fn is_idle(sym: &str) -> bool {
+    sym.contains("safe_halt") || sym.contains("idle")
+}
+
 /// Nanoseconds of CPU that `samples` stand for, per unit of work
 /// (`units`: packets, connections).
 pub fn ns_per(samples: u64, units: u64) -> f64 {
@@ -169,5 +175,7 @@ mod tests {
         assert_eq!(s[1].name, "core::ptr::foo<T>");
         assert_eq!(short_name("htab_map_hash"), "htab_map_hash");
         assert!((ns_per(10, 1000) - 1000.0).abs() < 1e-9);
+        assert!(is_idle("pv_native_safe_halt") && is_idle("default_idle_call"));
+        assert!(!is_idle("tcp_ack"));
     }
 }

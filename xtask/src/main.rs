@@ -88,6 +88,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         churn: usize,
     },
+    /// Where the time goes (perf, sampling by the CPU clock): the container
+    /// veth's paths per packet (kernel test runs), and short connections
+    /// through plain routing and through mesh's VIP per connection.
+    Profile {
+        /// Seconds of wrk per mode.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+    },
     /// Plain routing, iptables DNAT (kube-proxy's layout) and mesh's VIP
     /// side by side in one namespace topology: wrk connections/s and
     /// requests/s with p50/p99, UDP packets/s, CPU per unit.
@@ -224,6 +232,18 @@ fn run(cli: Cli) -> Result<()> {
                     runs,
                     services_ahead,
                 }) => bench_lb(runs, services_ahead),
+                Some(BenchCmd::Profile { secs }) => {
+                    let bench = |name: &str, env: &str| {
+                        cmd::Cmd::new("cargo")
+                            .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
+                            .args(["--bench", name])
+                            .env(env, "1")
+                            .env("MESH_LB_BENCH_SECS", secs.to_string())
+                            .run()
+                    };
+                    bench("packet", "MESH_BENCH_PROFILE")?;
+                    bench("lb", "MESH_LB_BENCH_PROFILE")
+                }
                 Some(BenchCmd::Crypto { mib }) => {
                     setup::vagrant()?;
                     cmd::Cmd::new("cargo")
