@@ -1,4 +1,11 @@
 //! mesh data plane. Entry points only; the logic lives in one module per concern.
+//!
+//! LLVM inlines each program's body into its entry point but one, the
+//! program for packets leaving a container, the largest: marked
+//! `#[inline(always)]`, it is no BPF subprogram, whose call and return per
+//! packet cost about 15 ns on a CPU with return-stack mitigations (perf:
+//! docs/benchmarks.md). The others must stay as LLVM lays them out: the
+//! bridge's program inlined by force exceeds the 512-byte stack.
 #![no_std]
 #![no_main]
 
@@ -38,6 +45,7 @@ pub fn mesh_xdp_underlay(ctx: XdpContext) -> u32 {
 /// TC ingress on a container's host-side veth: packets leaving the
 /// container (service load balancing, DNAT).
 #[classifier]
+#[inline(always)]
 pub fn mesh_tc_from_container(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc, _>(&ctx, veth::from_container(&ctx))
 }

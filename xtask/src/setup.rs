@@ -34,7 +34,10 @@ const APT: &[(&str, &str)] = &[
     ("wrk", "the load generator of `cargo xtask bench lb`"),
     ("nginx", "the backends of `cargo xtask bench lb`"),
     ("iperf3", "bulk throughput in `cargo xtask bench`"),
-    ("linux-perf", "perf, the profiles of `cargo xtask bench profile`"),
+    (
+        "linux-perf",
+        "perf, the profiles of `cargo xtask bench profile`",
+    ),
     (
         "ethtool",
         "the lab's underlay completes checksums as a real wire does",
