@@ -132,7 +132,7 @@ fn parse_report(text: &str) -> Vec<Symbol> {
         }
         same
     });
-    out.sort_by(|a, b| b.samples.cmp(&a.samples));
+    out.sort_by_key(|s| std::cmp::Reverse(s.samples));
     out
 }
 
