@@ -1,11 +1,14 @@
-//! DNS: queries per second for a service name over UDP, with a bounded
-//! load generator (fixed query count, 30 s cap) in a namespace of its own,
-//! and the latency distribution; then the same while other clients keep
-//! the forwarder busy, to show that forwarding does not slow mesh answers.
-//! The server and the load share the machine's cores: the load generator's
-//! own CPU is measured (per thread) and printed beside the server's.
-//! Only replies that decode to the expected answer count (the others are
-//! printed). Prints figures; asserts nothing.
+//! DNS: queries per second for service names over UDP (a service's A, its
+//! tasks' A and its SRV, in turn), with a bounded load generator (fixed
+//! query count, 30 s cap) in a namespace of its own, and the latency
+//! distribution; then the same while other clients keep the forwarder
+//! busy, to show that forwarding does not slow mesh answers; then Knot DNS
+//! (Debian's) serving the same records in the same namespace, with the same
+//! load, and dnsperf (Debian's) against both. The servers and the load
+//! share the machine's cores: the load generator's own CPU is measured
+//! (per thread) and printed beside the server's. Only replies that decode
+//! to the expected answer count (the others are printed). Prints figures;
+//! asserts nothing.
 
 use std::{
     net::Ipv4Addr,
@@ -16,11 +19,30 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hickory_proto::rr::RecordType;
 use mesh_agent::labels::Proto;
 use mesh_tests::{
-    dnslab::{DnsLab, SERVER, UPSTREAM_ANSWER, zone_of},
+    dnslab::{DnsLab, KNOT, Knot, SERVER, UPSTREAM_ANSWER, zone_of},
     dnsprobe::{self, Expect},
 };
+
+/// The queries every client sends in turn, with what each must get.
+type Mix = Arc<Vec<(Vec<u8>, Expect)>>;
+
+/// A service's A, its tasks' A, its SRV: the names containers ask for.
+fn mesh_mix() -> Mix {
+    Arc::new(vec![
+        (dnsprobe::query(0, "whoami.mesh."), Expect::A(VIP)),
+        (
+            dnsprobe::query(0, "tasks.whoami.mesh."),
+            Expect::A(Ipv4Addr::new(10, 42, 0, 10)),
+        ),
+        (
+            dnsprobe::query_type(0, "_whoami._tcp.mesh.", RecordType::SRV),
+            Expect::Srv(80),
+        ),
+    ])
+}
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 10);
 
@@ -42,11 +64,12 @@ struct Client {
     cpu: f64,
 }
 
-/// One client: `count` queries for `q`, one outstanding at a time, until
-/// `count` or the deadline (or `stop`, if given).
+/// One client of `server`: `count` queries of `mix` in turn, one
+/// outstanding at a time, until `count` or the deadline (or `stop`, if
+/// given).
 fn client(
-    q: &[u8],
-    expect: Expect,
+    server: &str,
+    mix: &[(Vec<u8>, Expect)],
     id: u16,
     count: usize,
     deadline: Instant,
@@ -55,8 +78,8 @@ fn client(
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(1)))
         .expect("timeout");
-    s.connect(SERVER).expect("connect");
-    let mut q = q.to_vec();
+    s.connect(server).expect("connect");
+    let mut mix = mix.to_vec();
     let mut lat = Vec::with_capacity(count.min(1 << 20));
     let mut wrong = 0;
     let mut buf = [0u8; 512];
@@ -64,10 +87,13 @@ fn client(
         if Instant::now() > deadline || stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             break;
         }
+        let n = mix.len();
+        let (q, expect) = &mut mix[(i + id as usize) % n];
+        let expect = *expect;
         let qid = id.wrapping_mul(4099).wrapping_add(i as u16);
         q[..2].copy_from_slice(&qid.to_be_bytes());
         let t = Instant::now();
-        if s.send(&q).is_err() {
+        if s.send(q).is_err() {
             continue;
         }
         match s.recv(&mut buf) {
@@ -83,13 +109,23 @@ fn client(
     }
 }
 
-/// `clients` threads asking for the mesh name, `forwarders` threads asking
-/// for a name the server forwards (until the mesh clients are done).
-/// Prints one line.
-fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usize) {
+/// `clients` threads asking `server` for mesh names (`mix`), `forwarders`
+/// threads asking for a name the server forwards (until the mesh clients
+/// are done). Prints one line.
+fn run(
+    lab: &DnsLab,
+    server: &'static str,
+    label: &str,
+    total: usize,
+    clients: usize,
+    forwarders: usize,
+) {
     let per_client = total / clients;
-    let mesh_q = Arc::new(dnsprobe::query(0, "whoami.mesh."));
-    let fwd_q = Arc::new(dnsprobe::query(0, "upstream.example."));
+    let mesh_q = mesh_mix();
+    let fwd_q: Mix = Arc::new(vec![(
+        dnsprobe::query(0, "upstream.example."),
+        Expect::A(UPSTREAM_ANSWER),
+    )]);
     let wrong = Arc::new(AtomicU64::new(0));
     let forwarded = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -109,10 +145,9 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
                         wrong.clone(),
                     );
                     std::thread::spawn(move || {
-                        let upstream = Expect::A(UPSTREAM_ANSWER);
                         let r = client(
+                            server,
                             &q,
-                            upstream,
                             1000 + c as u16,
                             usize::MAX,
                             deadline,
@@ -128,7 +163,7 @@ fn run(lab: &DnsLab, label: &str, total: usize, clients: usize, forwarders: usiz
                 .map(|c| {
                     let q = mesh_q.clone();
                     std::thread::spawn(move || {
-                        client(&q, Expect::A(VIP), c as u16, per_client, deadline, None)
+                        client(server, &q, c as u16, per_client, deadline, None)
                     })
                 })
                 .collect();
@@ -190,9 +225,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let lab = DnsLab::start(zone_of("whoami", VIP, 3, &[(80, Proto::Tcp)]));
+    let zone = zone_of("whoami", VIP, 3, &[(80, Proto::Tcp)]);
+    let lab = DnsLab::start(zone.clone());
     println!(
-        "dns ({} build; the agent's layout: one current-thread runtime, one UDP socket, a task per query), queries for whoami.mesh (A), one outstanding per client, server and load generator on the same 2 cores:",
+        "dns ({} build; the agent's layout: one current-thread runtime, one UDP socket, a task per query), queries for whoami.mesh (A), tasks.whoami.mesh (A) and _whoami._tcp.mesh (SRV) in turn, one outstanding per client, server and load generator on the same 2 cores:",
         if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -200,7 +236,82 @@ fn main() {
         },
     );
     // Warm-up: sockets, caches, the runtime's task slab.
-    run(&lab, "warm-up", total / 10, 4, 0);
-    run(&lab, "16 clients", total, 16, 0);
-    run(&lab, "16 clients + 4 forwarding", total, 16, 4);
+    run(&lab, SERVER, "warm-up", total / 10, 4, 0);
+    run(&lab, SERVER, "mesh: 16 clients", total, 16, 0);
+    run(
+        &lab,
+        SERVER,
+        "mesh: 16 clients + 4 forwarding",
+        total,
+        16,
+        4,
+    );
+    // Knot with as many UDP workers as the machine has cores (its default).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let knot = Knot::start(&lab, &zone, cores);
+    run(&lab, KNOT, "warm-up", total / 10, 4, 0);
+    run(
+        &lab,
+        KNOT,
+        &format!("Knot ({cores} UDP workers): 16 clients"),
+        total,
+        16,
+        0,
+    );
+    println!(
+        "dnsperf (Debian's), the same names in turn, 8 clients, 5 s, up to 100 queries outstanding (its default), two rounds taking turns:"
+    );
+    for round in 1..=2 {
+        for (name, server) in [("mesh", SERVER), ("Knot", KNOT)] {
+            dnsperf(&lab, &format!("{name}, round {round}"), server);
+        }
+    }
+    drop(knot);
+}
+
+/// One dnsperf run against `server`; prints its figures in one line.
+fn dnsperf(lab: &DnsLab, label: &str, server: &str) {
+    let file = std::env::temp_dir().join(format!("mesh-dnsperf-{}.txt", std::process::id()));
+    std::fs::write(
+        &file,
+        "whoami.mesh A\ntasks.whoami.mesh A\n_whoami._tcp.mesh SRV\n",
+    )
+    .expect("query file");
+    let (host, port) = server.split_once(':').expect("address:port");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns.name,
+            "dnsperf",
+            "-s",
+            host,
+            "-p",
+            port,
+        ])
+        .arg("-d")
+        .arg(&file)
+        .args(["-c", "8", "-l", "5"])
+        .output()
+        .expect("dnsperf runs (apt-get install dnsperf)");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let qps: f64 = field("Queries per second:").parse().unwrap_or(0.0);
+    let avg: f64 = field("Average Latency (s):")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "  {label:<20} {qps:>8.0} q/s   average latency {:.3} ms   lost {}   codes {}",
+        avg * 1e3,
+        field("Queries lost:"),
+        field("Response codes:"),
+    );
 }

@@ -163,3 +163,98 @@ pub fn fake_upstream(addr: &str) {
         }
     }
 }
+
+/// The address Knot DNS answers on in the lab's namespace.
+pub const KNOT: &str = "127.0.0.3:53";
+
+/// Knot DNS (Debian's `knot`), authoritative for `mesh.` with the records
+/// the agent answers for `zone` (a service's A, `tasks.` A and SRV, with
+/// the agent's TTLs), in the lab's namespace on [`KNOT`]: the reference
+/// the DNS benchmark compares the agent with. Stopped when dropped.
+pub struct Knot {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Knot {
+    /// Starts knotd with `udp_workers` UDP threads and waits (5 s at most)
+    /// until it answers.
+    pub fn start(lab: &DnsLab, zone: &Zone, udp_workers: usize) -> Knot {
+        let dir = std::env::temp_dir().join(unique("mesh-knot"));
+        std::fs::create_dir_all(&dir).expect("knot directory");
+        let d = dir.display();
+        let conf = format!(
+            "server:\n    rundir: \"{d}\"\n    listen: {}\n    udp-workers: {udp_workers}\n    \
+             tcp-workers: 1\n    background-workers: 1\ndatabase:\n    storage: \"{d}\"\n\
+             log:\n  - target: stderr\n    any: warning\nzone:\n  - domain: mesh\n    \
+             storage: \"{d}\"\n    file: \"mesh.zone\"\n    journal-content: none\n    \
+             zonefile-sync: -1\n",
+            KNOT.replace(':', "@")
+        );
+        std::fs::write(dir.join("knot.conf"), conf).expect("knot.conf");
+        std::fs::write(dir.join("mesh.zone"), zone_file(zone, 60, 5)).expect("zone file");
+        lab.ns.ip(&["addr", "add", "127.0.0.3/8", "dev", "lo"]);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns.name, "knotd", "-c"])
+            .arg(dir.join("knot.conf"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("knotd runs (apt-get install knot)");
+        let knot = Knot { child, dir };
+        let q = crate::dnsprobe::query(7, "ns.mesh.");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let answered = || {
+            lab.ns.run(|| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+                s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                    .ok()?;
+                s.send_to(&q, KNOT).ok()?;
+                let mut buf = [0u8; 512];
+                let n = s.recv(&mut buf).ok()?;
+                crate::dnsprobe::check(&buf[..n], 7, crate::dnsprobe::Expect::AnyA).ok()
+            })
+        };
+        while answered().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "knotd never answered on {KNOT}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        knot
+    }
+}
+
+impl Drop for Knot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `zone` as a zone file for `mesh.`: what the agent answers for each
+/// service (its VIP, its tasks, an SRV record per port), with its TTLs.
+pub fn zone_file(zone: &Zone, vip_ttl: u32, tasks_ttl: u32) -> String {
+    let mut out = format!(
+        "$ORIGIN mesh.\n@ {tasks_ttl} SOA ns.mesh. hostmaster.mesh. 1 60 60 600 {tasks_ttl}\n\
+         @ {tasks_ttl} NS ns.mesh.\nns {tasks_ttl} A 127.0.0.3\n"
+    );
+    for (name, s) in zone {
+        if let Some(vip) = s.vip {
+            out += &format!("{name} {vip_ttl} A {vip}\n");
+        }
+        for t in &s.tasks {
+            out += &format!("tasks.{name} {tasks_ttl} A {t}\n");
+        }
+        for (port, proto) in &s.ports {
+            let p = match proto {
+                Proto::Tcp => "_tcp",
+                Proto::Udp => "_udp",
+            };
+            out += &format!("_{name}.{p} {vip_ttl} SRV 0 0 {port} {name}.mesh.\n");
+        }
+    }
+    out
+}

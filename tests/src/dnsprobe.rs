@@ -23,15 +23,22 @@ pub enum Expect {
     AnyA,
     /// The name does not exist (authoritative NXDOMAIN).
     NxDomain,
+    /// NOERROR with an SRV record for this port.
+    Srv(u16),
 }
 
 /// A query for `name` (type A, recursion desired) with `id`.
 pub fn query(id: u16, name: &str) -> Vec<u8> {
+    query_type(id, name, RecordType::A)
+}
+
+/// A query for `name`'s records of type `rtype` (recursion desired).
+pub fn query_type(id: u16, name: &str, rtype: RecordType) -> Vec<u8> {
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.queries.push(Query::query(
         Name::from_ascii(name).expect("a valid test name"),
-        RecordType::A,
+        rtype,
     ));
     m.to_vec().expect("encode")
 }
@@ -58,6 +65,12 @@ pub fn check(reply: &[u8], id: u16, expect: Expect) -> Result<(), String> {
         Expect::A(ip) => code == ResponseCode::NoError && addrs.contains(&ip),
         Expect::AnyA => code == ResponseCode::NoError && !addrs.is_empty(),
         Expect::NxDomain => code == ResponseCode::NXDomain,
+        Expect::Srv(port) => {
+            code == ResponseCode::NoError
+                && m.answers
+                    .iter()
+                    .any(|r| matches!(&r.data, RData::SRV(s) if s.port == port))
+        }
     };
     if ok {
         Ok(())

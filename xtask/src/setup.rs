@@ -39,6 +39,11 @@ const APT: &[(&str, &str)] = &[
         "perf, the profiles of `cargo xtask bench profile`",
     ),
     (
+        "knot",
+        "Knot DNS, the reference the DNS benchmark compares with",
+    ),
+    ("dnsperf", "the DNS benchmark's second load generator"),
+    (
         "ethtool",
         "the lab's underlay completes checksums as a real wire does",
     ),
