@@ -485,12 +485,34 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     }
     match pk.t.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            direct_from_outside(ctx, &pk);
+            // A VIP flow's reply comes from its backend, a container of an
+            // overlay network: a packet from anywhere else (the world's
+            // answers, Docker's `-p`) has no reverse entry, and only a
+            // backend of a published port may have a stale routing-mesh one.
+            if let Some(l) = tunnel::local_ref()
+                && tunnel::vni_of(l, pk.t.src_be) == 0
+            {
+                if publishes(ctx, pk.t.dst_be) {
+                    direct_from_outside(ctx, &pk);
+                }
+                return pass(Stat::TcNoReverse);
+            }
             reverse_nat(ctx, &pk)
         }
         IPPROTO_ICMP => reverse_icmp_error(ctx, &pk),
         _ => pass(Stat::TcNoReverse),
     }
+}
+
+/// Whether the container behind this veth (`dst_be`) backs a published
+/// port (`VETH_PUBLISHED`); a veth the array does not describe may.
+#[inline(always)]
+fn publishes(ctx: &TcContext, dst_be: u32) -> bool {
+    // SAFETY: the context's own field: the veth this program runs on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    VETH_SRC
+        .get(ifindex)
+        .is_none_or(|v| v.ip_be != dst_be || v.flags & VETH_PUBLISHED != 0)
 }
 
 /// A new flow from outside the cluster that the host stack delivers (not
@@ -506,10 +528,6 @@ fn direct_from_outside(ctx: &TcContext, pk: &Parsed) {
         t.proto == IPPROTO_UDP || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
     // SAFETY: the context's own skb.
     if !opens || unsafe { (*ctx.skb.skb).mark } == DELIVERED_MARK {
-        return;
-    }
-    let Some(l) = tunnel::local() else { return };
-    if tunnel::vni_of(&l, t.src_be) != 0 {
         return;
     }
     if ct::supersede_mesh_reverse(t) {

@@ -203,7 +203,15 @@ fn own_cost(repeat: u32) {
         |x| x.ack(2),
         b"data",
     );
-    let rows: [(&str, f64, f64, f64, Stat); 5] = [
+    // The world's answer to the container.
+    let answer = pkt::tcp4(
+        (Ipv4Addr::new(192, 0, 2, 80), 443),
+        (lb::CLIENT, 40_000),
+        7,
+        |x| x.ack(3),
+        b"answer",
+    );
+    let rows: [(&str, f64, f64, f64, Stat); 6] = [
         (
             "tracked VIP packet (conntrack hit, DNAT, to the backend's veth) [r]",
             h.time_repeated(Prog::TcFromContainer, &seg, repeat, &[(Stat::LbCtHit, 1)])
@@ -245,6 +253,19 @@ fn own_cost(repeat: u32) {
             base_r,
             1.5,
             Stat::TcNotService,
+        ),
+        (
+            "from the world into the container (its answer, not a VIP reply) [r]",
+            h.time_repeated(
+                Prog::TcToContainer,
+                &answer,
+                repeat,
+                &[(Stat::TcNoReverse, 1)],
+            )
+            .unwrap_or_else(|e| panic!("from the world: {e}")),
+            base_r,
+            1.5,
+            Stat::TcNoReverse,
         ),
         (
             "another Docker network's bridge, not a published port (the internet) [r]",
