@@ -178,16 +178,9 @@ fn own_cost(repeat: u32) {
         reply,
         world,
         vip: a,
+        client,
     } = Paths::new();
-    let syn = |p: u32| {
-        pkt::tcp4(
-            (lb::CLIENT, 20_000 + p as u16),
-            (a, 80),
-            1,
-            |x| x.syn(),
-            b"",
-        )
-    };
+    let syn = |p: u32| pkt::tcp4((client, 20_000 + p as u16), (a, 80), 1, |x| x.syn(), b"");
     let runs = 10_000;
 
     let base_r = empty.time(&seg, repeat).expect("empty program");
@@ -206,7 +199,7 @@ fn own_cost(repeat: u32) {
     // The world's answer to the container.
     let answer = pkt::tcp4(
         (Ipv4Addr::new(192, 0, 2, 80), 443),
-        (lb::CLIENT, 40_000),
+        (client, 40_000),
         7,
         |x| x.ack(3),
         b"answer",
@@ -282,7 +275,8 @@ fn own_cost(repeat: u32) {
         ),
     ];
     println!(
-        "\nthe container veth's paths on a cluster node (overlay on, peers known), ns/packet, \
+        "\nthe container veth's paths on a cluster node (overlay on, peers known; a container of \
+         network front, whose VIPs lie in its /16), ns/packet, \
          against an empty TC program timed the same way ([r]: {repeat} runs repeating one \
          packet, the path counter checked to move on every run; [1]: {runs} single runs): \
          measured, as a multiple of the empty program (goal), and less it (own cost)"
@@ -301,8 +295,10 @@ fn own_cost(repeat: u32) {
     }
 }
 
-/// A cluster node (overlay on, peers and other nodes known) with a pair of
-/// services that are each other's backend, both flows opened, answered
+/// A cluster node (overlay on, peers and other nodes known) with a
+/// container of network `front` and a pair of `front`'s services that are
+/// each other's backend (a reply comes from a backend's address, inside
+/// the network, as a container's would), both flows opened, answered
 /// (SYN-ACK) and confirmed (the client's next segment), as established
 /// connections are; the packets of the container veth's main paths.
 struct Paths {
@@ -314,16 +310,21 @@ struct Paths {
     /// A packet to an address outside every network.
     world: Vec<u8>,
     vip: Ipv4Addr,
+    /// The container (its veth the programs run on).
+    client: Ipv4Addr,
 }
 
 impl Paths {
     fn new() -> Paths {
         let mut h = Harness::new();
-        fixtures::overlay::install(&mut h);
+        // A container of network `front` on a cluster node.
+        fixtures::networks::install(&mut h);
         // None of these paths looks up a route.
         h.run_here();
-        let (a, b) = lb::install_pair(&mut h);
-        let c = (lb::CLIENT, 40_000);
+        let client = fixtures::networks::FRONT_C;
+        let (a, b) = (Ipv4Addr::new(10, 44, 0, 11), Ipv4Addr::new(10, 44, 0, 12));
+        lb::install_pair(&mut h, a, b);
+        let c = (client, 40_000);
         for (vip, other) in [(a, b), (b, a)] {
             h.run(
                 Prog::TcFromContainer,
@@ -356,6 +357,7 @@ impl Paths {
             reply,
             world,
             vip: a,
+            client,
         }
     }
 }
@@ -611,6 +613,7 @@ fn profile_paths() {
         reply,
         world,
         vip,
+        client,
     } = Paths::new();
     let empty = EmptyProg::tc().expect("loading an empty TC program");
     let file = std::env::temp_dir().join(format!("mesh-profile-{}.data", std::process::id()));
@@ -633,7 +636,7 @@ fn profile_paths() {
         // Fresh ports, around the open flow's (40,000).
         let syn = |i: u32| {
             let port = if i < 30_000 { 1024 + i } else { 11_000 + i };
-            pkt::tcp4((lb::CLIENT, port as u16), (vip, 80), 1, |x| x.syn(), b"")
+            pkt::tcp4((client, port as u16), (vip, 80), 1, |x| x.syn(), b"")
         };
         h.time_path(Prog::TcFromContainer, &syn, runs, &[(Stat::LbNewFlow, 1)])
             .unwrap_or_else(|e| panic!("new flow: {e}"));
