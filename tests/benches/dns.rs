@@ -228,7 +228,7 @@ fn main() {
     let zone = zone_of("whoami", VIP, 3, &[(80, Proto::Tcp)]);
     let lab = DnsLab::start(zone.clone());
     println!(
-        "dns ({} build; the agent's layout: one current-thread runtime, one UDP socket, a task per query), queries for whoami.mesh (A), tasks.whoami.mesh (A) and _whoami._tcp.mesh (SRV) in turn, one outstanding per client, server and load generator on the same 2 cores:",
+        "dns ({} build; the agent's layout: a UDP worker per core, each a socket and a current-thread runtime, a task per query), queries for whoami.mesh (A), tasks.whoami.mesh (A) and _whoami._tcp.mesh (SRV) in turn, one outstanding per client, server and load generator on the same 2 cores:",
         if cfg!(debug_assertions) {
             "debug"
         } else {

@@ -145,8 +145,30 @@ fn grow_receive_buffer(sock: &UdpSocket, bytes: i32) {
     warn!("could not grow the DNS socket's receive buffer");
 }
 
+/// UDP workers: one per core, as Knot's UDP workers, at most 4. Each has
+/// a socket of its own on the same address (`SO_REUSEPORT`: the kernel
+/// spreads clients over them by their address) and a thread with a
+/// current-thread runtime of its own, so neither the agent's other work
+/// nor another worker's load delays its answers.
+fn udp_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+}
+
+/// A UDP socket on `addr` that other sockets of this process share.
+fn shared_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 /// Serves DNS on `addr` over UDP and TCP until the process ends. Never
-/// forwards to `addr` itself.
+/// forwards to `addr` itself. The calling task serves TCP and one UDP
+/// socket; the other UDP workers run on threads of their own.
 pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<()> {
     let local = crate::iface::local_addrs();
     let self_local = if addr.ip().is_unspecified() {
@@ -158,10 +180,38 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
         warn!(upstream = %u, "not forwarding to this DNS server itself");
     }
     handler.set_local(local);
-    let udp = UdpSocket::bind(addr).await?;
-    grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
-    let udp = Arc::new(udp);
+    // Every socket bound before any serves: a port in use fails here.
+    let socks = (0..udp_workers())
+        .map(|_| shared_udp(addr))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let tcp = TcpListener::bind(addr).await?;
+    let mut socks = socks.into_iter();
+    let first = socks
+        .next()
+        .ok_or_else(|| std::io::Error::other("no UDP worker"))?;
+    for (i, sock) in socks.enumerate() {
+        let h = handler.clone();
+        std::thread::Builder::new()
+            .name(format!("dns-udp-{}", i + 1))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(error = %e, "DNS UDP worker: no runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match UdpSocket::from_std(sock) {
+                        Ok(udp) => serve_udp(udp, h).await,
+                        Err(e) => warn!(error = %e, "DNS UDP worker"),
+                    }
+                });
+            })?;
+    }
     let h = handler.clone();
     let clients = Arc::new(tokio::sync::Semaphore::new(super::MAX_TCP_CLIENTS));
     tokio::spawn(async move {
@@ -191,6 +241,15 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
             });
         }
     });
+    serve_udp(UdpSocket::from_std(first)?, handler).await;
+    Ok(())
+}
+
+/// One UDP worker: a task per query (mesh names are answered at once,
+/// forwarded ones wait on their upstream without holding the others).
+async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
+    grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
+    let udp = Arc::new(udp);
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, src) = match udp.recv_from(&mut buf).await {
