@@ -25,6 +25,7 @@
 //! loops and counts malformed packets, `zone.rs` answers from the zone,
 //! `forward.rs` asks the upstreams.
 
+mod batch;
 mod forward;
 mod server;
 mod zone;

@@ -245,35 +245,106 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
     Ok(())
 }
 
-/// One UDP worker: a task per query (mesh names are answered at once,
-/// forwarded ones wait on their upstream without holding the others).
+/// Keeps a response's bytes instead of sending them: an answer from
+/// memory, sent with the rest of its batch.
+#[derive(Clone)]
+struct Collect {
+    max: u16,
+    out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Collect {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode(response, self.max)?;
+        *self.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(info)
+    }
+}
+
+/// One UDP worker. Queries come in batches (`recvmmsg`); those answered
+/// from memory are answered at once and their answers leave together
+/// (`sendmmsg`); a forwarded one becomes a task of its own, so it never
+/// holds the others.
 async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
+    use std::os::fd::AsRawFd;
     grow_receive_buffer(&udp, UDP_RECEIVE_BUFFER);
     let udp = Arc::new(udp);
-    let mut buf = vec![0u8; 65535];
+    let fd = udp.as_raw_fd();
+    let mut inbox = super::batch::Inbox::default();
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let mut outbox: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(super::batch::BATCH);
     loop {
-        let (n, src) = match udp.recv_from(&mut buf).await {
-            Ok(x) => x,
+        if let Err(e) = udp.readable().await {
+            warn!(error = %e, "DNS UDP receive");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        match udp.try_io(tokio::io::Interest::READABLE, || inbox.recv(fd)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 warn!(error = %e, "DNS UDP receive");
                 continue;
             }
-        };
-        if !handler.admits(src.ip()) {
+        }
+        for (bytes, src) in inbox.datagrams() {
+            let Some(src) = src else { continue };
+            if !handler.admits(src.ip()) {
+                continue;
+            }
+            let Some(raw) = bytes else {
+                handler.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(req) = parse(raw.to_vec(), src, Protocol::Udp, &handler.stats) else {
+                continue;
+            };
+            if handler.forwards(&req) {
+                let responder = UdpResponder {
+                    sock: udp.clone(),
+                    dst: src,
+                    max: req.max_payload(),
+                };
+                let h = handler.clone();
+                tokio::spawn(async move {
+                    h.handle(&req, responder).await;
+                });
+                continue;
+            }
+            let collect = Collect {
+                max: req.max_payload(),
+                out: slot.clone(),
+            };
+            handler.handle(&req, collect).await;
+            if let Some(answer) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                outbox.push((answer, src));
+            }
+        }
+        if outbox.is_empty() {
             continue;
         }
-        let Some(req) = parse(buf[..n].to_vec(), src, Protocol::Udp, &handler.stats) else {
-            continue;
-        };
-        let responder = UdpResponder {
-            sock: udp.clone(),
-            dst: src,
-            max: req.max_payload(),
-        };
-        let h = handler.clone();
-        tokio::spawn(async move {
-            h.handle(&req, responder).await;
-        });
+        let sent = udp
+            .try_io(tokio::io::Interest::WRITABLE, || {
+                super::batch::send(fd, &outbox)
+            })
+            .unwrap_or(0);
+        // What the socket would not take now waits its turn.
+        for (answer, dst) in outbox.drain(..).skip(sent) {
+            if let Err(e) = udp.send_to(&answer, dst).await {
+                warn!(error = %e, "DNS UDP send");
+            }
+        }
     }
 }
 

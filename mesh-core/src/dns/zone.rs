@@ -223,6 +223,25 @@ impl Handler {
     }
 
     /// Answers one request through `responder`.
+    /// Whether `request` goes to an upstream (its answer waits on the
+    /// network); every other request is answered from memory at once.
+    pub fn forwards(&self, request: &Request) -> bool {
+        if request.metadata.op_code != OpCode::Query
+            || request.edns.as_ref().is_some_and(|e| e.version() > 0)
+        {
+            return false;
+        }
+        let Some(query) = request.queries.queries().first() else {
+            return false;
+        };
+        let qname: Name = query.name().clone().into();
+        match classify(&qname.to_ascii().to_ascii_lowercase(), &self.cfg.domain) {
+            Target::Forward => true,
+            Target::Reverse(ip) => !self.knows(ip),
+            _ => false,
+        }
+    }
+
     pub async fn handle<R: ResponseHandler>(
         &self,
         request: &Request,
