@@ -934,18 +934,16 @@ fn profile_connections(secs: u32) {
         per_conn.push((name, by, profile::ns_per(busy, w.requests)));
     }
     let (routing, mesh) = (&per_conn[0], &per_conn[1]);
-    let mut diff: Vec<(String, f64, f64)> = routing
-        .1
-        .keys()
-        .chain(mesh.1.keys())
+    let names: std::collections::BTreeSet<&String> =
+        routing.1.keys().chain(mesh.1.keys()).collect();
+    let mut diff: Vec<(String, f64, f64)> = names
+        .into_iter()
         .map(|k| {
             let r = routing.1.get(k).copied().unwrap_or(0.0);
             let m = mesh.1.get(k).copied().unwrap_or(0.0);
             (k.clone(), r, m)
         })
         .collect();
-    diff.sort_by(|a, b| a.0.cmp(&b.0));
-    diff.dedup_by(|a, b| a.0 == b.0);
     diff.sort_by(|a, b| (b.2 - b.1).abs().total_cmp(&(a.2 - a.1).abs()));
     println!(
         "\nmesh against plain routing, busy CPU per connection: {:.1} us against {:.1} us \

@@ -43,33 +43,6 @@ fn encode<'a>(
     Ok((info, bytes))
 }
 
-/// Sends responses over UDP, truncated (TC) to what the client can take.
-#[derive(Clone)]
-struct UdpResponder {
-    sock: Arc<UdpSocket>,
-    dst: SocketAddr,
-    max: u16,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode(response, self.max)?;
-        self.sock.send_to(&bytes, self.dst).await?;
-        Ok(info)
-    }
-}
-
 /// Sends responses over a TCP connection (2-byte length prefix).
 #[derive(Clone)]
 struct TcpResponder {
@@ -245,12 +218,27 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> std::io::Result<(
     Ok(())
 }
 
-/// Keeps a response's bytes instead of sending them: an answer from
-/// memory, sent with the rest of its batch.
+/// Keeps a UDP response's bytes, truncated (TC) to what the client can
+/// take, for the caller to send: an answer from memory leaves with the
+/// rest of its batch, a forwarded one when its upstream answered.
 #[derive(Clone)]
 struct Collect {
     max: u16,
     out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl Collect {
+    fn new(max: u16) -> Self {
+        Collect {
+            max,
+            out: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The response, if one was made.
+    fn take(&self) -> Option<Vec<u8>> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 #[async_trait::async_trait]
@@ -282,7 +270,6 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
     let udp = Arc::new(udp);
     let fd = udp.as_raw_fd();
     let mut inbox = super::batch::Inbox::default();
-    let slot = Arc::new(std::sync::Mutex::new(None));
     let mut outbox: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(super::batch::BATCH);
     loop {
         if let Err(e) = udp.readable().await {
@@ -310,24 +297,21 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
             let Some(req) = parse(raw.to_vec(), src, Protocol::Udp, &handler.stats) else {
                 continue;
             };
+            let collect = Collect::new(req.max_payload());
             if handler.forwards(&req) {
-                let responder = UdpResponder {
-                    sock: udp.clone(),
-                    dst: src,
-                    max: req.max_payload(),
-                };
-                let h = handler.clone();
+                let (h, udp) = (handler.clone(), udp.clone());
                 tokio::spawn(async move {
-                    h.handle(&req, responder).await;
+                    h.handle(&req, collect.clone()).await;
+                    if let Some(answer) = collect.take()
+                        && let Err(e) = udp.send_to(&answer, src).await
+                    {
+                        warn!(error = %e, "DNS UDP send");
+                    }
                 });
                 continue;
             }
-            let collect = Collect {
-                max: req.max_payload(),
-                out: slot.clone(),
-            };
-            handler.handle(&req, collect).await;
-            if let Some(answer) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            handler.handle(&req, collect.clone()).await;
+            if let Some(answer) = collect.take() {
                 outbox.push((answer, src));
             }
         }

@@ -222,7 +222,6 @@ impl Handler {
         Record::from_rdata(zone, self.cfg.tasks_ttl, RData::SOA(soa))
     }
 
-    /// Answers one request through `responder`.
     /// Whether `request` goes to an upstream (its answer waits on the
     /// network); every other request is answered from memory at once.
     pub fn forwards(&self, request: &Request) -> bool {
@@ -231,17 +230,23 @@ impl Handler {
         {
             return false;
         }
-        let Some(query) = request.queries.queries().first() else {
-            return false;
-        };
-        let qname: Name = query.name().clone().into();
+        request
+            .queries
+            .queries()
+            .first()
+            .is_some_and(|q| self.target(&q.name().clone().into()) == Target::Forward)
+    }
+
+    /// What `qname` asks for; a reverse name this zone does not know is
+    /// forwarded.
+    fn target(&self, qname: &Name) -> Target {
         match classify(&qname.to_ascii().to_ascii_lowercase(), &self.cfg.domain) {
-            Target::Forward => true,
-            Target::Reverse(ip) => !self.knows(ip),
-            _ => false,
+            Target::Reverse(ip) if !self.knows(ip) => Target::Forward,
+            t => t,
         }
     }
 
+    /// Answers one request through `responder`.
     pub async fn handle<R: ResponseHandler>(
         &self,
         request: &Request,
@@ -281,12 +286,7 @@ impl Handler {
             .await;
         }
         let qname: Name = query.name().clone().into();
-        let mut target = classify(&qname.to_ascii().to_ascii_lowercase(), &self.cfg.domain);
-        if let Target::Reverse(ip) = target
-            && !self.knows(ip)
-        {
-            target = Target::Forward;
-        }
+        let target = self.target(&qname);
         if target == Target::Forward {
             return self.forward(request, responder, qtype, edns.as_ref()).await;
         }
