@@ -451,6 +451,11 @@ fn dns(out: &mut Text, d: &DnsStats) {
             "DNS packets dropped as malformed.",
             &d.malformed,
         ),
+        (
+            "mesh_dns_kept_answers_total",
+            "DNS queries over UDP answered with the bytes kept from the same query before.",
+            &d.kept_answers,
+        ),
     ] {
         out.single(name, "counter", help, v.load(Relaxed));
     }

@@ -228,7 +228,7 @@ fn main() {
     let zone = zone_of("whoami", VIP, 3, &[(80, Proto::Tcp)]);
     let lab = DnsLab::start(zone.clone());
     println!(
-        "dns ({} build; the agent's layout: a UDP worker per core, each a socket and a current-thread runtime, a task per query), queries for whoami.mesh (A), tasks.whoami.mesh (A) and _whoami._tcp.mesh (SRV) in turn, one outstanding per client, server and load generator on the same 2 cores:",
+        "dns ({} build; the agent's layout: a UDP worker per core, each with a socket, a current-thread runtime and the answers it keeps as bytes), queries for whoami.mesh (A), tasks.whoami.mesh (A) and _whoami._tcp.mesh (SRV) in turn, one outstanding per client, server and load generator on the same 2 cores:",
         if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -259,9 +259,9 @@ fn main() {
         0,
     );
     println!(
-        "dnsperf (Debian's), the same names in turn, 8 clients, 5 s, up to 100 queries outstanding (its default), two rounds taking turns:"
+        "dnsperf (Debian's), the same names in turn, 8 clients, 5 s, up to 100 queries outstanding (its default), three rounds taking turns:"
     );
-    for round in 1..=2 {
+    for round in 1..=3 {
         for (name, server) in [("mesh", SERVER), ("Knot", KNOT)] {
             dnsperf(&lab, &format!("{name}, round {round}"), server);
         }

@@ -5,7 +5,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     process::Command,
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use hickory_proto::{
@@ -13,7 +13,7 @@ use hickory_proto::{
     rr::{RData, Record, rdata::A},
 };
 use mesh_agent::{
-    dns::{DnsConfig, DnsStats, Handler, Zone, ZoneService, serve},
+    dns::{DnsConfig, DnsStats, Handler, SharedZone, Zone, ZoneService, serve},
     labels::Proto,
 };
 
@@ -25,7 +25,7 @@ pub const SERVER: &str = "127.0.0.1:53";
 
 pub struct DnsLab {
     pub ns: Netns,
-    pub zone: Arc<RwLock<Zone>>,
+    pub zone: Arc<SharedZone>,
     pub stats: Arc<DnsStats>,
     _threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -58,7 +58,7 @@ impl DnsLab {
             "nud",
             "permanent",
         ]);
-        let zone = Arc::new(RwLock::new(zone));
+        let zone = Arc::new(SharedZone::new(zone));
         let stats = Arc::new(DnsStats::default());
         let cfg = DnsConfig {
             domain: "mesh".into(),

@@ -1,7 +1,7 @@
 //! The agent's DNS server with real clients (dig over UDP and TCP) in a
 //! namespace this test creates (needs root).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::atomic::Ordering};
 
 use mesh_agent::{dns::ZoneService, labels::Proto};
 use mesh_tests::{
@@ -97,16 +97,42 @@ fn names_tasks_srv_and_forwarding() {
     );
     assert!(status_line(&lab.dig(&["other.example"])).contains("NXDOMAIN"));
 
-    // The reconciler replaces the zone: the next query sees it.
-    lab.zone.write().expect("zone").insert(
-        "web".into(),
-        ZoneService {
-            vip: Some(Ipv4Addr::new(10, 43, 0, 20)),
-            ports: vec![],
-            tasks: vec![],
-        },
+    // The same query again is answered with the bytes kept from before
+    // (counted as any answer), with its own ID (dig checks it), until the
+    // zone changes: then the next query sees the change.
+    let counted = |lab: &DnsLab| {
+        let q = lab.stats.queries.lock().expect("stats");
+        q.get(&("A", "nxdomain")).copied().unwrap_or(0)
+    };
+    let kept = |lab: &DnsLab| lab.stats.kept_answers.load(Ordering::Relaxed);
+    let (nx_before, kept_before) = (counted(&lab), kept(&lab));
+    for _ in 0..3 {
+        // No EDNS cookie (dig makes a new one per query), one source port
+        // (one of the server's UDP workers, each keeping its own).
+        let q = lab.dig(&["+nocookie", "-b", "127.0.0.1#5300", "web"]);
+        assert!(status_line(&q).contains("NXDOMAIN"), "{q:?}");
+    }
+    assert_eq!(counted(&lab) - nx_before, 3);
+    assert_eq!(
+        kept(&lab) - kept_before,
+        2,
+        "the second and third from the kept bytes"
     );
-    assert_eq!(lab.dig(&["+short", "web"]), ["10.43.0.20"]);
+    lab.zone.update(|z| {
+        z.insert(
+            "web".into(),
+            ZoneService {
+                vip: Some(Ipv4Addr::new(10, 43, 0, 20)),
+                ports: vec![],
+                tasks: vec![],
+            },
+        );
+    });
+    assert_eq!(
+        lab.dig(&["+nocookie", "-b", "127.0.0.1#5300", "+short", "web"]),
+        ["10.43.0.20"],
+        "the same query as before, after the zone changed"
+    );
     assert!(
         lab.dig(&["+short", "tasks.web"]).is_empty(),
         "a service with no live task: no answer"

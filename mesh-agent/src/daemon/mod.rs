@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::Cluster,
     dataplane::{lb::LbMaps, overlay::OverlayMaps},
-    dns::{DnsConfig, Zone},
+    dns::{DnsConfig, SharedZone},
     docker::{self, Container},
     reconcile::Actual,
     shared::Shared,
@@ -109,7 +109,7 @@ pub struct Daemon {
     vips: BTreeMap<String, Ipv4Addr>,
     shared: Arc<Mutex<Shared>>,
     /// What DNS answers; replaced by every pass.
-    zone: Arc<std::sync::RwLock<Zone>>,
+    zone: Arc<SharedZone>,
     /// The DNS server, once started.
     dns: Option<Arc<crate::dns::Handler>>,
     /// Event times (ns since the epoch) waiting for their map writes.

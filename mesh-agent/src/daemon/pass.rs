@@ -96,7 +96,7 @@ impl Daemon {
                 }
             }
         }
-        *self.zone.write().unwrap_or_else(|p| p.into_inner()) = st.zone.clone();
+        self.zone.replace(st.zone.clone());
         // The tables first: a container's packets are only accepted once
         // its address and veth are in the kernel (anti-spoofing).
         let mut failed = self.write_tables(&st, &peers);

@@ -23,9 +23,11 @@
 //!
 //! Layout (hickory's server/zone split): `server.rs` runs the UDP and TCP
 //! loops and counts malformed packets, `zone.rs` answers from the zone,
-//! `forward.rs` asks the upstreams.
+//! `forward.rs` asks the upstreams, `cache.rs` keeps the UDP answers given
+//! from memory as bytes, for the same query again.
 
 mod batch;
+mod cache;
 mod forward;
 mod server;
 mod zone;
@@ -33,7 +35,10 @@ mod zone;
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Mutex, atomic::AtomicU64},
+    sync::{
+        Mutex, RwLock, RwLockReadGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use hickory_proto::rr::RecordType;
@@ -54,6 +59,57 @@ pub struct ZoneService {
 
 /// Service name (lower case) -> what to answer.
 pub type Zone = BTreeMap<String, ZoneService>;
+
+/// The zone the reconciler publishes and the server answers from, with a
+/// generation that moves whenever it changes: an answer kept from one
+/// generation is never given in another.
+#[derive(Default)]
+pub struct SharedZone {
+    zone: RwLock<Zone>,
+    generation: AtomicU64,
+}
+
+impl SharedZone {
+    pub fn new(zone: Zone) -> Self {
+        SharedZone {
+            zone: RwLock::new(zone),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The zone now.
+    pub fn read(&self) -> RwLockReadGuard<'_, Zone> {
+        self.zone.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the zone; the generation moves if it changed.
+    pub fn replace(&self, zone: Zone) {
+        let mut z = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        if *z != zone {
+            *z = zone;
+            self.moved();
+        }
+    }
+
+    /// Changes the zone in place; the generation moves.
+    pub fn update(&self, change: impl FnOnce(&mut Zone)) {
+        let mut z = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        change(&mut z);
+        self.moved();
+    }
+
+    /// Called with the write lock held, after the write: a reader that
+    /// sees the new generation sees the new zone.
+    fn moved(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The zone's generation. Read it before answering from the zone: an
+    /// answer is then kept under a generation no newer than its zone.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct DnsConfig {
@@ -136,6 +192,9 @@ pub struct DnsStats {
     pub tcp_refused: AtomicU64,
     /// Queries (and TCP connections) from addresses not allowed to ask.
     pub refused_source: AtomicU64,
+    /// Queries answered with the bytes kept from the same query before
+    /// (also counted in `queries`).
+    pub kept_answers: AtomicU64,
 }
 
 impl DnsStats {

@@ -260,8 +260,9 @@ impl ResponseHandler for Collect {
     }
 }
 
-/// One UDP worker. Queries come in batches (`recvmmsg`); those answered
-/// from memory are answered at once and their answers leave together
+/// One UDP worker. Queries come in batches (`recvmmsg`); a query answered
+/// before from memory gets its kept answer ([`super::cache`]); others
+/// answered from memory are answered at once; these answers leave together
 /// (`sendmmsg`); a forwarded one becomes a task of its own, so it never
 /// holds the others.
 async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
@@ -271,6 +272,9 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
     let fd = udp.as_raw_fd();
     let mut inbox = super::batch::Inbox::default();
     let mut outbox: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(super::batch::BATCH);
+    // Answer buffers of earlier batches, used again.
+    let mut spare: Vec<Vec<u8>> = Vec::with_capacity(super::batch::BATCH);
+    let mut cache = super::cache::AnswerCache::default();
     loop {
         if let Err(e) = udp.readable().await {
             warn!(error = %e, "DNS UDP receive");
@@ -294,6 +298,18 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
                 handler.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // Before answering: what is kept is never newer than its zone.
+            let generation = handler.generation();
+            let view = handler.view(src.ip());
+            if let Some(hit) = cache.get(generation, view.as_deref(), raw) {
+                let (qtype, result) = hit.counted();
+                handler.stats.count(qtype, result);
+                handler.stats.kept_answers.fetch_add(1, Ordering::Relaxed);
+                let mut answer = spare.pop().unwrap_or_default();
+                hit.write(raw, &mut answer);
+                outbox.push((answer, src));
+                continue;
+            }
             let Some(req) = parse(raw.to_vec(), src, Protocol::Udp, &handler.stats) else {
                 continue;
             };
@@ -310,8 +326,11 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
                 });
                 continue;
             }
-            handler.handle(&req, collect.clone()).await;
+            let info = handler.handle(&req, collect.clone()).await;
             if let Some(answer) = collect.take() {
+                if let Some(q) = req.queries.queries().first() {
+                    cache.keep(generation, view, raw, &answer, q.query_type(), &info);
+                }
                 outbox.push((answer, src));
             }
         }
@@ -324,9 +343,14 @@ async fn serve_udp(udp: UdpSocket, handler: Arc<Handler>) {
             })
             .unwrap_or(0);
         // What the socket would not take now waits its turn.
-        for (answer, dst) in outbox.drain(..).skip(sent) {
-            if let Err(e) = udp.send_to(&answer, dst).await {
+        for (i, (answer, dst)) in outbox.drain(..).enumerate() {
+            if i >= sent
+                && let Err(e) = udp.send_to(&answer, dst).await
+            {
                 warn!(error = %e, "DNS UDP send");
+            }
+            if spare.len() < super::batch::BATCH {
+                spare.push(answer);
             }
         }
     }

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use crate::labels::Proto;
 
 use super::{
-    DnsConfig, DnsStats, Zone, ZoneService,
+    DnsConfig, DnsStats, SharedZone, Zone, ZoneService,
     forward::{forward_tcp, forward_udp},
 };
 
@@ -106,7 +106,7 @@ fn response_edns(request: &Request) -> Option<Edns> {
 const RESPONSE_PAYLOAD: u16 = 1232;
 
 pub struct Handler {
-    zone: Arc<RwLock<Zone>>,
+    zone: Arc<SharedZone>,
     cfg: DnsConfig,
     pub stats: Arc<DnsStats>,
     /// The upstreams once the server knows its own address (never itself).
@@ -120,7 +120,7 @@ pub struct Handler {
     engine_nets: RwLock<Vec<super::Net>>,
     /// The overlay networks besides `mesh`, by subnet: an asker there sees
     /// its network's services (allowed to ask).
-    networks: RwLock<Vec<(super::Net, String)>>,
+    networks: RwLock<Vec<(super::Net, Arc<str>)>>,
 }
 
 /// The zone's key for `service` as seen from network `view` (None: `mesh`),
@@ -133,7 +133,7 @@ fn key(service: &str, view: Option<&str>) -> String {
 }
 
 impl Handler {
-    pub fn new(zone: Arc<RwLock<Zone>>, cfg: DnsConfig, stats: Arc<DnsStats>) -> Self {
+    pub fn new(zone: Arc<SharedZone>, cfg: DnsConfig, stats: Arc<DnsStats>) -> Self {
         Handler {
             zone,
             cfg,
@@ -148,11 +148,12 @@ impl Handler {
 
     /// The overlay networks changed: their containers ask, each in its view.
     pub fn set_networks(&self, nets: Vec<(super::Net, String)>) {
-        *self.networks.write().unwrap_or_else(|p| p.into_inner()) = nets;
+        *self.networks.write().unwrap_or_else(|p| p.into_inner()) =
+            nets.into_iter().map(|(n, name)| (n, name.into())).collect();
     }
 
     /// The network whose view `src` gets (None: `mesh`'s).
-    fn view(&self, src: std::net::IpAddr) -> Option<String> {
+    pub(super) fn view(&self, src: std::net::IpAddr) -> Option<Arc<str>> {
         let std::net::IpAddr::V4(v4) = src else {
             return None;
         };
@@ -160,6 +161,11 @@ impl Handler {
         nets.iter()
             .find(|(n, _)| n.contains(v4))
             .map(|(_, name)| name.clone())
+    }
+
+    /// The zone's generation (read before answering from it).
+    pub(super) fn generation(&self) -> u64 {
+        self.zone.generation()
     }
 
     /// The engine's other networks changed: their containers may ask.
@@ -175,19 +181,17 @@ impl Handler {
     /// Whether `src` may ask; refusals are counted.
     pub fn admits(&self, src: std::net::IpAddr) -> bool {
         let local = self.local.get().map_or(&[][..], Vec::as_slice);
-        let mut engine = self
-            .engine_nets
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        engine.extend(
-            self.networks
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|(n, _)| *n),
-        );
-        let ok = super::allowed(&self.cfg.clients, local, &engine, src);
+        let ok = super::allowed(&self.cfg.clients, local, &[], src) || {
+            let engine = self.engine_nets.read().unwrap_or_else(|p| p.into_inner());
+            let networks = self.networks.read().unwrap_or_else(|p| p.into_inner());
+            let nets = networks.iter().map(|(n, _)| *n);
+            super::allowed(
+                &self.cfg.clients,
+                local,
+                &engine.iter().copied().chain(nets).collect::<Vec<_>>(),
+                src,
+            )
+        };
         if !ok {
             self.stats.refused_source.fetch_add(1, Ordering::Relaxed);
         }
@@ -328,7 +332,7 @@ impl Handler {
         qtype: RecordType,
         view: Option<&str>,
     ) -> Answer {
-        let zone = self.zone.read().unwrap_or_else(|p| p.into_inner());
+        let zone = self.zone.read();
         let wants_a = matches!(qtype, RecordType::A | RecordType::ANY);
         let found = |svc: &String| zone.get(&key(svc, view)).ok_or(ResponseCode::NXDomain);
         let answer = match target {
@@ -425,7 +429,7 @@ impl Handler {
     /// Whether `ip` is a VIP or a task of the zone (its reverse name is
     /// ours to answer).
     fn knows(&self, ip: Ipv4Addr) -> bool {
-        let zone = self.zone.read().unwrap_or_else(|p| p.into_inner());
+        let zone = self.zone.read();
         zone.values()
             .any(|s| s.vip == Some(ip) || s.tasks.contains(&ip))
     }
