@@ -466,6 +466,13 @@ fn load_data_plane(args: &Args) -> Result<(aya::Ebpf, LbMaps, OverlayMaps)> {
     overlay
         .set_config(&config)
         .context("writing the data plane's settings")?;
+    // Conntrack's clock: the tick measured once, kept across restarts.
+    let clock = dataplane::clock::settle(&mut ebpf, overlay.clock())
+        .context("measuring the kernel's tick for conntrack's clock")?;
+    overlay
+        .set_clock(clock)
+        .context("writing conntrack's clock")?;
+    dataplane::clock::pin(&mut ebpf, &args.bpffs_dir).context("pinning conntrack's clock")?;
     info!(dir = %args.bpffs_dir.display(), "data plane loaded; maps pinned");
     Ok((ebpf, lb, overlay))
 }

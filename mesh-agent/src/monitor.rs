@@ -124,7 +124,7 @@ async fn run(
     }
     .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
     // ktime (CLOCK_MONOTONIC) to wall time.
-    let offset_ns = wall_ns().saturating_sub(monotonic_ns());
+    let offset_ns = wall_ns().saturating_sub(crate::dataplane::clock::monotonic_ns());
     let mut lost_seen = maps.lost();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -178,16 +178,6 @@ fn wall_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn addr(ip_be: u32, port_be: u16, proto: u8) -> String {

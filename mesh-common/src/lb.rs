@@ -52,7 +52,12 @@ pub struct Config {
     /// destination agree under it, so anything else skips the bridge
     /// lookup. 0 (not written yet): every packet is looked up.
     pub bridge_mask_be: u32,
-    pub _pad: u32,
+    /// The conntrack clock (`clock.rs` in the agent): ns per jiffy, and
+    /// what is taken from `jiffies * tick_ns` to read CLOCK_MONOTONIC (as
+    /// it was when the agent measured the tick). 0: not measured yet; the
+    /// programs read the monotonic clock itself (a helper call).
+    pub tick_ns: u32,
+    pub clock_base_ns: u64,
 }
 
 impl Config {
@@ -171,7 +176,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
 const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Published>() == 4);
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 const _: () = assert!(core::mem::size_of::<SockOrig>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 

@@ -74,7 +74,8 @@ impl Cidr {
             vip_mask_be: mask.to_be(),
             host_netns_cookie: 0,
             bridge_mask_be: 0,
-            _pad: 0,
+            tick_ns: 0,
+            clock_base_ns: 0,
         }
     }
 

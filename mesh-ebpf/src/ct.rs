@@ -1,7 +1,10 @@
 //! Conntrack entries: lookup in both tables, creation, confirmation,
 //! refresh (the tables and their rules: `mesh_common::ct`).
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    maps::LruHashMap,
+};
 use mesh_common::{
     ct::{
         CT_F_HAIRPIN, CT_F_INGRESS, CT_F_REPLIED, CT_F_RETURN, CtEntry, CtKey, Tuple, dir, tcp_flag,
@@ -13,7 +16,7 @@ use mesh_common::stats::Stat;
 
 use crate::{
     hdr::IPPROTO_TCP,
-    maps::{CT, CT_NEW},
+    maps::{CONFIG, CT, CT_NEW},
     stats::bump,
 };
 
@@ -61,12 +64,25 @@ pub fn reply_entry(t: &Tuple, tcp_flags: u8) -> Option<CtEntry> {
 /// is still there (the LRU may have evicted it alone).
 pub const RESTORE_AFTER_NS: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC, coarse: the time of the last tick (1-4 ms old), which
-/// conntrack's second-scale lifetimes do not notice. Reading the precise
-/// clock costs 20 ns a packet here (measured: the tracked VIP path 183 ->
-/// 162 ns without it); the coarse one reads a variable.
+/// Conntrack's clock, in ns: the time of the last tick, which conntrack's
+/// second-scale lifetimes do not tell from the precise time. It is
+/// `jiffies * tick_ns - clock_base_ns` once the agent measured the tick
+/// (CONFIG): the verifier inlines `bpf_jiffies64` as a load, where any
+/// clock helper is a call (15-20 ns a packet on the tracked paths, most of
+/// it the call's return on CPUs with return-stack mitigations). Before,
+/// CLOCK_MONOTONIC's coarse reading, the same clock within the drift of
+/// the tick against it since the agent measured it.
 #[inline(always)]
 fn now() -> u64 {
+    if let Some(c) = CONFIG.get(0)
+        && c.tick_ns != 0
+    {
+        // SAFETY: plain helper call (inlined by the verifier).
+        let jiffies = unsafe { bpf_jiffies64() };
+        return jiffies
+            .wrapping_mul(c.tick_ns as u64)
+            .wrapping_sub(c.clock_base_ns);
+    }
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_coarse_ns() }
 }

@@ -34,6 +34,26 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 
+/// Never attached: the agent runs it (BPF_PROG_TEST_RUN) on a packet of
+/// at least 16 bytes, whose first 16 it overwrites with the kernel's
+/// jiffies and CLOCK_MONOTONIC's coarse reading of the same moment (both
+/// move at the tick): how the agent measures the tick and reads
+/// conntrack's clock (`ct::now`).
+#[classifier]
+pub fn mesh_clock(ctx: TcContext) -> i32 {
+    // SAFETY: plain helper calls.
+    let pair = unsafe {
+        [
+            aya_ebpf::helpers::generated::bpf_jiffies64(),
+            aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns(),
+        ]
+    };
+    match ctx.store(0, &pair, 0) {
+        Ok(()) => aya_ebpf::bindings::TC_ACT_OK,
+        Err(_) => aya_ebpf::bindings::TC_ACT_SHOT,
+    }
+}
+
 /// XDP on the underlay NIC: classifies and counts every frame,
 /// decapsulates VXLAN for this node's /24 and balances requests to its
 /// published ports (the routing mesh). Everything else passes untouched.

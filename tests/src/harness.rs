@@ -203,6 +203,16 @@ impl Harness {
         overlay
             .set_config(&vips.config())
             .unwrap_or_else(|e| panic!("data-plane settings: {e}"));
+        // Conntrack's clock, as the agent sets it.
+        let clock = dataplane::clock::settle(&mut ebpf, None)
+            .unwrap_or_else(|e| panic!("conntrack's clock: {e}"));
+        overlay
+            .set_clock(clock)
+            .unwrap_or_else(|e| panic!("conntrack's clock: {e}"));
+        if let Some(dir) = pin_dir {
+            dataplane::clock::pin(&mut ebpf, dir)
+                .unwrap_or_else(|e| panic!("pinning conntrack's clock: {e}"));
+        }
         Harness {
             ebpf,
             lb,

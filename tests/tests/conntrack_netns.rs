@@ -231,6 +231,58 @@ fn flood(src: Ipv4Addr, tcp: u32, udp: u32, deadline: Duration) -> u32 {
 /// joins, so a connection whose entry had been evicted would be balanced
 /// again and land elsewhere. Every connection keeps its entry and its
 /// backend.
+/// The programs stamp entries with the clock the agent measured (jiffies
+/// times the tick, less the base) and the sweeper reads the same clock
+/// through the pinned `mesh_clock`: a flow's stamps are "now" to it, and
+/// the clock reads CLOCK_MONOTONIC within a few ticks.
+#[test]
+fn entries_carry_the_clock_the_sweeper_reads() {
+    use mesh_agent::dataplane::clock::{Clock, monotonic_ns};
+
+    let pins = PinDir::new("ct-clock");
+    let mut lab = LbLab::with(
+        2,
+        &Options {
+            pin_dir: Some(pins.0.clone()),
+            ..Options::default()
+        },
+    );
+    lab.program(&[ACTIVE, ACTIVE]);
+    let cal = lab.harness.overlay.clock().expect("the tick measured");
+    assert!(
+        [10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&cal.tick_ns),
+        "a tick of HZ 100, 250, 300 or 1000: {cal:?}"
+    );
+    let clock = Clock::open(&pins.0);
+    let before = clock.now_ns();
+    lab.client
+        .run(udp_request)
+        .unwrap_or_else(|e| panic!("UDP request: {e}"));
+    let after = clock.now_ns();
+    let tick = cal.tick_ns as u64;
+    let stamps: Vec<u64> = lab
+        .harness
+        .lb
+        .conntrack_new
+        .iter()
+        .chain(lab.harness.lb.conntrack.iter())
+        .filter_map(Result::ok)
+        .flat_map(|(_, e)| [e.created_ns, e.last_seen_ns])
+        .collect();
+    assert!(!stamps.is_empty(), "the request's flow is tracked");
+    for s in stamps {
+        assert!(
+            before <= s + tick && s <= after + tick,
+            "stamp {s} outside the request's time {before}..{after} (tick {tick})"
+        );
+    }
+    let drift = clock.now_ns().abs_diff(monotonic_ns());
+    assert!(
+        drift < 5 * tick,
+        "the clock is {drift} ns from CLOCK_MONOTONIC (tick {tick})"
+    );
+}
+
 #[test]
 fn a_flood_of_new_flows_leaves_established_connections_working() {
     const CT: u32 = 65_536;

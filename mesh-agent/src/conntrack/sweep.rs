@@ -20,7 +20,7 @@ use mesh_common::{
 use tracing::warn;
 
 use super::{FlowState, Timeouts, plan};
-use crate::dataplane::batch;
+use crate::dataplane::{batch, clock::Clock};
 
 /// Elements per batched lookup.
 const CHUNK: usize = 4096;
@@ -65,21 +65,11 @@ pub enum SweepError {
     },
 }
 
-/// CLOCK_MONOTONIC in ns: the clock the data plane reads (its coarse
-/// variant, at most a tick behind).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The two conntrack tables, opened from their pins.
 pub struct Sweeper {
     tables: [(&'static str, MapData); 2],
+    /// The clock the entries carry.
+    clock: Clock,
     pub timeouts: Timeouts,
 }
 
@@ -93,6 +83,7 @@ impl Sweeper {
                 (maps::CONNTRACK.name, open(maps::CONNTRACK.name)?),
                 (maps::CONNTRACK_NEW.name, open(maps::CONNTRACK_NEW.name)?),
             ],
+            clock: Clock::open(dir),
             timeouts,
         })
     }
@@ -105,7 +96,7 @@ impl Sweeper {
             let io = |source| SweepError::Io { name, source };
             let entries: Vec<(CtKey, CtEntry)> = batch::lookup_all(map, CHUNK).map_err(io)?;
             report.entries[i] = entries.len() as u64;
-            let p = plan(&entries, i == 1, monotonic_ns(), &self.timeouts);
+            let p = plan(&entries, i == 1, self.clock.now_ns(), &self.timeouts);
             report.deleted += batch::delete(map, &p.delete).map_err(io)? as u64;
             for (state, n) in p.expired {
                 *expired.entry(state).or_default() += n;

@@ -8,10 +8,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 use super::{CtlError, addr, proto_name, service_name, table::Table};
-use crate::{
-    conntrack::{FlowState, sweep::monotonic_ns},
-    dataplane::lb::LbMaps,
-};
+use crate::{conntrack::FlowState, dataplane::lb::LbMaps};
 
 #[derive(Serialize)]
 pub struct CtRow {
@@ -80,10 +77,12 @@ fn flags(f: u8) -> String {
     }
 }
 
+/// The tracked flows; `now`: conntrack's clock (`dataplane::clock`).
 pub fn conntrack(
     lb: &LbMaps,
     service: Option<&ServiceKey>,
     all: bool,
+    now: u64,
 ) -> Result<Vec<CtRow>, CtlError> {
     let want_id = match service {
         Some(k) => Some(
@@ -94,7 +93,6 @@ pub fn conntrack(
         ),
         None => None,
     };
-    let now = monotonic_ns();
     let secs = |ns: u64| now.saturating_sub(ns) as f64 / 1e9;
     let mut rows = Vec::new();
     for (table, new) in [(&lb.conntrack, false), (&lb.conntrack_new, true)] {

@@ -290,7 +290,8 @@ pub fn execute(args: &Args) -> Result<String, CtlError> {
         Cmd::Conntrack { service, all } => {
             let key = service.as_deref().map(parse_service).transpose()?;
             let lb = open_lb(dir)?;
-            render(args.json, &conntrack(&lb, key.as_ref(), *all)?)
+            let now = crate::dataplane::clock::Clock::open(dir).now_ns();
+            render(args.json, &conntrack(&lb, key.as_ref(), *all, now)?)
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The eBPF data plane: the embedded object, loading it, and its maps.
 
 pub mod batch;
+pub mod clock;
 pub mod layout;
 pub mod lb;
 pub mod links;
@@ -39,6 +40,8 @@ pub mod progs {
     /// TC ingress on the WireGuard device (`mesh-wg`): the tunnel's
     /// decrypted VXLAN, decapsulated.
     pub const TC_WG_IN: &str = "mesh_tc_wg_in";
+    /// Never attached: conntrack's clock (`clock.rs`), run by the agent.
+    pub const CLOCK: &str = "mesh_clock";
     /// cgroup connect4: socket-level balancing of the host's own connects.
     pub const SOCK_CONNECT4: &str = "mesh_sock_connect4";
     /// cgroup getpeername4: such a socket's peer as it asked for it.

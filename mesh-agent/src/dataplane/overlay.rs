@@ -12,7 +12,7 @@ use mesh_common::{
     tunnel::{Bridge, LocalEndpoint, LocalNode, NET16_NODES, Node, VETH_PUBLISHED, VethSrc, net16},
 };
 
-use super::lb::MapsError;
+use super::{clock::Calibration, lb::MapsError};
 use crate::reconcile::table::KeyedWriter;
 
 pub struct OverlayMaps {
@@ -135,8 +135,26 @@ impl OverlayMaps {
             .map_err(err(maps::LOCAL_EPS.name))
     }
 
-    /// The data plane's settings.
+    /// The data plane's settings; conntrack's clock in them stays as it
+    /// is ([`Self::set_clock`]).
     pub fn set_config(&mut self, c: &Config) -> Result<(), MapsError> {
+        let mut c = *c;
+        if let Some(cal) = self.clock() {
+            cal.set(&mut c);
+        }
+        self.config.set(0, c, 0).map_err(err(maps::CONFIG.name))
+    }
+
+    /// Conntrack's clock as CONFIG has it (None: not measured).
+    pub fn clock(&self) -> Option<Calibration> {
+        let c = self.config.get(&0, 0).ok()?;
+        Calibration::of(&c)
+    }
+
+    /// Sets conntrack's clock, the other settings kept.
+    pub fn set_clock(&mut self, cal: Calibration) -> Result<(), MapsError> {
+        let mut c = self.config.get(&0, 0).map_err(err(maps::CONFIG.name))?;
+        cal.set(&mut c);
         self.config.set(0, c, 0).map_err(err(maps::CONFIG.name))
     }
 
