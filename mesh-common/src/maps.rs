@@ -217,6 +217,21 @@ pub const VETH_SRC: MapDef = def(
     Agent,
     "veth ifindex -> VethSrc{container ip, vni}: anti-spoofing, isolation",
 );
+/// Array `port / 64 -> 64 bits (port % 64)`: the ports backends have had.
+/// A container's new direct flow looks in conntrack for a finished VIP
+/// flow's reverse entry with its tuple only when its destination port is
+/// one of them (two hash lookups saved on every other UDP datagram and
+/// TCP SYN). Bits are only ever set: a stale one costs the lookup, never a
+/// wrong answer.
+pub const BACKEND_PORTS: MapDef = def(
+    "MESH_BACKEND_PORTS",
+    Array,
+    BACKEND_PORT_WORDS,
+    Agent,
+    "port / 64 -> bit (port % 64) set if a backend has had that port",
+);
+/// 64-bit words of [`BACKEND_PORTS`]: one bit per port.
+pub const BACKEND_PORT_WORDS: u32 = 65_536 / 64;
 /// Array of one `Config`: settings of the whole data plane.
 pub const CONFIG: MapDef = def("MESH_CONFIG", Array, 1, Agent, "0 -> Config{vip range}");
 
@@ -303,12 +318,13 @@ pub const MONITOR: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 22] = [
+pub const ALL: [MapDef; 23] = [
     STATS,
     SERVICES,
     VIPS,
     PUBLISHED,
     BACKENDS,
+    BACKEND_PORTS,
     MAGLEV,
     CONNTRACK,
     CONNTRACK_NEW,

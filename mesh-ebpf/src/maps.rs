@@ -15,9 +15,9 @@ use mesh_common::{
         SockRevKey,
     },
     maps::{
-        BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, EVENTS_BYTES, FRAG_ENTRIES, MAX_BACKENDS,
-        MAX_BRIDGES, MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED, MAX_SERVICES, MAX_SLICES, RING_FLAGS,
-        SOCK_ORIG_ENTRIES, VETH_SLOTS,
+        BACKEND_PORT_WORDS, BPF_F_NO_COMMON_LRU, CT_ENTRIES, CT_NEW_ENTRIES, EVENTS_BYTES,
+        FRAG_ENTRIES, MAX_BACKENDS, MAX_BRIDGES, MAX_LOCAL_EPS, MAX_NODES, MAX_PUBLISHED,
+        MAX_SERVICES, MAX_SLICES, RING_FLAGS, SOCK_ORIG_ENTRIES, VETH_SLOTS,
     },
     monitor::Budget,
     stats::STATS_SLOTS,
@@ -80,6 +80,10 @@ pub static NETS: Array<u32> = Array::with_max_entries(NET16_SLOTS, 0);
 /// This node's containers, by address.
 #[map(name = "MESH_LOCAL_EPS")]
 pub static LOCAL_EPS: HashMap<u32, LocalEndpoint> = HashMap::with_max_entries(MAX_LOCAL_EPS, 0);
+
+/// The ports backends have had, a bit each (`mesh_common::maps::BACKEND_PORTS`).
+#[map(name = "MESH_BACKEND_PORTS")]
+pub static BACKEND_PORTS: Array<u64> = Array::with_max_entries(BACKEND_PORT_WORDS, 0);
 
 /// Veth ifindex -> its container's address: the anti-spoofing check in
 /// one array slot (`MESH_LOCAL_EPS` covers what this does not).

@@ -24,7 +24,7 @@ use crate::{
         IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IcmpHdr, Ipv4Hdr,
     },
     lb,
-    maps::{CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC, VIPS},
+    maps::{BACKEND_PORTS, CONFIG, FRAGS, LOCAL_EPS, SERVICES, VETH_SRC, VIPS},
     nat::{self, End},
     parse::{self, ParseError, Parsed},
     stats::bump,
@@ -287,7 +287,7 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     let opens =
         t.proto == IPPROTO_UDP || pk.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
     let outside = matches!(located, Some((0, _)));
-    if opens && !outside && ct::supersede_reverse(&t) {
+    if opens && !outside && backend_port(t.dport_be) && ct::supersede_reverse(&t) {
         bump(Stat::LbStaleReverse);
     }
     match (local, located) {
@@ -302,6 +302,17 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
         ),
         _ => pass(Stat::TcNotService),
     }
+}
+
+/// Whether some backend has had port `port_be` (`MESH_BACKEND_PORTS`):
+/// only then may a finished VIP flow have left a reverse entry for a
+/// direct flow to that port.
+#[inline(always)]
+fn backend_port(port_be: u16) -> bool {
+    let port = u16::from_be(port_be) as u32;
+    BACKEND_PORTS
+        .get(port / 64)
+        .is_some_and(|w| (w >> (port % 64)) & 1 != 0)
 }
 
 /// A container's ARP request for an address of its network that lives

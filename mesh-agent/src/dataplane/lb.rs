@@ -41,6 +41,8 @@ pub struct LbMaps {
     /// The routing mesh's published ports.
     pub published: HashMap<MapData, PublishedKey, Published>,
     pub backends: Array<MapData, Backend>,
+    /// The ports backends have had, a bit each (never cleared).
+    pub backend_ports: Array<MapData, u64>,
     pub maglev: ArrayOfMaps<MapData, MapData>,
     /// A second handle to the outer Maglev map, for batch updates (aya's
     /// ArrayOfMaps does not lend out its own).
@@ -53,9 +55,22 @@ pub struct LbMaps {
 }
 
 impl LbMaps {
-    /// Takes the maps out of a freshly loaded object.
+    /// Takes the maps out of a freshly loaded object. The backends a
+    /// pinned `MESH_BACKENDS` already has get their ports' bits (a new
+    /// `MESH_BACKEND_PORTS` beside old backends: an upgrade).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing(name)))
+        let mut lb = Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing(name)))?;
+        let ports: Vec<u16> = lb
+            .backends
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|b| b.state != 0)
+            .map(|b| b.port_be)
+            .collect();
+        for port_be in ports {
+            lb.add_backend_port(port_be)?;
+        }
+        Ok(lb)
     }
 
     /// Opens the maps an agent pinned under `dir`.
@@ -87,6 +102,9 @@ impl LbMaps {
             backends: get(maps::BACKENDS.name)?
                 .try_into()
                 .map_err(map_err(maps::BACKENDS.name))?,
+            backend_ports: get(maps::BACKEND_PORTS.name)?
+                .try_into()
+                .map_err(map_err(maps::BACKEND_PORTS.name))?,
             maglev: maglev.try_into().map_err(map_err(maps::MAGLEV.name))?,
             maglev_map,
             conntrack: get(maps::CONNTRACK.name)?
@@ -130,10 +148,29 @@ impl LbMaps {
             .map_err(map_err(maps::PUBLISHED.name))
     }
 
+    /// Backend `id`; its port joins the ports backends have had first, so
+    /// no flow to it exists before the programs know the port.
     pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapsError> {
+        if b.state != 0 {
+            self.add_backend_port(b.port_be)?;
+        }
         self.backends
             .set(id, b, 0)
             .map_err(map_err(maps::BACKENDS.name))
+    }
+
+    /// Sets port `port_be`'s bit in `MESH_BACKEND_PORTS`.
+    fn add_backend_port(&mut self, port_be: u16) -> Result<(), MapsError> {
+        let port = u16::from_be(port_be) as u32;
+        let (word, bit) = (port / 64, 1u64 << (port % 64));
+        let name = maps::BACKEND_PORTS.name;
+        let w = self.backend_ports.get(&word, 0).map_err(map_err(name))?;
+        if w & bit == 0 {
+            self.backend_ports
+                .set(word, w | bit, 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     /// Frees a backend id: flows still tracked to it get a new backend.
