@@ -48,6 +48,8 @@ pub struct JoinConfig {
     pub state_dir: PathBuf,
     /// `--encrypt`: the tunnel runs inside WireGuard on this UDP port.
     pub encrypt: Option<u16>,
+    /// `--xdp-mode off`: the underlay TC program does XDP's part.
+    pub tc_only: bool,
 }
 
 /// This node's WireGuard (`--encrypt`).
@@ -180,6 +182,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
         tunnel_mss: u16::try_from((cfg.mtu + ENCAP_LEN as u32).saturating_sub(TUNNEL_TCP_OVERHEAD))
             .unwrap_or(0),
         wg_ifindex: wg.as_ref().map_or(0, |w| w.device.ifindex),
+        tc_only: cfg.tc_only as u8,
         ..Default::default()
     };
     let cluster = Cluster {

@@ -103,11 +103,12 @@ struct Args {
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
     /// How XDP runs on the underlay NIC: `generic`, once the kernel has
-    /// built the packet (the NIC keeps GRO and its offloads, so the host's
-    /// own bulk traffic and the overlay keep their speed), or `native`, in
+    /// built the packet (the NIC keeps GRO and its offloads), `native`, in
     /// the driver where it has XDP (veth and virtio_net then give up GRO
-    /// and their offloads; see docs/benchmarks.md). A link pinned by an
-    /// earlier agent keeps its mode.
+    /// and their offloads), or `off`: no XDP, the underlay TC program does
+    /// its part (the tunnel in, the routing mesh's requests) on the skb.
+    /// See docs/benchmarks.md for what each costs. A link pinned by an
+    /// earlier agent keeps its mode; `off` removes it.
     #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Generic)]
     xdp_mode: XdpAttach,
     /// bpffs directory for pinned maps and links.
@@ -555,6 +556,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         vxlan_port: args.vxlan_port,
         state_dir: args.state_dir.clone(),
         encrypt: args.encrypt.then_some(args.wg_port),
+        tc_only: matches!(args.xdp_mode, XdpAttach::Off),
     };
     let (subnet, cluster) = cluster::join(&cfg).await?;
     Ok((subnet, Some(cluster)))
@@ -565,6 +567,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
 enum XdpAttach {
     Generic,
     Native,
+    Off,
 }
 
 /// XDP and the underlay TC program on the underlay NIC, pinned; links an
@@ -580,7 +583,13 @@ fn attach_underlay(
     std::fs::create_dir_all(dir.join("links"))?;
     let xdp_pin = dir.join("links").join(format!("xdp_{ifindex}"));
     let prog = dataplane::xdp_underlay(ebpf).context("verifying the XDP program")?;
-    if xdp_pin.exists() {
+    if matches!(mode, XdpAttach::Off) {
+        // The pin holds an earlier agent's link alone: gone, it detaches.
+        if xdp_pin.exists() {
+            std::fs::remove_file(&xdp_pin)
+                .with_context(|| format!("removing {}", xdp_pin.display()))?;
+        }
+    } else if xdp_pin.exists() {
         dataplane::links::upgrade_xdp(&xdp_pin, prog)?;
     } else {
         let id = prog
@@ -589,7 +598,7 @@ fn attach_underlay(
                 match mode {
                     XdpAttach::Generic => aya::programs::XdpMode::Skb,
                     // The kernel's choice: the driver's, where it has one.
-                    XdpAttach::Native => aya::programs::XdpMode::Default,
+                    XdpAttach::Native | XdpAttach::Off => aya::programs::XdpMode::Default,
                 },
             )
             .with_context(|| format!("attaching XDP to {iface_name}"))?;

@@ -154,7 +154,10 @@ pub struct LocalNode {
     /// to) and its MAC.
     pub host_ifindex: u32,
     pub host_mac: [u8; 6],
-    pub _pad3: [u8; 2],
+    /// 1: no XDP on the underlay NIC (`--xdp-mode off`); its TC program
+    /// does XDP's part (VXLAN in, the routing mesh's requests) on the skb.
+    pub tc_only: u8,
+    pub _pad3: u8,
     /// The WireGuard device (`mesh-wg`) every tunnelled packet leaves by,
     /// encrypted, when the cluster encrypts (`--encrypt`); plain VXLAN from
     /// the wire is then dropped. 0: the tunnel is plain.

@@ -88,23 +88,79 @@ pub fn published_at_node(l: &LocalNode, t: &Tuple) -> Option<u32> {
     unsafe { PUBLISHED.get(&key) }.map(|p| p.service_id)
 }
 
+/// The service published on the port `pk` is addressed to (this node's
+/// underlay address), if any.
+#[inline(always)]
+fn published(pk: &Parsed) -> Option<u32> {
+    let key = PublishedKey {
+        port_be: pk.t.dport_be,
+        proto: pk.t.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain data written by the agent.
+    unsafe { PUBLISHED.get(&key) }.map(|p| p.service_id)
+}
+
 /// XDP: a TCP/UDP packet to this node's underlay address. `None`: not a
 /// published port (the caller goes on).
 #[inline(always)]
 pub fn request(ctx: &XdpContext, pk: &Parsed, l: &LocalNode) -> Option<Result<Verdict, Stat>> {
-    let t = pk.t;
-    let key = PublishedKey {
-        port_be: t.dport_be,
-        proto: t.proto,
-        _pad: 0,
-    };
-    // SAFETY: plain data written by the agent.
-    let published = unsafe { PUBLISHED.get(&key) }.copied()?;
-    Some(balance(ctx, pk, l, published.service_id))
+    let service_id = published(pk)?;
+    Some(match balance(ctx, pk, l, service_id) {
+        // The underlay TC program turns it into ICMP (`frag_needed`).
+        Ok(Balanced::TooBig) => mark::write(ctx, TOO_BIG_MARK, l.underlay_ip_be)
+            .and_then(|()| pass(Stat::IngressTooBig)),
+        // The underlay TC program translates it (`forward_request`) and
+        // hands it to the backend's veth, or to the tunnel toward the
+        // backend's node.
+        Ok(Balanced::Forward(path)) => {
+            mark::write(ctx, BALANCED_MARK, l.underlay_ip_be).and_then(|()| pass(path))
+        }
+        Err(e) => Err(e),
+    })
 }
 
+/// TC, no XDP on the NIC (`LocalNode::tc_only`): [`request`] on the skb,
+/// ending with the mark XDP would leave, or with a verdict. `None`: not a
+/// published port.
 #[inline(always)]
-fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Result<Verdict, Stat> {
+pub fn request_tc(
+    ctx: &TcContext,
+    pk: &Parsed,
+    l: &LocalNode,
+) -> Option<Result<u8, Result<Verdict, Stat>>> {
+    let service_id = published(pk)?;
+    Some(match balance(ctx, pk, l, service_id) {
+        Ok(Balanced::TooBig) => {
+            bump(Stat::IngressTooBig);
+            Ok(TOO_BIG_MARK)
+        }
+        Ok(Balanced::Forward(path)) => {
+            bump(path);
+            Ok(BALANCED_MARK)
+        }
+        Err(e) => Err(Err(e)),
+    })
+}
+
+/// What the routing mesh does with a request it balanced.
+enum Balanced {
+    /// Too large for the tunnel to the backend's node, with DF: ICMP
+    /// fragmentation needed goes back.
+    TooBig,
+    /// On to the backend (counted as this path: here or another node).
+    Forward(Stat),
+}
+
+/// A request to published service `service_id`: its flow balanced (and
+/// tracked), and what is to become of it.
+#[inline(always)]
+fn balance<P: Packet>(
+    p: &P,
+    pk: &Parsed,
+    l: &LocalNode,
+    service_id: u32,
+) -> Result<Balanced, Stat> {
     let t = pk.t;
     let hash = published_hash(t.src_be, t.sport_be, t.dport_be, t.proto);
     let c = lb::balance(&t, service_id, hash, pk.tcp_flags, CT_F_INGRESS)?;
@@ -112,32 +168,28 @@ fn balance(ctx: &XdpContext, pk: &Parsed, l: &LocalNode, service_id: u32) -> Res
     let remote = matches!(tunnel::route(l, b.ip_be)?, tunnel::Route::Remote(_));
     // A frame longer than the underlay's MTU (the tunnel's MSS plus the
     // tunnel's overhead, WireGuard's included when the cluster encrypts)
-    // never came off the wire as it is: generic XDP sees the kernel's GRO
-    // aggregates, whose segments the stack sends on one by one (their MSS
-    // clamped at the handshake).
+    // never came off the wire as it is: generic XDP and TC see the
+    // kernel's GRO aggregates, whose segments the stack sends on one by
+    // one (their MSS clamped at the handshake).
     let tunnel_mtu = l.tunnel_mss as u32 + TCP_IP_HLEN;
     let wg = if l.wg_ifindex != 0 { WG_OVERHEAD } else { 0 };
     let wire_mtu = l.tunnel_mss as u32 + TUNNEL_TCP_OVERHEAD + wg;
     if remote && l.tunnel_mss != 0 && (tunnel_mtu + 1..=wire_mtu).contains(&(pk.ip_len as u32)) {
         // It would not fit the tunnel. With DF the client learns the
-        // tunnel's MTU (ICMP, built by the TC program from the packet as
-        // it came); without DF it cannot be fragmented here.
-        let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok_or(Stat::XdpTruncated)?;
+        // tunnel's MTU (ICMP, built from the packet as it came); without
+        // DF it cannot be fragmented here.
+        let ip: Ipv4Hdr = p.load(ETH_HLEN).ok_or(Stat::XdpTruncated)?;
         if u16::from_be(ip.frag_be) & IP_DF == 0 {
             return Err(Stat::IngressTooBigNoDf);
         }
-        mark::write(ctx, TOO_BIG_MARK, l.underlay_ip_be)?;
-        return pass(Stat::IngressTooBig);
+        return Ok(Balanced::TooBig);
     }
-    lb::count_service(service_id, ctx.len() as u32, c.new_flow);
-    // The underlay TC program translates it (`forward_request`) and hands
-    // it to the backend's veth, or to the tunnel toward the backend's node.
-    mark::write(ctx, BALANCED_MARK, l.underlay_ip_be)?;
-    pass(if remote {
+    lb::count_service(service_id, p.len() as u32, c.new_flow);
+    Ok(Balanced::Forward(if remote {
         Stat::IngressRemote
     } else {
         Stat::IngressLocal
-    })
+    }))
 }
 
 /// TC on the underlay NIC: a request XDP balanced (`BALANCED_MARK`) is

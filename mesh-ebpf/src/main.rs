@@ -81,7 +81,7 @@ pub fn mesh_tc_to_container(ctx: TcContext) -> i32 {
 /// containers go straight to their veths.
 #[classifier]
 pub fn mesh_tc_underlay_in(ctx: TcContext) -> i32 {
-    ctx::finish::<ctx::Tc, _>(&ctx, underlay::tc_ingress(&ctx))
+    underlay::tc_ingress(&ctx)
 }
 
 /// TC ingress on the WireGuard device (`mesh-wg`) of an encrypting

@@ -23,7 +23,7 @@ use mesh_common::{
 };
 
 use crate::{
-    ctx::{Packet, Verdict, pass},
+    ctx::{Packet, Tc, Verdict, finish, pass},
     hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
     ingress,
     maps::PEERS,
@@ -203,6 +203,88 @@ pub fn wg_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     deliver_decapsulated(ctx, local, dst_be)
 }
 
+/// What stands for a verdict the TC program reached doing XDP's part.
+type Decided = Result<Verdict, Stat>;
+
+/// [`xdp_part_outlined`]'s answers besides a mark (0-255): the frame
+/// passes (its path counted), or is dropped (its reason counted, a
+/// listening monitor told).
+const PART_PASSED: u32 = 0x100;
+const PART_DROPPED: u32 = 0x200;
+
+/// [`xdp_part`] as a BPF subprogram of its own, its answer a number: the
+/// underlay TC program inlined whole would need more than the 512 bytes of
+/// stack a BPF function may have.
+#[inline(never)]
+fn xdp_part_outlined(ctx: &TcContext, local: &LocalNode) -> u32 {
+    match xdp_part(ctx, local) {
+        Ok(mark) => mark as u32,
+        Err(Ok(_)) => PART_PASSED,
+        Err(Err(reason)) => {
+            bump(reason);
+            if let Some(s) = crate::monitor::on() {
+                ctx.monitor_drop(reason, s);
+            }
+            PART_DROPPED
+        }
+    }
+}
+
+/// TC ingress on the underlay NIC without XDP (`--xdp-mode off`,
+/// `LocalNode::tc_only`): XDP's part, done here on the skb, ending as XDP
+/// ends, with the mark it would have left (0: none, the frame goes on as
+/// any other), or with a verdict. VXLAN for this node is checked and
+/// decapsulated (the outer Ethernet header stays, in place of the inner);
+/// a request to a published port of this node is balanced.
+#[inline(always)]
+fn xdp_part(ctx: &TcContext, local: &LocalNode) -> Result<u8, Decided> {
+    let Ok(pk) = parse::ipv4(ctx) else {
+        return Ok(0);
+    };
+    if pk.fragment {
+        return Ok(0);
+    }
+    match pk.t.proto {
+        IPPROTO_UDP if pk.t.dport_be == local.vxlan_port_be() => vxlan_tc(ctx, &pk, local),
+        IPPROTO_UDP | IPPROTO_TCP if pk.t.dst_be == local.underlay_ip_be => {
+            ingress::request_tc(ctx, &pk, local).unwrap_or(Ok(0))
+        }
+        _ => Ok(0),
+    }
+}
+
+/// [`vxlan`] on the skb: the mark XDP would leave, or a verdict.
+#[inline(always)]
+fn vxlan_tc(ctx: &TcContext, pk: &Parsed, local: &LocalNode) -> Result<u8, Decided> {
+    if pk.t.dst_be != local.underlay_ip_be {
+        return Err(pass(Stat::XdpVxlanNotOurs));
+    }
+    if local.wg_ifindex != 0 {
+        return Err(Err(Stat::XdpVxlanPlain));
+    }
+    let (inner, dst_be) = match checked(ctx, pk, local) {
+        Ok(v) => v,
+        Err(Stat::XdpVxlanBadVni) => return Err(Err(Stat::XdpVxlanBadVni)),
+        Err(s) => return Err(pass(s)),
+    };
+    let (mark, count) = if tunnel::is_local_slice(local, dst_be) {
+        ingress::note_return(ctx, local, inner + ETH_HLEN, pk.t.src_be);
+        (DECAP_MARK, Stat::XdpDecap)
+    } else if ingress::is_tunnelled_reply(ctx, local, inner) {
+        (REPLY_MARK, Stat::IngressReplyDecap)
+    } else {
+        return Err(pass(Stat::XdpVxlanForeign));
+    };
+    if ctx
+        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return Err(pass(Stat::XdpVxlanForeign));
+    }
+    bump(count);
+    Ok(mark)
+}
+
 /// TC ingress on the underlay NIC, after XDP decapsulated what is ours: a
 /// packet for a container on this node goes straight to its veth (as the
 /// bridge would deliver it), so forwarding never depends on the host's
@@ -210,12 +292,41 @@ pub fn wg_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
 /// frame from the wire for this node's /24 is dropped (`tunnel_unmarked`):
 /// containers are reachable from outside the cluster only through what
 /// mesh publishes. Everything else is left to the stack.
+///
+/// Returns the hook's code. Without XDP on the NIC, XDP's part ([`xdp_part`])
+/// and the rest ([`after_mark`]) are BPF subprograms of their own, called one
+/// after the other: one function holding both would need more stack than
+/// the verifier allows a call chain (512 bytes).
 #[inline(always)]
-pub fn tc_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
+pub fn tc_ingress(ctx: &TcContext) -> i32 {
     let Some(local) = tunnel::local() else {
-        return pass(Stat::TunnelPass);
+        return finish::<Tc, _>(ctx, pass(Stat::TunnelPass));
     };
-    let mark = mark::take(ctx, &local);
+    // XDP's mark, or, without XDP, the same done here. A frame that
+    // arrives with a mark then is nobody's: its destination MAC is not ours.
+    let mark = if local.tc_only != 0 {
+        match xdp_part_outlined(ctx, &local) {
+            m if m <= u8::MAX as u32 => m as u8,
+            PART_PASSED => return finish::<Tc, _>(ctx, Ok(Verdict::PASS)),
+            _ => return finish::<Tc, _>(ctx, Ok(Verdict::DROP)),
+        }
+    } else {
+        mark::take(ctx, &local)
+    };
+    after_mark(ctx, &local, mark)
+}
+
+/// [`tc_ingress`] once the frame's mark is known, as a BPF subprogram; the
+/// hook's code.
+#[inline(never)]
+fn after_mark(ctx: &TcContext, local: &LocalNode, mark: u8) -> i32 {
+    finish::<Tc, _>(ctx, dispatch(ctx, local, mark))
+}
+
+/// What the mark says, or the frame says without one.
+#[inline(always)]
+fn dispatch(ctx: &TcContext, local: &LocalNode, mark: u8) -> Result<Verdict, Stat> {
+    let local = *local;
     if mark == REPLY_MARK {
         return ingress::forward_reply(ctx, &local);
     }

@@ -10,8 +10,9 @@
 //! - container to container across two hosts over Linux's own VXLAN device
 //!   and a bridge (Swarm's overlay), on the same kind of veth underlay.
 //!
-//! The mesh rows run twice: XDP in generic mode (the agent's default) and
-//! in native mode (`--xdp-mode native`). `cargo xtask bench` runs it
+//! The mesh rows run three times: XDP in generic mode (the agent's
+//! default), in native mode (`--xdp-mode native`), and without XDP, the
+//! underlay TC program doing its part (`--xdp-mode off`). `cargo xtask bench` runs it
 //! (MESH_BULK_SECONDS sets the length).
 
 use std::{
@@ -118,8 +119,9 @@ fn main() {
     );
     let vxlan = LinuxVxlan::new();
     for (mode, xdp) in [
-        ("XDP generic (default)", XdpMode::Skb),
-        ("XDP native", XdpMode::default()),
+        ("XDP generic (default)", Some(XdpMode::Skb)),
+        ("XDP native", Some(XdpMode::default())),
+        ("no XDP, TC only (--xdp-mode off)", None),
     ] {
         println!(" {mode}:");
         measure(&OverlayLab::with_xdp(xdp), &vxlan, seconds);
@@ -140,7 +142,7 @@ fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32) {
             "192.168.77.102",
         ),
         (
-            "underlay, outsider -> a mesh node's own address (its NIC runs mesh's XDP and TC)",
+            "underlay, outsider -> a mesh node's own address (its NIC runs mesh's programs)",
             &lab.nodes[0].node,
             &outside[0],
             &node1,

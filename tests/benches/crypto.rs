@@ -20,10 +20,9 @@ use std::time::Duration;
 
 use mesh_lab::{
     demo::{self, Hosts},
-    image::{self, WHOAMI_IMAGE},
-    vagrant::{self, Lab},
+    image::WHOAMI_IMAGE,
+    vagrant::Lab,
 };
-use mesh_tests::dockerlab::{agent_image, whoami_bin};
 
 /// One mode's figures.
 #[derive(Default)]
@@ -38,32 +37,21 @@ struct Row {
 }
 
 fn main() {
-    if let Some(why) = vagrant::unavailable() {
-        println!("crypto: SKIPPED: the Vagrant lab cannot run here: {why}");
-        return;
-    }
     let mib: u64 = std::env::var("MESH_CRYPTO_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
-    let adopt = std::env::var("MESH_BENCH_ADOPT").as_deref() == Ok("1");
-    vagrant::libvirtd().unwrap_or_else(|e| panic!("{e:#}"));
-    let lab = if adopt {
-        Lab::adopt(3).unwrap_or_else(|e| panic!("{e:#}"))
-    } else {
-        vagrant::ensure_box().unwrap_or_else(|e| panic!("{e:#}"));
-        let tree = image::whoami_tree(&whoami_bin(), &vagrant::dir().join(".state/img"))
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        let _ = vagrant::destroy(3);
-        Lab::up(3, &agent_image(), &tree, false).unwrap_or_else(|e| panic!("{e:#}"))
+    let Some(vms) = mesh_tests::vmbench::lab("crypto") else {
+        return;
     };
+    let lab = &vms.lab;
     let mut rows = Vec::new();
     for (mode, encrypt) in [("plain VXLAN", false), ("WireGuard", true)] {
         lab.set_encrypt(encrypt).unwrap_or_else(|e| panic!("{e:#}"));
         for n in 1..=3 {
-            demo::wait_ready(&lab, n).unwrap_or_else(|e| panic!("{e:#}"));
+            demo::wait_ready(lab, n).unwrap_or_else(|e| panic!("{e:#}"));
         }
-        rows.push(measure(&lab, mode, mib));
+        rows.push(measure(lab, mode, mib));
     }
     let kernel = lab.ssh(1, &["uname", "-r"]).output().unwrap_or_default();
     println!(
@@ -101,9 +89,6 @@ fn main() {
             wg.conn_per_s / plain.conn_per_s.max(f64::MIN_POSITIVE)
         );
     }
-    if !adopt {
-        let _ = vagrant::destroy(3);
-    }
 }
 
 fn measure(lab: &Lab, mode: &'static str, mib: u64) -> Row {
@@ -114,22 +99,7 @@ fn measure(lab: &Lab, mode: &'static str, mib: u64) -> Row {
     for (n, name) in [(3, "client"), (1, "short"), (1, "sink")] {
         let _ = lab.docker(n, &["rm", "-f", name]);
     }
-    lab.docker(
-        3,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "client",
-            "--network",
-            "mesh",
-            WHOAMI_IMAGE,
-            "serve",
-            "--tcp",
-            "9",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    demo::idle_client(lab, 3, "client").unwrap_or_else(|e| panic!("{e:#}"));
     let args =
         mesh_lab::whoami::run_args("short", &["mesh.service=short", "mesh.port=80/tcp"], &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -19,3 +19,4 @@ pub mod pkt;
 pub mod profile;
 pub mod raw;
 pub mod servers;
+pub mod vmbench;

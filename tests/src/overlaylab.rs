@@ -55,11 +55,12 @@ impl OverlayLab {
     /// Nodes 1 and 2, underlay 192.168.77.N, XDP attached as the agent
     /// attaches it by default (generic).
     pub fn new() -> Self {
-        Self::with_xdp(XdpMode::Skb)
+        Self::with_xdp(Some(XdpMode::Skb))
     }
 
-    /// [`OverlayLab::new`] with XDP attached in `mode`.
-    pub fn with_xdp(mode: XdpMode) -> Self {
+    /// [`OverlayLab::new`] with XDP attached in `mode`, or none (`None`,
+    /// `--xdp-mode off`: the underlay TC program does XDP's part).
+    pub fn with_xdp(mode: Option<XdpMode>) -> Self {
         let underlay = Netns::new(&unique("mou"));
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
@@ -113,10 +114,12 @@ impl OverlayLab {
             let mut harness = Harness::new();
             node.run(|| {
                 let ebpf = harness.ebpf_mut();
-                dataplane::xdp_underlay(ebpf)
-                    .expect("xdp")
-                    .attach("eth0", mode)
-                    .expect("attach XDP to the underlay");
+                if let Some(mode) = mode {
+                    dataplane::xdp_underlay(ebpf)
+                        .expect("xdp")
+                        .attach("eth0", mode)
+                        .expect("attach XDP to the underlay");
+                }
                 dataplane::tc(ebpf, progs::TC_UNDERLAY_IN)
                     .expect("tc")
                     .attach("eth0", TcAttachType::Ingress)
@@ -158,6 +161,7 @@ impl OverlayLab {
                 enabled: 1,
                 // What the agent sets for a 1500-byte underlay.
                 tunnel_mss: 1410,
+                tc_only: mode.is_none() as u8,
                 ..LocalNode::default()
             };
             let peer = Node {

@@ -27,6 +27,18 @@ fn routing_mesh_fixtures() {
 }
 
 #[test]
+fn underlay_without_xdp_fixtures() {
+    let mut h = Harness::new();
+    overlay::install(&mut h);
+    overlay::without_xdp(&mut h);
+    h.check(&overlay::tc_only_fixtures());
+    let mut h = Harness::new();
+    ingress::install(&mut h);
+    overlay::without_xdp(&mut h);
+    h.check(&ingress::tc_only_fixtures());
+}
+
+#[test]
 fn docker_bridge_fixtures() {
     let mut h = Harness::new();
     bridge::install(&mut h);

@@ -3,7 +3,7 @@
 //! setup  installs what a fresh Debian bookworm root machine lacks (idempotent)
 //! image  the release agent image (`docker save` archive)
 //! test   setup, lint, packet benchmark, then every test (the CI command)
-//! bench  the packet, publishing, bulk and DNS benchmarks (`bench lb`, `bench cluster`: the others)
+//! bench  the packet, publishing, bulk (the lab's and the Vagrant VMs') and DNS benchmarks (`bench lb`, `bench cluster`: the others)
 //! lint   rustfmt, import cycles, clippy
 //! lab    the demo (`lab demo`)
 //! vagrant the same lab and demo on real VMs (`vagrant up|demo|down|test`)
@@ -222,7 +222,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { repeat, what } => {
             setup::run()?;
             match what {
-                None => bench(repeat, None),
+                None => {
+                    setup::vagrant()?;
+                    bench(repeat, None)
+                }
                 Some(BenchCmd::Cluster {
                     nodes,
                     endpoints,
@@ -394,6 +397,8 @@ fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
         .args(["--bench", "packet", "--bench", "publish", "--bench", "bulk"])
+        // The bulk figures on the Vagrant VMs, beside the lab's.
+        .args(["--bench", "vmbulk"])
         .env("MESH_BENCH_REPEAT", repeat.to_string());
     if let Some(image) = image {
         c = c.env("MESH_AGENT_IMAGE", image);

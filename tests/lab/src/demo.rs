@@ -117,21 +117,7 @@ pub fn run(h: &dyn Hosts) -> Result<Report> {
         let _ = h.docker(n, &["rm", "-f", name]);
     }
     let _ = h.docker(3, &["rm", "-f", "client"]);
-    h.docker(
-        3,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "client",
-            "--network",
-            "mesh",
-            WHOAMI_IMAGE,
-            "serve",
-            "--tcp",
-            "9",
-        ],
-    )?;
+    idle_client(h, 3, "client")?;
     for (i, (n, name)) in NAMES.into_iter().enumerate() {
         let port = format!("mesh.port=80/tcp,80/udp,{}/tcp", whoami::HTTP_PORT);
         let publish = format!("mesh.publish={PUBLISHED}:{}/tcp", whoami::HTTP_PORT);
@@ -334,4 +320,26 @@ mod tests {
         assert_eq!(whoami_vip(st, 2), None);
         assert_eq!(whoami_vip("not json", 3), None);
     }
+}
+
+/// A container `name` of network `mesh` on node `n` that only idles (a
+/// server on a port nobody calls): where a test or benchmark runs its
+/// clients with `docker exec`.
+pub fn idle_client(h: &dyn Hosts, n: usize, name: &str) -> Result<()> {
+    h.docker(
+        n,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "mesh",
+            WHOAMI_IMAGE,
+            "serve",
+            "--tcp",
+            "9",
+        ],
+    )
+    .map(drop)
 }
