@@ -3,20 +3,25 @@
 //! same three VMs:
 //!
 //! - a node's own traffic: node 3's host to node 1's own address (not
-//!   mesh's traffic), with mesh's XDP and TC on both NICs, then with them
-//!   detached (agents stopped, their underlay links unpinned);
+//!   mesh's traffic), with mesh on both NICs, then with it detached
+//!   (agents stopped, their underlay links unpinned);
 //! - container to container across nodes: a container on node 3 to one on
-//!   node 1 over mesh's overlay (agents running), then over Linux's own
-//!   VXLAN device and a bridge between the same two VMs (Swarm's overlay;
-//!   mesh detached, as the path without mesh).
+//!   node 1 over mesh's overlay, then over Linux's own VXLAN device and a
+//!   bridge between the same two VMs (Swarm's overlay), mesh detached.
 //!
+//! mesh's rows run with XDP in generic mode (the agent's default) and
+//! without XDP (`--xdp-mode off`, the underlay TC program doing its part).
 //! Each transfer is `whoami blast` of MESH_VMBULK_MIB MiB (default 256) to
 //! a `whoami sink`, two rounds. Prints Gbit/s and the ratios; asserts
-//! nothing. Skips (saying why) where the VMs cannot run. With
+//! nothing: a transfer that fails is printed as failed and the run goes
+//! on. Skips (saying why) where the VMs cannot run. With
 //! MESH_BENCH_ADOPT=1 it uses the VMs an earlier `cargo xtask vagrant up`
 //! left (and leaves them); otherwise it brings up its own and destroys
 //! them. `cargo xtask bench` runs it after `bulk`.
 
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use mesh_lab::{
     demo::{self, Hosts},
     image::WHOAMI_IMAGE,
@@ -33,6 +38,9 @@ const VX_PORT: &str = "4790";
 /// overlay (taken out of the image).
 const WHOAMI_HOST: &str = "/usr/local/bin/mesh-whoami";
 
+/// One path's transfers, Gbit/s (NaN: failed).
+type Row = Vec<f64>;
+
 fn main() {
     let mib: u64 = std::env::var("MESH_VMBULK_MIB")
         .ok()
@@ -47,140 +55,136 @@ fn main() {
     }
     let bytes = mib << 20;
     for n in [SENDER, RECEIVER] {
-        setup_linux_vxlan(lab, n);
+        setup_linux_vxlan(lab, n).unwrap_or_else(|e| panic!("Linux VXLAN on node {n}: {e:#}"));
     }
+    demo::idle_client(lab, SENDER, "vmbulk-client")
+        .unwrap_or_else(|e| panic!("overlay client: {e:#}"));
 
-    // mesh attached: the host path and mesh's overlay.
-    let mut host_mesh = Vec::new();
-    let mut overlay_mesh = Vec::new();
-    start_client(lab);
-    for round in 1..=2 {
-        host_mesh.push(host_path(
-            lab,
-            bytes,
-            &format!("host, mesh attached, round {round}"),
-        ));
-        // A sink takes one connection: a new one each round.
-        let sink_ip = start_overlay_sink(lab);
-        overlay_mesh.push(blast(
-            &lab,
-            &["exec", "vmbulk-client", "/whoami", "blast"],
-            &format!("{sink_ip}:5001"),
-            bytes,
-            &format!("mesh overlay, round {round}"),
-        ));
+    // mesh attached, in each mode: the host path and mesh's overlay.
+    let mut mesh_rows: Vec<(&str, Row, Row)> = Vec::new();
+    for (mode, setting) in [
+        ("XDP generic (default)", None),
+        ("no XDP, TC only (--xdp-mode off)", Some("off")),
+    ] {
+        if setting.is_some() {
+            for n in 1..=3 {
+                lab.set_agent_env(n, "MESH_XDP_MODE", setting)
+                    .unwrap_or_else(|e| panic!("node {n}'s agent in mode {mode}: {e:#}"));
+            }
+            for n in 1..=3 {
+                demo::wait_ready(lab, n).unwrap_or_else(|e| panic!("{e:#}"));
+            }
+        }
+        // The agent attaches the client's veth before it may send.
+        std::thread::sleep(Duration::from_secs(3));
+        let (mut host, mut overlay) = (Vec::new(), Vec::new());
+        for round in 1..=2 {
+            host.push(measured(
+                &format!("{mode}: host, round {round}"),
+                host_path(lab, bytes),
+            ));
+            overlay.push(measured(
+                &format!("{mode}: mesh overlay, round {round}"),
+                overlay_path(lab, bytes),
+            ));
+        }
+        mesh_rows.push((mode, host, overlay));
     }
 
     // mesh detached: the same host path, and Linux's overlay.
     for n in [SENDER, RECEIVER] {
-        detach(lab, n);
+        detach(lab, n).unwrap_or_else(|e| panic!("detaching mesh on node {n}: {e:#}"));
     }
-    let mut host_plain = Vec::new();
-    let mut overlay_linux = Vec::new();
+    let (mut host_plain, mut linux) = (Vec::new(), Vec::new());
     for round in 1..=2 {
-        host_plain.push(host_path(
-            lab,
-            bytes,
+        host_plain.push(measured(
             &format!("host, no mesh, round {round}"),
+            host_path(lab, bytes),
         ));
-        lab.ssh(
-            RECEIVER,
-            &[
-                "sh",
-                "-c",
-                &format!(
-                    "setsid ip netns exec vxc {WHOAMI_HOST} sink 5003 </dev/null >/dev/null 2>&1 &"
-                ),
-            ],
-        )
-        .run()
-        .unwrap_or_else(|e| panic!("Linux VXLAN sink: {e:#}"));
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let out = lab
-            .ssh(
-                SENDER,
-                &[
-                    "ip",
-                    "netns",
-                    "exec",
-                    "vxc",
-                    WHOAMI_HOST,
-                    "blast",
-                    &format!("10.99.0.{RECEIVER}:5003"),
-                    &bytes.to_string(),
-                ],
-            )
-            .output()
-            .unwrap_or_else(|e| panic!("Linux VXLAN blast: {e:#}"));
-        overlay_linux.push(gbits(&out, bytes, &format!("Linux VXLAN, round {round}")));
-    }
-    for n in [SENDER, RECEIVER] {
-        reattach(lab, n);
+        linux.push(measured(
+            &format!("Linux VXLAN, round {round}"),
+            linux_vxlan_path(lab, bytes),
+        ));
     }
 
     let kernel = lab.ssh(1, &["uname", "-r"]).output().unwrap_or_default();
     let (driver, _) = vagrant::vm_driver();
     println!(
         "\nbulk TCP on the Vagrant VMs (VMs of type {driver}, virtio_net, guest kernel {}), \
-         node {SENDER} -> node {RECEIVER}, `whoami blast` of {mib} MiB, two rounds:",
+         node {SENDER} -> node {RECEIVER}, `whoami blast` of {mib} MiB, two rounds, Gbit/s:",
         kernel.trim()
     );
-    println!("| path | Gbit/s | against the path without mesh (goal) |");
-    println!("|---|---|---|");
     let list = |v: &[f64]| {
         v.iter()
-            .map(|x| format!("{x:.2}"))
+            .map(|x| {
+                if x.is_nan() {
+                    "failed".into()
+                } else {
+                    format!("{x:.2}")
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let ratio = |a: &[f64], b: &[f64]| mean(a) / mean(b).max(f64::MIN_POSITIVE);
+    let ratio = |a: &[f64], b: &[f64]| mean(a) / mean(b);
+    println!("| path | Gbit/s | against the path without mesh (goal) |");
+    println!("|---|---|---|");
     println!(
         "| host to node {RECEIVER}'s address, no mesh | {} | |",
         list(&host_plain)
     );
-    println!(
-        "| host to node {RECEIVER}'s address, mesh's XDP and TC on the NICs | {} | {:.2}x (0.9x) |",
-        list(&host_mesh),
-        ratio(&host_mesh, &host_plain)
-    );
+    for (mode, host, _) in &mesh_rows {
+        println!(
+            "| host to node {RECEIVER}'s address, mesh ({mode}) | {} | {:.2}x (0.9x) |",
+            list(host),
+            ratio(host, &host_plain)
+        );
+    }
     println!(
         "| container to container, Linux VXLAN + bridge | {} | |",
-        list(&overlay_linux)
+        list(&linux)
     );
-    println!(
-        "| container to container, mesh's overlay | {} | {:.2}x (1.0x) |",
-        list(&overlay_mesh),
-        ratio(&overlay_mesh, &overlay_linux)
-    );
+    for (mode, _, overlay) in &mesh_rows {
+        println!(
+            "| container to container, mesh's overlay ({mode}) | {} | {:.2}x (1.0x) |",
+            list(overlay),
+            ratio(overlay, &linux)
+        );
+    }
+    // Each agent back as it was, for a lab that stays (MESH_BENCH_ADOPT).
+    for n in 1..=3 {
+        if let Err(e) = lab.set_agent_env(n, "MESH_XDP_MODE", None) {
+            println!("node {n}'s agent: {e:#}");
+        }
+    }
+}
+
+/// A transfer's Gbit/s, or NaN (printed) when it failed.
+fn measured(label: &str, r: Result<f64>) -> f64 {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            println!("{label}: failed: {e:#}");
+            f64::NAN
+        }
+    }
 }
 
 /// Gbit/s of a blast whose output is `out` ("sent N bytes in MS ms ...").
-fn gbits(out: &str, bytes: u64, label: &str) -> f64 {
-    println!("{label}: {}", out.trim());
+fn gbits(out: &str, bytes: u64) -> Result<f64> {
+    println!("  {}", out.trim());
     let ms: f64 = out
         .split_whitespace()
         .nth(4)
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{label}: blast said {out:?}"));
-    bytes as f64 * 8.0 / (ms / 1e3) / 1e9
-}
-
-/// A blast from node SENDER (`cmd`: docker arguments up to `blast`) to
-/// `to`.
-fn blast(lab: &Lab, cmd: &[&str], to: &str, bytes: u64, label: &str) -> f64 {
-    let size = bytes.to_string();
-    let mut args = cmd.to_vec();
-    args.extend([to, size.as_str()]);
-    let out = lab
-        .docker(SENDER, &args)
-        .unwrap_or_else(|e| panic!("{label}: {e:#}"));
-    gbits(&out, bytes, label)
+        .with_context(|| format!("blast said {out:?}"))?;
+    Ok(bytes as f64 * 8.0 / (ms / 1e3) / 1e9)
 }
 
 /// Node SENDER's host to node RECEIVER's own address: a sink and a blast
 /// in the hosts' network namespaces.
-fn host_path(lab: &Lab, bytes: u64, label: &str) -> f64 {
+fn host_path(lab: &Lab, bytes: u64) -> Result<f64> {
     let _ = lab.docker(RECEIVER, &["rm", "-f", "vmbulk-hostsink"]);
     lab.docker(
         RECEIVER,
@@ -195,23 +199,30 @@ fn host_path(lab: &Lab, bytes: u64, label: &str) -> f64 {
             "sink",
             "5002",
         ],
-    )
-    .unwrap_or_else(|e| panic!("host sink: {e:#}"));
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
     let to = format!("{}:5002", lab.node_ip(RECEIVER));
-    let v = blast(
-        lab,
-        &["run", "--rm", "--network", "host", WHOAMI_IMAGE, "blast"],
-        &to,
-        bytes,
-        label,
+    let size = bytes.to_string();
+    let out = lab.docker(
+        SENDER,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            WHOAMI_IMAGE,
+            "blast",
+            &to,
+            &size,
+        ],
     );
     let _ = lab.docker(RECEIVER, &["rm", "-f", "vmbulk-hostsink"]);
-    v
+    gbits(&out?, bytes)
 }
 
-/// A sink container of network `mesh` on node RECEIVER; its address.
-fn start_overlay_sink(lab: &Lab) -> String {
+/// The client container on node SENDER to a new sink container of network
+/// `mesh` on node RECEIVER (a sink takes one connection), at its address.
+fn overlay_path(lab: &Lab, bytes: u64) -> Result<f64> {
     let _ = lab.docker(RECEIVER, &["rm", "-f", "vmbulk-sink"]);
     lab.docker(
         RECEIVER,
@@ -226,36 +237,66 @@ fn start_overlay_sink(lab: &Lab) -> String {
             "sink",
             "5001",
         ],
-    )
-    .unwrap_or_else(|e| panic!("overlay sink: {e:#}"));
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let ip = lab
-        .docker(
-            RECEIVER,
-            &[
-                "inspect",
-                "-f",
-                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                "vmbulk-sink",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("overlay sink's address: {e:#}"));
-    ip.trim().to_string()
+    )?;
+    // Its veth attached and its address known everywhere.
+    std::thread::sleep(Duration::from_secs(3));
+    let ip = lab.docker(
+        RECEIVER,
+        &[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            "vmbulk-sink",
+        ],
+    )?;
+    let to = format!("{}:5001", ip.trim());
+    let size = bytes.to_string();
+    let out = lab.docker(
+        SENDER,
+        &["exec", "vmbulk-client", "/whoami", "blast", &to, &size],
+    )?;
+    gbits(&out, bytes)
 }
 
-/// The client container of network `mesh` on node SENDER.
-fn start_client(lab: &Lab) {
-    let _ = lab.docker(SENDER, &["rm", "-f", "vmbulk-client"]);
-    demo::idle_client(lab, SENDER, "vmbulk-client")
-        .unwrap_or_else(|e| panic!("overlay client: {e:#}"));
-    // The agent attaches the container's veth before it may send.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+/// Namespace `vxc` on node SENDER to a sink in `vxc` on node RECEIVER,
+/// over Linux's VXLAN.
+fn linux_vxlan_path(lab: &Lab, bytes: u64) -> Result<f64> {
+    lab.ssh(
+        RECEIVER,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "setsid ip netns exec vxc {WHOAMI_HOST} sink 5003 </dev/null >/dev/null 2>&1 &"
+            ),
+        ],
+    )
+    .run()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = lab
+        .ssh(
+            SENDER,
+            &[
+                "ip",
+                "netns",
+                "exec",
+                "vxc",
+                WHOAMI_HOST,
+                "blast",
+                &format!("10.99.0.{RECEIVER}:5003"),
+                &bytes.to_string(),
+            ],
+        )
+        .output()?;
+    gbits(&out, bytes)
 }
 
 /// Node `n` gets Linux's overlay: a bridge with a VXLAN device to the
 /// other node and a namespace `vxc` (10.99.0.n/24, MTU 1450 as the VXLAN
-/// device's) behind a veth on it, and the whoami binary on its host.
-fn setup_linux_vxlan(lab: &Lab, n: usize) {
+/// device's) behind a veth on it, the bridge's frames let through the
+/// FORWARD chain (Docker's policy drops them), and the whoami binary on
+/// its host.
+fn setup_linux_vxlan(lab: &Lab, n: usize) -> Result<()> {
     let peer = if n == SENDER { RECEIVER } else { SENDER };
     let script = format!(
         "set -e
@@ -272,34 +313,25 @@ ip link set vxb up
 ip -n vxc link set lo up
 ip -n vxc link set vxc0 up
 ip -n vxc addr add 10.99.0.{n}/24 dev vxc0
+iptables -D FORWARD -i vxb -o vxb -j ACCEPT 2>/dev/null || true
+iptables -I FORWARD 1 -i vxb -o vxb -j ACCEPT
 id=$(docker create {WHOAMI_IMAGE})
 docker cp $id:/whoami {WHOAMI_HOST}
 docker rm $id >/dev/null",
         local = lab.node_ip(n),
         remote = lab.node_ip(peer),
     );
-    lab.ssh(n, &["sh", "-c", &script])
-        .run()
-        .unwrap_or_else(|e| panic!("Linux VXLAN on node {n}: {e:#}"));
+    lab.ssh(n, &["sh", "-c", &script]).run()
 }
 
 /// Node `n` without mesh on its NIC: the agent stopped (the data plane
-/// stays, by design), then its underlay links unpinned, which detaches them.
-fn detach(lab: &Lab, n: usize) {
+/// stays, by design), then its underlay links unpinned, which detaches
+/// them.
+fn detach(lab: &Lab, n: usize) -> Result<()> {
     let script = "set -e
 docker stop mesh-agent >/dev/null
 idx=$(cat /sys/class/net/eth1/ifindex)
 rm -f /sys/fs/bpf/*/links/xdp_$idx /sys/fs/bpf/*/links/tc_underlay_$idx
-ip link show eth1 | grep -q xdp && { echo 'XDP still attached' >&2; exit 1; } || true";
-    lab.ssh(n, &["sh", "-c", script])
-        .run()
-        .unwrap_or_else(|e| panic!("detaching mesh on node {n}: {e:#}"));
-}
-
-/// Node `n`'s agent started again (it attaches its programs anew).
-fn reattach(lab: &Lab, n: usize) {
-    lab.ssh(n, &["docker", "start", "mesh-agent"])
-        .run()
-        .unwrap_or_else(|e| panic!("starting node {n}'s agent: {e:#}"));
-    demo::wait_ready(lab, n).unwrap_or_else(|e| panic!("{e:#}"));
+if ip link show eth1 | grep -q xdp; then echo 'XDP still attached' >&2; exit 1; fi";
+    lab.ssh(n, &["sh", "-c", script]).run()
 }

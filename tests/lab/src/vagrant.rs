@@ -242,12 +242,20 @@ impl Lab {
     /// Node `n`'s agent recreated with encryption `on` (its peers may
     /// differ: then it is refused).
     pub fn set_agent_encrypt(&self, n: usize, on: bool) -> Result<()> {
-        let edit = if on {
-            "sed -i '/^MESH_ENCRYPT=/d' /opt/mesh/mesh.env && echo MESH_ENCRYPT=true >> /opt/mesh/mesh.env"
-        } else {
-            "sed -i '/^MESH_ENCRYPT=/d' /opt/mesh/mesh.env"
-        };
-        self.ssh(n, &["sh", "-c", edit]).run()?;
+        self.set_agent_env(n, "MESH_ENCRYPT", on.then_some("true"))
+    }
+
+    /// Node `n`'s agent recreated with `key=value` in its mesh.env (None:
+    /// the setting removed, the agent's default).
+    pub fn set_agent_env(&self, n: usize, key: &str, value: Option<&str>) -> Result<()> {
+        let mut edit = format!("sed -i '/^{key}=/d' /opt/mesh/mesh.env");
+        if let Some(v) = value {
+            edit.push_str(&format!(
+                " && echo {key}={} >> /opt/mesh/mesh.env",
+                quote(v)
+            ));
+        }
+        self.ssh(n, &["sh", "-c", &edit]).run()?;
         self.ssh(
             n,
             &[
