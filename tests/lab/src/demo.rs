@@ -308,20 +308,6 @@ fn service_vip(status: &str, service: &str, count: usize) -> Option<String> {
         .flatten()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vip_of_a_status() {
-        let st = r#"{"services": [{"name": "web", "vip": "10.43.0.9", "active": 1},
-                    {"name": "whoami", "vip": "10.43.0.5", "active": 3}]}"#;
-        assert_eq!(whoami_vip(st, 3).as_deref(), Some("10.43.0.5"));
-        assert_eq!(whoami_vip(st, 2), None);
-        assert_eq!(whoami_vip("not json", 3), None);
-    }
-}
-
 /// A container `name` of network `mesh` on node `n` that only idles (a
 /// server on a port nobody calls): where a test or benchmark runs its
 /// clients with `docker exec`.
@@ -342,4 +328,18 @@ pub fn idle_client(h: &dyn Hosts, n: usize, name: &str) -> Result<()> {
         ],
     )
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_of_a_status() {
+        let st = r#"{"services": [{"name": "web", "vip": "10.43.0.9", "active": 1},
+                    {"name": "whoami", "vip": "10.43.0.5", "active": 3}]}"#;
+        assert_eq!(whoami_vip(st, 3).as_deref(), Some("10.43.0.5"));
+        assert_eq!(whoami_vip(st, 2), None);
+        assert_eq!(whoami_vip("not json", 3), None);
+    }
 }
