@@ -102,14 +102,16 @@ struct Args {
     /// interface holding --advertise-addr, else the default route's.
     #[arg(long, env = "MESH_UNDERLAY_IFACE", value_parser = parse_iface)]
     underlay_iface: Option<String>,
-    /// How XDP runs on the underlay NIC: `generic`, once the kernel has
-    /// built the packet (the NIC keeps GRO and its offloads), `native`, in
-    /// the driver where it has XDP (veth and virtio_net then give up GRO
-    /// and their offloads), or `off`: no XDP, the underlay TC program does
-    /// its part (the tunnel in, the routing mesh's requests) on the skb.
-    /// See docs/benchmarks.md for what each costs. A link pinned by an
-    /// earlier agent keeps its mode; `off` removes it.
-    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Generic)]
+    /// XDP on the underlay NIC: `off` (the default), none: the underlay TC
+    /// program does the tunnel's way in and the routing mesh's requests on
+    /// the skb, and the NIC keeps GRO and its offloads; `native`, in the
+    /// driver where it has XDP (the earliest drop of a flood; veth and
+    /// virtio_net then give up GRO and their offloads); `generic`, once the
+    /// kernel built the skb (no earlier than TC, and it copies GRO
+    /// aggregates first: virtio_net's host traffic halves). See
+    /// docs/benchmarks.md. A link pinned by an earlier agent keeps its
+    /// mode; `off` removes it.
+    #[arg(long, env = "MESH_XDP_MODE", value_enum, default_value_t = XdpAttach::Off)]
     xdp_mode: XdpAttach,
     /// bpffs directory for pinned maps and links.
     #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]

@@ -10,9 +10,9 @@
 //! - container to container across two hosts over Linux's own VXLAN device
 //!   and a bridge (Swarm's overlay), on the same kind of veth underlay.
 //!
-//! The mesh rows run three times: XDP in generic mode (the agent's
-//! default), in native mode (`--xdp-mode native`), and without XDP, the
-//! underlay TC program doing its part (`--xdp-mode off`). `cargo xtask bench` runs it
+//! The mesh rows run three times: without XDP, the underlay TC program
+//! doing its part (the agent's default, `--xdp-mode off`), with XDP in
+//! generic mode and in native mode (`--xdp-mode generic`, `native`). `cargo xtask bench` runs it
 //! (MESH_BULK_SECONDS sets the length).
 
 use std::{
@@ -119,9 +119,9 @@ fn main() {
     );
     let vxlan = LinuxVxlan::new();
     for (mode, xdp) in [
-        ("XDP generic (default)", Some(XdpMode::Skb)),
+        ("no XDP, TC only (default)", None),
+        ("XDP generic", Some(XdpMode::Skb)),
         ("XDP native", Some(XdpMode::default())),
-        ("no XDP, TC only (--xdp-mode off)", None),
     ] {
         println!(" {mode}:");
         measure(&OverlayLab::with_xdp(xdp), &vxlan, seconds);

@@ -52,8 +52,9 @@ fn mac(v: serde_json::Value) -> [u8; 6] {
 }
 
 impl OverlayLab {
-    /// Nodes 1 and 2, underlay 192.168.77.N, XDP attached as the agent
-    /// attaches it by default (generic).
+    /// Nodes 1 and 2, underlay 192.168.77.N, XDP attached in generic mode
+    /// (`--xdp-mode generic`: these tests cover the XDP path; the agent's
+    /// default, no XDP, runs in the lab and the VMs).
     pub fn new() -> Self {
         Self::with_xdp(Some(XdpMode::Skb))
     }
