@@ -84,16 +84,9 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     let Some(local) = local.copied() else {
         return pass(Stat::XdpVxlan);
     };
-    if pk.t.dst_be != local.underlay_ip_be {
-        return pass(Stat::XdpVxlanNotOurs);
-    }
-    if local.wg_ifindex != 0 {
-        return Err(Stat::XdpVxlanPlain);
-    }
-    let (inner, dst_be) = match checked(ctx, pk, &local) {
+    let (inner, dst_be) = match taken(ctx, pk, &local) {
         Ok(v) => v,
-        Err(Stat::XdpVxlanBadVni) => return Err(Stat::XdpVxlanBadVni),
-        Err(s) => return pass(s),
+        Err(decided) => return decided,
     };
     if !tunnel::is_local_slice(&local, dst_be) {
         // Not for a container here: a routing-mesh reply to translate, or
@@ -110,6 +103,26 @@ fn vxlan(ctx: &XdpContext, pk: &Parsed, local: Option<&LocalNode>) -> Result<Ver
     // Packet pointers are stale after adjust_head: `store` reads them again.
     mark::write(ctx, DECAP_MARK, local.underlay_ip_be)?;
     pass(Stat::XdpDecap)
+}
+
+/// Whether VXLAN frame `pk` from the wire is taken in (its inner frame's
+/// offset and destination), or what becomes of it: to this node's address,
+/// not while the cluster encrypts (its VXLAN comes out of WireGuard), and
+/// [`checked`]. A wrong VNI is dropped; whatever else is refused passes to
+/// the host untouched. XDP's part, in XDP or in TC.
+#[inline(always)]
+fn taken<P: Packet>(p: &P, pk: &Parsed, local: &LocalNode) -> Result<(usize, u32), Decided> {
+    if pk.t.dst_be != local.underlay_ip_be {
+        return Err(pass(Stat::XdpVxlanNotOurs));
+    }
+    if local.wg_ifindex != 0 {
+        return Err(Err(Stat::XdpVxlanPlain));
+    }
+    match checked(p, pk, local) {
+        Ok(v) => Ok(v),
+        Err(Stat::XdpVxlanBadVni) => Err(Err(Stat::XdpVxlanBadVni)),
+        Err(s) => Err(pass(s)),
+    }
 }
 
 /// What both ways in check of a VXLAN frame `pk` (UDP to the VXLAN port,
@@ -256,17 +269,7 @@ fn xdp_part(ctx: &TcContext, local: &LocalNode) -> Result<u8, Decided> {
 /// [`vxlan`] on the skb: the mark XDP would leave, or a verdict.
 #[inline(always)]
 fn vxlan_tc(ctx: &TcContext, pk: &Parsed, local: &LocalNode) -> Result<u8, Decided> {
-    if pk.t.dst_be != local.underlay_ip_be {
-        return Err(pass(Stat::XdpVxlanNotOurs));
-    }
-    if local.wg_ifindex != 0 {
-        return Err(Err(Stat::XdpVxlanPlain));
-    }
-    let (inner, dst_be) = match checked(ctx, pk, local) {
-        Ok(v) => v,
-        Err(Stat::XdpVxlanBadVni) => return Err(Err(Stat::XdpVxlanBadVni)),
-        Err(s) => return Err(pass(s)),
-    };
+    let (inner, dst_be) = taken(ctx, pk, local)?;
     let (mark, count) = if tunnel::is_local_slice(local, dst_be) {
         ingress::note_return(ctx, local, inner + ETH_HLEN, pk.t.src_be);
         (DECAP_MARK, Stat::XdpDecap)

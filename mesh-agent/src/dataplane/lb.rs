@@ -43,6 +43,9 @@ pub struct LbMaps {
     pub backends: Array<MapData, Backend>,
     /// The ports backends have had, a bit each (never cleared).
     pub backend_ports: Array<MapData, u64>,
+    /// What this process knows `backend_ports` holds, read once at the
+    /// first bit it sets: a bit already set costs no syscall.
+    backend_port_bits: Option<Vec<u64>>,
     pub maglev: ArrayOfMaps<MapData, MapData>,
     /// A second handle to the outer Maglev map, for batch updates (aya's
     /// ArrayOfMaps does not lend out its own).
@@ -105,6 +108,7 @@ impl LbMaps {
             backend_ports: get(maps::BACKEND_PORTS.name)?
                 .try_into()
                 .map_err(map_err(maps::BACKEND_PORTS.name))?,
+            backend_port_bits: None,
             maglev: maglev.try_into().map_err(map_err(maps::MAGLEV.name))?,
             maglev_map,
             conntrack: get(maps::CONNTRACK.name)?
@@ -161,14 +165,24 @@ impl LbMaps {
 
     /// Sets port `port_be`'s bit in `MESH_BACKEND_PORTS`.
     fn add_backend_port(&mut self, port_be: u16) -> Result<(), MapsError> {
-        let port = u16::from_be(port_be) as u32;
-        let (word, bit) = (port / 64, 1u64 << (port % 64));
         let name = maps::BACKEND_PORTS.name;
-        let w = self.backend_ports.get(&word, 0).map_err(map_err(name))?;
-        if w & bit == 0 {
+        let bits = match &mut self.backend_port_bits {
+            Some(bits) => bits,
+            None => {
+                let read = (0..maps::BACKEND_PORT_WORDS)
+                    .map(|w| self.backend_ports.get(&w, 0))
+                    .collect::<Result<Vec<u64>, _>>()
+                    .map_err(map_err(name))?;
+                self.backend_port_bits.insert(read)
+            }
+        };
+        let port = u16::from_be(port_be) as usize;
+        let (word, bit) = (port / 64, 1u64 << (port % 64));
+        if bits[word] & bit == 0 {
             self.backend_ports
-                .set(word, w | bit, 0)
+                .set(word as u32, bits[word] | bit, 0)
                 .map_err(map_err(name))?;
+            bits[word] |= bit;
         }
         Ok(())
     }
