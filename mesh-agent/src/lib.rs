@@ -22,6 +22,7 @@ pub mod probe;
 pub mod requests;
 pub mod shared;
 pub mod veth;
+pub mod vxlandev;
 pub mod wireguard;
 
 /// Where the agent pins its maps and links (one directory per agent).

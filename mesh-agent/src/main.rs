@@ -442,6 +442,7 @@ fn load_data_plane(args: &Args) -> Result<(aya::Ebpf, LbMaps, OverlayMaps)> {
         progs::TC_BRIDGE_IN,
         progs::TC_HOST_OUT,
         progs::TC_WG_IN,
+        progs::TC_VXLAN_IN,
     ] {
         dataplane::tc(&mut ebpf, name).with_context(|| format!("verifying {name}"))?;
     }

@@ -67,6 +67,8 @@ const BRIDGE_PIN: &str = "bridge_";
 const HOST_PIN: &str = "tc_hostlink_";
 /// Pin prefix of the WireGuard device's program.
 const WG_PIN: &str = "tc_wg_";
+/// The pin of the VXLAN device's program, before its ifindex.
+const VXLAN_PIN: &str = "tc_vxlan_";
 
 /// TC attachments to container veths, pinned under `<bpffs>/links`.
 pub struct Attachments {
@@ -172,6 +174,18 @@ impl Attachments {
             ifindex,
             WG_PIN,
             progs::TC_WG_IN,
+            TcAttachType::Ingress,
+        )
+    }
+
+    /// Makes sure the VXLAN device's program is attached (ingress) to
+    /// `ifindex` (`crate::vxlandev`).
+    pub fn ensure_vxlan(&mut self, ebpf: &mut Ebpf, ifindex: u32) -> Result<bool, AttachError> {
+        self.ensure_device(
+            ebpf,
+            ifindex,
+            VXLAN_PIN,
+            progs::TC_VXLAN_IN,
             TcAttachType::Ingress,
         )
     }

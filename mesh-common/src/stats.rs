@@ -144,6 +144,9 @@ counters! {
     WgDecap = 83, "wg_decap", Path, "VXLAN out of WireGuard (mesh-wg), from a node whose key the kernel checked: decapsulated and handed on as the underlay's.";
     WgNotVxlan = 84, "wg_not_vxlan", Drop, "Out of WireGuard, not a VXLAN frame of a cluster node for this node: nothing else travels inside mesh's WireGuard.";
     TunnelEncrypt = 85, "tunnel_encrypt", Path, "Encapsulated and handed to WireGuard (mesh-wg) for its node.";
+    VxlanHandoff = 86, "vxlan_handoff", Path, "VXLAN for this node that GRO merged into one large packet (underlay TC without XDP): checked, then left to the kernel's VXLAN device (mesh-vxlan) to decapsulate, which resets the packet's tunnel offload state as only the kernel can.";
+    VxlanDeviceIn = 87, "vxlan_device_in", Path, "A packet mesh handed to mesh-vxlan, decapsulated by the kernel: handed on as the underlay's.";
+    VxlanDeviceUnmarked = 88, "vxlan_device_unmarked", Drop, "Out of mesh-vxlan without mesh's hand-off mark: VXLAN that did not come through mesh's checks on the underlay NIC (another interface, or one mesh left to the stack).";
 }
 
 impl Stat {

@@ -40,6 +40,22 @@ pub const REPLY_MARK: u8 = 2;
 /// `-p`, routing).
 pub const DELIVERED_MARK: u32 = 0x4d53_0001;
 
+/// skb mark of VXLAN the underlay TC program checked and hands to the
+/// kernel's VXLAN device (`mesh-vxlan`) to decapsulate, the low byte the
+/// mark the frame would carry decapsulated ([`DECAP_MARK`],
+/// [`REPLY_MARK`]); the device's TC program takes it up from there.
+pub const HANDOFF_MARK: u32 = 0x4d53_0100;
+
+/// The mark a packet with the skb mark `skb_mark` was handed to `mesh-vxlan`
+/// with, if [`HANDOFF_MARK`] says it was.
+pub const fn handoff_mark(skb_mark: u32) -> Option<u8> {
+    if skb_mark & !0xff == HANDOFF_MARK {
+        Some(skb_mark as u8)
+    } else {
+        None
+    }
+}
+
 /// A routing-mesh packet too large for the tunnel with DF set: the
 /// underlay TC program answers it with ICMP fragmentation needed.
 pub const TOO_BIG_MARK: u8 = 3;
@@ -157,7 +173,11 @@ pub struct LocalNode {
     /// 1: no XDP on the underlay NIC (`--xdp-mode off`); its TC program
     /// does XDP's part (VXLAN in, the routing mesh's requests) on the skb.
     pub tc_only: u8,
-    pub _pad3: u8,
+    /// 1: the kernel's VXLAN device `mesh-vxlan`, its program attached,
+    /// holds the VXLAN port. Its socket lets GRO merge VXLAN packets;
+    /// the underlay TC program hands such merged packets to it to
+    /// decapsulate ([`HANDOFF_MARK`]), and decapsulates the others itself.
+    pub vxlan_device: u8,
     /// The WireGuard device (`mesh-wg`) every tunnelled packet leaves by,
     /// encrypted, when the cluster encrypts (`--encrypt`); plain VXLAN from
     /// the wire is then dropped. 0: the tunnel is plain.

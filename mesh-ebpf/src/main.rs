@@ -91,6 +91,14 @@ pub fn mesh_tc_wg_in(ctx: TcContext) -> i32 {
     ctx::finish::<ctx::Tc, _>(&ctx, underlay::wg_ingress(&ctx))
 }
 
+/// TC ingress on `mesh-vxlan`, the kernel's VXLAN device: the packets GRO
+/// merged, which the underlay's program leaves to the kernel to
+/// decapsulate, handed on from there.
+#[classifier]
+pub fn mesh_tc_vxlan_in(ctx: TcContext) -> i32 {
+    underlay::device_ingress(&ctx)
+}
+
 /// TC ingress on the bridge of another Docker network (the default
 /// bridge, user-defined ones): its containers' calls to published ports.
 #[classifier]

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use mesh_common::{
     stats::Stat,
     tunnel::{
-        BALANCED_MARK, DECAP_MARK, ENCAP_LEN, LocalNode, REPLY_MARK, TOO_BIG_MARK, VXLAN_FLAG_I,
-        VXLAN_HLEN, VXLAN_PORT,
+        BALANCED_MARK, DECAP_MARK, ENCAP_LEN, HANDOFF_MARK, LocalNode, REPLY_MARK, TOO_BIG_MARK,
+        VXLAN_FLAG_I, VXLAN_HLEN, VXLAN_PORT, handoff_mark,
     },
 };
 
@@ -278,6 +278,18 @@ fn vxlan_tc(ctx: &TcContext, pk: &Parsed, local: &LocalNode) -> Result<u8, Decid
     } else {
         return Err(pass(Stat::XdpVxlanForeign));
     };
+    // SAFETY: the context's own skb; TC may read its GSO size and write
+    // its mark.
+    if local.vxlan_device != 0 && unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        // GRO merged it (the device's socket lets it): decapsulated here,
+        // the packet would keep its tunnel offload state, which breaks its
+        // segmentation wherever it is forwarded. The kernel's device
+        // decapsulates it and resets that; its program takes it from there
+        // (`device_ingress`).
+        unsafe { (*ctx.skb.skb).mark = HANDOFF_MARK | mark as u32 };
+        bump(Stat::VxlanHandoff);
+        return Err(Ok(Verdict::PASS));
+    }
     if ctx
         .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
         .is_err()
@@ -316,6 +328,22 @@ pub fn tc_ingress(ctx: &TcContext) -> i32 {
     } else {
         mark::take(ctx, &local)
     };
+    after_mark(ctx, &local, mark)
+}
+
+/// TC ingress on `mesh-vxlan`, the kernel's VXLAN device on the VXLAN port:
+/// what [`vxlan_tc`] handed it (a packet GRO merged), decapsulated by the
+/// kernel, goes on as the underlay's own would with its mark. Anything
+/// else reached the device's socket without mesh's checks and is dropped.
+#[inline(always)]
+pub fn device_ingress(ctx: &TcContext) -> i32 {
+    // SAFETY: the context's own skb; TC may read and write its mark.
+    let handed = handoff_mark(unsafe { (*ctx.skb.skb).mark });
+    let (Some(local), Some(mark)) = (tunnel::local(), handed) else {
+        return finish::<Tc, _>(ctx, Err(Stat::VxlanDeviceUnmarked));
+    };
+    unsafe { (*ctx.skb.skb).mark = 0 };
+    bump(Stat::VxlanDeviceIn);
     after_mark(ctx, &local, mark)
 }
 

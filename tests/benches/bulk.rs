@@ -11,9 +11,14 @@
 //!   and a bridge (Swarm's overlay), on the same kind of veth underlay.
 //!
 //! The mesh rows run three times: without XDP, the underlay TC program
-//! doing its part (the agent's default, `--xdp-mode off`), with XDP in
-//! generic mode and in native mode (`--xdp-mode generic`, `native`). `cargo xtask bench` runs it
-//! (MESH_BULK_SECONDS sets the length).
+//! doing its part and the kernel's VXLAN device `mesh-vxlan` in place (the
+//! agent's default, `--xdp-mode off`), with XDP in generic mode and in
+//! native mode (`--xdp-mode generic`, `native`). Then the default again,
+//! and Linux's VXLAN again, on an underlay without tunnel offloads, as
+//! virtio_net (most cloud VMs, the Vagrant lab) is: the tunnel's frames
+//! cross it MTU-sized and the receiving NIC runs GRO; there once more
+//! without `mesh-vxlan`, whose socket is what lets GRO merge VXLAN. `cargo
+//! xtask bench` runs it (MESH_BULK_SECONDS sets the length).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -62,8 +67,8 @@ fn iperf(server: &Netns, client: &Netns, addr: &str, seconds: u32) -> Option<f64
 /// bridge and a container behind it (MTU 1450), the containers on one
 /// 10.50.0.0/24 across the hosts.
 struct LinuxVxlan {
-    _underlay: Netns,
-    _hosts: Vec<Netns>,
+    underlay: Netns,
+    hosts: Vec<Netns>,
     containers: Vec<Netns>,
 }
 
@@ -102,10 +107,31 @@ impl LinuxVxlan {
             containers.push(c);
         }
         LinuxVxlan {
-            _underlay: underlay,
-            _hosts: hosts,
+            underlay,
+            hosts,
             containers,
         }
+    }
+
+    /// The underlay without tunnel offloads, as
+    /// `OverlayLab::unoffloaded_underlay` makes the mesh lab's.
+    fn unoffloaded(self) -> Self {
+        for (i, host) in self.hosts.iter().enumerate() {
+            host.exec(&[
+                "ethtool",
+                "-K",
+                "eth0",
+                "tx-udp_tnl-segmentation",
+                "off",
+                "tx-udp_tnl-csum-segmentation",
+                "off",
+                "gro",
+                "on",
+            ]);
+            let port = format!("p{}", i + 1);
+            self.underlay.exec(&["ethtool", "-K", &port, "tso", "off"]);
+        }
+        self
     }
 }
 
@@ -119,13 +145,36 @@ fn main() {
     );
     let vxlan = LinuxVxlan::new();
     for (mode, xdp) in [
-        ("no XDP, TC only (default)", None),
+        ("no XDP, TC only, mesh-vxlan (default)", None),
         ("XDP generic", Some(XdpMode::Skb)),
         ("XDP native", Some(XdpMode::default())),
     ] {
         println!(" {mode}:");
-        measure(&OverlayLab::with_xdp(xdp), &vxlan, seconds);
+        measure(&lab(xdp, true), &vxlan, seconds);
     }
+    drop(vxlan);
+    let vxlan = LinuxVxlan::new().unoffloaded();
+    for (mode, device) in [
+        ("default (no XDP, mesh-vxlan)", true),
+        ("no XDP, without mesh-vxlan", false),
+    ] {
+        println!(" underlay without tunnel offloads (as virtio_net), {mode}:");
+        let lab = lab(None, device);
+        lab.unoffloaded_underlay();
+        measure(&lab, &vxlan, seconds);
+    }
+}
+
+/// The mesh lab with XDP in `xdp` (None: none) and, if `device`, the
+/// kernel's VXLAN device on both nodes, as the agent makes it.
+fn lab(xdp: Option<XdpMode>, device: bool) -> OverlayLab {
+    let mut lab = OverlayLab::with_xdp(xdp);
+    if device {
+        for i in 0..lab.nodes.len() {
+            lab.vxlan_device(i);
+        }
+    }
+    lab
 }
 
 /// Every path, two rounds taking turns.

@@ -52,6 +52,18 @@ impl Netns {
         );
     }
 
+    /// Runs `cmd` (a program and its arguments) in this namespace,
+    /// panicking with its output on failure.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?} in {}: {e}", self.name));
+        assert!(out.status.success(), "{cmd:?} in {}: {out:?}", self.name);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `f` on a thread inside this namespace and returns its result.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         std::thread::scope(|s| {

@@ -258,6 +258,60 @@ impl OverlayLab {
     }
 }
 
+impl OverlayLab {
+    /// Gives node `i` (0-based) the kernel's VXLAN device as the agent does
+    /// (`mesh_agent::vxlandev`: made, its TC program attached, up) and
+    /// says so in the node's `LocalNode`. Made a second time, the device
+    /// is found in place.
+    pub fn vxlan_device(&mut self, i: usize) -> u32 {
+        let node = &mut self.nodes[i];
+        let port = mesh_common::tunnel::VXLAN_PORT;
+        let ebpf = node.harness.ebpf_mut();
+        let ifindex = node.node.run(|| {
+            let ifindex =
+                mesh_agent::vxlandev::ensure(port).unwrap_or_else(|e| panic!("VXLAN device: {e}"));
+            dataplane::tc(ebpf, progs::TC_VXLAN_IN)
+                .expect("tc")
+                .attach(mesh_agent::vxlandev::NAME, TcAttachType::Ingress)
+                .expect("attach TC to the VXLAN device");
+            mesh_agent::vxlandev::up().unwrap_or_else(|e| panic!("VXLAN device up: {e}"));
+            let again = mesh_agent::vxlandev::ensure(port)
+                .unwrap_or_else(|e| panic!("VXLAN device again: {e}"));
+            assert_eq!(ifindex, again, "the same device the second time");
+            ifindex
+        });
+        let mut local = node.harness.overlay.local.get(&0, 0).expect("local node");
+        local.vxlan_device = 1;
+        node.harness
+            .overlay
+            .set_local(&local)
+            .expect("local node with its VXLAN device");
+        ifindex
+    }
+
+    /// Makes the underlay behave like a NIC without UDP tunnel offloads
+    /// (virtio_net, most cloud NICs): a node sends its tunnel's large
+    /// packets as MTU-sized frames, and each node's NIC runs GRO on what
+    /// it receives (a veth does only with GRO on and a peer without TSO).
+    pub fn unoffloaded_underlay(&self) {
+        for node in &self.nodes {
+            node.node.exec(&[
+                "ethtool",
+                "-K",
+                "eth0",
+                "tx-udp_tnl-segmentation",
+                "off",
+                "tx-udp_tnl-csum-segmentation",
+                "off",
+                "gro",
+                "on",
+            ]);
+            let port = format!("p{}", node.n);
+            self.underlay.exec(&["ethtool", "-K", &port, "tso", "off"]);
+        }
+    }
+}
+
 impl Default for OverlayLab {
     fn default() -> Self {
         Self::new()

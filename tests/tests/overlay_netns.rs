@@ -78,8 +78,13 @@ fn containers_on_two_nodes_talk_over_vxlan() {
 
 #[test]
 fn a_large_tcp_transfer_crosses_intact() {
-    const SIZE: usize = 64 << 20;
     let lab = OverlayLab::new();
+    transfer_intact(&lab, 64 << 20);
+}
+
+/// Sends `size` bytes from node 1's container to node 2's over TCP and
+/// asserts they arrive, all of them, unchanged.
+fn transfer_intact(lab: &OverlayLab, size: usize) {
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
     let listener = b
         .container
@@ -112,7 +117,7 @@ fn a_large_tcp_transfer_crosses_intact() {
             .expect("timeout");
         let mut sum = 0u64;
         let chunk: Vec<u8> = (0..1 << 16).map(|i| (i * 7 % 251) as u8).collect();
-        for off in (0..SIZE).step_by(chunk.len()) {
+        for off in (0..size).step_by(chunk.len()) {
             for (i, x) in chunk.iter().enumerate() {
                 sum = sum
                     .wrapping_mul(31)
@@ -134,8 +139,86 @@ fn a_large_tcp_transfer_crosses_intact() {
             "DIFFERENT"
         }
     );
-    assert_eq!(n, SIZE);
+    assert_eq!(n, size);
     assert_eq!(got_sum, sent_sum, "the bytes arrive intact");
+}
+
+/// Without XDP and on an underlay without tunnel offloads (as virtio_net),
+/// with the kernel's VXLAN device on node 2: GRO merges the tunnel's
+/// frames, the underlay program hands the merged packets to the device,
+/// whose program delivers them, and a bulk transfer arrives intact. VXLAN
+/// that mesh refuses (from an address that is no node's) reaches the
+/// device's socket too, and its program drops it: nothing of it reaches
+/// the container.
+#[test]
+fn merged_tunnel_packets_go_through_the_kernel_vxlan_device() {
+    use mesh_tests::overlaylab::VNI;
+    let mut lab = OverlayLab::with_xdp(None);
+    lab.unoffloaded_underlay();
+    lab.vxlan_device(1);
+    let before = lab.nodes[1].harness.counters();
+    transfer_intact(&lab, 64 << 20);
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let after = b.harness.counters();
+    let delta = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "node 2: {} merged packets handed to mesh-vxlan, {} back out of it, {} decapsulated by mesh",
+        delta(Stat::VxlanHandoff),
+        delta(Stat::VxlanDeviceIn),
+        delta(Stat::XdpDecap),
+    );
+    assert!(delta(Stat::VxlanHandoff) > 0, "GRO merged tunnel packets");
+    assert!(
+        delta(Stat::VxlanDeviceIn) > 0 && delta(Stat::VxlanDeviceIn) <= delta(Stat::VxlanHandoff),
+        "what was handed over comes out of the device"
+    );
+    assert_eq!(delta(Stat::VxlanDeviceUnmarked), 0);
+
+    // VXLAN from an address of node 1's NIC that is no cluster node's.
+    let intruder = std::net::Ipv4Addr::new(192, 168, 77, 66);
+    a.node
+        .ip(&["addr", "add", &format!("{intruder}/24"), "dev", "eth0"]);
+    let target = b.container_ip();
+    let sink = b
+        .container
+        .run(|| UdpSocket::bind("0.0.0.0:6000").expect("bind the sink"));
+    let frame = |body: &[u8]| {
+        vxlan_payload(
+            VNI,
+            b.underlay_mac,
+            (a.container_ip(), 7),
+            (target, 6000),
+            body,
+        )
+    };
+    let (forged, control) = (frame(b"forged"), frame(b"control"));
+    let vx = SocketAddr::from((b.underlay_ip, 4789));
+    let before = b.harness.counters();
+    a.node.run(|| {
+        let s = UdpSocket::bind(SocketAddr::from((intruder, 0))).expect("bind intruder");
+        for _ in 0..20 {
+            s.send_to(&forged, vx).expect("send VXLAN");
+        }
+        let node = UdpSocket::bind(SocketAddr::from((a.underlay_ip, 0))).expect("bind node");
+        for _ in 0..5 {
+            node.send_to(&control, vx).expect("send control");
+        }
+    });
+    let mut got = received(&sink, Duration::from_secs(2));
+    got.dedup();
+    let after = b.harness.counters();
+    let delta = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "node 2: {} VXLAN frames from a non-node dropped by mesh-vxlan's program; the container got {got:?}",
+        delta(Stat::VxlanDeviceUnmarked),
+    );
+    assert_eq!(got, ["control"], "only the node's VXLAN arrives");
+    assert_eq!(delta(Stat::XdpVxlanUntrusted), 20);
+    assert_eq!(
+        delta(Stat::VxlanDeviceUnmarked),
+        20,
+        "every forged frame dropped at the device"
+    );
 }
 
 #[test]

@@ -45,7 +45,7 @@ const APT: &[(&str, &str)] = &[
     ("dnsperf", "the DNS benchmark's second load generator"),
     (
         "ethtool",
-        "the lab's underlay completes checksums as a real wire does",
+        "the lab's underlay completes checksums as a real wire does, and goes without tunnel offloads as virtio_net does",
     ),
     ("tcpdump", "captures on the lab's underlay in tests"),
     (

@@ -230,6 +230,7 @@ impl Daemon {
             if let Some(local) = self.cluster.as_ref().map(|c| (c.local, c.cluster_cidr)) {
                 let mut local = self.host_link(local.0, local.1);
                 local.slice_index = u8::try_from(self.slice_index()).unwrap_or(0);
+                local.vxlan_device = self.vxlan_device(u16::from_be(local.vxlan_port_be())) as u8;
                 // What WireGuard decrypts is decapsulated from the start.
                 self.attach_wg()?;
                 self.overlay.set_local(&local)?;
@@ -276,6 +277,37 @@ impl Daemon {
             }
             self.set_docker(false);
             warn!("lost the Docker event stream; reconnecting");
+        }
+    }
+
+    /// The kernel's VXLAN device on `port` with its program
+    /// (`crate::vxlandev`): whether it is in place. Without it (an error,
+    /// logged) VXLAN is not merged by GRO and mesh decapsulates every
+    /// packet itself.
+    fn vxlan_device(&mut self, port: u16) -> bool {
+        let made = crate::vxlandev::ensure(port)
+            .map_err(anyhow::Error::from)
+            .and_then(|ifindex| {
+                // The program first: the device takes packets once up.
+                self.attachments.ensure_vxlan(&mut self.ebpf, ifindex)?;
+                crate::vxlandev::up()?;
+                Ok(ifindex)
+            });
+        match made {
+            Ok(ifindex) => {
+                info!(
+                    iface = crate::vxlandev::NAME,
+                    ifindex, port, "VXLAN device: GRO merges tunnelled bulk traffic"
+                );
+                true
+            }
+            Err(e) => {
+                warn!(
+                    error = %format!("{e:#}"),
+                    "no VXLAN device: mesh decapsulates every tunnelled packet unmerged"
+                );
+                false
+            }
         }
     }
 

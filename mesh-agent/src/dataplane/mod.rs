@@ -40,6 +40,9 @@ pub mod progs {
     /// TC ingress on the WireGuard device (`mesh-wg`): the tunnel's
     /// decrypted VXLAN, decapsulated.
     pub const TC_WG_IN: &str = "mesh_tc_wg_in";
+    /// TC ingress on the kernel's VXLAN device (`mesh-vxlan`): the
+    /// packets GRO merged, decapsulated by the kernel, handed on.
+    pub const TC_VXLAN_IN: &str = "mesh_tc_vxlan_in";
     /// Never attached: conntrack's clock (`clock.rs`), run by the agent.
     pub const CLOCK: &str = "mesh_clock";
     /// cgroup connect4: socket-level balancing of the host's own connects.
