@@ -114,6 +114,17 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         println!("meshctl status, host: {host}");
         assert!(host.starts_with("VIPs' backends on every node"), "{host}");
     }
+    // The kernel's VXLAN device on the tunnel's port, up, with its program.
+    for e in &engines {
+        let link = e.ns.ip(&["-d", "link", "show", mesh_agent::vxlandev::NAME]);
+        assert!(
+            link.contains("UP,LOWER_UP")
+                && link.contains("vxlan external")
+                && link.contains("dstport 4789")
+                && link.contains("nolearning"),
+            "{link}"
+        );
+    }
     assert_eq!(
         subnets
             .iter()
