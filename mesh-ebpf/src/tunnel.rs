@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
 };
@@ -20,7 +20,7 @@ use mesh_common::{
 use crate::{
     ctx::{Packet, Verdict},
     fib::{self, Hop},
-    hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
+    hdr::{ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VxlanHdr},
     maps::{LOCAL_EPS, LOCAL_NODE, NETS, NODES},
     stats::bump,
 };
@@ -145,7 +145,8 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
     let inner_eth: EthHdr = Packet::load(ctx, 0).ok_or(Stat::TunnelEncapFail)?;
     let ip_len = (inner_len + ENCAP_LEN - ETH_HLEN) as u16;
     // SAFETY: the context's own skb; gso_size is readable by TC programs.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let gso = gso_size != 0;
     // Asked before anything changes, so a drop leaves the packet as it was.
     // Encrypted, the underlay carries WireGuard's header too.
     let wire_len = if l.wg_ifindex != 0 {
@@ -171,11 +172,20 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
         Hop::TooBig => return Err(Stat::TunnelTooBig),
     };
     // The flags tell the kernel it is a UDP tunnel with an inner Ethernet
-    // header, so GSO segments large TCP sends correctly.
+    // header, so GSO segments large TCP sends correctly. A GSO packet's
+    // segments keep their size when each still fits the tunnel; otherwise
+    // the kernel makes them 50 bytes smaller (and copies a packet GRO
+    // merged whole to do it).
+    let fixed = if gso && segments_fit(ctx, l, gso_size) {
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    } else {
+        0
+    };
     let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
         | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
-        | encap_l2(ETH_HLEN as u64);
+        | encap_l2(ETH_HLEN as u64)
+        | fixed;
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Stat::TunnelEncapFail)?;
     let ip = Ipv4Hdr::ours(IPPROTO_UDP, l.underlay_ip_be, node.underlay_ip_be, ip_len);
@@ -218,6 +228,32 @@ pub fn encap(ctx: &TcContext, l: &LocalNode, node: &Node, flow_hash: u32) -> Res
         return Ok(Verdict::redirect(l.wg_ifindex));
     }
     hop.verdict(l.underlay_ifindex).ok_or(Stat::TunnelNoRoute)
+}
+
+/// Whether every segment of GSO packet `ctx` (segments of `gso_size`
+/// bytes of TCP or UDP payload) fits the tunnel: its IPv4 packet no longer
+/// than the overlay's MTU, the largest the underlay carries with the VXLAN
+/// headers around it (`tunnel_mss` and the 40 bytes of IPv4 and TCP
+/// headers it leaves out; 0: not known, so no). A container's and the host
+/// link's packets always fit, the MTU of their device being that one; a
+/// routing-mesh flow's fit through the MSS its SYN was clamped to.
+#[inline(always)]
+fn segments_fit(ctx: &TcContext, l: &LocalNode, gso_size: u32) -> bool {
+    let Some(ip) = Packet::load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let ihl = ((ip.vihl & 0x0f) as u32) * 4;
+    let l4 = match ip.proto {
+        IPPROTO_TCP => {
+            let Some(off) = Packet::load::<u8>(ctx, ETH_HLEN + ihl as usize + 12) else {
+                return false;
+            };
+            ((off >> 4) as u32) * 4
+        }
+        IPPROTO_UDP => 8,
+        _ => return false,
+    };
+    l.tunnel_mss != 0 && ihl + l4 + gso_size <= l.tunnel_mss as u32 + 40
 }
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header's length.

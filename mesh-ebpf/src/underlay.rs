@@ -10,7 +10,7 @@
 //! local containers, the routing mesh's replies and legs, or the stack.
 
 use aya_ebpf::{
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::{bpf_skb_change_head, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
@@ -32,6 +32,11 @@ use crate::{
     stats::bump,
     tunnel,
 };
+
+/// `bpf_skb_adjust_room`'s flags for taking the tunnel's headers off: a
+/// GSO packet's segments keep their size, the size they had inside the
+/// tunnel (the sender kept it, `tunnel::encap`), not 50 bytes more.
+const DECAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
 
 /// The verdict for one frame; its path is counted here.
 #[inline(always)]
@@ -207,7 +212,7 @@ pub fn wg_ingress(ctx: &TcContext) -> Result<Verdict, Stat> {
     }
     // Outer IPv4, UDP, VXLAN and the inner Ethernet header go; the one put
     // in front stays (its MACs are set by whoever sends the frame on).
-    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
         .map_err(|_| Stat::WgNotVxlan)?;
     bump(Stat::WgDecap);
     if !here {
@@ -291,7 +296,7 @@ fn vxlan_tc(ctx: &TcContext, pk: &Parsed, local: &LocalNode) -> Result<u8, Decid
         return Err(Ok(Verdict::PASS));
     }
     if ctx
-        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        .adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, DECAP_FLAGS)
         .is_err()
     {
         return Err(pass(Stat::XdpVxlanForeign));

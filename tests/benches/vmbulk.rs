@@ -89,6 +89,10 @@ fn main() {
             ));
         }
         mesh_rows.push((mode, host, overlay));
+        println!(
+            "node {RECEIVER} after {mode}: {}",
+            decap_counters(lab).unwrap_or_else(|e| format!("counters: {e:#}"))
+        );
     }
 
     // mesh detached: the same host path, and Linux's overlay.
@@ -158,6 +162,28 @@ fn main() {
             println!("node {n}'s agent: {e:#}");
         }
     }
+}
+
+/// Node RECEIVER's counters of how tunnelled packets were decapsulated
+/// (`meshctl stats`): by mesh, or handed to mesh-vxlan once GRO merged
+/// them.
+fn decap_counters(lab: &Lab) -> Result<String> {
+    let out = lab.docker(RECEIVER, &["exec", "mesh-agent", "/meshctl", "stats"])?;
+    Ok(out
+        .lines()
+        .filter(|l| {
+            [
+                "xdp_decap",
+                "vxlan_handoff",
+                "vxlan_device_in",
+                "vxlan_device_unmarked",
+            ]
+            .iter()
+            .any(|c| l.contains(c))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("; "))
 }
 
 /// A transfer's Gbit/s, or NaN (printed) when it failed.

@@ -94,6 +94,14 @@ impl Netns {
         format!("/var/run/netns/{}", self.name)
     }
 
+    /// A link's counters (`ip -j -s link`: "rx" and "tx", each with
+    /// "bytes" and "packets").
+    pub fn link_stats(&self, dev: &str) -> serde_json::Value {
+        let out = self.ip(&["-j", "-s", "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output is JSON");
+        v[0]["stats64"].clone()
+    }
+
     /// A link's `ip -j` JSON field (e.g. "address", "ifindex").
     pub fn link_field(&self, dev: &str, field: &str) -> serde_json::Value {
         let out = self.ip(&["-j", "link", "show", "dev", dev]);

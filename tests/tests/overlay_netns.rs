@@ -157,16 +157,29 @@ fn merged_tunnel_packets_go_through_the_kernel_vxlan_device() {
     lab.unoffloaded_underlay();
     lab.vxlan_device(1);
     let before = lab.nodes[1].harness.counters();
+    let tx = |ns: &mesh_tests::netns::Netns| {
+        let s = &ns.link_stats("eth0")["tx"];
+        (
+            s["bytes"].as_u64().unwrap_or(0),
+            s["packets"].as_u64().unwrap_or(0),
+        )
+    };
+    let sent_before = tx(&lab.nodes[0].node);
     transfer_intact(&lab, 64 << 20);
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let sent_after = tx(&a.node);
     let after = b.harness.counters();
     let delta = |s: Stat| after[s as usize] - before[s as usize];
+    // The tunnel's frames as large as the underlay takes: the sender's
+    // segments kept their size through encapsulation.
+    let frame = (sent_after.0 - sent_before.0) / (sent_after.1 - sent_before.1).max(1);
     println!(
-        "node 2: {} merged packets handed to mesh-vxlan, {} back out of it, {} decapsulated by mesh",
+        "node 1 sent frames of {frame} bytes on average; node 2: {} merged packets handed to mesh-vxlan, {} back out of it, {} decapsulated by mesh",
         delta(Stat::VxlanHandoff),
         delta(Stat::VxlanDeviceIn),
         delta(Stat::XdpDecap),
     );
+    assert!(frame > 1490, "full-size tunnel frames: {frame} bytes");
     assert!(delta(Stat::VxlanHandoff) > 0, "GRO merged tunnel packets");
     assert!(
         delta(Stat::VxlanDeviceIn) > 0 && delta(Stat::VxlanDeviceIn) <= delta(Stat::VxlanHandoff),
