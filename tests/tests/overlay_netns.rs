@@ -278,6 +278,61 @@ fn a_vip_reaches_a_backend_on_the_other_node() {
     assert!(answers.iter().all(|n| n == "remote"), "{answers:?}");
 }
 
+/// UDP GSO (`UDP_SEGMENT`, as QUIC servers send): one send of 16
+/// datagrams from a container crosses the tunnel as one packet and arrives
+/// as 16 datagrams, on the default data path (no XDP, mesh-vxlan).
+#[test]
+fn udp_gso_datagrams_cross_the_tunnel() {
+    const SEGMENT: usize = 1200;
+    const COUNT: usize = 16;
+    let mut lab = OverlayLab::with_xdp(None);
+    lab.vxlan_device(1);
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let sink = b
+        .container
+        .run(|| UdpSocket::bind("0.0.0.0:6001").expect("bind the sink"));
+    let to = SocketAddr::from((b.container_ip(), 6001));
+    let before = a.harness.counters();
+    a.container.run(|| {
+        use std::os::fd::AsRawFd;
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let size = SEGMENT as libc::c_int;
+        // SAFETY: setsockopt on our own socket with an int, as it takes.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        let burst: Vec<u8> = (0..SEGMENT * COUNT).map(|i| (i / SEGMENT) as u8).collect();
+        s.send_to(&burst, to).expect("send the burst");
+    });
+    sink.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while got.len() < COUNT {
+        match sink.recv(&mut buf) {
+            Ok(n) => got.push((n, buf[0])),
+            Err(_) => break,
+        }
+    }
+    let after = a.harness.counters();
+    let delta = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "node 1 encapsulated {} packet(s), {} failed; node 2's container got {} datagrams",
+        delta(Stat::TunnelEncap),
+        delta(Stat::TunnelEncapFail),
+        got.len()
+    );
+    let want: Vec<(usize, u8)> = (0..COUNT).map(|i| (SEGMENT, i as u8)).collect();
+    assert_eq!(got, want, "every datagram, whole, in order");
+}
+
 /// Datagrams that reach `sock` within `wait`, by payload.
 fn received(sock: &UdpSocket, wait: Duration) -> Vec<String> {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
