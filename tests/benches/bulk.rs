@@ -13,7 +13,9 @@
 //! The mesh rows run three times: without XDP, the underlay TC program
 //! doing its part and the kernel's VXLAN device `mesh-vxlan` in place (the
 //! agent's default, `--xdp-mode off`), with XDP in generic mode and in
-//! native mode (`--xdp-mode generic`, `native`). Then the default again,
+//! native mode (`--xdp-mode generic`, `native`), and without XDP or
+//! `mesh-vxlan` (the underlay TC program then decapsulates GSO packets in
+//! place, leaving their tunnel offload state). Then the default again,
 //! and Linux's VXLAN again, on an underlay without tunnel offloads, as
 //! virtio_net (most cloud VMs, the Vagrant lab) is: the tunnel's frames
 //! cross it MTU-sized and the receiving NIC runs GRO; there once more
@@ -144,13 +146,18 @@ fn main() {
         "bulk TCP (iperf3, one stream, {seconds} s, two rounds), Gbit/s; veth underlays in namespaces on this machine:"
     );
     let vxlan = LinuxVxlan::new();
-    for (mode, xdp) in [
-        ("no XDP, TC only, mesh-vxlan (default)", None),
-        ("XDP generic", Some(XdpMode::Skb)),
-        ("XDP native", Some(XdpMode::default())),
+    for (mode, xdp, device) in [
+        ("no XDP, TC only, mesh-vxlan (default)", None, true),
+        ("XDP generic", Some(XdpMode::Skb), true),
+        ("XDP native", Some(XdpMode::default()), true),
+        (
+            "no XDP, without mesh-vxlan (GSO packets decapsulated in place)",
+            None,
+            false,
+        ),
     ] {
         println!(" {mode}:");
-        measure(&lab(xdp, true), &vxlan, seconds);
+        measure(&lab(xdp, device), &vxlan, seconds);
     }
     drop(vxlan);
     let vxlan = LinuxVxlan::new().unoffloaded();
