@@ -71,15 +71,25 @@ pub fn ensure(port: u16) -> Result<u32, VxlanDevError> {
 /// Brings [`NAME`] up, which opens its socket: that fails when another
 /// tunnel holds the port.
 pub fn up() -> Result<(), VxlanDevError> {
+    set_up(
+        true,
+        "bringing the VXLAN device up (is the VXLAN port another tunnel's?)",
+    )
+}
+
+/// Takes [`NAME`] down, which closes its socket: GRO no longer merges the
+/// tunnel's packets.
+pub fn down() -> Result<(), VxlanDevError> {
+    set_up(false, "taking the VXLAN device down")
+}
+
+fn set_up(up: bool, what: &'static str) -> Result<(), VxlanDevError> {
     let nl = Netlink::open(NETLINK_ROUTE).map_err(|source| VxlanDevError::Netlink {
         what: "opening rtnetlink",
         source,
     })?;
-    nl.request(&request(RouteNetlinkMessage::NewLink(link(true)), 0))
-        .map_err(|source| VxlanDevError::Netlink {
-            what: "bringing the VXLAN device up (is the VXLAN port another tunnel's?)",
-            source,
-        })
+    nl.request(&request(RouteNetlinkMessage::NewLink(link(up)), 0))
+        .map_err(|source| VxlanDevError::Netlink { what, source })
 }
 
 /// Turns GRO off on `iface`. For `mesh-wg`: with [`NAME`]'s socket on the

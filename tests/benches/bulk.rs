@@ -30,7 +30,7 @@ use std::{
 use aya::programs::XdpMode;
 use mesh_tests::{
     netns::{Netns, unique},
-    overlaylab::OverlayLab,
+    overlaylab::{OverlayLab, without_tunnel_offloads},
 };
 
 /// Gbit/s from `client` to `addr` (an iperf3 server in `server`).
@@ -119,19 +119,7 @@ impl LinuxVxlan {
     /// `OverlayLab::unoffloaded_underlay` makes the mesh lab's.
     fn unoffloaded(self) -> Self {
         for (i, host) in self.hosts.iter().enumerate() {
-            host.exec(&[
-                "ethtool",
-                "-K",
-                "eth0",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-                "gro",
-                "on",
-            ]);
-            let port = format!("p{}", i + 1);
-            self.underlay.exec(&["ethtool", "-K", &port, "tso", "off"]);
+            without_tunnel_offloads(host, &self.underlay, &format!("p{}", i + 1));
         }
         self
     }

@@ -295,21 +295,28 @@ impl OverlayLab {
     /// it receives (a veth does only with GRO on and a peer without TSO).
     pub fn unoffloaded_underlay(&self) {
         for node in &self.nodes {
-            node.node.exec(&[
-                "ethtool",
-                "-K",
-                "eth0",
-                "tx-udp_tnl-segmentation",
-                "off",
-                "tx-udp_tnl-csum-segmentation",
-                "off",
-                "gro",
-                "on",
-            ]);
-            let port = format!("p{}", node.n);
-            self.underlay.exec(&["ethtool", "-K", &port, "tso", "off"]);
+            without_tunnel_offloads(&node.node, &self.underlay, &format!("p{}", node.n));
         }
     }
+}
+
+/// Host `host`'s `eth0`, on bridge port `port` of `underlay`, as a NIC
+/// without UDP tunnel offloads: it sends the tunnel's large packets as
+/// MTU-sized frames and runs GRO on what it receives (a veth does only
+/// with GRO on and a peer without TSO).
+pub fn without_tunnel_offloads(host: &Netns, underlay: &Netns, port: &str) {
+    host.exec(&[
+        "ethtool",
+        "-K",
+        "eth0",
+        "tx-udp_tnl-segmentation",
+        "off",
+        "tx-udp_tnl-csum-segmentation",
+        "off",
+        "gro",
+        "on",
+    ]);
+    underlay.exec(&["ethtool", "-K", port, "tso", "off"]);
 }
 
 impl Default for OverlayLab {

@@ -11,6 +11,7 @@
 mod check;
 mod encryption;
 mod events;
+mod handoff;
 mod networks;
 mod pass;
 
@@ -133,6 +134,8 @@ pub struct Daemon {
     agent_down: BTreeMap<String, (crate::gossip::peers::Peer, std::time::Instant)>,
     /// The consistency check (`check.rs`).
     check: check::CheckState,
+    /// The hand-off of merged VXLAN to mesh-vxlan (`handoff.rs`).
+    handoff: handoff::HandoffWatch,
 }
 
 impl Daemon {
@@ -201,6 +204,7 @@ impl Daemon {
             last_peers: BTreeMap::new(),
             agent_down: BTreeMap::new(),
             check: check::CheckState::default(),
+            handoff: handoff::HandoffWatch::default(),
         })
     }
 
@@ -230,7 +234,9 @@ impl Daemon {
             if let Some(local) = self.cluster.as_ref().map(|c| (c.local, c.cluster_cidr)) {
                 let mut local = self.host_link(local.0, local.1);
                 local.slice_index = u8::try_from(self.slice_index()).unwrap_or(0);
-                local.vxlan_device = self.vxlan_device(u16::from_be(local.vxlan_port_be())) as u8;
+                local.vxlan_device = (!self.handoff.refused
+                    && self.vxlan_device(u16::from_be(local.vxlan_port_be())))
+                    as u8;
                 // What WireGuard decrypts is decapsulated from the start.
                 self.attach_wg()?;
                 self.overlay.set_local(&local)?;
@@ -364,6 +370,7 @@ impl Daemon {
         let mut events = d.events(Some(events::options(since)));
         let mut diagnose_tick = tokio::time::interval(Duration::from_secs(10));
         let mut check_tick = tokio::time::interval(check::SELF_CHECK_EVERY);
+        let mut handoff_tick = tokio::time::interval(handoff::EVERY);
         let mut rejected_seen = 0u64;
         loop {
             tokio::select! {
@@ -393,6 +400,9 @@ impl Daemon {
                 _ = tokio::time::sleep(crate::probe::INTERVAL), if !self.agent_down.is_empty() => self.pass(),
                 _ = diagnose_tick.tick(), if self.cluster.is_some() => {
                     rejected_seen = self.diagnose(rejected_seen);
+                }
+                _ = handoff_tick.tick(), if self.cluster.is_some() && !self.handoff.refused => {
+                    self.watch_handoff();
                 }
                 _ = check_tick.tick(), if self.cluster.is_some() => {
                     if self.self_check(None) {

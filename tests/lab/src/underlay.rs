@@ -208,6 +208,8 @@ impl Underlay {
         wire_checksums(&router, port)?;
         if node.is_none() {
             wire_checksums(ns, IFACE)?;
+        } else {
+            nic_gro(ns, IFACE)?;
         }
         let addr = match node {
             Some(n) => self.addr(n),
@@ -280,6 +282,16 @@ fn wire_checksums(ns: &str, dev: &str) -> Result<()> {
         .args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])
         .output()
         .map(drop)
+}
+
+/// `dev` in `ns` merges what it receives (GRO), as a real NIC does by
+/// default; a veth does only with GRO on (and a peer that sends segments,
+/// which [`wire_checksums`] makes it). Bulk traffic then reaches a node as
+/// it reaches a host's NIC: MTU-sized frames, merged on arrival.
+fn nic_gro(ns: &str, dev: &str) -> Result<()> {
+    crate::cmd::Cmd::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"])
+        .run()
 }
 
 impl Drop for Underlay {

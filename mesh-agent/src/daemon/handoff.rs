@@ -1,0 +1,114 @@
+//! Watching the hand-off of GRO-merged VXLAN to `mesh-vxlan`
+//! (`crate::vxlandev`). A handed-over packet goes up the host's stack to the
+//! device's socket, so the host's firewall sees it (INPUT, UDP to the
+//! VXLAN port): one that drops it there would drop every merged packet, and
+//! bulk transfers through the tunnel would crawl. When most of what was
+//! handed over in a period never came out of the device, the agent takes
+//! the device down (no socket, so GRO no longer merges the tunnel's
+//! packets and nothing is handed over), says why, and mesh decapsulates
+//! everything itself, as without the device.
+
+use mesh_common::{maps, stats::Stat};
+use tracing::{info, warn};
+
+use super::Daemon;
+
+/// How often the counters are looked at.
+pub(super) const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Packets handed over within one period below which nothing is judged (a
+/// TCP flow whose merged packets are lost backs off to a trickle).
+const MIN_HANDED: u64 = 16;
+
+/// The counters seen at the last look, and whether the hand-off was
+/// refused (the device taken down; it stays down until the agent
+/// restarts).
+#[derive(Debug, Default)]
+pub(super) struct HandoffWatch {
+    last: Option<(u64, u64)>,
+    pub refused: bool,
+}
+
+impl HandoffWatch {
+    /// With the counters now (packets handed over, packets out of the
+    /// device): the period's figures if fewer than half of what was handed
+    /// over came out.
+    pub fn lost(&mut self, handed: u64, came_out: u64) -> Option<(u64, u64)> {
+        let (h0, c0) = self.last.replace((handed, came_out))?;
+        let (dh, dc) = (handed.saturating_sub(h0), came_out.saturating_sub(c0));
+        (dh >= MIN_HANDED && dc.saturating_mul(2) < dh).then_some((dh, dc))
+    }
+}
+
+impl Daemon {
+    /// One look at the hand-off counters (the diagnosis tick); refuses the
+    /// hand-off when what was handed over was lost.
+    pub(super) fn watch_handoff(&mut self) {
+        if self.handoff.refused {
+            return;
+        }
+        let Some((handed, came_out)) = self.handoff_counters() else {
+            return;
+        };
+        let Some((dh, dc)) = self.handoff.lost(handed, came_out) else {
+            return;
+        };
+        let Ok(mut local) = self.overlay.local.get(&0, 0) else {
+            return;
+        };
+        if local.vxlan_device == 0 {
+            return;
+        }
+        local.vxlan_device = 0;
+        if let Err(e) = self.overlay.set_local(&local) {
+            warn!(error = %e, "could not stop handing merged VXLAN to mesh-vxlan");
+            return;
+        }
+        self.handoff.refused = true;
+        let port = u16::from_be(local.vxlan_port_be());
+        warn!(
+            handed = dh,
+            arrived = dc,
+            port,
+            "merged VXLAN handed to {} did not reach it: does the host's firewall drop UDP {port} \
+             in INPUT? The device is taken down and mesh decapsulates every tunnel packet itself, \
+             unmerged (slower on NICs without UDP tunnel offloads); accept UDP {port} from the \
+             cluster's hosts and restart the agent to have GRO for the tunnel again",
+            crate::vxlandev::NAME
+        );
+        match crate::vxlandev::down() {
+            Ok(()) => info!(iface = crate::vxlandev::NAME, "VXLAN device down"),
+            Err(e) => warn!(error = %e, "could not take the VXLAN device down"),
+        }
+    }
+
+    /// The counters of packets handed to mesh-vxlan and out of it, summed
+    /// over CPUs.
+    fn handoff_counters(&self) -> Option<(u64, u64)> {
+        let map = self.ebpf.map(maps::STATS.name)?;
+        let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = map.try_into().ok()?;
+        let sum = |s: Stat| -> Option<u64> { Some(map.get(&s.index(), 0).ok()?.iter().sum()) };
+        Some((sum(Stat::VxlanHandoff)?, sum(Stat::VxlanDeviceIn)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_a_period_only_with_enough_handed_over() {
+        let mut w = HandoffWatch::default();
+        assert_eq!(w.lost(1000, 0), None, "the first look only remembers");
+        assert_eq!(w.lost(1000 + MIN_HANDED - 1, 0), None, "too few to judge");
+        assert_eq!(w.lost(2000, 1000), None, "as many came out");
+        assert_eq!(w.lost(3000, 1600), None, "most came out");
+        assert_eq!(w.lost(4000, 1700), Some((1000, 100)), "most were lost");
+    }
+
+    #[test]
+    fn counters_that_restart_lower_are_no_loss() {
+        let mut w = HandoffWatch::default();
+        w.lost(5000, 5000);
+        assert_eq!(w.lost(10, 10), None);
+    }
+}
