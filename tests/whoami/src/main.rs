@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Some("ask") => return ask(&args[1..]),
         Some("sink") => sink(&args[1..]),
         Some("blast") => blast(&args[1..]),
+        Some("source") => source(&args[1..]),
         Some("health") => {
             return if std::path::Path::new("/tmp/sick").exists() {
                 ExitCode::FAILURE
@@ -61,7 +62,9 @@ fn main() -> ExitCode {
         }
         Some("sick") => std::fs::write("/tmp/sick", b"sick").map_err(|e| e.to_string()),
         Some("well") => std::fs::remove_file("/tmp/sick").or(Ok(())),
-        _ => Err("usage: whoami serve|ask|health|sick|well (see the source)".into()),
+        _ => Err(
+            "usage: whoami serve|ask|sink|blast|source|health|sick|well (see the source)".into(),
+        ),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -409,6 +412,44 @@ fn sink(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// What `blast` and `source` send, over and over: 64 KiB, byte `i` the
+/// top byte of `i * 2654435761`.
+fn pattern() -> Vec<u8> {
+    (0..1u32 << 16)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
+/// `source PORT BYTES`: to each connection in turn, BYTES of [`pattern`],
+/// then the end; until stopped.
+fn source(args: &[String]) -> Result<(), String> {
+    let (Some(port), Some(bytes)) = (
+        args.first().and_then(|p| p.parse::<u16>().ok()),
+        args.get(1).and_then(|b| b.parse::<u64>().ok()),
+    ) else {
+        return Err("usage: whoami source PORT BYTES".into());
+    };
+    let l = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind {port}: {e}"))?;
+    println!("source listening on {port}");
+    let chunk = pattern();
+    while !TERM.load(Ordering::SeqCst) {
+        let Ok((mut s, peer)) = l.accept() else {
+            continue;
+        };
+        let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+        let mut sent = 0u64;
+        while sent < bytes {
+            let k = ((bytes - sent) as usize).min(chunk.len());
+            if s.write_all(&chunk[..k]).is_err() {
+                break;
+            }
+            sent += k as u64;
+        }
+        println!("sent {sent} bytes to {peer}");
+    }
+    Ok(())
+}
+
 fn blast(args: &[String]) -> Result<(), String> {
     let (Some(target), Some(bytes)) = (
         args.first(),
@@ -425,9 +466,7 @@ fn blast(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     s.set_write_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    let chunk: Vec<u8> = (0..1u32 << 16)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let chunk = pattern();
     let (mut sent, mut sum) = (0u64, Checksum::new());
     let start = std::time::Instant::now();
     while sent < bytes {
