@@ -202,8 +202,10 @@ impl Device {
         }
         rt.request(&set_link(mtu))
             .map_err(netlink_err("setting the WireGuard device up"))?;
-        crate::vxlandev::gro_off(NAME)
-            .map_err(netlink_err("turning GRO off on the WireGuard device"))?;
+        if let Err(e) = crate::vxlandev::gro_off(NAME) {
+            // Merged packets are then decapsulated in place by its program.
+            tracing::warn!(iface = NAME, error = %e, "could not turn GRO off on the WireGuard device");
+        }
         let ifindex = crate::iface::index(NAME).map_err(|e| WgError::Netlink {
             what: "finding the WireGuard device",
             source: io::Error::other(e.to_string()),
