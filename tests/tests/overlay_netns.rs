@@ -226,6 +226,12 @@ fn merged_tunnel_packets_go_through_the_kernel_vxlan_device() {
         delta(Stat::VxlanDeviceUnmarked),
     );
     assert_eq!(got, ["control"], "only the node's VXLAN arrives");
+    // How the agent turns GRO off on mesh-wg, tried on a NIC that has it on.
+    b.node
+        .run(|| mesh_agent::vxlandev::gro_off("eth0"))
+        .expect("GRO off");
+    let k = b.node.exec(&["ethtool", "-k", "eth0"]);
+    assert!(k.contains("generic-receive-offload: off"), "{k}");
     assert_eq!(delta(Stat::XdpVxlanUntrusted), 20);
     assert_eq!(
         delta(Stat::VxlanDeviceUnmarked),
