@@ -71,6 +71,9 @@ pub struct Node {
     /// (then only backends on this node).
     #[serde(default)]
     pub host_link: String,
+    /// Whether GRO merges the tunnel's packets (`mesh-vxlan`), or why not.
+    #[serde(default)]
+    pub tunnel_gro: String,
     /// Whether each peer's tunnel carries traffic both ways (probes).
     #[serde(default)]
     pub tunnels: Vec<Tunnel>,

@@ -115,6 +115,10 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
         assert!(host.starts_with("VIPs' backends on every node"), "{host}");
     }
     // The kernel's VXLAN device on the tunnel's port, up, with its program.
+    for a in &agents {
+        let gro = a.status().expect("status").node.tunnel_gro;
+        assert!(gro.starts_with("tunnel packets merged"), "{gro}");
+    }
     for e in &engines {
         let link = e.ns.ip(&["-d", "link", "show", mesh_agent::vxlandev::NAME]);
         assert!(

@@ -75,6 +75,12 @@ fn docker_a_firewall_dropping_the_tunnel_port_does_not_stall_bulk_transfers() {
         device(e1)
     );
     assert_eq!(c.get("vxlan_device_in").copied().unwrap_or(0), 0);
+    let gro = agents[0].status().expect("status").node.tunnel_gro;
+    println!("node 1's meshctl status: gro: {gro}");
+    assert!(
+        gro.starts_with("OFF: merged packets handed to mesh-vxlan did not arrive"),
+        "{gro}"
+    );
     // Node 2's firewall lets the tunnel in: its device stays.
     assert!(device(e2).contains(",UP"), "{}", device(e2));
 }

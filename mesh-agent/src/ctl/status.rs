@@ -46,6 +46,9 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
     if !st.node.host_link.is_empty() {
         let _ = writeln!(out, "host:    {}", st.node.host_link);
     }
+    if !st.node.tunnel_gro.is_empty() {
+        let _ = writeln!(out, "gro:     {}", st.node.tunnel_gro);
+    }
     let _ = writeln!(
         out,
         "docker:  {} ({}), {} mesh containers",

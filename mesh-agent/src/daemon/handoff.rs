@@ -65,6 +65,12 @@ impl Daemon {
         }
         self.handoff.refused = true;
         let port = u16::from_be(local.vxlan_port_be());
+        self.set_tunnel_gro(format!(
+            "OFF: merged packets handed to {} did not arrive ({dc} of {dh}): a host firewall \
+             dropping UDP {port} in INPUT? every tunnel packet is decapsulated unmerged until \
+             the agent restarts",
+            crate::vxlandev::NAME
+        ));
         warn!(
             handed = dh,
             arrived = dc,

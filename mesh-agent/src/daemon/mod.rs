@@ -299,22 +299,40 @@ impl Daemon {
                 crate::vxlandev::up()?;
                 Ok(ifindex)
             });
-        match made {
+        let (line, ok) = match made {
             Ok(ifindex) => {
                 info!(
                     iface = crate::vxlandev::NAME,
                     ifindex, port, "VXLAN device: GRO merges tunnelled bulk traffic"
                 );
-                true
+                (
+                    format!(
+                        "tunnel packets merged, the merged decapsulated by {} (UDP {port})",
+                        crate::vxlandev::NAME
+                    ),
+                    true,
+                )
             }
             Err(e) => {
                 warn!(
                     error = %format!("{e:#}"),
                     "no VXLAN device: mesh decapsulates every tunnelled packet unmerged"
                 );
-                false
+                (format!("OFF: no VXLAN device: {e:#}"), false)
             }
-        }
+        };
+        self.set_tunnel_gro(line);
+        ok
+    }
+
+    /// `meshctl status`'s line about GRO for the tunnel.
+    fn set_tunnel_gro(&self, line: String) {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .node
+            .tunnel_gro = line;
     }
 
     /// `local` with the host link (`crate::hostlink`): the device, its
