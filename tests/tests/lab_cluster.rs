@@ -117,7 +117,7 @@ fn lab_three_hosts_services_overlay_failures_and_keys() {
     // The kernel's VXLAN device on the tunnel's port, up, with its program.
     for a in &agents {
         let gro = a.status().expect("status").node.tunnel_gro;
-        assert!(gro.starts_with("tunnel packets merged"), "{gro}");
+        assert!(gro.starts_with("on: GRO merges"), "{gro}");
     }
     for e in &engines {
         let link = e.ns.ip(&["-d", "link", "show", mesh_agent::vxlandev::NAME]);

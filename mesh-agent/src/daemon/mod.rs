@@ -307,7 +307,7 @@ impl Daemon {
                 );
                 (
                     format!(
-                        "tunnel packets merged, the merged decapsulated by {} (UDP {port})",
+                        "on: GRO merges the tunnel's packets, {} (UDP {port}) decapsulates what it merged",
                         crate::vxlandev::NAME
                     ),
                     true,
