@@ -8,8 +8,10 @@
 //!
 //! - the agent measures the tick once, with `mesh_clock`, a program never
 //!   attached whose test run returns jiffies and CLOCK_MONOTONIC's coarse
-//!   reading of one moment: the ns between two readings a few ticks apart
-//!   over the jiffies between them, rounded to the kernel's possible HZ;
+//!   reading of one moment: the ns between two readings 100 ms apart over
+//!   the jiffies between them, rounded to the kernel's possible HZ (and
+//!   measured again when it fits none, as on a machine too busy to read
+//!   the tick in time);
 //! - the base is `jiffies * tick - monotonic` at that moment, so the clock
 //!   reads CLOCK_MONOTONIC then, and afterwards drifts from it only as NTP
 //!   slews the one against the other (parts per million);
@@ -119,29 +121,51 @@ fn reading_past(prog: &SchedClassifier, after: u64, until: Instant) -> io::Resul
     }
 }
 
-/// Measures the tick (`mesh_clock` loaded): two readings at least two
-/// ticks apart, a few ms in all.
+/// How far apart a measurement's two readings are: many ticks at any HZ
+/// (10 at HZ 100, 100 at HZ 1000), so a reading the tick reached late (a
+/// busy machine, ticks caught up in one go) moves the result little.
+const SPAN: Duration = Duration::from_millis(100);
+/// Measurements made before the tick is given up as unknown.
+const TRIES: usize = 5;
+
+/// Measures the tick (`mesh_clock` loaded): two readings [`SPAN`] apart,
+/// each just after a tick, rounded to the nearest possible HZ; a result
+/// more than an eighth off every HZ is measured again, up to [`TRIES`]
+/// times.
 pub fn measure(prog: &SchedClassifier) -> io::Result<Calibration> {
-    let until = Instant::now() + Duration::from_secs(1);
+    let mut why = String::new();
+    for _ in 0..TRIES {
+        match measure_once(prog)? {
+            Ok(cal) => return Ok(cal),
+            Err(e) => why = e,
+        }
+    }
+    Err(io::Error::other(format!("{why} ({TRIES} tries)")))
+}
+
+/// One measurement: the calibration, or why it fits no HZ.
+fn measure_once(prog: &SchedClassifier) -> io::Result<Result<Calibration, String>> {
     let (j0, _) = read(prog)?;
-    let (j1, m1) = reading_past(prog, j0, until)?;
-    let (j2, m2) = reading_past(prog, j1 + 1, until)?;
-    let per_tick = m2.saturating_sub(m1) / (j2 - j1);
-    let tick_ns = HZ
+    let (j1, m1) = reading_past(prog, j0, Instant::now() + Duration::from_secs(1))?;
+    std::thread::sleep(SPAN);
+    let (jn, _) = read(prog)?;
+    let (j2, m2) = reading_past(prog, jn, Instant::now() + Duration::from_secs(1))?;
+    let per_tick = m2.saturating_sub(m1) / j2.saturating_sub(j1).max(1);
+    let Some(tick_ns) = HZ
         .iter()
         .map(|hz| 1_000_000_000 / hz)
         .min_by_key(|t| t.abs_diff(per_tick))
-        .filter(|t| t.abs_diff(per_tick) * 20 < *t)
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "a tick of {per_tick} ns is none of HZ {HZ:?}'s (jiffies {j1}..{j2})"
-            ))
-        })?;
+        .filter(|t| t.abs_diff(per_tick) * 8 < *t)
+    else {
+        return Ok(Err(format!(
+            "a tick of {per_tick} ns is none of HZ {HZ:?}'s (jiffies {j1}..{j2})"
+        )));
+    };
     let tick_ns = tick_ns as u32;
-    Ok(Calibration {
+    Ok(Ok(Calibration {
         tick_ns,
         base_ns: j2.wrapping_mul(tick_ns as u64).wrapping_sub(m2),
-    })
+    }))
 }
 
 /// The calibration of a data plane whose CONFIG holds `current` (None:
