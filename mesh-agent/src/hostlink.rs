@@ -23,7 +23,7 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkMessag
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         RouteType,
@@ -32,7 +32,7 @@ use netlink_packet_route::{
 use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::{
-    netlink::{Netlink, request},
+    netlink::{Netlink, noarp_link, request},
     vip::Cidr,
 };
 
@@ -124,22 +124,11 @@ pub fn mac(gateway: Ipv4Addr, peer: bool) -> [u8; 6] {
     [if peer { 0x06 } else { 0x02 }, 0x6d, g[0], g[1], g[2], g[3]]
 }
 
-/// A link message for `name`: without ARP (its neighbours need no
-/// resolution: every packet goes to the program), `mtu`, `mac`, up if
-/// `up`.
+/// A link message for `name` ([`noarp_link`]) with `mtu` and `mac`.
 fn link(name: &str, mtu: u32, mac: [u8; 6], up: bool) -> LinkMessage {
-    let mut m = LinkMessage::default();
-    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
-    m.header.flags = if up {
-        LinkFlags::Up | LinkFlags::Noarp
-    } else {
-        LinkFlags::Noarp
-    };
-    m.attributes = vec![
-        LinkAttribute::IfName(name.to_string()),
-        LinkAttribute::Mtu(mtu),
-        LinkAttribute::Address(mac.to_vec()),
-    ];
+    let mut m = noarp_link(name, up);
+    m.attributes.push(LinkAttribute::Mtu(mtu));
+    m.attributes.push(LinkAttribute::Address(mac.to_vec()));
     m
 }
 
@@ -205,6 +194,7 @@ fn route(cluster: Cidr, ifindex: u32, src: Ipv4Addr) -> NetlinkMessage<RouteNetl
 #[cfg(test)]
 mod tests {
     use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkPayload};
+    use netlink_packet_route::link::LinkFlags;
 
     use super::*;
 

@@ -12,6 +12,22 @@ use netlink_packet_core::{
 };
 use netlink_sys::{Socket, SocketAddr};
 
+/// An RTM_NEWLINK body for the agent's own device `name`: without ARP (its
+/// neighbours need no resolution: every packet goes to its program), up
+/// if `up`; callers add what else they set.
+pub fn noarp_link(name: &str, up: bool) -> netlink_packet_route::link::LinkMessage {
+    use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+    let mut m = LinkMessage::default();
+    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
+    m.header.flags = if up {
+        LinkFlags::Up | LinkFlags::Noarp
+    } else {
+        LinkFlags::Noarp
+    };
+    m.attributes = vec![LinkAttribute::IfName(name.to_string())];
+    m
+}
+
 /// A netlink socket of one protocol (`netlink_sys::protocols`).
 pub struct Netlink {
     socket: Socket,

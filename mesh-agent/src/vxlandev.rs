@@ -24,7 +24,7 @@ use std::io;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NetlinkMessage};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 
@@ -154,15 +154,7 @@ fn is_ours(nl: &Netlink, port: u16) -> io::Result<bool> {
 
 /// A link message for [`NAME`], without ARP, up if `up`.
 fn link(up: bool) -> LinkMessage {
-    let mut m = LinkMessage::default();
-    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
-    m.header.flags = if up {
-        LinkFlags::Up | LinkFlags::Noarp
-    } else {
-        LinkFlags::Noarp
-    };
-    m.attributes = vec![LinkAttribute::IfName(NAME.to_string())];
-    m
+    crate::netlink::noarp_link(NAME, up)
 }
 
 /// RTM_NEWLINK creating the device, down: collect-metadata (any VNI, no
