@@ -23,6 +23,9 @@ use crate::cmd::{Cmd, root};
 pub const BOX: &str = "mesh-local";
 /// The VMs' private network (the underlay): node N is .10+N, the host .1.
 pub const PREFIX: &str = "192.168.56";
+/// The start of the lab's libvirt domain names (the Vagrantfile's
+/// `default_prefix`): node N is `mesh-lab-nodeN`.
+pub const DOMAIN_PREFIX: &str = "mesh-lab-";
 
 /// Why the Vagrant lab cannot run on this machine, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -68,10 +71,7 @@ pub fn libvirtd() -> Result<()> {
         }
     }
     let start = Instant::now();
-    while !Cmd::new("virsh")
-        .args(["-c", "qemu:///system", "version"])
-        .ok()
-    {
+    while !virsh().args(["version"]).ok() {
         if start.elapsed() > Duration::from_secs(30) {
             bail!("libvirtd did not answer within 30 s");
         }
@@ -94,8 +94,8 @@ pub fn ensure_box() -> Result<()> {
     if built || !listed.lines().any(|l| l.starts_with(&format!("{BOX} "))) {
         // A box added again is a new image in libvirt's pool: the old
         // ones (about 800 MB each) go.
-        let vols = Cmd::new("virsh")
-            .args(["-c", "qemu:///system", "vol-list", "default"])
+        let vols = virsh()
+            .args(["vol-list", "default"])
             .output()
             .unwrap_or_default();
         for v in vols
@@ -103,9 +103,7 @@ pub fn ensure_box() -> Result<()> {
             .filter_map(|l| l.split_whitespace().next())
             .filter(|v| v.starts_with(&format!("{BOX}_vagrant_box_image_")))
         {
-            let _ = Cmd::new("virsh")
-                .args(["-c", "qemu:///system", "vol-delete", "--pool", "default", v])
-                .ok();
+            let _ = virsh().args(["vol-delete", "--pool", "default", v]).ok();
         }
         Cmd::new("vagrant")
             .args(["box", "add", "--force", "--name", BOX])
@@ -198,6 +196,7 @@ impl Lab {
             .args([std::ffi::OsStr::new("-cf"), whoami.as_os_str()])
             .args(["."])
             .output()?;
+        remove_strays()?;
         with_files(vagrant(), nodes, agent, &whoami, &key)
             .env("MESH_VM_DRIVER", &driver)
             .env("MESH_ENCRYPT", if encrypt { "true" } else { "" })
@@ -270,9 +269,7 @@ impl Lab {
     /// The host's bridge of the VMs' private network (every frame between
     /// nodes crosses it).
     pub fn underlay_bridge(&self) -> Result<String> {
-        let info = Cmd::new("virsh")
-            .args(["-c", "qemu:///system", "net-info", "mesh-underlay"])
-            .output()?;
+        let info = virsh().args(["net-info", "mesh-underlay"]).output()?;
         info.lines()
             .find_map(|l| l.strip_prefix("Bridge:").map(|b| b.trim().to_string()))
             .context("virsh net-info mesh-underlay names no bridge")
@@ -293,10 +290,46 @@ pub fn destroy(nodes: usize) -> Result<()> {
         .env("MESH_NODES", nodes.to_string())
         .args(["destroy", "-f"])
         .run()?;
+    remove_strays()?;
     for net in ["mesh-underlay", "vagrant-libvirt"] {
-        let _ = Cmd::new("virsh")
-            .args(["-c", "qemu:///system", "net-destroy", net])
-            .ok();
+        let _ = virsh().args(["net-destroy", net]).ok();
+    }
+    Ok(())
+}
+
+fn virsh() -> Cmd {
+    Cmd::new("virsh").args(["-c", "qemu:///system"])
+}
+
+/// Removes the lab's VMs that this checkout's Vagrant does not know: left
+/// by another checkout, or by a machine copied with its VMs defined. Their
+/// names would be taken (`vagrant up` stops: "domain about to create is
+/// already taken") and, running, they hold the lab's addresses. One lab
+/// runs on a machine at a time: its network and addresses are fixed.
+fn remove_strays() -> Result<()> {
+    let known: Vec<String> = fs::read_dir(dir().join(".vagrant/machines"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|m| fs::read_to_string(m.path().join("libvirt/id")).ok())
+        .map(|id| id.trim().to_string())
+        .collect();
+    let names = virsh().args(["list", "--all", "--name"]).output()?;
+    for name in names
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(DOMAIN_PREFIX))
+    {
+        let uuid = virsh().args(["domuuid", name]).output()?;
+        if known.iter().any(|k| k == uuid.trim()) {
+            continue;
+        }
+        println!("vagrant: removing VM {name}: a mesh lab VM this checkout did not make");
+        let _ = virsh().args(["destroy", name]).ok();
+        virsh()
+            .args(["undefine", name, "--remove-all-storage"])
+            .run()
+            .with_context(|| format!("removing the stray VM {name}"))?;
     }
     Ok(())
 }
