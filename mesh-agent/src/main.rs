@@ -151,6 +151,12 @@ struct Args {
     /// Do not serve DNS.
     #[arg(long, env = "MESH_NO_DNS")]
     no_dns: bool,
+    /// Translate containers' connects to VIPs packet by packet (conntrack
+    /// tracks them; `meshctl conntrack` lists them) instead of balancing
+    /// them at the socket, where their packets then go to the backend's own
+    /// address with nothing to translate.
+    #[arg(long, env = "MESH_NO_CONTAINER_SOCKET_LB")]
+    no_container_socket_lb: bool,
     /// DNS: networks allowed to ask besides the cluster CIDR (containers),
     /// loopback and this host's addresses (A.B.C.D/N, comma separated).
     /// Queries from elsewhere (the underlay) are dropped and counted.
@@ -398,6 +404,7 @@ async fn run(args: Args) -> Result<()> {
         bpffs_dir: args.bpffs_dir,
         state_dir: args.state_dir,
         dns,
+        container_socket_lb: !args.no_container_socket_lb && args.cgroup.as_os_str() != "none",
     };
     let (net_tx, net_rx) = mesh_agent::requests::channel();
     shared

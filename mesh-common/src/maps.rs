@@ -255,6 +255,17 @@ pub const SOCK_REV: MapDef = def(
     "SockRevKey{socket cookie, backend ip, port} -> SockOrig{ip, port}: what a balanced datagram socket's answers come from",
 );
 
+/// Hash `network-namespace cookie -> 1`: the namespaces of this node's
+/// containers whose connects and datagrams to a VIP are balanced at the
+/// socket (`mesh-ebpf/src/sock.rs`), so their packets need no translation.
+pub const SOCK_NETNS: MapDef = def(
+    "MESH_SOCK_NETNS",
+    Hash,
+    MAX_LOCAL_EPS,
+    Agent,
+    "netns cookie -> 1: containers whose VIP connects are balanced at the socket",
+);
+
 /// Hash `underlay IP (network order) -> its /24 (network order)`: the
 /// addresses VXLAN is accepted from.
 pub const PEERS: MapDef = def(
@@ -318,7 +329,7 @@ pub const MONITOR: MapDef = def(
 );
 
 /// Every map of the object, in the order `meshctl maps` lists them.
-pub const ALL: [MapDef; 23] = [
+pub const ALL: [MapDef; 24] = [
     STATS,
     SERVICES,
     VIPS,
@@ -339,6 +350,7 @@ pub const ALL: [MapDef; 23] = [
     CONFIG,
     SOCK_ORIG,
     SOCK_REV,
+    SOCK_NETNS,
     BRIDGES,
     EVENTS,
     MONITOR,

@@ -147,6 +147,7 @@ counters! {
     VxlanHandoff = 86, "vxlan_handoff", Path, "VXLAN for this node that GRO merged into one large packet (underlay TC without XDP): checked, then left to the kernel's VXLAN device (mesh-vxlan) to decapsulate, which resets the packet's tunnel offload state as only the kernel can.";
     VxlanDeviceIn = 87, "vxlan_device_in", Path, "A packet mesh handed to mesh-vxlan, decapsulated by the kernel: handed on as the underlay's.";
     VxlanDeviceUnmarked = 88, "vxlan_device_unmarked", Drop, "Out of mesh-vxlan without mesh's hand-off mark: VXLAN that did not come through mesh's checks on the underlay NIC (another interface, or one mesh left to the stack).";
+    SockVipContainer = 89, "sock_vip_container", Path, "Socket level: a connect or datagram of a container's to a VIP, sent straight to the backend Maglev picks (here or on another node): its packets then take the plain path, with nothing to translate.";
 }
 
 impl Stat {

@@ -159,6 +159,16 @@ pub fn pick_new(
     })
 }
 
+/// Counts a connect of service `id` balanced at the socket (its packets
+/// are not the data plane's to count).
+#[inline(always)]
+pub fn count_socket_flow(id: u32) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot from a successful lookup.
+        unsafe { (*s).new_flows += 1 };
+    }
+}
+
 /// Counts a packet (and a new flow) of service `id`.
 #[inline(always)]
 pub fn count_service(id: u32, len: u32, new_flow: bool) {

@@ -101,6 +101,10 @@ pub static SOCK_ORIG: LruHashMap<u64, SockOrig> =
 pub static SOCK_REV: LruHashMap<SockRevKey, SockOrig> =
     LruHashMap::with_max_entries(SOCK_ORIG_ENTRIES, 0);
 
+/// Container network namespaces balanced at the socket (cookie -> 1).
+#[map(name = "MESH_SOCK_NETNS")]
+pub static SOCK_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_LOCAL_EPS, 0);
+
 /// Settings of the whole data plane (slot 0).
 #[map(name = "MESH_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -6,8 +6,14 @@
 //! port's to a backend here, or to the published port of the node of a
 //! backend elsewhere (that node's XDP balances it, as for any client); a
 //! VIP's to its backend, here or (through the host link) elsewhere.
-//! `getpeername4` and `recvmsg4` report the address asked for. Only sockets in the host's network namespace are
-//! touched (the agent writes its cookie); everything else passes as it was.
+//! A container's connects and datagrams to a VIP are balanced the same
+//! way when the agent listed its network namespace (`MESH_SOCK_NETNS`):
+//! its packets then go to the backend's own address and take the plain
+//! path of a container's packet to another, with no translation and no
+//! conntrack entry (the veth programs still check them: a backend of
+//! another network is dropped there as any of its containers is).
+//! `getpeername4` and `recvmsg4` report the address asked for. Sockets of
+//! other namespaces pass as they were.
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
@@ -21,7 +27,7 @@ use mesh_common::{
 use crate::{
     hdr::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
-    maps::{CONFIG, PUBLISHED, SERVICES, SOCK_ORIG, SOCK_REV},
+    maps::{CONFIG, PUBLISHED, SERVICES, SOCK_NETNS, SOCK_ORIG, SOCK_REV},
     stats::bump,
     tunnel,
 };
@@ -30,26 +36,25 @@ use crate::{
 /// it was chosen; `None`: not such a socket or address, or no usable
 /// backend (left as it was).
 #[inline(always)]
-fn pick(
-    ctx: &SockAddrContext,
-    ip_be: u32,
-    port_be: u16,
-    proto: u8,
-    hash: u32,
-) -> Option<((u32, u16), Kind)> {
+fn pick(ctx: &SockAddrContext, ip_be: u32, port_be: u16, proto: u8, hash: u32) -> Option<Pick> {
     let config = CONFIG.get(0)?;
-    let cookie = config.host_netns_cookie;
-    // SAFETY: plain helper call on the program's own context.
-    if cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != cookie {
-        return None;
-    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
+    }
+    // SAFETY: plain helper call on the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    if config.host_netns_cookie == 0 || netns != config.host_netns_cookie {
+        // A container's: VIPs only, and only where the agent asked.
+        // SAFETY: plain data written by the agent.
+        if !config.may_be_vip(ip_be) || unsafe { SOCK_NETNS.get(&netns) }.is_none() {
+            return None;
+        }
+        return vip(ip_be, port_be, proto, hash, Kind::ContainerVip);
     }
     // A VIP's port that no service has falls through to the published
     // ports, which never match a VIP.
     if config.may_be_vip(ip_be)
-        && let Some(to) = vip(ip_be, port_be, proto, hash)
+        && let Some(to) = vip(ip_be, port_be, proto, hash, Kind::Vip)
     {
         return Some(to);
     }
@@ -70,15 +75,30 @@ fn pick(
         return None;
     };
     if b.ifindex != 0 {
-        return Some(((b.ip_be, b.port_be), Kind::Local));
+        return Some(Pick {
+            to: (b.ip_be, b.port_be),
+            kind: Kind::Local,
+            service_id,
+        });
     }
     match tunnel::route(&l, b.ip_be) {
-        Ok(tunnel::Route::Remote(node)) => Some(((node.underlay_ip_be, port_be), Kind::Remote)),
+        Ok(tunnel::Route::Remote(node)) => Some(Pick {
+            to: (node.underlay_ip_be, port_be),
+            kind: Kind::Remote,
+            service_id,
+        }),
         _ => {
             bump(Stat::SockNoBackend);
             None
         }
     }
+}
+
+/// Where [`pick`] sends a socket, how it chose, and for which service.
+struct Pick {
+    to: (u32, u16),
+    kind: Kind,
+    service_id: u32,
 }
 
 /// How [`pick`] chose.
@@ -88,17 +108,20 @@ enum Kind {
     Local,
     /// The published port of the node of a backend elsewhere.
     Remote,
-    /// A VIP's backend, wherever it is.
+    /// A VIP's backend, for the host, wherever it is.
     Vip,
+    /// A VIP's backend, for a container, wherever it is.
+    ContainerVip,
 }
 
-/// A VIP's backend by Maglev: the socket goes to it directly. A backend
-/// here is reached over the `mesh` bridge; one elsewhere through the host
-/// link (`host.rs`), which tunnels the host's packets to its node, so it
-/// is only chosen when this node has that link. Its answers come back to
-/// the host's overlay address the same way.
+/// A VIP's backend by Maglev: the socket goes to it directly. A
+/// container's packets reach a backend anywhere as they reach any
+/// container. The host's reach a backend here over the `mesh` bridge and
+/// one elsewhere through the host link (`host.rs`), which tunnels them to
+/// its node, so that one is only chosen when this node has the link; its
+/// answers come back to the host's overlay address the same way.
 #[inline(always)]
-fn vip(ip_be: u32, port_be: u16, proto: u8, hash: u32) -> Option<((u32, u16), Kind)> {
+fn vip(ip_be: u32, port_be: u16, proto: u8, hash: u32, kind: Kind) -> Option<Pick> {
     let key = ServiceKey {
         vip_be: ip_be,
         port_be,
@@ -113,14 +136,18 @@ fn vip(ip_be: u32, port_be: u16, proto: u8, hash: u32) -> Option<((u32, u16), Ki
     };
     let reachable = b.ifindex != 0
         || tunnel::local().is_some_and(|l| {
-            l.host_ifindex != 0
+            (kind == Kind::ContainerVip || l.host_ifindex != 0)
                 && matches!(tunnel::route(&l, b.ip_be), Ok(tunnel::Route::Remote(_)))
         });
     if !reachable {
         bump(Stat::SockNoBackend);
         return None;
     }
-    Some(((b.ip_be, b.port_be), Kind::Vip))
+    Some(Pick {
+        to: (b.ip_be, b.port_be),
+        kind,
+        service_id,
+    })
 }
 
 /// The context's destination: address, port (network order), protocol.
@@ -170,13 +197,23 @@ pub fn connect4(ctx: &SockAddrContext) {
     // Any backend: the kernel keeps the connection on the one chosen.
     // SAFETY: plain helper call.
     let hash = unsafe { bpf_get_prandom_u32() };
-    let Some((to, kind)) = pick(ctx, ip_be, port_be, proto, hash) else {
+    let Some(Pick {
+        to,
+        kind,
+        service_id,
+    }) = pick(ctx, ip_be, port_be, proto, hash)
+    else {
         return;
     };
+    // One sent to another node's published port is counted there.
+    if kind != Kind::Remote {
+        lb::count_socket_flow(service_id);
+    }
     bump(match kind {
         Kind::Local => Stat::SockLocal,
         Kind::Remote => Stat::SockRemote,
         Kind::Vip => Stat::SockVip,
+        Kind::ContainerVip => Stat::SockVipContainer,
     });
     // getpeername reports what the socket asked for; so does recvmsg of a
     // connected datagram socket.
@@ -202,13 +239,13 @@ pub fn sendmsg4(ctx: &SockAddrContext) {
     let (ip_be, port_be, proto) = destination(ctx);
     let cookie = socket_cookie(ctx);
     let hash = (cookie ^ (cookie >> 32)) as u32;
-    let Some((to, kind)) = pick(ctx, ip_be, port_be, proto, hash) else {
+    let Some(Pick { to, kind, .. }) = pick(ctx, ip_be, port_be, proto, hash) else {
         return;
     };
-    bump(if kind == Kind::Vip {
-        Stat::SockVip
-    } else {
-        Stat::SockDatagram
+    bump(match kind {
+        Kind::Vip => Stat::SockVip,
+        Kind::ContainerVip => Stat::SockVipContainer,
+        Kind::Local | Kind::Remote => Stat::SockDatagram,
     });
     let orig = SockOrig {
         ip_be,

@@ -586,6 +586,22 @@ impl Agent {
     }
 
     /// The agent's status, if it answers.
+    /// Data-path counter `name` as the kernel has it (`meshctl stats`).
+    pub fn counter(&self, name: &str) -> u64 {
+        let out = mesh_agent::ctl::execute(&mesh_agent::ctl::Args {
+            bpffs_dir: self.bpffs_dir.clone(),
+            json: true,
+            cmd: mesh_agent::ctl::Cmd::Stats { all: true },
+        })
+        .unwrap_or_else(|e| panic!("meshctl stats: {e}"));
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("meshctl stats --json: {e}"));
+        rows.iter()
+            .find(|r| r["counter"] == name)
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or(0)
+    }
+
     pub fn status(&self) -> Option<Status> {
         let raw = mesh_agent::api::ask(&self.api_socket, "status").ok()?;
         serde_json::from_str(&raw).ok()

@@ -29,10 +29,17 @@ fn whoami_vip(agent: &Agent, active: usize) -> String {
 fn docker_labelled_containers_share_a_vip_that_survives_restart() {
     let engine = Engine::start();
     engine.import_whoami();
-    // A quick sweep and a short close timeout, to see the sweep work.
+    // A quick sweep and a short close timeout, to see the sweep work; the
+    // client's connects translated per packet, so conntrack tracks them.
     let mut agent = Agent::start(
         &engine,
-        &["--ct-sweep-interval", "0.5", "--ct-tcp-closed-timeout", "1"],
+        &[
+            "--ct-sweep-interval",
+            "0.5",
+            "--ct-tcp-closed-timeout",
+            "1",
+            "--no-container-socket-lb",
+        ],
     );
     agent.wait_for("docker connected", WAIT, |s| s.docker.connected);
     for n in ["w1", "w2", "w3"] {
@@ -926,7 +933,10 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         "same VIP on every node"
     );
 
-    // From a client on the node without whoami, over the VIP.
+    // From a client on the node without whoami, over the VIP: balanced at
+    // the socket (the client's packets go to the replicas' own addresses,
+    // nothing translated per packet).
+    let before = (a1.counter("sock_vip_container"), a1.counter("lb_new_flow"));
     for proto in ["tcp", "udp"] {
         let (names, errors) = e1.ask(proto, &format!("{vip}:80"), 300, 0);
         println!("{proto} from n1 to the VIP, replicas on n2: {names:?}");
@@ -934,6 +944,10 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         assert_eq!(names.len(), 2, "both replicas reached");
         assert!(names.values().all(|n| *n >= 60), "each >= 20%: {names:?}");
     }
+    let after = (a1.counter("sock_vip_container"), a1.counter("lb_new_flow"));
+    println!("n1: sock_vip_container {before:?} -> {after:?} (with lb_new_flow)");
+    assert_eq!(after.0 - before.0, 600, "every connect and datagram");
+    assert_eq!(after.1, before.1, "none translated per packet");
     // Container to container by IP, across nodes.
     let w1 = e2.docker_ok(&[
         "inspect",

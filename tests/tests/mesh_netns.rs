@@ -737,3 +737,112 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
     assert_eq!(moved(Stat::HostForwarded), 5, "each dropped and counted");
     assert_eq!(moved(Stat::HostEncap), 0, "none tunnelled");
 }
+
+/// A container calling VIPs (node 1's container, its network namespace
+/// listed as the agent lists a served container's): each connect and
+/// datagram goes to the backend Maglev picks, here (the container itself)
+/// or on node 2, with the backend's own address, so its packets take the
+/// plain container path with nothing to translate and no conntrack entry;
+/// getpeername and every UDP answer report the VIP. Unlisted, the same
+/// container's connects are translated per packet, as before.
+#[test]
+fn a_containers_connects_to_vips_are_balanced_at_the_socket() {
+    let mut lab = OverlayLab::new();
+    let _servers = [
+        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
+        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
+    ];
+    publish(&mut lab);
+    let cg = TestCgroup::new();
+    balance_sockets(&mut lab.nodes[0], &cg);
+    let cookie = lab.nodes[0]
+        .container
+        .run(mesh_agent::dataplane::sockets::netns_cookie)
+        .expect("the container's netns cookie");
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[0].container.name, "sleep", "30"])
+        .spawn()
+        .expect("a process in the container's namespace");
+    std::thread::sleep(Duration::from_millis(200));
+    let of_pid = mesh_agent::dataplane::sockets::netns_cookie_of(sleeper.id());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(
+        of_pid.expect("read through a process of the namespace, as the agent reads it"),
+        cookie
+    );
+    lab.nodes[0]
+        .harness
+        .lb
+        .sock_netns
+        .insert(cookie, 1, 0)
+        .expect("listed");
+    let before = counters(&lab.nodes[0]);
+    for (proto, port) in [("tcp", 80), ("udp", 53)] {
+        let to = SocketAddr::from((VIP, port));
+        let (names, failed) = ask_from(&cg, &lab.nodes[0].container, proto, to, 60);
+        println!("node 1's container -> {to}/{proto}: {names:?}, {failed} failed");
+        assert_eq!(failed, 0, "every request to {to}/{proto} answered");
+        assert!(
+            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
+            "backends on both nodes answer {to}/{proto}: {names:?}"
+        );
+    }
+    let after = counters(&lab.nodes[0]);
+    let moved = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "node 1: sock_vip_container {}, sock_reply_restored {}, lb_new_flow {}, lb_ct_hit {}, tunnel_encap {}",
+        moved(Stat::SockVipContainer),
+        moved(Stat::SockReplyRestored),
+        moved(Stat::LbNewFlow),
+        moved(Stat::LbCtHit),
+        moved(Stat::TunnelEncap),
+    );
+    assert_eq!(
+        moved(Stat::SockVipContainer),
+        120,
+        "every connect and datagram"
+    );
+    assert_eq!(moved(Stat::SockReplyRestored), 60, "every UDP answer");
+    assert_eq!(moved(Stat::LbNewFlow), 0, "nothing translated per packet");
+    assert!(moved(Stat::TunnelEncap) > 0, "node 2's backend reached");
+    // getpeername: the VIP, not the backend. (This test's own process
+    // joins the cgroup for it: nextest runs each test in a process.)
+    let procs = |dir: &std::path::Path| {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .expect("moved between cgroups")
+    };
+    procs(&cg.path);
+    let seen = lab.nodes[0].container.run(|| {
+        let s = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), DEADLINE)
+            .expect("connected");
+        s.peer_addr().expect("peer")
+    });
+    procs(cg.path.parent().expect("the root"));
+    assert_eq!(seen, SocketAddr::from((VIP, 80)));
+
+    // Unlisted: translated per packet.
+    lab.nodes[0]
+        .harness
+        .lb
+        .sock_netns
+        .remove(&cookie)
+        .expect("unlisted");
+    let before = counters(&lab.nodes[0]);
+    let (names, failed) = ask_from(
+        &cg,
+        &lab.nodes[0].container,
+        "tcp",
+        SocketAddr::from((VIP, 80)),
+        20,
+    );
+    let after = counters(&lab.nodes[0]);
+    let moved = |s: Stat| after[s as usize] - before[s as usize];
+    println!(
+        "unlisted: {names:?}, {failed} failed, lb_new_flow {}",
+        moved(Stat::LbNewFlow)
+    );
+    assert_eq!(failed, 0);
+    assert_eq!(moved(Stat::SockVipContainer), 0);
+    assert!(moved(Stat::LbNewFlow) >= 20, "each connect translated");
+}

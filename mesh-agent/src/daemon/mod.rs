@@ -56,6 +56,9 @@ pub struct Settings {
     /// DNS: where to listen (None: the mesh gateway address, port 53) and
     /// how to answer; None disables the server.
     pub dns: Option<(Option<SocketAddr>, DnsConfig)>,
+    /// Containers' connects to VIPs are balanced at the socket
+    /// (`MESH_SOCK_NETNS` lists their network namespaces).
+    pub container_socket_lb: bool,
 }
 
 /// What Docker told us: the inputs of the desired state that come from it.
@@ -67,6 +70,9 @@ struct DockerView {
     /// Host-side veth per (container id, network), or why it was not
     /// found.
     veths: BTreeMap<(String, String), Result<u32, String>>,
+    /// Network-namespace cookie per container id, with the process it was
+    /// read through, or why it could not be read.
+    netns: BTreeMap<String, (u32, Result<u64, String>)>,
     /// Docker's other bridge networks, by bridge interface name.
     bridges: BTreeMap<String, mesh_common::tunnel::Bridge>,
 }
@@ -84,6 +90,8 @@ struct Written {
     nets: BTreeMap<u32, u32>,
     /// The routing mesh's ports.
     published: BTreeMap<PublishedKey, Published>,
+    /// Container namespaces balanced at the socket (`MESH_SOCK_NETNS`).
+    sock_netns: BTreeMap<u64, u32>,
     /// Docker's other bridges, by ifindex (`MESH_BRIDGES`).
     bridges: BTreeMap<u32, mesh_common::tunnel::Bridge>,
     /// Every service's VIP (`MESH_VIPS`).
@@ -171,6 +179,7 @@ impl Daemon {
                 .into_iter()
                 .map(|(k, service_id)| (k, Published { service_id }))
                 .collect(),
+            sock_netns: lb.read_sock_netns()?,
             endpoints: BTreeMap::new(),
             ready: false,
             wg: None,

@@ -107,6 +107,7 @@ impl Daemon {
             }
         }
         self.attachments.sweep(&st.veths);
+        self.write_sock_netns(&mut failed);
         self.write_bridges(&mut failed);
         self.write_vips(&st, &mut failed);
         self.publish(&st);
@@ -218,6 +219,50 @@ impl Daemon {
                 .get(id)
                 .is_some_and(|c| c.nets.contains_key(net))
         });
+        if !self.settings.container_socket_lb {
+            return;
+        }
+        // Each served container's network namespace, read once per process.
+        for c in v.containers.values() {
+            let served = v
+                .veths
+                .iter()
+                .any(|((id, _), found)| id == &c.id && found.is_ok());
+            if !served
+                || v.netns
+                    .get(&c.id)
+                    .is_some_and(|(pid, r)| *pid == c.pid && r.is_ok())
+            {
+                continue;
+            }
+            let cookie =
+                crate::dataplane::sockets::netns_cookie_of(c.pid).map_err(|e| e.to_string());
+            if let Err(e) = &cookie {
+                warn!(container = %c.id, error = %e, "its network namespace is unknown: its connects to VIPs are translated per packet");
+            }
+            v.netns.insert(c.id.clone(), (c.pid, cookie));
+        }
+        v.netns
+            .retain(|id, (pid, _)| v.containers.get(id).is_some_and(|c| c.pid == *pid));
+    }
+
+    /// The container namespaces balanced at the socket: those of the
+    /// containers whose veths carry the programs.
+    fn write_sock_netns(&mut self, failed: &mut Vec<String>) {
+        let want: BTreeMap<u64, u32> = self
+            .docker
+            .netns
+            .values()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .map(|&cookie| (cookie, 1))
+            .collect();
+        let ops = table::plan(&want, &self.written.sock_netns);
+        let errors = table::apply(
+            &ops,
+            &mut Keyed(&mut self.lb.sock_netns),
+            &mut self.written.sock_netns,
+        );
+        failed.extend(errors.iter().map(|e| format!("socket balancing: {e}")));
     }
 
     /// Peers that left gossip without saying they stop, but whose data

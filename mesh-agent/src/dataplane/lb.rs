@@ -40,6 +40,8 @@ pub struct LbMaps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     /// The routing mesh's published ports.
     pub published: HashMap<MapData, PublishedKey, Published>,
+    /// Container network namespaces balanced at the socket.
+    pub sock_netns: HashMap<MapData, u64, u32>,
     pub backends: Array<MapData, Backend>,
     /// The ports backends have had, a bit each (never cleared).
     pub backend_ports: Array<MapData, u64>,
@@ -102,6 +104,9 @@ impl LbMaps {
             published: get(maps::PUBLISHED.name)?
                 .try_into()
                 .map_err(map_err(maps::PUBLISHED.name))?,
+            sock_netns: get(maps::SOCK_NETNS.name)?
+                .try_into()
+                .map_err(map_err(maps::SOCK_NETNS.name))?,
             backends: get(maps::BACKENDS.name)?
                 .try_into()
                 .map_err(map_err(maps::BACKENDS.name))?,
@@ -139,6 +144,14 @@ impl LbMaps {
         self.published
             .insert(key, p, 0)
             .map_err(map_err(maps::PUBLISHED.name))
+    }
+
+    /// Every container namespace the kernel balances at the socket.
+    pub fn read_sock_netns(&self) -> Result<std::collections::BTreeMap<u64, u32>, MapsError> {
+        self.sock_netns
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SOCK_NETNS.name))
     }
 
     /// Every published port the kernel has.

@@ -65,6 +65,24 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
+/// The cookie of process `pid`'s network namespace: read from a socket
+/// made there by a thread that enters the namespace (setns) and ends with
+/// it, so no other thread of the agent ever leaves the host's.
+pub fn netns_cookie_of(pid: u32) -> std::io::Result<u64> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only, with a namespace fd we hold.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            netns_cookie()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace reader panicked")))
+    })
+}
+
 /// Attaches the connect4, getpeername4, sendmsg4 and recvmsg4 programs to
 /// the cgroup v2 directory `cgroup` (or its `unified` mount), their links
 /// pinned at `<bpffs>/links/sock_*`.
