@@ -520,6 +520,32 @@ fn ask_from(
     (names, failed)
 }
 
+/// Two nodes with a server in each container, the services published, and
+/// node 1's socket programs on a cgroup of the test's.
+fn socket_lab() -> (OverlayLab, [Servers; 2], TestCgroup) {
+    let mut lab = OverlayLab::new();
+    let servers = [
+        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
+        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
+    ];
+    publish(&mut lab);
+    let cg = TestCgroup::new();
+    balance_sockets(&mut lab.nodes[0], &cg);
+    (lab, servers, cg)
+}
+
+/// 60 requests of `proto` to `to` from namespace `ns` (`who`) in cgroup
+/// `cg`: every one answered, by the backends on both nodes.
+fn ask_both(cg: &TestCgroup, ns: &Netns, who: &str, proto: &str, to: SocketAddr) {
+    let (names, failed) = ask_from(cg, ns, proto, to, 60);
+    println!("{who} -> {to}/{proto}: {names:?}, {failed} failed");
+    assert_eq!(failed, 0, "every request to {to}/{proto} answered");
+    assert!(
+        names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
+        "backends on both nodes answer {to}/{proto}: {names:?}"
+    );
+}
+
 /// Attaches the socket programs of `node` to cgroup `cg` and tells them
 /// the node's namespace is the host's, as the agent does.
 fn balance_sockets(node: &mut NodeNs, cg: &TestCgroup) {
@@ -579,14 +605,7 @@ fn five_datagrams(from: &Netns, to: SocketAddr, node: &NodeNs) -> (Vec<u64>, Vec
 /// published port of the node of a backend elsewhere.
 #[test]
 fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
-    let mut lab = OverlayLab::new();
-    let _servers = [
-        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
-        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
-    ];
-    publish(&mut lab);
-    let cg = TestCgroup::new();
-    balance_sockets(&mut lab.nodes[0], &cg);
+    let (lab, _servers, cg) = socket_lab();
     let before = counters(&lab.nodes[0]);
     let here = lab.nodes[0].underlay_ip;
     let node_ns = &lab.nodes[0].node;
@@ -598,14 +617,7 @@ fn a_nodes_own_connects_to_its_published_ports_are_balanced() {
             SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             SocketAddr::from((here, port)),
         ] {
-            let (names, failed) = ask_from(&cg, node_ns, proto, to, 60);
-            println!("node 1 itself -> {to}/{proto}: {names:?}, {failed} failed");
-            assert_eq!(failed, 0, "every request to {to}/{proto} answered");
-            assert!(
-                names.get("c1").is_some_and(|n| *n >= 6)
-                    && names.get("c2").is_some_and(|n| *n >= 6),
-                "both backends answer {to}/{proto}: {names:?}"
-            );
+            ask_both(&cg, node_ns, "node 1 itself", proto, to);
         }
     }
     let after = counters(&lab.nodes[0]);
@@ -671,13 +683,7 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
     // counts an answer from any other address than the VIP as failed).
     for (proto, port) in [("tcp", 80), ("udp", 53)] {
         let to = SocketAddr::from((VIP, port));
-        let (names, failed) = ask_from(&cg, &lab.nodes[0].node, proto, to, 60);
-        println!("node 1 itself -> {to}/{proto}: {names:?}, {failed} failed");
-        assert_eq!(failed, 0, "every request to {to}/{proto} answered");
-        assert!(
-            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
-            "backends on both nodes answer {to}/{proto}: {names:?}"
-        );
+        ask_both(&cg, &lab.nodes[0].node, "node 1 itself", proto, to);
     }
     let after = [counters(&lab.nodes[0]), counters(&lab.nodes[1])];
     let moved = |n: usize, s: Stat| after[n][s as usize] - before[n][s as usize];
@@ -747,14 +753,7 @@ fn a_nodes_own_connects_to_vips_reach_backends_on_every_node() {
 /// container's connects are translated per packet, as before.
 #[test]
 fn a_containers_connects_to_vips_are_balanced_at_the_socket() {
-    let mut lab = OverlayLab::new();
-    let _servers = [
-        Servers::start(&lab.nodes[0].container, "c1", TCP_PORT, UDP_PORT),
-        Servers::start(&lab.nodes[1].container, "c2", TCP_PORT, UDP_PORT),
-    ];
-    publish(&mut lab);
-    let cg = TestCgroup::new();
-    balance_sockets(&mut lab.nodes[0], &cg);
+    let (mut lab, _servers, cg) = socket_lab();
     let cookie = lab.nodes[0]
         .container
         .run(mesh_agent::dataplane::sockets::netns_cookie)
@@ -780,12 +779,12 @@ fn a_containers_connects_to_vips_are_balanced_at_the_socket() {
     let before = counters(&lab.nodes[0]);
     for (proto, port) in [("tcp", 80), ("udp", 53)] {
         let to = SocketAddr::from((VIP, port));
-        let (names, failed) = ask_from(&cg, &lab.nodes[0].container, proto, to, 60);
-        println!("node 1's container -> {to}/{proto}: {names:?}, {failed} failed");
-        assert_eq!(failed, 0, "every request to {to}/{proto} answered");
-        assert!(
-            names.get("c1").is_some_and(|n| *n >= 6) && names.get("c2").is_some_and(|n| *n >= 6),
-            "backends on both nodes answer {to}/{proto}: {names:?}"
+        ask_both(
+            &cg,
+            &lab.nodes[0].container,
+            "node 1's container",
+            proto,
+            to,
         );
     }
     let after = counters(&lab.nodes[0]);
