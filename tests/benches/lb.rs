@@ -16,6 +16,13 @@
 //! same 2 cores, so differences between rows are the data paths' costs.
 //! Counters prove each row's path: mesh rows must move mesh's new-flow
 //! counter once per connection, iptables rows their DNAT rules'.
+//!
+//! mesh runs two ways: translating every packet on the veths (the path of
+//! what sockets do not cover), and balanced at the socket, as the agent
+//! balances its containers' connects: the client's namespace listed, the
+//! bench process (and the wrk it starts) in a cgroup carrying the socket
+//! programs, so each connect goes to the backend's own address and its
+//! packets cross the veth programs untranslated.
 
 use std::{
     fmt::Write as _,
@@ -109,6 +116,35 @@ struct Lab {
     links: Vec<(&'static str, SchedClassifierLinkId)>,
     sinks: Arc<AtomicU64>,
     stop_sinks: Arc<AtomicBool>,
+    /// The socket programs' cgroup, once attached.
+    sockets: Option<SocketCgroup>,
+}
+
+/// A cgroup of the bench's own with the socket programs (their links pinned
+/// under `bpffs`), and the cgroup the bench process came from.
+struct SocketCgroup {
+    path: PathBuf,
+    bpffs: PathBuf,
+    home: PathBuf,
+}
+
+impl SocketCgroup {
+    /// Moves this process (and what it starts from now on) into `dir`.
+    fn enter(dir: &std::path::Path) {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("joining {}: {e}", dir.display()));
+    }
+}
+
+impl Drop for SocketCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }
 
 impl Lab {
@@ -196,6 +232,7 @@ impl Lab {
             links: Vec::new(),
             sinks,
             stop_sinks,
+            sockets: None,
         };
         lab.wait_for_nginx();
         lab
@@ -307,6 +344,63 @@ impl Lab {
             }
         });
         self.links = links;
+    }
+
+    /// Socket-level balancing for the client: its namespace listed, this
+    /// process in the programs' cgroup (attached on first use).
+    fn sockets_on(&mut self) {
+        if self.sockets.is_none() {
+            let root = dataplane::sockets::cgroup2_dir(std::path::Path::new("/sys/fs/cgroup"))
+                .unwrap_or_else(|e| panic!("socket-level balancing needs cgroup v2: {e}"));
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            let rel = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("/")
+                .trim()
+                .trim_start_matches('/')
+                .to_string();
+            let path = root.join(unique("mesh-lbbench"));
+            std::fs::create_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let bpffs = std::path::Path::new("/sys/fs/bpf").join(unique("mesh-lbbench"));
+            let cg = SocketCgroup {
+                path,
+                bpffs,
+                home: root.join(rel),
+            };
+            dataplane::sockets::attach(self.harness.ebpf_mut(), &cg.path, &cg.bpffs)
+                .unwrap_or_else(|e| panic!("attaching the socket programs: {e}"));
+            self.sockets = Some(cg);
+        }
+        let cookie = self
+            .client
+            .run(dataplane::sockets::netns_cookie)
+            .expect("the client's netns cookie");
+        self.harness
+            .lb
+            .sock_netns
+            .insert(cookie, 1, 0)
+            .expect("client listed");
+        if let Some(cg) = &self.sockets {
+            SocketCgroup::enter(&cg.path);
+        }
+    }
+
+    /// Back to the cgroup the bench came from, the client unlisted.
+    fn sockets_off(&mut self) {
+        if let Some(cg) = &self.sockets {
+            SocketCgroup::enter(&cg.home);
+        }
+        let keys: Vec<u64> = self
+            .harness
+            .lb
+            .sock_netns
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for k in keys {
+            let _ = self.harness.lb.sock_netns.remove(&k);
+        }
     }
 
     /// kube-proxy's iptables layout: `ahead` other services' rules, then
@@ -628,6 +722,8 @@ enum Mode {
     Routing,
     Iptables(usize),
     Mesh(usize),
+    /// mesh balancing the client's connects at the socket.
+    MeshSocket(usize),
 }
 
 impl Mode {
@@ -636,6 +732,7 @@ impl Mode {
             Mode::Routing => "plain routing (1 backend)".into(),
             Mode::Iptables(n) => format!("iptables DNAT, {ahead} services ahead ({})", backends(n)),
             Mode::Mesh(n) => format!("mesh VIP ({})", backends(n)),
+            Mode::MeshSocket(n) => format!("mesh VIP at the socket ({})", backends(n)),
         }
     }
 }
@@ -743,6 +840,34 @@ fn measure(lab: &mut Lab, mode: Mode, set: &Settings) -> Sample {
                 ),
             }
         }
+        Mode::MeshSocket(n) => {
+            lab.mesh_on(n);
+            lab.sockets_on();
+            let translated = |lab: &Lab| lab.counter(Stat::LbNewFlow) + lab.counter(Stat::LbCtHit);
+            let (sock0, tr0) = (lab.counter(Stat::SockVipContainer), translated(lab));
+            let conn = wrk(lab, &vip_url, true, secs);
+            let keep = wrk(lab, &vip_url, false, secs);
+            let (udp, paced) = udp_pair(lab, (VIP, VIP_UDP_PORT), count, rate);
+            let (sockets, tr) = (
+                lab.counter(Stat::SockVipContainer) - sock0,
+                translated(lab) - tr0,
+            );
+            lab.sockets_off();
+            lab.mesh_off();
+            // Every connection balanced at its connect, no packet translated.
+            assert!(
+                sockets >= conn.requests && tr == 0,
+                "socket row: {sockets} sockets balanced for {} connections, {tr} packets translated",
+                conn.requests
+            );
+            Sample {
+                conn,
+                keep,
+                udp,
+                paced,
+                path: format!("{sockets} sockets balanced at connect, {tr} packets translated"),
+            }
+        }
     }
 }
 
@@ -764,6 +889,8 @@ fn main() {
         Mode::Iptables(1),
         Mode::Mesh(BACKENDS),
         Mode::Mesh(1),
+        Mode::MeshSocket(BACKENDS),
+        Mode::MeshSocket(1),
     ];
     let mut lab = Lab::new();
     let mut rows: Vec<Row> = modes
@@ -836,8 +963,9 @@ fn main() {
             }
         );
     }
-    let (routing, iptables3, iptables1, mesh3, mesh1) =
-        (&rows[0], &rows[1], &rows[2], &rows[3], &rows[4]);
+    let (routing, iptables3, iptables1, mesh3, mesh1, sock3, sock1) = (
+        &rows[0], &rows[1], &rows[2], &rows[3], &rows[4], &rows[5], &rows[6],
+    );
     let ratio = |a: &Row, f: &dyn Fn(&Sample) -> f64| a.med(f) / routing.med(f);
     let conn = |s: &Sample| s.conn.per_sec;
     let keep = |s: &Sample| s.keep.per_sec;
@@ -853,18 +981,31 @@ fn main() {
         mesh3.med(keep) / iptables3.med(keep),
         mesh3.med(pkts) / iptables3.med(pkts),
     );
+    println!(
+        "balanced at the socket, like with like: mesh (1 backend) vs plain routing to that backend: conn/s {:.2}x, \
+         req/s {:.2}x, UDP pkt/s {:.2}x; mesh (3 backends) vs iptables (3 backends): conn/s {:.2}x, req/s {:.2}x, UDP pkt/s {:.2}x",
+        ratio(sock1, &conn),
+        ratio(sock1, &keep),
+        ratio(sock1, &pkts),
+        sock3.med(conn) / iptables3.med(conn),
+        sock3.med(keep) / iptables3.med(keep),
+        sock3.med(pkts) / iptables3.med(pkts),
+    );
     let cpu_conn = |s: &Sample| per(s.conn.cpu_s, s.conn.requests);
     let cpu_req = |s: &Sample| per(s.keep.cpu_s, s.keep.requests);
     let cpu_pkt = |s: &Sample| per(s.paced.cpu_s, s.paced.received) * 1e3;
     let over = |r: &Row, f: &dyn Fn(&Sample) -> f64| r.med(f) - routing.med(f);
     println!(
-        "over plain routing, 1 backend each: CPU per connection mesh {:+.1} us (goal <= +5 us), iptables {:+.1} us; \
-         per request mesh {:+.1} us, iptables {:+.1} us; per paced UDP packet mesh {:+.0} ns, iptables {:+.0} ns",
+        "over plain routing, 1 backend each: CPU per connection mesh {:+.1} us (goal <= +5 us), at the socket {:+.1} us, iptables {:+.1} us; \
+         per request mesh {:+.1} us, at the socket {:+.1} us, iptables {:+.1} us; per paced UDP packet mesh {:+.0} ns, at the socket {:+.0} ns, iptables {:+.0} ns",
         over(mesh1, &cpu_conn),
+        over(sock1, &cpu_conn),
         over(iptables1, &cpu_conn),
         over(mesh1, &cpu_req),
+        over(sock1, &cpu_req),
         over(iptables1, &cpu_req),
         over(mesh1, &cpu_pkt),
+        over(sock1, &cpu_pkt),
         over(iptables1, &cpu_pkt),
     );
 }
