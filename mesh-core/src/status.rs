@@ -74,6 +74,10 @@ pub struct Node {
     /// Whether GRO merges the tunnel's packets (`mesh-vxlan`), or why not.
     #[serde(default)]
     pub tunnel_gro: String,
+    /// How containers' connects to VIPs are balanced: at the socket (for
+    /// how many containers), or per packet and why.
+    #[serde(default)]
+    pub sockets: String,
     /// Whether each peer's tunnel carries traffic both ways (probes).
     #[serde(default)]
     pub tunnels: Vec<Tunnel>,

@@ -767,6 +767,19 @@ struct Settings {
 /// One run of `mode`: set up, measured, path checked, torn down.
 fn measure(lab: &mut Lab, mode: Mode, set: &Settings) -> Sample {
     let vip_url = format!("http://{VIP}:{HTTP_PORT}/");
+    // The routing namespace's netfilter conntrack outlives a mode. A
+    // DNATed connection whose reply tuple is a direct connection's from an
+    // earlier mode (routing, or mesh at the socket: the client's port to a
+    // backend's address) is a clash netfilter resolves by dropping the SYN,
+    // which then waits a second to be sent again. The iptables modes take
+    // their client ports from a range of their own, so their tuples never
+    // meet the others'.
+    let ports = if matches!(mode, Mode::Iptables(_)) {
+        "1024 33279"
+    } else {
+        "33280 65535"
+    };
+    sysctl(&lab.client, "net.ipv4.ip_local_port_range", ports);
     let (secs, count, rate) = (set.secs, set.udp_count, set.udp_rate);
     match mode {
         Mode::Routing => {

@@ -948,6 +948,12 @@ fn docker_two_nodes_share_services_over_the_overlay() {
     println!("n1: sock_vip_container {before:?} -> {after:?} (with lb_new_flow)");
     assert_eq!(after.0 - before.0, 600, "every connect and datagram");
     assert_eq!(after.1, before.1, "none translated per packet");
+    let sockets = a1.status().expect("status").node.sockets;
+    println!("n1$ meshctl status: sockets: {sockets}");
+    assert!(
+        sockets.contains("balanced at connect: 1 container(s)"),
+        "{sockets}"
+    );
     // Container to container by IP, across nodes.
     let w1 = e2.docker_ok(&[
         "inspect",

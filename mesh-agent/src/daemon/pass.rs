@@ -263,6 +263,31 @@ impl Daemon {
             &mut self.written.sock_netns,
         );
         failed.extend(errors.iter().map(|e| format!("socket balancing: {e}")));
+        let line = if !self.settings.container_socket_lb {
+            "containers' connects to VIPs translated per packet (--no-container-socket-lb, or no --cgroup)".to_string()
+        } else {
+            let unread = self
+                .docker
+                .netns
+                .values()
+                .filter(|(_, r)| r.is_err())
+                .count();
+            format!(
+                "containers' connects to VIPs balanced at connect: {} container(s){}",
+                self.written.sock_netns.len(),
+                if unread > 0 {
+                    format!(", {unread} whose namespace could not be read translated per packet")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .node
+            .sockets = line;
     }
 
     /// Peers that left gossip without saying they stop, but whose data
