@@ -222,17 +222,14 @@ impl Daemon {
         if !self.settings.container_socket_lb {
             return;
         }
-        // Each served container's network namespace, read once per process.
+        // Each served container's network namespace, read once per process
+        // (a failure too: it is said once, not at every pass).
         for c in v.containers.values() {
             let served = v
                 .veths
                 .iter()
                 .any(|((id, _), found)| id == &c.id && found.is_ok());
-            if !served
-                || v.netns
-                    .get(&c.id)
-                    .is_some_and(|(pid, r)| *pid == c.pid && r.is_ok())
-            {
+            if !served || v.netns.get(&c.id).is_some_and(|(pid, _)| *pid == c.pid) {
                 continue;
             }
             let cookie =
