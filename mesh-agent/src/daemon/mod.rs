@@ -336,12 +336,17 @@ impl Daemon {
 
     /// `meshctl status`'s line about GRO for the tunnel.
     fn set_tunnel_gro(&self, line: String) {
-        self.shared
+        self.node_status(|n| n.tunnel_gro = line);
+    }
+
+    /// Changes this node's part of `meshctl status`.
+    fn node_status(&self, f: impl FnOnce(&mut mesh_core::status::Node)) {
+        f(&mut self
+            .shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .status
-            .node
-            .tunnel_gro = line;
+            .node);
     }
 
     /// `local` with the host link (`crate::hostlink`): the device, its
@@ -381,12 +386,7 @@ impl Daemon {
                 format!("VIPs' backends on this node only: NO HOST LINK: {e:#}")
             }
         };
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .status
-            .node
-            .host_link = line;
+        self.node_status(|n| n.host_link = line);
         local
     }
 

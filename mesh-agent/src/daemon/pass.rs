@@ -279,12 +279,7 @@ impl Daemon {
                 }
             )
         };
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .status
-            .node
-            .sockets = line;
+        self.node_status(|n| n.sockets = line);
     }
 
     /// Peers that left gossip without saying they stop, but whose data
