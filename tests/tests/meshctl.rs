@@ -106,6 +106,11 @@ fn views_show_what_the_kernel_did() {
         .collect();
     assert_eq!(addrs, ["10.42.0.11:8080", "10.42.0.12:5353"]);
     assert!(backends.iter().all(|b| b["node"] == "-"), "{backends:?}");
+    let of: Vec<&str> = backends
+        .iter()
+        .filter_map(|b| b["service"].as_str())
+        .collect();
+    assert_eq!(of, ["10.43.0.10:80/tcp", "10.43.0.20:53/udp"]);
 
     let ring = json(
         &dir,

@@ -8,7 +8,7 @@ use mesh_common::{
 };
 use serde::Serialize;
 
-use super::{CtlError, addr, table::Table};
+use super::{CtlError, addr, service_name, services::all_services, table::Table};
 use crate::{
     dataplane::lb::{LbMaps, MapsError},
     shared::BackendName,
@@ -17,12 +17,17 @@ use crate::{
 #[derive(Serialize)]
 pub struct BackendRow {
     pub id: u32,
+    /// The service it backs (`VIP:PORT/PROTO`): a container that backs
+    /// several ports or protocols has a backend id for each.
+    pub service: String,
     pub address: String,
     pub state: String,
     /// The node it runs on and its container, as the agent knows them
     /// ("-" when the agent does not answer).
     pub node: String,
     pub container: String,
+    /// Its host-side veth and MAC on this node (0 and zeros for a backend
+    /// on another node, shown as "-").
     pub ifindex: u32,
     pub mac: String,
 }
@@ -30,6 +35,7 @@ pub struct BackendRow {
 impl Table for BackendRow {
     const HEADER: &'static [&'static str] = &[
         "ID",
+        "SERVICE",
         "ADDRESS",
         "STATE",
         "NODE",
@@ -38,14 +44,20 @@ impl Table for BackendRow {
         "MAC",
     ];
     fn cells(&self) -> Vec<String> {
+        let local = self.ifindex != 0;
         vec![
             self.id.to_string(),
+            self.service.clone(),
             self.address.clone(),
             self.state.clone(),
             self.node.clone(),
             self.container.clone(),
-            self.ifindex.to_string(),
-            self.mac.clone(),
+            if local {
+                self.ifindex.to_string()
+            } else {
+                "-".into()
+            },
+            if local { self.mac.clone() } else { "-".into() },
         ]
     }
 }
@@ -83,6 +95,10 @@ pub(super) fn all_backends(lb: &LbMaps) -> Result<BTreeMap<u32, Backend>, CtlErr
 
 pub fn backends(lb: &LbMaps, api_socket: &std::path::Path) -> Result<Vec<BackendRow>, CtlError> {
     let names = names(api_socket);
+    let services: BTreeMap<u32, String> = all_services(lb)?
+        .into_iter()
+        .map(|(k, s)| (s.id, service_name(&k)))
+        .collect();
     let dash = |s: &str| {
         if s.is_empty() {
             "-".to_owned()
@@ -101,6 +117,10 @@ pub fn backends(lb: &LbMaps, api_socket: &std::path::Path) -> Result<Vec<Backend
         })
         .map(|(id, b, name)| BackendRow {
             id,
+            service: services
+                .get(&b.service_id)
+                .cloned()
+                .unwrap_or_else(|| format!("(service {})", b.service_id)),
             address: addr(b.ip_be, b.port_be),
             state: state_name(b.state),
             node: dash(&name.node),
