@@ -124,14 +124,17 @@ pub enum Cmd {
         cmd: KeyCmd,
     },
     /// Services: VIP:port/proto, published ports, ring size, backends in
-    /// the ring, traffic.
+    /// the ring, traffic. New flows count every connect balanced here, at
+    /// the socket or per packet; packets and bytes only those translated
+    /// per packet (a connect balanced at the socket sends the backend's
+    /// own address: its packets are any container's).
     Services {
         /// Only services reached through a published port (routing mesh).
         #[arg(long)]
         published: bool,
     },
-    /// Backends: id, address, state, local veth, and (from the agent) the
-    /// node and container each one is.
+    /// Backends: id, service, address, state, local veth, and (from the
+    /// agent) the node and container each one is.
     Backends {
         /// The agent's control socket (names; without it, "-").
         #[arg(long, env = "MESH_API_SOCKET", default_value = crate::DEFAULT_API_SOCKET)]
