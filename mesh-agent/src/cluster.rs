@@ -50,6 +50,9 @@ pub struct JoinConfig {
     pub encrypt: Option<u16>,
     /// `--xdp-mode off`: the underlay TC program does XDP's part.
     pub tc_only: bool,
+    /// `--local-via-bridge`: containers' packets to containers of their
+    /// network on this node go through the bridge.
+    pub via_bridge: bool,
 }
 
 /// This node's WireGuard (`--encrypt`).
@@ -183,6 +186,7 @@ pub async fn join(cfg: &JoinConfig) -> Result<(Cidr, Cluster)> {
             .unwrap_or(0),
         wg_ifindex: wg.as_ref().map_or(0, |w| w.device.ifindex),
         tc_only: cfg.tc_only as u8,
+        via_bridge: cfg.via_bridge as u8,
         ..Default::default()
     };
     let cluster = Cluster {

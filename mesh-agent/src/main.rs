@@ -157,6 +157,13 @@ struct Args {
     /// address with nothing to translate.
     #[arg(long, env = "MESH_NO_CONTAINER_SOCKET_LB")]
     no_container_socket_lb: bool,
+    /// Send a container's packets to another container of its network on
+    /// this host through the Docker bridge, where the host's forwarding and
+    /// netfilter rules (DOCKER-USER) see them. By default they go straight
+    /// to that container's veth, as packets from other hosts always do, so
+    /// the overlay's traffic takes the same path wherever containers run.
+    #[arg(long, env = "MESH_LOCAL_VIA_BRIDGE")]
+    local_via_bridge: bool,
     /// DNS: networks allowed to ask besides the cluster CIDR (containers),
     /// loopback and this host's addresses (A.B.C.D/N, comma separated).
     /// Queries from elsewhere (the underlay) are dropped and counted.
@@ -567,6 +574,7 @@ async fn cluster_setup(args: &Args) -> Result<(Cidr, Option<Cluster>)> {
         state_dir: args.state_dir.clone(),
         encrypt: args.encrypt.then_some(args.wg_port),
         tc_only: matches!(args.xdp_mode, XdpAttach::Off),
+        via_bridge: args.local_via_bridge,
     };
     let (subnet, cluster) = cluster::join(&cfg).await?;
     Ok((subnet, Some(cluster)))

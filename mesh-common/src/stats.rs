@@ -148,6 +148,7 @@ counters! {
     VxlanDeviceIn = 87, "vxlan_device_in", Path, "A packet mesh handed to mesh-vxlan, decapsulated by the kernel: handed on as the underlay's.";
     VxlanDeviceUnmarked = 88, "vxlan_device_unmarked", Drop, "Out of mesh-vxlan without mesh's hand-off mark: VXLAN that did not come through mesh's checks on the underlay NIC (another interface, or one mesh left to the stack).";
     SockVipContainer = 89, "sock_vip_container", Path, "Socket level: a connect or datagram of a container's to a VIP, sent straight to the backend Maglev picks (here or on another node): its packets then take the plain path, with nothing to translate.";
+    LocalRedirect = 90, "local_redirect", Path, "Leaving a container for a container of its network on this node: handed straight to that container's veth, as the tunnel delivers (not through the bridge and the host's forwarding).";
 }
 
 impl Stat {

@@ -182,6 +182,12 @@ pub struct LocalNode {
     /// encrypted, when the cluster encrypts (`--encrypt`); plain VXLAN from
     /// the wire is then dropped. 0: the tunnel is plain.
     pub wg_ifindex: u32,
+    /// 1 (`--local-via-bridge`): a container's packets for another
+    /// container of its network on this node go through the bridge (the
+    /// host's forwarding and its netfilter rules see them); 0: straight to
+    /// that container's veth, as the tunnel delivers.
+    pub via_bridge: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What the underlay's MTU must hold besides a tunnelled TCP segment's
@@ -247,7 +253,7 @@ const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 12);
 const _: () = assert!(core::mem::size_of::<Bridge>() == 12);
 const _: () = assert!(core::mem::size_of::<Node>() == 16);
 const _: () = assert!(core::mem::size_of::<VethSrc>() == 12);
-const _: () = assert!(core::mem::size_of::<LocalNode>() == 56);
+const _: () = assert!(core::mem::size_of::<LocalNode>() == 60);
 
 #[cfg(feature = "user")]
 mod pod {

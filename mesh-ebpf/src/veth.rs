@@ -85,6 +85,15 @@ fn forward(
     }
     match route {
         tunnel::Route::Here => {
+            if vni != 0
+                && local.via_bridge == 0
+                && let Some(v) = to_local_container(ctx, dst_be)
+            {
+                if path.is_some() {
+                    bump(Stat::LocalRedirect);
+                }
+                return v;
+            }
             if let Some(s) = path {
                 bump(s);
             }
@@ -96,6 +105,30 @@ fn forward(
             Ok(v)
         }
     }
+}
+
+/// A packet for `dst_be`, a container of the sender's network on this
+/// node: straight to its veth (whose program still sees it entering), as
+/// decapsulated packets are delivered, so a container's traffic to another
+/// container of its network takes the same path wherever the two run: the
+/// bridge, its netfilter hooks and the host's forwarding are not on it.
+/// `--local-via-bridge` keeps such packets on the bridge.
+/// The frame leaves addressed to the container's MAC (on their shared
+/// segment it already is; a sender that routed it named another). `None`: not
+/// a served container (the gateway, an address nobody holds): the bridge
+/// delivers it.
+#[inline(always)]
+fn to_local_container(ctx: &TcContext, dst_be: u32) -> Option<Result<Verdict, Stat>> {
+    // SAFETY: plain data written by the agent.
+    let ep = unsafe { LOCAL_EPS.get(&dst_be) }?;
+    if ep.mac == [0; 6] {
+        return None;
+    }
+    let (ifindex, mac) = (ep.ifindex, ep.mac);
+    if Packet::store(ctx, 0, &mac).is_none() {
+        return Some(Err(Stat::NatRewriteFail));
+    }
+    Some(Ok(Verdict::redirect(ifindex)))
 }
 
 /// Whether `dst_be` may be another network's VIP: in its slice 0.
@@ -506,6 +539,12 @@ pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
                 if publishes(ctx, pk.t.dst_be) {
                     direct_from_outside(ctx, &pk);
                 }
+                return pass(Stat::TcNoReverse);
+            }
+            // A reply comes from its backend's port, whose bit was set
+            // before the backend took a flow: other container traffic
+            // skips the two lookups.
+            if !backend_port(pk.t.sport_be) {
                 return pass(Stat::TcNoReverse);
             }
             reverse_nat(ctx, &pk)

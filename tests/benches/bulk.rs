@@ -22,11 +22,6 @@
 //! without `mesh-vxlan`, whose socket is what lets GRO merge VXLAN. `cargo
 //! xtask bench` runs it (MESH_BULK_SECONDS sets the length).
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
-
 use aya::programs::XdpMode;
 use mesh_tests::{
     netns::{Netns, unique},
@@ -35,34 +30,12 @@ use mesh_tests::{
 
 /// Gbit/s from `client` to `addr` (an iperf3 server in `server`).
 fn iperf(server: &Netns, client: &Netns, addr: &str, seconds: u32) -> Option<f64> {
-    let mut srv: Child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &server.name,
-            "iperf3",
-            "-s",
-            "-1",
-            "-p",
-            "5201",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("timeout")
-        .arg((seconds + 20).to_string())
-        .args(["ip", "netns", "exec", &client.name, "iperf3", "-c", addr])
-        .args(["-p", "5201", "-J", "-t", &seconds.to_string()])
-        .output()
-        .ok();
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let json: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
+    mesh_tests::iperf::gbits(
+        &["ip", "netns", "exec", &server.name],
+        &["ip", "netns", "exec", &client.name],
+        addr,
+        seconds as u64,
+    )
 }
 
 /// Two hosts on a veth underlay, each with a Linux VXLAN device on a

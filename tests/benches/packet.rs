@@ -387,7 +387,12 @@ fn network_cost(repeat: u32) {
     let mut table: Vec<(&str, f64, Stat)> = Vec::new();
     for (name, p, stat) in [
         (
-            "mesh: to a container of mesh on this node [r]",
+            "mesh: to a container of mesh on this node (straight to its veth) [r]",
+            udp(m, overlay::NEIGHBOUR),
+            Stat::LocalRedirect,
+        ),
+        (
+            "mesh: to an address of this node's /24 nobody holds (the bridge) [r]",
             udp(m, Ipv4Addr::new(10, 42, 1, 9)),
             Stat::TcNotService,
         ),
@@ -404,7 +409,7 @@ fn network_cost(repeat: u32) {
     }
     for (name, p, stat) in [
         (
-            "front: to a container of front on this node (its /16 looked up) [r]",
+            "front: to an address of front on this node nobody holds (its /16 looked up) [r]",
             udp(f, Ipv4Addr::new(10, 44, 1, 9)),
             Stat::TcNotService,
         ),

@@ -11,6 +11,7 @@ pub mod dockerlab;
 pub mod empty;
 pub mod fixtures;
 pub mod harness;
+pub mod iperf;
 pub mod lbclient;
 pub mod lblab;
 pub mod netns;

@@ -966,6 +966,28 @@ fn docker_two_nodes_share_services_over_the_overlay() {
         errors.is_empty() && names.get("w1") == Some(&5),
         "{names:?} {errors:?}"
     );
+    // And on one node: each packet handed straight to the other's veth,
+    // both ways, not through the bridge.
+    e1.run_whoami("neighbour", &[], &[]);
+    let neighbour = e1.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.mesh.IPAddress}}",
+        "neighbour",
+    ]);
+    let before = a1.counter("local_redirect");
+    for proto in ["tcp", "udp"] {
+        let (names, errors) = e1.ask(proto, &format!("{neighbour}:80"), 20, 0);
+        assert!(
+            errors.is_empty() && names.get("neighbour") == Some(&20),
+            "{proto}: {names:?} {errors:?}"
+        );
+    }
+    let redirected = a1.counter("local_redirect") - before;
+    println!("client -> neighbour on n1, 20 TCP + 20 UDP requests: local_redirect +{redirected}");
+    // At least a SYN, its answer and the request's data and reply per
+    // connection, a datagram and its answer per UDP request.
+    assert!(redirected >= 20 * 4 + 20 * 2, "{redirected}");
 
     // Both tunnels answer the probes; then the network drops VXLAN to node
     // 2 (gossip still passes): node 1 reports it within seconds, with the

@@ -39,6 +39,14 @@ fn underlay_without_xdp_fixtures() {
 }
 
 #[test]
+fn local_via_bridge_fixtures() {
+    let mut h = Harness::new();
+    overlay::install(&mut h);
+    overlay::via_bridge(&mut h);
+    h.check(&overlay::via_bridge_fixtures());
+}
+
+#[test]
 fn docker_bridge_fixtures() {
     let mut h = Harness::new();
     bridge::install(&mut h);

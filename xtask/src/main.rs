@@ -396,7 +396,9 @@ fn bench_lb(runs: usize, services_ahead: usize) -> Result<()> {
 fn bench(repeat: u32, image: Option<&std::path::Path>) -> Result<()> {
     let mut c = cmd::Cmd::new("cargo")
         .args(["bench", "--profile", "dev", "-p", "mesh-tests"])
-        .args(["--bench", "packet", "--bench", "publish", "--bench", "bulk"])
+        .args([
+            "--bench", "packet", "--bench", "publish", "--bench", "local", "--bench", "bulk",
+        ])
         // The bulk figures on the Vagrant VMs, beside the lab's.
         .args(["--bench", "vmbulk"])
         .env("MESH_BENCH_REPEAT", repeat.to_string());

@@ -1,0 +1,44 @@
+//! One iperf3 TCP stream between two network namespaces, each entered by
+//! a command prefix (`ip netns exec NAME`, `nsenter -t PID -n`).
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+/// Gbit/s of one TCP stream for `seconds` from the namespace `client`
+/// enters to the iperf3 server the one `server` enters, at `addr`; `None`
+/// if iperf3 gave no figure. Bounded: the client is killed 20 s after its
+/// stream should have ended, the server once the client is done.
+pub fn gbits(server: &[&str], client: &[&str], addr: &str, seconds: u64) -> Option<f64> {
+    let (srv_cmd, srv_args) = server.split_first()?;
+    let mut srv = Command::new(srv_cmd)
+        .args(srv_args)
+        .args(["iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("timeout")
+        .arg((seconds + 20).to_string())
+        .args(client)
+        .args([
+            "iperf3",
+            "-c",
+            addr,
+            "-p",
+            "5201",
+            "-J",
+            "-t",
+            &seconds.to_string(),
+        ])
+        .output()
+        .ok();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out?.stdout).ok()?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+}
