@@ -159,9 +159,10 @@ struct Args {
     no_container_socket_lb: bool,
     /// Send a container's packets to another container of its network on
     /// this host through the Docker bridge, where the host's forwarding and
-    /// netfilter rules (DOCKER-USER) see them. By default they go straight
-    /// to that container's veth, as packets from other hosts always do, so
-    /// the overlay's traffic takes the same path wherever containers run.
+    /// netfilter rules (DOCKER-USER) see them. By default a cluster's host
+    /// sends them straight to that container's veth, as packets from other
+    /// hosts always arrive, so the overlay's traffic takes the same path
+    /// wherever containers run (without a cluster, the bridge carries them).
     #[arg(long, env = "MESH_LOCAL_VIA_BRIDGE")]
     local_via_bridge: bool,
     /// DNS: networks allowed to ask besides the cluster CIDR (containers),

@@ -111,12 +111,11 @@ fn forward(
 /// node: straight to its veth (whose program still sees it entering), as
 /// decapsulated packets are delivered, so a container's traffic to another
 /// container of its network takes the same path wherever the two run: the
-/// bridge, its netfilter hooks and the host's forwarding are not on it.
-/// `--local-via-bridge` keeps such packets on the bridge.
-/// The frame leaves addressed to the container's MAC (on their shared
-/// segment it already is; a sender that routed it named another). `None`: not
-/// a served container (the gateway, an address nobody holds): the bridge
-/// delivers it.
+/// bridge, its netfilter hooks and the host's forwarding are not on it
+/// (`--local-via-bridge` keeps them). The frame leaves addressed to the
+/// container's MAC (on their shared segment it already is; a sender that
+/// routed it named another). `None`: not a served container (the
+/// gateway, an address nobody holds): the bridge delivers it.
 #[inline(always)]
 fn to_local_container(ctx: &TcContext, dst_be: u32) -> Option<Result<Verdict, Stat>> {
     // SAFETY: plain data written by the agent.
