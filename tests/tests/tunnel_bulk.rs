@@ -111,9 +111,12 @@ fn docker_bulk_through_another_nodes_published_port_both_ways() {
     );
     assert_eq!(n, BYTES, "every byte");
     assert_eq!(wrong, 0, "unchanged");
+    // The kernel's device may drop one now and then (its GRO cell's queue
+    // is bounded; TCP sends it again): nearly all come out of it.
+    let (handed, out) = (delta("vxlan_handoff"), delta("vxlan_device_in"));
     assert!(
-        delta("vxlan_handoff") > 0 && delta("vxlan_device_in") == delta("vxlan_handoff"),
-        "merged replies went through mesh-vxlan"
+        handed > 0 && out <= handed && out * 100 >= handed * 99,
+        "merged replies went through mesh-vxlan: {handed} handed over, {out} out"
     );
     // The upload: the sink says what it got.
     let out = outside.run(|| {
