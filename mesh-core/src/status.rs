@@ -74,6 +74,10 @@ pub struct Node {
     /// Whether GRO merges the tunnel's packets (`mesh-vxlan`), or why not.
     #[serde(default)]
     pub tunnel_gro: String,
+    /// What became of the merged packets handed to `mesh-vxlan`, while
+    /// the device is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
     /// How containers' connects to VIPs are balanced: at the socket (for
     /// how many containers), or per packet and why.
     #[serde(default)]
@@ -99,6 +103,25 @@ pub struct NodeRow {
     pub version: String,
     /// Its tunnel as the probes find it: `ok`, `NO ANSWER`, or empty.
     pub tunnel: String,
+}
+
+/// The hand-off of GRO-merged tunnel packets to `mesh-vxlan`, counted
+/// since the device was made: by mesh as it hands them over and takes them
+/// back, by the device itself in between. The device's GRO cell may merge
+/// consecutive packets of a flow again, so fewer may come back than it
+/// took with none lost; a packet lost on the way shows as one handed over
+/// that the device never took (the host's firewall) or as one it dropped.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Handoff {
+    /// Handed over by the underlay's program (`vxlan_handoff`).
+    pub handed: u64,
+    /// Taken in by the device's socket (its receive counter).
+    pub device_rx: u64,
+    /// Dropped by the device, or in error (its counters).
+    pub device_dropped: u64,
+    pub device_errors: u64,
+    /// Taken back by the device's program (`vxlan_device_in`).
+    pub back: u64,
 }
 
 /// One peer's tunnel, as this node's probes find it.
@@ -174,6 +197,15 @@ pub struct Samples {
 }
 
 impl Node {
+    /// What to say about the hand-off to `mesh-vxlan`.
+    pub fn handoff_line(&self) -> Option<String> {
+        let h = self.handoff?;
+        Some(format!(
+            "{} handed to mesh-vxlan, {} taken in by it ({} dropped, {} in error), {} back after its GRO",
+            h.handed, h.device_rx, h.device_dropped, h.device_errors, h.back
+        ))
+    }
+
     /// What to say about the tunnels: each peer's, and what to open when
     /// one does not answer while gossip reaches it.
     pub fn tunnels_line(&self) -> Option<String> {

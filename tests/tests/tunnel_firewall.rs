@@ -75,8 +75,12 @@ fn docker_a_firewall_dropping_the_tunnel_port_does_not_stall_bulk_transfers() {
         device(e1)
     );
     assert_eq!(c.get("vxlan_device_in").copied().unwrap_or(0), 0);
-    let gro = agents[0].status().expect("status").node.tunnel_gro;
+    let status = agents[0].status().expect("status");
+    let gro = status.node.tunnel_gro;
     println!("node 1's meshctl status: gro: {gro}");
+    // Its status says where they went: handed over, never taken in.
+    let h = status.node.handoff.expect("the hand-off's counters");
+    assert!(h.handed > 0 && h.device_rx == 0 && h.back == 0, "{h:?}");
     assert!(
         gro.starts_with("OFF: merged packets handed to mesh-vxlan did not arrive"),
         "{gro}"

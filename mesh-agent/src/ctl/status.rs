@@ -49,6 +49,9 @@ pub(super) fn status_view(path: &Path, json: bool) -> Result<String, CtlError> {
     if !st.node.tunnel_gro.is_empty() {
         let _ = writeln!(out, "gro:     {}", st.node.tunnel_gro);
     }
+    if let Some(line) = st.node.handoff_line() {
+        let _ = writeln!(out, "         {line}");
+    }
     if !st.node.sockets.is_empty() {
         let _ = writeln!(out, "sockets: {}", st.node.sockets);
     }

@@ -2,14 +2,14 @@
 //! (`crate::vxlandev`). A handed-over packet goes up the host's stack to the
 //! device's socket, so the host's firewall sees it (INPUT, UDP to the
 //! VXLAN port): one that drops it there would drop every merged packet, and
-//! bulk transfers through the tunnel would crawl. When most of what was
-//! handed over in a period never came out of the device, the agent takes
+//! bulk transfers through the tunnel would crawl. When the device's socket
+//! took in fewer than half of what was handed over in a period, the agent takes
 //! the device down (no socket, so GRO no longer merges the tunnel's
 //! packets and nothing is handed over), says why, and mesh decapsulates
 //! everything itself, as without the device.
 
 use mesh_common::{maps, stats::Stat};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Daemon;
 
@@ -29,13 +29,14 @@ pub(super) struct HandoffWatch {
 }
 
 impl HandoffWatch {
-    /// With the counters now (packets handed over, packets out of the
-    /// device): the period's figures if fewer than half of what was handed
-    /// over came out.
-    pub fn lost(&mut self, handed: u64, came_out: u64) -> Option<(u64, u64)> {
-        let (h0, c0) = self.last.replace((handed, came_out))?;
-        let (dh, dc) = (handed.saturating_sub(h0), came_out.saturating_sub(c0));
-        (dh >= MIN_HANDED && dc.saturating_mul(2) < dh).then_some((dh, dc))
+    /// With the counters now (packets handed over, packets the device took
+    /// in): the period's figures if the device took in fewer than half of
+    /// what was handed over. The device's own counter, not what came back
+    /// out of it: its GRO cell may merge two packets into one.
+    pub fn lost(&mut self, handed: u64, taken: u64) -> Option<(u64, u64)> {
+        let (h0, t0) = self.last.replace((handed, taken))?;
+        let (dh, dt) = (handed.saturating_sub(h0), taken.saturating_sub(t0));
+        (dh >= MIN_HANDED && dt.saturating_mul(2) < dh).then_some((dh, dt))
     }
 }
 
@@ -46,10 +47,26 @@ impl Daemon {
         if self.handoff.refused {
             return;
         }
-        let Some((handed, came_out)) = self.handoff_counters() else {
+        let Some((handed, back)) = self.handoff_counters() else {
             return;
         };
-        let Some((dh, dc)) = self.handoff.lost(handed, came_out) else {
+        let device = match crate::vxlandev::counters() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "reading {}'s counters", crate::vxlandev::NAME);
+                return;
+            }
+        };
+        self.node_status(|n| {
+            n.handoff = Some(mesh_core::status::Handoff {
+                handed,
+                device_rx: device.rx_packets,
+                device_dropped: device.rx_dropped,
+                device_errors: device.rx_errors,
+                back,
+            })
+        });
+        let Some((dh, dc)) = self.handoff.lost(handed, device.rx_packets) else {
             return;
         };
         let Ok(mut local) = self.overlay.local.get(&0, 0) else {
@@ -87,8 +104,8 @@ impl Daemon {
         }
     }
 
-    /// The counters of packets handed to mesh-vxlan and out of it, summed
-    /// over CPUs.
+    /// The counters of packets handed to mesh-vxlan and taken back from
+    /// it, summed over CPUs.
     fn handoff_counters(&self) -> Option<(u64, u64)> {
         let map = self.ebpf.map(maps::STATS.name)?;
         let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = map.try_into().ok()?;
@@ -106,8 +123,8 @@ mod tests {
         let mut w = HandoffWatch::default();
         assert_eq!(w.lost(1000, 0), None, "the first look only remembers");
         assert_eq!(w.lost(1000 + MIN_HANDED - 1, 0), None, "too few to judge");
-        assert_eq!(w.lost(2000, 1000), None, "as many came out");
-        assert_eq!(w.lost(3000, 1600), None, "most came out");
+        assert_eq!(w.lost(2000, 1000), None, "the device took as many");
+        assert_eq!(w.lost(3000, 1600), None, "it took most");
         assert_eq!(w.lost(4000, 1700), Some((1000, 100)), "most were lost");
     }
 
