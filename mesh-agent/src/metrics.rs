@@ -166,6 +166,9 @@ pub fn render(dir: &std::path::Path, shared: &Mutex<Shared>) -> String {
     if let Some(d) = &sh.dns {
         dns(&mut out, d);
     }
+    if let Some(h) = sh.status.node.handoff {
+        handoff(&mut out, &h);
+    }
     out.single(
         "mesh_reconcile_write_errors_total",
         "counter",
@@ -372,6 +375,30 @@ fn peers(out: &mut Text, sh: &Shared) {
     );
 }
 
+/// `mesh-vxlan`'s own receive counters (as of the agent's last look, every
+/// 2 s): with `mesh_datapath_packets_total`'s `vxlan_handoff` and
+/// `vxlan_device_in`, where a merged packet handed to it went.
+fn handoff(out: &mut Text, h: &crate::status::Handoff) {
+    out.single(
+        "mesh_vxlan_device_rx_packets_total",
+        "counter",
+        "Packets mesh-vxlan's socket took in (its GRO cell may merge them again before its program sees them).",
+        h.device_rx,
+    );
+    out.single(
+        "mesh_vxlan_device_rx_dropped_total",
+        "counter",
+        "Packets mesh-vxlan dropped on receive.",
+        h.device_dropped,
+    );
+    out.single(
+        "mesh_vxlan_device_rx_errors_total",
+        "counter",
+        "Packets mesh-vxlan found in error on receive.",
+        h.device_errors,
+    );
+}
+
 /// The conntrack sweep's work and the tables' fill.
 fn conntrack_sweep(out: &mut Text, sw: &crate::conntrack::sweep::SweepStats) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -472,6 +499,29 @@ mod tests {
         let mut t = Text::default();
         t.sample("m", &[("a", "x\"y\\z\nw"), ("b", "c")], 1);
         assert_eq!(t.0, "m{a=\"x\\\"y\\\\z\\nw\",b=\"c\"} 1\n");
+    }
+
+    #[test]
+    fn the_vxlan_devices_counters_are_exported() {
+        let mut t = Text::default();
+        handoff(
+            &mut t,
+            &crate::status::Handoff {
+                handed: 10,
+                device_rx: 9,
+                device_dropped: 2,
+                device_errors: 1,
+                back: 7,
+            },
+        );
+        for line in [
+            "mesh_vxlan_device_rx_packets_total 9",
+            "mesh_vxlan_device_rx_dropped_total 2",
+            "mesh_vxlan_device_rx_errors_total 1",
+            "# TYPE mesh_vxlan_device_rx_dropped_total counter",
+        ] {
+            assert!(t.0.lines().any(|l| l == line), "{line} in:\n{}", t.0);
+        }
     }
 
     /// Every drop reason of the counter table is a `mesh_drops_total`
