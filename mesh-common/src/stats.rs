@@ -149,6 +149,7 @@ counters! {
     VxlanDeviceUnmarked = 88, "vxlan_device_unmarked", Drop, "Out of mesh-vxlan without mesh's hand-off mark: VXLAN that did not come through mesh's checks on the underlay NIC (another interface, or one mesh left to the stack).";
     SockVipContainer = 89, "sock_vip_container", Path, "Socket level: a connect or datagram of a container's to a VIP, sent straight to the backend Maglev picks (here or on another node): its packets then take the plain path, with nothing to translate.";
     LocalRedirect = 90, "local_redirect", Path, "Leaving a container for a container of its network on this node: handed straight to that container's veth, as the tunnel delivers (not through the bridge and the host's forwarding).";
+    NatReverseHere = 91, "nat_reverse_here", Path, "A backend's reply to a client on this node, of a VIP flow translated per packet: from the VIP again at the backend's veth, handed straight to the client's.";
 }
 
 impl Stat {

@@ -124,7 +124,7 @@ pub struct VethSrc {
     pub ip_be: u32,
     /// The VNI of the network the veth is on.
     pub vni: u32,
-    /// `VETH_PUBLISHED` or 0.
+    /// `VETH_PUBLISHED`, `VETH_PER_PACKET`, or 0.
     pub flags: u32,
 }
 
@@ -133,6 +133,12 @@ pub struct VethSrc {
 /// routing mesh's clients (looked up in conntrack). Other containers'
 /// packets to the world skip that lookup.
 pub const VETH_PUBLISHED: u32 = 1;
+/// [`VethSrc::flags`]: the container has been the backend of a VIP flow
+/// translated per packet (set by the data plane, never by the agent): its
+/// replies to a client on this node are translated at its own veth and
+/// handed straight to the client's. Containers whose flows are all
+/// balanced at the socket never pay that lookup.
+pub const VETH_PER_PACKET: u32 = 2;
 
 /// This node, slot 0 of the config array (written by the agent).
 #[repr(C)]

@@ -9,10 +9,10 @@
 
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
-    ct::{CT_F_HAIRPIN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
+    ct::{CT_F_HAIRPIN, CT_F_INGRESS, CT_F_RETURN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
-    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode, VETH_PUBLISHED},
+    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode, VETH_PER_PACKET, VETH_PUBLISHED},
 };
 
 use crate::{
@@ -259,6 +259,13 @@ pub fn from_container(ctx: &TcContext) -> Result<Verdict, Stat> {
     if t.dst_be == HAIRPIN_IP_BE {
         return hairpin_reply(ctx, &pk);
     }
+    if src_flags & VETH_PER_PACKET != 0
+        && !pk.fragmented
+        && backend_port(t.sport_be)
+        && let Some(v) = reply_here(ctx, &pk)
+    {
+        return v;
+    }
     // To the VIP range: a tracked flow first (its forward entry names its
     // backend and service: one lookup), then the service for a new one.
     let fwd = if vip_range {
@@ -427,8 +434,61 @@ fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice, src_vni: u32) -> Res
         };
         return deliver(ctx, vni, b.ip_be, pk.route_hash(), None);
     }
-    // Local backend: straight to its veth.
+    // Local backend: straight to its veth, which then looks for its
+    // replies.
+    if !c.hairpin {
+        note_per_packet(b);
+    }
     to_local(ctx, b)
+}
+
+/// Marks local backend `b`'s veth slot `VETH_PER_PACKET` (once: a slot
+/// already marked is only read), if the slot is still `b`'s.
+#[inline(always)]
+fn note_per_packet(b: &Backend) {
+    if let Some(v) = VETH_SRC.get_ptr_mut(b.ifindex) {
+        // SAFETY: a pointer into the array's value; a racing write of the
+        // agent's (the slot rewritten) at worst loses the flag, which the
+        // flow's next packet sets again.
+        unsafe {
+            if (*v).ip_be == b.ip_be && (*v).flags & VETH_PER_PACKET == 0 {
+                (*v).flags |= VETH_PER_PACKET;
+            }
+        }
+    }
+}
+
+/// A per-packet VIP flow's reply, leaving its backend for a client on this
+/// node: from the VIP again here, and straight to the client's veth, as
+/// the flow's requests came straight to the backend's (the bridge and the
+/// host's forwarding are on neither way). The client's veth program then
+/// finds nothing more to translate. `None`: not such a reply (no client
+/// here, no reverse entry, a routing-mesh or hairpin flow's): it goes on
+/// as any packet, translated where it enters its client.
+#[inline(always)]
+fn reply_here(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
+    let t = &pk.t;
+    // SAFETY: plain data written by the agent.
+    let client = unsafe { LOCAL_EPS.get(&t.dst_be) }?;
+    if client.mac == [0; 6] {
+        return None;
+    }
+    let (ifindex, mac) = (client.ifindex, client.mac);
+    let e = ct::reply_entry(t, pk.tcp_flags)?;
+    if e.flags & (CT_F_HAIRPIN | CT_F_INGRESS | CT_F_RETURN) != 0 {
+        return None;
+    }
+    let out = (|| {
+        nat::translate(ctx, pk.l4_off, t, End::Src, (e.nat_ip_be, e.nat_port_be))?;
+        // To the client, from the gateway the backend addressed.
+        let gw_mac: [u8; 6] = Packet::load(ctx, 0).ok_or(Stat::NatRewriteFail)?;
+        tunnel::set_macs(ctx, &mac, &gw_mac).ok_or(Stat::NatRewriteFail)
+    })();
+    Some(out.map(|()| {
+        lb::count_service(e.service_id, ctx.len() as u32, false);
+        bump(Stat::NatReverseHere);
+        Verdict::redirect(ifindex)
+    }))
 }
 
 /// A fragment other than the first, leaving a container: translated as its

@@ -282,7 +282,13 @@ impl Lab {
     /// every veth (as the agent would do it).
     fn mesh_on(&mut self, n: usize) {
         let client_ifindex = self.ifindex("vcl");
-        let mut eps = vec![(CLIENT, client_ifindex)];
+        let client_mac = parse_mac(
+            self.client
+                .link_field("eth0", "address")
+                .as_str()
+                .expect("mac"),
+        );
+        let mut eps = vec![(CLIENT, client_ifindex, client_mac)];
         let mut members = Vec::new();
         for i in 0..BACKENDS {
             let ifindex = self.ifindex(&format!("vb{i}"));
@@ -292,7 +298,7 @@ impl Lab {
                     .as_str()
                     .expect("mac"),
             );
-            eps.push((backend_ip(i), ifindex));
+            eps.push((backend_ip(i), ifindex, mac));
             for (id, port) in [(i as u32 + 1, HTTP_PORT), (i as u32 + 101, UDP_PORT)] {
                 let b = Backend {
                     ip_be: u32::from(backend_ip(i)).to_be(),
@@ -314,8 +320,8 @@ impl Lab {
                 ));
             }
         }
-        for (ip, ifindex) in eps {
-            self.harness.container(ip, ifindex, [0; 6]);
+        for (ip, ifindex, mac) in eps {
+            self.harness.container(ip, ifindex, mac);
         }
         let tcp_ring = maglev::build_ids(&members);
         let udp_ring: Vec<u32> = tcp_ring.iter().map(|id| id + 100).collect();
@@ -822,12 +828,20 @@ fn measure(lab: &mut Lab, mode: Mode, set: &Settings) -> Sample {
             lab.mesh_on(n);
             let seen = |lab: &Lab| lab.counter(Stat::LbNewFlow) + lab.counter(Stat::LbCtHit);
             let (new0, seen0) = (lab.counter(Stat::LbNewFlow), seen(lab));
+            let replies = |lab: &Lab| {
+                (
+                    lab.counter(Stat::NatReverseHere),
+                    lab.counter(Stat::NatReverse),
+                )
+            };
+            let replies0 = replies(lab);
             let conn = wrk(lab, &vip_url, true, secs);
             let (new_flows, tcp_packets) = (lab.counter(Stat::LbNewFlow) - new0, seen(lab) - seen0);
             let keep = wrk(lab, &vip_url, false, secs);
             let seen0 = seen(lab);
             let (udp, paced) = udp_pair(lab, (VIP, VIP_UDP_PORT), count, rate);
             let balanced = seen(lab) - seen0;
+            let (here, at_client) = (replies(lab).0 - replies0.0, replies(lab).1 - replies0.1);
             lab.mesh_off();
             // Every packet of every connection went through the VIP path
             // (at least SYN, request and FIN each); a client port reused
@@ -849,7 +863,7 @@ fn measure(lab: &mut Lab, mode: Mode, set: &Settings) -> Sample {
                 udp,
                 paced,
                 path: format!(
-                    "{tcp_packets} TCP packets balanced ({new_flows} new flows), {balanced} datagrams"
+                    "{tcp_packets} TCP packets balanced ({new_flows} new flows), {balanced} datagrams; replies translated at the backend's veth {here}, at the client's {at_client}"
                 ),
             }
         }

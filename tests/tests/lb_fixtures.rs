@@ -23,6 +23,16 @@ fn connection_lifecycle_fixtures() {
     );
 }
 
+#[test]
+fn replies_of_per_packet_flows_go_straight_to_a_client_here() {
+    let mut h = Harness::new();
+    lb::install_reply_here(&mut h);
+    h.check(&lb::reply_here_fixtures());
+    // The reply counted as the web service's traffic, as at the client.
+    let web = h.lb.service_stats(1).expect("web stats");
+    assert_eq!((web.packets, web.new_flows), (3, 1), "web: {web:?}");
+}
+
 mod lifecycle {
     use std::{collections::HashMap, net::Ipv4Addr};
 

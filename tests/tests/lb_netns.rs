@@ -71,6 +71,17 @@ fn connections_spread_evenly_and_only_see_the_vip() {
     });
     assert_even("TCP", &tally(tcp), &names, 3000);
     assert_even("UDP", &tally(udp), &names, 3000);
+    // Client and backends share this host: every reply was translated at
+    // its backend's veth and handed straight to the client's (a TCP
+    // connection's SYN-ACK and answer at least, every UDP answer).
+    let c = lab.harness.counters();
+    let (here, at_client) = (
+        c[mesh_common::stats::Stat::NatReverseHere as usize],
+        c[mesh_common::stats::Stat::NatReverse as usize],
+    );
+    println!("replies translated at the backend's veth: {here}, at the client's: {at_client}");
+    assert!(here >= 3 * 3000, "{here} replies straight to the client");
+    assert_eq!(at_client, 0, "none left for the client's veth");
 }
 
 /// Opens `n` connections in the client namespace.

@@ -9,7 +9,10 @@ use aya::{
 use mesh_common::{
     lb::Config,
     maps,
-    tunnel::{Bridge, LocalEndpoint, LocalNode, NET16_NODES, Node, VETH_PUBLISHED, VethSrc, net16},
+    tunnel::{
+        Bridge, LocalEndpoint, LocalNode, NET16_NODES, Node, VETH_PER_PACKET, VETH_PUBLISHED,
+        VethSrc, net16,
+    },
 };
 
 use super::{clock::Calibration, lb::MapsError};
@@ -237,7 +240,8 @@ pub fn net16_slots(
 /// address's network (`vni_of`) and `VETH_PUBLISHED` for a backend of a
 /// published port (`published`). The flag stays while the same container
 /// holds the slot (`written`): its routing-mesh flows outlive its service's
-/// ports.
+/// ports; so does `VETH_PER_PACKET`, which the data plane sets (read back at
+/// the agent's start).
 pub fn veth_src(
     local_eps: &BTreeMap<u32, LocalEndpoint>,
     vni_of: impl Fn(u32) -> u32,
@@ -251,9 +255,9 @@ pub fn veth_src(
             let was = written
                 .get(&ep.ifindex)
                 .filter(|w| w.ip_be == ip_be)
-                .map_or(0, |w| w.flags & VETH_PUBLISHED);
+                .map_or(0, |w| w.flags & (VETH_PUBLISHED | VETH_PER_PACKET));
             let flags = if published(ip_be) {
-                VETH_PUBLISHED
+                was | VETH_PUBLISHED
             } else {
                 was
             };
@@ -323,6 +327,18 @@ mod tests {
         let other = BTreeMap::from([(14, ep(7))]);
         assert_eq!(
             veth_src(&other, |_| 42, |_| false, &written),
+            BTreeMap::from([(7, v(14, 0))])
+        );
+        // The data plane marked 11 as a per-packet flow's backend (read
+        // back at a start): kept while 11 holds veth 8, with a published
+        // port too.
+        let read = BTreeMap::from([(8, v(11, VETH_PER_PACKET))]);
+        assert_eq!(
+            veth_src(&eps, |_| 42, |ip| ip == 11, &read)[&8],
+            v(11, VETH_PER_PACKET | VETH_PUBLISHED)
+        );
+        assert_eq!(
+            veth_src(&other, |_| 42, |_| false, &read),
             BTreeMap::from([(7, v(14, 0))])
         );
     }
