@@ -150,6 +150,7 @@ counters! {
     SockVipContainer = 89, "sock_vip_container", Path, "Socket level: a connect or datagram of a container's to a VIP, sent straight to the backend Maglev picks (here or on another node): its packets then take the plain path, with nothing to translate.";
     LocalRedirect = 90, "local_redirect", Path, "Leaving a container for a container of its network on this node: handed straight to that container's veth, as the tunnel delivers (not through the bridge and the host's forwarding).";
     NatReverseHere = 91, "nat_reverse_here", Path, "A backend's reply to a client on this node, of a VIP flow translated per packet: from the VIP again at the backend's veth, handed straight to the client's.";
+    NatReverseDone = 92, "nat_reverse_done", Path, "Entering a container: a reply its backend's veth already translated (nat_reverse_here), passed without a lookup.";
 }
 
 impl Stat {

@@ -39,6 +39,9 @@ pub const REPLY_MARK: u8 = 2;
 /// tells such packets from ones the host stack delivers (Docker's own
 /// `-p`, routing).
 pub const DELIVERED_MARK: u32 = 0x4d53_0001;
+/// skb mark of a VIP flow's reply that its backend's veth translated and
+/// hands straight to the client's veth: nothing is left to look up there.
+pub const TRANSLATED_MARK: u32 = 0x4d53_0002;
 
 /// skb mark of VXLAN the underlay TC program checked and hands to the
 /// kernel's VXLAN device (`mesh-vxlan`) to decapsulate, the low byte the

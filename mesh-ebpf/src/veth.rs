@@ -12,7 +12,9 @@ use mesh_common::{
     ct::{CT_F_HAIRPIN, CT_F_INGRESS, CT_F_RETURN, FragEntry, HAIRPIN_IP_BE, Tuple, dir, tcp_flag},
     lb::{Backend, ServiceKey},
     stats::Stat,
-    tunnel::{ARP_MAC, DELIVERED_MARK, LocalNode, VETH_PER_PACKET, VETH_PUBLISHED},
+    tunnel::{
+        ARP_MAC, DELIVERED_MARK, LocalNode, TRANSLATED_MARK, VETH_PER_PACKET, VETH_PUBLISHED,
+    },
 };
 
 use crate::{
@@ -461,8 +463,8 @@ fn note_per_packet(b: &Backend) {
 /// A per-packet VIP flow's reply, leaving its backend for a client on this
 /// node: from the VIP again here, and straight to the client's veth, as
 /// the flow's requests came straight to the backend's (the bridge and the
-/// host's forwarding are on neither way). The client's veth program then
-/// finds nothing more to translate. `None`: not such a reply (no client
+/// host's forwarding are on neither way), marked so that the client's veth
+/// program does not look it up again. `None`: not such a reply (no client
 /// here, no reverse entry, a routing-mesh or hairpin flow's): it goes on
 /// as any packet, translated where it enters its client.
 #[inline(always)]
@@ -487,6 +489,9 @@ fn reply_here(ctx: &TcContext, pk: &Parsed) -> Option<Result<Verdict, Stat>> {
     Some(out.map(|()| {
         lb::count_service(e.service_id, ctx.len() as u32, false);
         bump(Stat::NatReverseHere);
+        // SAFETY: the context's own skb; TC may write its mark (the
+        // client's veth scrubs it when the packet enters the container).
+        unsafe { (*ctx.skb.skb).mark = TRANSLATED_MARK };
         Verdict::redirect(ifindex)
     }))
 }
@@ -579,6 +584,10 @@ fn hairpin_reply(ctx: &TcContext, pk: &Parsed) -> Result<Verdict, Stat> {
 /// Packets entering the container (inlined, as above).
 #[inline(always)]
 pub fn to_container(ctx: &TcContext) -> Result<Verdict, Stat> {
+    // SAFETY: the context's own skb.
+    if unsafe { (*ctx.skb.skb).mark } == TRANSLATED_MARK {
+        return pass(Stat::NatReverseDone);
+    }
     let pk = match parse::ipv4(ctx) {
         Ok(pk) => pk,
         Err(e) => return unparsed(e),

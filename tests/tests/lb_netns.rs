@@ -75,12 +75,16 @@ fn connections_spread_evenly_and_only_see_the_vip() {
     // its backend's veth and handed straight to the client's (a TCP
     // connection's SYN-ACK and answer at least, every UDP answer).
     let c = lab.harness.counters();
-    let (here, at_client) = (
+    let (here, done, at_client) = (
         c[mesh_common::stats::Stat::NatReverseHere as usize],
+        c[mesh_common::stats::Stat::NatReverseDone as usize],
         c[mesh_common::stats::Stat::NatReverse as usize],
     );
-    println!("replies translated at the backend's veth: {here}, at the client's: {at_client}");
+    println!(
+        "replies translated at the backend's veth: {here}, passed by the client's as done: {done}, translated there: {at_client}"
+    );
     assert!(here >= 3 * 3000, "{here} replies straight to the client");
+    assert_eq!(done, here, "the client's veth knew each was done");
     assert_eq!(at_client, 0, "none left for the client's veth");
 }
 
