@@ -436,9 +436,11 @@ fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice, src_vni: u32) -> Res
         };
         return deliver(ctx, vni, b.ip_be, pk.route_hash(), None);
     }
-    // Local backend: straight to its veth, which then looks for its
-    // replies.
-    if !c.hairpin {
+    // Local backend: straight to its veth, which looks for the replies of
+    // a flow's first packet on (noted once per flow: a slot the agent
+    // rewrote meanwhile loses the mark until the next flow, and its
+    // replies are translated at their client's veth as before).
+    if c.new_flow && !c.hairpin {
         note_per_packet(b);
     }
     to_local(ctx, b)
