@@ -452,8 +452,8 @@ fn to_backend(ctx: &TcContext, pk: &Parsed, c: &lb::Choice, src_vni: u32) -> Res
 fn note_per_packet(b: &Backend) {
     if let Some(v) = VETH_SRC.get_ptr_mut(b.ifindex) {
         // SAFETY: a pointer into the array's value; a racing write of the
-        // agent's (the slot rewritten) at worst loses the flag, which the
-        // flow's next packet sets again.
+        // agent's (the slot rewritten) at worst loses the flag until the
+        // next flow's first packet.
         unsafe {
             if (*v).ip_be == b.ip_be && (*v).flags & VETH_PER_PACKET == 0 {
                 (*v).flags |= VETH_PER_PACKET;
