@@ -512,6 +512,7 @@ mod tests {
                 device_dropped: 2,
                 device_errors: 1,
                 back: 7,
+                unmarked: 0,
             },
         );
         for line in [

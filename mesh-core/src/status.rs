@@ -122,6 +122,12 @@ pub struct Handoff {
     pub device_errors: u64,
     /// Taken back by the device's program (`vxlan_device_in`).
     pub back: u64,
+    /// Dropped by the device's program without mesh's mark
+    /// (`vxlan_device_unmarked`): VXLAN that reached the device's socket
+    /// without being handed over (one mesh refused on the underlay NIC,
+    /// say from an address that is no node's), counted in `device_rx` too.
+    #[serde(default)]
+    pub unmarked: u64,
 }
 
 /// One peer's tunnel, as this node's probes find it.
@@ -200,8 +206,16 @@ impl Node {
     /// What to say about the hand-off to `mesh-vxlan`.
     pub fn handoff_line(&self) -> Option<String> {
         let h = self.handoff?;
+        let unmarked = if h.unmarked == 0 {
+            String::new()
+        } else {
+            format!(
+                "; {} it took without being handed over (VXLAN mesh refused) dropped by its program",
+                h.unmarked
+            )
+        };
         Some(format!(
-            "{} handed to mesh-vxlan, {} taken in by it ({} dropped, {} in error), {} back after its GRO",
+            "{} handed to mesh-vxlan, {} taken in by it ({} dropped, {} in error), {} back after its GRO{unmarked}",
             h.handed, h.device_rx, h.device_dropped, h.device_errors, h.back
         ))
     }
@@ -326,4 +340,40 @@ pub struct NetworkRow {
     pub docker: String,
     /// Containers on it, as NODE/CONTAINER, across the cluster.
     pub containers: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handoff_line_names_what_the_device_took_unhanded_only_when_there_is_some() {
+        let mut n = Node::default();
+        assert_eq!(n.handoff_line(), None, "no device, no line");
+        n.handoff = Some(Handoff {
+            handed: 10,
+            device_rx: 12,
+            back: 9,
+            unmarked: 2,
+            ..Handoff::default()
+        });
+        assert_eq!(
+            n.handoff_line().as_deref(),
+            Some(
+                "10 handed to mesh-vxlan, 12 taken in by it (0 dropped, 0 in error), 9 back after \
+                 its GRO; 2 it took without being handed over (VXLAN mesh refused) dropped by its \
+                 program"
+            )
+        );
+        n.handoff = Some(Handoff {
+            unmarked: 0,
+            ..n.handoff.unwrap_or_default()
+        });
+        assert!(
+            n.handoff_line()
+                .is_some_and(|l| l.ends_with("9 back after its GRO")),
+            "{:?}",
+            n.handoff_line()
+        );
+    }
 }

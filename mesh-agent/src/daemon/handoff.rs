@@ -47,7 +47,7 @@ impl Daemon {
         if self.handoff.refused {
             return;
         }
-        let Some((handed, back)) = self.handoff_counters() else {
+        let Some((handed, back, unmarked)) = self.handoff_counters() else {
             return;
         };
         let device = match crate::vxlandev::counters() {
@@ -64,6 +64,7 @@ impl Daemon {
                 device_dropped: device.rx_dropped,
                 device_errors: device.rx_errors,
                 back,
+                unmarked,
             })
         });
         let Some((dh, dc)) = self.handoff.lost(handed, device.rx_packets) else {
@@ -104,13 +105,17 @@ impl Daemon {
         }
     }
 
-    /// The counters of packets handed to mesh-vxlan and taken back from
-    /// it, summed over CPUs.
-    fn handoff_counters(&self) -> Option<(u64, u64)> {
+    /// The counters of packets handed to mesh-vxlan, taken back from it
+    /// and dropped there unmarked, summed over CPUs.
+    fn handoff_counters(&self) -> Option<(u64, u64, u64)> {
         let map = self.ebpf.map(maps::STATS.name)?;
         let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = map.try_into().ok()?;
         let sum = |s: Stat| -> Option<u64> { Some(map.get(&s.index(), 0).ok()?.iter().sum()) };
-        Some((sum(Stat::VxlanHandoff)?, sum(Stat::VxlanDeviceIn)?))
+        Some((
+            sum(Stat::VxlanHandoff)?,
+            sum(Stat::VxlanDeviceIn)?,
+            sum(Stat::VxlanDeviceUnmarked)?,
+        ))
     }
 }
 
