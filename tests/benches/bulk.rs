@@ -1,6 +1,7 @@
 //! Bulk TCP throughput, every path in one run on this machine: iperf3, one
-//! stream, 3 s each, two rounds (the paths take turns). Prints Gbit/s;
-//! asserts nothing. Every namespace is this benchmark's own.
+//! stream, 3 s each, two rounds (the paths take turns). Prints Gbit/s and
+//! the machine's busy CPU per GB moved; asserts nothing. Every namespace is
+//! this benchmark's own.
 //!
 //! - the underlay without mesh: a host outside the cluster to another;
 //! - the underlay to a mesh node's own address: the same hosts' traffic
@@ -15,12 +16,17 @@
 //! agent's default, `--xdp-mode off`), with XDP in generic mode and in
 //! native mode (`--xdp-mode generic`, `native`), and without XDP or
 //! `mesh-vxlan` (the underlay TC program then decapsulates GSO packets in
-//! place, leaving their tunnel offload state). Then the default again,
-//! and Linux's VXLAN again, on an underlay without tunnel offloads, as
-//! virtio_net (most cloud VMs, the Vagrant lab) is: the tunnel's frames
-//! cross it MTU-sized and the receiving NIC runs GRO; there once more
-//! without `mesh-vxlan`, whose socket is what lets GRO merge VXLAN. `cargo
-//! xtask bench` runs it (MESH_BULK_SECONDS sets the length).
+//! place, leaving their tunnel offload state). In the default mode the two
+//! overlays also carry 64-byte UDP datagrams as fast as the client sends
+//! them (received/s, busy CPU per datagram) and ICMP echoes (round trip).
+//! Then the default again, and Linux's VXLAN again, on an underlay without
+//! tunnel offloads, as virtio_net (most cloud VMs, the Vagrant lab) is: the
+//! tunnel's frames cross it MTU-sized and the receiving NIC runs GRO; there
+//! once more without `mesh-vxlan`, whose socket is what lets GRO merge
+//! VXLAN. `cargo xtask bench` runs it. MESH_BULK_SECONDS sets the length,
+//! MESH_BULK_ROUNDS the rounds; MESH_BULK_OVERLAY_ONLY=1 measures only the
+//! two overlays in the default mode, with their medians and ratios
+//! (MESH_BULK_UNOFFLOADED=1: on the underlay without tunnel offloads).
 
 use aya::programs::XdpMode;
 use mesh_tests::{
@@ -103,10 +109,39 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let rounds: usize = std::env::var("MESH_BULK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let overlay_only = std::env::var_os("MESH_BULK_OVERLAY_ONLY").is_some();
     println!(
-        "bulk TCP (iperf3, one stream, {seconds} s, two rounds), Gbit/s; veth underlays in namespaces on this machine:"
+        "bulk TCP (iperf3, one stream, {seconds} s, {rounds} rounds), Gbit/s; veth underlays in namespaces on this machine:"
     );
     let vxlan = LinuxVxlan::new();
+    if overlay_only {
+        let unoffloaded = std::env::var_os("MESH_BULK_UNOFFLOADED").is_some();
+        let vxlan = if unoffloaded {
+            vxlan.unoffloaded()
+        } else {
+            vxlan
+        };
+        println!(
+            " no XDP, TC only, mesh-vxlan (default), the overlays only{}:",
+            if unoffloaded {
+                ", underlay without tunnel offloads"
+            } else {
+                ""
+            }
+        );
+        let lab = lab(None, true);
+        if unoffloaded {
+            lab.unoffloaded_underlay();
+        }
+        measure(&lab, &vxlan, seconds, rounds, true);
+        small_datagrams(&lab, &vxlan, seconds, rounds);
+        round_trips(&lab, &vxlan, rounds);
+        return;
+    }
     for (mode, xdp, device) in [
         ("no XDP, TC only, mesh-vxlan (default)", None, true),
         ("XDP generic", Some(XdpMode::Skb), true),
@@ -118,7 +153,12 @@ fn main() {
         ),
     ] {
         println!(" {mode}:");
-        measure(&lab(xdp, device), &vxlan, seconds);
+        let lab = lab(xdp, device);
+        measure(&lab, &vxlan, seconds, rounds, false);
+        if xdp.is_none() && device {
+            small_datagrams(&lab, &vxlan, seconds, rounds);
+            round_trips(&lab, &vxlan, rounds);
+        }
     }
     drop(vxlan);
     let vxlan = LinuxVxlan::new().unoffloaded();
@@ -129,7 +169,7 @@ fn main() {
         println!(" underlay without tunnel offloads (as virtio_net), {mode}:");
         let lab = lab(None, device);
         lab.unoffloaded_underlay();
-        measure(&lab, &vxlan, seconds);
+        measure(&lab, &vxlan, seconds, rounds, false);
     }
 }
 
@@ -145,8 +185,8 @@ fn lab(xdp: Option<XdpMode>, device: bool) -> OverlayLab {
     lab
 }
 
-/// Every path, two rounds taking turns.
-fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32) {
+/// Every path (or the two overlays only), `rounds` rounds taking turns.
+fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize, overlays: bool) {
     let outside = [lab.outside_client(1), lab.outside_client(2)];
     let node1 = lab.nodes[0].underlay_ip.to_string();
     let c1 = lab.nodes[0].container_ip().to_string();
@@ -177,17 +217,164 @@ fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32) {
             "10.50.0.1",
         ),
     ];
-    let mut results: Vec<Vec<Option<f64>>> = vec![Vec::new(); paths.len()];
-    for _round in 0..2 {
+    let paths = if overlays { &paths[2..] } else { &paths[..] };
+    // Per path and round: Gbit/s and the machine's busy CPU seconds per
+    // GB moved (both ends and the data path share it).
+    let mut results: Vec<Vec<Option<(f64, f64)>>> = vec![Vec::new(); paths.len()];
+    for _round in 0..rounds {
         for (i, (_, server, client, addr)) in paths.iter().enumerate() {
-            results[i].push(iperf(server, client, addr, seconds));
+            let (g, busy) = mesh_tests::cpu::busy_during(|| iperf(server, client, addr, seconds));
+            results[i].push(g.map(|g| (g, busy / (g * seconds as f64 / 8.0))));
         }
     }
+    println!("  {:<84} Gbit/s (busy CPU s per GB)", "");
     for ((name, ..), r) in paths.iter().zip(&results) {
         let figures: Vec<String> = r
             .iter()
-            .map(|v| v.map_or("failed".into(), |g| format!("{g:.1}")))
+            .map(|v| v.map_or("failed".into(), |(g, c)| format!("{g:.1} ({c:.2})")))
             .collect();
         println!("  {name:<84} {}", figures.join(", "));
+    }
+    if overlays && let [mesh, linux] = &results[..] {
+        let rate = |r: &[Option<(f64, f64)>]| {
+            median(&r.iter().map(|v| v.map(|v| v.0)).collect::<Vec<_>>())
+        };
+        let cost = |r: &[Option<(f64, f64)>]| {
+            median(&r.iter().map(|v| v.map(|v| v.1)).collect::<Vec<_>>())
+        };
+        let (m, l) = (rate(mesh), rate(linux));
+        let (mc, lc) = (cost(mesh), cost(linux));
+        println!(
+            "  medians: mesh {m:.2} Gbit/s, {mc:.3} CPU s/GB; Linux VXLAN {l:.2} Gbit/s, \
+             {lc:.3} CPU s/GB: mesh / Linux {:.2}x the throughput at {:.2}x the CPU per GB",
+            m / l,
+            mc / lc
+        );
+    }
+}
+
+/// The two overlays' paths: server, client, the server's address.
+fn overlays<'a>(
+    lab: &'a OverlayLab,
+    vxlan: &'a LinuxVxlan,
+) -> [(&'static str, &'a Netns, &'a Netns, String); 2] {
+    [
+        (
+            "container -> container across nodes, mesh's overlay",
+            &lab.nodes[0].container,
+            &lab.nodes[1].container,
+            lab.nodes[0].container_ip().to_string(),
+        ),
+        (
+            "container -> container across hosts, Linux VXLAN + bridge",
+            &vxlan.containers[0],
+            &vxlan.containers[1],
+            "10.50.0.1".to_string(),
+        ),
+    ]
+}
+
+/// The two overlays' round trip: ICMP echoes, 3,000 a round 0.5 ms
+/// apart, their average (ping's own figure), microseconds.
+fn round_trips(lab: &OverlayLab, vxlan: &LinuxVxlan, rounds: usize) {
+    let paths = overlays(lab, vxlan);
+    let mut results: Vec<Vec<Option<f64>>> = vec![Vec::new(); paths.len()];
+    for _round in 0..rounds {
+        for (i, (_, _, client, addr)) in paths.iter().enumerate() {
+            let out = std::process::Command::new("timeout")
+                .args(["30", "ip", "netns", "exec", &client.name])
+                .args(["ping", "-q", "-c", "3000", "-i", "0.0005", addr])
+                .output()
+                .ok();
+            // "rtt min/avg/max/mdev = 0.010/0.010/0.088/0.002 ms"
+            let avg = out.and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                let rtt = text.lines().find(|l| l.starts_with("rtt"))?.to_string();
+                let figures = rtt.split(" = ").nth(1)?;
+                figures.split('/').nth(1)?.parse::<f64>().ok()
+            });
+            results[i].push(avg.map(|ms| ms * 1e3));
+        }
+    }
+    println!(
+        "  round trip (ICMP echo, 3,000 a round), {:<46} average us",
+        ""
+    );
+    for ((name, ..), r) in paths.iter().zip(&results) {
+        let figures: Vec<String> = r
+            .iter()
+            .map(|v| v.map_or("failed".into(), |us| format!("{us:.0}")))
+            .collect();
+        println!("  {name:<84} {}", figures.join(", "));
+    }
+    if let [mesh, linux] = &results[..] {
+        let (m, l) = (median(mesh), median(linux));
+        println!(
+            "  medians: mesh {m:.0} us, Linux VXLAN {l:.0} us: mesh / Linux {:.2}x",
+            m / l
+        );
+    }
+}
+
+/// The two overlays with 64-byte UDP datagrams, the client sending as
+/// fast as it can: datagrams received per second and the machine's busy
+/// CPU per datagram received (the per-packet work, which bulk TCP's 64 KB
+/// packets hide).
+fn small_datagrams(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize) {
+    let paths = overlays(lab, vxlan);
+    let mut results: Vec<Vec<Option<(f64, f64)>>> = vec![Vec::new(); paths.len()];
+    for _round in 0..rounds {
+        for (i, (_, server, client, addr)) in paths.iter().enumerate() {
+            let (pps, busy) = mesh_tests::cpu::busy_during(|| {
+                mesh_tests::iperf::udp_received_per_second(
+                    &["ip", "netns", "exec", &server.name],
+                    &["ip", "netns", "exec", &client.name],
+                    addr,
+                    seconds as u64,
+                    64,
+                )
+            });
+            results[i].push(pps.map(|p| (p, busy * 1e6 / (p * seconds as f64))));
+        }
+    }
+    println!(
+        "  64-byte UDP datagrams, {:<62} received/s (busy CPU us per datagram)",
+        ""
+    );
+    for ((name, ..), r) in paths.iter().zip(&results) {
+        let figures: Vec<String> = r
+            .iter()
+            .map(|v| v.map_or("failed".into(), |(p, c)| format!("{p:.0} ({c:.2})")))
+            .collect();
+        println!("  {name:<84} {}", figures.join(", "));
+    }
+    if let [mesh, linux] = &results[..] {
+        let cost = |r: &[Option<(f64, f64)>]| {
+            median(&r.iter().map(|v| v.map(|v| v.1)).collect::<Vec<_>>())
+        };
+        let rate = |r: &[Option<(f64, f64)>]| {
+            median(&r.iter().map(|v| v.map(|v| v.0)).collect::<Vec<_>>())
+        };
+        println!(
+            "  medians: mesh {:.0}/s at {:.2} us, Linux VXLAN {:.0}/s at {:.2} us: mesh / Linux \
+             {:.2}x the datagrams at {:.2}x the CPU per datagram",
+            rate(mesh),
+            cost(mesh),
+            rate(linux),
+            cost(linux),
+            rate(mesh) / rate(linux),
+            cost(mesh) / cost(linux)
+        );
+    }
+}
+
+/// The median of the rounds that gave a figure (0 if none did).
+fn median(r: &[Option<f64>]) -> f64 {
+    let mut v: Vec<f64> = r.iter().flatten().copied().collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }

@@ -70,24 +70,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Busy and total CPU time of the whole machine so far, in seconds.
-fn machine_cpu() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let total: f64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
-    ((total - idle) / hz, total / hz)
-}
-
 /// CPU seconds this process used so far (its threads and the kernel's work
 /// done in their context: the UDP sender's and sinks' packets).
 fn process_cpu() -> f64 {
@@ -96,14 +78,6 @@ fn process_cpu() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
     t(u.ru_utime) + t(u.ru_stime)
-}
-
-/// Runs `f` and returns its result with the machine's busy CPU seconds.
-fn with_cpu<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let (b0, _) = machine_cpu();
-    let r = f();
-    let (b1, _) = machine_cpu();
-    (r, b1 - b0)
 }
 
 struct Lab {
@@ -596,7 +570,8 @@ fn wrk(lab: &Lab, url: &str, close: bool, secs: u32) -> Wrk {
         c.args(["-H", "Connection: close"]);
     }
     c.arg(url);
-    let (out, cpu_s) = with_cpu(|| c.output().expect("wrk runs (apt-get install wrk)"));
+    let (out, cpu_s) =
+        mesh_tests::cpu::busy_during(|| c.output().expect("wrk runs (apt-get install wrk)"));
     let text = String::from_utf8_lossy(&out.stdout);
     let mut w = Wrk {
         cpu_s,

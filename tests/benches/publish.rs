@@ -18,23 +18,6 @@ use std::{
 
 use mesh_tests::dockerlab::{Hosts, WHOAMI_IMAGE};
 
-/// Busy and total CPU time of the machine so far, in clock ticks.
-fn cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    // idle and iowait are the 4th and 5th fields.
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 /// One HTTP GET on a new connection: the body ("NAME PEER").
 fn get(to: SocketAddr) -> Result<String, String> {
     let mut s =
@@ -141,7 +124,7 @@ fn main() {
             !seen.is_empty(),
             "{name}: {to} answered none of 50 warm-up requests"
         );
-        let (busy0, _) = cpu_ticks();
+        let busy0 = mesh_tests::cpu::busy_seconds();
         let start = Instant::now();
         let per = requests / clients;
         let results: Vec<Result<Duration, String>> = outside.run(|| {
@@ -163,7 +146,7 @@ fn main() {
                 .collect()
         });
         let secs = start.elapsed().as_secs_f64();
-        let (busy1, _) = cpu_ticks();
+        let busy1 = mesh_tests::cpu::busy_seconds();
         let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
         assert!(
             failed.is_empty(),
@@ -174,9 +157,7 @@ fn main() {
         let mut lat: Vec<Duration> = results.into_iter().filter_map(Result::ok).collect();
         lat.sort();
         let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let cpu_us = (busy1 - busy0) as f64 / hz * 1e6 / lat.len() as f64;
+        let cpu_us = (busy1 - busy0) * 1e6 / lat.len() as f64;
         rates.push(lat.len() as f64 / secs);
         println!(
             "{name:<58} {:>9.0} {:>7.2}ms {:>7.2}ms {:>9.0}µs  {}",

@@ -5,6 +5,7 @@
 //! Packet tests need root (CAP_BPF, CAP_NET_ADMIN). They fail, never skip,
 //! without it: CI runs as root, so a skip there would hide a broken data plane.
 
+pub mod cpu;
 pub mod dnslab;
 pub mod dnsprobe;
 pub mod dockerlab;
