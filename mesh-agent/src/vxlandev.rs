@@ -134,11 +134,8 @@ pub fn gro_off(iface: &str) -> io::Result<()> {
 /// Whether the existing [`NAME`] is a collect-metadata VXLAN device on
 /// `port`.
 fn is_ours(nl: &Netlink, port: u16) -> io::Result<bool> {
-    let mut m = LinkMessage::default();
-    m.attributes.push(LinkAttribute::IfName(NAME.to_string()));
-    let links = nl.query(&request(RouteNetlinkMessage::GetLink(m), 0))?;
-    Ok(links.iter().any(|l| match l {
-        RouteNetlinkMessage::NewLink(l) => l.attributes.iter().any(|a| match a {
+    Ok(get_link(nl)?.iter().any(|l| {
+        l.attributes.iter().any(|a| match a {
             LinkAttribute::LinkInfo(info) => info.iter().any(|i| match i {
                 LinkInfo::Data(InfoData::Vxlan(v)) => {
                     v.contains(&InfoVxlan::CollectMetadata(true))
@@ -147,9 +144,23 @@ fn is_ours(nl: &Netlink, port: u16) -> io::Result<bool> {
                 _ => false,
             }),
             _ => false,
-        }),
-        _ => false,
+        })
     }))
+}
+
+/// [`NAME`]'s link as the kernel describes it (RTM_GETLINK by name); the
+/// kernel's error (no such device) if there is none.
+fn get_link(nl: &Netlink) -> io::Result<Vec<LinkMessage>> {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(NAME.to_string()));
+    let replies = nl.query(&request(RouteNetlinkMessage::GetLink(m), 0))?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|r| match r {
+            RouteNetlinkMessage::NewLink(l) => Some(l),
+            _ => None,
+        })
+        .collect())
 }
 
 /// What [`NAME`] itself counted on receive (its link's 64-bit
@@ -167,15 +178,9 @@ pub struct DeviceCounters {
 /// [`NAME`]'s receive counters, over rtnetlink.
 pub fn counters() -> io::Result<DeviceCounters> {
     let nl = Netlink::open(NETLINK_ROUTE)?;
-    let mut m = LinkMessage::default();
-    m.attributes.push(LinkAttribute::IfName(NAME.to_string()));
-    let links = nl.query(&request(RouteNetlinkMessage::GetLink(m), 0))?;
-    links
+    get_link(&nl)?
         .iter()
-        .find_map(|l| match l {
-            RouteNetlinkMessage::NewLink(l) => device_counters(l),
-            _ => None,
-        })
+        .find_map(device_counters)
         .ok_or_else(|| io::Error::other(format!("{NAME} has no statistics")))
 }
 

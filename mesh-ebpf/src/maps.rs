@@ -117,16 +117,18 @@ pub static PEERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);
 #[map(name = "MESH_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
-/// Docker's other bridge networks by their bridge's ifindex.
 /// Every service's VIP (a ping to one is answered).
 #[map(name = "MESH_VIPS")]
 pub static VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
+/// Docker's other bridge networks by their bridge's ifindex.
 #[map(name = "MESH_BRIDGES")]
 pub static BRIDGES: HashMap<u32, Bridge> = HashMap::with_max_entries(MAX_BRIDGES, 0);
 
+/// Drops and new flows for a listening `meshctl monitor`.
 #[map(name = "MESH_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// Per CPU: whether a monitor listens, and the events' rate limit.
 #[map(name = "MESH_MONITOR")]
 pub static MONITOR: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);

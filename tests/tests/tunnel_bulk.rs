@@ -130,8 +130,10 @@ fn docker_bulk_through_another_nodes_published_port_both_ways() {
         handed,
         "the agent's status counts the handoffs"
     );
+    // The device also counts VXLAN it took without a hand-off, which its
+    // program drops (`unmarked`: a peer's VXLAN mesh refused).
     assert_eq!(
-        took(|h| h.device_rx),
+        took(|h| h.device_rx) - took(|h| h.unmarked),
         handed,
         "mesh-vxlan took every one in"
     );

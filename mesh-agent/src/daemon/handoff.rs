@@ -67,7 +67,7 @@ impl Daemon {
                 unmarked,
             })
         });
-        let Some((dh, dc)) = self.handoff.lost(handed, device.rx_packets) else {
+        let Some((dh, taken)) = self.handoff.lost(handed, device.rx_packets) else {
             return;
         };
         let Ok(mut local) = self.overlay.local.get(&0, 0) else {
@@ -84,14 +84,14 @@ impl Daemon {
         self.handoff.refused = true;
         let port = u16::from_be(local.vxlan_port_be());
         self.set_tunnel_gro(format!(
-            "OFF: merged packets handed to {} did not arrive ({dc} of {dh}): a host firewall \
+            "OFF: merged packets handed to {} did not arrive ({taken} of {dh}): a host firewall \
              dropping UDP {port} in INPUT? every tunnel packet is decapsulated unmerged until \
              the agent restarts",
             crate::vxlandev::NAME
         ));
         warn!(
             handed = dh,
-            arrived = dc,
+            arrived = taken,
             port,
             "merged VXLAN handed to {} did not reach it: does the host's firewall drop UDP {port} \
              in INPUT? The device is taken down and mesh decapsulates every tunnel packet itself, \
