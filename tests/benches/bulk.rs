@@ -186,38 +186,27 @@ fn lab(xdp: Option<XdpMode>, device: bool) -> OverlayLab {
 }
 
 /// Every path (or the two overlays only), `rounds` rounds taking turns.
-fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize, overlays: bool) {
+fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize, only: bool) {
     let outside = [lab.outside_client(1), lab.outside_client(2)];
-    let node1 = lab.nodes[0].underlay_ip.to_string();
-    let c1 = lab.nodes[0].container_ip().to_string();
-    type Path<'a> = (&'a str, &'a Netns, &'a Netns, &'a str);
-    let paths: [Path; 4] = [
+    let underlay: [Path; 2] = [
         (
             "underlay, outsider -> outsider (no mesh on the path)",
             &outside[1],
             &outside[0],
-            "192.168.77.102",
+            "192.168.77.102".to_string(),
         ),
         (
             "underlay, outsider -> a mesh node's own address (its NIC runs mesh's programs)",
             &lab.nodes[0].node,
             &outside[0],
-            &node1,
-        ),
-        (
-            "container -> container across nodes, mesh's overlay",
-            &lab.nodes[0].container,
-            &lab.nodes[1].container,
-            &c1,
-        ),
-        (
-            "container -> container across hosts, Linux VXLAN + bridge",
-            &vxlan.containers[0],
-            &vxlan.containers[1],
-            "10.50.0.1",
+            lab.nodes[0].underlay_ip.to_string(),
         ),
     ];
-    let paths = if overlays { &paths[2..] } else { &paths[..] };
+    let paths: Vec<Path> = underlay
+        .into_iter()
+        .filter(|_| !only)
+        .chain(overlays(lab, vxlan))
+        .collect();
     // Per path and round: Gbit/s and the machine's busy CPU seconds per
     // GB moved (both ends and the data path share it).
     let mut results: Vec<Vec<Option<(f64, f64)>>> = vec![Vec::new(); paths.len()];
@@ -228,22 +217,9 @@ fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize, ov
         }
     }
     println!("  {:<84} Gbit/s (busy CPU s per GB)", "");
-    for ((name, ..), r) in paths.iter().zip(&results) {
-        let figures: Vec<String> = r
-            .iter()
-            .map(|v| v.map_or("failed".into(), |(g, c)| format!("{g:.1} ({c:.2})")))
-            .collect();
-        println!("  {name:<84} {}", figures.join(", "));
-    }
-    if overlays && let [mesh, linux] = &results[..] {
-        let rate = |r: &[Option<(f64, f64)>]| {
-            median(&r.iter().map(|v| v.map(|v| v.0)).collect::<Vec<_>>())
-        };
-        let cost = |r: &[Option<(f64, f64)>]| {
-            median(&r.iter().map(|v| v.map(|v| v.1)).collect::<Vec<_>>())
-        };
-        let (m, l) = (rate(mesh), rate(linux));
-        let (mc, lc) = (cost(mesh), cost(linux));
+    print_rows(&paths, &results, |(g, c)| format!("{g:.1} ({c:.2})"));
+    if only && let [mesh, linux] = &results[..] {
+        let ((m, mc), (l, lc)) = (medians(mesh), medians(linux));
         println!(
             "  medians: mesh {m:.2} Gbit/s, {mc:.3} CPU s/GB; Linux VXLAN {l:.2} Gbit/s, \
              {lc:.3} CPU s/GB: mesh / Linux {:.2}x the throughput at {:.2}x the CPU per GB",
@@ -253,11 +229,27 @@ fn measure(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: usize, ov
     }
 }
 
+/// A path measured: its name, the server's and the client's namespaces,
+/// the server's address.
+type Path<'a> = (&'static str, &'a Netns, &'a Netns, String);
+
+/// One line per path: its name and each round's figures.
+fn print_rows<T: Copy>(paths: &[Path], results: &[Vec<Option<T>>], f: fn(T) -> String) {
+    for ((name, ..), r) in paths.iter().zip(results) {
+        let figures: Vec<String> = r.iter().map(|v| v.map_or("failed".into(), f)).collect();
+        println!("  {name:<84} {}", figures.join(", "));
+    }
+}
+
+/// The medians of a path's two figures over its rounds.
+fn medians(r: &[Option<(f64, f64)>]) -> (f64, f64) {
+    let first: Vec<Option<f64>> = r.iter().map(|v| v.map(|v| v.0)).collect();
+    let second: Vec<Option<f64>> = r.iter().map(|v| v.map(|v| v.1)).collect();
+    (median(&first), median(&second))
+}
+
 /// The two overlays' paths: server, client, the server's address.
-fn overlays<'a>(
-    lab: &'a OverlayLab,
-    vxlan: &'a LinuxVxlan,
-) -> [(&'static str, &'a Netns, &'a Netns, String); 2] {
+fn overlays<'a>(lab: &'a OverlayLab, vxlan: &'a LinuxVxlan) -> [Path<'a>; 2] {
     [
         (
             "container -> container across nodes, mesh's overlay",
@@ -300,13 +292,7 @@ fn round_trips(lab: &OverlayLab, vxlan: &LinuxVxlan, rounds: usize) {
         "  round trip (ICMP echo, 3,000 a round), {:<46} average us",
         ""
     );
-    for ((name, ..), r) in paths.iter().zip(&results) {
-        let figures: Vec<String> = r
-            .iter()
-            .map(|v| v.map_or("failed".into(), |us| format!("{us:.0}")))
-            .collect();
-        println!("  {name:<84} {}", figures.join(", "));
-    }
+    print_rows(&paths, &results, |us| format!("{us:.0}"));
     if let [mesh, linux] = &results[..] {
         let (m, l) = (median(mesh), median(linux));
         println!(
@@ -341,29 +327,14 @@ fn small_datagrams(lab: &OverlayLab, vxlan: &LinuxVxlan, seconds: u32, rounds: u
         "  64-byte UDP datagrams, {:<62} received/s (busy CPU us per datagram)",
         ""
     );
-    for ((name, ..), r) in paths.iter().zip(&results) {
-        let figures: Vec<String> = r
-            .iter()
-            .map(|v| v.map_or("failed".into(), |(p, c)| format!("{p:.0} ({c:.2})")))
-            .collect();
-        println!("  {name:<84} {}", figures.join(", "));
-    }
+    print_rows(&paths, &results, |(p, c)| format!("{p:.0} ({c:.2})"));
     if let [mesh, linux] = &results[..] {
-        let cost = |r: &[Option<(f64, f64)>]| {
-            median(&r.iter().map(|v| v.map(|v| v.1)).collect::<Vec<_>>())
-        };
-        let rate = |r: &[Option<(f64, f64)>]| {
-            median(&r.iter().map(|v| v.map(|v| v.0)).collect::<Vec<_>>())
-        };
+        let ((m, mc), (l, lc)) = (medians(mesh), medians(linux));
         println!(
-            "  medians: mesh {:.0}/s at {:.2} us, Linux VXLAN {:.0}/s at {:.2} us: mesh / Linux \
-             {:.2}x the datagrams at {:.2}x the CPU per datagram",
-            rate(mesh),
-            cost(mesh),
-            rate(linux),
-            cost(linux),
-            rate(mesh) / rate(linux),
-            cost(mesh) / cost(linux)
+            "  medians: mesh {m:.0}/s at {mc:.2} us, Linux VXLAN {l:.0}/s at {lc:.2} us: mesh / \
+             Linux {:.2}x the datagrams at {:.2}x the CPU per datagram",
+            m / l,
+            mc / lc
         );
     }
 }
